@@ -1,0 +1,118 @@
+"""Every error slurm-dgxvm raises on purpose.
+
+Each error has a message template filled from keyword arguments (kept as attributes, so callers
+and tests can look at the bad value rather than parse text) and an exit code. Only the CLI and the
+Slurm hooks turn an error into a message and an exit status; library code just raises.
+
+Exit codes (stable, scripts may rely on them):
+    1  internal / unexpected
+    2  bad input (usage, malformed values, unknown config keys)
+    3  the host cannot be read or is not what we expect (sysfs, catalog)
+    4  no fit: the request is well formed but cannot be placed now
+    5  state: the ledger is corrupt, locked too long, or in conflict
+"""
+
+from __future__ import annotations
+
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_HOST = 3
+EXIT_NO_FIT = 4
+EXIT_STATE = 5
+
+
+class DgxvmError(Exception):
+    """Base class. Subclasses set ``template`` and ``exit_code``."""
+
+    template = "dgxvm failed"
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str | None = None, **fields):
+        self.fields = fields
+        for key, value in fields.items():
+            setattr(self, key, value)
+        if message is None:
+            try:
+                message = self.template.format(**fields)
+            except (KeyError, IndexError):  # a template/field mismatch must not hide the error
+                message = f"{self.template} {fields!r}"
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# -- bad input -------------------------------------------------------------------------------------
+class BadInput(DgxvmError):
+    template = "bad input: {value!r}"
+    exit_code = EXIT_BAD_INPUT
+
+
+class GpuListError(BadInput):
+    """A GPU list (``0-3,8``) that does not parse or names GPUs that do not exist."""
+
+    template = "bad GPU list {value!r}: {reason}"
+
+
+class CpuListError(BadInput):
+    template = "bad CPU list {value!r}: {reason}"
+
+
+class ConfigError(BadInput):
+    template = "config {path}: {reason}"
+
+
+class RequestError(BadInput):
+    """A placement request that can never be satisfied on this host (not just: not now)."""
+
+    template = "{reason}"
+
+
+# -- the host --------------------------------------------------------------------------------------
+class HostError(DgxvmError):
+    template = "host: {reason}"
+    exit_code = EXIT_HOST
+
+
+class SysfsError(HostError):
+    """A sysfs file that should be readable is not, or holds something unexpected."""
+
+    template = "cannot read {path}: {reason}"
+
+
+class TopologyError(HostError):
+    template = "topology: {reason}"
+
+
+class SimulateError(HostError):
+    template = "simulate: {reason}"
+
+
+# -- placement -------------------------------------------------------------------------------------
+class NoFit(DgxvmError):
+    """The request is valid but cannot be placed with what is free now.
+
+    ``resource`` names what ran out: ``gpus``, ``aligned-block``, ``cores``, ``memory``.
+    """
+
+    template = "no fit for {count} GPU(s): {reason}"
+    exit_code = EXIT_NO_FIT
+
+
+# -- state -----------------------------------------------------------------------------------------
+class LedgerError(DgxvmError):
+    template = "ledger {path}: {reason}"
+    exit_code = EXIT_STATE
+
+
+class LedgerCorrupt(LedgerError):
+    template = "ledger {path} is corrupt ({reason}); it was left as it is for an admin to inspect"
+
+
+class LedgerConflict(LedgerError):
+    template = "ledger: cannot record {key}: {reason}"
+
+
+class LedgerLockTimeout(LedgerError):
+    template = "ledger {path}: lock not acquired within {timeout}s"
