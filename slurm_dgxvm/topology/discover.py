@@ -1,0 +1,356 @@
+"""Build the host model from sysfs, NVML (when present) and the machine catalog."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from ..errors import TopologyError
+from .catalog import GENERIC, PROFILES, CatalogBlock, MachineProfile
+from .model import (NO_NVSWITCH, Core, Gpu, GpuBlock, HugePagePool, Host, MissingGpu, Nic, NumaNode,
+                    NvSwitch)
+from .nvml import NvmlFacts
+from ..ranges import parse_index_list
+from .sysfs import CPU_ONLINE, CPU_TOPOLOGY, DMI_PRODUCT_NAME, NODE_CPULIST, SysfsRoot
+
+NVIDIA = "0x10de"
+CLASS_DISPLAY = 0x03          # base class: display controller (0x0300 VGA, 0x0302 3D)
+CLASS_BRIDGE_OTHER = 0x0680   # NVSwitches gen1-3 show up as "Bridge: other" [DOC FMG]
+CLASS_ETHERNET = 0x0200
+CLASS_INFINIBAND = 0x0207
+
+
+@dataclass(frozen=True)
+class _Pci:
+    bdf: str
+    vendor: str
+    device: str
+    cls: int
+    numa_node: int | None
+    numa_source: str
+    iommu_group: int | None
+    bridges: tuple[str, ...]
+    driver: str | None
+
+
+def discover(sysfs: SysfsRoot, *, machine: str | None = None,
+             module_ids: tuple[int, ...] | None = None,
+             nvml: Callable[[], NvmlFacts] | None = None) -> Host:
+    """Read the host at ``sysfs.root`` into a frozen :class:`Host`.
+
+    ``machine`` forces a catalog profile (``dgx2``, ``dgx-a100``, ``dgx-h100``, ``generic``);
+    ``module_ids`` gives the Fabric Manager module id of each GPU slot (config ``host.module_ids``);
+    ``nvml`` is called for NVLink facts on a real host (never on a simulated one).
+
+    Raises SysfsError for an unreadable file, TopologyError for a host that makes no sense
+    (no CPUs, an unknown forced machine, module ids that are not a permutation).
+    """
+    notes: list[str] = []
+    product = sysfs.read_optional(DMI_PRODUCT_NAME)
+    marker = sysfs.simulated()
+    simulated = marker.get("machine", "unknown") if marker else None
+
+    nodes, cpu_node = _numa_nodes(sysfs, notes)
+    cores = _cores(sysfs, cpu_node)
+    nodes = tuple(NumaNode(n.id, _socket_of(n, cores), n.cpus, n.memory_mib, n.hugepages)
+                  for n in nodes)
+
+    devices = [_read_pci(sysfs, bdf, cpu_node, len(nodes), notes) for bdf in sysfs.pci_addresses()]
+    by_bdf = {d.bdf: d for d in devices}
+    _resolve_numa_from_bridges(devices, by_bdf, notes)
+    gpu_devs = [d for d in devices if d.vendor == NVIDIA and d.cls >> 16 == CLASS_DISPLAY]
+    sw_devs = [d for d in devices if d.vendor == NVIDIA and d.cls >> 8 == CLASS_BRIDGE_OTHER]
+    nic_devs = [d for d in devices if d.cls >> 8 in (CLASS_ETHERNET, CLASS_INFINIBAND)]
+
+    profile, match = _match(product, gpu_devs, machine)
+    nvml_facts = None
+    if simulated is None and nvml is not None:
+        nvml_facts = nvml()
+        notes.append(nvml_facts.note)
+    if profile is not None:
+        slots = _slots(profile, gpu_devs, notes)
+        if slots is None:
+            match += f"; falling back to {GENERIC}"
+            profile = None
+    if profile is None:
+        return _generic_host(product, match, simulated, nodes, cores, gpu_devs, sw_devs, nic_devs,
+                             notes)
+
+    ids = _module_ids(profile, module_ids, nvml_facts, notes)
+    gpus = []
+    for index, d in enumerate(gpu_devs):
+        slot = slots[d.bdf]
+        gpus.append(Gpu(index=index, pci=d.bdf, vendor_id=d.vendor[2:], device_id=d.device[2:],
+                        numa_node=d.numa_node, numa_source=d.numa_source,
+                        iommu_group=d.iommu_group, bridges=d.bridges,
+                        board=profile.gpu_boards[slot], slot=slot,
+                        module_id=ids[slot] if ids else None, driver=d.driver))
+    present_slots = set(slots.values())
+    missing = tuple(MissingGpu(pci=profile.reference_gpus[s], slot=s, board=profile.gpu_boards[s])
+                    for s in range(profile.gpu_count) if s not in present_slots)
+    for m in missing:
+        notes.append(f"GPU {m.pci} (slot {m.slot}) is missing from the PCI bus: "
+                     "blocks containing it are not offered")
+    switches, sw_slot = _switches(profile, sw_devs, notes)
+    blocks = _blocks(profile.blocks(ids), {s: g.index for g, s in ((g, g.slot) for g in gpus)},
+                     sw_slot, profile)
+    return Host(machine=profile.key, display_name=profile.display_name, product_name=product,
+                match=match, simulated=simulated, nvswitch_model=profile.nvswitch_model,
+                numa_nodes=nodes, cores=cores, gpus=tuple(gpus), missing_gpus=missing,
+                nvswitches=switches, nics=_nics(nic_devs, gpus), blocks=blocks,
+                block_sizes=profile.block_sizes, notes=tuple(notes))
+
+
+# -- CPUs and memory -------------------------------------------------------------------------------
+def _numa_nodes(sysfs: SysfsRoot, notes: list[str]):
+    ids = sysfs.node_ids()
+    online = sysfs.read_cpulist(CPU_ONLINE)
+    if not online:
+        raise TopologyError(reason=f"no online CPUs in {sysfs.path(CPU_ONLINE)}")
+    if not ids:
+        notes.append("no NUMA information in sysfs: treating the host as one node")
+        return (NumaNode(0, 0, online, 0),), {c: 0 for c in online}
+    nodes, cpu_node = [], {}
+    for n in ids:
+        cpus = sysfs.read_cpulist(NODE_CPULIST, node=n)
+        for c in cpus:
+            cpu_node[c] = n
+        pools = tuple(HugePagePool(size, total, free)
+                      for size, (total, free) in sorted(sysfs.node_hugepages(n).items()))
+        nodes.append(NumaNode(n, 0, cpus, sysfs.node_memtotal_kib(n) // 1024, pools))
+    return tuple(nodes), cpu_node
+
+
+def _cores(sysfs: SysfsRoot, cpu_node: dict[int, int]) -> tuple[Core, ...]:
+    groups: dict[tuple[int, int], list[int]] = {}
+    for cpu in sysfs.read_cpulist(CPU_ONLINE):
+        socket = sysfs.read_int(CPU_TOPOLOGY + "/physical_package_id", cpu=cpu)
+        core_id = sysfs.read_int(CPU_TOPOLOGY + "/core_id", cpu=cpu)
+        groups.setdefault((socket, core_id), []).append(cpu)
+    cores = []
+    for (socket, core_id), threads in sorted(groups.items()):
+        node = cpu_node.get(threads[0], 0)
+        cores.append(Core(socket, core_id, node, tuple(sorted(threads))))
+    return tuple(cores)
+
+
+def _socket_of(node: NumaNode, cores: tuple[Core, ...]) -> int:
+    first = set(node.cpus[:1])
+    for core in cores:
+        if first & set(core.threads):
+            return core.socket
+    return 0
+
+
+# -- PCI -------------------------------------------------------------------------------------------
+def _read_pci(sysfs: SysfsRoot, bdf: str, cpu_node: dict[int, int], n_nodes: int,
+              notes: list[str]) -> _Pci:
+    cls = int(sysfs.pci_attr(bdf, "class"), 16)
+    raw = sysfs.pci_attr_optional(bdf, "numa_node")
+    numa: int | None = int(raw) if raw not in (None, "") else -1
+    source = "sysfs"
+    if numa is not None and numa < 0:
+        # NOTE: BIOSes without a proper SRAT/_PXM report numa_node=-1; local_cpulist still tells.
+        numa, source = None, "unknown"
+        cpus = sysfs.pci_attr_optional(bdf, "local_cpulist")
+        if cpus:
+            nodes = {cpu_node.get(c) for c in parse_index_list(cpus, what="CPU")}
+            if len(nodes) == 1 and None not in nodes:
+                numa, source = nodes.pop(), "local_cpulist"
+        if numa is None and n_nodes == 1:
+            numa, source = 0, "single-node host"
+    group = sysfs.pci_link_name(bdf, "iommu_group")
+    return _Pci(bdf=bdf, vendor=sysfs.pci_attr(bdf, "vendor").lower(),
+                device=sysfs.pci_attr(bdf, "device").lower(), cls=cls, numa_node=numa,
+                numa_source=source, iommu_group=int(group) if group and group.isdigit() else None,
+                bridges=sysfs.pci_upstream(bdf), driver=sysfs.pci_link_name(bdf, "driver"))
+
+
+def _resolve_numa_from_bridges(devices: list[_Pci], by_bdf: dict[str, _Pci], notes: list[str]):
+    for i, d in enumerate(devices):
+        if d.numa_source == "sysfs":
+            continue
+        if d.numa_node is None:
+            for b in reversed(d.bridges):
+                up = by_bdf.get(b)
+                if up is not None and up.numa_source == "sysfs":
+                    d = devices[i] = _replace(d, numa_node=up.numa_node, numa_source="bridge")
+                    break
+        if d.numa_node is None:
+            notes.append(f"{d.bdf}: numa_node is -1 and nothing else tells its node")
+        elif d.cls >> 16 == CLASS_DISPLAY or d.cls >> 8 == CLASS_BRIDGE_OTHER:
+            notes.append(f"{d.bdf}: numa_node is -1 in sysfs; node {d.numa_node} from {d.numa_source}")
+
+
+def _replace(d: _Pci, **kw) -> _Pci:
+    return replace(d, **kw)
+
+
+# -- catalog matching ------------------------------------------------------------------------------
+def _match(product: str | None, gpus: list[_Pci], forced: str | None):
+    ids = {f"{d.vendor[2:]}:{d.device[2:]}" for d in gpus}
+    if forced:
+        if forced == GENERIC:
+            return None, "forced by config: generic PCIe GPU server"
+        if forced not in PROFILES:
+            raise TopologyError(reason=f"unknown machine {forced!r} in config host.machine "
+                                       f"(known: {', '.join([*PROFILES, GENERIC])})")
+        return PROFILES[forced], f"forced by config (host.machine = {forced!r})"
+    for p in PROFILES.values():
+        if p.matches_dmi(product):
+            if ids and not ids <= set(p.gpu_ids):
+                return None, (f"DMI product name {product!r} is {p.display_name} but its GPUs are "
+                              f"{', '.join(sorted(ids))}: unknown machine, generic PCIe GPU server")
+            return p, f"DMI product name {product!r}"
+    for p in PROFILES.values():
+        if ids and ids <= set(p.gpu_ids) and {d.bdf for d in gpus} <= set(p.reference_gpus):
+            return p, f"GPU PCI ids {', '.join(sorted(ids))} at the reference bus addresses"
+    return None, (f"unknown machine (DMI product name {product!r}, GPUs "
+                  f"{', '.join(sorted(ids)) or 'none'}): generic PCIe GPU server, blocks by NUMA node")
+
+
+def _slots(profile: MachineProfile, gpus: list[_Pci], notes: list[str]) -> dict[str, int] | None:
+    """Physical slot of each present GPU, or None when it cannot be told."""
+    ref = {bdf: i for i, bdf in enumerate(profile.reference_gpus)}
+    if all(d.bdf in ref for d in gpus):
+        return {d.bdf: ref[d.bdf] for d in gpus}
+    if len(gpus) == profile.gpu_count:
+        notes.append(f"GPU bus addresses differ from the reference {profile.display_name}; "
+                     "slots assigned in PCI order")
+        return {d.bdf: i for i, d in enumerate(gpus)}
+    notes.append(f"{len(gpus)} GPUs where {profile.display_name} has {profile.gpu_count}, at "
+                 "bus addresses unlike the reference unit: cannot tell which GPU is missing")
+    return None
+
+
+def _module_ids(profile: MachineProfile, configured: tuple[int, ...] | None,
+                facts: NvmlFacts | None, notes: list[str]) -> tuple[int, ...]:
+    if not profile.fm_partitions:
+        return ()
+    expected = sorted(profile.default_module_ids)
+    if configured:
+        if sorted(configured) != expected:
+            raise TopologyError(reason=f"host.module_ids {list(configured)} is not a permutation "
+                                       f"of {expected} for {profile.display_name}")
+        notes.append(f"Fabric Manager module ids from config: {list(configured)}")
+        return tuple(configured)
+    if facts and facts.gpus and all(g.module_id for g in facts.gpus):
+        by_pci = {g.pci: g.module_id for g in facts.gpus}
+        ids = tuple(by_pci.get(bdf) for bdf in profile.reference_gpus)
+        if None not in ids and sorted(ids) == expected:
+            notes.append(f"Fabric Manager module ids from NVML: {list(ids)}")
+            return ids  # type: ignore[return-value]
+    notes.append("Fabric Manager module ids assumed in PCI order (not published for this "
+                 "machine; set host.module_ids from `nvidia-smi -q` Module Id)")
+    return profile.default_module_ids
+
+
+def _switches(profile: MachineProfile, devs: list[_Pci], notes: list[str]):
+    ref = {bdf: i for i, bdf in enumerate(profile.reference_nvswitches)}
+    if all(d.bdf in ref for d in devs):
+        slot_of = {d.bdf: ref[d.bdf] for d in devs}
+    else:
+        notes.append("NVSwitch bus addresses differ from the reference unit; boards assigned "
+                     "in PCI order")
+        slot_of = {d.bdf: i for i, d in enumerate(devs)}
+    switches = tuple(NvSwitch(pci=d.bdf, device_id=d.device[2:],
+                              board=profile.nvswitch_boards[min(slot_of[d.bdf],
+                                                                len(profile.nvswitch_boards) - 1)],
+                              numa_node=d.numa_node) for d in devs)
+    missing = [bdf for bdf, i in ref.items() if i not in set(slot_of.values())]
+    for bdf in missing:
+        notes.append(f"NVSwitch {bdf} is missing from the PCI bus: blocks that need it are "
+                     "not offered")
+    return switches, {i: bdf for bdf, i in slot_of.items()}
+
+
+def _blocks(blocks: tuple[CatalogBlock, ...], index_of_slot: dict[int, int],
+            switch_of_slot: dict[int, str], profile: MachineProfile) -> tuple[GpuBlock, ...]:
+    out = []
+    for b in blocks:
+        if not all(s in index_of_slot for s in b.slots):
+            continue
+        if not all(s in switch_of_slot for s in b.nvswitch_slots):
+            continue
+        out.append(GpuBlock(gpus=tuple(sorted(index_of_slot[s] for s in b.slots)),
+                            nvswitches=tuple(switch_of_slot[s] for s in b.nvswitch_slots),
+                            fm_partition=b.fm_partition))
+    return tuple(sorted(out, key=lambda b: (-b.size, b.gpus)))
+
+
+# -- NICs ------------------------------------------------------------------------------------------
+def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _nics(devs: list[_Pci], gpus: list[Gpu]) -> tuple[Nic, ...]:
+    """NICs, each with the GPUs behind the same PCIe switch (deepest shared bridge wins).
+
+    Sharing only the root port is not "near": at least the root port and a switch's upstream
+    port must be common (prefix >= 2).
+    """
+    out = []
+    for d in devs:
+        best, near = 1, []
+        for g in gpus:
+            p = _common_prefix(d.bridges + (d.bdf,), g.bridges + (g.pci,))
+            if p > best:
+                best, near = p, [g.index]
+            elif p == best and p > 1:
+                near.append(g.index)
+        kind = "infiniband" if d.cls >> 8 == CLASS_INFINIBAND else "ethernet"
+        out.append(Nic(pci=d.bdf, vendor_id=d.vendor[2:], device_id=d.device[2:], kind=kind,
+                       numa_node=d.numa_node, bridges=d.bridges, near_gpus=tuple(sorted(near))))
+    return tuple(out)
+
+
+# -- generic PCIe GPU server -----------------------------------------------------------------------
+def _generic_host(product, match, simulated, nodes, cores, gpu_devs, sw_devs, nic_devs, notes):
+    gpus = [Gpu(index=i, pci=d.bdf, vendor_id=d.vendor[2:], device_id=d.device[2:],
+                numa_node=d.numa_node, numa_source=d.numa_source, iommu_group=d.iommu_group,
+                bridges=d.bridges, board=0, slot=i, module_id=None, driver=d.driver)
+            for i, d in enumerate(gpu_devs)]
+    if sw_devs:
+        notes.append(f"{len(sw_devs)} NVSwitch(es) found on an unknown machine: they are left to "
+                     "the host (no NVLink partitioning)")
+    blocks = _generic_blocks(gpus, nodes)
+    return Host(machine=GENERIC, display_name="generic PCIe GPU server", product_name=product,
+                match=match, simulated=simulated, nvswitch_model=NO_NVSWITCH, numa_nodes=nodes,
+                cores=cores, gpus=tuple(gpus), missing_gpus=(), nvswitches=(),
+                nics=_nics(nic_devs, gpus), blocks=blocks,
+                block_sizes=tuple(sorted({b.size for b in blocks})), notes=tuple(notes))
+
+
+def _generic_blocks(gpus: list[Gpu], nodes) -> tuple[GpuBlock, ...]:
+    """Blocks on a machine we know nothing about: stay inside a NUMA node.
+
+    Per node: power-of-two aligned runs of its GPUs and the whole node; across nodes: all GPUs of
+    a socket, and all GPUs. GPUs of unknown node form a group of their own.
+    """
+    groups: dict[object, list[int]] = {}
+    for g in gpus:
+        groups.setdefault(g.numa_node if g.numa_node is not None else "unknown", []).append(g.index)
+    sets: set[tuple[int, ...]] = set()
+    for members in groups.values():
+        size = 1
+        while size <= len(members):
+            for start in range(0, len(members) - size + 1, size):
+                sets.add(tuple(members[start:start + size]))
+            size *= 2
+        sets.add(tuple(members))
+    socket_of = {n.id: n.socket for n in nodes}
+    by_socket: dict[int, list[int]] = {}
+    for g in gpus:
+        if g.numa_node is not None:
+            by_socket.setdefault(socket_of.get(g.numa_node, 0), []).append(g.index)
+    sets |= {tuple(sorted(v)) for v in by_socket.values()}
+    if gpus:
+        sets.add(tuple(g.index for g in gpus))
+    blocks = [GpuBlock(gpus=tuple(sorted(s)), nvswitches=(), fm_partition=None) for s in sets]
+    return tuple(sorted(blocks, key=lambda b: (-b.size, b.gpus)))
+
