@@ -1,0 +1,148 @@
+"""Configuration: one TOML file, every key documented in etc/dgxvm.toml; an unknown key is an error.
+
+Precedence: command-line option > environment variable > config file > default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/dgxvm/dgxvm.toml"
+ENV_CONFIG = "DGXVM_CONFIG"
+ENV_SYSFS_ROOT = "DGXVM_SYSFS_ROOT"
+ENV_STATE_DIR = "DGXVM_STATE_DIR"
+
+ALIGNMENT_POLICIES = ("strict", "prefer")
+HUGEPAGE_SIZES = {"1G": 1048576, "2M": 2048, "none": None}
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    sysfs_root: str = "/"
+    state_dir: str = "/var/lib/dgxvm"
+    machine: str = ""                         # force a catalog profile; "" = detect
+    module_ids: tuple[int, ...] = ()          # FM module id per GPU slot, PCI order; () = detect
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    alignment: str = "strict"                 # strict | prefer
+    reserved_cores_per_node: int = 1          # lowest cores of each NUMA node stay with the host
+    reserved_memory_mib_per_node: int = 8192  # kept for the host when VMs use ordinary pages
+    hugepage_size: str = "1G"                 # 1G | 2M | none
+    disk_gib_per_gpu: int = 64                # OS disk of a VM: this much per GPU
+    min_disk_gib: int = 32
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    lock_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    host: HostConfig = field(default_factory=HostConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    path: str | None = None                   # the file it came from, for messages
+
+    @property
+    def hugepage_kib(self) -> int | None:
+        return HUGEPAGE_SIZES[self.placement.hugepage_size]
+
+    def with_overrides(self, *, sysfs_root: str | None = None,
+                       state_dir: str | None = None) -> "Config":
+        host = self.host
+        if sysfs_root:
+            host = replace(host, sysfs_root=sysfs_root)
+        if state_dir:
+            host = replace(host, state_dir=state_dir)
+        return replace(self, host=host)
+
+
+_SECTIONS = {"host": HostConfig, "placement": PlacementConfig, "ledger": LedgerConfig}
+
+
+def load(path: str | os.PathLike | None = None, *, required: bool = False) -> Config:
+    """Load the config file (``path``, else $DGXVM_CONFIG, else /etc/dgxvm/dgxvm.toml).
+
+    A missing file at the default location means "all defaults"; a missing file that was named
+    explicitly (option or environment) is an error. Raises ConfigError naming the file and the
+    bad key or value.
+    """
+    explicit = path is not None or bool(os.environ.get(ENV_CONFIG))
+    p = Path(path or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH)
+    if not p.exists():
+        if explicit or required:
+            raise ConfigError(path=str(p), reason="no such file")
+        cfg = Config()
+    else:
+        try:
+            data = tomllib.loads(p.read_text())
+        except OSError as exc:
+            raise ConfigError(path=str(p), reason=exc.strerror or str(exc)) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(path=str(p), reason=f"not valid TOML: {exc}") from exc
+        cfg = from_dict(data, str(p))
+    return cfg.with_overrides(sysfs_root=os.environ.get(ENV_SYSFS_ROOT),
+                              state_dir=os.environ.get(ENV_STATE_DIR))
+
+
+def from_dict(data: dict, path: str = "<config>") -> Config:
+    sections = {}
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(path=path, reason=f"unknown section [{name}] "
+                                                f"(known: {', '.join(_SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(path=path, reason=f"{name} must be a table ([{name}])")
+        sections[name] = _section(_SECTIONS[name], name, value, path)
+    cfg = Config(**sections, path=path)
+    _validate(cfg, path)
+    return cfg
+
+
+def _section(cls, name: str, values: dict, path: str):
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(path=path, reason=f"unknown key {name}.{key} "
+                                                f"(known: {', '.join(known)})")
+        default = known[key].default
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+                raise ConfigError(path=path, reason=f"{name}.{key} must be a list of integers, "
+                                                    f"not {value!r}")
+            value = tuple(value)
+        elif isinstance(default, bool) or not isinstance(value, type(default)):
+            ok = isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
+            if not ok:
+                raise ConfigError(path=path, reason=f"{name}.{key} must be "
+                                                    f"{type(default).__name__}, not {value!r}")
+            value = float(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, path: str) -> None:
+    p = cfg.placement
+    if p.alignment not in ALIGNMENT_POLICIES:
+        raise ConfigError(path=path, reason=f"placement.alignment {p.alignment!r} is not one of "
+                                            f"{', '.join(ALIGNMENT_POLICIES)}")
+    if p.hugepage_size not in HUGEPAGE_SIZES:
+        raise ConfigError(path=path, reason=f"placement.hugepage_size {p.hugepage_size!r} is not "
+                                            f"one of {', '.join(HUGEPAGE_SIZES)}")
+    for key in ("reserved_cores_per_node", "reserved_memory_mib_per_node", "disk_gib_per_gpu",
+                "min_disk_gib"):
+        if getattr(p, key) < 0:
+            raise ConfigError(path=path, reason=f"placement.{key} must be >= 0, "
+                                                f"not {getattr(p, key)}")
+    if cfg.ledger.lock_timeout_s <= 0:
+        raise ConfigError(path=path, reason=f"ledger.lock_timeout_s must be > 0, "
+                                            f"not {cfg.ledger.lock_timeout_s}")

@@ -1,0 +1,164 @@
+"""Frozen values of placement: what is asked, what is taken, what was decided."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+def _frozen_map(m: Mapping[int, int] | None) -> Mapping[int, int]:
+    return MappingProxyType(dict(sorted((m or {}).items())))
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """What other VMs hold right now, as the ledger sees it. Physical identities only.
+
+    GPUs and NVSwitches by PCI address (stable when indices shift on a degraded host), host CPUs
+    by id, memory in MiB per NUMA node, Fabric Manager partitions by id.
+    """
+
+    gpus: frozenset[str] = frozenset()
+    nvswitches: frozenset[str] = frozenset()
+    cpus: frozenset[int] = frozenset()
+    memory_mib: Mapping[int, int] = field(default_factory=dict)
+    fm_partitions: frozenset[int] = frozenset()
+
+    def __post_init__(self):
+        object.__setattr__(self, "memory_mib", _frozen_map(self.memory_mib))
+
+    def __hash__(self):
+        return hash((self.gpus, self.nvswitches, self.cpus, tuple(self.memory_mib.items()),
+                     self.fm_partitions))
+
+    def __eq__(self, other):
+        if not isinstance(other, Occupancy):
+            return NotImplemented
+        return (self.gpus, self.nvswitches, self.cpus, dict(self.memory_mib), self.fm_partitions) == (
+            other.gpus, other.nvswitches, other.cpus, dict(other.memory_mib), other.fm_partitions)
+
+    @classmethod
+    def union(cls, parts: Iterable["Occupancy"]) -> "Occupancy":
+        gpus: set[str] = set()
+        sws: set[str] = set()
+        cpus: set[int] = set()
+        mem: dict[int, int] = {}
+        fms: set[int] = set()
+        for p in parts:
+            gpus |= p.gpus
+            sws |= p.nvswitches
+            cpus |= p.cpus
+            fms |= p.fm_partitions
+            for node, mib in p.memory_mib.items():
+                mem[node] = mem.get(node, 0) + mib
+        return cls(frozenset(gpus), frozenset(sws), frozenset(cpus), mem, frozenset(fms))
+
+
+EMPTY = Occupancy()
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request for a GPU VM.
+
+    ``count``: GPUs wanted. ``gpu_index``: an admin's ``--gpu-index`` (first GPU of the block).
+    ``slurm_gpus``: the indices slurmctld chose (SLURM_JOB_GPUS). Overrides are None for "the
+    sizing template's value".
+    """
+
+    count: int
+    gpu_index: int | None = None
+    slurm_gpus: tuple[int, ...] | None = None
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    disk_gib: int | None = None
+
+
+@dataclass(frozen=True)
+class NumaCell:
+    """One guest NUMA cell, mirroring one host node of the placement."""
+
+    host_node: int
+    gpus: tuple[int, ...]          # GPU indices on this node
+    cpus: tuple[int, ...]          # host CPUs pinned, in vCPU order
+    vcpus: tuple[int, ...]         # guest vCPU ids of this cell
+    memory_mib: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The decision for one VM. Built only by :func:`slurm_dgxvm.placement.place`."""
+
+    machine: str
+    gpus: tuple[int, ...]              # physical GPU indices (PCI order = nvidia-smi = Slurm)
+    gpu_pcis: tuple[str, ...]
+    slurm_gpus: tuple[int, ...] | None  # what Slurm chose, when it chose
+    aligned: bool                      # the set is a legal block of the machine
+    remapped: bool                     # the set differs from Slurm's
+    reason: str                        # one line: why this set
+    nvswitches: tuple[str, ...]        # PCI addresses passed through with the GPUs
+    fm_partition: int | None           # Fabric Manager partition to activate (shared-nvswitch)
+    cells: tuple[NumaCell, ...]
+    emulator_cpus: tuple[int, ...]     # host-reserved CPUs of the same nodes, for QEMU's threads
+    hugepage_kib: int | None
+    disk_gib: int
+    nics: tuple[str, ...]              # NICs behind the same PCIe switches as the GPUs
+
+    @property
+    def numa_nodes(self) -> tuple[int, ...]:
+        return tuple(c.host_node for c in self.cells)
+
+    @property
+    def cpus(self) -> tuple[int, ...]:
+        return tuple(cpu for c in self.cells for cpu in c.cpus)
+
+    @property
+    def vcpus(self) -> int:
+        return sum(len(c.vcpus) for c in self.cells)
+
+    @property
+    def memory_mib(self) -> int:
+        return sum(c.memory_mib for c in self.cells)
+
+    @property
+    def memory_per_node(self) -> dict[int, int]:
+        return {c.host_node: c.memory_mib for c in self.cells}
+
+    def occupancy(self) -> Occupancy:
+        """What this placement takes, for the ledger."""
+        return Occupancy(
+            gpus=frozenset(self.gpu_pcis),
+            nvswitches=frozenset(self.nvswitches),
+            cpus=frozenset(self.cpus),
+            memory_mib=self.memory_per_node,
+            fm_partitions=frozenset({self.fm_partition} if self.fm_partition is not None else ()),
+        )
+
+    def to_json(self) -> dict:
+        """The ``plan --json`` interface: keys are stable (scripts and monitoring read them)."""
+        return {
+            "machine": self.machine,
+            "gpus": list(self.gpus),
+            "gpu_pcis": list(self.gpu_pcis),
+            "slurm_gpus": list(self.slurm_gpus) if self.slurm_gpus is not None else None,
+            "aligned": self.aligned,
+            "remapped": self.remapped,
+            "reason": self.reason,
+            "numa_nodes": list(self.numa_nodes),
+            "cpus": list(self.cpus),
+            "emulator_cpus": list(self.emulator_cpus),
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "memory_mib_per_node": {str(k): v for k, v in self.memory_per_node.items()},
+            "hugepage_kib": self.hugepage_kib,
+            "disk_gib": self.disk_gib,
+            "nvswitches": list(self.nvswitches),
+            "fm_partition": self.fm_partition,
+            "nics": list(self.nics),
+            "cells": [
+                {"host_node": c.host_node, "gpus": list(c.gpus), "cpus": list(c.cpus),
+                 "vcpus": list(c.vcpus), "memory_mib": c.memory_mib}
+                for c in self.cells
+            ],
+        }
