@@ -116,11 +116,13 @@ def _section(cls, name: str, values: dict, path: str):
                                                 f"(known: {', '.join(known)})")
         default = known[key].default
         if isinstance(default, tuple):
-            if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                      for v in value):
                 raise ConfigError(path=path, reason=f"{name}.{key} must be a list of integers, "
                                                     f"not {value!r}")
             value = tuple(value)
-        elif isinstance(default, bool) or not isinstance(value, type(default)):
+        elif (isinstance(value, bool) != isinstance(default, bool)   # TOML true is not an int
+              or not isinstance(value, type(default))):
             ok = isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
             if not ok:
                 raise ConfigError(path=path, reason=f"{name}.{key} must be "

@@ -211,7 +211,7 @@ def _build(host: Host, taken: Occupancy, r: Request, policy: Policy, gpus: tuple
                      for t in c.threads)
     pages = {hugepages_for(host.node(n), policy) for n in nodes}
     hugepage = pages.pop() if len(pages) == 1 else None
-    nics = tuple(sorted(n.pci for n in host.nics if set(n.near_gpus) & set(gpus)))
+    nics = tuple(sorted({pci for i in gpus for pci in host.gpu(i).nics}))
     aligned = block is not None
     return Placement(
         machine=host.machine,

@@ -10,8 +10,8 @@ from .catalog import GENERIC, PROFILES, CatalogBlock, MachineProfile
 from .model import (NO_NVSWITCH, Core, Gpu, GpuBlock, HugePagePool, Host, MissingGpu, Nic, NumaNode,
                     NvSwitch)
 from .nvml import NvmlFacts
-from ..ranges import parse_index_list
-from .sysfs import CPU_ONLINE, CPU_TOPOLOGY, DMI_PRODUCT_NAME, NODE_CPULIST, SysfsRoot
+from .sysfs import (CPU_ONLINE, CPU_TOPOLOGY, DMI_PRODUCT_NAME, NODE_CPULIST, PCI_DEVICE,
+                    SysfsRoot)
 
 NVIDIA = "0x10de"
 CLASS_DISPLAY = 0x03          # base class: display controller (0x0300 VGA, 0x0302 3D)
@@ -91,13 +91,14 @@ def discover(sysfs: SysfsRoot, *, machine: str | None = None,
     for m in missing:
         notes.append(f"GPU {m.pci} (slot {m.slot}) is missing from the PCI bus: "
                      "blocks containing it are not offered")
+    nics, gpus = _nics(nic_devs, gpus)
     switches, sw_slot = _switches(profile, sw_devs, notes)
-    blocks = _blocks(profile.blocks(ids), {s: g.index for g, s in ((g, g.slot) for g in gpus)},
+    blocks = _blocks(profile.blocks(ids), {g.slot: g.index for g in gpus},
                      sw_slot, profile)
     return Host(machine=profile.key, display_name=profile.display_name, product_name=product,
                 match=match, simulated=simulated, nvswitch_model=profile.nvswitch_model,
                 numa_nodes=nodes, cores=cores, gpus=tuple(gpus), missing_gpus=missing,
-                nvswitches=switches, nics=_nics(nic_devs, gpus), blocks=blocks,
+                nvswitches=switches, nics=nics, blocks=blocks,
                 block_sizes=profile.block_sizes, notes=tuple(notes))
 
 
@@ -145,16 +146,18 @@ def _socket_of(node: NumaNode, cores: tuple[Core, ...]) -> int:
 # -- PCI -------------------------------------------------------------------------------------------
 def _read_pci(sysfs: SysfsRoot, bdf: str, cpu_node: dict[int, int], n_nodes: int,
               notes: list[str]) -> _Pci:
-    cls = int(sysfs.pci_attr(bdf, "class"), 16)
+    # read_int / read_cpulist: a malformed value is a SysfsError naming the file, not a ValueError
+    cls = sysfs.read_int(PCI_DEVICE + "/class", base=16, bdf=bdf)
     raw = sysfs.pci_attr_optional(bdf, "numa_node")
-    numa: int | None = int(raw) if raw not in (None, "") else -1
+    numa: int | None = (sysfs.read_int(PCI_DEVICE + "/numa_node", bdf=bdf)
+                        if raw not in (None, "") else -1)
     source = "sysfs"
     if numa is not None and numa < 0:
         # NOTE: BIOSes without a proper SRAT/_PXM report numa_node=-1; local_cpulist still tells.
         numa, source = None, "unknown"
-        cpus = sysfs.pci_attr_optional(bdf, "local_cpulist")
-        if cpus:
-            nodes = {cpu_node.get(c) for c in parse_index_list(cpus, what="CPU")}
+        if sysfs.pci_attr_optional(bdf, "local_cpulist"):
+            cpus = sysfs.read_cpulist(PCI_DEVICE + "/local_cpulist", bdf=bdf)
+            nodes = {cpu_node.get(c) for c in cpus}
             if len(nodes) == 1 and None not in nodes:
                 numa, source = nodes.pop(), "local_cpulist"
         if numa is None and n_nodes == 1:
@@ -288,25 +291,30 @@ def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
     return n
 
 
-def _nics(devs: list[_Pci], gpus: list[Gpu]) -> tuple[Nic, ...]:
-    """NICs, each with the GPUs behind the same PCIe switch (deepest shared bridge wins).
+def _nics(devs: list[_Pci], gpus: list[Gpu]) -> tuple[tuple[Nic, ...], tuple[Gpu, ...]]:
+    """Pair NICs and GPUs through the PCIe tree.
 
-    Sharing only the root port is not "near": at least the root port and a switch's upstream
-    port must be common (prefix >= 2).
+    Nearness is the length of the shared bridge chain; sharing only the root port is not "near"
+    (at least a switch's upstream port must be common: length >= 2). Each NIC lists the GPUs
+    nearest to it; each GPU gets the NICs nearest to it, so a storage card on a first-level
+    switch does not count for a GPU whose own second-level switch has a compute NIC.
+    Returns the NICs and the GPUs with their ``nics`` filled in.
     """
-    out = []
+    depth = {(d.bdf, g.index): _common_prefix(d.bridges + (d.bdf,), g.bridges + (g.pci,))
+             for d in devs for g in gpus}
+    nics = []
     for d in devs:
-        best, near = 1, []
-        for g in gpus:
-            p = _common_prefix(d.bridges + (d.bdf,), g.bridges + (g.pci,))
-            if p > best:
-                best, near = p, [g.index]
-            elif p == best and p > 1:
-                near.append(g.index)
+        best = max((depth[d.bdf, g.index] for g in gpus), default=0)
+        near = tuple(g.index for g in gpus if best >= 2 and depth[d.bdf, g.index] == best)
         kind = "infiniband" if d.cls >> 8 == CLASS_INFINIBAND else "ethernet"
-        out.append(Nic(pci=d.bdf, vendor_id=d.vendor[2:], device_id=d.device[2:], kind=kind,
-                       numa_node=d.numa_node, bridges=d.bridges, near_gpus=tuple(sorted(near))))
-    return tuple(out)
+        nics.append(Nic(pci=d.bdf, vendor_id=d.vendor[2:], device_id=d.device[2:], kind=kind,
+                        numa_node=d.numa_node, bridges=d.bridges, near_gpus=near))
+    with_nics = []
+    for g in gpus:
+        best = max((depth[d.bdf, g.index] for d in devs), default=0)
+        mine = tuple(d.bdf for d in devs if best >= 2 and depth[d.bdf, g.index] == best)
+        with_nics.append(replace(g, nics=mine))
+    return tuple(nics), tuple(with_nics)
 
 
 # -- generic PCIe GPU server -----------------------------------------------------------------------
@@ -318,11 +326,12 @@ def _generic_host(product, match, simulated, nodes, cores, gpu_devs, sw_devs, ni
     if sw_devs:
         notes.append(f"{len(sw_devs)} NVSwitch(es) found on an unknown machine: they are left to "
                      "the host (no NVLink partitioning)")
+    nics, gpus = _nics(nic_devs, gpus)
     blocks = _generic_blocks(gpus, nodes)
     return Host(machine=GENERIC, display_name="generic PCIe GPU server", product_name=product,
                 match=match, simulated=simulated, nvswitch_model=NO_NVSWITCH, numa_nodes=nodes,
-                cores=cores, gpus=tuple(gpus), missing_gpus=(), nvswitches=(),
-                nics=_nics(nic_devs, gpus), blocks=blocks,
+                cores=cores, gpus=gpus, missing_gpus=(), nvswitches=(),
+                nics=nics, blocks=blocks,
                 block_sizes=tuple(sorted({b.size for b in blocks})), notes=tuple(notes))
 
 

@@ -61,6 +61,7 @@ class Gpu:
     module_id: int | None      # Fabric Manager physical/module id, when the machine has one
     driver: str | None
     healthy: bool = True
+    nics: tuple[str, ...] = ()  # the NICs behind this GPU's deepest shared PCIe switch
 
 
 @dataclass(frozen=True)
