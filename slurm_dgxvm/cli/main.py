@@ -1,0 +1,227 @@
+"""``dgxvm``: the command line. Thin: build the context once, call the library, format the result.
+
+Errors: library code raises DgxvmError subclasses; this module is the one place (with the Slurm
+hooks, later) that turns them into one line on stderr and the error's exit code.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import sys
+from functools import cached_property
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from .. import config as config_mod
+from ..errors import DgxvmError, EXIT_BAD_INPUT
+from ..ledger import Ledger
+from ..placement import Policy, Request, place, templates
+from ..slurm.gres import gres_conf
+from ..topology import SysfsRoot, discover
+from ..topology.nvml import query as nvml_query
+from . import render
+from .params import GIB, GPU_LIST, MIB
+
+
+class Context:
+    """What every command needs, built lazily once: config, host model, ledger."""
+
+    def __init__(self, config_path: str | None, sysfs_root: str | None, state_dir: str | None):
+        self._config_path = config_path
+        self._sysfs_root = sysfs_root
+        self._state_dir = state_dir
+
+    @cached_property
+    def config(self) -> config_mod.Config:
+        return config_mod.load(self._config_path).with_overrides(
+            sysfs_root=self._sysfs_root, state_dir=self._state_dir)
+
+    @cached_property
+    def host(self):
+        cfg = self.config
+        return discover(SysfsRoot(cfg.host.sysfs_root), machine=cfg.host.machine or None,
+                        module_ids=cfg.host.module_ids or None, nvml=nvml_query)
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self.config.host.state_dir, lock_timeout=self.config.ledger.lock_timeout_s)
+
+    @cached_property
+    def policy(self) -> Policy:
+        return Policy.from_config(self.config)
+
+    def ledger_state(self):
+        """The ledger for display; a state dir that does not exist yet is an empty ledger."""
+        return self.ledger.read()
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", envvar=config_mod.ENV_CONFIG, metavar="FILE",
+              help=f"Config file (TOML). [env {config_mod.ENV_CONFIG}; "
+                   f"default {config_mod.DEFAULT_CONFIG_PATH}]")
+@click.option("--sysfs-root", envvar=config_mod.ENV_SYSFS_ROOT, metavar="DIR",
+              help="Read the host from this sysfs root, e.g. the output of `dgxvm simulate`. "
+                   f"[env {config_mod.ENV_SYSFS_ROOT}; config host.sysfs_root; default /]")
+@click.option("--state-dir", envvar=config_mod.ENV_STATE_DIR, metavar="DIR",
+              help="Where the ledger lives. "
+                   f"[env {config_mod.ENV_STATE_DIR}; config host.state_dir; default /var/lib/dgxvm]")
+@click.pass_context
+def cli(ctx, config_path, sysfs_root, state_dir):
+    """Topology-aligned GPU virtual machines for Slurm jobs on DGX-class servers."""
+    ctx.obj = Context(config_path, sysfs_root, state_dir)
+
+
+# -- topology --------------------------------------------------------------------------------------
+@cli.group()
+def topology():
+    """The host's GPUs, NVSwitches, NUMA nodes and who holds what."""
+
+
+@topology.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable keys).")
+@pass_ctx
+def topology_show(c: Context, as_json):
+    """Show the host: GPUs per baseboard and NUMA node, NVSwitches, VM sizes, holders."""
+    host, state = c.host, c.ledger_state()
+    if as_json:
+        doc = host.to_json()
+        holders = render.holders(host, state)
+        for g in doc["gpus"]:
+            g["held_by"] = holders.get(g["pci"])
+        for s in doc["nvswitches"]:
+            s["held_by"] = holders.get(s["pci"])
+        doc["allocations"] = {k: a.to_json() for k, a in state.allocations.items()}
+        doc["vm_sizes"] = [t.__dict__ | {"numa_nodes": list(t.numa_nodes)}
+                           for t in templates(host, c.policy)]
+        _emit_json(doc)
+        return
+    click.echo(render.topology_picture(host, state, templates(host, c.policy),
+                                       color=sys.stdout.isatty()))
+
+
+# -- plan ------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--gpu-count", type=click.IntRange(min=1), required=True, metavar="N",
+              help="GPUs for the VM (a legal block size of the machine).")
+@click.option("--gpu-index", type=click.IntRange(min=0), metavar="I",
+              help="First GPU of the block, as nvidia-vm's --gpu-index (must be aligned).")
+@click.option("--slurm-gpus", type=GPU_LIST, metavar="LIST",
+              help="The indices Slurm chose (SLURM_JOB_GPUS), e.g. 5,6,7,11.")
+@click.option("--vcpus", type=click.IntRange(min=1), help="Override the template's vCPUs.")
+@click.option("--memory", type=MIB, metavar="SIZE",
+              help="Override the template's memory (64G, 512M, or MiB).")
+@click.option("--disk-size", type=GIB, metavar="SIZE", help="Override the OS disk size (GiB).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable keys).")
+@pass_ctx
+def plan(c: Context, gpu_count, gpu_index, slurm_gpus, vcpus, memory, disk_size, as_json):
+    """Show where a VM would go, without taking anything."""
+    if gpu_index is not None and slurm_gpus is not None:
+        raise click.UsageError("--gpu-index and --slurm-gpus exclude each other")
+    request = Request(count=gpu_count, gpu_index=gpu_index, slurm_gpus=slurm_gpus, vcpus=vcpus,
+                      memory_mib=memory, disk_gib=disk_size)
+    host = c.host
+    placement = place(host, c.ledger_state().occupancy(), request, c.policy)
+    if as_json:
+        doc = placement.to_json()
+        doc["simulated"] = host.simulated
+        _emit_json(doc)
+    else:
+        click.echo(render.placement_text(host, placement))
+
+
+# -- gres.conf -------------------------------------------------------------------------------------
+@cli.command("gres-conf")
+@click.option("--dev-dir", default="/dev/vfio", show_default=True, metavar="DIR",
+              help="Directory of the VFIO group devices.")
+@click.option("--node-name", metavar="NAME", help="Prefix every line with NodeName=NAME.")
+@pass_ctx
+def gres_conf_cmd(c: Context, dev_dir, node_name):
+    """Print a gres.conf for this host (File= per VFIO group, Cores= per socket)."""
+    click.echo(gres_conf(c.host, dev_dir=dev_dir, node_name=node_name), nl=False)
+
+
+# -- simulate --------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("machine", metavar="MACHINE")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write the sysfs tree into (empty, or an earlier simulation).")
+@click.option("--missing-gpu", "missing", multiple=True, metavar="PCI",
+              help="Leave this GPU off the bus (a GPU that failed to enumerate). Repeatable.")
+@click.option("--unknown-numa", "unknown_numa", multiple=True, metavar="PCI",
+              help="Make this device's numa_node read -1 (a BIOS quirk). Repeatable.")
+def simulate(machine, out, missing, unknown_numa):
+    """Write the sysfs tree of a known machine (dgx2, dgx-a100, dgx-h100) for --sysfs-root."""
+    from ..simulate import MACHINES, render as render_tree
+    if machine not in MACHINES:
+        raise click.BadParameter(f"{machine!r} is not a known machine "
+                                 f"(known: {', '.join(MACHINES)})", param_hint="MACHINE")
+    root = render_tree(machine, out, missing_gpus=missing, unknown_numa=unknown_numa)
+    click.echo(f"simulated {machine} written to {root}; use: dgxvm --sysfs-root {root} topology show")
+
+
+# -- version ---------------------------------------------------------------------------------------
+@cli.group()
+def version():
+    """Versions of dgxvm and what it runs on."""
+
+
+@version.command("show")
+@click.option("--json", "as_json", is_flag=True)
+def version_show(as_json):
+    """Show dgxvm's version (as `nvidia-vm version show`)."""
+    doc = {"dgxvm": __version__, "python": platform.python_version(),
+           "click": _dist_version("click")}
+    try:
+        import libvirt  # noqa: F401  (optional until the VM lifecycle lands)
+        doc["libvirt_python"] = libvirt.getVersion()
+    except Exception:
+        doc["libvirt_python"] = None
+    if as_json:
+        _emit_json(doc)
+    else:
+        click.echo(f"dgxvm {__version__} (python {doc['python']})")
+
+
+def _dist_version(name: str) -> str | None:
+    # click.__version__ is deprecated (a DeprecationWarning on every call, gone in click 9.1)
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _emit_json(doc) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def main(argv=None) -> int:
+    """Entry point: run the CLI, turning our errors into one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="dgxvm", standalone_mode=False)
+    except DgxvmError as exc:
+        click.echo(f"dgxvm: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("dgxvm: aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        # usage errors too are one `dgxvm: error:` line (scripts and Slurm logs grep for it)
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} -h')"
+        click.echo(f"dgxvm: error: {exc.format_message()}{hint}", err=True)
+        return exc.exit_code if exc.exit_code else EXIT_BAD_INPUT
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

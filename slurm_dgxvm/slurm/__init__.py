@@ -1,0 +1,1 @@
+"""Everything that speaks Slurm: gres.conf, (later) the Prolog/Epilog hooks and accounting."""
