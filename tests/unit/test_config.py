@@ -1,0 +1,145 @@
+"""Configuration: defaults, strict TOML (unknown keys are errors), environment overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from slurm_dgxvm import config as config_mod
+from slurm_dgxvm.config import Config, load
+from slurm_dgxvm.errors import ConfigError
+from slurm_dgxvm.placement import Policy
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """No DGXVM_* from the caller's shell, and no /etc/dgxvm/dgxvm.toml of this machine."""
+    for name in (config_mod.ENV_CONFIG, config_mod.ENV_SYSFS_ROOT, config_mod.ENV_STATE_DIR):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(config_mod, "DEFAULT_CONFIG_PATH", str(tmp_path / "absent" / "dgxvm.toml"))
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "dgxvm.toml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_at_the_default_location_means_all_defaults():
+    cfg = load()
+    assert cfg == Config()
+    assert cfg.host.sysfs_root == "/" and cfg.host.state_dir == "/var/lib/dgxvm"
+    assert cfg.host.machine == "" and cfg.host.module_ids == ()
+    assert cfg.placement.alignment == "strict"
+    assert cfg.placement.reserved_cores_per_node == 1
+    assert cfg.hugepage_kib == 1048576
+    assert cfg.ledger.lock_timeout_s == 30.0
+
+
+def test_defaults_make_the_default_policy():
+    assert Policy.from_config(load()) == Policy()
+
+
+def test_an_empty_file_is_all_defaults_and_remembers_its_path(tmp_path):
+    path = write(tmp_path, "")
+    cfg = load(path)
+    assert cfg.path == str(path)
+    assert cfg.placement == Config().placement and cfg.host == Config().host
+
+
+def test_a_full_file_is_read(tmp_path):
+    path = write(tmp_path, """
+[host]
+sysfs_root = "/srv/sim"
+state_dir = "/srv/state"
+machine = "dgx-h100"
+module_ids = [4, 2, 1, 3, 8, 6, 5, 7]
+
+[placement]
+alignment = "prefer"
+reserved_cores_per_node = 2
+reserved_memory_mib_per_node = 4096
+hugepage_size = "none"
+disk_gib_per_gpu = 100
+min_disk_gib = 50
+
+[ledger]
+lock_timeout_s = 5
+""")
+    cfg = load(path)
+    assert cfg.host.module_ids == (4, 2, 1, 3, 8, 6, 5, 7)
+    assert cfg.host.machine == "dgx-h100"
+    assert cfg.ledger.lock_timeout_s == 5.0 and isinstance(cfg.ledger.lock_timeout_s, float)
+    assert cfg.hugepage_kib is None
+    assert Policy.from_config(cfg) == Policy(alignment="prefer", reserved_cores_per_node=2,
+                                             reserved_memory_mib_per_node=4096, hugepage_kib=None,
+                                             disk_gib_per_gpu=100, min_disk_gib=50)
+
+
+@pytest.mark.parametrize("text, names", [
+    ("[nope]\nx = 1\n", "[nope]"),
+    ("[host]\nbogus = 1\n", "host.bogus"),
+    ("[placement]\nalign = \"strict\"\n", "placement.align"),
+    ("[placement]\nreserved_cores_per_node = \"two\"\n", "placement.reserved_cores_per_node"),
+    ("[placement]\nreserved_cores_per_node = true\n", "placement.reserved_cores_per_node"),
+    ("[placement]\nreserved_cores_per_node = 1.5\n", "placement.reserved_cores_per_node"),
+    ("[placement]\nreserved_cores_per_node = -1\n", "placement.reserved_cores_per_node"),
+    ("[placement]\nalignment = \"loose\"\n", "'loose'"),
+    ("[placement]\nhugepage_size = \"4K\"\n", "'4K'"),
+    ("[host]\nmodule_ids = [1, \"a\"]\n", "host.module_ids"),
+    ("[host]\nmodule_ids = 7\n", "host.module_ids"),
+    ("[host]\nmodule_ids = [true, 2, 3, 4, 5, 6, 7, 8]\n", "host.module_ids"),
+    ("[host]\nsysfs_root = 7\n", "host.sysfs_root"),
+    ("[ledger]\nlock_timeout_s = 0\n", "ledger.lock_timeout_s"),
+    ("[ledger]\nlock_timeout_s = \"soon\"\n", "ledger.lock_timeout_s"),
+    ("host = 3\n", "host must be a table"),
+    ("[host\n", "not valid TOML"),
+])
+def test_bad_config_raises_config_error_naming_key_and_file(tmp_path, text, names):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.path == str(path)
+    assert str(path) in str(info.value)
+    assert names in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_dgxvm_config_naming_a_missing_file_is_an_error(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere.toml"
+    monkeypatch.setenv(config_mod.ENV_CONFIG, str(missing))
+    with pytest.raises(ConfigError) as info:
+        load()
+    assert str(missing) in str(info.value) and "no such file" in str(info.value)
+
+
+def test_an_explicit_path_to_a_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError):
+        load(tmp_path / "nowhere.toml")
+
+
+def test_dgxvm_config_names_the_file_to_read(tmp_path, monkeypatch):
+    path = write(tmp_path, "[placement]\nalignment = \"prefer\"\n")
+    monkeypatch.setenv(config_mod.ENV_CONFIG, str(path))
+    assert load().placement.alignment == "prefer"
+
+
+def test_environment_overrides_sysfs_root_and_state_dir_of_the_file(tmp_path, monkeypatch):
+    path = write(tmp_path, "[host]\nsysfs_root = \"/from/file\"\nstate_dir = \"/file/state\"\n")
+    assert load(path).host.sysfs_root == "/from/file"
+    monkeypatch.setenv(config_mod.ENV_SYSFS_ROOT, "/from/env")
+    monkeypatch.setenv(config_mod.ENV_STATE_DIR, "/env/state")
+    cfg = load(path)
+    assert cfg.host.sysfs_root == "/from/env"
+    assert cfg.host.state_dir == "/env/state"
+
+
+def test_an_empty_environment_variable_does_not_override(tmp_path, monkeypatch):
+    path = write(tmp_path, "[host]\nstate_dir = \"/file/state\"\n")
+    monkeypatch.setenv(config_mod.ENV_STATE_DIR, "")
+    assert load(path).host.state_dir == "/file/state"
+
+
+def test_command_line_overrides_win_over_the_environment(monkeypatch):
+    monkeypatch.setenv(config_mod.ENV_STATE_DIR, "/env/state")
+    cfg = load().with_overrides(state_dir="/cli/state")
+    assert cfg.host.state_dir == "/cli/state"
