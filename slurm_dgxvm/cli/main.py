@@ -92,7 +92,7 @@ def topology_show(c: Context, as_json):
     host, state = c.host, c.ledger_state()
     if as_json:
         doc = host.to_json()
-        holders = render.holders(host, state)
+        holders = render.holders(state)
         for g in doc["gpus"]:
             g["held_by"] = holders.get(g["pci"])
         for s in doc["nvswitches"]:

@@ -18,7 +18,7 @@ _MODEL_TEXT = {
 _COLORS = ("cyan", "magenta", "yellow", "green", "blue", "red")
 
 
-def holders(host: Host, state) -> dict[str, str]:
+def holders(state) -> dict[str, str]:
     """PCI address -> ledger key of the allocation holding it."""
     out = {}
     for key, a in state.allocations.items():
@@ -32,7 +32,7 @@ def _short(pci: str) -> str:
 
 
 def topology_picture(host: Host, state, sizes, *, color: bool = False) -> str:
-    held = holders(host, state)
+    held = holders(state)
     keys = sorted(set(held.values()))
     letter = {k: string.ascii_uppercase[i % 26] for i, k in enumerate(keys)}
 

@@ -178,13 +178,15 @@ def _unaligned(host: Host, free: frozenset[int], count: int,
 def _build(host: Host, taken: Occupancy, r: Request, policy: Policy, gpus: tuple[int, ...],
            block: GpuBlock | None, slurm: tuple[int, ...] | None, reason: str) -> Placement:
     per_node: dict[int, list[int]] = {}
+    homeless = None   # computed once, only if some GPU's node is unknown
     for i in gpus:
         node = host.gpu(i).numa_node
-        per_node.setdefault(node if node is not None else _roomiest_node(host, taken, policy),
-                            []).append(i)
+        if node is None:
+            homeless = _roomiest_node(host, taken, policy) if homeless is None else homeless
+            node = homeless
+        per_node.setdefault(node, []).append(i)
     nodes = sorted(per_node)
-    cores_wanted = _split(r.vcpus, host.threads_per_core, nodes, per_node, host, policy,
-                          template_cores, "--vcpus", r.count)
+    cores_wanted = _split_cores(r.vcpus, nodes, per_node, host, policy, r.count)
     mem_wanted = _split_memory(r.memory_mib, nodes, per_node, host, policy, r.count)
 
     cells, vcpu = [], 0
@@ -239,19 +241,20 @@ def _roomiest_node(host: Host, taken: Occupancy, policy: Policy) -> int:
     return max(host.numa_nodes, key=lambda n: (free(n), -n.id)).id
 
 
-def _split(vcpus, tpc, nodes, per_node, host, policy, template, flag, count) -> dict[int, int]:
+def _split_cores(vcpus, nodes, per_node, host, policy, count) -> dict[int, int]:
     """Cores per node: the template, or ``vcpus`` spread over the nodes like the GPUs are."""
     if vcpus is None:
-        return {n: template(host, n, len(per_node[n]), policy) for n in nodes}
+        return {n: template_cores(host, n, len(per_node[n]), policy) for n in nodes}
+    tpc = host.threads_per_core
     if vcpus % tpc:
-        raise RequestError(reason=f"{flag} {vcpus} is not a multiple of {tpc}: VMs get whole "
+        raise RequestError(reason=f"--vcpus {vcpus} is not a multiple of {tpc}: VMs get whole "
                                   f"cores ({tpc} threads each)")
     cores = vcpus // tpc
     out = _proportional(cores, nodes, per_node)
     for n in nodes:
         cap = len(usable_cores(host, n, policy))
         if out[n] > cap:
-            raise RequestError(reason=f"{flag} {vcpus} is more than NUMA node(s) "
+            raise RequestError(reason=f"--vcpus {vcpus} is more than NUMA node(s) "
                                       f"{format_index_list(nodes)} can give a {count}-GPU VM "
                                       f"({sum(len(usable_cores(host, m, policy)) for m in nodes) * tpc}"
                                       " vCPUs at most)")

@@ -93,8 +93,7 @@ def discover(sysfs: SysfsRoot, *, machine: str | None = None,
                      "blocks containing it are not offered")
     nics, gpus = _nics(nic_devs, gpus)
     switches, sw_slot = _switches(profile, sw_devs, notes)
-    blocks = _blocks(profile.blocks(ids), {g.slot: g.index for g in gpus},
-                     sw_slot, profile)
+    blocks = _blocks(profile.blocks(ids), {g.slot: g.index for g in gpus}, sw_slot)
     return Host(machine=profile.key, display_name=profile.display_name, product_name=product,
                 match=match, simulated=simulated, nvswitch_model=profile.nvswitch_model,
                 numa_nodes=nodes, cores=cores, gpus=tuple(gpus), missing_gpus=missing,
@@ -177,16 +176,12 @@ def _resolve_numa_from_bridges(devices: list[_Pci], by_bdf: dict[str, _Pci], not
             for b in reversed(d.bridges):
                 up = by_bdf.get(b)
                 if up is not None and up.numa_source == "sysfs":
-                    d = devices[i] = _replace(d, numa_node=up.numa_node, numa_source="bridge")
+                    d = devices[i] = replace(d, numa_node=up.numa_node, numa_source="bridge")
                     break
         if d.numa_node is None:
             notes.append(f"{d.bdf}: numa_node is -1 and nothing else tells its node")
         elif d.cls >> 16 == CLASS_DISPLAY or d.cls >> 8 == CLASS_BRIDGE_OTHER:
             notes.append(f"{d.bdf}: numa_node is -1 in sysfs; node {d.numa_node} from {d.numa_source}")
-
-
-def _replace(d: _Pci, **kw) -> _Pci:
-    return replace(d, **kw)
 
 
 # -- catalog matching ------------------------------------------------------------------------------
@@ -260,7 +255,8 @@ def _switches(profile: MachineProfile, devs: list[_Pci], notes: list[str]):
                               board=profile.nvswitch_boards[min(slot_of[d.bdf],
                                                                 len(profile.nvswitch_boards) - 1)],
                               numa_node=d.numa_node) for d in devs)
-    missing = [bdf for bdf, i in ref.items() if i not in set(slot_of.values())]
+    present = set(slot_of.values())
+    missing = [bdf for bdf, i in ref.items() if i not in present]
     for bdf in missing:
         notes.append(f"NVSwitch {bdf} is missing from the PCI bus: blocks that need it are "
                      "not offered")
@@ -268,7 +264,7 @@ def _switches(profile: MachineProfile, devs: list[_Pci], notes: list[str]):
 
 
 def _blocks(blocks: tuple[CatalogBlock, ...], index_of_slot: dict[int, int],
-            switch_of_slot: dict[int, str], profile: MachineProfile) -> tuple[GpuBlock, ...]:
+            switch_of_slot: dict[int, str]) -> tuple[GpuBlock, ...]:
     out = []
     for b in blocks:
         if not all(s in index_of_slot for s in b.slots):
