@@ -5,6 +5,7 @@ Precedence: command-line option > environment variable > config file > default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -45,10 +46,45 @@ class LedgerConfig:
 
 
 @dataclass(frozen=True)
+class LibvirtConfig:
+    uri: str = "qemu:///system"
+    domain_type: str = "kvm"                  # kvm in production | qemu (TCG, no /dev/kvm)
+    machine_type: str = "q35"
+    network: str = "dgxvm"                    # the NAT network dgxvm owns
+    network_cidr: str = "10.213.0.0/24"       # its subnet; .1 is the host, VMs from .2
+    ready_timeout_s: float = 300.0            # start -> guest agent answers
+    shutdown_timeout_s: float = 60.0          # graceful shutdown, then destroy
+    fit_to_host: str = "auto"                 # auto | always | never (see etc/dgxvm.toml)
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    store: str = "/var/lib/dgxvm/images"
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    share: str = "virtiofs"                   # virtiofs | 9p | none: the job's work dir
+    data_disk_gib: int = 0                    # 0 = no data disk
+    fit_vcpus: int = 2                        # fit-to-host: at most this many vCPUs
+    fit_memory_mib: int = 512                 # fit-to-host: at most this much memory
+
+
+@dataclass(frozen=True)
+class FabricConfig:
+    fmpm: str = "fmpm"                        # Fabric Manager partition tool (shared-nvswitch)
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     host: HostConfig = field(default_factory=HostConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    vm: VmConfig = field(default_factory=VmConfig)
+    fabric: FabricConfig = field(default_factory=FabricConfig)
     path: str | None = None                   # the file it came from, for messages
 
     @property
@@ -65,7 +101,13 @@ class Config:
         return replace(self, host=host)
 
 
-_SECTIONS = {"host": HostConfig, "placement": PlacementConfig, "ledger": LedgerConfig}
+_SECTIONS = {"host": HostConfig, "placement": PlacementConfig, "ledger": LedgerConfig,
+             "libvirt": LibvirtConfig, "images": ImagesConfig, "vm": VmConfig,
+             "fabric": FabricConfig}
+
+DOMAIN_TYPES = ("kvm", "qemu")
+FIT_MODES = ("auto", "always", "never")
+SHARE_MODES = ("virtiofs", "9p", "none")
 
 
 def load(path: str | os.PathLike | None = None, *, required: bool = False) -> Config:
@@ -145,6 +187,29 @@ def _validate(cfg: Config, path: str) -> None:
         if getattr(p, key) < 0:
             raise ConfigError(path=path, reason=f"placement.{key} must be >= 0, "
                                                 f"not {getattr(p, key)}")
+    v = cfg.libvirt
+    for key, allowed in (("domain_type", DOMAIN_TYPES), ("fit_to_host", FIT_MODES)):
+        if getattr(v, key) not in allowed:
+            raise ConfigError(path=path, reason=f"libvirt.{key} {getattr(v, key)!r} is not one of "
+                                                f"{', '.join(allowed)}")
+    try:
+        net = ipaddress.ip_network(v.network_cidr)
+    except ValueError as exc:
+        raise ConfigError(path=path, reason=f"libvirt.network_cidr {v.network_cidr!r}: {exc}") from exc
+    if net.version != 4 or net.num_addresses < 8:
+        raise ConfigError(path=path, reason=f"libvirt.network_cidr {v.network_cidr!r} must be an "
+                                            f"IPv4 subnet of at least 8 addresses")
+    for key in ("ready_timeout_s", "shutdown_timeout_s"):
+        if getattr(v, key) <= 0:
+            raise ConfigError(path=path, reason=f"libvirt.{key} must be > 0, not {getattr(v, key)}")
+    if cfg.vm.share not in SHARE_MODES:
+        raise ConfigError(path=path, reason=f"vm.share {cfg.vm.share!r} is not one of "
+                                            f"{', '.join(SHARE_MODES)}")
+    for key in ("data_disk_gib", "fit_vcpus", "fit_memory_mib"):
+        if getattr(cfg.vm, key) < (0 if key == "data_disk_gib" else 1):
+            raise ConfigError(path=path, reason=f"vm.{key} is out of range: {getattr(cfg.vm, key)}")
+    if cfg.fabric.timeout_s <= 0:
+        raise ConfigError(path=path, reason=f"fabric.timeout_s must be > 0, not {cfg.fabric.timeout_s}")
     if cfg.ledger.lock_timeout_s <= 0:
         raise ConfigError(path=path, reason=f"ledger.lock_timeout_s must be > 0, "
                                             f"not {cfg.ledger.lock_timeout_s}")

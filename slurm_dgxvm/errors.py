@@ -10,6 +10,7 @@ Exit codes (stable, scripts may rely on them):
     3  the host cannot be read or is not what we expect (sysfs, catalog)
     4  no fit: the request is well formed but cannot be placed now
     5  state: the ledger is corrupt, locked too long, or in conflict
+    6  VM lifecycle: libvirt/QEMU refused or failed, or the guest never became ready
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ EXIT_BAD_INPUT = 2
 EXIT_HOST = 3
 EXIT_NO_FIT = 4
 EXIT_STATE = 5
+EXIT_VM = 6
 
 
 class DgxvmError(Exception):
@@ -69,6 +71,30 @@ class RequestError(BadInput):
     template = "{reason}"
 
 
+class NameError_(BadInput):
+    """A domain, image or other name given by a person that is not a safe identifier."""
+
+    template = "bad {kind} name {value!r}: {reason}"
+
+
+class ImageError(BadInput):
+    """An image that is missing, unreadable, corrupt, or cannot be installed/removed."""
+
+    template = "image {name}: {reason}"
+
+
+class ImageInUse(ImageError):
+    template = "image {name} is in use by {users}; delete those VMs first"
+
+
+class DomainExists(BadInput):
+    template = "domain {name} already exists{where}"
+
+
+class DomainNotFound(BadInput):
+    template = "no dgxvm domain named {name}"
+
+
 # -- the host --------------------------------------------------------------------------------------
 class HostError(DgxvmError):
     template = "host: {reason}"
@@ -87,6 +113,41 @@ class TopologyError(HostError):
 
 class SimulateError(HostError):
     template = "simulate: {reason}"
+
+
+class SeedError(HostError):
+    """Building a per-VM NoCloud seed or key failed (tool output attached)."""
+
+    template = "seed for {name}: {reason}"
+
+
+class FabricError(HostError):
+    """Fabric Manager partition (fmpm) activation/deactivation failed."""
+
+    template = "fabric manager partition {partition}: {reason}"
+
+
+class DiskError(HostError):
+    """A per-VM disk (overlay, data disk) could not be created."""
+
+    template = "disk {path}: {reason}"
+
+
+# -- the VM lifecycle ------------------------------------------------------------------------------
+class VmError(DgxvmError):
+    template = "vm {name}: {reason}"
+    exit_code = EXIT_VM
+
+
+class HypervisorError(VmError):
+    """libvirtd is unreachable or refused an operation."""
+
+    template = "libvirt ({uri}): {reason}"
+
+
+class GuestTimeout(VmError):
+    template = ("vm {name}: guest not ready after {timeout:g}s ({reason}); "
+                "serial console tail:\n{tail}")
 
 
 # -- placement -------------------------------------------------------------------------------------
