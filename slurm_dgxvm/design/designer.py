@@ -1,0 +1,187 @@
+"""Design: turn a placement, an image profile and a VM's identity into a frozen DomainSpec.
+
+Every decision about the domain's shape lives here (Nova's ``designer.py`` is the model); the
+templates only serialise. Worked example: 4 GPUs on a DGX-2 placed on NUMA node 0, CPUs
+1-11,49-59 -> 22 vCPUs in one guest cell (sockets=1, cores=11, threads=2, each vCPU pair pinned
+to one host core's two threads), numatune strict on node 0, 1 GiB hugepages, the 4 GPUs and
+their 3 NVSwitches each on a root port behind one pxb-pcie bound to guest cell 0, emulator and
+I/O threads on the node's host-reserved core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from ..placement.model import Placement
+from ..topology.model import Host
+from .spec import (Boot, Disk, DomainSpec, Expander, Filesystem, GuestCell, HostDev, Interface,
+                   Metadata, RootPort, VcpuPin)
+
+# 64-bit MMIO window per GPU, GiB: the GPU's BAR1 rounded up with room for the rest. V100 32 GB
+# has a 32 GiB BAR1, A100 80 GB and H100 80 GB have 128 GiB BAR1 [DOC: nvidia-smi -q "BAR1
+# Memory Usage"]. Too small a window and the guest driver cannot map the GPU.
+MMIO_GIB_PER_GPU = {"dgx2": 64, "dgx-a100": 256, "dgx-h100": 256}
+DEFAULT_MMIO_GIB_PER_GPU = 256
+PREALLOC_MIN_MIB = 16 * 1024       # preallocate bigger guests with parallel threads
+MAX_QUEUES = 8                     # virtio-net / virtio-blk queues
+IOTHREADS = 1
+ROOT_PORTS_FIRST_SLOT = 0
+
+
+@dataclass(frozen=True)
+class VmInputs:
+    """Who the VM is and where its files are (decided by the lifecycle)."""
+
+    name: str
+    uuid: str
+    owner: str                 # job | domain
+    job_id: int | None
+    user: str | None
+    os_disk: str
+    seed: str
+    data_disk: str | None
+    console_log: str
+    network: str
+    mac: str
+    share: str                 # virtiofs | 9p | none
+    workdir: str | None
+
+
+def mac_for(name: str) -> str:
+    """A stable locally-administered MAC for a domain name (QEMU's 52:54:00 prefix)."""
+    h = hashlib.sha256(name.encode()).digest()
+    return "52:54:00:%02x:%02x:%02x" % (h[0], h[1], h[2])
+
+
+def share_tag(path: str) -> str:
+    """The virtiofs/9p tag of a shared directory: short (<= 36 chars) and free of odd bytes."""
+    return "dgxvm-" + hashlib.sha256(path.encode()).hexdigest()[:16]
+
+
+def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type: str,
+           machine_type: str = "q35") -> DomainSpec:
+    """The domain for ``placement`` booting ``image`` as ``vm``.
+
+    ``image`` is an :class:`slurm_dgxvm.images.Image` (name, version, path, format, kernel,
+    initrd, cmdline). Raises nothing: the placement is already valid for ``host``.
+    """
+    threads = host.threads_per_core
+    if any(len(c.cpus) % threads for c in placement.cells):
+        threads = 1
+    vcpus = placement.vcpus
+    even = len({len(c.cpus) for c in placement.cells}) == 1
+    sockets = len(placement.cells) if even else 1
+    cores = vcpus // (sockets * threads)
+
+    cells = tuple(GuestCell(id=i, host_node=c.host_node, vcpus=c.vcpus, memory_mib=c.memory_mib)
+                  for i, c in enumerate(placement.cells))
+    pins = tuple(VcpuPin(vcpu=v, cpus=(cpu,))
+                 for c in placement.cells for v, cpu in zip(c.vcpus, c.cpus))
+
+    expanders, ports, hostdevs = _pcie_layout(host, placement)
+    gpu_count = len(placement.gpus)
+    mmio = MMIO_GIB_PER_GPU.get(host.machine, DEFAULT_MMIO_GIB_PER_GPU)
+    shared = vm.share == "virtiofs" and vm.workdir is not None
+    queues = max(1, min(vcpus, MAX_QUEUES))
+
+    disks = [Disk(target="vda", path=vm.os_disk, format="qcow2", serial="dgxvm-os",
+                  cache="none", io="native", discard="unmap", queues=queues, iothread=1)]
+    disks.append(Disk(target="vdb", path=vm.seed, format="raw", serial="cidata", readonly=True))
+    if vm.data_disk:
+        disks.append(Disk(target="vdc", path=vm.data_disk, format="qcow2", serial="dgxvm-data",
+                          cache="none", io="native", discard="unmap", queues=queues, iothread=1))
+    filesystems = ()
+    if vm.workdir and vm.share != "none":
+        filesystems = (Filesystem(driver=vm.share, source=vm.workdir, tag=share_tag(vm.workdir)),)
+
+    boot = Boot(kernel=image.kernel, initrd=image.initrd, cmdline=image.cmdline)
+    who = f"job {vm.job_id}" if vm.job_id is not None else "admin"
+    return DomainSpec(
+        name=vm.name,
+        uuid=vm.uuid,
+        title=f"dgxvm: {gpu_count} GPU(s) {_gpus(placement)} on {host.display_name}, {who}",
+        domain_type=domain_type,
+        machine_type=machine_type,
+        vcpus=vcpus, sockets=sockets, cores=cores, threads=threads,
+        cpu_mode="host-passthrough" if domain_type == "kvm" else None,
+        cells=cells,
+        memory_mib=placement.memory_mib,
+        vcpupins=pins,
+        emulator_cpus=placement.emulator_cpus,
+        iothreads=IOTHREADS,
+        iothread_cpus=placement.emulator_cpus,
+        numa_nodes=placement.numa_nodes,
+        hugepage_kib=placement.hugepage_kib,
+        memory_shared=shared,
+        memory_source="memfd" if shared and placement.hugepage_kib is None else None,
+        prealloc_threads=(min(16, max(1, vcpus // 2))
+                          if placement.memory_mib >= PREALLOC_MIN_MIB else None),
+        pcihole64_gib=_pow2(mmio * gpu_count) if gpu_count else None,
+        expanders=expanders,
+        root_ports=ports,
+        hostdevs=hostdevs,
+        boot=boot,
+        disks=tuple(disks),
+        interfaces=(Interface(network=vm.network, mac=vm.mac, queues=queues),),
+        filesystems=filesystems,
+        console_log=vm.console_log,
+        metadata=Metadata(owner=vm.owner, job_id=vm.job_id, user=vm.user,
+                          machine=placement.machine, gpus=placement.gpus,
+                          slurm_gpus=placement.slurm_gpus, image=image.name,
+                          image_version=image.version),
+    )
+
+
+def _gpus(p: Placement) -> str:
+    from ..ranges import format_index_list
+    return format_index_list(p.gpus)
+
+
+def _pow2(n: int) -> int:
+    out = 1
+    while out < n:
+        out *= 2
+    return out
+
+
+def _pcie_layout(host: Host, p: Placement):
+    """One pxb-pcie per guest cell, one root port per passed-through device behind the pxb of
+    the cell its device is nearest to. NVSwitches go with the cell of their baseboard's GPUs.
+
+    Controller indices grow from 1 in parent-before-child order (libvirt requires it); each
+    pxb gets a window of bus numbers high above pcie-root's own buses (0x80 and up), wide
+    enough for its root ports.
+    """
+    if not p.gpus and not p.nvswitches:
+        return (), (), ()
+    cell_of_gpu = {g: i for i, c in enumerate(p.cells) for g in c.gpus}
+    per_cell: dict[int, list[tuple[str, str, str]]] = {i: [] for i in range(len(p.cells))}
+    boards: dict[int, int] = {}
+    for gi, pci in zip(p.gpus, p.gpu_pcis):
+        cell = cell_of_gpu.get(gi, 0)
+        per_cell[cell].append((pci, "gpu", f"ua-gpu{gi}"))
+        boards.setdefault(host.gpu(gi).board, cell)
+    board_of_switch = {s.pci: s.board for s in host.nvswitches}
+    for pci in p.nvswitches:
+        cell = boards.get(board_of_switch.get(pci, 0), 0)
+        per_cell[cell].append((pci, "nvswitch", "ua-nvswitch-" + pci.split(":")[1]))
+
+    ncells = len(p.cells)
+    step = 0x80 // ncells
+    expanders, ports, devs = [], [], []
+    index, chassis = 1, 1
+    for cell in range(ncells):
+        members = per_cell[cell]
+        if not members:
+            continue
+        pxb = Expander(index=index, bus_nr=0x80 + cell * step, cell=cell, slot=0x10 + cell)
+        expanders.append(pxb)
+        index += 1
+        for slot, (pci, kind, alias) in enumerate(members, start=ROOT_PORTS_FIRST_SLOT):
+            port = RootPort(index=index, bus=pxb.index, slot=slot, chassis=chassis)
+            ports.append(port)
+            devs.append(HostDev(pci=pci, kind=kind, alias=alias, bus=port.index))
+            index += 1
+            chassis += 1
+    return tuple(expanders), tuple(ports), tuple(devs)

@@ -1,0 +1,210 @@
+"""The domain design and its XML: golden files per machine and VM size (compared by structure),
+libvirt's schema (virt-xml-validate), and libvirt itself (the test:///default driver).
+
+Regenerate the golden files after an intended change with DGXVM_REGEN_GOLDEN=1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import SimpleNamespace
+
+import libvirt
+import pytest
+
+from slurm_dgxvm.design import RealHost, VmInputs, design, domain_xml, fit_to_host, mac_for
+from slurm_dgxvm.placement import EMPTY, Policy, Request, place
+from slurm_dgxvm.ranges import format_index_list
+from slurm_dgxvm.topology import SysfsRoot, discover
+
+GOLDEN = Path(__file__).parent.parent / "golden" / "domains"
+NS = {"dgxvm": "https://slurm-dgxvm.invalid/xmlns/vm/1"}
+SIZES = {"dgx2": (1, 2, 4, 8, 16), "dgx-a100": (1, 2, 4, 8), "dgx-h100": (1, 2, 4, 8)}
+CASES = [(m, n) for m, sizes in SIZES.items() for n in sizes]
+
+IMAGE = SimpleNamespace(name="testguest", version="0123456789ab", path="/images/t/disk.qcow2",
+                        format="qcow2", kernel="/images/t/vmlinuz", initrd="/images/t/initrd.img",
+                        cmdline="console=ttyS0 root=/dev/vda rw")
+
+
+def vm_inputs(name="vm1", workdir="/home/alice/run", share="virtiofs", data=False):
+    d = f"/var/lib/dgxvm/vms/{name}"
+    return VmInputs(name=name, uuid="6f1d7d3c-0000-4000-8000-000000000001", owner="job",
+                    job_id=4242, user="alice", os_disk=f"{d}/os.qcow2", seed=f"{d}/seed.iso",
+                    data_disk=f"{d}/data.qcow2" if data else None, console_log=f"{d}/console.log",
+                    network="dgxvm", mac=mac_for(name), share=share, workdir=workdir)
+
+
+def spec_for(host, count, **kw):
+    p = place(host, EMPTY, Request(count=count), Policy())
+    return p, design(host, p, IMAGE, vm_inputs(**kw), domain_type="kvm")
+
+
+def canonical(xml: str) -> str:
+    return ET.canonicalize(xml, strip_text=True)
+
+
+@pytest.fixture(scope="module")
+def hosts(trees):
+    return {m: discover(SysfsRoot(str(trees[m]))) for m in SIZES}
+
+
+@pytest.fixture(scope="module")
+def conn():
+    c = libvirt.open("test:///default")
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("machine,count", CASES)
+def test_domain_matches_golden_file(hosts, machine, count):
+    _, spec = spec_for(hosts[machine], count)
+    xml = domain_xml(spec)
+    golden = GOLDEN / f"{machine}-{count}gpu.xml"
+    if os.environ.get("DGXVM_REGEN_GOLDEN"):
+        golden.write_text(xml)
+    assert canonical(xml) == canonical(golden.read_text())
+
+
+@pytest.mark.parametrize("machine,count", CASES)
+def test_domain_validates_and_defines_on_libvirt(hosts, machine, count, tmp_path, conn):
+    _, spec = spec_for(hosts[machine], count, name=f"v-{machine}-{count}")
+    for s in (spec, fit_to_host(spec, RealHost(cpus=(0, 1), numa_nodes=(0,), hugepages_kib=()),
+                                max_vcpus=2, max_memory_mib=512)[0]):
+        xml = domain_xml(s)
+        f = tmp_path / "dom.xml"
+        f.write_text(xml)
+        r = subprocess.run(["virt-xml-validate", str(f), "domain"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr + r.stdout
+        dom = conn.defineXML(xml)
+        try:
+            assert dom.name() == s.name
+            defined = ET.fromstring(dom.XMLDesc())
+            assert len(defined.findall("./devices/hostdev")) == len(s.hostdevs)
+        finally:
+            dom.undefine()
+
+
+def test_dgx2_four_gpus_pins_to_one_node_with_its_nvswitches(hosts):
+    host = hosts["dgx2"]
+    p, spec = spec_for(host, 4)
+    root = ET.fromstring(domain_xml(spec))
+    node = p.numa_nodes[0]
+    node_cpus = set(host.node(node).cpus)
+    pins = root.findall("./cputune/vcpupin")
+    assert len(pins) == p.vcpus == int(root.findtext("vcpu"))
+    assert {int(x.get("cpuset")) for x in pins} == set(p.cpus) <= node_cpus
+    emul = root.find("./cputune/emulatorpin").get("cpuset")
+    assert emul == format_index_list(p.emulator_cpus)
+    assert not set(p.emulator_cpus) & set(p.cpus)     # QEMU's threads never share a vCPU core
+    assert root.find("./numatune/memory").attrib == {"mode": "strict", "nodeset": str(node)}
+    hostdevs = root.findall("./devices/hostdev")
+    assert all(h.attrib == {"mode": "subsystem", "type": "pci", "managed": "yes"} for h in hostdevs)
+    srcs = [h.find("./source/address") for h in hostdevs]
+    got = {f"{a.get('domain')[2:]}:{a.get('bus')[2:]}:{a.get('slot')[2:]}.{a.get('function')[2:]}"
+           for a in srcs}
+    assert got == set(p.gpu_pcis) | set(p.nvswitches)
+    assert len(p.nvswitches) == 3
+    page = root.find("./memoryBacking/hugepages/page")
+    assert page.get("size") == "1048576"
+    # the GPUs sit behind a pxb-pcie bound to guest NUMA cell 0
+    pxb = root.find("./devices/controller[@model='pcie-expander-bus']")
+    assert pxb.find("./target/node").text == "0"
+
+
+def test_block_spanning_two_nodes_gets_two_guest_cells_and_expanders(hosts):
+    host = hosts["dgx-a100"]
+    p, spec = spec_for(host, 4)
+    assert len(p.cells) == 2   # A100 4-GPU blocks span NUMA nodes 1 and 3 (NPS4)
+    root = ET.fromstring(domain_xml(spec))
+    cells = root.findall("./cpu/numa/cell")
+    assert len(cells) == 2
+    memnodes = {m.get("cellid"): m.get("nodeset") for m in root.findall("./numatune/memnode")}
+    assert memnodes == {"0": str(p.cells[0].host_node), "1": str(p.cells[1].host_node)}
+    pxbs = root.findall("./devices/controller[@model='pcie-expander-bus']")
+    assert sorted(x.find("./target/node").text for x in pxbs) == ["0", "1"]
+    # every GPU hangs off a root port whose parent is the pxb of its own cell
+    ports = {c.get("index"): c.find("./address").get("bus")
+             for c in root.findall("./devices/controller[@model='pcie-root-port']")}
+    pxb_cell = {f"0x{int(x.get('index')):02x}": x.find("./target/node").text for x in pxbs}
+    for cell, c in enumerate(p.cells):
+        for gi in c.gpus:
+            h = root.find(f"./devices/hostdev/alias[@name='ua-gpu{gi}']/..")
+            port = str(int(h.find("./address").get("bus"), 16))
+            assert pxb_cell[ports[port]] == str(cell)
+
+
+def test_h100_shared_nvswitch_passes_gpus_only(hosts):
+    p, spec = spec_for(hosts["dgx-h100"], 8)
+    assert p.fm_partition is not None
+    assert {h.kind for h in spec.hostdevs} == {"gpu"}
+
+
+def test_metadata_names_the_job_and_gpus(hosts):
+    p, spec = spec_for(hosts["dgx2"], 2)
+    root = ET.fromstring(domain_xml(spec))
+    vm = root.find("./metadata/dgxvm:vm", NS)
+    assert vm.findtext("dgxvm:job", namespaces=NS) == "4242"
+    assert vm.findtext("dgxvm:user", namespaces=NS) == "alice"
+    assert vm.find("dgxvm:image", NS).attrib == {"name": "testguest", "version": "0123456789ab"}
+
+
+def test_workdir_is_shared_with_virtiofs_and_shared_memory(hosts):
+    _, spec = spec_for(hosts["dgx2"], 1, workdir="/scratch/alice")
+    root = ET.fromstring(domain_xml(spec))
+    fs = root.find("./devices/filesystem")
+    assert fs.find("driver").get("type") == "virtiofs"
+    assert fs.find("source").get("dir") == "/scratch/alice"
+    assert root.find("./memoryBacking/access").get("mode") == "shared"
+    _, spec9 = spec_for(hosts["dgx2"], 1, share="9p")
+    fs9 = ET.fromstring(domain_xml(spec9)).find("./devices/filesystem")
+    assert fs9.find("driver").get("type") == "path"
+    _, none = spec_for(hosts["dgx2"], 1, share="none")
+    assert ET.fromstring(domain_xml(none)).find("./devices/filesystem") is None
+
+
+@pytest.mark.parametrize("hostile", [
+    '/home/a"b/<x>&y', "/home/x'/]]>", "/tmp/</source><hostdev/>",
+])
+def test_hostile_strings_cannot_change_the_document(hosts, hostile):
+    p = place(hosts["dgx2"], EMPTY, Request(count=1), Policy())
+    img = SimpleNamespace(**{**IMAGE.__dict__, "cmdline": hostile + " </cmdline><x/>"})
+    spec = design(hosts["dgx2"], p, img, vm_inputs(workdir=hostile), domain_type="kvm")
+    root = ET.fromstring(domain_xml(spec))
+    assert root.find("./devices/filesystem/source").get("dir") == hostile
+    assert root.findtext("./os/cmdline") == hostile + " </cmdline><x/>"
+    assert root.find("./x") is None and root.find("./os/x") is None
+    assert len(root.findall("./devices/hostdev")) == 1
+
+
+def test_fit_to_host_lists_every_change(hosts):
+    _, spec = spec_for(hosts["dgx2"], 16)
+    fitted, changes = fit_to_host(spec, RealHost(cpus=(0, 1), numa_nodes=(0,), hugepages_kib=()),
+                                  max_vcpus=2, max_memory_mib=512)
+    text = "\n".join(changes)
+    assert "16 GPU(s)" in text and "12 NVSwitch(es)" in text
+    assert "vCPUs 92 in 2 guest NUMA cell(s) -> 2 in 1" in text
+    assert "hugepages" in text and "numatune" in text and "memory" in text
+    assert fitted.hostdevs == () and fitted.expanders == () and fitted.pcihole64_gib is None
+    assert fitted.vcpus == 2 and fitted.memory_mib == 512 and fitted.hugepage_kib is None
+    assert {c for p in fitted.vcpupins for c in p.cpus} <= {0, 1}
+    assert fitted.memory_source == "memfd"       # virtiofs still has shared memory
+    assert fitted.metadata.fitted == changes
+    root = ET.fromstring(domain_xml(fitted))
+    assert [e.text for e in root.findall("./metadata/dgxvm:vm/dgxvm:fitted", NS)] == list(changes)
+
+
+def test_fit_to_a_host_that_has_everything_changes_nothing(hosts):
+    host = hosts["dgx2"]
+    p, spec = spec_for(host, 1)
+    real = RealHost(cpus=tuple(range(96)), numa_nodes=(0, 1), hugepages_kib=(1048576,))
+    s = spec
+    s = s.__class__(**{**s.__dict__, "hostdevs": ()})  # passthrough already absent
+    fitted, changes = fit_to_host(s, real, max_vcpus=1000, max_memory_mib=10 ** 9)
+    assert changes == ()
+    assert fitted.vcpupins == s.vcpupins and fitted.numa_nodes == s.numa_nodes
+
+
