@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 
 import pytest
 
@@ -331,9 +330,3 @@ def test_a_previous_simulated_tree_is_replaced(tmp_path):
 def test_a_description_object_renders_like_its_key(tmp_path):
     root = SysfsRoot(render(DGX_A100, tmp_path / "r"))
     assert root.simulated()["machine"] == "dgx-a100"
-
-
-def test_dgx_a100_renders_in_under_a_second(tmp_path):
-    start = time.perf_counter()
-    render("dgx-a100", tmp_path / "r")
-    assert time.perf_counter() - start < 1.0
