@@ -1,0 +1,272 @@
+"""Per-VM NoCloud seed (an ISO9660 image labelled ``cidata``) and SSH keys.
+
+The seed tells a guest who it is: its hostname, the one user a job runs as (name, uid, primary
+gid, home), the public keys that may log in as that user, the SSH host key its sshd must present
+(the host pins the public half in a known_hosts file, so the first connection is already
+verified), and the host directories shared into it (virtiofs or 9p tags and guest paths).
+
+Layout of the ISO (volume label ``cidata``, Joliet and Rock Ridge)::
+
+    meta-data                       NoCloud: instance-id, local-hostname
+    user-data                       NoCloud: a #cloud-config for images that run cloud-init
+    dgxvm/hostname                  one line
+    dgxvm/user                      one line: "name uid gid home"
+    dgxvm/authorized_keys           OpenSSH public key lines
+    dgxvm/ssh_host_ed25519_key      the OpenSSH private host key (mode 0600 in the image)
+    dgxvm/ssh_host_ed25519_key.pub  its public line
+    dgxvm/mounts                    one line per share: "tag path fstype" (may be empty)
+
+Why ``dgxvm/`` as well: real cloud images apply ``user-data`` with cloud-init, but the small test
+guest (guest-image/) has no cloud-init and no YAML parser, only busybox sh. It reads the same
+facts from these plain files, one value per whitespace-separated field; every value is
+validated here (no whitespace, no newlines), so that reading them with ``read -r`` is safe. Both
+forms are written from one :class:`SeedSpec`, so they cannot disagree.
+
+``user-data`` is YAML written by hand: every string scalar is ``json.dumps``-quoted (a JSON
+string is a valid YAML double-quoted scalar), so no YAML library is needed and no value can
+break the document's structure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SeedError
+
+FSTYPES = ("virtiofs", "9p")
+NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
+
+# All used with fullmatch ("$" would accept a trailing newline).
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_TAG = re.compile(r"[A-Za-z0-9_.-]{1,36}")
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_PRIVATE_KEY = re.compile(r"-----BEGIN OPENSSH PRIVATE KEY-----\n[A-Za-z0-9+/=\n]+"
+                          r"-----END OPENSSH PRIVATE KEY-----\n?")
+
+
+def _bad(name: str, what: str, value: object, why: str) -> SeedError:
+    return SeedError(name=name, reason=f"bad {what} {value!r}: {why}", value=value)
+
+
+def _check_path(name: str, what: str, value: object) -> None:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _bad(name, what, value, "must be an absolute path")
+    if any(c.isspace() for c in value) or "\0" in value:
+        raise _bad(name, what, value, "must not contain whitespace")
+    if ".." in value.split("/"):
+        raise _bad(name, what, value, "must not contain '..'")
+
+
+def _check_line(name: str, what: str, value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(name, what, value, "must be a non-empty string")
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise _bad(name, what, value, "must be a single line")
+
+
+@dataclass(frozen=True)
+class Mount:
+    tag: str        # virtiofs/9p tag
+    path: str       # absolute path in the guest (same as on the host)
+    fstype: str     # "virtiofs" | "9p"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tag, str) or not _TAG.fullmatch(self.tag):
+            raise _bad(self.tag, "mount tag", self.tag, "must match [A-Za-z0-9_.-]{1,36}")
+        _check_path(self.tag, "mount path", self.path)
+        if self.fstype not in FSTYPES:
+            raise _bad(self.tag, "mount fstype", self.fstype, f"must be one of {FSTYPES}")
+
+
+@dataclass(frozen=True)
+class SeedSpec:
+    instance_id: str
+    hostname: str
+    user_name: str
+    uid: int
+    gid: int
+    home: str                         # e.g. /home/<user>
+    authorized_keys: tuple[str, ...]  # OpenSSH public key lines
+    host_key_private: str             # OpenSSH private key text (ed25519) the guest's sshd uses
+    host_key_public: str              # its public line, pinned in known_hosts on the host
+    mounts: tuple[Mount, ...] = ()
+
+    def __post_init__(self) -> None:
+        name = self.hostname if isinstance(self.hostname, str) else repr(self.hostname)
+        if not isinstance(self.instance_id, str) or \
+                not _INSTANCE_ID.fullmatch(self.instance_id):
+            raise _bad(name, "instance id", self.instance_id,
+                       "must match [A-Za-z0-9_.:-]{1,128}")
+        if not isinstance(self.hostname, str) or not _DNS_LABEL.fullmatch(self.hostname):
+            raise _bad(name, "hostname", self.hostname, "must be a DNS label (1-63 letters, "
+                       "digits and '-', not starting or ending with '-')")
+        if not isinstance(self.user_name, str) or not _USER.fullmatch(self.user_name):
+            raise _bad(name, "user name", self.user_name, "must match [a-z_][a-z0-9_-]{0,31}")
+        for what in ("uid", "gid"):
+            value = getattr(self, what)
+            if type(value) is not int or value < 0:  # bool is an int: refuse it too
+                raise _bad(name, what, value, "must be an integer >= 0")
+        _check_path(name, "home", self.home)
+        if isinstance(self.authorized_keys, (str, bytes)) or not self.authorized_keys:
+            raise _bad(name, "authorized_keys", self.authorized_keys,
+                       "must be a non-empty tuple of public key lines")
+        for key in self.authorized_keys:
+            _check_line(name, "authorized key", key)
+        _check_line(name, "host public key", self.host_key_public)
+        if not isinstance(self.host_key_private, str) or \
+                not _PRIVATE_KEY.fullmatch(self.host_key_private):
+            raise _bad(name, "host private key", "<redacted>",
+                       "must be an OpenSSH private key (BEGIN OPENSSH PRIVATE KEY)")
+        tags = set()
+        for mount in self.mounts:
+            if not isinstance(mount, Mount):
+                raise _bad(name, "mount", mount, "must be a Mount")
+            if mount.tag in tags:
+                raise _bad(name, "mount tag", mount.tag, "used twice")
+            tags.add(mount.tag)
+
+
+def generate_keypair(path: Path, comment: str) -> str:
+    """``ssh-keygen -t ed25519 -N '' -C comment -f path``; returns the public line.
+
+    ``path`` is left 0600 and ``path.pub`` 0644. An existing ``path`` or ``path.pub`` is an
+    error (ssh-keygen would ask before overwriting; a key is never replaced silently): remove
+    them first to make a new key. Raises :class:`SeedError` naming the path, with ssh-keygen's
+    stderr.
+    """
+    path = Path(path)
+    pub = path.with_name(path.name + ".pub")
+    if not isinstance(comment, str) or "\n" in comment or "\r" in comment:
+        raise SeedError(name=str(path), reason=f"bad key comment {comment!r}: one line only")
+    for p in (path, pub):
+        if p.exists() or p.is_symlink():
+            raise SeedError(name=str(path), reason=f"{p} already exists; remove it first")
+    try:
+        proc = subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        raise SeedError(name=str(path), reason="ssh-keygen not found in PATH") from None
+    if proc.returncode != 0:
+        raise SeedError(name=str(path), reason=f"ssh-keygen failed (exit {proc.returncode}): "
+                        f"{(proc.stderr or proc.stdout).strip()[-1000:]}")
+    try:
+        os.chmod(path, 0o600)
+        os.chmod(pub, 0o644)
+        line = pub.read_text().strip()
+    except OSError as exc:
+        raise SeedError(name=str(path), reason=f"ssh-keygen left no usable key: {exc}") from None
+    return line
+
+
+def _q(value: str) -> str:
+    return json.dumps(value)
+
+
+def meta_data(spec: SeedSpec) -> str:
+    return (f"instance-id: {_q(spec.instance_id)}\n"
+            f"local-hostname: {_q(spec.hostname)}\n")
+
+
+def user_data(spec: SeedSpec) -> str:
+    """A ``#cloud-config`` applying the same facts as the ``dgxvm/`` files.
+
+    The primary group is created by ``bootcmd`` (which runs before the users module) with the
+    user's name and ``spec.gid`` (``-o``: even if another group already has that gid), then
+    named as the user's ``primary_group``.
+    """
+    groupadd = (f"getent group {spec.user_name} >/dev/null || "
+                f"groupadd -o -g {spec.gid} {spec.user_name}")
+    lines = ["#cloud-config",
+             f"hostname: {_q(spec.hostname)}",
+             "preserve_hostname: false",
+             "manage_etc_hosts: true",
+             "bootcmd:",
+             f"  - [\"sh\", \"-c\", {_q(groupadd)}]",
+             "users:",
+             f"  - name: {_q(spec.user_name)}",
+             f"    uid: {spec.uid}",
+             f"    primary_group: {_q(spec.user_name)}",
+             "    no_user_group: true",
+             f"    homedir: {_q(spec.home)}",
+             f"    shell: {_q('/bin/sh')}",
+             "    lock_passwd: true",
+             "    ssh_authorized_keys:",
+             *(f"      - {_q(key)}" for key in spec.authorized_keys),
+             "disable_root: true",
+             "ssh_pwauth: false",
+             "ssh_deletekeys: true",
+             "ssh_genkeytypes: []",
+             "ssh_keys:",
+             f"  ed25519_private: {_q(spec.host_key_private)}",
+             f"  ed25519_public: {_q(spec.host_key_public)}"]
+    if spec.mounts:
+        lines.append("mounts:")
+        for m in spec.mounts:
+            opts = f"{NINEP_OPTIONS},nofail" if m.fstype == "9p" else "defaults,nofail"
+            lines.append(f"  - [{_q(m.tag)}, {_q(m.path)}, {_q(m.fstype)}, {_q(opts)}, "
+                         f"\"0\", \"0\"]")
+    return "\n".join(lines) + "\n"
+
+
+def _plain_files(spec: SeedSpec) -> dict[str, tuple[str, int]]:
+    """``{relative path: (text, mode)}`` of the dgxvm/ directory."""
+    private = spec.host_key_private if spec.host_key_private.endswith("\n") \
+        else spec.host_key_private + "\n"
+    return {
+        "dgxvm/hostname": (spec.hostname + "\n", 0o644),
+        "dgxvm/user": (f"{spec.user_name} {spec.uid} {spec.gid} {spec.home}\n", 0o644),
+        "dgxvm/authorized_keys": ("".join(k.strip() + "\n" for k in spec.authorized_keys),
+                                  0o644),
+        "dgxvm/ssh_host_ed25519_key": (private, 0o600),
+        "dgxvm/ssh_host_ed25519_key.pub": (spec.host_key_public.strip() + "\n", 0o644),
+        "dgxvm/mounts": ("".join(f"{m.tag} {m.path} {m.fstype}\n" for m in spec.mounts),
+                         0o644),
+    }
+
+
+def write_seed(spec: SeedSpec, out: Path, *, name: str) -> Path:
+    """Write the seed ISO to ``out`` (atomically, mode 0600); returns ``out``.
+
+    The tree is staged in a private directory next to ``out`` (removed whatever happens) and
+    ``xorriso -as mkisofs`` writes the image there; it replaces ``out`` only when complete.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise SeedError(name=name, reason=f"directory {out.parent} does not exist")
+    files = {"meta-data": (meta_data(spec), 0o644), "user-data": (user_data(spec), 0o644),
+             **_plain_files(spec)}
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".seed", dir=out.parent))
+    try:
+        tree = staging / "tree"
+        (tree / "dgxvm").mkdir(parents=True)
+        for rel, (text, mode) in files.items():
+            path = tree / rel
+            path.write_text(text)
+            os.chmod(path, mode)
+        iso = staging / "seed.iso"
+        cmd = ["xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-J", "-R",
+               "-o", str(iso), str(tree)]
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        except FileNotFoundError:
+            raise SeedError(name=name, reason="xorriso not found in PATH") from None
+        if proc.returncode != 0 or not iso.is_file():
+            tail = (proc.stderr or proc.stdout).strip()[-1500:]
+            raise SeedError(name=name, reason=f"xorriso failed (exit {proc.returncode}): {tail}")
+        os.chmod(iso, 0o600)
+        os.replace(iso, out)
+    except OSError as exc:
+        raise SeedError(name=name, reason=f"cannot write {out}: {exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
