@@ -1,0 +1,1 @@
+"""Test, demo and benchmark harnesses (not part of the installed package)."""

@@ -1,0 +1,562 @@
+"""A local, throw-away libvirt stack (virtlogd + libvirtd) inside a network namespace.
+
+For integration tests, the demo and benchmarks::
+
+    with LibvirtStack(run_dir) as stack:
+        conn = libvirt.open(stack.uri)          # qemu:///system, served by our libvirtd
+        ...
+
+What it does (see harness/README.md for the why):
+
+* refuses to start when a libvirtd or virtlogd is already running or answering: only one
+  system libvirtd can exist (fixed socket and pid-file paths), and the harness never stops a
+  daemon it did not start;
+* creates the network namespace ``netns`` and runs ``virtlogd`` and ``libvirtd`` in the
+  foreground inside it (``ip netns exec NS ...``), as children of this process, so the bridges,
+  dnsmasq, nftables rules and guest NICs of every libvirt network live in that namespace only;
+* optionally installs a qemu hook script (``/etc/libvirt/hooks/qemu``) before libvirtd starts;
+* ``stop()`` destroys every running domain and active network, stops both daemons by PID, kills
+  by PID any QEMU or dnsmasq of this stack that survived, deletes the namespace, restores the
+  hook. Persistent domains and networks are NOT undefined: tests undefine what they define.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import libvirt
+
+LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
+VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
+PID_FILES = {"libvirtd": Path("/run/libvirtd.pid"), "virtlogd": Path("/run/virtlogd.pid")}
+QEMU_PID_DIR = Path("/run/libvirt/qemu")
+# libvirt 9.0 writes dnsmasq's pid file under /run/libvirt/network; older releases used
+# /var/lib/libvirt/dnsmasq. Both are read.
+DNSMASQ_PID_DIRS = (Path("/run/libvirt/network"), Path("/var/lib/libvirt/dnsmasq"))
+HOOK_PATH = Path("/etc/libvirt/hooks/qemu")
+# Held (flock) for a stack's lifetime: two harness users cannot race on the namespace.
+LOCK_PATH = Path("/run/dgxvm-libvirt-harness.lock")
+KVM_DEVICE = Path("/dev/kvm")
+KVM_MAJOR, KVM_MINOR = 10, 232
+KVM_GROUP = "kvm"
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (zombies are dead for our purposes)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    # field 3, after the parenthesised comm (which may contain spaces or parentheses)
+    state = data[data.rfind(b")") + 2:][:1]
+    return state not in (b"Z", b"X", b"")
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def _netns_inode_of_pid(pid: int) -> int | None:
+    try:
+        link = os.readlink(f"/proc/{pid}/ns/net")  # "net:[4026532281]"
+    except OSError:
+        return None
+    return int(link[link.index("[") + 1:-1])
+
+
+def _read_pid_file(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _socket_answers(path: Path) -> bool:
+    if not path.exists():
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _open_with_timeout(uri: str, timeout: float) -> libvirt.virConnect | None:
+    """``libvirt.open`` in a daemon thread, so a wedged libvirtd cannot hang ``stop()``."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["conn"] = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    return box.get("conn")
+
+
+class LibvirtStack:
+    """virtlogd + libvirtd of our own, inside network namespace ``netns``.
+
+    ``kvm``: what the stack's libvirtd sees at ``/dev/kvm`` (bind-mounted in libvirtd's private
+    mount namespace, the host's node is untouched). ``False`` (default) shows a node that no
+    driver answers, so KVM is consistently unavailable and guests must be ``type='qemu'`` (TCG);
+    ``True`` shows the real KVM device with Debian's usual ``root:kvm 0660``. Either way
+    libvirt's QEMU capability cache stays valid: with the host's ``root:root 0600`` node,
+    libvirt 9.0 re-probes QEMU on every lookup and a tiny domain takes ~40 s to start.
+    """
+
+    uri = "qemu:///system"
+
+    def __init__(self, run_dir: Path, *, netns: str = "dgxvm-test", hook: str | None = None,
+                 kvm: bool = False, start_timeout: float = START_TIMEOUT_S):
+        self.run_dir = Path(run_dir)
+        self.netns = netns
+        self.hook = hook
+        self.kvm = kvm
+        self.start_timeout = start_timeout
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._logs: list = []
+        self._netns_created = False
+        self._netns_inode: int | None = None
+        self._hook_installed = False
+        self._hook_backup: Path | None = None
+        self._hook_dir_created = False
+        self._kvm_node: Path | None = None
+        self._atexit_registered = False
+        self._lock_fd: int | None = None
+        self._seen_children: dict[int, str] = {}  # QEMU/dnsmasq pids observed, for stop()
+        self.timings: dict[str, float] = {}
+        self.stop_problems: list[str] = []
+
+    # -- context manager -------------------------------------------------------------------
+
+    def __enter__(self) -> "LibvirtStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- public ----------------------------------------------------------------------------
+
+    def start(self) -> "LibvirtStack":
+        if self._procs:
+            raise RuntimeError("LibvirtStack already started")
+        t0 = time.monotonic()
+        self._lock()
+        try:
+            self._refuse_if_running()
+        except BaseException:
+            self._unlock()
+            raise
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self._atexit_registered:
+            atexit.register(self.stop)
+            self._atexit_registered = True
+        try:
+            self._create_netns()
+            self._make_kvm_node()
+            if self.hook is not None:
+                self._install_hook()
+            self._spawn("virtlogd", ["virtlogd"])
+            self._wait_for(lambda: _socket_answers(VIRTLOGD_SOCK), "virtlogd", "virtlogd socket")
+            # `ip netns exec` already gave the daemon a private (slave) mount namespace;
+            # the bind mount over /dev/kvm stays in it. `exec` keeps the Popen pid.
+            script = 'mount --bind "$1" /dev/kvm && exec libvirtd'
+            self._spawn("libvirtd", ["sh", "-c", script, "sh", str(self._kvm_node)])
+            self._wait_for(self._libvirt_answers, "libvirtd", "qemu:///system")
+            for name, proc in self._procs.items():
+                exe = _exe(proc.pid)
+                if os.path.basename(exe) != name:
+                    raise RuntimeError(f"pid {proc.pid} is {exe!r}, expected {name}")
+            (self.run_dir / "stack.json").write_text(json.dumps(
+                {"netns": self.netns, "pids": self.pids()}, indent=2) + "\n")
+        except BaseException as exc:
+            try:
+                self.stop()
+            except RuntimeError as stop_exc:  # keep start()'s error as the one raised
+                exc.add_note(f"and then: {stop_exc}")
+            raise
+        self.timings["start_s"] = time.monotonic() - t0
+        return self
+
+    def stop(self) -> None:
+        """Idempotent; safe after a partial start. Raises RuntimeError, after doing every
+        cleanup step it can, when something of this stack could not be cleaned up."""
+        t0 = time.monotonic()
+        problems: list[str] = []
+        if "libvirtd" in self._procs and self._procs["libvirtd"].poll() is None:
+            self._destroy_everything(problems)
+        self.timings["stop_destroy_s"] = time.monotonic() - t0
+        self._note_children()
+        for name in ("libvirtd", "virtlogd"):
+            proc = self._procs.get(name)
+            if proc is not None:
+                self._terminate(proc, name, problems)
+        self._procs.clear()
+        self.timings["stop_daemons_s"] = time.monotonic() - t0 - self.timings["stop_destroy_s"]
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+        self._kill_leftovers(problems)
+        self._delete_netns(problems)
+        self._restore_hook(problems)
+        if self._kvm_node is not None:
+            self._kvm_node.unlink(missing_ok=True)
+            self._kvm_node = None
+        if not self._netns_created:  # keep the lock while a namespace of ours is left
+            self._unlock()
+        if self._atexit_registered:
+            atexit.unregister(self.stop)
+            self._atexit_registered = False
+        self.timings["stop_s"] = time.monotonic() - t0
+        self.stop_problems = problems
+        if problems:
+            raise RuntimeError("LibvirtStack.stop: " + "; ".join(problems))
+
+    def pids(self) -> dict[str, int]:
+        """``{"virtlogd": pid, "libvirtd": pid}`` of the daemons this stack started and that
+        are still alive."""
+        return {name: p.pid for name, p in self._procs.items() if p.poll() is None}
+
+    def qemu_pids(self) -> list[int]:
+        """Pids of live QEMU processes libvirt runs (from /run/libvirt/qemu/*.pid)."""
+        out = []
+        for pid_file in sorted(QEMU_PID_DIR.glob("*.pid")):
+            pid = _read_pid_file(pid_file)
+            if pid is None or pid_file.name == "driver.pid":
+                continue
+            if _alive(pid) and os.path.basename(_exe(pid)).startswith("qemu-system"):
+                out.append(pid)
+        return out
+
+    def dnsmasq_pids(self) -> list[int]:
+        """Pids of live dnsmasq processes in this stack's namespace (both of each network's
+        processes: libvirt's pid file names only the parent)."""
+        return [pid for pid, exe in self._netns_members().items()
+                if os.path.basename(exe) == "dnsmasq"]
+
+    # -- start helpers ---------------------------------------------------------------------
+
+    def _lock(self) -> None:
+        if self._lock_fd is not None:
+            return
+        fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise RuntimeError(f"another LibvirtStack holds {LOCK_PATH} (pid {holder or '?'}); "
+                               "only one system libvirtd can run at a time") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def _refuse_if_running(self) -> None:
+        found = []
+        for path in (LIBVIRT_SOCK, VIRTLOGD_SOCK):
+            if _socket_answers(path):
+                found.append(f"{path} answers")
+        for name, path in PID_FILES.items():
+            pid = _read_pid_file(path)
+            if pid is not None and _alive(pid):
+                found.append(f"{path} names live pid {pid} ({_exe(pid) or '?'})")
+        if found:
+            raise RuntimeError(
+                "a libvirtd/virtlogd is already running (only one system libvirtd can run; the "
+                "harness never stops a daemon it did not start): " + "; ".join(found))
+
+    def _create_netns(self) -> None:
+        if (Path("/run/netns") / self.netns).exists():
+            left = _ip("netns", "pids", self.netns, check=False).stdout.split()
+            if left:
+                raise RuntimeError(f"network namespace {self.netns} exists with processes "
+                                   f"{left} in it; not touching it")
+            _ip("netns", "delete", self.netns)  # left over by a crashed run, empty
+        _ip("netns", "add", self.netns)
+        self._netns_created = True
+        self._netns_inode = os.stat(Path("/run/netns") / self.netns).st_ino
+        _ip("-n", self.netns, "link", "set", "lo", "up")
+        # No `sysctl net.ipv4.ip_forward=1` here: libvirt sets it itself when it starts a NAT
+        # network, and since libvirtd runs inside the namespace it writes the namespace's copy
+        # (measured: 1 inside, host stays 0).
+
+    def _make_kvm_node(self) -> None:
+        node = self.run_dir / "kvm-node"
+        node.unlink(missing_ok=True)
+        if self.kvm:
+            os.mknod(node, stat.S_IFCHR | 0o660, os.makedev(KVM_MAJOR, KVM_MINOR))
+            import grp
+            os.chown(node, 0, grp.getgrnam(KVM_GROUP).gr_gid)
+            os.chmod(node, 0o660)
+        else:
+            # char 0:0: no driver behind it, open() gives ENXIO. libvirt sees /dev/kvm exists
+            # but is not accessible to libvirt-qemu (0600 root), and QEMU's probe (kvm:tcg)
+            # falls back to TCG: consistent, so the capability cache holds.
+            os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+        self._kvm_node = node
+
+    def _install_hook(self) -> None:
+        if HOOK_PATH.exists() or HOOK_PATH.is_symlink():
+            backup = self.run_dir / "qemu-hook.orig"
+            shutil.copy2(HOOK_PATH, backup, follow_symlinks=False)
+            self._hook_backup = backup
+        if not HOOK_PATH.parent.exists():
+            HOOK_PATH.parent.mkdir(parents=True)
+            self._hook_dir_created = True
+        tmp = HOOK_PATH.with_name(".qemu.dgxvm-harness")
+        tmp.write_text(self.hook)
+        tmp.chmod(0o755)
+        os.replace(tmp, HOOK_PATH)
+        self._hook_installed = True
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, set()):
+            raise RuntimeError("SIGTERM is blocked in the calling thread: the daemons would "
+                               "inherit the mask and ignore stop()'s SIGTERM")
+        log = open(self.run_dir / f"{name}.log", "ab")
+        self._logs.append(log)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBVIRT_", "VIR"))}
+        env["LC_ALL"] = "C"
+        self._procs[name] = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, *argv], stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True, env=env, close_fds=True)
+
+    def _libvirt_answers(self) -> bool:
+        if not _socket_answers(LIBVIRT_SOCK):
+            return False
+        conn = _open_with_timeout(self.uri, 5.0)
+        if conn is None:
+            return False
+        conn.close()
+        return True
+
+    def _wait_for(self, ready, name: str, what: str) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        proc = self._procs[name]
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode} before {what} answered;"
+                                   f" {self.run_dir / (name + '.log')}:\n"
+                                   f"{_tail(self.run_dir / (name + '.log'))}")
+            if ready():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not answer within {self.start_timeout:.0f} s; "
+                                   f"{self.run_dir / (name + '.log')}:\n"
+                                   f"{_tail(self.run_dir / (name + '.log'))}")
+            time.sleep(0.05)
+
+    # -- stop helpers ----------------------------------------------------------------------
+
+    def _destroy_everything(self, problems: list[str]) -> None:
+        conn = _open_with_timeout(self.uri, 10.0)
+        if conn is None:
+            problems.append("could not connect to libvirtd to destroy domains and networks")
+            return
+        try:
+            self._note_children()
+            # in parallel: libvirt waits ~2 s here for each QEMU to exit after SIGTERM
+            def destroy(dom):
+                try:
+                    dom.destroy()
+                except libvirt.libvirtError as exc:
+                    problems.append(f"destroy domain {dom.name()}: {exc}")
+            doms = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            if doms:
+                with ThreadPoolExecutor(max_workers=min(16, len(doms))) as pool:
+                    list(pool.map(destroy, doms))
+            for net in conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE):
+                try:
+                    net.destroy()
+                except libvirt.libvirtError as exc:
+                    problems.append(f"destroy network {net.name()}: {exc}")
+        finally:
+            conn.close()
+
+    def _netns_members(self) -> dict[int, str]:
+        """``{pid: exe}`` of live processes in this stack's namespace."""
+        if self._netns_inode is None:
+            return {}
+        out = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                pid = int(entry)
+                if _netns_inode_of_pid(pid) == self._netns_inode and _alive(pid):
+                    out[pid] = _exe(pid)
+        return out
+
+    def _note_children(self) -> None:
+        """Remember QEMU and dnsmasq processes of this stack (pid files, verified by exe and
+        by being in our namespace), so stop() can check them after the daemons are gone."""
+        candidates = {pid: "qemu" for pid in self.qemu_pids()}
+        for d in DNSMASQ_PID_DIRS:
+            for pid_file in d.glob("*.pid"):
+                pid = _read_pid_file(pid_file)
+                if pid and _alive(pid) and os.path.basename(_exe(pid)) == "dnsmasq":
+                    candidates[pid] = "dnsmasq"
+        for pid, exe in self._netns_members().items():
+            base = os.path.basename(exe)
+            if base == "dnsmasq" or base.startswith("qemu-system"):
+                candidates[pid] = "dnsmasq" if base == "dnsmasq" else "qemu"
+        for pid, kind in candidates.items():
+            if _netns_inode_of_pid(pid) == self._netns_inode:
+                self._seen_children[pid] = kind
+
+    def _terminate(self, proc: subprocess.Popen, name: str, problems: list[str]) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                problems.append(f"{name} (pid {proc.pid}) ignored SIGTERM for "
+                                f"{STOP_TIMEOUT_S:.0f} s; SIGKILLed")
+                proc.kill()
+                proc.wait(5)
+        else:
+            proc.wait()
+
+    def _kill_leftovers(self, problems: list[str]) -> None:
+        left = {}
+        for pid, kind in self._seen_children.items():
+            if not _alive(pid):
+                continue
+            exe = os.path.basename(_exe(pid))
+            if (kind == "qemu" and exe.startswith("qemu-system")) or \
+                    (kind == "dnsmasq" and exe == "dnsmasq"):
+                left[pid] = kind
+        for pid, exe in self._netns_members().items():
+            base = os.path.basename(exe)
+            if base == "dnsmasq" or base.startswith("qemu-system"):
+                left[pid] = "dnsmasq" if base == "dnsmasq" else "qemu"
+        if left:
+            problems.append("survived libvirt's cleanup, killed by pid: "
+                            + ", ".join(f"{k} {p}" for p, k in sorted(left.items())))
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5.0
+        while any(_alive(p) for p in left) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in left:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._seen_children.clear()
+
+    def _delete_netns(self, problems: list[str]) -> None:
+        if not self._netns_created:
+            return
+        deadline = time.monotonic() + 5.0
+        while True:
+            left = _ip("netns", "pids", self.netns, check=False).stdout.split()
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if left:
+            problems.append(f"processes {left} still in namespace {self.netns} "
+                            f"({[_exe(int(p)) for p in left]}); namespace kept")
+            return
+        proc = _ip("netns", "delete", self.netns, check=False)
+        if proc.returncode != 0:
+            problems.append(f"ip netns delete {self.netns}: {proc.stderr.strip()}")
+            return
+        self._netns_created = False
+        self._netns_inode = None
+
+    def _restore_hook(self, problems: list[str]) -> None:
+        if not self._hook_installed:
+            return
+        try:
+            if self._hook_backup is not None:
+                tmp = HOOK_PATH.with_name(".qemu.dgxvm-harness")
+                shutil.copy2(self._hook_backup, tmp, follow_symlinks=False)
+                os.replace(tmp, HOOK_PATH)
+            else:
+                HOOK_PATH.unlink(missing_ok=True)
+                if self._hook_dir_created:
+                    try:
+                        HOOK_PATH.parent.rmdir()
+                    except OSError:
+                        pass
+        except OSError as exc:
+            problems.append(f"restoring {HOOK_PATH}: {exc}")
+            return
+        self._hook_installed = False
+        self._hook_backup = None
+        self._hook_dir_created = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.libvirt RUN_DIR [--netns NS]``: start the stack, wait for Ctrl-C."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m harness.libvirt", description=main.__doc__)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--netns", default="dgxvm-test")
+    ap.add_argument("--hook", type=Path, help="file with a qemu hook script to install")
+    args = ap.parse_args(argv)
+    hook = args.hook.read_text() if args.hook else None
+    with LibvirtStack(args.run_dir, netns=args.netns, hook=hook) as stack:
+        # Block only now: children inherit the signal mask, and virtlogd would then ignore the
+        # SIGTERM that stop() sends it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        print(f"libvirt stack up in {stack.timings['start_s']:.2f} s: uri={stack.uri} "
+              f"netns={stack.netns} pids={stack.pids()} logs={stack.run_dir}", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    print(f"stopped in {stack.timings['stop_s']:.2f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""Integration fixtures: a real libvirt stack (harness/libvirt.py) for tests that need one.
+
+``libvirt_stack`` is session-scoped and lazy: the stack (virtlogd + libvirtd inside network
+namespace ``dgxvm-test``) starts when the first test asks for it and stops at the end of the
+session. Only one system libvirtd can run at a time, so tests that start stacks of their own are
+marked ``libvirt_lifecycle``: they are moved to the front of the session, before any test can
+have started the shared stack, and ``no_session_libvirt_stack`` fails them clearly if it did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # `harness` lives at the repo root, outside the package
+    sys.path.insert(0, str(REPO))
+
+from harness.libvirt import LibvirtStack  # noqa: E402
+
+DGXVM = Path(sys.executable).with_name("dgxvm")
+
+_ACTIVE: dict[str, LibvirtStack] = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "libvirt_lifecycle: starts and stops libvirt stacks of its own; run before "
+        "the session's shared libvirt_stack starts")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    first = [i for i in items if i.get_closest_marker("libvirt_lifecycle")]
+    if first:
+        rest = [i for i in items if not i.get_closest_marker("libvirt_lifecycle")]
+        items[:] = first + rest
+
+
+@pytest.fixture(scope="session")
+def libvirt_stack(tmp_path_factory, vm_base):
+    """The session's libvirt stack: ``stack.uri`` is qemu:///system, ``stack.netns`` the
+    namespace its networks live in, dgxvm's libvirt hook installed (with the VM tests' config).
+    Tests undefine the domains and networks they define; the stack only destroys (stops) what
+    is still running when the session ends."""
+    from slurm_dgxvm.lifecycle import libvirt_hook_script
+    hook = libvirt_hook_script(str(DGXVM), str(vm_base.config))
+    stack = LibvirtStack(tmp_path_factory.mktemp("libvirt-stack"), hook=hook)
+    _ACTIVE["session"] = stack
+    try:
+        stack.start()
+        yield stack
+    finally:
+        try:
+            stack.stop()
+        finally:
+            _ACTIVE.pop("session", None)
+
+
+@pytest.fixture
+def no_session_libvirt_stack():
+    """For tests that run stacks of their own: the shared one must not be running."""
+    if "session" in _ACTIVE:
+        pytest.fail("the session libvirt_stack is running; a test that starts its own stack "
+                    "must be marked libvirt_lifecycle so that it runs first")
+
+
+
+# -- the VM lifecycle's environment: a config, a built test guest, a user, libvirt with our hook -
+GUEST_BUILD = REPO / "guest-image" / "build"
+TEST_USER = "dgxvmtest"
+TEST_CIDR = "10.213.0.0/24"
+
+
+class VmEnv:
+    """One simulated DGX-2 node's dgxvm set-up for the integration tests: config, state dir,
+    image store, work dir and an ordinary user. ``stack`` and ``manifest`` are set by the
+    ``vmenv`` fixture once libvirt runs and the guest is built."""
+
+    def __init__(self, base: Path, sysfs: Path):
+        self.base = base
+        self.stack = None
+        self.netns = None
+        self.manifest = None
+        self.cmdline = None
+        self.uri = "qemu:///system"
+        self.network = "dgxvmtest"
+        self.state_dir = base / "state"
+        self.store = base / "images"
+        self.workdir = base / "work"
+        self.sysfs = sysfs
+        self.config = base / "dgxvm.toml"
+        self.config_text = (
+            f'[host]\nsysfs_root = "{sysfs}"\nstate_dir = "{self.state_dir}"\n\n'
+            f'[libvirt]\nuri = "{self.uri}"\ndomain_type = "qemu"\nnetwork = "{self.network}"\n'
+            f'network_cidr = "{TEST_CIDR}"\nready_timeout_s = 240.0\nshutdown_timeout_s = 30.0\n\n'
+            f'[images]\nstore = "{self.store}"\n\n'
+            f'[vm]\nshare = "virtiofs"\nfit_vcpus = 1\nfit_memory_mib = 384\n')
+        self.config.write_text(self.config_text)
+        import pwd
+        pw = pwd.getpwnam(TEST_USER)
+        self.user, self.uid, self.gid = TEST_USER, pw.pw_uid, pw.pw_gid
+
+    def dgxvm(self, *args, config=None, timeout=400):
+        env = {**os.environ, "DGXVM_CONFIG": str(config or self.config)}
+        env.pop("DGXVM_STATE_DIR", None)
+        env.pop("DGXVM_SYSFS_ROOT", None)
+        return subprocess.run([str(DGXVM), *args], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+
+    def virsh(self, *args, check=True):
+        r = subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True, text=True,
+                           timeout=120)
+        if check and r.returncode != 0:
+            raise AssertionError(f"virsh {' '.join(args)} -> {r.returncode}: {r.stderr}")
+        return r
+
+    def wait_state(self, name, state, timeout=120):
+        import libvirt
+        conn = libvirt.open(self.uri)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if conn.lookupByName(name).state()[0] == state:
+                    return
+                time.sleep(0.2)
+            raise AssertionError(f"{name} did not reach state {state} in {timeout}s")
+        finally:
+            conn.close()
+
+
+def _ensure_user(name: str) -> bool:
+    """Create the ordinary user jobs and VMs run as; True if this run created it."""
+    import pwd
+    try:
+        pwd.getpwnam(name)
+        return False
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
+        return True
+
+
+@pytest.fixture(scope="session")
+def guest_manifest() -> Path:
+    """The test guest, built from Debian packages by guest-image/build (cached by versions)."""
+    r = subprocess.run([str(GUEST_BUILD)], capture_output=True, text=True, timeout=1500)
+    if r.returncode != 0:
+        pytest.fail(f"guest-image/build failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return Path(r.stdout.strip().splitlines()[-1]) / "manifest.json"
+
+
+@pytest.fixture(scope="session")
+def vm_base():
+    """Config, directories, the simulated DGX-2 and the test user, made before libvirtd starts
+    (its hook needs the config). Kept outside pytest's 0700 tmp tree: QEMU runs as libvirt-qemu
+    and must reach the VM disks through every parent directory."""
+    base = Path(tempfile.mkdtemp(prefix="dgxvm-it-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
+    created_user = _ensure_user(TEST_USER)
+    try:
+        for d in ("state", "images", "work"):
+            (base / d).mkdir(mode=0o755)
+        sysfs = base / "dgx2"
+        subprocess.run([str(DGXVM), "simulate", "dgx2", "--out", str(sysfs)], check=True,
+                       capture_output=True)
+        env = VmEnv(base, sysfs)
+        os.chown(env.workdir, env.uid, env.gid)
+        yield env
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        if created_user:
+            subprocess.run(["userdel", "--remove", TEST_USER], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def vmenv(vm_base, libvirt_stack, guest_manifest):
+    """vm_base with libvirt running (dgxvm's hook installed) and the test guest installed as the
+    default image. At the end, any VM a failed test left goes through `dgxvm delete`, and the
+    network is removed; the stack then stops every process by PID."""
+    env = vm_base
+    env.stack, env.netns = libvirt_stack, libvirt_stack.netns
+    env.manifest = guest_manifest
+    env.cmdline = json.loads(guest_manifest.read_text())["cmdline"]
+    r = env.dgxvm("image", "install", str(guest_manifest), "--name", "testguest", "--default")
+    assert r.returncode == 0, r.stderr
+    try:
+        yield env
+    finally:
+        for name in [p.name for p in (env.state_dir / "vms").glob("*")]:
+            env.dgxvm("delete", "--domain", name)
+        env.virsh("net-destroy", env.network, check=False)
+        env.virsh("net-undefine", env.network, check=False)
