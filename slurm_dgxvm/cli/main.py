@@ -23,7 +23,8 @@ from ..placement import Policy, Request, place, templates
 from ..slurm.gres import gres_conf
 from ..topology import SysfsRoot, discover
 from ..topology.nvml import query as nvml_query
-from . import render
+from . import render, vms
+from .images import image as image_group
 from .params import GIB, GPU_LIST, MIB
 
 
@@ -57,6 +58,15 @@ class Context:
     def ledger_state(self):
         """The ledger for display; a state dir that does not exist yet is an empty ledger."""
         return self.ledger.read()
+
+    @cached_property
+    def env(self):
+        """The VM lifecycle's environment (libvirt, images, VM records), on the same config."""
+        from ..lifecycle import Env
+        return Env(self.config)
+
+    def image_users(self) -> dict[str, list[str]]:
+        return self.env.image_users()
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -164,6 +174,12 @@ def simulate(machine, out, missing, unknown_numa):
                                  f"(known: {', '.join(MACHINES)})", param_hint="MACHINE")
     root = render_tree(machine, out, missing_gpus=missing, unknown_numa=unknown_numa)
     click.echo(f"simulated {machine} written to {root}; use: dgxvm --sysfs-root {root} topology show")
+
+
+# -- VMs and images: the nvidia-vm verbs ----------------------------------------------------------
+for _command in vms.COMMANDS:
+    cli.add_command(_command)
+cli.add_command(image_group)
 
 
 # -- version ---------------------------------------------------------------------------------------

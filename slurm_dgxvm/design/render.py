@@ -30,6 +30,6 @@ def domain_xml(spec: DomainSpec) -> str:
     return _env().get_template("domain.xml.j2").render(d=spec, m=spec.metadata)
 
 
-def render_template(name: str, **values) -> str:
+def render_template(template: str, **values) -> str:
     """Render another template of this package (the network) with ``values``."""
-    return _env().get_template(name).render(**values)
+    return _env().get_template(template).render(**values)

@@ -1,0 +1,255 @@
+"""libvirt, through libvirt-python: the connection, dgxvm's NAT network, and the domain
+operations the lifecycle needs. Every libvirt failure becomes a HypervisorError naming the URI
+and the operation; "libvirtd is not running" says so in words.
+
+Nothing here decides policy; the lifecycle calls these in order and undoes them on failure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import time
+import xml.etree.ElementTree as ET
+from contextlib import contextmanager
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+import filelock
+import libvirt
+
+from .design.render import render_template
+from .errors import HypervisorError
+
+log = logging.getLogger("dgxvm.hypervisor")
+
+# libvirt prints its own errors to stderr unless a handler is set; ours are raised instead.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+AGENT_TIMEOUT_S = 2
+
+
+def connect(uri: str) -> libvirt.virConnect:
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        msg = str(exc)
+        if "Failed to connect socket" in msg or "No such file" in msg or "Connection refused" in msg:
+            msg = f"libvirtd is not running or not reachable ({msg})"
+        raise HypervisorError(uri=uri, reason=msg) from exc
+
+
+@contextmanager
+def libvirt_errors(uri: str, what: str):
+    """Turn a libvirtError inside the block into a HypervisorError saying what was being done."""
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(uri=uri, reason=f"{what}: {exc}") from exc
+
+
+# -- the network -----------------------------------------------------------------------------------
+def network_layout(cidr: str) -> dict:
+    """Gateway .1; reservations from .2 in the lower half, a dynamic range in the upper half."""
+    net = ipaddress.ip_network(cidr)
+    hosts = list(net.hosts())
+    half = len(hosts) // 2
+    return {"gateway": str(hosts[0]), "netmask": str(net.netmask),
+            "range_start": str(hosts[half]), "range_end": str(hosts[-1]),
+            "reserved": [str(h) for h in hosts[1:half]]}
+
+
+def ensure_network(conn, name: str, cidr: str, state_dir: str) -> libvirt.virNetwork:
+    """The network ``name``, defined (persistent, autostart) and active.
+
+    Under ``<state_dir>/network.lock``: redefining a network that a concurrent dgxvm has just
+    defined would replace its persistent definition, DHCP reservations included.
+    """
+    with _network_lock(state_dir):
+        return _ensure_network(conn, name, cidr)
+
+
+def _network_lock(state_dir: str) -> filelock.FileLock:
+    return filelock.FileLock(str(Path(state_dir) / "network.lock"), timeout=30)
+
+
+def _ensure_network(conn, name: str, cidr: str) -> libvirt.virNetwork:
+    uri = conn.getURI()
+    try:
+        net = conn.networkLookupByName(name)
+    except libvirt.libvirtError:
+        lay = network_layout(cidr)
+        xml = render_template("network.xml.j2", name=name, gateway=lay["gateway"],
+                              netmask=lay["netmask"], range_start=lay["range_start"],
+                              range_end=lay["range_end"])
+        with libvirt_errors(uri, f"define network {name}"):
+            net = conn.networkDefineXML(xml)
+        with libvirt_errors(uri, f"autostart network {name}"):
+            net.setAutostart(1)
+    if not net.isActive():
+        with libvirt_errors(uri, f"start network {name}"):
+            try:
+                net.create()
+            except libvirt.libvirtError:
+                if not net.isActive():
+                    raise
+    return net
+
+
+def _dhcp_hosts(net) -> dict[str, tuple[str, str]]:
+    """mac -> (ip, name) of the network's DHCP reservations (persistent definition)."""
+    root = ET.fromstring(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
+    out = {}
+    for h in root.iterfind("./ip/dhcp/host"):
+        out[h.get("mac", "").lower()] = (h.get("ip"), h.get("name"))
+    return out
+
+
+def _host_xml(mac: str, name: str, ip: str) -> str:
+    return f"<host mac={quoteattr(mac)} name={quoteattr(name)} ip={quoteattr(ip)}/>"
+
+
+def _update_flags(net) -> int:
+    flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+    if net.isActive():
+        flags |= libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
+    return flags
+
+
+def reserve_address(conn, net, state_dir: str, mac: str, name: str, cidr: str) -> str:
+    """Give ``mac`` a fixed address on ``net`` (a DHCP reservation); returns the address.
+
+    Serialised by ``<state_dir>/network.lock`` so concurrent creates never pick the same one.
+    """
+    uri = conn.getURI()
+    with _network_lock(state_dir):
+        hosts = _dhcp_hosts(net)
+        if mac.lower() in hosts:
+            return hosts[mac.lower()][0]
+        used = {ip for ip, _ in hosts.values()}
+        free = [ip for ip in network_layout(cidr)["reserved"] if ip not in used]
+        if not free:
+            raise HypervisorError(uri=uri, reason=f"network {net.name()}: no address left in "
+                                                  f"{cidr} for {name}")
+        ip = _least_recently_leased(net, free)
+        with libvirt_errors(uri, f"reserve {ip} for {name} on network {net.name()}"):
+            net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+                       libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1,
+                       _host_xml(mac, name, ip), _update_flags(net))
+        return ip
+
+
+def _least_recently_leased(net, free: list[str]) -> str:
+    """Pick an address nobody holds a lease on.
+
+    NOTE: dnsmasq will not hand a reserved address to a new MAC while an earlier VM's lease on it
+    has not expired (a powered-off guest never sends DHCPRELEASE); the new guest would silently
+    get an address from the dynamic range instead. So prefer addresses with no lease at all,
+    then the one whose lease expires first.
+    """
+    try:
+        leases = {lease["ipaddr"]: lease.get("expirytime", 0) for lease in net.DHCPLeases()}
+    except libvirt.libvirtError:
+        leases = {}
+    never = [ip for ip in free if ip not in leases]
+    if never:
+        return never[0]
+    return min(free, key=lambda ip: leases[ip])
+
+
+def release_address(conn, net_name: str, state_dir: str, mac: str) -> None:
+    """Drop ``mac``'s reservation; nothing to do when the network or reservation is gone."""
+    try:
+        net = conn.networkLookupByName(net_name)
+    except libvirt.libvirtError:
+        return
+    with _network_lock(state_dir):
+        hosts = _dhcp_hosts(net)
+        if mac.lower() not in hosts:
+            return
+        ip, name = hosts[mac.lower()]
+        with libvirt_errors(conn.getURI(), f"release {ip} on network {net_name}"):
+            net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                       libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1,
+                       _host_xml(mac, name or "", ip), _update_flags(net))
+
+
+# -- domains ---------------------------------------------------------------------------------------
+def lookup(conn, name: str):
+    """The domain ``name`` or None."""
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise HypervisorError(uri=conn.getURI(), reason=f"look up domain {name}: {exc}") from exc
+
+
+def state_name(dom) -> str:
+    state, _reason = dom.state()
+    return {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_BLOCKED: "running",
+            libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
+            libvirt.VIR_DOMAIN_SHUTOFF: "shut-off", libvirt.VIR_DOMAIN_CRASHED: "crashed",
+            libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}.get(state, "unknown")
+
+
+def agent_ping(dom) -> bool:
+    """True when the QEMU guest agent in ``dom`` answers guest-ping."""
+    import libvirt_qemu
+    try:
+        reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": "guest-ping"}),
+                                              AGENT_TIMEOUT_S, 0)
+    except libvirt.libvirtError:
+        return False
+    return "return" in json.loads(reply or "{}")
+
+
+def shutdown(dom, timeout_s: float) -> str:
+    """Stop ``dom``: guest agent shutdown, then ACPI, each within ``timeout_s`` overall, then
+    destroy. Returns how it stopped: ``already-off``, ``agent``, ``acpi`` or ``destroyed``."""
+    if not dom.isActive():
+        return "already-off"
+    deadline = time.monotonic() + timeout_s
+    for how, flags in (("agent", libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT),
+                       ("acpi", libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)):
+        try:
+            dom.shutdownFlags(flags)
+        except libvirt.libvirtError:
+            if not dom.isActive():
+                return how
+            continue
+        step_deadline = min(deadline, time.monotonic() + (timeout_s if how == "acpi"
+                                                          else timeout_s / 2))
+        while time.monotonic() < step_deadline:
+            if not _active(dom):
+                return how
+            time.sleep(0.05)
+    destroy(dom)
+    return "destroyed"
+
+
+def _active(dom) -> bool:
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False
+
+
+def destroy(dom) -> None:
+    try:
+        if dom.isActive():
+            dom.destroy()
+    except libvirt.libvirtError:
+        if _active(dom):
+            raise
+
+
+def undefine(dom) -> None:
+    try:
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                          | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                          | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise

@@ -1,0 +1,148 @@
+"""VM records: one directory per VM under ``<state_dir>/vms/<name>/`` holding everything that VM
+owns (record.json, the OS overlay, the data disk, the NoCloud seed, the keys, the console log,
+the domain XML as defined). Deleting the VM removes the directory; nothing of a VM lives
+elsewhere on the host except its ledger entry and its DHCP reservation.
+
+``record.json`` is written atomically (temp file, fsync, rename). It is what the libvirt hook
+reads to take a stopped VM's resources again on ``virsh start``, so it keeps the allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import LedgerCorrupt
+
+FORMAT = "dgxvm-vm"
+VERSION = 1
+RECORD = "record.json"
+
+# Files of a VM, relative to its directory.
+OS_DISK = "os.qcow2"
+DATA_DISK = "data.qcow2"
+SEED = "seed.iso"
+USER_KEY = "id_ed25519"
+HOST_KEY = "ssh_host_ed25519_key"
+KNOWN_HOSTS = "known_hosts"
+CONSOLE_LOG = "console.log"
+DOMAIN_XML = "domain.xml"
+
+STATES = ("creating", "running", "stopped", "failed", "deleting")
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    name: str
+    uuid: str
+    state: str
+    owner: str                          # job | domain
+    ledger_key: str
+    job_id: int | None
+    user: str
+    uid: int
+    gid: int
+    workdir: str | None
+    image: str
+    image_version: str
+    address: str | None
+    mac: str
+    network: str
+    allocation: dict                    # ledger Allocation.to_json(): what start takes again
+    placement: dict                     # Placement.to_json(): the design's input, for reports
+    fitted: tuple[str, ...] = ()
+    created: float = 0.0
+    started: float | None = None
+    boot_s: float | None = None
+    teardown_s: float | None = None
+    ended: str | None = None            # how the VM ended: deleted, shutdown, crashed, failed: ...
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        doc = asdict(self)
+        doc["fitted"] = list(self.fitted)
+        return {"format": FORMAT, "version": VERSION, **doc}
+
+    @classmethod
+    def from_json(cls, doc: Any, path: str) -> "VmRecord":
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+            raise LedgerCorrupt(path=path, reason=f"not a {FORMAT} v{VERSION} record")
+        body = {k: v for k, v in doc.items() if k not in ("format", "version")}
+        try:
+            body["fitted"] = tuple(body.get("fitted", ()))
+            return cls(**body)
+        except TypeError as exc:
+            raise LedgerCorrupt(path=path, reason=str(exc)) from exc
+
+    def with_(self, **changes) -> "VmRecord":
+        return replace(self, **changes)
+
+
+class VmStore:
+    """The ``vms/`` directory of the state dir."""
+
+    def __init__(self, state_dir: str | os.PathLike):
+        self.root = Path(state_dir) / "vms"
+
+    def dir(self, name: str) -> Path:
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        return (self.dir(name)).exists()
+
+    def make_dir(self, name: str) -> Path:
+        """Create the VM's directory; FileExistsError if it is there (a name already taken)."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
+        os.chmod(self.root, 0o755)
+        d = self.dir(name)
+        d.mkdir(mode=0o755)
+        os.chmod(d, 0o755)   # QEMU runs as another user and must reach its disks
+        return d
+
+    def remove_dir(self, name: str) -> None:
+        shutil.rmtree(self.dir(name), ignore_errors=True)
+
+    def load(self, name: str) -> VmRecord | None:
+        path = self.dir(name) / RECORD
+        try:
+            raw = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise LedgerCorrupt(path=str(path), reason=f"invalid JSON: {exc}") from exc
+        return VmRecord.from_json(doc, str(path))
+
+    def save(self, rec: VmRecord) -> None:
+        d = self.dir(rec.name)
+        fd, tmp = tempfile.mkstemp(prefix=".record.", dir=d)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(rec.to_json(), f, indent=1, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, d / RECORD)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def all(self) -> list[VmRecord]:
+        out = []
+        for name in self.names():
+            rec = self.load(name)
+            if rec is not None:
+                out.append(rec)
+        return out

@@ -1,0 +1,235 @@
+"""The VM lifecycle for real: libvirtd and virtlogd started by the harness inside a network
+namespace, the test guest built from Debian packages, QEMU under TCG, a simulated DGX-2.
+
+Each test ends by checking that nothing is left: no domain, no QEMU process, no VM directory
+(overlay, seed, keys), no ledger entry, no DHCP reservation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from slurm_dgxvm.ledger import Ledger
+
+pytestmark = pytest.mark.integration
+
+
+def ledger_keys(vmenv) -> set[str]:
+    return set(Ledger(vmenv.state_dir).read().allocations)
+
+
+def assert_nothing_left(vmenv, names):
+    conn = libvirt.open(vmenv.uri)
+    try:
+        domains = {d.name() for d in conn.listAllDomains()}
+        assert not set(names) & domains, f"domains left: {set(names) & domains}"
+        net = conn.networkLookupByName(vmenv.network)
+        reservations = net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)
+    finally:
+        conn.close()
+    for name in names:
+        assert not (vmenv.state_dir / "vms" / name).exists(), f"{name}'s directory is left"
+        assert f"name='{name}'" not in reservations, f"{name}'s DHCP reservation is left"
+    assert not ledger_keys(vmenv), f"ledger entries left: {ledger_keys(vmenv)}"
+    assert vmenv.stack.qemu_pids() == [], "a QEMU process is left"
+
+
+def record(vmenv, name) -> dict:
+    return json.loads((vmenv.state_dir / "vms" / name / "record.json").read_text())
+
+
+def ssh(vmenv, name, command, user=None):
+    """ssh into the VM as its user, from inside the namespace, with the pinned host key only."""
+    rec = record(vmenv, name)
+    d = vmenv.state_dir / "vms" / name
+    argv = ["ip", "netns", "exec", vmenv.netns, "runuser", "-u", user or rec["user"], "--",
+            "ssh", "-i", str(d / "id_ed25519"), "-o", f"UserKnownHostsFile={d / 'known_hosts'}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20",
+            f"{rec['user']}@{rec['address']}", command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=90)
+
+
+def test_create_a_4gpu_vm_boot_it_reach_it_and_delete_it(vmenv):
+    work = vmenv.workdir
+    (work / "hello").write_text("from the host\n")
+    r = vmenv.dgxvm("create", "--gpu-count", "4", "--domain", "t4", "--user", vmenv.user,
+                    "--workdir", str(work))
+    assert r.returncode == 0, r.stderr
+    assert "t4: running" in r.stdout and "fitted to this host" in r.stdout
+    rec = record(vmenv, "t4")
+    p = rec["placement"]
+    # an aligned DGX-2 block of 4 on one NUMA node, its 3 NVSwitches, cores of that node only
+    assert p["aligned"] is True and len(p["gpus"]) == 4 and p["gpus"][0] % 4 == 0
+    assert len(p["nvswitches"]) == 3 and len(p["numa_nodes"]) == 1 and p["vcpus"] == 22
+    assert rec["state"] == "running" and rec["boot_s"] > 0
+    assert any("dropped PCI passthrough of 4 GPU(s)" in f for f in rec["fitted"])
+    assert ledger_keys(vmenv) == {"domain:t4"}
+
+    out = ssh(vmenv, "t4", f"id -u; id -g; hostname; cat {work}/hello; echo hi > {work}/back")
+    assert out.returncode == 0, out.stderr
+    uid, gid, hostname, hello = out.stdout.split("\n")[:4]
+    assert (int(uid), int(gid)) == (vmenv.uid, vmenv.gid)
+    assert hostname == "t4" and hello == "from the host"
+    assert (work / "back").read_text() == "hi\n"          # the work dir is shared, both ways
+    assert (work / "back").stat().st_uid == vmenv.uid
+
+    listed = json.loads(vmenv.dgxvm("list", "--json").stdout)
+    assert [(v["name"], v["state"], v["gpus"], v["held"]) for v in listed] == \
+        [("t4", "running", p["gpus"], True)]
+
+    r = vmenv.dgxvm("delete", "--domain", "t4")
+    assert r.returncode == 0, r.stderr
+    assert "t4: deleted" in r.stdout
+    assert_nothing_left(vmenv, ["t4"])
+
+
+def test_two_vms_at_once_get_disjoint_gpus_and_cores(vmenv):
+    def make(name):
+        return vmenv.dgxvm("create", "--gpu-count", "2", "--domain", name, "--user", vmenv.user)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(make, ["ta", "tb"]))
+    try:
+        for r in results:
+            assert r.returncode == 0, r.stderr
+        a, b = record(vmenv, "ta")["placement"], record(vmenv, "tb")["placement"]
+        assert not set(a["gpus"]) & set(b["gpus"])
+        assert not set(a["cpus"]) & set(b["cpus"])
+        assert a["aligned"] and b["aligned"]
+        assert record(vmenv, "ta")["address"] != record(vmenv, "tb")["address"]
+        assert len(vmenv.stack.qemu_pids()) == 2
+        for name in ("ta", "tb"):
+            out = ssh(vmenv, name, "hostname")
+            assert out.returncode == 0 and out.stdout.strip() == name, out.stderr
+    finally:
+        for name in ("ta", "tb"):
+            vmenv.dgxvm("delete", "--domain", name)
+    assert_nothing_left(vmenv, ["ta", "tb"])
+
+
+def test_virsh_shutdown_releases_and_virsh_start_takes_back(vmenv):
+    r = vmenv.dgxvm("create", "--gpu-count", "4", "--gpu-index", "8", "--domain", "tv",
+                    "--user", vmenv.user)
+    assert r.returncode == 0, r.stderr
+    d = vmenv.state_dir / "vms" / "tv"
+    try:
+        vmenv.virsh("shutdown", "tv")
+        vmenv.wait_state("tv", libvirt.VIR_DOMAIN_SHUTOFF)
+        # GPUs, CPUs and memory are free again; the drives stay
+        assert "domain:tv" not in ledger_keys(vmenv)
+        assert (d / "os.qcow2").exists() and (d / "seed.iso").exists()
+        assert record(vmenv, "tv")["state"] == "stopped"
+
+        # another VM takes the same GPUs meanwhile: virsh start must refuse, naming the holder
+        r = vmenv.dgxvm("create", "--gpu-count", "4", "--gpu-index", "8", "--domain", "tw",
+                        "--user", vmenv.user)
+        assert r.returncode == 0, r.stderr
+        refused = vmenv.virsh("start", "tv", check=False)
+        assert refused.returncode != 0
+        assert "domain:tw" in refused.stderr and "cannot start tv" in refused.stderr
+        assert ledger_keys(vmenv) == {"domain:tw"}
+        vmenv.dgxvm("delete", "--domain", "tw")
+
+        vmenv.virsh("start", "tv")
+        assert "domain:tv" in ledger_keys(vmenv)
+        assert record(vmenv, "tv")["state"] == "running"
+    finally:
+        vmenv.dgxvm("delete", "--domain", "tw")
+        vmenv.dgxvm("delete", "--domain", "tv")
+    assert_nothing_left(vmenv, ["tv", "tw"])
+
+
+def test_a_gpu_block_in_use_is_refused_and_nothing_leaks(vmenv):
+    r = vmenv.dgxvm("create", "--gpu-count", "8", "--gpu-index", "0", "--domain", "tx",
+                    "--user", vmenv.user)
+    assert r.returncode == 0, r.stderr
+    try:
+        r2 = vmenv.dgxvm("create", "--gpu-count", "4", "--gpu-index", "4", "--domain", "ty",
+                         "--user", vmenv.user)
+        assert r2.returncode == 4, r2.stderr
+        assert r2.stderr.startswith("dgxvm: error:") and "4" in r2.stderr
+        assert not (vmenv.state_dir / "vms" / "ty").exists()
+        assert ledger_keys(vmenv) == {"domain:tx"}
+        taken = vmenv.dgxvm("create", "--gpu-count", "1", "--domain", "tx", "--user", vmenv.user)
+        assert taken.returncode == 2 and "tx already exists" in taken.stderr
+    finally:
+        vmenv.dgxvm("delete", "--domain", "tx")
+    assert_nothing_left(vmenv, ["tx", "ty"])
+
+
+@pytest.mark.parametrize("args, code, named", [
+    (["--domain", "../etc", "--gpu-count", "1"], 2, "bad domain name '../etc'"),
+    (["--domain", "a b", "--gpu-count", "1"], 2, "bad domain name 'a b'"),
+    (["--domain", "tz", "--gpu-count", "1", "--image", "nosuch"], 2, "nosuch"),
+    (["--domain", "tz", "--gpu-count", "3"], 2, "3"),
+])
+def test_bad_input_names_the_value_and_leaves_nothing(vmenv, args, code, named):
+    r = vmenv.dgxvm("create", "--user", vmenv.user, *args)
+    assert r.returncode == code, r.stderr
+    assert r.stderr.startswith("dgxvm: error:") and named in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert_nothing_left(vmenv, ["tz", "../etc", "a b"])
+
+
+def test_libvirtd_not_running_is_one_clear_error(vmenv, tmp_path):
+    cfg = vmenv.config_text.replace(f'uri = "{vmenv.uri}"',
+                                    f'uri = "qemu+unix:///system?socket={tmp_path}/none.sock"')
+    path = tmp_path / "dgxvm.toml"
+    path.write_text(cfg)
+    r = vmenv.dgxvm("create", "--gpu-count", "1", "--domain", "tl", "--user", vmenv.user,
+                    config=path)
+    assert r.returncode == 6, r.stderr
+    assert "libvirtd is not running" in r.stderr
+    assert not (vmenv.state_dir / "vms" / "tl").exists() and not ledger_keys(vmenv)
+
+
+def test_a_guest_that_never_becomes_ready_times_out_with_its_console(vmenv, tmp_path):
+    # the same guest, told to run an init that does not exist: the kernel panics
+    r = vmenv.dgxvm("image", "install", str(vmenv.manifest), "--name", "broken",
+                    "--cmdline", vmenv.cmdline + " init=/nonexistent panic=-1 rdinit=/nonexistent")
+    assert r.returncode == 0, r.stderr
+    try:
+        cfg = vmenv.config_text.replace("ready_timeout_s = 240.0", "ready_timeout_s = 30.0")
+        path = tmp_path / "dgxvm.toml"
+        path.write_text(cfg)
+        t0 = time.monotonic()
+        r = vmenv.dgxvm("create", "--gpu-count", "1", "--domain", "tp", "--image", "broken",
+                        "--user", vmenv.user, config=path)
+        assert r.returncode == 6, r.stderr
+        assert "tp: guest not ready" in r.stderr and "serial console tail" in r.stderr
+        assert "|" in r.stderr                       # the console lines themselves
+        assert time.monotonic() - t0 < 120
+        assert_nothing_left(vmenv, ["tp"])
+    finally:
+        vmenv.dgxvm("image", "remove", "broken")
+
+
+def test_disk_full_while_creating_the_overlay_leaves_nothing(vmenv, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(small)],
+                   check=True)
+    try:
+        # fill it so that the seed fits but the overlay does not
+        cfg = vmenv.config_text.replace(f'state_dir = "{vmenv.state_dir}"',
+                                        f'state_dir = "{small}"')
+        path = tmp_path / "dgxvm.toml"
+        path.write_text(cfg)
+        (small / "filler").write_bytes(b"\0" * (64 * 1024 - 24 * 1024))
+        r = vmenv.dgxvm("create", "--gpu-count", "1", "--domain", "td", "--user", vmenv.user,
+                        config=path)
+        assert r.returncode != 0
+        assert "No space left on device" in r.stderr or "no space left" in r.stderr.lower()
+        assert not (small / "vms" / "td").exists()
+        assert not Ledger(small).read().allocations
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+    assert_nothing_left(vmenv, ["td"])

@@ -1,0 +1,114 @@
+"""Lifecycle pieces that need no hypervisor: the libvirt hook's bookkeeping, VM records, the
+network's address plan, and the hook script shipped in etc/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slurm_dgxvm import config as config_mod
+from slurm_dgxvm.errors import LedgerConflict, LedgerCorrupt
+from slurm_dgxvm.hypervisor import network_layout
+from slurm_dgxvm.ledger import Allocation, Ledger, domain_key
+from slurm_dgxvm.lifecycle import Env, hook, libvirt_hook_script
+from slurm_dgxvm.placement import EMPTY, Policy, Request, place
+from slurm_dgxvm.records import VmRecord, VmStore
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def env(tmp_path, trees):
+    cfg = config_mod.from_dict({"host": {"sysfs_root": str(trees["dgx2"]),
+                                         "state_dir": str(tmp_path / "state")}})
+    return Env(cfg)
+
+
+def make_vm(env, name, gpu_index=0, state="running", hold=True):
+    p = place(env.host, EMPTY, Request(count=4, gpu_index=gpu_index), Policy())
+    alloc = Allocation.from_placement(domain_key(name), p, owner="domain", domain=name, user="u")
+    if hold:
+        env.ledger.allocate(alloc)
+    env.vms.make_dir(name)
+    rec = VmRecord(name=name, uuid="u", state=state, owner="domain", ledger_key=alloc.key,
+                   job_id=None, user="u", uid=1000, gid=1000, workdir=None, image="img",
+                   image_version="1", address="10.213.0.2", mac="52:54:00:00:00:01",
+                   network="dgxvm", allocation=alloc.to_json(), placement=p.to_json())
+    env.vms.save(rec)
+    return rec
+
+
+def test_release_gives_resources_back_and_keeps_the_drives(env):
+    make_vm(env, "a")
+    (env.vms.dir("a") / "os.qcow2").write_bytes(b"x")
+    line = hook(env, "a", "release", "end")
+    assert "drives are kept" in line
+    assert env.ledger.read().allocations == {}
+    rec = env.vms.load("a")
+    assert rec.state == "stopped" and rec.ended == "stopped outside dgxvm"
+    assert (env.vms.dir("a") / "os.qcow2").exists()
+
+
+def test_prepare_takes_the_same_resources_again(env):
+    rec = make_vm(env, "a", state="stopped", hold=False)
+    hook(env, "a", "prepare", "begin")
+    held = env.ledger.read().allocations[rec.ledger_key]
+    assert held.gpu_pcis == tuple(rec.allocation["gpu_pcis"])
+    assert env.vms.load("a").state == "running"
+
+
+def test_prepare_refuses_when_another_vm_holds_the_gpus_and_names_it(env):
+    make_vm(env, "a", state="stopped", hold=False)
+    make_vm(env, "b")            # same block, held
+    with pytest.raises(LedgerConflict) as exc:
+        hook(env, "a", "prepare", "begin")
+    assert "cannot start a" in str(exc.value) and "domain:b" in str(exc.value)
+    assert set(env.ledger.read().allocations) == {"domain:b"}
+    assert env.vms.load("a").state == "stopped"
+
+
+def test_prepare_is_a_no_op_while_dgxvm_itself_creates_the_vm(env):
+    make_vm(env, "a", state="creating")
+    before = env.ledger.read()
+    assert hook(env, "a", "prepare", "begin") is None
+    assert hook(env, "a", "release", "end") is None
+    assert env.ledger.read() == before
+
+
+@pytest.mark.parametrize("name", ["not-ours", "../../etc", "x y"])
+def test_domains_without_a_dgxvm_record_are_left_alone(env, name):
+    assert hook(env, name, "prepare", "begin") is None
+    assert hook(env, name, "release", "end") is None
+    assert not env.ledger.read().allocations
+
+
+def test_a_damaged_record_is_an_error_not_a_guess(env):
+    make_vm(env, "a")
+    (env.vms.dir("a") / "record.json").write_text("{not json")
+    with pytest.raises(LedgerCorrupt):
+        hook(env, "a", "release", "end")
+
+
+def test_records_round_trip(env):
+    rec = make_vm(env, "a")
+    assert env.vms.load("a") == rec
+    assert json.loads((env.vms.dir("a") / "record.json").read_text())["format"] == "dgxvm-vm"
+    assert [r.name for r in env.vms.all()] == ["a"]
+    with pytest.raises(FileExistsError):
+        env.vms.make_dir("a")
+
+
+def test_network_plan_keeps_reservations_apart_from_the_dynamic_range():
+    lay = network_layout("10.213.0.0/24")
+    assert lay["gateway"] == "10.213.0.1"
+    assert lay["reserved"][0] == "10.213.0.2" and lay["reserved"][-1] == "10.213.0.127"
+    assert (lay["range_start"], lay["range_end"]) == ("10.213.0.128", "10.213.0.254")
+
+
+def test_the_hook_script_in_etc_is_the_one_dgxvm_writes():
+    assert (REPO / "etc/libvirt/hooks/qemu").read_text() == libvirt_hook_script()
+    text = libvirt_hook_script("/opt/my dgxvm/bin/dgxvm", "/etc/dgxvm/a b.toml")
+    assert "'/opt/my dgxvm/bin/dgxvm' hook qemu" in text
+    assert "DGXVM_CONFIG='/etc/dgxvm/a b.toml'" in text
