@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import sys
+import traceback
 from functools import cached_property
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import click
 
 from .. import __version__
 from .. import config as config_mod
-from ..errors import DgxvmError, EXIT_BAD_INPUT
+from ..errors import DgxvmError, EXIT_BAD_INPUT, EXIT_INTERNAL
 from ..ledger import Ledger
 from ..placement import Policy, Request, place, templates
 from ..slurm.gres import gres_conf
@@ -236,6 +238,12 @@ def main(argv=None) -> int:
         return exc.exit_code if exc.exit_code else EXIT_BAD_INPUT
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except Exception as exc:  # a bug: still one line (Slurm logs), the traceback on request
+        if os.environ.get("DGXVM_DEBUG"):
+            traceback.print_exc()
+        click.echo(f"dgxvm: error: internal error: {type(exc).__name__}: {exc} "
+                   f"(DGXVM_DEBUG=1 shows the traceback)", err=True)
+        return EXIT_INTERNAL
     return 0
 
 

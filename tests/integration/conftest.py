@@ -86,6 +86,8 @@ class VmEnv:
 
     def __init__(self, base: Path, sysfs: Path):
         self.base = base
+        self.repo = REPO
+        self.dgxvm_path = DGXVM
         self.stack = None
         self.netns = None
         self.manifest = None

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import libvirt
 import pytest
@@ -26,19 +29,24 @@ def ledger_keys(vmenv) -> set[str]:
     return set(Ledger(vmenv.state_dir).read().allocations)
 
 
-def assert_nothing_left(vmenv, names):
+def assert_nothing_left(vmenv, names, *, state_dir=None, network=None):
+    state_dir = state_dir or vmenv.state_dir
     conn = libvirt.open(vmenv.uri)
     try:
         domains = {d.name() for d in conn.listAllDomains()}
         assert not set(names) & domains, f"domains left: {set(names) & domains}"
-        net = conn.networkLookupByName(vmenv.network)
-        reservations = net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)
+        try:
+            net = conn.networkLookupByName(network or vmenv.network)
+            reservations = net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)
+        except libvirt.libvirtError:
+            reservations = ""           # no network yet: nothing can be reserved on it
     finally:
         conn.close()
     for name in names:
-        assert not (vmenv.state_dir / "vms" / name).exists(), f"{name}'s directory is left"
+        assert not (state_dir / "vms" / name).exists(), f"{name}'s directory is left"
         assert f"name='{name}'" not in reservations, f"{name}'s DHCP reservation is left"
-    assert not ledger_keys(vmenv), f"ledger entries left: {ledger_keys(vmenv)}"
+    keys = set(Ledger(state_dir).read().allocations)
+    assert not keys, f"ledger entries left: {keys}"
     assert vmenv.stack.qemu_pids() == [], "a QEMU process is left"
 
 
@@ -213,23 +221,98 @@ def test_a_guest_that_never_becomes_ready_times_out_with_its_console(vmenv, tmp_
 
 
 def test_disk_full_while_creating_the_overlay_leaves_nothing(vmenv, tmp_path):
+    from slurm_dgxvm import seed
+    # a seed like the one create writes, to leave room for it (and the keys) but not the overlay
+    host_key = tmp_path / "hk"
+    pub = seed.generate_keypair(host_key, "x")
+    probe = seed.write_seed(seed.SeedSpec(
+        instance_id="td-0", hostname="td", user_name=vmenv.user, uid=vmenv.uid, gid=vmenv.gid,
+        home=f"/home/{vmenv.user}", authorized_keys=(pub,), host_key_private=host_key.read_text(),
+        host_key_public=pub), tmp_path / "seed.iso", name="td")
+    room = probe.stat().st_size + 64 * 1024          # the overlay alone needs ~196 KiB
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(small)],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(small)],
                    check=True)
     try:
-        # fill it so that the seed fits but the overlay does not
         cfg = vmenv.config_text.replace(f'state_dir = "{vmenv.state_dir}"',
                                         f'state_dir = "{small}"')
         path = tmp_path / "dgxvm.toml"
         path.write_text(cfg)
-        (small / "filler").write_bytes(b"\0" * (64 * 1024 - 24 * 1024))
+        free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
+        (small / "filler").write_bytes(b"\1" * (free - room))
         r = vmenv.dgxvm("create", "--gpu-count", "1", "--domain", "td", "--user", vmenv.user,
                         config=path)
-        assert r.returncode != 0
+        assert r.returncode == 3, r.stderr
+        assert r.stderr.startswith("dgxvm: error: disk ") and "os.qcow2" in r.stderr
         assert "No space left on device" in r.stderr or "no space left" in r.stderr.lower()
         assert not (small / "vms" / "td").exists()
         assert not Ledger(small).read().allocations
     finally:
         subprocess.run(["umount", str(small)], check=False)
     assert_nothing_left(vmenv, ["td"])
+
+
+@pytest.fixture
+def h100(vmenv, tmp_path):
+    """A simulated DGX H100 (shared-nvswitch: the host's Fabric Manager keeps the switches)
+    beside the DGX-2, with the fmpm stand-in over a state file, its own state dir and network."""
+    base = vmenv.base / "h100"
+    base.mkdir(mode=0o755)
+    sysfs = base / "sysfs"
+    subprocess.run([str(vmenv.dgxvm_path), "simulate", "dgx-h100", "--out", str(sysfs)],
+                   check=True, capture_output=True)
+    fm_state = base / "fm-state.json"
+    fmpm = f"env FMPM_STANDIN_STATE={fm_state} {vmenv.repo}/tools/fmpm-standin/fmpm"
+    cfg = (vmenv.config_text
+           .replace(f'sysfs_root = "{vmenv.sysfs}"', f'sysfs_root = "{sysfs}"')
+           .replace(f'state_dir = "{vmenv.state_dir}"', f'state_dir = "{base}/state"')
+           .replace(f'network = "{vmenv.network}"', 'network = "dgxvmtest-h"')
+           .replace('network_cidr = "10.213.0.0/24"', 'network_cidr = "10.214.0.0/24"')
+           + f'\n[fabric]\nfmpm = "{fmpm}"\n')
+    path = base / "dgxvm.toml"
+    path.write_text(cfg)
+    yield SimpleNamespace(config=path, state=base / "state", fmpm=fmpm)
+    vmenv.virsh("net-destroy", "dgxvmtest-h", check=False)
+    vmenv.virsh("net-undefine", "dgxvmtest-h", check=False)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def fm_active(h100) -> dict[int, bool]:
+    out = subprocess.run([*shlex.split(h100.fmpm), "-l"], capture_output=True, text=True,
+                         check=True).stdout
+    doc = json.loads(out)
+    return {p["partitionId"]: p["isActive"] for p in doc["partitionInfo"]}
+
+
+def test_shared_nvswitch_vm_activates_its_fabric_manager_partition(vmenv, h100):
+    r = vmenv.dgxvm("create", "--gpu-count", "4", "--domain", "th", "--user", vmenv.user,
+                    config=h100.config)
+    assert r.returncode == 0, r.stderr
+    try:
+        rec = json.loads((h100.state / "vms" / "th" / "record.json").read_text())
+        part = rec["placement"]["fm_partition"]
+        assert part is not None and rec["placement"]["nvswitches"] == []
+        assert [p for p, on in fm_active(h100).items() if on] == [part]
+        # a second VM on the same block: the ledger refuses before Fabric Manager is asked
+        r2 = vmenv.dgxvm("create", "--gpu-count", "4", "--gpu-index", str(rec["placement"]["gpus"][0]),
+                         "--domain", "th2", "--user", vmenv.user, config=h100.config)
+        assert r2.returncode == 4, r2.stderr
+    finally:
+        r = vmenv.dgxvm("delete", "--domain", "th", config=h100.config)
+    assert r.returncode == 0, r.stderr
+    assert not any(fm_active(h100).values())
+    assert_nothing_left(vmenv, ["th", "th2"], state_dir=h100.state, network="dgxvmtest-h")
+
+
+def test_a_partition_fabric_manager_refuses_leaves_nothing(vmenv, h100):
+    # someone activated the 8-GPU partition behind dgxvm's back: FM refuses any overlapping one
+    subprocess.run([*shlex.split(h100.fmpm), "-a", "0"], check=True, capture_output=True)
+    r = vmenv.dgxvm("create", "--gpu-count", "2", "--domain", "tf", "--user", vmenv.user,
+                    config=h100.config)
+    assert r.returncode == 3, r.stderr
+    assert "fabric manager partition" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (h100.state / "vms" / "tf").exists()
+    assert not Ledger(h100.state).read().allocations
+    assert fm_active(h100) == {**{p: False for p in fm_active(h100)}, 0: True}
+    assert_nothing_left(vmenv, ["tf"], state_dir=h100.state, network="dgxvmtest-h")
