@@ -1,0 +1,146 @@
+"""VM lifecycle benchmark: `dgxvm create` to guest-ready next to a raw `virsh create` of an
+equivalent hand-written domain (benchmarks/raw_domain.xml) to the same readiness point (the QEMU
+guest agent answers guest-ping), on the same guest, in one run; then `dgxvm delete`.
+
+Target (DESIGN.md): create/raw ratio <= 1.10; delete < 2 s plus the guest's own shutdown.
+The raw baseline gets its overlay and seed made beforehand, untimed, so dgxvm pays for every step
+it adds (placement, ledger, keys, seed, overlay, design, define, reservation) and raw for none.
+
+Run as root on a machine without a running libvirtd: python benchmarks/vm_bench.py [--runs N]
+It starts libvirtd/virtlogd in a network namespace (harness/libvirt.py) and stops them by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import libvirt  # noqa: E402
+
+from harness.libvirt import LibvirtStack  # noqa: E402
+from slurm_dgxvm import hypervisor, seed  # noqa: E402
+from slurm_dgxvm.lifecycle import libvirt_hook_script  # noqa: E402
+
+DGXVM = Path(sys.executable).with_name("dgxvm")
+NETWORK = "dgxvmbench"
+
+
+def sh(*argv, **kw):
+    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True, **kw)
+
+
+def dgxvm(cfg, *args):
+    t0 = time.monotonic()
+    r = subprocess.run([str(DGXVM), *args], capture_output=True, text=True,
+                       env={**os.environ, "DGXVM_CONFIG": str(cfg)}, timeout=600)
+    if r.returncode:
+        raise SystemExit(f"dgxvm {' '.join(args)} failed: {r.stderr}")
+    return time.monotonic() - t0, r
+
+
+def raw_boot(conn, base: Path, manifest: dict, image_dir: Path, i: int) -> tuple[float, float]:
+    """Overlay and seed beforehand (untimed); time virsh create -> agent answers, then the
+    destroy."""
+    d = base / f"raw{i}"
+    d.mkdir(mode=0o755)
+    overlay = d / "os.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+       image_dir / manifest["disk"], overlay, "64G")
+    hk = d / "hk"
+    pub = seed.generate_keypair(hk, "bench")
+    seed.write_seed(seed.SeedSpec(instance_id=f"raw{i}", hostname=f"raw{i}", user_name="root",
+                                  uid=0, gid=0, home="/root", authorized_keys=(pub,),
+                                  host_key_private=hk.read_text(), host_key_public=pub),
+                    d / "seed.iso", name=f"raw{i}")
+    xml = (REPO / "benchmarks/raw_domain.xml").read_text().format(
+        name=f"raw{i}", kernel=image_dir / manifest["kernel"], initrd=image_dir / manifest["initrd"],
+        cmdline=manifest["cmdline"], overlay=overlay, seed=d / "seed.iso", network=NETWORK,
+        mac=f"52:54:00:be:00:{i:02x}", console=d / "console.log")
+    xml_file = d / "dom.xml"
+    xml_file.write_text(xml)
+    t0 = time.monotonic()
+    sh("virsh", "-c", "qemu:///system", "create", xml_file)
+    dom = conn.lookupByName(f"raw{i}")
+    while not hypervisor.agent_ping(dom):
+        time.sleep(0.25)
+    ready = time.monotonic() - t0
+    t1 = time.monotonic()
+    hypervisor.shutdown(dom, 60)
+    down = time.monotonic() - t1
+    shutil.rmtree(d)
+    return ready, down
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    if os.geteuid():
+        raise SystemExit("vm_bench: run as root (it starts libvirtd)")
+    build = sh(REPO / "guest-image/build", timeout=1800).stdout.strip().splitlines()[-1]
+    image_dir = Path(build)
+    manifest = json.loads((image_dir / "manifest.json").read_text())
+
+    base = Path(tempfile.mkdtemp(prefix="dgxvm-bench-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
+    for sub in ("state", "images"):
+        (base / sub).mkdir(mode=0o755)
+    sh(DGXVM, "simulate", "dgx2", "--out", base / "dgx2")
+    cfg = base / "dgxvm.toml"
+    cfg.write_text(
+        f'[host]\nsysfs_root = "{base}/dgx2"\nstate_dir = "{base}/state"\n\n'
+        f'[libvirt]\ndomain_type = "qemu"\nnetwork = "{NETWORK}"\n'
+        f'network_cidr = "10.215.0.0/24"\nready_timeout_s = 300.0\n\n'
+        f'[images]\nstore = "{base}/images"\n\n[vm]\nshare = "none"\nfit_vcpus = 1\n'
+        f'fit_memory_mib = 384\n')
+    stack = LibvirtStack(base / "libvirt", netns="dgxvm-bench",
+                         hook=libvirt_hook_script(str(DGXVM), str(cfg)))
+    stack.start()
+    rows = []
+    try:
+        dgxvm(cfg, "image", "install", image_dir / "manifest.json", "--name", "bench", "--default")
+        conn = libvirt.open("qemu:///system")
+        hypervisor.ensure_network(conn, NETWORK, "10.215.0.0/24", str(base / "state"))
+        # one unmeasured round of each warms the page cache and libvirt's capability cache
+        dgxvm(cfg, "create", "--gpu-count", "1", "--domain", "warm", "--user", "root")
+        dgxvm(cfg, "delete", "--domain", "warm")
+        raw_boot(conn, base, manifest, image_dir, 99)
+        for i in range(args.runs):                    # interleaved, so drift hits both alike
+            t_create, _ = dgxvm(cfg, "create", "--gpu-count", "1", "--domain", f"b{i}",
+                                "--user", "root")
+            t_delete, r = dgxvm(cfg, "delete", "--domain", f"b{i}")
+            raw_ready, raw_down = raw_boot(conn, base, manifest, image_dir, i)
+            rows.append((t_create, raw_ready, t_delete, raw_down))
+            print(f"run {i}: dgxvm create {t_create:6.2f}s  raw virsh create {raw_ready:6.2f}s  "
+                  f"dgxvm delete {t_delete:5.2f}s  (raw shutdown {raw_down:5.2f}s)", flush=True)
+        conn.close()
+    finally:
+        stack.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+    med = [statistics.median(c) for c in zip(*rows)]
+    print()
+    print(f"guest: dgxvm-test-guest {manifest['version']} under TCG; {args.runs} runs, medians")
+    print(f"{'measure':<44} {'dgxvm':>8} {'raw virsh':>10} {'ratio':>7} {'target':>8}")
+    print(f"{'create -> guest agent answers':<44} {med[0]:7.2f}s {med[1]:9.2f}s "
+          f"{med[0] / med[1]:7.3f} {'<= 1.10':>8}  {'OK' if med[0] / med[1] <= 1.10 else 'MISSED'}")
+    print(f"{'delete (incl. the guest shutdown)':<44} {med[2]:7.2f}s {med[3]:9.2f}s "
+          f"{'':>7} {'':>8}")
+    print(f"{'delete minus the guest shutdown':<44} {max(med[2] - med[3], 0):7.2f}s "
+          f"{'':>10} {'':>7} {'< 2 s':>8}  {'OK' if med[2] - med[3] < 2 else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
