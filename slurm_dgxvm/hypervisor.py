@@ -205,26 +205,35 @@ def agent_ping(dom) -> bool:
     return "return" in json.loads(reply or "{}")
 
 
+SHUTDOWN_RETRY_S = 5.0
+
+
 def shutdown(dom, timeout_s: float) -> str:
-    """Stop ``dom``: guest agent shutdown, then ACPI, each within ``timeout_s`` overall, then
-    destroy. Returns how it stopped: ``already-off``, ``agent``, ``acpi`` or ``destroyed``."""
-    if not dom.isActive():
+    """Stop ``dom`` gracefully within ``timeout_s``, then destroy it. Returns how it stopped:
+    ``already-off``, ``agent``, ``acpi`` or ``destroyed``.
+
+    The request (guest agent first, ACPI power button when the agent does not answer) is
+    repeated every few seconds: a guest that is still booting has neither its agent nor its
+    ACPI daemon yet, and would otherwise sit out the whole timeout.
+    """
+    if not _active(dom):
         return "already-off"
     deadline = time.monotonic() + timeout_s
-    for how, flags in (("agent", libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT),
-                       ("acpi", libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)):
-        try:
-            dom.shutdownFlags(flags)
-        except libvirt.libvirtError:
-            if not dom.isActive():
-                return how
-            continue
-        step_deadline = min(deadline, time.monotonic() + (timeout_s if how == "acpi"
-                                                          else timeout_s / 2))
-        while time.monotonic() < step_deadline:
-            if not _active(dom):
-                return how
-            time.sleep(0.05)
+    how, last = "agent", -SHUTDOWN_RETRY_S
+    while time.monotonic() < deadline:
+        if not _active(dom):
+            return how
+        if time.monotonic() - last >= SHUTDOWN_RETRY_S:
+            last = time.monotonic()
+            for name, flags in (("agent", libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT),
+                                ("acpi", libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)):
+                try:
+                    dom.shutdownFlags(flags)
+                    how = name
+                    break
+                except libvirt.libvirtError:
+                    continue
+        time.sleep(0.05)
     destroy(dom)
     return "destroyed"
 

@@ -94,11 +94,18 @@ def list_cmd(c, as_json):
     click.echo(head)
     for r in rows:
         up = _duration(r["uptime_s"]) if r["uptime_s"] is not None else "-"
-        state = r["state"] + ("" if r["held"] or r["state"] != "running" else "!")
+        state = r["state"]
+        if r["state"] == "running" and not r["held"]:
+            state += "!"                 # running but not in the ledger: the hook is missing
+        elif r["state"] == "shut-off" and not r["held"]:
+            state = "off,freed"          # virsh shutdown: GPUs/CPUs free, drives kept
         click.echo(f"{r['name']:<20} {state:<12} {format_index_list(r['gpus']):<10} "
                    f"{format_index_list(r['numa_nodes']):<5} {r['vcpus'] or '-':>5} "
                    f"{str(r['memory_mib']) + 'M':>9} {r['address'] or '-':<15} {up:>8} "
                    f"{r['job_id'] if r['job_id'] is not None else '-':>7}  {r['image'] or '-'}")
+    if any(r["state"] == "running" and not r["held"] for r in rows):
+        click.echo("\n'!': running but not held in the ledger; install etc/libvirt/hooks/qemu "
+                   "(see README) so virsh start/shutdown keep the ledger true")
     fitted = [r for r in rows if r["fitted"]]
     if fitted:
         click.echo(f"\n{len(fitted)} VM(s) fitted to this host (simulated machine): passthrough "
