@@ -23,8 +23,6 @@ from ..errors import DgxvmError, EXIT_BAD_INPUT, EXIT_INTERNAL
 from ..ledger import Ledger
 from ..placement import Policy, Request, place, templates
 from ..slurm.gres import gres_conf
-from ..topology import SysfsRoot, discover
-from ..topology.nvml import query as nvml_query
 from . import render, vms
 from .images import image as image_group
 from .params import GIB, GPU_LIST, MIB
@@ -44,28 +42,27 @@ class Context:
             sysfs_root=self._sysfs_root, state_dir=self._state_dir)
 
     @cached_property
+    def env(self):
+        """The library's environment on this config: host model, ledger, policy, and for the VM
+        verbs libvirt, images and VM records (all built lazily, once)."""
+        from ..lifecycle import Env
+        return Env(self.config)
+
+    @property
     def host(self):
-        cfg = self.config
-        return discover(SysfsRoot(cfg.host.sysfs_root), machine=cfg.host.machine or None,
-                        module_ids=cfg.host.module_ids or None, nvml=nvml_query)
+        return self.env.host
 
-    @cached_property
+    @property
     def ledger(self) -> Ledger:
-        return Ledger(self.config.host.state_dir, lock_timeout=self.config.ledger.lock_timeout_s)
+        return self.env.ledger
 
-    @cached_property
+    @property
     def policy(self) -> Policy:
-        return Policy.from_config(self.config)
+        return self.env.policy
 
     def ledger_state(self):
         """The ledger for display; a state dir that does not exist yet is an empty ledger."""
         return self.ledger.read()
-
-    @cached_property
-    def env(self):
-        """The VM lifecycle's environment (libvirt, images, VM records), on the same config."""
-        from ..lifecycle import Env
-        return Env(self.config)
 
     def image_users(self) -> dict[str, list[str]]:
         return self.env.image_users()
