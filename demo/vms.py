@@ -102,7 +102,7 @@ def main(work: Path, sysfs: Path) -> int:
         run("virsh", "-c", "qemu:///system", "net-undefine", "dgxvm-demo", check=False)
     finally:
         stack.stop()
-    print(f"libvirtd, virtlogd and every QEMU stopped by PID; namespace dgxvm-demo removed")
+    print("libvirtd, virtlogd and every QEMU stopped by PID; namespace dgxvm-demo removed")
     return 0
 
 

@@ -36,7 +36,7 @@ def wait_ready(dom, *, name: str, timeout_s: float, console_log: str | Path) -> 
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     while True:
-        if not hypervisor._active(dom):
+        if not hypervisor.is_active(dom):
             raise GuestTimeout(name=name, timeout=time.monotonic() - t0,
                                reason="the VM stopped while booting",
                                tail=console_tail(console_log))

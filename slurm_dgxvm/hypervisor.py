@@ -216,12 +216,12 @@ def shutdown(dom, timeout_s: float) -> str:
     repeated every few seconds: a guest that is still booting has neither its agent nor its
     ACPI daemon yet, and would otherwise sit out the whole timeout.
     """
-    if not _active(dom):
+    if not is_active(dom):
         return "already-off"
     deadline = time.monotonic() + timeout_s
     how, last = "agent", -SHUTDOWN_RETRY_S
     while time.monotonic() < deadline:
-        if not _active(dom):
+        if not is_active(dom):
             return how
         if time.monotonic() - last >= SHUTDOWN_RETRY_S:
             last = time.monotonic()
@@ -238,7 +238,8 @@ def shutdown(dom, timeout_s: float) -> str:
     return "destroyed"
 
 
-def _active(dom) -> bool:
+def is_active(dom) -> bool:
+    """Whether ``dom`` runs; a domain libvirt no longer knows counts as not running."""
     try:
         return bool(dom.isActive())
     except libvirt.libvirtError:
@@ -250,7 +251,7 @@ def destroy(dom) -> None:
         if dom.isActive():
             dom.destroy()
     except libvirt.libvirtError:
-        if _active(dom):
+        if is_active(dom):
             raise
 
 

@@ -22,12 +22,12 @@ import logging
 import os
 import pwd
 import re
+import shlex
 import time
 import uuid as uuid_mod
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Callable
 
 from . import hypervisor, images as images_mod, seed as seed_mod
@@ -58,12 +58,7 @@ class CreateRequest:
     """What a VM is asked for: by an admin (``dgxvm create``) or by a Slurm job's Prolog."""
 
     name: str
-    count: int
-    gpu_index: int | None = None
-    slurm_gpus: tuple[int, ...] | None = None
-    vcpus: int | None = None
-    memory_mib: int | None = None
-    disk_gib: int | None = None
+    placement: Request                # GPUs and sizes, as ``dgxvm plan`` takes them
     data_disk_gib: int | None = None
     image: str | None = None          # None = the store's default
     owner: str = "domain"             # domain | job
@@ -124,7 +119,7 @@ class Env:
 
     @cached_property
     def fabric(self) -> Fabric:
-        return Fabric(self.cfg.fabric.fmpm, self.cfg.fabric.timeout_s)
+        return Fabric.from_config(self.cfg)
 
     @property
     def uri(self) -> str:
@@ -167,11 +162,7 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
     with ExitStack() as undo:
         progress("placing")
         with env.ledger.transaction() as txn:
-            placement = place(host, txn.occupancy(),
-                              Request(count=req.count, gpu_index=req.gpu_index,
-                                      slurm_gpus=req.slurm_gpus, vcpus=req.vcpus,
-                                      memory_mib=req.memory_mib, disk_gib=req.disk_gib),
-                              env.policy)
+            placement = place(host, txn.occupancy(), req.placement, env.policy)
             alloc = txn.allocate(Allocation.from_placement(
                 key, placement, owner=req.owner, job_id=req.job_id, domain=name, user=req.user))
         undo.callback(env.ledger.release, key)
@@ -374,19 +365,20 @@ def hook(env: Env, name: str, op: str, sub_op: str) -> str | None:
         if rec.state in ("creating", "deleting"):
             return None
         alloc = Allocation.from_json(rec.allocation)
-        held = env.ledger.read().allocations.get(rec.ledger_key)
-        if held is None:
-            try:
-                env.ledger.allocate(alloc)
-            except LedgerConflict as exc:
-                raise LedgerConflict(key=rec.ledger_key,
-                                     reason=f"cannot start {name}: {exc.reason}") from exc
-            if fm is not None:
+        with env.ledger.transaction() as txn:
+            taken_now = rec.ledger_key not in txn.allocations
+            if taken_now:
                 try:
-                    env.fabric.activate(fm)
-                except DgxvmError:
-                    env.ledger.release(rec.ledger_key)
-                    raise
+                    txn.allocate(alloc)
+                except LedgerConflict as exc:
+                    raise LedgerConflict(key=rec.ledger_key,
+                                         reason=f"cannot start {name}: {exc.reason}") from exc
+        if taken_now and fm is not None:
+            try:
+                env.fabric.activate(fm)
+            except DgxvmError:
+                env.ledger.release(rec.ledger_key)
+                raise
         env.vms.save(rec.with_(state="running", started=time.time(), ended=None))
         return f"{name}: took GPUs {alloc.gpus} again"
     if op == "release" and sub_op == "end":
@@ -406,7 +398,7 @@ HOOK_OPS = ("prepare", "release")
 def libvirt_hook_script(dgxvm: str = "/usr/local/bin/dgxvm", config: str | None = None) -> str:
     """The text of /etc/libvirt/hooks/qemu that runs ``dgxvm hook`` (etc/libvirt/hooks/qemu is
     this with the defaults). libvirtd reads hooks when it starts."""
-    env = f"DGXVM_CONFIG={_sh_quote(config)} " if config else ""
+    env = f"DGXVM_CONFIG={shlex.quote(config)} " if config else ""
     return (
         "#!/bin/sh\n"
         "# libvirt qemu hook installed for slurm-dgxvm: keeps dgxvm's ledger true when a domain\n"
@@ -415,10 +407,5 @@ def libvirt_hook_script(dgxvm: str = "/usr/local/bin/dgxvm", config: str | None 
         "# \"release\" gives them back, keeping the drives. Other domains are left alone.\n"
         "# Install: install -m 0755 THIS /etc/libvirt/hooks/qemu, then restart libvirtd.\n"
         f"case \"$2\" in {'|'.join(HOOK_OPS)}) ;; *) exit 0 ;; esac\n"
-        f"exec env {env}{_sh_quote(dgxvm)} hook qemu \"$@\" </dev/null\n"
+        f"exec env {env}{shlex.quote(dgxvm)} hook qemu \"$@\" </dev/null\n"
     )
-
-
-def _sh_quote(s: str) -> str:
-    import shlex
-    return shlex.quote(s)

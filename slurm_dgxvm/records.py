@@ -33,14 +33,11 @@ KNOWN_HOSTS = "known_hosts"
 CONSOLE_LOG = "console.log"
 DOMAIN_XML = "domain.xml"
 
-STATES = ("creating", "running", "stopped", "failed", "deleting")
-
-
 @dataclass(frozen=True)
 class VmRecord:
     name: str
     uuid: str
-    state: str
+    state: str                          # creating, running, stopped, deleting
     owner: str                          # job | domain
     ledger_key: str
     job_id: int | None

@@ -10,6 +10,7 @@ import time
 import click
 
 from .. import lifecycle
+from ..placement import Request
 from ..ranges import format_index_list
 from .params import GIB, MIB
 
@@ -47,8 +48,9 @@ def create(c, gpu_count, gpu_index, name, image, vcpus, memory, disk_size, data_
     """Create and boot a GPU VM (as `nvidia-vm create`), and wait until it is ready."""
     uname, uid, gid, home = lifecycle.account(user)
     req = lifecycle.CreateRequest(
-        name=name, count=gpu_count, gpu_index=gpu_index, vcpus=vcpus, memory_mib=memory,
-        disk_gib=disk_size, data_disk_gib=data_disk, image=image, owner="domain",
+        name=name, placement=Request(count=gpu_count, gpu_index=gpu_index, vcpus=vcpus,
+                                     memory_mib=memory, disk_gib=disk_size),
+        data_disk_gib=data_disk, image=image, owner="domain",
         user=uname, uid=uid, gid=gid, home=home, workdir=workdir)
     rec = lifecycle.create(c.env, req, _progress(name, "create"))
     if as_json:

@@ -14,6 +14,7 @@ import hashlib
 from dataclasses import dataclass
 
 from ..placement.model import Placement
+from ..ranges import format_index_list
 from ..topology.model import Host
 from .spec import (Boot, Disk, DomainSpec, Expander, Filesystem, GuestCell, HostDev, Interface,
                    Metadata, RootPort, VcpuPin)
@@ -100,7 +101,7 @@ def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type
     return DomainSpec(
         name=vm.name,
         uuid=vm.uuid,
-        title=f"dgxvm: {gpu_count} GPU(s) {_gpus(placement)} on {host.display_name}, {who}",
+        title=f"dgxvm: {gpu_count} GPU(s) {format_index_list(placement.gpus)} on {host.display_name}, {who}",
         domain_type=domain_type,
         machine_type=machine_type,
         vcpus=vcpus, sockets=sockets, cores=cores, threads=threads,
@@ -131,11 +132,6 @@ def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type
                           slurm_gpus=placement.slurm_gpus, image=image.name,
                           image_version=image.version),
     )
-
-
-def _gpus(p: Placement) -> str:
-    from ..ranges import format_index_list
-    return format_index_list(p.gpus)
 
 
 def _pow2(n: int) -> int:

@@ -11,10 +11,10 @@ import pytest
 from slurm_dgxvm import config as config_mod
 from slurm_dgxvm.errors import LedgerConflict, LedgerCorrupt
 from slurm_dgxvm.hypervisor import network_layout
-from slurm_dgxvm.ledger import Allocation, Ledger, domain_key
+from slurm_dgxvm.ledger import Allocation, domain_key
 from slurm_dgxvm.lifecycle import Env, hook, libvirt_hook_script
 from slurm_dgxvm.placement import EMPTY, Policy, Request, place
-from slurm_dgxvm.records import VmRecord, VmStore
+from slurm_dgxvm.records import VmRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
