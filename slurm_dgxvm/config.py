@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, NameError_
+from .names import image_name
 
 DEFAULT_CONFIG_PATH = "/etc/dgxvm/dgxvm.toml"
 ENV_CONFIG = "DGXVM_CONFIG"
@@ -77,6 +79,28 @@ class FabricConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    bin_dir: str = ""                         # where scontrol/sacctmgr/sacct/scancel are; "" = PATH
+    command_timeout_s: float = 10.0           # bound on every Slurm command dgxvm runs
+    accounting: bool = True                   # write the VM record into the job's AdminComment
+    domain_prefix: str = "job-"               # a job's VM is the domain <prefix><job id>
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """Defaults for the jobs of one Slurm partition (``[partitions.NAME]``); 0 / "" = the global
+    default."""
+
+    image: str = ""                           # default guest image ("" = the store's default)
+    images: tuple[str, ...] = ()              # images a job may pick by comment (() = any installed)
+    alignment: str = ""                       # strict | prefer ("" = [placement] alignment)
+    vcpus_per_gpu: int = 0                    # 0 = the machine's sizing template
+    memory_mib_per_gpu: int = 0
+    disk_gib_per_gpu: int = 0                 # 0 = [placement] disk_gib_per_gpu
+    data_disk_gib: int = -1                   # -1 = [vm] data_disk_gib
+
+
+@dataclass(frozen=True)
 class Config:
     host: HostConfig = field(default_factory=HostConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
@@ -85,7 +109,15 @@ class Config:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     vm: VmConfig = field(default_factory=VmConfig)
     fabric: FabricConfig = field(default_factory=FabricConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    partitions: dict[str, PartitionConfig] = field(default_factory=dict)
     path: str | None = None                   # the file it came from, for messages
+
+    def partition(self, name: str | None) -> PartitionConfig:
+        """The defaults of partition ``name``: its ``[partitions.NAME]`` table, else
+        ``[partitions.default]``, else all-global defaults."""
+        return (self.partitions.get(name or "") or self.partitions.get("default")
+                or PartitionConfig())
 
     @property
     def hugepage_kib(self) -> int | None:
@@ -103,7 +135,7 @@ class Config:
 
 _SECTIONS = {"host": HostConfig, "placement": PlacementConfig, "ledger": LedgerConfig,
              "libvirt": LibvirtConfig, "images": ImagesConfig, "vm": VmConfig,
-             "fabric": FabricConfig}
+             "fabric": FabricConfig, "slurm": SlurmConfig}
 
 DOMAIN_TYPES = ("kvm", "qemu")
 FIT_MODES = ("auto", "always", "never")
@@ -138,15 +170,33 @@ def load(path: str | os.PathLike | None = None, *, required: bool = False) -> Co
 def from_dict(data: dict, path: str = "<config>") -> Config:
     sections = {}
     for name, value in data.items():
+        if name == "partitions":
+            sections[name] = _partitions(value, path)
+            continue
         if name not in _SECTIONS:
             raise ConfigError(path=path, reason=f"unknown section [{name}] "
-                                                f"(known: {', '.join(_SECTIONS)})")
+                                                f"(known: {', '.join(_SECTIONS)}, partitions)")
         if not isinstance(value, dict):
             raise ConfigError(path=path, reason=f"{name} must be a table ([{name}])")
         sections[name] = _section(_SECTIONS[name], name, value, path)
     cfg = Config(**sections, path=path)
     _validate(cfg, path)
     return cfg
+
+
+_PARTITION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _partitions(value, path: str) -> dict[str, PartitionConfig]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(path=path, reason="partitions must be tables: [partitions.NAME]")
+    out = {}
+    for name, table in value.items():
+        if not _PARTITION_NAME.fullmatch(name):
+            raise ConfigError(path=path, reason=f"partition name {name!r} is not a Slurm "
+                                                f"partition name")
+        out[name] = _section(PartitionConfig, f"partitions.{name}", table, path)
+    return out
 
 
 def _section(cls, name: str, values: dict, path: str):
@@ -158,9 +208,11 @@ def _section(cls, name: str, values: dict, path: str):
                                                 f"(known: {', '.join(known)})")
         default = known[key].default
         if isinstance(default, tuple):
-            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                      for v in value):
-                raise ConfigError(path=path, reason=f"{name}.{key} must be a list of integers, "
+            item = str if key == "images" else int
+            if not isinstance(value, list) or not all(
+                    isinstance(v, item) and not isinstance(v, bool) for v in value):
+                raise ConfigError(path=path, reason=f"{name}.{key} must be a list of "
+                                                    f"{'strings' if item is str else 'integers'}, "
                                                     f"not {value!r}")
             value = tuple(value)
         elif (isinstance(value, bool) != isinstance(default, bool)   # TOML true is not an int
@@ -210,6 +262,29 @@ def _validate(cfg: Config, path: str) -> None:
             raise ConfigError(path=path, reason=f"vm.{key} is out of range: {getattr(cfg.vm, key)}")
     if cfg.fabric.timeout_s <= 0:
         raise ConfigError(path=path, reason=f"fabric.timeout_s must be > 0, not {cfg.fabric.timeout_s}")
+    if cfg.slurm.command_timeout_s <= 0:
+        raise ConfigError(path=path, reason=f"slurm.command_timeout_s must be > 0, "
+                                            f"not {cfg.slurm.command_timeout_s}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", cfg.slurm.domain_prefix):
+        raise ConfigError(path=path, reason=f"slurm.domain_prefix {cfg.slurm.domain_prefix!r}: "
+                                            f"use letters, digits, '.', '_', '-' (at most 21)")
+    for pname, part in cfg.partitions.items():
+        where = f"partitions.{pname}"
+        if part.alignment and part.alignment not in ALIGNMENT_POLICIES:
+            raise ConfigError(path=path, reason=f"{where}.alignment {part.alignment!r} is not "
+                                                f"one of {', '.join(ALIGNMENT_POLICIES)}")
+        for key in ("vcpus_per_gpu", "memory_mib_per_gpu", "disk_gib_per_gpu"):
+            if getattr(part, key) < 0:
+                raise ConfigError(path=path, reason=f"{where}.{key} must be >= 0, "
+                                                    f"not {getattr(part, key)}")
+        if part.data_disk_gib < -1:
+            raise ConfigError(path=path, reason=f"{where}.data_disk_gib must be >= 0 (or -1 for "
+                                                f"[vm] data_disk_gib), not {part.data_disk_gib}")
+        for img in (part.image, *part.images):
+            try:
+                img and image_name(img)
+            except NameError_ as exc:
+                raise ConfigError(path=path, reason=f"{where}: {exc}") from None
     if cfg.ledger.lock_timeout_s <= 0:
         raise ConfigError(path=path, reason=f"ledger.lock_timeout_s must be > 0, "
                                             f"not {cfg.ledger.lock_timeout_s}")

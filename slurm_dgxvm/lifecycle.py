@@ -26,7 +26,7 @@ import shlex
 import time
 import uuid as uuid_mod
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Callable
 
@@ -68,6 +68,7 @@ class CreateRequest:
     gid: int = 0
     home: str | None = None
     workdir: str | None = None        # shared into the guest at the same path
+    alignment: str | None = None      # strict | prefer; None = [placement] alignment
 
 
 def account(user: str | None) -> tuple[str, int, int, str]:
@@ -161,10 +162,14 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
 
     with ExitStack() as undo:
         progress("placing")
+        policy = env.policy
+        if req.alignment and req.alignment != policy.alignment:
+            policy = replace(policy, alignment=req.alignment)
         with env.ledger.transaction() as txn:
-            placement = place(host, txn.occupancy(), req.placement, env.policy)
+            placement = place(host, txn.occupancy(), req.placement, policy)
             alloc = txn.allocate(Allocation.from_placement(
                 key, placement, owner=req.owner, job_id=req.job_id, domain=name, user=req.user))
+        lock_s = env.ledger.last_held_s
         undo.callback(env.ledger.release, key)
 
         try:
@@ -226,7 +231,8 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
             job_id=req.job_id, user=req.user, uid=req.uid, gid=req.gid, workdir=req.workdir,
             image=image.name, image_version=image.version, address=address, mac=mac,
             network=cfg.libvirt.network, allocation=alloc.to_json(),
-            placement=placement.to_json(), fitted=fitted, created=time.time())
+            placement=placement.to_json(), fitted=fitted, created=time.time(),
+            lock_s=round(lock_s, 6) if lock_s is not None else None)
         env.vms.save(record)
 
         progress("defining")
@@ -257,12 +263,15 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
 
 
 # -- delete ----------------------------------------------------------------------------------------
-def delete(env: Env, name: str, progress: Progress = _quiet) -> VmRecord | None:
+def delete(env: Env, name: str, progress: Progress = _quiet, *,
+           job_id: int | None = None) -> VmRecord | None:
     """Stop and remove the VM ``name`` and everything it holds; return its last record.
 
     Works on whatever is left: a record without a domain, a domain that is off, a ledger entry
-    whose record is gone. Raises DomainNotFound when there is nothing of that name, and refuses
-    a libvirt domain that dgxvm did not make.
+    whose record is gone, a VM directory a crashed create left without a record, a DHCP
+    reservation. Raises DomainNotFound when there is nothing of that name, and refuses a libvirt
+    domain that dgxvm did not make: one with no record and no ledger entry, unless ``job_id`` is
+    given and the domain's dgxvm metadata names that job (the Epilog after a crash).
     """
     t0 = time.monotonic()
     name = domain_name(name)
@@ -271,10 +280,11 @@ def delete(env: Env, name: str, progress: Progress = _quiet) -> VmRecord | None:
     dom = hypervisor.lookup(conn, name)
     key = rec.ledger_key if rec else _ledger_key_of(env, name)
     if rec is None and key is None:
-        if dom is None:
+        if dom is not None and (job_id is None or _domain_job(dom) != job_id):
+            raise DomainNotFound(name=f"{name} (a libvirt domain dgxvm did not create; "
+                                      f"use virsh for it)")
+        if dom is None and not env.vms.dir(name).exists():
             raise DomainNotFound(name=name)
-        raise DomainNotFound(name=f"{name} (a libvirt domain dgxvm did not create; "
-                                  f"use virsh for it)")
     if rec is not None:
         env.vms.save(rec.with_(state="deleting"))
     how = "not running"
@@ -285,11 +295,13 @@ def delete(env: Env, name: str, progress: Progress = _quiet) -> VmRecord | None:
         with hypervisor.libvirt_errors(env.uri, f"undefine domain {name}"):
             hypervisor.undefine(dom)
     progress("releasing")
-    fm = (rec.allocation.get("fm_partition") if rec else None)
+    alloc = rec.allocation if rec else (
+        env.ledger.read().allocations[key].to_json() if key else {})
+    fm = alloc.get("fm_partition")
     if fm is not None:
         env.fabric.deactivate(fm)
-    if rec is not None:
-        hypervisor.release_address(conn, rec.network, env.cfg.host.state_dir, rec.mac)
+    hypervisor.release_address(conn, rec.network if rec else env.cfg.libvirt.network,
+                               env.cfg.host.state_dir, rec.mac if rec else mac_for(name))
     env.vms.remove_dir(name)
     if key is not None:
         env.ledger.release(key)
@@ -297,7 +309,18 @@ def delete(env: Env, name: str, progress: Progress = _quiet) -> VmRecord | None:
     log.info("%s: deleted (%s) in %.2fs", name, how, teardown)
     if rec is None:
         return None
-    return rec.with_(state="deleted", teardown_s=teardown, ended=f"deleted ({how})")
+    return rec.with_(state="deleted", teardown_s=teardown, ended=f"deleted ({how})",
+                     held_s=round(time.time() - rec.created, 3) if rec.created else None)
+
+
+def _domain_job(dom) -> int | None:
+    """The job id in a domain's dgxvm metadata, or None."""
+    try:
+        xml = dom.XMLDesc(0)
+    except Exception:  # noqa: BLE001 - a domain that vanished has no job
+        return None
+    m = re.search(r"<dgxvm:job>(\d+)</dgxvm:job>", xml)
+    return int(m.group(1)) if m else None
 
 
 def _ledger_key_of(env: Env, name: str) -> str | None:

@@ -58,6 +58,8 @@ class VmRecord:
     boot_s: float | None = None
     teardown_s: float | None = None
     ended: str | None = None            # how the VM ended: deleted, shutdown, crashed, failed: ...
+    lock_s: float | None = None         # how long create held the ledger lock
+    held_s: float | None = None         # created -> resources released (GPU-hours in reports)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:

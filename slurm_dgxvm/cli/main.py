@@ -23,7 +23,7 @@ from ..errors import DgxvmError, EXIT_BAD_INPUT, EXIT_INTERNAL
 from ..ledger import Ledger
 from ..placement import Policy, Request, place, templates
 from ..slurm.gres import gres_conf
-from . import render, vms
+from . import render, slurm as slurm_cli, vms
 from .images import image as image_group
 from .params import GIB, GPU_LIST, MIB
 
@@ -176,7 +176,7 @@ def simulate(machine, out, missing, unknown_numa):
 
 
 # -- VMs and images: the nvidia-vm verbs ----------------------------------------------------------
-for _command in vms.COMMANDS:
+for _command in vms.COMMANDS + slurm_cli.COMMANDS:
     cli.add_command(_command)
 cli.add_command(image_group)
 

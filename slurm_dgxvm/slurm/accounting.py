@@ -1,0 +1,83 @@
+"""The VM record of a job in Slurm's own accounting: the job's AdminComment.
+
+The Prolog writes it with ``scontrol update job=ID AdminComment=...`` once the VM is up (or
+refused); the Epilog, after the job has ended, can only use ``sacctmgr -i modify job``, which
+turns ``"`` and ``'`` into backticks. So the record is a line of ``key=value`` words whose values
+are percent-encoded (no quote, space, ``|`` or ``%`` appears raw) and it survives both paths::
+
+    dgxvm/1 state=ended domain=job-42 gpus=8-11 slurm_gpus=0-3 aligned=yes ...
+
+``sacct -j 42 -o JobID,AdminComment%400`` shows it; :func:`decode` reads it back (``dgxvm
+report``). Writing it is best effort: a failure is logged and never fails the job.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote, unquote
+
+from ..ranges import format_index_list
+from ..records import VmRecord
+
+PREFIX = "dgxvm/1"
+_SAFE = "-._~:@+/,"        # everything else is %XX: no space, quote, backtick, '|', '=' or '%'
+
+# Order of the keys in the line (readability in sacct); unknown keys follow.
+KEYS = ("state", "domain", "gpus", "slurm_gpus", "aligned", "remapped", "nvswitches", "fm",
+        "image", "vcpus", "memory_mib", "numa", "address", "boot_s", "lock_s", "teardown_s",
+        "held_s", "ended", "fitted", "cause")
+
+
+def encode(fields: dict) -> str:
+    keys = [k for k in KEYS if k in fields] + sorted(k for k in fields if k not in KEYS)
+    words = [PREFIX]
+    for key in keys:
+        value = fields[key]
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        words.append(f"{key}={quote(str(value), safe=_SAFE)}")
+    return " ".join(words)
+
+
+def decode(text: str | None) -> dict | None:
+    """The fields of an AdminComment written by :func:`encode`; None when it is not ours."""
+    if not text:
+        return None
+    words = text.split()
+    if not words or words[0] != PREFIX:
+        return None
+    out = {}
+    for word in words[1:]:
+        key, eq, value = word.partition("=")
+        if eq:
+            out[key] = unquote(value)
+    return out
+
+
+def vm_fields(rec: VmRecord, *, state: str) -> dict:
+    """The accounting fields of a VM record (``state``: running, ended)."""
+    a, p = rec.allocation, rec.placement
+    return {
+        "state": state, "domain": rec.name,
+        "gpus": format_index_list(a.get("gpus", [])),
+        "slurm_gpus": format_index_list(a["slurm_gpus"]) if a.get("slurm_gpus") else None,
+        "aligned": p.get("aligned"), "remapped": p.get("remapped"),
+        "nvswitches": ",".join(a.get("nvswitches", [])) or None,
+        "fm": a.get("fm_partition"),
+        "image": f"{rec.image}@{rec.image_version}",
+        "vcpus": p.get("vcpus"), "memory_mib": p.get("memory_mib"),
+        "numa": format_index_list(p.get("numa_nodes", [])),
+        "address": rec.address, "boot_s": rec.boot_s, "lock_s": rec.lock_s,
+        "teardown_s": rec.teardown_s,
+        "held_s": rec.held_s, "ended": rec.ended,
+        "fitted": bool(rec.fitted) or None,
+    }
+
+
+def failure_fields(*, domain: str, state: str, stage: str, cause: str,
+                   slurm_gpus: tuple[int, ...] = ()) -> dict:
+    """The accounting fields of a job that got no VM (state: refused or failed)."""
+    return {"state": state, "domain": domain,
+            "slurm_gpus": format_index_list(slurm_gpus) if slurm_gpus else None,
+            "ended": f"{state} at {stage}", "cause": cause}

@@ -1,0 +1,80 @@
+"""The one adapter to Slurm's commands (DESIGN.md, decision 3).
+
+Every call is bounded by ``[slurm] command_timeout_s`` and raises :class:`SlurmCommandError`
+with the command and what it said. Nothing here is on the Prolog's path to a booted VM: the
+hooks use it only to write accounting and, when a job is refused, to cancel or requeue it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+from ..config import SlurmConfig
+from ..errors import HostError
+
+
+class SlurmCommandError(HostError):
+    template = "slurm: `{command}`: {reason}"
+
+
+@dataclass(frozen=True)
+class Slurm:
+    cfg: SlurmConfig = SlurmConfig()
+
+    def tool(self, name: str) -> str:
+        return os.path.join(self.cfg.bin_dir, name) if self.cfg.bin_dir else name
+
+    def run(self, name: str, *args: str) -> str:
+        argv = [self.tool(name), *args]
+        shown = " ".join(argv)
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                  timeout=self.cfg.command_timeout_s)
+        except FileNotFoundError:
+            raise SlurmCommandError(command=shown, reason="command not found") from None
+        except subprocess.TimeoutExpired:
+            raise SlurmCommandError(command=shown, reason=f"no answer within "
+                                                          f"{self.cfg.command_timeout_s:g}s") from None
+        if proc.returncode != 0:
+            said = (proc.stderr or proc.stdout).strip().replace("\n", "; ")
+            raise SlurmCommandError(command=shown, reason=f"exit {proc.returncode}: {said}")
+        return proc.stdout
+
+    # -- the job's AdminComment ---------------------------------------------------------------
+    def set_admin_comment(self, job_id: int, text: str) -> None:
+        """While the job lives (the Prolog)."""
+        self.run("scontrol", "update", f"job={job_id}", f"AdminComment={text}")
+
+    def set_admin_comment_after_end(self, job_id: int, text: str) -> None:
+        """After the job ended (the Epilog): only the accounting database can be changed."""
+        self.run("sacctmgr", "-i", "modify", "job", "where", f"jobid={job_id}", "set",
+                 f"AdminComment={text}")
+
+    # -- a refused job ------------------------------------------------------------------------
+    def cancel(self, job_id: int) -> None:
+        self.run("scancel", str(job_id))
+
+    def requeue(self, job_id: int) -> None:
+        self.run("scontrol", "requeue", str(job_id))
+
+    # -- reports -------------------------------------------------------------------------------
+    SACCT_FIELDS = ("JobID", "User", "Account", "Partition", "State", "Start", "End",
+                    "ElapsedRaw", "AllocTRES", "AdminComment")
+
+    def sacct(self, *, since: str, until: str = "now", users: str | None = None) -> list[dict]:
+        """Jobs (allocations only, no steps) that ran between ``since`` and ``until``."""
+        args = ["-a", "-X", "-n", "-P", "--delimiter=|", "-S", since, "-E", until,
+                "-o", ",".join(self.SACCT_FIELDS)]
+        if users:
+            args[:1] = ["-u", users]
+        out = []
+        for line in self.run("sacct", *args).splitlines():
+            if not line.strip():
+                continue
+            values = line.split("|", len(self.SACCT_FIELDS) - 1)
+            if len(values) != len(self.SACCT_FIELDS):
+                continue
+            out.append(dict(zip(self.SACCT_FIELDS, values)))
+        return out

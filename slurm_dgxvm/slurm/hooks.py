@@ -1,0 +1,210 @@
+"""``dgxvm prolog`` and ``dgxvm epilog``: a job's VM, from Slurm's allocation to its end.
+
+Prolog (slurmd runs it as root when the job is allocated, PrologFlags=Alloc): read the job from
+the environment, clear anything an earlier run of the same job id left, make the VM request
+(partition defaults, the job comment's image), create the VM through the lifecycle (place in
+the ledger, carve, boot, wait for the guest), then write the VM record into the job's
+AdminComment. No Slurm command runs before the VM is ready.
+
+Epilog: delete the job's VM whatever state it is in (none, half made, crashed, only a ledger
+entry); idempotent. Then write the final record (teardown time, how it ended) with sacctmgr.
+
+Exit status, on purpose (Slurm drains the node for any non-zero Prolog or Epilog status):
+
+* 0 -- the VM is ready; or the job got no VM because of the job itself: a comment that does not
+  parse, an image that is not installed or not offered, a GPU count that is never a block
+  (the job is cancelled), or no aligned block free under ``alignment = "strict"`` (the job is
+  requeued and waits). The node stays in service.
+* 1 -- the node is at fault (libvirt down, the partition's default image missing, disk full,
+  Fabric Manager, a guest that never boots, the ledger, a teardown that left something held):
+  Slurm drains the node ("Prolog error" / "Epilog error") and requeues the job held.
+
+Every outcome is one line on stderr, which slurmd writes into its log, naming the job, the
+stage and the cause.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+from .. import lifecycle
+from ..errors import DgxvmError, DomainNotFound, NoFit
+from ..ranges import format_index_list
+from .accounting import encode, failure_fields, vm_fields
+from .commands import Slurm, SlurmCommandError
+from .job import SlurmJob, create_request, domain_for, is_job_fault
+
+Emit = Callable[[str], None]
+
+EXIT_OK = 0
+EXIT_DRAIN = 1
+
+
+class Interrupted(DgxvmError):
+    """slurmd stopped the hook (the job was cancelled, or PrologEpilogTimeout passed)."""
+
+    template = "interrupted by signal {signal}"
+
+
+class _Stage:
+    """The stage a hook is at, for the one line that says where it failed."""
+
+    def __init__(self, first: str):
+        self.now = first
+
+    def __call__(self, stage: str) -> None:
+        self.now = stage
+
+
+def _one_line(env: lifecycle.Env, name: str, exc: BaseException) -> str:
+    """The cause on one line; a longer message (a console tail) is kept in a file it names."""
+    text = str(exc) if isinstance(exc, DgxvmError) else f"internal error: {type(exc).__name__}: {exc}"
+    first, _, rest = text.partition("\n")
+    if not rest.strip():
+        return first
+    path = Path(env.cfg.host.state_dir) / "failures" / f"{name}.txt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+        return f"{first} (full text: {path})"
+    except OSError:
+        return first + " | " + rest.strip().replace("\n", " | ")[-300:]
+
+
+def _account(emit: Emit, where: str, write: Callable[[], None]) -> bool:
+    """Write accounting; a failure is one logged line, never the job's failure."""
+    try:
+        write()
+        return True
+    except SlurmCommandError as exc:
+        emit(f"{where}: accounting not written (the job is not affected): {exc}")
+        return False
+
+
+def _home(user: str) -> str | None:
+    try:
+        return pwd.getpwnam(user).pw_dir
+    except KeyError:
+        return None
+
+
+# -- Prolog ----------------------------------------------------------------------------------------
+def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: Emit) -> int:
+    stage = _Stage("reading the job's environment")
+    job: SlurmJob | None = None
+    try:
+        job = SlurmJob.from_environ(environ)
+        where = f"dgxvm prolog: {job.describe()}"
+        if not job.gpus:
+            emit(f"{where}: no GPUs asked for, no VM")
+            return EXIT_OK
+        name = domain_for(env.cfg, job.job_id)
+        stage("clearing what an earlier run of this job left")
+        try:
+            lifecycle.delete(env, name, job_id=job.job_id)
+            emit(f"{where}: removed {name} left by an earlier run of this job")
+        except DomainNotFound:
+            pass
+        stage("reading the request (partition, job comment, image)")
+        req = create_request(env.cfg, job, env.images, home=_home(job.user))
+        rec = lifecycle.create(env, req, stage)
+    except BaseException as exc:  # noqa: BLE001 - every failure is one line and an exit status
+        return _prolog_failed(env, job, stage.now, exc, slurm, emit)
+    p = rec.placement
+    how = "Slurm's block" if not p.get("remapped") else \
+        f"remapped from Slurm's {format_index_list(job.gpus)}"
+    if not p.get("aligned"):
+        how += ", NOT aligned (alignment = prefer)"
+    emit(f"{where}: VM {rec.name} ready in {rec.boot_s:.1f}s on GPUs "
+         f"{format_index_list(p['gpus'])} ({how}), NUMA {format_index_list(p['numa_nodes'])}, "
+         f"{rec.address}")
+    if env.cfg.slurm.accounting:
+        _account(emit, where, lambda: slurm.set_admin_comment(
+            job.job_id, encode(vm_fields(rec, state="running"))))
+    return EXIT_OK
+
+
+def _prolog_failed(env: lifecycle.Env, job: SlurmJob | None, stage: str, exc: BaseException, slurm: Slurm,
+                   emit: Emit) -> int:
+    if job is None:
+        emit(f"dgxvm prolog: job {os.environ.get('SLURM_JOB_ID', '?')}: failed at {stage}: {exc}; "
+             f"exit 1 drains the node")
+        return EXIT_DRAIN
+    where = f"dgxvm prolog: {job.describe()}"
+    name = domain_for(env.cfg, job.job_id)
+    cause = _one_line(env, name, exc)
+    if is_job_fault(exc):
+        state = "refused"
+        if isinstance(exc, NoFit):
+            action, act = "requeued to wait for an aligned block", slurm.requeue
+        else:
+            action, act = "cancelled", slurm.cancel
+        emit(f"{where}: refused at {stage}: {cause}; job {action}, node stays in service")
+        fields = failure_fields(domain=name, state=state, stage=stage, cause=cause,
+                                slurm_gpus=job.gpus)
+        if env.cfg.slurm.accounting:
+            _account(emit, where, lambda: slurm.set_admin_comment(job.job_id, encode(fields)))
+        try:
+            act(job.job_id)
+        except SlurmCommandError as err:
+            if act == slurm.cancel:
+                emit(f"{where}: could not cancel the job ({err}); exit 1 drains the node")
+                return EXIT_DRAIN
+            try:                          # a job that may not be requeued is cancelled
+                slurm.cancel(job.job_id)
+            except SlurmCommandError as err2:
+                emit(f"{where}: could not requeue ({err}) nor cancel ({err2}) the job; "
+                     f"exit 1 drains the node")
+                return EXIT_DRAIN
+        return EXIT_OK
+    emit(f"{where}: failed at {stage}: {cause}; exit 1 drains the node, the job is requeued")
+    if env.cfg.slurm.accounting:
+        fields = failure_fields(domain=name, state="failed", stage=stage, cause=cause,
+                                slurm_gpus=job.gpus)
+        _account(emit, where, lambda: slurm.set_admin_comment(job.job_id, encode(fields)))
+    return EXIT_DRAIN
+
+
+# -- Epilog ----------------------------------------------------------------------------------------
+def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: Emit) -> int:
+    stage = _Stage("reading the job's environment")
+    job: SlurmJob | None = None
+    try:
+        job = SlurmJob.from_environ(environ)
+        where = f"dgxvm epilog: {job.describe()}"
+        name = domain_for(env.cfg, job.job_id)
+        stage("reading the VM record")
+        before = env.vms.load(name)
+        t0 = time.monotonic()
+        try:
+            rec = lifecycle.delete(env, name, stage, job_id=job.job_id)
+        except DomainNotFound:
+            return EXIT_OK                 # no VM: no GPUs, or the Prolog refused the job
+    except BaseException as exc:  # noqa: BLE001
+        if job is None:
+            emit(f"dgxvm epilog: job {environ.get('SLURM_JOB_ID', '?')}: failed at {stage.now}: "
+                 f"{exc}; exit 1 drains the node")
+            return EXIT_DRAIN
+        cause = _one_line(env, domain_for(env.cfg, job.job_id), exc)
+        emit(f"dgxvm epilog: {job.describe()}: teardown failed at {stage.now}: {cause}; "
+             f"exit 1 drains the node")
+        return EXIT_DRAIN
+    if rec is None:
+        emit(f"{where}: cleaned up what was left of {name} (no VM record)")
+        return EXIT_OK
+    if before is not None and before.state == "stopped":
+        ended = f"the VM stopped before the job ended ({before.ended}); removed"
+    elif before is not None and before.state in ("creating", "deleting"):
+        ended = f"removed a VM left {before.state}"
+    else:
+        ended = f"job ended; {rec.ended}"
+    rec = rec.with_(ended=ended)
+    emit(f"{where}: VM {name} removed in {time.monotonic() - t0:.2f}s ({ended})")
+    if env.cfg.slurm.accounting:
+        _account(emit, where, lambda: slurm.set_admin_comment_after_end(
+            job.job_id, encode(vm_fields(rec, state="ended"))))
+    return EXIT_OK

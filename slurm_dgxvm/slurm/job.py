@@ -1,0 +1,161 @@
+"""A Slurm job as the Prolog and Epilog see it: their environment, parsed strictly, and the
+VM request made from it with the partition's defaults and the job comment's choices.
+
+Only the environment slurmd gives the hooks is read (no Slurm command on the way to a VM):
+SLURM_JOB_ID, SLURM_JOB_UID, SLURM_JOB_GID, SLURM_JOB_USER, SLURM_JOB_GPUS (Slurm's GPU
+indices, e.g. ``0,1,2,3``), SLURM_JOB_WORK_DIR, SLURM_JOB_PARTITION, SLURM_JOB_COMMENT (only when
+the job set one), SLURMD_NODENAME.
+
+The job comment (``sbatch --comment``) is free text; dgxvm reads the words that start with
+``dgxvm:`` and ignores the rest::
+
+    dgxvm:image=NAME          boot the installed guest image NAME instead of the partition's
+
+Several settings may share a word (``dgxvm:image=a,...``) or come as separate words. An unknown
+key, a malformed word or an image the partition does not offer refuses the job (not the node).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from ..config import Config
+from ..errors import BadInput, GpuListError, ImageError, NameError_, NoFit, RequestError
+from ..lifecycle import CreateRequest
+from ..names import image_name
+from ..placement import Request
+from ..ranges import format_index_list, parse_index_list
+
+COMMENT_PREFIX = "dgxvm:"
+COMMENT_KEYS = ("image",)
+
+
+class JobRefused(BadInput):
+    """The job asks for something this node will not give it (its fault, not the node's)."""
+
+    template = "{reason}"
+
+
+class NotAJob(BadInput):
+    template = "not run by slurmd for a job: {reason}"
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    job_id: int
+    uid: int
+    gid: int
+    user: str
+    gpus: tuple[int, ...]             # Slurm's GPU indices on this node; () = no GPU asked
+    work_dir: str | None
+    partition: str | None
+    comment: str | None
+    node: str | None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "SlurmJob":
+        e = os.environ if environ is None else environ
+
+        def integer(var: str) -> int:
+            raw = e.get(var)
+            if raw is None or raw == "":
+                raise NotAJob(reason=f"{var} is not set")
+            try:
+                value = int(raw, 10)
+            except ValueError:
+                raise NotAJob(reason=f"{var}={raw!r} is not a number") from None
+            if value < 0:
+                raise NotAJob(reason=f"{var}={raw!r} is negative")
+            return value
+
+        job_id = integer("SLURM_JOB_ID")
+        uid, gid = integer("SLURM_JOB_UID"), integer("SLURM_JOB_GID")
+        user = e.get("SLURM_JOB_USER") or ""
+        if not user:
+            raise NotAJob(reason="SLURM_JOB_USER is not set")
+        raw_gpus = (e.get("SLURM_JOB_GPUS") or "").strip()
+        gpus: tuple[int, ...] = ()
+        if raw_gpus:
+            try:
+                gpus = tuple(parse_index_list(raw_gpus))
+            except GpuListError as exc:
+                raise NotAJob(reason=f"SLURM_JOB_GPUS: {exc}") from None
+        return cls(job_id=job_id, uid=uid, gid=gid, user=user, gpus=gpus,
+                   work_dir=e.get("SLURM_JOB_WORK_DIR") or None,
+                   partition=e.get("SLURM_JOB_PARTITION") or None,
+                   comment=e.get("SLURM_JOB_COMMENT") or None,
+                   node=e.get("SLURMD_NODENAME") or None)
+
+    def describe(self) -> str:
+        gpus = format_index_list(self.gpus) if self.gpus else "none"
+        return f"job {self.job_id} (user {self.user}, Slurm GPUs {gpus})"
+
+
+def parse_comment(comment: str | None) -> dict[str, str]:
+    """The ``dgxvm:key=value`` settings of a job comment. Raises JobRefused naming the bad word."""
+    out: dict[str, str] = {}
+    for word in (comment or "").split():
+        if not word.startswith(COMMENT_PREFIX):
+            continue
+        body = word[len(COMMENT_PREFIX):]
+        for item in body.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key or not value:
+                raise JobRefused(reason=f"job comment {word!r}: expected dgxvm:KEY=VALUE "
+                                        f"(keys: {', '.join(COMMENT_KEYS)})")
+            if key not in COMMENT_KEYS:
+                raise JobRefused(reason=f"job comment {word!r}: unknown key {key!r} "
+                                        f"(keys: {', '.join(COMMENT_KEYS)})")
+            if key in out and out[key] != value:
+                raise JobRefused(reason=f"job comment: {key} given twice ({out[key]!r}, "
+                                        f"{value!r})")
+            out[key] = value
+    return out
+
+
+def domain_for(cfg: Config, job_id: int) -> str:
+    return f"{cfg.slurm.domain_prefix}{job_id}"
+
+
+def create_request(cfg: Config, job: SlurmJob, images, home: str | None) -> CreateRequest:
+    """The VM request for ``job``: its GPUs, the partition's sizing and alignment, the image.
+
+    ``images`` is the ImageStore. Raises JobRefused for what the job asked wrongly (comment,
+    an image not installed or not offered); ImageError when the partition's own default image
+    is missing (the node is misconfigured, not the job).
+    """
+    part = cfg.partition(job.partition)
+    chosen = parse_comment(job.comment).get("image")
+    if chosen is not None:
+        try:
+            image_name(chosen)
+        except NameError_ as exc:
+            raise JobRefused(reason=f"job comment: {exc}") from None
+        if part.images and chosen not in part.images:
+            raise JobRefused(reason=f"image {chosen!r} is not offered in partition "
+                                    f"{job.partition} (offered: {', '.join(part.images)})")
+        try:
+            image = images.get(chosen)
+        except ImageError as exc:
+            raise JobRefused(reason=f"job comment dgxvm:image={chosen}: {exc}") from None
+    else:
+        image = images.get(part.image or None)   # ImageError here is the node's fault
+    n = len(job.gpus)
+    data_disk = part.data_disk_gib if part.data_disk_gib >= 0 else None
+    return CreateRequest(
+        name=domain_for(cfg, job.job_id),
+        placement=Request(count=n, slurm_gpus=job.gpus,
+                          vcpus=part.vcpus_per_gpu * n or None,
+                          memory_mib=part.memory_mib_per_gpu * n or None,
+                          disk_gib=part.disk_gib_per_gpu * n or None),
+        data_disk_gib=data_disk, image=image.name, owner="job", job_id=job.job_id,
+        user=job.user, uid=job.uid, gid=job.gid, home=home, workdir=job.work_dir,
+        alignment=part.alignment or None)
+
+
+def is_job_fault(exc: BaseException) -> bool:
+    """True when the job, not the node, is at fault: the node must not be drained for it."""
+    return isinstance(exc, (JobRefused, RequestError, NoFit))
+

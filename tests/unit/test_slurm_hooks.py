@@ -1,0 +1,174 @@
+"""The Prolog's and Epilog's decisions without a cluster: which failures drain the node
+(exit 1) and which refuse only the job (exit 0 + cancel/requeue), the one line each writes, and
+the Epilog's cleanup of half-made state. libvirt is its test driver (test:///default); the
+Slurm commands are small recording scripts (the real ones run in tests/integration)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from slurm_dgxvm import config as config_mod
+from slurm_dgxvm.images import ImageStore
+from slurm_dgxvm.ledger import Allocation, job_key
+from slurm_dgxvm.lifecycle import Env
+from slurm_dgxvm.placement import EMPTY, Policy, Request, place
+from slurm_dgxvm.slurm import hooks
+from slurm_dgxvm.slurm.accounting import decode
+from slurm_dgxvm.slurm.commands import Slurm
+
+ENV = {"SLURM_JOB_ID": "42", "SLURM_JOB_UID": "0", "SLURM_JOB_GID": "0",
+       "SLURM_JOB_USER": "root", "SLURM_JOB_GPUS": "0,1,2,3", "SLURM_JOB_PARTITION": "batch"}
+
+RECORDER = """#!/bin/sh
+printf '%s\\n' "$(basename "$0") $*" >> {log}
+case "$(basename "$0") $*" in *{fail}*) echo "refused by test" >&2; exit 1;; esac
+"""
+
+
+@pytest.fixture(scope="module")
+def image_store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("img")
+    disk = root / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    ImageStore(root / "store").install(disk, name="base", default=True)
+    return root / "store"
+
+
+class World:
+    def __init__(self, tmp_path, trees, image_store, *, fail="NEVER", partitions=None):
+        bindir = tmp_path / "bin"
+        bindir.mkdir(exist_ok=True)
+        self.calls_log = tmp_path / "calls"
+        for tool in ("scontrol", "sacctmgr", "scancel"):
+            (bindir / tool).write_text(RECORDER.format(log=self.calls_log, fail=fail))
+            (bindir / tool).chmod(0o755)
+        cfg = {"host": {"sysfs_root": str(trees["dgx2"]), "state_dir": str(tmp_path / "state")},
+               "libvirt": {"uri": "test:///default"}, "images": {"store": str(image_store)},
+               "slurm": {"bin_dir": str(bindir)}}
+        if partitions:
+            cfg["partitions"] = partitions
+        self.env = Env(config_mod.from_dict(cfg))
+        self.slurm = Slurm(self.env.cfg.slurm)
+        self.lines: list[str] = []
+
+    def calls(self) -> list[str]:
+        return self.calls_log.read_text().splitlines() if self.calls_log.exists() else []
+
+    def prolog(self, **env) -> int:
+        return hooks.prolog(self.env, {**ENV, **env}, self.slurm, self.lines.append)
+
+    def epilog(self, **env) -> int:
+        return hooks.epilog(self.env, {**ENV, **env}, self.slurm, self.lines.append)
+
+    def admin_comment(self) -> dict:
+        [call] = [c for c in self.calls() if "AdminComment=" in c]
+        return decode(call.split("AdminComment=", 1)[1])
+
+
+@pytest.fixture
+def world(tmp_path, trees, image_store):
+    return World(tmp_path, trees, image_store)
+
+
+def test_a_job_without_gpus_gets_no_vm(world):
+    assert world.prolog(SLURM_JOB_GPUS="") == 0
+    assert world.lines == ["dgxvm prolog: job 42 (user root, Slurm GPUs none): no GPUs asked for, no VM"]
+    assert world.calls() == []
+
+
+def test_bad_comment_cancels_the_job_and_keeps_the_node(world):
+    assert world.prolog(SLURM_JOB_COMMENT="dgxvm:imag=x") == 0
+    [line] = world.lines
+    assert line.startswith("dgxvm prolog: job 42 (user root, Slurm GPUs 0-3): refused at "
+                           "reading the request (partition, job comment, image): job comment "
+                           "'dgxvm:imag=x': unknown key 'imag'")
+    assert line.endswith("job cancelled, node stays in service")
+    assert world.calls()[-1] == "scancel 42"
+    rec = world.admin_comment()
+    assert rec["state"] == "refused" and "unknown key" in rec["cause"] and rec["domain"] == "job-42"
+    assert world.env.ledger.read().allocations == {}
+
+
+def test_missing_default_image_drains_the_node(tmp_path, trees, image_store):
+    w = World(tmp_path, trees, image_store, partitions={"batch": {"image": "gone"}})
+    assert w.prolog() == 1
+    [line] = w.lines
+    assert "failed at reading the request" in line and "gone" in line
+    assert line.endswith("exit 1 drains the node, the job is requeued")
+    assert not any(c.startswith("scancel") for c in w.calls())
+    assert w.admin_comment()["state"] == "failed"
+
+
+def test_fragmentation_under_strict_requeues_the_job(world):
+    host = world.env.host
+    # someone holds one GPU of every 4-block: 12 GPUs free, no aligned 4-block
+    for i, first in enumerate((0, 4, 8, 12)):
+        p = place(host, world.env.ledger.read().occupancy(), Request(count=1, gpu_index=first),
+                  Policy())
+        world.env.ledger.allocate(Allocation.from_placement(job_key(100 + i), p, owner="job",
+                                                            job_id=100 + i, domain=f"x{i}"))
+    assert world.prolog() == 0
+    assert "job requeued to wait for an aligned block" in world.lines[-1]
+    assert world.calls()[-1] == "scontrol requeue 42"
+    assert job_key(42) not in world.env.ledger.read().allocations
+
+
+def test_a_job_that_cannot_be_cancelled_drains(tmp_path, trees, image_store):
+    w = World(tmp_path, trees, image_store, fail="scancel")
+    assert w.prolog(SLURM_JOB_COMMENT="dgxvm:image=nope") == 1
+    assert "could not cancel the job" in w.lines[-1] and "refused by test" in w.lines[-1]
+
+
+def test_accounting_that_fails_does_not_fail_the_job(tmp_path, trees, image_store):
+    w = World(tmp_path, trees, image_store, fail="AdminComment")
+    assert w.prolog(SLURM_JOB_COMMENT="dgxvm:image=nope") == 0
+    assert any("accounting not written (the job is not affected)" in l for l in w.lines)
+
+
+def test_not_a_job_drains(world):
+    assert world.prolog(SLURM_JOB_ID="") == 1
+    assert "SLURM_JOB_ID is not set" in world.lines[-1]
+
+
+def test_epilog_with_nothing_to_do(world):
+    assert world.epilog() == 0 and world.epilog() == 0
+    assert world.lines == [] and world.calls() == []
+
+
+def test_epilog_releases_a_ledger_entry_without_a_vm(world):
+    p = place(world.env.host, EMPTY, Request(count=4), Policy())
+    world.env.ledger.allocate(Allocation.from_placement(job_key(42), p, owner="job", job_id=42,
+                                                        domain="job-42"))
+    world.env.vms.make_dir("job-42")          # a Prolog killed before it wrote the record
+    assert world.epilog() == 0
+    assert world.env.ledger.read().allocations == {}
+    assert not world.env.vms.dir("job-42").exists()
+    assert "cleaned up what was left of job-42" in world.lines[-1]
+    assert world.epilog() == 0                # twice is fine
+
+
+def test_epilog_leaves_other_jobs_alone(world):
+    p = place(world.env.host, EMPTY, Request(count=4), Policy())
+    world.env.ledger.allocate(Allocation.from_placement(job_key(7), p, owner="job", job_id=7,
+                                                        domain="job-7"))
+    assert world.epilog() == 0
+    assert set(world.env.ledger.read().allocations) == {job_key(7)}
+
+
+def test_record_is_world_readable_json(world):
+    # `dgxvm job` runs as the job's user in its batch script and reads the record
+    p = place(world.env.host, EMPTY, Request(count=4), Policy())
+    from slurm_dgxvm.records import VmRecord
+    world.env.vms.make_dir("job-42")
+    world.env.vms.save(VmRecord(name="job-42", uuid="u", state="running", owner="job",
+                                ledger_key=job_key(42), job_id=42, user="root", uid=0, gid=0,
+                                workdir=None, image="base", image_version="1", address="10.0.0.2",
+                                mac="52:54:00:00:00:01", network="dgxvm", allocation={},
+                                placement=p.to_json()))
+    path = world.env.vms.dir("job-42") / "record.json"
+    assert path.stat().st_mode & 0o004
+    assert json.loads(path.read_text())["address"] == "10.0.0.2"
