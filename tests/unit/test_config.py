@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from slurm_dgxvm import config as config_mod
@@ -143,3 +145,22 @@ def test_command_line_overrides_win_over_the_environment(monkeypatch):
     monkeypatch.setenv(config_mod.ENV_STATE_DIR, "/env/state")
     cfg = load().with_overrides(state_dir="/cli/state")
     assert cfg.host.state_dir == "/cli/state"
+
+
+def test_example_config_documents_every_key_with_its_default():
+    """etc/dgxvm.toml is what admins copy: it must load, hold every key, and show the defaults."""
+    import dataclasses
+    import re
+    import tomllib
+    text = (Path(__file__).resolve().parents[2] / "etc" / "dgxvm.toml").read_text()
+    # the partition table is shown commented out; uncomment it to check it too
+    text = text.replace("# [partitions.default]", "[partitions.default]")
+    text = re.sub(r"^# (\w+ = )", r"\1", text, flags=re.M)
+    data = tomllib.loads(text)
+    cfg = config_mod.from_dict(data)
+    for section, cls in config_mod._SECTIONS.items():
+        assert set(data[section]) == {f.name for f in dataclasses.fields(cls)}, section
+        assert getattr(cfg, section) == cls(), section
+    assert set(data["partitions"]["default"]) == {
+        f.name for f in dataclasses.fields(config_mod.PartitionConfig)}
+    assert cfg.partitions["default"] == config_mod.PartitionConfig()
