@@ -84,6 +84,7 @@ class SlurmConfig:
     command_timeout_s: float = 10.0           # bound on every Slurm command dgxvm runs
     accounting: bool = True                   # write the VM record into the job's AdminComment
     domain_prefix: str = "job-"               # a job's VM is the domain <prefix><job id>
+    log_file: str = "auto"                    # where hooks' lines go on success (see etc/)
 
 
 @dataclass(frozen=True)

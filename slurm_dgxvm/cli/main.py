@@ -219,7 +219,9 @@ def _emit_json(doc) -> None:
 def main(argv=None) -> int:
     """Entry point: run the CLI, turning our errors into one line and an exit code."""
     try:
-        cli.main(args=argv, prog_name="dgxvm", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="dgxvm", standalone_mode=False)
+        if isinstance(rv, int):
+            return rv   # click returns the code of a ctx.exit()/Exit without standalone_mode
     except DgxvmError as exc:
         click.echo(f"dgxvm: error: {exc}", err=True)
         return exc.exit_code

@@ -14,15 +14,10 @@ import click
 
 from ..errors import BadInput, DgxvmError
 from ..records import KNOWN_HOSTS, USER_KEY
-from ..slurm import hooks
+from ..slurm import hooks, log as hook_log
 from ..slurm.commands import Slurm
 from ..slurm.job import domain_for
 from ..slurm.report import render, summarize
-
-
-def _emit(line: str) -> None:
-    # slurmd writes a hook's output into its log: one line per event, nothing on stdout
-    click.echo(line.replace("\n", " | "), err=True)
 
 
 def _interruptible() -> None:
@@ -38,14 +33,20 @@ def _interruptible() -> None:
 
 def _hook(c, which: str, run) -> None:
     _interruptible()
+    lines: list[str] = []
+
+    def emit(line: str) -> None:
+        lines.append(line.replace("\n", " | "))   # one line per event
     try:
         env = c.env
         env.cfg  # noqa: B018 - read the config now: a bad one is this hook's failure
     except DgxvmError as exc:
-        _emit(f"dgxvm {which}: job {os.environ.get('SLURM_JOB_ID', '?')}: failed at reading the "
-              f"config: {exc}; exit 1 drains the node")
+        emit(f"dgxvm {which}: job {os.environ.get('SLURM_JOB_ID', '?')}: failed at reading the "
+             f"config: {exc}; exit 1 drains the node")
+        hook_log.write(lines, failed=True, setting="")
         raise click.exceptions.Exit(hooks.EXIT_DRAIN)
-    rc = run(env, os.environ, Slurm(env.cfg.slurm), _emit)
+    rc = run(env, os.environ, Slurm(env.cfg.slurm), emit)
+    hook_log.write(lines, failed=rc != 0, setting=env.cfg.slurm.log_file)
     raise click.exceptions.Exit(rc)
 
 

@@ -141,7 +141,13 @@ def create_request(cfg: Config, job: SlurmJob, images, home: str | None) -> Crea
         except ImageError as exc:
             raise JobRefused(reason=f"job comment dgxvm:image={chosen}: {exc}") from None
     else:
-        image = images.get(part.image or None)   # ImageError here is the node's fault
+        try:
+            image = images.get(part.image or None)
+        except ImageError as exc:                # the node's fault: its config or its store
+            where = (f"partition {job.partition}'s image" if part.image
+                     else "the default image")
+            raise ImageError(f"{where}: {exc}", name=part.image or None,
+                             reason=exc.reason) from None
     n = len(job.gpus)
     data_disk = part.data_disk_gib if part.data_disk_gib >= 0 else None
     return CreateRequest(

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -199,3 +200,37 @@ def vmenv(vm_base, libvirt_stack, guest_manifest):
             env.dgxvm("delete", "--domain", name)
         env.virsh("net-destroy", env.network, check=False)
         env.virsh("net-undefine", env.network, check=False)
+
+
+# -- a Slurm cluster on the session's libvirt stack ---------------------------------------------
+@pytest.fixture(scope="session")
+def slurm_node(vmenv):
+    """munged, MariaDB + slurmdbd, slurmctld and slurmd for the simulated DGX-2 in the libvirt
+    stack's namespace, Prolog/Epilog = this checkout's prolog/ and epilog/ with the VM tests'
+    config. Partition ``batch`` (default) uses the default image; partition ``broken`` names an
+    image that is not installed (a misconfigured node). Stopped by PID at the end."""
+    from harness.node import Jobs, install_for_users, slurm_cluster
+    env = vmenv
+    env.config.write_text(env.config_text + '\n[partitions.broken]\nimage = "gone"\n')
+    run_dir = Path(tempfile.mkdtemp(prefix="dgxvm-slurm-", dir="/var/tmp"))
+    os.chmod(run_dir, 0o755)
+    jobs_dir = env.workdir / "jobs"
+    jobs_dir.mkdir(exist_ok=True)
+    os.chown(jobs_dir, env.uid, env.gid)
+    cluster = slurm_cluster(run_dir, netns=env.netns, dgxvm=DGXVM, config=env.config,
+                            sysfs=env.sysfs,
+                            extra_conf="PartitionName=broken Nodes=dgx01 MaxTime=INFINITE "
+                                       "State=UP\n")
+    try:
+        cluster.start()
+        cluster.add_user(TEST_USER)
+        yield SimpleNamespace(env=env, cluster=cluster,
+                              jobs=Jobs(cluster, user=TEST_USER, workdir=jobs_dir,
+                                        config=env.config,
+                                        dgxvm=install_for_users(run_dir / "dgxvm-for-users")))
+    finally:
+        try:
+            cluster.stop()
+        finally:
+            env.config.write_text(env.config_text)
+            shutil.rmtree(run_dir, ignore_errors=True)

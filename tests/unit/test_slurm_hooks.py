@@ -172,3 +172,24 @@ def test_record_is_world_readable_json(world):
     path = world.env.vms.dir("job-42") / "record.json"
     assert path.stat().st_mode & 0o004
     assert json.loads(path.read_text())["address"] == "10.0.0.2"
+
+
+def test_the_cli_exit_status_is_the_hooks(tmp_path, trees, image_store, monkeypatch, capsys):
+    """Slurm sees `dgxvm prolog`'s exit status: 1 must reach it (it drains the node)."""
+    from slurm_dgxvm.cli.main import main
+    w = World(tmp_path, trees, image_store, partitions={"batch": {"image": "gone"}})
+    cfg = tmp_path / "dgxvm.toml"
+    cfg.write_text(
+        f'[host]\nsysfs_root = "{trees["dgx2"]}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[libvirt]\nuri = "test:///default"\n[images]\nstore = "{image_store}"\n'
+        f'[slurm]\nbin_dir = "{tmp_path / "bin"}"\nlog_file = ""\n'
+        f'[partitions.batch]\nimage = "gone"\n')
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    assert main(["--config", str(cfg), "prolog"]) == 1
+    err = capsys.readouterr().err
+    assert "dgxvm prolog: job 42 (user root, Slurm GPUs 0-3): failed at" in err
+    assert main(["--config", str(cfg), "epilog"]) == 0
+    monkeypatch.setenv("SLURM_JOB_GPUS", "")
+    assert main(["--config", str(cfg), "prolog"]) == 0
+    assert w.env.ledger.read().allocations == {}
