@@ -73,15 +73,19 @@ def install_for_users(dest: Path) -> Path:
     return exe
 
 
-def hook_wrappers(run_dir: Path, dgxvm: Path, config: Path) -> tuple[Path, Path]:
+def hook_wrappers(run_dir: Path, dgxvm: Path, config: Path,
+                  noop_comment: str | None = None) -> tuple[Path, Path]:
     """prolog/epilog scripts for slurm.conf that run this checkout's prolog/dgxvm-prolog and
     epilog/dgxvm-epilog with ``dgxvm`` and ``config`` (slurmd gives hooks only Slurm's
-    environment, so the wrapper names them)."""
+    environment, so the wrapper names them). ``noop_comment``: jobs whose comment holds it get
+    a hook that does nothing (the benchmark's baseline)."""
     out = []
     run_dir.mkdir(parents=True, exist_ok=True)
+    gate = (f'case "$SLURM_JOB_COMMENT" in *{noop_comment}*) exit 0;; esac\n'
+            if noop_comment else "")
     for which in ("prolog", "epilog"):
         path = run_dir / f"dgxvm-{which}-wrapper"
-        path.write_text(f"#!/bin/sh\nDGXVM={dgxvm} DGXVM_CONFIG={config}\n"
+        path.write_text(f"#!/bin/sh\n{gate}DGXVM={dgxvm} DGXVM_CONFIG={config}\n"
                         f"export DGXVM DGXVM_CONFIG\nexec {REPO}/{which}/dgxvm-{which}\n")
         path.chmod(0o755)
         out.append(path)
@@ -97,13 +101,13 @@ def gres_conf(dgxvm: Path, sysfs: Path, dev_dir: Path) -> str:
 
 def slurm_cluster(run_dir: Path, *, netns: str, dgxvm: Path, config: Path, sysfs: Path,
                   prolog: Path | None = None, epilog: Path | None = None,
-                  extra_conf: str = "") -> SlurmCluster:
+                  extra_conf: str = "", noop_comment: str | None = None) -> SlurmCluster:
     """The Slurm side of the node (not started): slurm.conf with the dgxvm hooks (or the
     ``prolog``/``epilog`` given), gres.conf from ``dgxvm gres-conf``, a simulated DGX-2."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(run_dir, 0o755)
-    wrappers = hook_wrappers(run_dir / "hooks", dgxvm, config)
+    wrappers = hook_wrappers(run_dir / "hooks", dgxvm, config, noop_comment)
     return SlurmCluster(
         run_dir / "slurm", netns=netns, node_name=NODE_NAME, node=DGX2_SHAPE,
         gres_conf=gres_conf(dgxvm, sysfs, run_dir / "slurm" / "dev" / "vfio"),
@@ -133,10 +137,12 @@ class LocalNode:
     def __init__(self, *, netns: str = "dgxvm-node", user: str = "dgxvmuser",
                  network: str = "dgxvmnode", cidr: str = "10.214.0.0/24",
                  prolog: Path | None = None, epilog: Path | None = None,
-                 config_extra: str = "", slurm_extra: str = ""):
+                 config_extra: str = "", slurm_extra: str = "",
+                 noop_comment: str | None = None):
         self.netns, self.user, self.network, self.cidr = netns, user, network, cidr
         self._prolog, self._epilog = prolog, epilog
         self.config_extra, self.slurm_extra = config_extra, slurm_extra
+        self.noop_comment = noop_comment
         self.dgxvm = default_dgxvm()
         self.base: Path | None = None
         self.stack: LibvirtStack | None = None
@@ -192,7 +198,8 @@ class LocalNode:
             self.cluster = slurm_cluster(self.base / "cluster", netns=self.netns,
                                          dgxvm=self.dgxvm, config=self.config, sysfs=sysfs,
                                          prolog=self._prolog, epilog=self._epilog,
-                                         extra_conf=self.slurm_extra)
+                                         extra_conf=self.slurm_extra,
+                                         noop_comment=self.noop_comment)
             self.cluster.start()
             self.cluster.add_user(self.user)
             self.jobs = Jobs(self.cluster, user=self.user, workdir=self.workdir,

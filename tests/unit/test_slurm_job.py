@@ -4,7 +4,6 @@ partition's defaults, and which failures are the job's and which the node's."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 
