@@ -126,6 +126,8 @@ def main() -> int:
                   f"dgxvm delete {t_delete:5.2f}s  (raw shutdown {raw_down:5.2f}s)", flush=True)
         conn.close()
     finally:
+        for verb in ("net-destroy", "net-undefine"):   # persistent: it would outlive the stack
+            subprocess.run(["virsh", "-c", "qemu:///system", verb, NETWORK], capture_output=True)
         stack.stop()
         shutil.rmtree(base, ignore_errors=True)
 

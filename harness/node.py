@@ -245,7 +245,8 @@ class LocalNode:
 
     # -- using it ----------------------------------------------------------------------------------
     def dgxvm_cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        env = {**os.environ}
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("DGXVM_STATE_DIR", "DGXVM_SYSFS_ROOT")}   # the node's config rules
         if self.base is not None:
             env["DGXVM_CONFIG"] = str(self.config)
         r = subprocess.run([str(self.dgxvm), *args], capture_output=True, text=True, env=env,

@@ -56,7 +56,9 @@ DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
 # Environment variables that would steer Slurm clients or daemons away from our config (the test
 # process may itself run inside a Slurm job).
 _SLURM_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SQUEUE_", "SINFO_", "SACCT_",
-                       "SACCTMGR_", "SCONTROL_", "SCANCEL_", "SPANK_")
+                       "SACCTMGR_", "SCONTROL_", "SCANCEL_", "SPANK_",
+                       # and dgxvm's own: hooks and jobs get theirs from the node's wrappers
+                       "DGXVM_")
 _MARKER = "DGXVM_SLURM_HARNESS"  # in every daemon's environment; slurmstepd inherits slurmd's
 LOCK_DIR = Path("/run")
 # glibc's AI_ADDRCONFIG, which Slurm passes with AF_INET, finds nothing (not even 127.0.0.1)

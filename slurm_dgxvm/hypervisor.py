@@ -87,6 +87,8 @@ def _ensure_network(conn, name: str, cidr: str) -> libvirt.virNetwork:
             net = conn.networkDefineXML(xml)
         with libvirt_errors(uri, f"autostart network {name}"):
             net.setAutostart(1)
+    else:
+        _check_subnet(net, name, cidr, uri)
     if not net.isActive():
         with libvirt_errors(uri, f"start network {name}"):
             try:
@@ -95,6 +97,23 @@ def _ensure_network(conn, name: str, cidr: str) -> libvirt.virNetwork:
                 if not net.isActive():
                     raise
     return net
+
+
+def _check_subnet(net, name: str, cidr: str, uri: str) -> None:
+    """Refuse a network of that name on another subnet (left by another config): reservations
+    from ``cidr`` would never be served and every guest would wait out its DHCP."""
+    root = ET.fromstring(net.XMLDesc(0))
+    ip = root.find("ip")
+    if ip is None or ip.get("address") is None:
+        raise HypervisorError(uri=uri, reason=f"network {name} exists without an IPv4 address; "
+                                              f"it is not dgxvm's (libvirt.network_cidr {cidr})")
+    prefix = ip.get("prefix") or ip.get("netmask") or "32"
+    have = ipaddress.ip_interface(f"{ip.get('address')}/{prefix}").network
+    if have != ipaddress.ip_network(cidr):
+        raise HypervisorError(uri=uri, reason=(
+            f"network {name} exists on {have}, but libvirt.network_cidr is {cidr}; remove it "
+            f"(virsh net-destroy {name}; virsh net-undefine {name}) or set network_cidr = "
+            f"\"{have}\""))
 
 
 def _dhcp_hosts(net) -> dict[str, tuple[str, str]]:

@@ -112,3 +112,21 @@ def test_the_hook_script_in_etc_is_the_one_dgxvm_writes():
     text = libvirt_hook_script("/opt/my dgxvm/bin/dgxvm", "/etc/dgxvm/a b.toml")
     assert "'/opt/my dgxvm/bin/dgxvm' hook qemu" in text
     assert "DGXVM_CONFIG='/etc/dgxvm/a b.toml'" in text
+
+
+def test_a_network_of_that_name_on_another_subnet_is_refused(tmp_path):
+    """A network left by another config (another subnet) would never serve the reservations:
+    every guest would wait out its DHCP. libvirt's test driver has "default" on
+    192.168.122.0/24."""
+    import libvirt
+    from slurm_dgxvm.errors import HypervisorError
+    from slurm_dgxvm.hypervisor import ensure_network
+    conn = libvirt.open("test:///default")
+    try:
+        with pytest.raises(HypervisorError) as exc:
+            ensure_network(conn, "default", "10.213.0.0/24", str(tmp_path))
+        assert "network default exists on 192.168.122.0/24, but libvirt.network_cidr is " \
+               "10.213.0.0/24" in str(exc.value)
+        assert ensure_network(conn, "default", "192.168.122.0/24", str(tmp_path)).name() == "default"
+    finally:
+        conn.close()
