@@ -63,12 +63,10 @@ class Slurm:
     SACCT_FIELDS = ("JobID", "User", "Account", "Partition", "State", "Start", "End",
                     "ElapsedRaw", "AllocTRES", "AdminComment")
 
-    def sacct(self, *, since: str, until: str = "now", users: str | None = None) -> list[dict]:
-        """Jobs (allocations only, no steps) that ran between ``since`` and ``until``."""
+    def sacct(self, *, since: str, until: str = "now") -> list[dict]:
+        """Jobs of every user (allocations only, no steps) between ``since`` and ``until``."""
         args = ["-a", "-X", "-n", "-P", "--delimiter=|", "-S", since, "-E", until,
                 "-o", ",".join(self.SACCT_FIELDS)]
-        if users:
-            args[:1] = ["-u", users]
         out = []
         for line in self.run("sacct", *args).splitlines():
             if not line.strip():
