@@ -26,7 +26,8 @@ SCRIPT = """#!/bin/sh
 set -e
 eval "$(dgxvm job --env)"
 echo "job $SLURM_JOB_ID: my VM is $DGXVM_DOMAIN at $DGXVM_ADDRESS"
-$DGXVM_SSH 'echo "inside: $(hostname), uid $(id -u), $(nproc) vCPU, kernel $(uname -r)"; ls $PWD >/dev/null && echo "work dir $PWD shared"'
+$DGXVM_SSH 'echo "inside: $(hostname), uid $(id -u), $(nproc) vCPU, kernel $(uname -r)"'
+$DGXVM_SSH "test -f $PWD/slurm-$SLURM_JOB_ID.out" && echo "the guest sees this job's output file in $PWD: the work dir is shared"
 sleep {hold}
 """
 

@@ -2,8 +2,10 @@
 
 The Prolog writes it with ``scontrol update job=ID AdminComment=...`` once the VM is up (or
 refused); the Epilog, after the job has ended, can only use ``sacctmgr -i modify job``, which
-turns ``"`` and ``'`` into backticks. So the record is a line of ``key=value`` words whose values
-are percent-encoded (no quote, space, ``|`` or ``%`` appears raw) and it survives both paths::
+turns ``"`` and ``'`` into backticks and lowercases the whole value (seen: ``%3B`` came back as
+``%3b``). So the record is a line of ``key=value`` words whose values are percent-encoded,
+capitals included (no quote, space, ``|``, ``%`` or capital letter appears raw), and it survives
+both paths::
 
     dgxvm/1 state=ended domain=job-42 gpus=8-11 slurm_gpus=0-3 aligned=yes ...
 
@@ -13,13 +15,19 @@ report``). Writing it is best effort: a failure is logged and never fails the jo
 
 from __future__ import annotations
 
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from ..ranges import format_index_list
 from ..records import VmRecord
 
 PREFIX = "dgxvm/1"
-_SAFE = "-._~:@+/,"        # everything else is %XX: no space, quote, backtick, '|', '=' or '%'
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._~:@+/,")   # everything else is %XX
+
+
+def _escape(value: str) -> str:
+    """%XX (UTF-8) for every character outside _SAFE: capitals too, sacctmgr lowercases."""
+    return "".join(ch if ch in _SAFE else "".join(f"%{b:02X}" for b in ch.encode())
+                   for ch in value)
 
 # Order of the keys in the line (readability in sacct); unknown keys follow.
 KEYS = ("state", "domain", "gpus", "slurm_gpus", "aligned", "remapped", "nvswitches", "fm",
@@ -36,7 +44,7 @@ def encode(fields: dict) -> str:
             continue
         if isinstance(value, bool):
             value = "yes" if value else "no"
-        words.append(f"{key}={quote(str(value), safe=_SAFE)}")
+        words.append(f"{key}={_escape(str(value))}")
     return " ".join(words)
 
 
