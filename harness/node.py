@@ -322,5 +322,7 @@ class Jobs:
     def vms(self) -> list[dict]:
         env = {**os.environ, "DGXVM_CONFIG": str(self.config)}
         r = subprocess.run([str(self.dgxvm), "list", "--json"], capture_output=True, text=True,
-                           env=env, timeout=60, check=True)
+                           env=env, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"dgxvm list --json: exit {r.returncode}: {r.stderr.strip()}")
         return json.loads(r.stdout)

@@ -206,7 +206,15 @@ def lookup(conn, name: str):
 
 
 def state_name(dom) -> str:
-    state, _reason = dom.state()
+    """running, paused, shutting-down, shut-off, crashed, suspended; "undefined" for a domain
+    that went away since it was looked up (a `dgxvm list` during a delete)."""
+    try:
+        state, _reason = dom.state()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return "undefined"
+        raise HypervisorError(uri=dom.connect().getURI(),
+                              reason=f"state of domain {dom.name()}: {exc}") from exc
     return {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_BLOCKED: "running",
             libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
             libvirt.VIR_DOMAIN_SHUTOFF: "shut-off", libvirt.VIR_DOMAIN_CRASHED: "crashed",

@@ -130,3 +130,19 @@ def test_a_network_of_that_name_on_another_subnet_is_refused(tmp_path):
         assert ensure_network(conn, "default", "192.168.122.0/24", str(tmp_path)).name() == "default"
     finally:
         conn.close()
+
+
+def test_a_domain_that_went_away_since_its_lookup_is_undefined():
+    """`dgxvm list` while a VM is being deleted: the domain it looked up vanishes before its
+    state is read (this made `dgxvm list` fail with an internal error in the demo)."""
+    import libvirt
+    from slurm_dgxvm.hypervisor import state_name
+    conn = libvirt.open("test:///default")
+    try:
+        dom = conn.defineXML("<domain type='test'><name>gone</name><memory>1024</memory>"
+                             "<os><type>hvm</type></os></domain>")
+        assert state_name(dom) == "shut-off"
+        dom.undefine()
+        assert state_name(dom) == "undefined"
+    finally:
+        conn.close()
