@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import threading
@@ -37,6 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import libvirt
+
+from .proc import exe as _exe, ip as _ip, netns_inode_of_pid as _netns_inode_of_pid
+from .proc import socket_answers as _socket_answers, tail as _tail
 
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
@@ -68,55 +70,12 @@ def _alive(pid: int) -> bool:
     return state not in (b"Z", b"X", b"")
 
 
-def _exe(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return ""
-
-
-def _netns_inode_of_pid(pid: int) -> int | None:
-    try:
-        link = os.readlink(f"/proc/{pid}/ns/net")  # "net:[4026532281]"
-    except OSError:
-        return None
-    return int(link[link.index("[") + 1:-1])
-
-
 def _read_pid_file(path: Path) -> int | None:
     try:
         text = path.read_text().strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None
-
-
-def _socket_answers(path: Path) -> bool:
-    if not path.exists():
-        return False
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(1.0)
-    try:
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def _open_with_timeout(uri: str, timeout: float) -> libvirt.virConnect | None:

@@ -37,12 +37,14 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from .proc import exe as _exe, ip as _ip, netns_inode_of_pid as _netns_inode_of_pid
+from .proc import socket_answers as _socket_answers, tail as _tail
 
 CTLD_PORT, SLURMD_PORT, DBD_PORT, DB_PORT = 6817, 6818, 6819, 3307
 START_TIMEOUT_S = 60.0
@@ -140,13 +142,6 @@ def _alive(pid: int, start: int | None = None) -> bool:
     return start is None or st.start == start
 
 
-def _exe(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return ""
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
@@ -155,47 +150,11 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _netns_inode_of_pid(pid: int) -> int | None:
-    try:
-        link = os.readlink(f"/proc/{pid}/ns/net")  # "net:[4026532281]"
-    except OSError:
-        return None
-    return int(link[link.index("[") + 1:-1])
-
-
 def _environ_has(pid: int, needle: bytes) -> bool:
     try:
         return needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return False
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _socket_answers(path: Path) -> bool:
-    if not path.exists():
-        return False
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(1.0)
-    try:
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 # -- gres.conf File= paths -------------------------------------------------------------------
