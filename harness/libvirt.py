@@ -23,7 +23,6 @@ What it does (see harness/README.md for the why):
 from __future__ import annotations
 
 import atexit
-import fcntl
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ import libvirt
 
 from .proc import exe as _exe, ip as _ip, netns_inode_of_pid as _netns_inode_of_pid
 from .proc import socket_answers as _socket_answers, tail as _tail
+from .proc import delete_netns_if_empty, drop_lock, take_lock, terminate
 
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
@@ -191,7 +191,7 @@ class LibvirtStack:
         for name in ("libvirtd", "virtlogd"):
             proc = self._procs.get(name)
             if proc is not None:
-                self._terminate(proc, name, problems)
+                terminate(proc, name, STOP_TIMEOUT_S, problems)
         self._procs.clear()
         self.timings["stop_daemons_s"] = time.monotonic() - t0 - self.timings["stop_destroy_s"]
         for f in self._logs:
@@ -240,22 +240,12 @@ class LibvirtStack:
     def _lock(self) -> None:
         if self._lock_fd is not None:
             return
-        fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise RuntimeError(f"another LibvirtStack holds {LOCK_PATH} (pid {holder or '?'}); "
-                               "only one system libvirtd can run at a time") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = take_lock(LOCK_PATH, "another LibvirtStack holds {path} (pid {holder}); "
+                                             "only one system libvirtd can run at a time")
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)
-            os.close(self._lock_fd)  # closing releases the flock
+            drop_lock(self._lock_fd)
             self._lock_fd = None
 
     def _refuse_if_running(self) -> None:
@@ -409,19 +399,6 @@ class LibvirtStack:
             if _netns_inode_of_pid(pid) == self._netns_inode:
                 self._seen_children[pid] = kind
 
-    def _terminate(self, proc: subprocess.Popen, name: str, problems: list[str]) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                problems.append(f"{name} (pid {proc.pid}) ignored SIGTERM for "
-                                f"{STOP_TIMEOUT_S:.0f} s; SIGKILLed")
-                proc.kill()
-                proc.wait(5)
-        else:
-            proc.wait()
-
     def _kill_leftovers(self, problems: list[str]) -> None:
         left = {}
         for pid, kind in self._seen_children.items():
@@ -457,19 +434,7 @@ class LibvirtStack:
     def _delete_netns(self, problems: list[str]) -> None:
         if not self._netns_created:
             return
-        deadline = time.monotonic() + 5.0
-        while True:
-            left = _ip("netns", "pids", self.netns, check=False).stdout.split()
-            if not left or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        if left:
-            problems.append(f"processes {left} still in namespace {self.netns} "
-                            f"({[_exe(int(p)) for p in left]}); namespace kept")
-            return
-        proc = _ip("netns", "delete", self.netns, check=False)
-        if proc.returncode != 0:
-            problems.append(f"ip netns delete {self.netns}: {proc.stderr.strip()}")
+        if not delete_netns_if_empty(self.netns, problems):
             return
         self._netns_created = False
         self._netns_inode = None

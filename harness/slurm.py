@@ -29,7 +29,6 @@ What it does (see harness/README.md for the why and the measurements):
 from __future__ import annotations
 
 import atexit
-import fcntl
 import json
 import os
 import pwd
@@ -45,6 +44,7 @@ from pathlib import Path
 
 from .proc import exe as _exe, ip as _ip, netns_inode_of_pid as _netns_inode_of_pid
 from .proc import socket_answers as _socket_answers, tail as _tail
+from .proc import delete_netns_if_empty, drop_lock, take_lock, terminate
 
 CTLD_PORT, SLURMD_PORT, DBD_PORT, DB_PORT = 6817, 6818, 6819, 3307
 START_TIMEOUT_S = 60.0
@@ -356,9 +356,9 @@ class SlurmCluster:
             self._note_ours()
             t1 = time.monotonic()
             if name == "slurmd":
-                self._terminate(proc, name, SLURMD_KILL_AFTER_S, notes)
+                terminate(proc, name, SLURMD_KILL_AFTER_S, notes)
             else:
-                self._terminate(proc, name, STOP_TIMEOUT_S, problems)
+                terminate(proc, name, STOP_TIMEOUT_S, problems)
             self.timings[f"stop_{name}_s"] = time.monotonic() - t1
         self._procs.clear()
         if self._install is not None:  # start() failed before mariadb-install-db was done
@@ -481,22 +481,12 @@ class SlurmCluster:
         if self._lock_fd is not None:
             return
         path = LOCK_DIR / f"dgxvm-slurm-harness.{self.netns}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise RuntimeError(f"another SlurmCluster holds {path} (pid {holder or '?'}): one "
-                               f"cluster per namespace") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = take_lock(path, "another SlurmCluster holds {path} (pid {holder}): one "
+                                        "cluster per namespace")
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)
-            os.close(self._lock_fd)
+            drop_lock(self._lock_fd)
             self._lock_fd = None
 
     def _setup_netns(self) -> None:
@@ -850,23 +840,6 @@ class SlurmCluster:
                     self._ours[pid] = st.start
                     changed = True
 
-    def _terminate(self, proc: subprocess.Popen, name: str, kill_after: float,
-                   problems: list[str]) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(kill_after)
-            except subprocess.TimeoutExpired:
-                problems.append(f"{name} (pid {proc.pid}) ignored SIGTERM for "
-                                f"{kill_after:.0f} s; SIGKILLed")
-                proc.kill()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    problems.append(f"{name} (pid {proc.pid}) survived SIGKILL")
-        else:
-            proc.wait()
-
     def _kill_leftovers(self, problems: list[str]) -> None:
         self._note_ours()
         left = {pid: start for pid, start in self._ours.items()
@@ -908,19 +881,7 @@ class SlurmCluster:
         if not self._netns_created:
             self._netns_inode = None
             return
-        deadline = time.monotonic() + 5.0
-        while True:
-            left = _ip("netns", "pids", self.netns, check=False).stdout.split()
-            if not left or time.monotonic() > deadline:
-                break
-            time.sleep(POLL_S)
-        if left:
-            problems.append(f"processes {left} still in namespace {self.netns} "
-                            f"({[_exe(int(p)) for p in left]}); namespace kept")
-            return
-        proc = _ip("netns", "delete", self.netns, check=False)
-        if proc.returncode != 0:
-            problems.append(f"ip netns delete {self.netns}: {proc.stderr.strip()}")
+        if not delete_netns_if_empty(self.netns, problems, POLL_S):
             return
         self._netns_created = False
         self._netns_inode = None
