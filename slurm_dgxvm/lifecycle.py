@@ -278,7 +278,8 @@ def delete(env: Env, name: str, progress: Progress = _quiet, *,
     rec = env.vms.load(name)
     conn = env.connect()
     dom = hypervisor.lookup(conn, name)
-    key = rec.ledger_key if rec else _ledger_key_of(env, name)
+    held = None if rec else _ledger_entry_of(env, name)
+    key = rec.ledger_key if rec else (held.key if held else None)
     if rec is None and key is None:
         if dom is not None and (job_id is None or _domain_job(dom) != job_id):
             raise DomainNotFound(name=f"{name} (a libvirt domain dgxvm did not create; "
@@ -295,9 +296,7 @@ def delete(env: Env, name: str, progress: Progress = _quiet, *,
         with hypervisor.libvirt_errors(env.uri, f"undefine domain {name}"):
             hypervisor.undefine(dom)
     progress("releasing")
-    alloc = rec.allocation if rec else (
-        env.ledger.read().allocations[key].to_json() if key else {})
-    fm = alloc.get("fm_partition")
+    fm = rec.allocation.get("fm_partition") if rec else (held.fm_partition if held else None)
     if fm is not None:
         env.fabric.deactivate(fm)
     hypervisor.release_address(conn, rec.network if rec else env.cfg.libvirt.network,
@@ -323,10 +322,10 @@ def _domain_job(dom) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _ledger_key_of(env: Env, name: str) -> str | None:
-    for key, alloc in env.ledger.read().allocations.items():
+def _ledger_entry_of(env: Env, name: str) -> Allocation | None:
+    for alloc in env.ledger.read().allocations.values():
         if alloc.domain == name:
-            return key
+            return alloc
     return None
 
 

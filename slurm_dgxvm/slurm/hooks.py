@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import time
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -179,7 +178,6 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         name = domain_for(env.cfg, job.job_id)
         stage("reading the VM record")
         before = env.vms.load(name)
-        t0 = time.monotonic()
         try:
             rec = lifecycle.delete(env, name, stage, job_id=job.job_id)
         except DomainNotFound:
@@ -203,7 +201,7 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
     else:
         ended = f"job ended; {rec.ended}"
     rec = rec.with_(ended=ended)
-    emit(f"{where}: VM {name} removed in {time.monotonic() - t0:.2f}s ({ended})")
+    emit(f"{where}: VM {name} removed in {rec.teardown_s:.2f}s ({ended})")
     if env.cfg.slurm.accounting:
         _account(emit, where, lambda: slurm.set_admin_comment_after_end(
             job.job_id, encode(vm_fields(rec, state="ended"))))
