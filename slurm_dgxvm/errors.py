@@ -91,6 +91,21 @@ class DomainExists(BadInput):
     template = "domain {name} already exists{where}"
 
 
+class JobInputError(BadInput):
+    """A value a Slurm job controls (its environment, comment, work dir, user, sizes) that this
+    node refuses. Always the job's fault: the job is refused, the node stays in service.
+    ``what`` names the input, ``value`` the bad value."""
+
+    template = "{what} {value!r}: {reason}"
+
+
+class ShareRefused(JobInputError):
+    """A directory the job asked to share into its VM that the share policy or the job's own
+    user cannot reach (outside ``vm.share_roots``, a symlink component, not a directory)."""
+
+    template = "work dir {value!r} is not shared into the VM: {reason}"
+
+
 class DomainNotFound(BadInput):
     template = "no dgxvm domain named {name}"
 

@@ -66,6 +66,7 @@ class CreateRequest:
     user: str = "root"
     uid: int = 0
     gid: int = 0
+    groups: tuple[int, ...] = ()     # the user's supplementary gids (the guest account gets them)
     home: str | None = None
     workdir: str | None = None        # shared into the guest at the same path
     alignment: str | None = None      # strict | prefer; None = [placement] alignment
