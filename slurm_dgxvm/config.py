@@ -185,7 +185,8 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
     return cfg
 
 
-_PARTITION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# A Slurm partition name as config tables and SLURM_JOB_PARTITION may carry it.
+PARTITION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def _partitions(value, path: str) -> dict[str, PartitionConfig]:
@@ -193,7 +194,7 @@ def _partitions(value, path: str) -> dict[str, PartitionConfig]:
         raise ConfigError(path=path, reason="partitions must be tables: [partitions.NAME]")
     out = {}
     for name, table in value.items():
-        if not _PARTITION_NAME.fullmatch(name):
+        if not PARTITION_NAME.fullmatch(name):
             raise ConfigError(path=path, reason=f"partition name {name!r} is not a Slurm "
                                                 f"partition name")
         out[name] = _section(PartitionConfig, f"partitions.{name}", table, path)

@@ -36,3 +36,88 @@ def domain_name(value: str) -> str:
 
 def image_name(value: str) -> str:
     return check_name(value, "image")
+
+
+# -- account names and paths that come from the host or a job (not typed by an admin) ---------------
+# These are not identifiers we choose: a user name is whatever the site's passwd holds, a work
+# dir whatever the job asked for. So the rule is "what the host accepts, minus what would break a
+# file we write": Debian's useradd takes any name that does not start with '-', '+' or '~' and
+# has no ':', ',' or whitespace (john.doe, Alice, u2, o'brien); we also refuse '/', control
+# characters, '.', '..', all-digit names (chown would read them as ids) and more than 32 bytes.
+# Paths: absolute, UTF-8, no control character, normalised, within PATH_MAX. Spaces, quotes, '$',
+# non-ASCII letters are legitimate; every writer quotes or encodes them.
+ACCOUNT_NAME_MAX = 32        # bytes; useradd's limit (and utmp's)
+PATH_MAX = 4095              # bytes, without the terminating NUL
+NAME_MAX = 255               # bytes per path component
+
+
+def _control(value: str) -> str | None:
+    """The first control character (C0, DEL, C1) in ``value`` as a repr, or None."""
+    for c in value:
+        if ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0:
+            return repr(c)
+    return None
+
+
+def _not_utf8(value: str) -> bool:
+    """True for a str holding bytes that were not UTF-8 (os.environ decodes those with
+    surrogateescape into lone surrogates) or any other lone surrogate."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def account_name_problem(value: object) -> str | None:
+    """Why ``value`` is not a user or group name we carry into a VM, or None when it is."""
+    if not isinstance(value, str) or not value:
+        return "empty"
+    if _not_utf8(value):
+        return "not valid UTF-8"
+    bad = _control(value)
+    if bad:
+        return f"control character {bad}"
+    if len(value.encode()) > ACCOUNT_NAME_MAX:
+        return f"longer than {ACCOUNT_NAME_MAX} bytes"
+    if value[0] in "-+~":
+        return f"starts with {value[0]!r}"
+    for c in value:
+        if c.isspace() or c in ":,/":
+            return f"contains {c!r} (no whitespace, ':', ',' or '/')"
+    if value in (".", ".."):
+        return "'.' and '..' are not names"
+    if value.isdigit():
+        return "all digits (would read as an id)"
+    return None
+
+
+def path_problem(value: object, *, max_bytes: int = PATH_MAX) -> str | None:
+    """Why ``value`` is not an absolute, normalised, UTF-8 path we carry, or None when it is.
+
+    Refused: relative paths, non-UTF-8 bytes, control characters (NUL, newline, DEL...), ``.``
+    or ``..`` components, ``//``, a trailing ``/`` (except ``/`` itself), more than ``max_bytes``
+    bytes or a component over 255 bytes. Spaces, quotes, ``$`` and non-ASCII letters pass."""
+    if not isinstance(value, str) or not value:
+        return "empty"
+    if _not_utf8(value):
+        return "not valid UTF-8"
+    bad = _control(value)
+    if bad:
+        return f"control character {bad}"
+    if not value.startswith("/"):
+        return "not an absolute path"
+    if len(value.encode()) > max_bytes:
+        return f"longer than {max_bytes} bytes"
+    if value == "/":
+        return None
+    if value.endswith("/"):
+        return "ends with '/'"
+    parts = value[1:].split("/")
+    if "" in parts:
+        return "contains '//'"
+    if "." in parts or ".." in parts:
+        return "contains a '.' or '..' component"
+    if any(len(p.encode()) > NAME_MAX for p in parts):
+        return f"a component is longer than {NAME_MAX} bytes"
+    return None

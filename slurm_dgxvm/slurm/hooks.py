@@ -26,7 +26,6 @@ stage and the cause.
 from __future__ import annotations
 
 import os
-import pwd
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -35,6 +34,7 @@ from ..errors import DgxvmError, DomainNotFound, NoFit
 from ..ranges import format_index_list
 from .accounting import encode, failure_fields, vm_fields
 from .commands import Slurm, SlurmCommandError
+from . import jobinput
 from .job import SlurmJob, create_request, domain_for, is_job_fault
 
 Emit = Callable[[str], None]
@@ -84,35 +84,42 @@ def _account(emit: Emit, where: str, write: Callable[[], None]) -> bool:
         return False
 
 
-def _home(user: str) -> str | None:
+def _describe(environ: Mapping[str, str], job_id: int) -> str:
+    """The job as a log line names it, even when some of its values do not pass."""
     try:
-        return pwd.getpwnam(user).pw_dir
-    except KeyError:
-        return None
+        return SlurmJob.from_environ(environ).describe()
+    except DgxvmError:
+        return f"job {job_id}"
 
 
 # -- Prolog ----------------------------------------------------------------------------------------
 def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: Emit) -> int:
     stage = _Stage("reading the job's environment")
+    job_id: int | None = None
     job: SlurmJob | None = None
     try:
-        job = SlurmJob.from_environ(environ)
-        where = f"dgxvm prolog: {job.describe()}"
-        if not job.gpus:
-            emit(f"{where}: no GPUs asked for, no VM")
+        job_id = jobinput.job_id(environ)         # NotAJob: no job to refuse, the node's fault
+        if not (environ.get("SLURM_JOB_GPUS") or "").strip():
+            # not dgxvm's job: its other values are not checked (nothing of them is used)
+            emit(f"dgxvm prolog: {_describe(environ, job_id)}: no GPUs asked for, no VM")
             return EXIT_OK
-        name = domain_for(env.cfg, job.job_id)
+        job = SlurmJob.from_environ(environ)      # JobInputError: refuse the job
+        where = f"dgxvm prolog: {job.describe()}"
+        stage("checking the job's user and groups on this host")
+        job = job.on_this_host()
+        stage("reading the request (partition, job comment, image)")
+        req = create_request(env.cfg, job, env.images)
+        # every value of the job is checked: only now are libvirt and the ledger touched
+        name = req.name
         stage("clearing what an earlier run of this job left")
         try:
             lifecycle.delete(env, name, job_id=job.job_id)
             emit(f"{where}: removed {name} left by an earlier run of this job")
         except DomainNotFound:
             pass
-        stage("reading the request (partition, job comment, image)")
-        req = create_request(env.cfg, job, env.images, home=_home(job.user))
         rec = lifecycle.create(env, req, stage)
     except BaseException as exc:  # noqa: BLE001 - every failure is one line and an exit status
-        return _prolog_failed(env, job, stage.now, exc, slurm, emit)
+        return _prolog_failed(env, job_id, job, stage.now, exc, slurm, emit)
     p = rec.placement
     how = "Slurm's block" if not p.get("remapped") else \
         f"remapped from Slurm's {format_index_list(job.gpus)}"
@@ -127,15 +134,16 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
     return EXIT_OK
 
 
-def _prolog_failed(env: lifecycle.Env, job: SlurmJob | None, stage: str, exc: BaseException, slurm: Slurm,
-                   emit: Emit) -> int:
-    if job is None:
-        emit(f"dgxvm prolog: job {os.environ.get('SLURM_JOB_ID', '?')}: failed at {stage}: {exc}; "
-             f"exit 1 drains the node")
+def _prolog_failed(env: lifecycle.Env, job_id: int | None, job: SlurmJob | None, stage: str,
+                   exc: BaseException, slurm: Slurm, emit: Emit) -> int:
+    if job_id is None or (job is None and not is_job_fault(exc)):
+        emit(f"dgxvm prolog: job {job_id if job_id is not None else '?'}: failed at {stage}: "
+             f"{exc}; exit 1 drains the node")
         return EXIT_DRAIN
-    where = f"dgxvm prolog: {job.describe()}"
-    name = domain_for(env.cfg, job.job_id)
+    where = f"dgxvm prolog: {job.describe() if job else f'job {job_id}'}"
+    name = domain_for(env.cfg, job_id)
     cause = _one_line(env, name, exc)
+    gpus = job.gpus if job else ()
     if is_job_fault(exc):
         state = "refused"
         if isinstance(exc, NoFit):
@@ -144,17 +152,17 @@ def _prolog_failed(env: lifecycle.Env, job: SlurmJob | None, stage: str, exc: Ba
             action, act = "cancelled", slurm.cancel
         emit(f"{where}: refused at {stage}: {cause}; job {action}, node stays in service")
         fields = failure_fields(domain=name, state=state, stage=stage, cause=cause,
-                                slurm_gpus=job.gpus)
+                                slurm_gpus=gpus)
         if env.cfg.slurm.accounting:
-            _account(emit, where, lambda: slurm.set_admin_comment(job.job_id, encode(fields)))
+            _account(emit, where, lambda: slurm.set_admin_comment(job_id, encode(fields)))
         try:
-            act(job.job_id)
+            act(job_id)
         except SlurmCommandError as err:
             if act == slurm.cancel:
                 emit(f"{where}: could not cancel the job ({err}); exit 1 drains the node")
                 return EXIT_DRAIN
             try:                          # a job that may not be requeued is cancelled
-                slurm.cancel(job.job_id)
+                slurm.cancel(job_id)
             except SlurmCommandError as err2:
                 emit(f"{where}: could not requeue ({err}) nor cancel ({err2}) the job; "
                      f"exit 1 drains the node")
@@ -163,33 +171,35 @@ def _prolog_failed(env: lifecycle.Env, job: SlurmJob | None, stage: str, exc: Ba
     emit(f"{where}: failed at {stage}: {cause}; exit 1 drains the node, the job is requeued")
     if env.cfg.slurm.accounting:
         fields = failure_fields(domain=name, state="failed", stage=stage, cause=cause,
-                                slurm_gpus=job.gpus)
-        _account(emit, where, lambda: slurm.set_admin_comment(job.job_id, encode(fields)))
+                                slurm_gpus=gpus)
+        _account(emit, where, lambda: slurm.set_admin_comment(job_id, encode(fields)))
     return EXIT_DRAIN
 
 
 # -- Epilog ----------------------------------------------------------------------------------------
 def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: Emit) -> int:
+    """Only the job id is needed to clean up: a job whose other values the Prolog refused (or
+    that changed since) still has whatever is left of its VM removed."""
     stage = _Stage("reading the job's environment")
-    job: SlurmJob | None = None
+    job_id: int | None = None
+    where = "dgxvm epilog: job ?"
     try:
-        job = SlurmJob.from_environ(environ)
-        where = f"dgxvm epilog: {job.describe()}"
-        name = domain_for(env.cfg, job.job_id)
+        job_id = jobinput.job_id(environ)
+        where = f"dgxvm epilog: {_describe(environ, job_id)}"
+        name = domain_for(env.cfg, job_id)
         stage("reading the VM record")
         before = env.vms.load(name)
         try:
-            rec = lifecycle.delete(env, name, stage, job_id=job.job_id)
+            rec = lifecycle.delete(env, name, stage, job_id=job_id)
         except DomainNotFound:
             return EXIT_OK                 # no VM: no GPUs, or the Prolog refused the job
     except BaseException as exc:  # noqa: BLE001
-        if job is None:
-            emit(f"dgxvm epilog: job {environ.get('SLURM_JOB_ID', '?')}: failed at {stage.now}: "
-                 f"{exc}; exit 1 drains the node")
+        if job_id is None:
+            emit(f"dgxvm epilog: job {environ.get('SLURM_JOB_ID', '?')!r}: failed at "
+                 f"{stage.now}: {exc}; exit 1 drains the node")
             return EXIT_DRAIN
-        cause = _one_line(env, domain_for(env.cfg, job.job_id), exc)
-        emit(f"dgxvm epilog: {job.describe()}: teardown failed at {stage.now}: {cause}; "
-             f"exit 1 drains the node")
+        cause = _one_line(env, domain_for(env.cfg, job_id), exc)
+        emit(f"{where}: teardown failed at {stage.now}: {cause}; exit 1 drains the node")
         return EXIT_DRAIN
     if rec is None:
         emit(f"{where}: cleaned up what was left of {name} (no VM record)")
@@ -204,5 +214,5 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
     emit(f"{where}: VM {name} removed in {rec.teardown_s:.2f}s ({ended})")
     if env.cfg.slurm.accounting:
         _account(emit, where, lambda: slurm.set_admin_comment_after_end(
-            job.job_id, encode(vm_fields(rec, state="ended"))))
+            job_id, encode(vm_fields(rec, state="ended"))))
     return EXIT_OK

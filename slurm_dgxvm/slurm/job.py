@@ -13,20 +13,25 @@ The job comment (``sbatch --comment``) is free text; dgxvm reads the words that 
 
 Several settings may share a word (``dgxvm:image=a,...``) or come as separate words. An unknown
 key, a malformed word or an image the partition does not offer refuses the job (not the node).
+A partition offers its own image, and others only when its ``images`` list names them.
+
+Every value is checked for its form by :mod:`.jobinput` before anything is allocated.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 from ..config import Config
-from ..errors import BadInput, GpuListError, ImageError, NameError_, NoFit, RequestError
+from ..errors import BadInput, ImageError, JobInputError, NameError_, NoFit, RequestError
 from ..lifecycle import CreateRequest
 from ..names import image_name
 from ..placement import Request
-from ..ranges import format_index_list, parse_index_list
+from ..ranges import format_index_list
+from . import jobinput
+from .jobinput import NotAJob  # noqa: F401 - re-exported: the hooks and tests name it here
 
 COMMENT_PREFIX = "dgxvm:"
 COMMENT_KEYS = ("image",)
@@ -36,10 +41,6 @@ class JobRefused(BadInput):
     """The job asks for something this node will not give it (its fault, not the node's)."""
 
     template = "{reason}"
-
-
-class NotAJob(BadInput):
-    template = "not run by slurmd for a job: {reason}"
 
 
 @dataclass(frozen=True)
@@ -53,40 +54,35 @@ class SlurmJob:
     partition: str | None
     comment: str | None
     node: str | None
+    home: str | None = None           # from the host's passwd (on_this_host)
+    groups: tuple[int, ...] = ()      # the user's supplementary gids (on_this_host)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> "SlurmJob":
+        """The job slurmd describes in ``environ``, every value checked for its form
+        (:mod:`.jobinput`). Raises NotAJob when the job id or a variable slurmd always sets is
+        missing (nothing to refuse), JobInputError naming the variable for a bad value."""
         e = os.environ if environ is None else environ
-
-        def integer(var: str) -> int:
-            raw = e.get(var)
-            if raw is None or raw == "":
-                raise NotAJob(reason=f"{var} is not set")
-            try:
-                value = int(raw, 10)
-            except ValueError:
-                raise NotAJob(reason=f"{var}={raw!r} is not a number") from None
-            if value < 0:
-                raise NotAJob(reason=f"{var}={raw!r} is negative")
-            return value
-
-        job_id = integer("SLURM_JOB_ID")
-        uid, gid = integer("SLURM_JOB_UID"), integer("SLURM_JOB_GID")
-        user = e.get("SLURM_JOB_USER") or ""
-        if not user:
-            raise NotAJob(reason="SLURM_JOB_USER is not set")
-        raw_gpus = (e.get("SLURM_JOB_GPUS") or "").strip()
-        gpus: tuple[int, ...] = ()
-        if raw_gpus:
-            try:
-                gpus = tuple(parse_index_list(raw_gpus))
-            except GpuListError as exc:
-                raise NotAJob(reason=f"SLURM_JOB_GPUS: {exc}") from None
-        return cls(job_id=job_id, uid=uid, gid=gid, user=user, gpus=gpus,
-                   work_dir=e.get("SLURM_JOB_WORK_DIR") or None,
-                   partition=e.get("SLURM_JOB_PARTITION") or None,
-                   comment=e.get("SLURM_JOB_COMMENT") or None,
+        job_id = jobinput.job_id(e)
+        raw_uid = jobinput.required(e, "SLURM_JOB_UID")
+        raw_gid = jobinput.required(e, "SLURM_JOB_GID")
+        user = jobinput.required(e, "SLURM_JOB_USER")
+        return cls(job_id=job_id,
+                   uid=jobinput.decimal("SLURM_JOB_UID", raw_uid, 0, jobinput.ID_MAX),
+                   gid=jobinput.decimal("SLURM_JOB_GID", raw_gid, 0, jobinput.ID_MAX),
+                   user=jobinput.account_name("SLURM_JOB_USER", user),
+                   gpus=jobinput.gpus(e.get("SLURM_JOB_GPUS")),
+                   work_dir=jobinput.work_dir(e.get("SLURM_JOB_WORK_DIR")),
+                   partition=jobinput.partition(e.get("SLURM_JOB_PARTITION")),
+                   comment=jobinput.comment(e.get("SLURM_JOB_COMMENT")),
                    node=e.get("SLURMD_NODENAME") or None)
+
+    def on_this_host(self) -> "SlurmJob":
+        """This job with its user's home and groups from the host's accounts, after checking
+        that SLURM_JOB_USER is the name of SLURM_JOB_UID and SLURM_JOB_GID exists (neither
+        root). Raises JobInputError naming the value that does not fit."""
+        home, groups = jobinput.host_account(self.user, self.uid, self.gid)
+        return replace(self, home=home, groups=groups)
 
     def describe(self) -> str:
         gpus = format_index_list(self.gpus) if self.gpus else "none"
@@ -119,12 +115,28 @@ def domain_for(cfg: Config, job_id: int) -> str:
     return f"{cfg.slurm.domain_prefix}{job_id}"
 
 
-def create_request(cfg: Config, job: SlurmJob, images, home: str | None) -> CreateRequest:
+def offered_images(cfg: Config, partition: str | None, images) -> tuple[str, ...]:
+    """The images a job of ``partition`` may boot: the partition's ``images`` list when it has
+    one, else only its own image (``image``, or the store's default when that is "" too)."""
+    part = cfg.partition(partition)
+    if part.images:
+        return tuple(dict.fromkeys(((part.image,) if part.image else ()) + part.images))
+    if part.image:
+        return (part.image,)
+    try:
+        return (images.get(None).name,)
+    except ImageError:
+        return ()
+
+
+def create_request(cfg: Config, job: SlurmJob, images, home: str | None = None) -> CreateRequest:
     """The VM request for ``job``: its GPUs, the partition's sizing and alignment, the image.
 
-    ``images`` is the ImageStore. Raises JobRefused for what the job asked wrongly (comment,
-    an image not installed or not offered); ImageError when the partition's own default image
-    is missing (the node is misconfigured, not the job).
+    ``images`` is the ImageStore. A job boots the partition's image; its comment may pick
+    another one only from the partition's ``images`` list (an empty list offers none). Raises
+    JobRefused for what the job asked wrongly (comment, an image not installed or not offered);
+    ImageError when the partition's own default image is missing (the node is misconfigured,
+    not the job). ``home`` defaults to the job's (SlurmJob.on_this_host).
     """
     part = cfg.partition(job.partition)
     chosen = parse_comment(job.comment).get("image")
@@ -133,9 +145,12 @@ def create_request(cfg: Config, job: SlurmJob, images, home: str | None) -> Crea
             image_name(chosen)
         except NameError_ as exc:
             raise JobRefused(reason=f"job comment: {exc}") from None
-        if part.images and chosen not in part.images:
-            raise JobRefused(reason=f"image {chosen!r} is not offered in partition "
-                                    f"{job.partition} (offered: {', '.join(part.images)})")
+        offered = offered_images(cfg, job.partition, images)
+        if chosen not in offered:
+            where = f"partition {job.partition}" if job.partition else "this partition"
+            raise JobRefused(reason=f"image {chosen!r} is not offered in {where} (offered: "
+                                    f"{', '.join(offered) or 'none'}; an admin lists more in "
+                                    f"the partition's images)")
         try:
             image = images.get(chosen)
         except ImageError as exc:
@@ -157,11 +172,12 @@ def create_request(cfg: Config, job: SlurmJob, images, home: str | None) -> Crea
                           memory_mib=part.memory_mib_per_gpu * n or None,
                           disk_gib=part.disk_gib_per_gpu * n or None),
         data_disk_gib=data_disk, image=image.name, owner="job", job_id=job.job_id,
-        user=job.user, uid=job.uid, gid=job.gid, home=home, workdir=job.work_dir,
+        user=job.user, uid=job.uid, gid=job.gid, groups=job.groups,
+        home=home if home is not None else job.home, workdir=job.work_dir,
         alignment=part.alignment or None)
 
 
 def is_job_fault(exc: BaseException) -> bool:
     """True when the job, not the node, is at fault: the node must not be drained for it."""
-    return isinstance(exc, (JobRefused, RequestError, NoFit))
+    return isinstance(exc, (JobRefused, JobInputError, RequestError, NoFit))
 

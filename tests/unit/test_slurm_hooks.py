@@ -20,8 +20,9 @@ from slurm_dgxvm.slurm import hooks
 from slurm_dgxvm.slurm.accounting import decode
 from slurm_dgxvm.slurm.commands import Slurm
 
-ENV = {"SLURM_JOB_ID": "42", "SLURM_JOB_UID": "0", "SLURM_JOB_GID": "0",
-       "SLURM_JOB_USER": "root", "SLURM_JOB_GPUS": "0,1,2,3", "SLURM_JOB_PARTITION": "batch"}
+# nobody exists on every Debian host; root's jobs get no VM (tests/unit/test_job_input.py)
+ENV = {"SLURM_JOB_ID": "42", "SLURM_JOB_UID": "65534", "SLURM_JOB_GID": "65534",
+       "SLURM_JOB_USER": "nobody", "SLURM_JOB_GPUS": "0,1,2,3", "SLURM_JOB_PARTITION": "batch"}
 
 RECORDER = """#!/bin/sh
 printf '%s\\n' "$(basename "$0") $*" >> {log}
@@ -76,14 +77,14 @@ def world(tmp_path, trees, image_store):
 
 def test_a_job_without_gpus_gets_no_vm(world):
     assert world.prolog(SLURM_JOB_GPUS="") == 0
-    assert world.lines == ["dgxvm prolog: job 42 (user root, Slurm GPUs none): no GPUs asked for, no VM"]
+    assert world.lines == ["dgxvm prolog: job 42 (user nobody, Slurm GPUs none): no GPUs asked for, no VM"]
     assert world.calls() == []
 
 
 def test_bad_comment_cancels_the_job_and_keeps_the_node(world):
     assert world.prolog(SLURM_JOB_COMMENT="dgxvm:imag=x") == 0
     [line] = world.lines
-    assert line.startswith("dgxvm prolog: job 42 (user root, Slurm GPUs 0-3): refused at "
+    assert line.startswith("dgxvm prolog: job 42 (user nobody, Slurm GPUs 0-3): refused at "
                            "reading the request (partition, job comment, image): job comment "
                            "'dgxvm:imag=x': unknown key 'imag'")
     assert line.endswith("job cancelled, node stays in service")
@@ -188,7 +189,7 @@ def test_the_cli_exit_status_is_the_hooks(tmp_path, trees, image_store, monkeypa
         monkeypatch.setenv(k, v)
     assert main(["--config", str(cfg), "prolog"]) == 1
     err = capsys.readouterr().err
-    assert "dgxvm prolog: job 42 (user root, Slurm GPUs 0-3): failed at" in err
+    assert "dgxvm prolog: job 42 (user nobody, Slurm GPUs 0-3): failed at" in err
     assert main(["--config", str(cfg), "epilog"]) == 0
     monkeypatch.setenv("SLURM_JOB_GPUS", "")
     assert main(["--config", str(cfg), "prolog"]) == 0

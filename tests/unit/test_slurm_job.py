@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from slurm_dgxvm import config as config_mod
-from slurm_dgxvm.errors import ImageError, NoFit, RequestError, LedgerError, HypervisorError
+from slurm_dgxvm.errors import (HypervisorError, ImageError, JobInputError, LedgerError, NoFit,
+                                RequestError, ShareRefused)
 from slurm_dgxvm.images import ImageStore
 from slurm_dgxvm.slurm.job import (JobRefused, NotAJob, SlurmJob, create_request, domain_for,
                                    is_job_fault, parse_comment)
@@ -35,8 +36,8 @@ def test_no_gpus_is_an_empty_set():
 
 @pytest.mark.parametrize("var,value,says", [
     ("SLURM_JOB_ID", None, "SLURM_JOB_ID is not set"),
-    ("SLURM_JOB_ID", "4x", "SLURM_JOB_ID='4x' is not a number"),
-    ("SLURM_JOB_UID", "-1", "SLURM_JOB_UID='-1' is negative"),
+    ("SLURM_JOB_ID", "4x", "SLURM_JOB_ID='4x' is not a job id (not a plain decimal number)"),
+    ("SLURM_JOB_UID", None, "SLURM_JOB_UID is not set"),
     ("SLURM_JOB_USER", "", "SLURM_JOB_USER is not set"),
 ])
 def test_bad_environment_names_the_variable(var, value, says):
@@ -121,16 +122,35 @@ def test_default_partition_table_applies_to_other_partitions(store):
     assert create_request(c, SlurmJob.from_environ(ENV), store, home=None).image == "cuda12"
 
 
-def test_comment_picks_an_image(store):
+def test_comment_picks_an_image_the_partition_lists(store):
     job = SlurmJob.from_environ({**ENV, "SLURM_JOB_COMMENT": "dgxvm:image=cuda12"})
-    assert create_request(cfg(), job, store, home=None).image == "cuda12"
+    c = cfg(batch={"images": ["base", "cuda12"]})
+    assert create_request(c, job, store, home=None).image == "cuda12"
+
+
+@pytest.mark.parametrize("partition,offered", [
+    ({}, "base"),                                   # the store's default, nothing else
+    ({"image": "base"}, "base"),
+    ({"image": "base", "images": ["cuda12"]}, "base, cuda12"),
+])
+def test_a_partition_offers_only_its_image_unless_it_lists_more(store, partition, offered):
+    """An empty ``images`` list used to let a comment boot any installed image."""
+    job = SlurmJob.from_environ({**ENV, "SLURM_JOB_COMMENT": "dgxvm:image=other"})
+    c = cfg(batch=partition) if partition else cfg()
+    with pytest.raises(JobRefused) as exc:
+        create_request(c, job, store, home=None)
+    assert f"image 'other' is not offered in partition batch (offered: {offered};" in str(exc.value)
+    assert is_job_fault(exc.value)
+    ok = SlurmJob.from_environ({**ENV, "SLURM_JOB_COMMENT": "dgxvm:image=base"})
+    assert create_request(c, ok, store, home=None).image == "base"
 
 
 @pytest.mark.parametrize("comment,partition,says", [
-    ("dgxvm:image=nope", {}, "job comment dgxvm:image=nope: no image named nope; installed: base"),
+    ("dgxvm:image=nope", {"images": ["base", "nope"]},
+     "job comment dgxvm:image=nope: no image named nope; installed: base"),
     ("dgxvm:image=../etc", {}, "bad image name '../etc'"),
     ("dgxvm:image=cuda12", {"images": ["base"]},
-     "image 'cuda12' is not offered in partition batch (offered: base)"),
+     "image 'cuda12' is not offered in partition batch (offered: base;"),
 ])
 def test_comment_image_that_cannot_be_had_refuses_the_job(store, comment, partition, says):
     job = SlurmJob.from_environ({**ENV, "SLURM_JOB_COMMENT": comment})
@@ -150,6 +170,8 @@ def test_missing_partition_default_image_is_the_nodes_fault(store):
 def test_fault_classes():
     assert is_job_fault(NoFit(count=8, reason="fragmented"))
     assert is_job_fault(RequestError(reason="3 is not a block size"))
+    assert is_job_fault(JobInputError(what="SLURM_JOB_WORK_DIR", value="a", reason="relative"))
+    assert is_job_fault(ShareRefused(value="/etc", reason="outside vm.share_roots"))
     for exc in (LedgerError(path="x", reason="y"), HypervisorError(uri="u", reason="r"),
                 ImageError(name="x", reason="y"), RuntimeError("bug")):
         assert not is_job_fault(exc)
