@@ -6,6 +6,7 @@ Precedence: command-line option > environment variable > config file > default.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -93,7 +94,7 @@ class PartitionConfig:
     default."""
 
     image: str = ""                           # default guest image ("" = the store's default)
-    images: tuple[str, ...] = ()              # images a job may pick by comment (() = any installed)
+    images: tuple[str, ...] = ()              # more images a job may pick by comment (() = none)
     alignment: str = ""                       # strict | prefer ("" = [placement] alignment)
     vcpus_per_gpu: int = 0                    # 0 = the machine's sizing template
     memory_mib_per_gpu: int = 0
@@ -161,6 +162,9 @@ def load(path: str | os.PathLike | None = None, *, required: bool = False) -> Co
             data = tomllib.loads(p.read_text())
         except OSError as exc:
             raise ConfigError(path=str(p), reason=exc.strerror or str(exc)) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(path=str(p), reason=f"not valid UTF-8 ({exc.reason} at byte "
+                                                  f"{exc.start})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(path=str(p), reason=f"not valid TOML: {exc}") from exc
         cfg = from_dict(data, str(p))
@@ -184,6 +188,9 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
     _validate(cfg, path)
     return cfg
 
+
+# No setting is a number this large; one that is, is a typo (and would overflow a C long).
+NUMBER_MAX = 2 ** 53
 
 # A Slurm partition name as config tables and SLURM_JOB_PARTITION may carry it.
 PARTITION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -224,6 +231,12 @@ def _section(cls, name: str, values: dict, path: str):
                 raise ConfigError(path=path, reason=f"{name}.{key} must be "
                                                     f"{type(default).__name__}, not {value!r}")
             value = float(value)
+        for item in (value if isinstance(value, tuple) else (value,)):
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if not math.isfinite(item) or abs(item) > NUMBER_MAX:
+                raise ConfigError(path=path, reason=f"{name}.{key} {item!r} is out of range "
+                                                    f"(at most {NUMBER_MAX})")
         kwargs[key] = value
     return cls(**kwargs)
 

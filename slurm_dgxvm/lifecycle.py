@@ -18,6 +18,7 @@ or stops the domain.
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import pwd
@@ -37,7 +38,7 @@ from .errors import (DgxvmError, DomainExists, DomainNotFound, LedgerConflict, R
 from .fabric import Fabric
 from .guest import wait_ready
 from .ledger import Allocation, Ledger, domain_key, job_key
-from .names import domain_name
+from .names import account_name_problem, domain_name
 from .placement import Policy, Request, place
 from .records import (CONSOLE_LOG, DATA_DISK, DOMAIN_XML, HOST_KEY, KNOWN_HOSTS, OS_DISK, SEED,
                       USER_KEY, VmRecord, VmStore)
@@ -79,8 +80,24 @@ def account(user: str | None) -> tuple[str, int, int, str]:
         pw = pwd.getpwnam(name)
     except KeyError:
         raise RequestError(reason=f"no user {name!r} on this host") from None
+    problem = account_name_problem(pw.pw_name)
+    if problem:
+        raise RequestError(reason=f"user {pw.pw_name!r} cannot be a VM's account: {problem}")
     home = pw.pw_dir if pw.pw_uid != 0 else "/root"
     return pw.pw_name, pw.pw_uid, pw.pw_gid, home
+
+
+def group_names(gids: tuple[int, ...]) -> tuple[tuple[str, int], ...]:
+    """(name, gid) of each supplementary group as the guest gets it: the host's name, or
+    ``g<gid>`` for a gid without a name or with one a seed cannot carry (``domain users``)."""
+    out = []
+    for gid in gids:
+        try:
+            name = grp.getgrgid(gid).gr_name
+        except (KeyError, OverflowError):
+            name = ""
+        out.append((name if account_name_problem(name) is None else f"g{gid}", gid))
+    return tuple(out)
 
 
 def hostname_for(name: str) -> str:
@@ -201,7 +218,7 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
             instance_id=f"{name}-{int(time.time())}", hostname=hostname_for(name), user_name=req.user,
             uid=req.uid, gid=req.gid, home=home, authorized_keys=(user_pub,),
             host_key_private=(vmdir / HOST_KEY).read_text(), host_key_public=host_pub,
-            mounts=mounts), vmdir / SEED, name=name)
+            mounts=mounts, groups=group_names(req.groups)), vmdir / SEED, name=name)
 
         progress("disks")
         images_mod.create_overlay(image, vmdir / OS_DISK, placement.disk_gib)

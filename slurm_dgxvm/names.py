@@ -20,7 +20,8 @@ def check_name(value: str, kind: str) -> str:
     if not isinstance(value, str) or not value:
         raise NameError_(kind=kind, value=value, reason="empty")
     if len(value) > 63:
-        raise NameError_(kind=kind, value=value, reason="longer than 63 characters")
+        shown = value if len(value) <= 100 else f"{value[:64]}... ({len(value)} characters)"
+        raise NameError_(kind=kind, value=shown, reason="longer than 63 characters")
     if not _NAME.fullmatch(value):
         raise NameError_(kind=kind, value=value,
                          reason="use letters, digits, '.', '_' and '-', starting with a letter "

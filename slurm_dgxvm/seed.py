@@ -11,6 +11,7 @@ Layout of the ISO (volume label ``cidata``, Joliet and Rock Ridge)::
     user-data                       NoCloud: a #cloud-config for images that run cloud-init
     dgxvm/hostname                  one line
     dgxvm/user                      one line: "name uid gid home"
+    dgxvm/groups                    one line per supplementary group: "name gid" (may be empty)
     dgxvm/authorized_keys           OpenSSH public key lines
     dgxvm/ssh_host_ed25519_key      the OpenSSH private host key (mode 0600 in the image)
     dgxvm/ssh_host_ed25519_key.pub  its public line
@@ -18,13 +19,17 @@ Layout of the ISO (volume label ``cidata``, Joliet and Rock Ridge)::
 
 Why ``dgxvm/`` as well: real cloud images apply ``user-data`` with cloud-init, but the small test
 guest (guest-image/) has no cloud-init and no YAML parser, only busybox sh. It reads the same
-facts from these plain files, one value per whitespace-separated field; every value is
-validated here (no whitespace, no newlines), so that reading them with ``read -r`` is safe. Both
+facts from these plain files, one value per whitespace-separated field, with ``read -r``. Names
+and paths may hold spaces, quotes, ``%`` or non-ASCII letters (``john.doe``, ``/tmp/a b``,
+``/home/x/été``), so those fields are percent-encoded (:func:`pct`: every byte of the UTF-8 text
+outside ``A-Za-z0-9._/-`` becomes ``%HH``); the guest decodes them (dgxvm-init's ``pct_decode``:
+``printf %b`` of the text with each ``%`` made backslash-x; no backslash survives the encoding). What
+is refused is what no file can carry: control characters and bytes that are not UTF-8. Both
 forms are written from one :class:`SeedSpec`, so they cannot disagree.
 
 ``user-data`` is YAML written by hand: every string scalar is ``json.dumps``-quoted (a JSON
 string is a valid YAML double-quoted scalar), so no YAML library is needed and no value can
-break the document's structure.
+break the document's structure. Commands are argv lists, never a shell line with a value in it.
 """
 
 from __future__ import annotations
@@ -39,13 +44,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SeedError
+from .names import account_name_problem, path_problem
 
 FSTYPES = ("virtiofs", "9p")
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
+# Guest root may create setuid files or device nodes on a share; the guest's mount refuses to
+# honour them (the host side is the share policy's business, not the seed's).
+SHARE_OPTIONS = "nosuid,nodev"
+ID_MAX = 2 ** 32 - 2
 
 # All used with fullmatch ("$" would accept a trailing newline).
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _TAG = re.compile(r"[A-Za-z0-9_.-]{1,36}")
 _INSTANCE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _PRIVATE_KEY = re.compile(r"-----BEGIN OPENSSH PRIVATE KEY-----\n[A-Za-z0-9+/=\n]+"
@@ -57,12 +66,24 @@ def _bad(name: str, what: str, value: object, why: str) -> SeedError:
 
 
 def _check_path(name: str, what: str, value: object) -> None:
-    if not isinstance(value, str) or not value.startswith("/"):
-        raise _bad(name, what, value, "must be an absolute path")
-    if any(c.isspace() for c in value) or "\0" in value:
-        raise _bad(name, what, value, "must not contain whitespace")
-    if ".." in value.split("/"):
-        raise _bad(name, what, value, "must not contain '..'")
+    problem = path_problem(value)
+    if problem:
+        raise _bad(name, what, value, f"must be an absolute, normalised UTF-8 path ({problem})")
+
+
+def _check_account(name: str, what: str, value: object) -> None:
+    problem = account_name_problem(value)
+    if problem:
+        raise _bad(name, what, value, problem)
+
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._/-")
+
+
+def pct(value: str) -> str:
+    """``value`` as one whitespace-free field of a dgxvm/ file: its UTF-8 bytes, each one outside
+    ``A-Za-z0-9._/-`` as ``%HH`` (``/tmp/a b`` -> ``/tmp/a%20b``; ``john.doe`` stays)."""
+    return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in value.encode("utf-8"))
 
 
 def _check_line(name: str, what: str, value: object) -> None:
@@ -98,6 +119,7 @@ class SeedSpec:
     host_key_private: str             # OpenSSH private key text (ed25519) the guest's sshd uses
     host_key_public: str              # its public line, pinned in known_hosts on the host
     mounts: tuple[Mount, ...] = ()
+    groups: tuple[tuple[str, int], ...] = ()   # the user's supplementary groups: (name, gid)
 
     def __post_init__(self) -> None:
         name = self.hostname if isinstance(self.hostname, str) else repr(self.hostname)
@@ -108,13 +130,22 @@ class SeedSpec:
         if not isinstance(self.hostname, str) or not _DNS_LABEL.fullmatch(self.hostname):
             raise _bad(name, "hostname", self.hostname, "must be a DNS label (1-63 letters, "
                        "digits and '-', not starting or ending with '-')")
-        if not isinstance(self.user_name, str) or not _USER.fullmatch(self.user_name):
-            raise _bad(name, "user name", self.user_name, "must match [a-z_][a-z0-9_-]{0,31}")
+        _check_account(name, "user name", self.user_name)
         for what in ("uid", "gid"):
             value = getattr(self, what)
-            if type(value) is not int or value < 0:  # bool is an int: refuse it too
-                raise _bad(name, what, value, "must be an integer >= 0")
+            if type(value) is not int or not 0 <= value <= ID_MAX:  # bool is an int: refuse it
+                raise _bad(name, what, value, f"must be an integer in 0..{ID_MAX}")
         _check_path(name, "home", self.home)
+        if ":" in self.home:
+            raise _bad(name, "home", self.home, "must not contain ':' (a passwd field)")
+        if isinstance(self.groups, (str, bytes)):
+            raise _bad(name, "groups", self.groups, "must be a tuple of (name, gid)")
+        for group in self.groups:
+            if not (isinstance(group, tuple) and len(group) == 2):
+                raise _bad(name, "group", group, "must be a (name, gid) pair")
+            _check_account(name, "group name", group[0])
+            if type(group[1]) is not int or not 0 <= group[1] <= ID_MAX:
+                raise _bad(name, "group gid", group[1], f"must be an integer in 0..{ID_MAX}")
         if isinstance(self.authorized_keys, (str, bytes)) or not self.authorized_keys:
             raise _bad(name, "authorized_keys", self.authorized_keys,
                        "must be a non-empty tuple of public key lines")
@@ -176,44 +207,61 @@ def meta_data(spec: SeedSpec) -> str:
             f"local-hostname: {_q(spec.hostname)}\n")
 
 
+# bootcmd lines: argv lists (cloud-init quotes each item); values go in as "$1", "$2", never
+# into the script text. Run before the users module, as the mounts module did.
+_GROUPADD = 'getent group "$1" >/dev/null || groupadd -o -g "$2" "$1"'
+
+
+def mount_argv(m: Mount) -> list[str]:
+    """The guest's mount command for ``m``: ``nosuid,nodev`` (and 9p's transport options)."""
+    opts = f"{SHARE_OPTIONS},{NINEP_OPTIONS}" if m.fstype == "9p" else SHARE_OPTIONS
+    return ["mount", "-t", m.fstype, "-o", opts, m.tag, m.path]
+
+
+def _argv(items: list[str]) -> str:
+    return "[" + ", ".join(_q(str(i)) for i in items) + "]"
+
+
 def user_data(spec: SeedSpec) -> str:
     """A ``#cloud-config`` applying the same facts as the ``dgxvm/`` files.
 
-    The primary group is created by ``bootcmd`` (which runs before the users module) with the
-    user's name and ``spec.gid`` (``-o``: even if another group already has that gid), then
-    named as the user's ``primary_group``.
+    ``bootcmd`` (which runs before the users module) creates the primary group with the user's
+    name and ``spec.gid`` (``-o``: even if another group already has that gid) and each
+    supplementary group (name, gid) that the image does not have by that name, then mounts the
+    shares ``nosuid,nodev`` (argv lists: cloud-init 22.4 may ignore a ``mounts:`` entry whose
+    device is a virtiofs tag). The user gets its primary group and the supplementary groups.
     """
-    groupadd = (f"getent group {spec.user_name} >/dev/null || "
-                f"groupadd -o -g {spec.gid} {spec.user_name}")
+    bootcmd = [["sh", "-c", _GROUPADD, "dgxvm-groupadd", spec.user_name, str(spec.gid)]]
+    for gname, gid in spec.groups:
+        bootcmd.append(["sh", "-c", _GROUPADD, "dgxvm-groupadd", gname, str(gid)])
+    for m in spec.mounts:
+        bootcmd.append(["mkdir", "-p", m.path])
+        bootcmd.append(mount_argv(m))
     lines = ["#cloud-config",
              f"hostname: {_q(spec.hostname)}",
              "preserve_hostname: false",
              "manage_etc_hosts: true",
              "bootcmd:",
-             f"  - [\"sh\", \"-c\", {_q(groupadd)}]",
+             *(f"  - {_argv(cmd)}" for cmd in bootcmd),
              "users:",
              f"  - name: {_q(spec.user_name)}",
              f"    uid: {spec.uid}",
              f"    primary_group: {_q(spec.user_name)}",
-             "    no_user_group: true",
-             f"    homedir: {_q(spec.home)}",
-             f"    shell: {_q('/bin/sh')}",
-             "    lock_passwd: true",
-             "    ssh_authorized_keys:",
-             *(f"      - {_q(key)}" for key in spec.authorized_keys),
-             "disable_root: true",
-             "ssh_pwauth: false",
-             "ssh_deletekeys: true",
-             "ssh_genkeytypes: []",
-             "ssh_keys:",
-             f"  ed25519_private: {_q(spec.host_key_private)}",
-             f"  ed25519_public: {_q(spec.host_key_public)}"]
-    if spec.mounts:
-        lines.append("mounts:")
-        for m in spec.mounts:
-            opts = f"{NINEP_OPTIONS},nofail" if m.fstype == "9p" else "defaults,nofail"
-            lines.append(f"  - [{_q(m.tag)}, {_q(m.path)}, {_q(m.fstype)}, {_q(opts)}, "
-                         f"\"0\", \"0\"]")
+             "    no_user_group: true"]
+    if spec.groups:
+        lines.append(f"    groups: {_argv([g for g, _ in spec.groups])}")
+    lines += [f"    homedir: {_q(spec.home)}",
+              f"    shell: {_q('/bin/sh')}",
+              "    lock_passwd: true",
+              "    ssh_authorized_keys:",
+              *(f"      - {_q(key)}" for key in spec.authorized_keys),
+              "disable_root: true",
+              "ssh_pwauth: false",
+              "ssh_deletekeys: true",
+              "ssh_genkeytypes: []",
+              "ssh_keys:",
+              f"  ed25519_private: {_q(spec.host_key_private)}",
+              f"  ed25519_public: {_q(spec.host_key_public)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -223,12 +271,14 @@ def _plain_files(spec: SeedSpec) -> dict[str, tuple[str, int]]:
         else spec.host_key_private + "\n"
     return {
         "dgxvm/hostname": (spec.hostname + "\n", 0o644),
-        "dgxvm/user": (f"{spec.user_name} {spec.uid} {spec.gid} {spec.home}\n", 0o644),
+        "dgxvm/user": (f"{pct(spec.user_name)} {spec.uid} {spec.gid} {pct(spec.home)}\n",
+                       0o644),
+        "dgxvm/groups": ("".join(f"{pct(g)} {gid}\n" for g, gid in spec.groups), 0o644),
         "dgxvm/authorized_keys": ("".join(k.strip() + "\n" for k in spec.authorized_keys),
                                   0o644),
         "dgxvm/ssh_host_ed25519_key": (private, 0o600),
         "dgxvm/ssh_host_ed25519_key.pub": (spec.host_key_public.strip() + "\n", 0o644),
-        "dgxvm/mounts": ("".join(f"{m.tag} {m.path} {m.fstype}\n" for m in spec.mounts),
+        "dgxvm/mounts": ("".join(f"{m.tag} {pct(m.path)} {m.fstype}\n" for m in spec.mounts),
                          0o644),
     }
 
@@ -250,7 +300,7 @@ def write_seed(spec: SeedSpec, out: Path, *, name: str) -> Path:
         (tree / "dgxvm").mkdir(parents=True)
         for rel, (text, mode) in files.items():
             path = tree / rel
-            path.write_text(text)
+            path.write_text(text, encoding="utf-8")
             os.chmod(path, mode)
         iso = staging / "seed.iso"
         cmd = ["xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-J", "-R",

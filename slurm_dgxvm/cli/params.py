@@ -7,10 +7,12 @@ import re
 import click
 
 from ..errors import GpuListError
+from ..names import path_problem
 from ..ranges import parse_index_list
 
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]i?B?|[KMGT])?$", re.IGNORECASE)
 _FACTOR_KIB = {"K": 1, "M": 1024, "G": 1024 ** 2, "T": 1024 ** 3}
+_MAX_KIB = 1024 ** 4          # 1 PiB: no VM is larger; a bigger number is a typo, not a request
 
 
 class GpuList(click.ParamType):
@@ -43,12 +45,31 @@ class Size(click.ParamType):
         if not m:
             self.fail(f"{value!r} is not a size like 64G, 512M or a number of {self.unit}iB",
                       param, ctx)
+        if len(m.group(1)) > 20:
+            self.fail(f"{value!r} is larger than 1P", param, ctx)
         number, suffix = int(m.group(1)), (m.group(2) or self.unit)[0].upper()
         kib = number * _FACTOR_KIB[suffix]
+        if kib > _MAX_KIB:
+            self.fail(f"{value!r} is larger than 1P", param, ctx)
         unit_kib = _FACTOR_KIB[self.unit]
         if kib % unit_kib:
             self.fail(f"{value!r} is not a whole number of {self.unit}iB", param, ctx)
         return kib // unit_kib
+
+
+class WorkDir(click.Path):
+    """An existing directory, made absolute, that a seed and a guest can carry: UTF-8, no
+    control character (spaces, quotes and non-ASCII letters are fine)."""
+
+    def __init__(self):
+        super().__init__(exists=True, file_okay=False, resolve_path=True)
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        problem = path_problem(str(path))
+        if problem:
+            self.fail(f"{str(path)!r}: {problem}", param, ctx)
+        return path
 
 
 GPU_LIST = GpuList()

@@ -12,7 +12,7 @@ import click
 from .. import lifecycle
 from ..placement import Request
 from ..ranges import format_index_list
-from .params import GIB, MIB
+from .params import GIB, MIB, WorkDir
 
 
 def _progress(name: str, verb: str):
@@ -39,7 +39,7 @@ def _progress(name: str, verb: str):
 @click.option("--data-disk", type=GIB, metavar="SIZE", help="Add a data disk of this size.")
 @click.option("--user", metavar="USER",
               help="Guest account and owner of the SSH key (default: who ran sudo, else you).")
-@click.option("--workdir", type=click.Path(exists=True, file_okay=False, resolve_path=True),
+@click.option("--workdir", type=WorkDir(),
               metavar="DIR", help="Share this directory into the guest at the same path.")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM record as JSON.")
 @click.pass_obj

@@ -55,7 +55,14 @@ class NotAJob(BadInput):
     template = "not run by slurmd for a job: {reason}"
 
 
+SHOWN_MAX = 200                   # characters of a bad value a log line repeats
+
+
 def _refuse(what: str, value: object, reason: str) -> JobInputError:
+    """The refusal of ``value``; a long value is named by its start and its length (one line
+    in slurmd's log, not 10 KiB of it)."""
+    if isinstance(value, str) and len(value) > SHOWN_MAX:
+        value = f"{value[:SHOWN_MAX // 2]}... ({len(value)} characters)"
     return JobInputError(what=what, value=value, reason=reason)
 
 
@@ -144,8 +151,7 @@ def comment(raw: str | None) -> str | None:
     if raw is None or raw == "":
         return None
     if len(raw) > COMMENT_MAX:
-        raise _refuse("SLURM_JOB_COMMENT", raw[:64] + "...",
-                      f"longer than {COMMENT_MAX} characters ({len(raw)})")
+        raise _refuse("SLURM_JOB_COMMENT", raw, f"longer than {COMMENT_MAX} characters")
     if "\0" in raw:
         raise _refuse("SLURM_JOB_COMMENT", raw, "contains NUL")
     return raw

@@ -166,7 +166,7 @@ def test_a_missing_image_in_the_comment_cancels_the_job_and_the_node_stays(slurm
     row = node.jobs.sacct([job])[job]
     assert row["State"].startswith("CANCELLED"), row
     rec = decode(row["AdminComment"])
-    assert rec["state"] == "refused" and "no image named nope" in rec["cause"]
+    assert rec["state"] == "refused" and "image 'nope' is not offered" in rec["cause"]
     [line] = [ln for ln in slurmd_lines(node, job) if "refused" in ln]
     assert "refused at reading the request" in line and "job cancelled, node stays in service" in line
     assert not (node.jobs.workdir / f"ran-{job}").exists(), "the batch script ran without a VM"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from slurm_dgxvm.errors import SeedError
-from slurm_dgxvm.seed import Mount, SeedSpec, generate_keypair, meta_data, user_data, write_seed
+from slurm_dgxvm.seed import (NINEP_OPTIONS, Mount, SeedSpec, generate_keypair, meta_data, pct,
+                              user_data, write_seed)
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> dict[str, str]:
@@ -55,7 +56,7 @@ def test_seed_files_and_label(spec, keys, tmp_path):
     assert volume_id(iso) == "cidata"
     root = extract(iso, tmp_path / "x")
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    assert names == ["dgxvm/authorized_keys", "dgxvm/hostname", "dgxvm/mounts",
+    assert names == ["dgxvm/authorized_keys", "dgxvm/groups", "dgxvm/hostname", "dgxvm/mounts",
                      "dgxvm/ssh_host_ed25519_key", "dgxvm/ssh_host_ed25519_key.pub",
                      "dgxvm/user", "meta-data", "user-data"]
     d = root / "dgxvm"
@@ -91,14 +92,17 @@ def test_user_data_is_cloud_config(spec, keys):
     assert text.startswith("#cloud-config\n")
     assert 'hostname: "job42-vm0"' in text
     assert "    uid: 4242\n" in text
-    assert "groupadd -o -g 4243 alice" in text
+    # the primary group: a fixed script with the values as its arguments, never in its text
+    assert ('  - ["sh", "-c", "getent group \\"$1\\" >/dev/null || groupadd -o -g \\"$2\\" '
+            '\\"$1\\"", "dgxvm-groupadd", "alice", "4243"]\n') in text
     assert '    homedir: "/home/alice"' in text
     assert '    shell: "/bin/sh"' in text
     assert f"      - {json.dumps(keys['user'])}\n" in text
     assert f"  ed25519_private: {json.dumps(keys['host_priv'])}\n" in text
     assert f"  ed25519_public: {json.dumps(keys['host_pub'])}\n" in text
-    assert '  - ["home0", "/home/alice", "virtiofs", "defaults,nofail", "0", "0"]' in text
-    assert '"scratch.1", "/scratch/job42", "9p", "trans=virtio' in text
+    assert '  - ["mount", "-t", "virtiofs", "-o", "nosuid,nodev", "home0", "/home/alice"]' in text
+    assert '"9p", "-o", "nosuid,nodev,trans=virtio' in text
+    assert "\nmounts:" not in text         # cloud-init 22.4 may skip a virtiofs tag there
     # every scalar string is a JSON string on one line: the private key has no raw newline
     assert "\n-----END" not in text
 
@@ -109,7 +113,9 @@ def test_user_data_parses_as_yaml_when_a_parser_is_there(spec, keys):
     assert doc["users"][0]["name"] == "alice"
     assert doc["users"][0]["uid"] == 4242
     assert doc["ssh_keys"]["ed25519_private"] == keys["host_priv"]
-    assert doc["mounts"][1][:3] == ["scratch.1", "/scratch/job42", "9p"]
+    assert ["mkdir", "-p", "/scratch/job42"] in doc["bootcmd"]
+    assert doc["bootcmd"][-1] == ["mount", "-t", "9p", "-o", "nosuid,nodev," + NINEP_OPTIONS,
+                                  "scratch.1", "/scratch/job42"]
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -122,20 +128,29 @@ BAD = [
     ("hostname", "vm.example.com"),
     ("hostname", "a" * 64),
     ("hostname", "vm 0"),
-    ("user_name", "Alice"),
-    ("user_name", "1alice"),
     ("user_name", "al ice"),
     ("user_name", "a" * 33),
     ("user_name", "alice\n"),
+    ("user_name", "a:b"),
+    ("user_name", "a/b"),
+    ("user_name", "-alice"),
+    ("user_name", "1234"),
+    ("user_name", "al\x7fice"),
+    ("user_name", "al\udcffice"),           # a non-UTF-8 byte through surrogateescape
     ("uid", -1),
     ("uid", "4242"),
     ("uid", True),
     ("gid", -5),
     ("gid", 1.0),
     ("home", "home/alice"),
-    ("home", "/home/al ice"),
     ("home", "/home/../root"),
     ("home", "/home/alice\n"),
+    ("home", "/home/al\tice"),
+    ("home", "/home/al\udce9ice"),
+    ("home", "/home//alice"),
+    ("home", "/home/alice/"),
+    ("home", "/home/a:b"),
+    ("groups", ("wheel",)),
     ("authorized_keys", ()),
     ("authorized_keys", "ssh-ed25519 AAAA"),
     ("authorized_keys", ("ssh-ed25519 AAAA\nssh-ed25519 BBBB",)),
@@ -156,13 +171,27 @@ def test_bad_spec_values(spec, field, value):
     assert repr(shown) in str(err.value)
 
 
+@pytest.mark.parametrize("group,shown", [
+    (("wheel", -1), -1),
+    (("wheel", 2 ** 32 - 1), 2 ** 32 - 1),
+    (("a b", 10), "a b"),
+    (("a\nb", 10), "a\nb"),
+    (("", 10), ""),
+])
+def test_bad_groups(spec, group, shown):
+    with pytest.raises(SeedError) as err:
+        dataclasses.replace(spec, groups=(group,))
+    assert repr(shown) in str(err.value)
+
+
 BAD_MOUNTS = [
     ("", "/data", "9p"),
     ("a b", "/data", "9p"),
     ("t" * 37, "/data", "9p"),
     ("tag/x", "/data", "9p"),
     ("tag", "data", "9p"),
-    ("tag", "/da ta", "9p"),
+    ("tag", "/da\nta", "9p"),
+    ("tag", "/data/", "9p"),
     ("tag", "/data/../etc", "9p"),
     ("tag", "/data", "nfs"),
 ]
@@ -183,6 +212,10 @@ def test_good_edge_values(spec):
     dataclasses.replace(spec, hostname="a", user_name="_", uid=0, gid=0, home="/",
                         mounts=(Mount("T" * 36, "/x/y.z", "virtiofs"),))
     dataclasses.replace(spec, hostname="A" + "b" * 61 + "9", user_name="a" * 32)
+    for user in ("john.doe", "Alice", "u2", "1alice", "o'brien"):
+        dataclasses.replace(spec, user_name=user)
+    for path in ("/tmp/a b", "/home/x/été", "/w/it's $HOME;`x` $(y) <&>", "/a/" + "b" * 255):
+        dataclasses.replace(spec, home=path, mounts=(Mount("t", path, "9p"),))
 
 
 def test_private_key_is_not_in_the_error(spec, keys):
@@ -257,3 +290,91 @@ def test_xorriso_failing(spec, tmp_path, monkeypatch):
 def test_missing_output_directory(spec, tmp_path):
     with pytest.raises(SeedError, match="does not exist"):
         write_seed(spec, tmp_path / "nope" / "seed.iso", name="vm0")
+
+
+# -- legitimate values, end to end: seed.py writes them, the guest's own reader decodes them --------
+GUEST_SEED_SH = Path(__file__).resolve().parents[2] / "guest-image/rootfs/usr/lib/dgxvm/seed.sh"
+GUEST_DEBS = Path("/var/cache/dgxvm/test-guest/debs")    # guest-image/build.py's download cache
+
+
+@pytest.fixture(scope="module")
+def busybox(tmp_path_factory) -> str:
+    """The guest's busybox (Debian's busybox-static): from PATH, else from the guest image's
+    package cache. dash's printf has no \\x escape, so only busybox proves the decoder."""
+    import shutil
+    found = shutil.which("busybox")
+    if found:
+        return found
+    debs = sorted(GUEST_DEBS.glob("busybox-static_*.deb"))
+    if not debs:
+        pytest.skip("no busybox: build the test guest (guest-image/build.py) or install "
+                    "busybox-static")
+    root = tmp_path_factory.mktemp("busybox")
+    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(root)], check=True)
+    return str(root / "bin" / "busybox")
+
+
+READ_BACK = r"""
+. "$SEED_SH"
+read -r user uid gid home < "$S/user"
+printf 'user=%s\n' "$(pct_decode "$user")"
+printf 'home=%s\n' "$(pct_decode "$home")"
+seed_account "$(pct_decode "$user")" "$uid" "$gid" "$(pct_decode "$home")"
+while read -r gname ggid; do
+    seed_group "$(pct_decode "$gname")" "$ggid" "$(pct_decode "$user")"
+done < "$S/groups"
+while read -r tag path fstype; do
+    printf 'mount=%s|%s|%s\n' "$tag" "$(pct_decode "$path")" "$fstype"
+done < "$S/mounts"
+"""
+
+LEGIT = [
+    ("john.doe", "/home/john.doe", "/tmp/a b"),
+    ("Alice", "/home/Alice", "/home/x/été"),
+    ("u2", "/home/u2", "/w/it's $HOME; `x` $(y) <&> \"q\" * 100% \\n"),
+    ("o'brien", "/home/o'brien", "/tmp/ leading and trailing "),
+]
+
+
+@pytest.mark.parametrize("user,home,workdir", LEGIT, ids=[u for u, _, _ in LEGIT])
+def test_legitimate_names_and_paths_reach_the_guest_unchanged(spec, busybox, tmp_path, user,
+                                                               home, workdir):
+    """john.doe, Alice and a work dir with spaces, quotes, '$' or é used to drain the node;
+    they must come out of the seed exactly as they went in, for cloud-init and for the test
+    guest's busybox reader alike."""
+    yaml = pytest.importorskip("yaml")
+    groups = (("Domain-Users", 5000), ("tty", 5), ("root", 77))
+    s = dataclasses.replace(spec, user_name=user, home=home, groups=groups,
+                            mounts=(Mount("dgxvm-share", workdir, "virtiofs"),))
+    root = extract(write_seed(s, tmp_path / "seed.iso", name="vm0"), tmp_path / "x")
+
+    doc = yaml.safe_load((root / "user-data").read_text(encoding="utf-8"))
+    [u] = doc["users"]
+    assert (u["name"], u["homedir"], u["groups"]) == (user, home, ["Domain-Users", "tty", "root"])
+    assert ["sh", "-c", 'getent group "$1" >/dev/null || groupadd -o -g "$2" "$1"',
+            "dgxvm-groupadd", user, "4243"] == doc["bootcmd"][0]
+    assert ["mkdir", "-p", workdir] in doc["bootcmd"]
+    assert ["mount", "-t", "virtiofs", "-o", "nosuid,nodev", "dgxvm-share", workdir] \
+        == doc["bootcmd"][-1]
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "group").write_text("root:x:0:\ntty:x:5:\nnogroup:x:65534:\n")
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (etc / "shadow").write_text("")
+    out = subprocess.run([busybox, "sh", "-c", READ_BACK], check=True, capture_output=True,
+                         env={"PATH": "/usr/bin:/bin", "ETC": str(etc), "S": str(root / "dgxvm"),
+                              "SEED_SH": str(GUEST_SEED_SH)}).stdout.decode("utf-8")
+    assert out.splitlines() == [f"user={user}", f"home={home}",
+                                f"mount=dgxvm-share|{workdir}|virtiofs"]
+    assert (etc / "passwd").read_text(encoding="utf-8").splitlines()[-1] == \
+        f"{user}:x:4242:4243::{home}:/bin/sh"
+    assert (etc / "group").read_text(encoding="utf-8").splitlines() == [
+        "root:x:0:", f"tty:x:5:{user}", "nogroup:x:65534:", f"{user}:x:4243:",
+        f"Domain-Users:x:5000:{user}", f"g77:x:77:{user}"]
+
+
+def test_percent_encoding_keeps_fields_free_of_whitespace():
+    assert pct("john.doe") == "john.doe" and pct("/tmp/a b") == "/tmp/a%20b"
+    assert pct("/home/x/été") == "/home/x/%C3%A9t%C3%A9"
+    assert pct("100%\\") == "100%25%5C"     # no '%' or backslash left for printf %b to misread

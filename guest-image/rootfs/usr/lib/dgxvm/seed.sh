@@ -1,0 +1,50 @@
+# The test guest's readers of the NoCloud seed's plain dgxvm/ files (slurm_dgxvm/seed.py writes
+# them), for busybox sh. Sourced by /sbin/dgxvm-init; tests/unit/test_seed.py sources it too,
+# with ETC pointing at a scratch directory, and runs it with the guest's own busybox.
+#
+# Values come from the host unchanged: a user "john.doe", a group "Domain Users", a home or
+# share path with spaces, quotes, '$' or non-ASCII letters. Fields that may hold such bytes are
+# percent-encoded in the files (seed.py pct: every byte outside A-Za-z0-9._/- is %HH), so
+# `read -r` splits lines on whitespace safely. awk gets values through ENVIRON, never -v (which
+# would interpret backslashes) and never inside its program text.
+ETC=${ETC:-/etc}
+
+# pct_decode FIELD: the text of a percent-encoded field. No backslash survives the encoding,
+# so printf %b sees only the \xHH escapes made here.
+pct_decode() {
+    printf '%b' "$(printf '%s' "$1" | sed 's/%/\\x/g')"
+}
+
+# seed_account NAME UID GID HOME: passwd, shadow and (when no group has GID) group entries
+# for the user; nothing when a user of that name exists (a later boot, root).
+seed_account() {
+    if n=$1 awk -F: '$1 == ENVIRON["n"] { f = 1 } END { exit !f }' "$ETC/passwd"; then
+        return 0
+    fi
+    g=$3 awk -F: '$3 == ENVIRON["g"] { f = 1 } END { exit !f }' "$ETC/group" \
+        || printf '%s:x:%s:\n' "$1" "$3" >> "$ETC/group" || return 1
+    printf '%s:x:%s:%s::%s:/bin/sh\n' "$1" "$2" "$3" "$4" >> "$ETC/passwd" || return 1
+    printf '%s:*:1::::::\n' "$1" >> "$ETC/shadow"
+}
+
+# seed_group NAME GID USER: USER becomes a member of the group GID. A group with that gid
+# keeps its name (the gid is what files on a share carry); a new one is called NAME, or gGID
+# when the image already has another group called NAME.
+seed_group() {
+    if g=$2 awk -F: '$3 == ENVIRON["g"] { f = 1 } END { exit !f }' "$ETC/group"; then
+        g=$2 u=$3 awk -F: -v OFS=: '
+            $3 == ENVIRON["g"] {
+                n = split($4, m, ",")
+                for (i = 1; i <= n; i++) if (m[i] == ENVIRON["u"]) { print; next }
+                $4 = ($4 == "" ? ENVIRON["u"] : $4 "," ENVIRON["u"])
+            }
+            { print }' "$ETC/group" > "$ETC/group.dgxvm" \
+            && cat "$ETC/group.dgxvm" > "$ETC/group" && rm -f "$ETC/group.dgxvm"
+        return
+    fi
+    name=$1
+    if n=$1 awk -F: '$1 == ENVIRON["n"] { f = 1 } END { exit !f }' "$ETC/group"; then
+        name=g$2
+    fi
+    printf '%s:x:%s:%s\n' "$name" "$2" "$3" >> "$ETC/group"
+}
