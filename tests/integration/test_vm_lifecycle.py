@@ -315,3 +315,46 @@ def test_a_partition_fabric_manager_refuses_leaves_nothing(vmenv, h100):
     assert not Ledger(h100.state).read().allocations
     assert fm_active(h100) == {**{p: False for p in fm_active(h100)}, 0: True}
     assert_nothing_left(vmenv, ["tf"], state_dir=h100.state, network="dgxvmtest-h")
+
+
+def test_john_doe_and_a_work_dir_with_a_space_reach_the_guest_unchanged(vmenv):
+    """Names and paths the host accepts used to drain the node (issue 9): a user with a dot, a
+    work dir with a space, a quote and an é, and the user's supplementary groups (one the host
+    names, one it does not) must arrive in the guest as they are, the share mounted
+    nosuid,nodev."""
+    from slurm_dgxvm import config as config_mod
+    from slurm_dgxvm import lifecycle
+    from slurm_dgxvm.design import share_tag
+    from slurm_dgxvm.placement import Request
+
+    work = vmenv.workdir / "a b" / "l'été $x"
+    work.mkdir(parents=True)
+    for d in (work.parent, work):
+        os.chown(d, vmenv.uid, vmenv.gid)
+    (work / "hello").write_text("from the host\n")
+    env = lifecycle.Env(config_mod.load(str(vmenv.config)))
+    req = lifecycle.CreateRequest(
+        name="jd", placement=Request(count=1), owner="domain", user="john.doe", uid=vmenv.uid,
+        gid=vmenv.gid, groups=(65534, 4321), home="/home/john.doe", workdir=str(work))
+    try:
+        rec = lifecycle.create(env, req)
+        assert rec.user == "john.doe"
+        q = shlex.quote(str(work))
+        out = ssh(vmenv, "jd", f"id -un; id -u; id -G; cat {q}/hello; echo hi > {q}/back; "
+                               f"grep '^{share_tag(str(work))} ' /proc/mounts",
+                  user=vmenv.user)
+        assert out.returncode == 0, out.stderr
+        name, uid, gids, hello, mount = out.stdout.splitlines()[:5]
+        assert (name, int(uid)) == ("john.doe", vmenv.uid)
+        assert {vmenv.gid, 65534, 4321} <= {int(g) for g in gids.split()}
+        assert hello == "from the host"
+        assert (work / "back").read_text() == "hi\n"
+        assert (work / "back").stat().st_uid == vmenv.uid
+        options = mount.split()[3].split(",")
+        assert "nosuid" in options and "nodev" in options, mount
+    finally:
+        try:
+            lifecycle.delete(env, "jd")
+        except Exception:  # noqa: BLE001 - the assertion below says what is left
+            pass
+    assert_nothing_left(vmenv, ["jd"])
