@@ -1,18 +1,20 @@
 """``dgxvm prolog`` and ``dgxvm epilog``: a job's VM, from Slurm's allocation to its end.
 
 Prolog (slurmd runs it as root when the job is allocated, PrologFlags=Alloc): read the job from
-the environment, clear anything an earlier run of the same job id left, make the VM request
-(partition defaults, the job comment's image), create the VM through the lifecycle (place in
-the ledger, carve, boot, wait for the guest), then write the VM record into the job's
-AdminComment. No Slurm command runs before the VM is ready.
+the environment and check every value it controls (:mod:`.jobinput`; its user against the
+host's passwd), make the VM request (partition defaults, the job comment's image) -- nothing
+is touched before this --, clear anything an earlier run of the same job id left, create the VM
+through the lifecycle (place in the ledger, carve, boot, wait for the guest), then write the VM
+record into the job's AdminComment. No Slurm command runs before the VM is ready.
 
 Epilog: delete the job's VM whatever state it is in (none, half made, crashed, only a ledger
 entry); idempotent. Then write the final record (teardown time, how it ended) with sacctmgr.
 
 Exit status, on purpose (Slurm drains the node for any non-zero Prolog or Epilog status):
 
-* 0 -- the VM is ready; or the job got no VM because of the job itself: a comment that does not
-  parse, an image that is not installed or not offered, a GPU count that is never a block
+* 0 -- the VM is ready; or the job got no VM because of the job itself: a value it controls
+  that is refused (JobInputError: its work dir, user, uid/gid, GPU list, partition, comment;
+  a root job), a comment that does not parse, an image that is not installed or not offered, a GPU count that is never a block
   (the job is cancelled), or no aligned block free under ``alignment = "strict"`` (the job is
   requeued and waits). The node stays in service.
 * 1 -- the node is at fault (libvirt down, the partition's default image missing, disk full,
