@@ -120,7 +120,8 @@ def config_text(base: Path, sysfs: Path, *, network: str, cidr: str, extra: str 
             f'[libvirt]\nuri = "qemu:///system"\ndomain_type = "qemu"\nnetwork = "{network}"\n'
             f'network_cidr = "{cidr}"\nready_timeout_s = 300.0\nshutdown_timeout_s = 30.0\n\n'
             f'[images]\nstore = "{base / "images"}"\n\n'
-            f'[vm]\nshare = "virtiofs"\nfit_vcpus = 1\nfit_memory_mib = 384\n' + extra)
+            f'[vm]\nshare = "virtiofs"\nshare_roots = ["{base}"]\nfit_vcpus = 1\n'
+            f'fit_memory_mib = 384\n' + extra)
 
 
 def build_guest() -> Path:

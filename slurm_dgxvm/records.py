@@ -97,6 +97,7 @@ def job_view(rec: VmRecord, vmdir: Path) -> dict:
             "uid": rec.uid, "address": rec.address, "image": rec.image,
             "image_version": rec.image_version, "workdir": rec.workdir,
             "gpus": rec.placement.get("gpus", []), "slurm_gpus": rec.placement.get("slurm_gpus"),
+            "allocation": rec.allocation,     # the VM's own GPUs, CPUs, memory, switches
             "key": str(vmdir / USER_KEY), "known_hosts": str(vmdir / KNOWN_HOSTS),
             "share_refused": rec.extra.get("share_refused")}
 

@@ -134,12 +134,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def wrapper_script(spec_path: Path, *, virtiofsd: str = VIRTIOFSD,
                    python: str | None = None) -> str:
-    """The per-VM script libvirt runs as the share's virtiofsd."""
+    """The per-VM script libvirt runs as the share's virtiofsd: this interpreter, this copy of
+    the package (libvirtd starts it with an environment of its own), the VM's spec."""
     py = shlex.quote(python or sys.executable)
+    package_parent = shlex.quote(str(Path(__file__).resolve().parents[2]))
     return ("#!/bin/sh\n"
             "# The work dir share of this VM, served as the job's user (slurm_dgxvm.shares).\n"
-            f"DGXVM_VIRTIOFSD={shlex.quote(virtiofsd)} exec {py} -m slurm_dgxvm.shares.virtiofsd "
-            f"{shlex.quote(str(spec_path))} \"$@\"\n")
+            f"PYTHONPATH={package_parent} DGXVM_VIRTIOFSD={shlex.quote(virtiofsd)} "
+            f"exec {py} -m slurm_dgxvm.shares.virtiofsd {shlex.quote(str(spec_path))} \"$@\"\n")
 
 
 if __name__ == "__main__":

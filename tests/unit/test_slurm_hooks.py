@@ -177,7 +177,7 @@ def test_record_is_roots_and_the_users_view_is_theirs_alone(world):
     assert (view.st_uid, view.st_mode & 0o777) == (4242, 0o600)
     doc = json.loads((vmdir / "job.json").read_text())
     assert doc["address"] == "10.0.0.2" and doc["uid"] == 4242 and doc["gpus"] == list(p.gpus)
-    assert "allocation" not in doc and "mac" not in doc
+    assert "mac" not in doc and "ledger_key" not in doc
 
 
 def test_the_cli_exit_status_is_the_hooks(tmp_path, trees, image_store, monkeypatch, capsys):
