@@ -123,7 +123,9 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         how += ", NOT aligned (alignment = prefer)"
     emit(f"{where}: VM {rec.name} ready in {rec.boot_s:.1f}s on GPUs "
          f"{format_index_list(p['gpus'])} ({how}), NUMA {format_index_list(p['numa_nodes'])}, "
-         f"{rec.address}")
+         f"{rec.address}"
+         + (f"; work dir NOT shared: {rec.extra['share_refused']}"
+            if rec.extra.get("share_refused") else ""))
     if env.cfg.slurm.accounting:
         _account(emit, where, lambda: slurm.set_admin_comment(
             job.job_id, encode(vm_fields(rec, state="running"))))
