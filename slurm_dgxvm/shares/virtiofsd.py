@@ -33,10 +33,13 @@ from .policy import ShareSpec, open_as_user
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 ERROR_FILE = "share.error"
 REFUSED_PREFIX = "refused: "
-# What virtiofsd keeps in the namespace (it applies to the user's own ids only): chroot for its
-# sandbox, setuid/setgid for its per-request credential switch to the guest's uid (which must be
-# the job's uid, the only one mapped), fowner/chown for utimes/chgrp among the user's groups.
-KEEP_CAPS = ("sys_chroot", "setuid", "setgid", "fowner", "chown", "dac_override", "fsetid")
+# What virtiofsd keeps in the namespace (there they apply to the user's own ids only): chroot
+# for its sandbox, setuid/setgid for its per-request credential switch to the guest's uid (which
+# must be the job's uid, the only one mapped), fowner/chown/dac_override/fsetid for its file
+# operations, and setpcap, without which libcap-ng cannot drop virtiofsd's bounding set and
+# falls back to a readlink that virtiofsd's own seccomp filter kills (SIGSYS, seen here).
+KEEP_CAPS = ("setpcap", "sys_chroot", "setuid", "setgid", "fowner", "chown", "dac_override",
+             "fsetid")
 # virtiofsd asks for its whole list by default; these two it must not have (and cannot get).
 MODCAPS = "modcaps=-mknod:-setfcap"
 NOFILE = 65536

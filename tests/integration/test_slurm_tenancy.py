@@ -18,7 +18,7 @@ import pytest
 from harness.guest_agent import domain, guest_exec
 from slurm_dgxvm.slurm.accounting import decode
 
-from .test_slurm_jobs import nothing_left, slurmd_lines, wait_job_state
+from test_slurm_jobs import nothing_left, slurmd_lines, wait_job_state
 
 pytestmark = pytest.mark.integration
 
