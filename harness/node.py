@@ -120,7 +120,8 @@ def config_text(base: Path, sysfs: Path, *, network: str, cidr: str, extra: str 
             f'[libvirt]\nuri = "qemu:///system"\ndomain_type = "qemu"\nnetwork = "{network}"\n'
             f'network_cidr = "{cidr}"\nready_timeout_s = 300.0\nshutdown_timeout_s = 30.0\n\n'
             f'[images]\nstore = "{base / "images"}"\n\n'
-            f'[vm]\nshare = "virtiofs"\nfit_vcpus = 1\nfit_memory_mib = 384\n' + extra)
+            f'[vm]\nshare = "virtiofs"\nshare_roots = ["{base}"]\nfit_vcpus = 1\n'
+            f'fit_memory_mib = 384\n' + extra)
 
 
 def build_guest() -> Path:
@@ -265,17 +266,22 @@ class Jobs:
         self.config, self.dgxvm = Path(config), Path(dgxvm)
 
     def sbatch(self, script: str, *, gpus: int, comment: str | None = None,
-               partition: str | None = None, extra: tuple[str, ...] = ()) -> int:
-        """Submit ``script`` as the node's user from its work dir; returns the job id."""
-        argv = ["sbatch", "--parsable", f"--gres=gpu:{gpus}", "--chdir", str(self.workdir),
-                f"--output={self.workdir}/slurm-%j.out",
+               partition: str | None = None, extra: tuple[str, ...] = (),
+               chdir: Path | str | None = None, user: str | None = None,
+               output: Path | str | None = None) -> int:
+        """Submit ``script`` as the node's user (or ``user``) from its work dir (or ``chdir``,
+        the job's SLURM_JOB_WORK_DIR); output in ``output`` (default: the work dir's
+        slurm-%j.out). Returns the job id."""
+        out = output or f"{self.workdir}/slurm-%j.out"
+        argv = ["sbatch", "--parsable", f"--gres=gpu:{gpus}", "--chdir", str(chdir or self.workdir),
+                f"--output={out}",
                 f"--export=ALL,DGXVM_CONFIG={self.config},PATH={self.dgxvm.parent}:/usr/bin:/bin",
                 *extra]
         if comment:
             argv.append(f"--comment={comment}")
         if partition:
             argv.append(f"--partition={partition}")
-        r = self.cluster.run(argv, user=self.user, input=script, cwd=str(self.workdir))
+        r = self.cluster.run(argv, user=user or self.user, input=script, cwd=str(self.workdir))
         return int(r.stdout.strip().split(";")[0])
 
     def squeue(self) -> list[dict]:

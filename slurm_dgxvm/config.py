@@ -67,7 +67,10 @@ class ImagesConfig:
 
 @dataclass(frozen=True)
 class VmConfig:
-    share: str = "virtiofs"                   # virtiofs | 9p | none: the job's work dir
+    share: str = "virtiofs"                   # virtiofs | none: the job's work dir
+    share_roots: tuple[str, ...] = ("/home",)  # work dirs at or below these may be shared
+    share_refused: str = "refuse"             # refuse | no-share: a work dir that may not be
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"  # the virtiofsd run as the job's user
     data_disk_gib: int = 0                    # 0 = no data disk
     fit_vcpus: int = 2                        # fit-to-host: at most this many vCPUs
     fit_memory_mib: int = 512                 # fit-to-host: at most this much memory
@@ -141,7 +144,8 @@ _SECTIONS = {"host": HostConfig, "placement": PlacementConfig, "ledger": LedgerC
 
 DOMAIN_TYPES = ("kvm", "qemu")
 FIT_MODES = ("auto", "always", "never")
-SHARE_MODES = ("virtiofs", "9p", "none")
+SHARE_MODES = ("virtiofs", "none")
+SHARE_REFUSED = ("refuse", "no-share")
 
 
 def load(path: str | os.PathLike | None = None, *, required: bool = False) -> Config:
@@ -217,7 +221,7 @@ def _section(cls, name: str, values: dict, path: str):
                                                 f"(known: {', '.join(known)})")
         default = known[key].default
         if isinstance(default, tuple):
-            item = str if key == "images" else int
+            item = str if key in ("images", "share_roots") else int
             if not isinstance(value, list) or not all(
                     isinstance(v, item) and not isinstance(v, bool) for v in value):
                 raise ConfigError(path=path, reason=f"{name}.{key} must be a list of "
@@ -269,9 +273,26 @@ def _validate(cfg: Config, path: str) -> None:
     for key in ("ready_timeout_s", "shutdown_timeout_s"):
         if getattr(v, key) <= 0:
             raise ConfigError(path=path, reason=f"libvirt.{key} must be > 0, not {getattr(v, key)}")
+    if cfg.vm.share == "9p":
+        raise ConfigError(path=path, reason="vm.share \"9p\" is not offered: QEMU serves 9p "
+                                            "with its own rights on the host, which root in the "
+                                            "guest would get; use \"virtiofs\" (served as the "
+                                            "job's user) or \"none\"")
     if cfg.vm.share not in SHARE_MODES:
         raise ConfigError(path=path, reason=f"vm.share {cfg.vm.share!r} is not one of "
                                             f"{', '.join(SHARE_MODES)}")
+    if cfg.vm.share_refused not in SHARE_REFUSED:
+        raise ConfigError(path=path, reason=f"vm.share_refused {cfg.vm.share_refused!r} is not "
+                                            f"one of {', '.join(SHARE_REFUSED)}")
+    for root in cfg.vm.share_roots:
+        parts = root.split("/")
+        if (not root.startswith("/") or any(p in (".", "..") for p in parts)
+                or "//" in root or any(ord(c) < 32 or ord(c) == 127 for c in root)):
+            raise ConfigError(path=path, reason=f"vm.share_roots: {root!r} is not an absolute, "
+                                                f"normalised path")
+    if not cfg.vm.virtiofsd.startswith("/"):
+        raise ConfigError(path=path, reason=f"vm.virtiofsd {cfg.vm.virtiofsd!r} must be an "
+                                            f"absolute path")
     for key in ("data_disk_gib", "fit_vcpus", "fit_memory_mib"):
         if getattr(cfg.vm, key) < (0 if key == "data_disk_gib" else 1):
             raise ConfigError(path=path, reason=f"vm.{key} is out of range: {getattr(cfg.vm, key)}")

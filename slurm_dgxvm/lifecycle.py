@@ -34,14 +34,16 @@ from typing import Callable
 from . import hypervisor, images as images_mod, seed as seed_mod
 from .config import Config
 from .design import RealHost, VmInputs, design, domain_xml, fit_to_host, mac_for, share_tag
-from .errors import (DgxvmError, DomainExists, DomainNotFound, LedgerConflict, RequestError)
+from .errors import (DgxvmError, DomainExists, DomainNotFound, HypervisorError, LedgerConflict,
+                     RequestError, ShareRefused)
 from .fabric import Fabric
 from .guest import wait_ready
 from .ledger import Allocation, Ledger, domain_key, job_key
 from .names import account_name_problem, domain_name
 from .placement import Policy, Request, place
 from .records import (CONSOLE_LOG, DATA_DISK, DOMAIN_XML, HOST_KEY, KNOWN_HOSTS, OS_DISK, SEED,
-                      USER_KEY, VmRecord, VmStore)
+                      SHARE_SPEC, SHARE_WRAPPER, USER_KEY, VmRecord, VmStore)
+from .shares import policy as share_policy, virtiofsd as share_server
 from .topology import SysfsRoot, discover
 from .topology.nvml import query as nvml_query
 
@@ -175,6 +177,7 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
     if env.vms.exists(name):
         raise DomainExists(name=name, where=f" ({env.vms.dir(name)})")
     image = env.images.get(req.image)
+    share, share_refused = check_share(cfg, req)
     host = env.host
     key = job_key(req.job_id) if req.owner == "job" else domain_key(name)
 
@@ -208,10 +211,14 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
                                              cfg.libvirt.network_cidr)
         undo.callback(hypervisor.release_address, conn, cfg.libvirt.network,
                       cfg.host.state_dir, mac)
-        (vmdir / KNOWN_HOSTS).write_text(f"{address} {host_pub}\n")
+        _write_private(vmdir / KNOWN_HOSTS, f"{address} {host_pub}\n", 0o600)
+        os.chown(vmdir / KNOWN_HOSTS, req.uid, req.gid)
         mounts = ()
-        if req.workdir and cfg.vm.share != "none":
-            mounts = (seed_mod.Mount(tag=share_tag(req.workdir), path=req.workdir,
+        if share is not None:
+            share.save(vmdir / SHARE_SPEC)
+            _write_private(vmdir / SHARE_WRAPPER, share_server.wrapper_script(
+                vmdir / SHARE_SPEC, virtiofsd=cfg.vm.virtiofsd), 0o700)
+            mounts = (seed_mod.Mount(tag=share_tag(share.path), path=share.path,
                                      fstype=cfg.vm.share),)
         home = req.home or (f"/home/{req.user}" if req.uid else "/root")
         seed_mod.write_seed(seed_mod.SeedSpec(
@@ -233,7 +240,8 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
             os_disk=str(vmdir / OS_DISK), seed=str(vmdir / SEED),
             data_disk=str(vmdir / DATA_DISK) if data_gib else None,
             console_log=str(vmdir / CONSOLE_LOG), network=cfg.libvirt.network, mac=mac,
-            share=cfg.vm.share, workdir=req.workdir),
+            share=cfg.vm.share, workdir=share.path if share else None,
+            share_binary=str(vmdir / SHARE_WRAPPER) if share else None),
             domain_type=cfg.libvirt.domain_type, machine_type=cfg.libvirt.machine_type)
         fitted: tuple[str, ...] = ()
         if env.fit(host):
@@ -242,15 +250,17 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
             for line in fitted:
                 log.info("%s: fit to this host: %s", name, line)
         xml = domain_xml(spec)
-        (vmdir / DOMAIN_XML).write_text(xml)
+        _write_private(vmdir / DOMAIN_XML, xml, 0o600)
 
         record = VmRecord(
             name=name, uuid=vm_uuid, state="creating", owner=req.owner, ledger_key=key,
-            job_id=req.job_id, user=req.user, uid=req.uid, gid=req.gid, workdir=req.workdir,
+            job_id=req.job_id, user=req.user, uid=req.uid, gid=req.gid,
+            workdir=share.path if share else None,
             image=image.name, image_version=image.version, address=address, mac=mac,
             network=cfg.libvirt.network, allocation=alloc.to_json(),
             placement=placement.to_json(), fitted=fitted, created=time.time(),
-            lock_s=round(lock_s, 6) if lock_s is not None else None)
+            lock_s=round(lock_s, 6) if lock_s is not None else None,
+            extra={"share_refused": share_refused} if share_refused else {})
         env.vms.save(record)
 
         progress("defining")
@@ -264,8 +274,12 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
             undo.callback(env.fabric.deactivate, placement.fm_partition)
 
         progress("starting")
-        with hypervisor.libvirt_errors(env.uri, f"start domain {name}"):
-            dom.create()
+        try:
+            with hypervisor.libvirt_errors(env.uri, f"start domain {name}"):
+                dom.create()
+        except HypervisorError:
+            _share_refusal(vmdir)        # the job's fault: its work dir changed since the check
+            raise
         undo.callback(hypervisor.destroy, dom)
         started = time.time()
 
@@ -278,6 +292,46 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
         undo.pop_all()
     log.info("%s: running, GPUs %s, %s", name, list(placement.gpus), address)
     return record
+
+
+def check_share(cfg: Config, req: CreateRequest) -> tuple[share_policy.ShareSpec | None, str | None]:
+    """(what to share, why the work dir is not shared) for ``req``, before anything is taken.
+
+    Raises ShareRefused when the work dir may not be shared and ``vm.share_refused`` is
+    "refuse"; with "no-share" the VM boots without it and the reason is returned.
+    """
+    if not req.workdir or cfg.vm.share == "none":
+        return None, None
+    try:
+        if req.uid == 0:
+            raise ShareRefused(value=req.workdir, reason="a VM of root gets no share")
+        return share_policy.check(req.workdir, cfg.vm.share_roots, req.uid, req.gid,
+                                  (req.gid, *req.groups)), None
+    except ShareRefused as exc:
+        if cfg.vm.share_refused == "refuse":
+            raise
+        log.warning("%s: %s; the VM boots without it (vm.share_refused = no-share)",
+                    req.name, exc)
+        return None, str(exc)
+
+
+def _share_refusal(vmdir) -> None:
+    """Raise ShareRefused when the share's virtiofsd refused the directory at start."""
+    try:
+        line = (vmdir / share_server.ERROR_FILE).read_text().strip()
+    except OSError:
+        return
+    if line.startswith(share_server.REFUSED_PREFIX):
+        raise ShareRefused(line[len(share_server.REFUSED_PREFIX):])
+
+
+def _write_private(path, text: str, mode: int) -> None:
+    """Write a root-only file of the VM directory (created with ``mode``, never wider)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
 
 
 # -- delete ----------------------------------------------------------------------------------------

@@ -32,6 +32,15 @@ HOST_KEY = "ssh_host_ed25519_key"
 KNOWN_HOSTS = "known_hosts"
 CONSOLE_LOG = "console.log"
 DOMAIN_XML = "domain.xml"
+SHARE_SPEC = "share.json"          # the checked work dir (slurm_dgxvm.shares), root only
+SHARE_WRAPPER = "virtiofsd"        # the script libvirt runs as the share's virtiofsd
+JOB_VIEW = "job.json"              # what `dgxvm job` shows the VM's own user (owned by them)
+
+# Who may read what: the VM directory lets everyone through (QEMU, which runs as another user,
+# opens its disks by path) but lists nothing; record.json, the domain XML, the seed, the host key
+# and the share's files are root's alone; the user key, known_hosts and job.json belong to the
+# VM's user, who needs them in the batch script. Nothing of one job is readable by another.
+VM_DIR_MODE = 0o711
 
 @dataclass(frozen=True)
 class VmRecord:
@@ -82,6 +91,35 @@ class VmRecord:
         return replace(self, **changes)
 
 
+def job_view(rec: VmRecord, vmdir: Path) -> dict:
+    """What the VM's own user may read about it: how to reach it, nothing of the host's."""
+    return {"name": rec.name, "state": rec.state, "job_id": rec.job_id, "user": rec.user,
+            "uid": rec.uid, "address": rec.address, "image": rec.image,
+            "image_version": rec.image_version, "workdir": rec.workdir,
+            "gpus": rec.placement.get("gpus", []), "slurm_gpus": rec.placement.get("slurm_gpus"),
+            "allocation": rec.allocation,     # the VM's own GPUs, CPUs, memory, switches
+            "key": str(vmdir / USER_KEY), "known_hosts": str(vmdir / KNOWN_HOSTS),
+            "share_refused": rec.extra.get("share_refused")}
+
+
+def _atomic_json(path: Path, doc: dict, *, uid: int | None) -> None:
+    """Write ``doc`` to ``path`` atomically (temp file, fsync, rename), mode 0600, owned by root
+    or, with ``uid``, by that user (chowned before it is renamed into place)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            if uid is not None:
+                os.fchown(f.fileno(), uid, -1)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class VmStore:
     """The ``vms/`` directory of the state dir."""
 
@@ -96,11 +134,11 @@ class VmStore:
 
     def make_dir(self, name: str) -> Path:
         """Create the VM's directory; FileExistsError if it is there (a name already taken)."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
-        os.chmod(self.root, 0o755)
+        self.root.mkdir(parents=True, exist_ok=True, mode=VM_DIR_MODE)
+        os.chmod(self.root, VM_DIR_MODE)
         d = self.dir(name)
-        d.mkdir(mode=0o755)
-        os.chmod(d, 0o755)   # QEMU runs as another user and must reach its disks
+        d.mkdir(mode=VM_DIR_MODE)
+        os.chmod(d, VM_DIR_MODE)   # QEMU runs as another user and must reach its disks
         return d
 
     def remove_dir(self, name: str) -> None:
@@ -119,19 +157,20 @@ class VmStore:
         return VmRecord.from_json(doc, str(path))
 
     def save(self, rec: VmRecord) -> None:
+        """Write record.json (root's, 0600) and the VM user's view of it, job.json."""
         d = self.dir(rec.name)
-        fd, tmp = tempfile.mkstemp(prefix=".record.", dir=d)
+        _atomic_json(d / RECORD, rec.to_json(), uid=None)
+        _atomic_json(d / JOB_VIEW, job_view(rec, d), uid=rec.uid)
+
+    def load_view(self, name: str) -> dict | None:
+        """job.json of VM ``name`` (what its user may see), or None."""
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(rec.to_json(), f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, d / RECORD)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            return json.loads((self.dir(name) / JOB_VIEW).read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise LedgerCorrupt(path=str(self.dir(name) / JOB_VIEW),
+                                reason=f"invalid JSON: {exc}") from exc
 
     def names(self) -> list[str]:
         if not self.root.is_dir():

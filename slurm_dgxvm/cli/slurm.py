@@ -13,7 +13,7 @@ import sys
 import click
 
 from ..errors import BadInput, DgxvmError
-from ..records import KNOWN_HOSTS, USER_KEY
+from ..records import JOB_VIEW, job_view
 from ..slurm import hooks, log as hook_log
 from ..slurm.commands import Slurm
 from ..slurm.job import domain_for
@@ -82,27 +82,48 @@ def job(c, job_id, as_json, as_env):
         job_id = int(raw)
     env = c.env
     name = domain_for(env.cfg, job_id)
-    rec = env.vms.load(name)
-    if rec is None or rec.state not in ("running", "stopped"):
-        raise BadInput(f"job {job_id} has no VM on this node"
-                       + (f" (it is {rec.state})" if rec else ""), value=job_id)
-    vmdir = env.vms.dir(name)
-    ssh = (f"ssh -i {vmdir / USER_KEY} -o UserKnownHostsFile={vmdir / KNOWN_HOSTS} "
-           f"-o StrictHostKeyChecking=yes -o BatchMode=yes {rec.user}@{rec.address}")
+    view = _job_view(env, name, job_id)
+    ssh = (f"ssh -i {view['key']} -o UserKnownHostsFile={view['known_hosts']} "
+           f"-o StrictHostKeyChecking=yes -o BatchMode=yes {view['user']}@{view['address']}")
     if as_json:
-        doc = rec.to_json()
-        doc.update(key=str(vmdir / USER_KEY), known_hosts=str(vmdir / KNOWN_HOSTS), ssh=ssh)
-        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        click.echo(json.dumps({**view, "ssh": ssh}, indent=2, sort_keys=True))
     elif as_env:
-        for k, v in (("DGXVM_DOMAIN", name), ("DGXVM_ADDRESS", rec.address),
-                     ("DGXVM_USER", rec.user), ("DGXVM_KEY", str(vmdir / USER_KEY)),
-                     ("DGXVM_KNOWN_HOSTS", str(vmdir / KNOWN_HOSTS)), ("DGXVM_SSH", ssh)):
+        for k, v in (("DGXVM_DOMAIN", name), ("DGXVM_ADDRESS", view["address"]),
+                     ("DGXVM_USER", view["user"]), ("DGXVM_KEY", view["key"]),
+                     ("DGXVM_KNOWN_HOSTS", view["known_hosts"]), ("DGXVM_SSH", ssh)):
             click.echo(f"export {k}={shlex.quote(v or '')}")
     else:
-        p = rec.placement
-        click.echo(f"job {job_id}: VM {name} ({rec.state}) at {rec.address}, GPUs "
-                   f"{','.join(map(str, p.get('gpus', [])))}, image {rec.image}")
+        click.echo(f"job {job_id}: VM {name} ({view['state']}) at {view['address']}, GPUs "
+                   f"{','.join(map(str, view.get('gpus') or []))}, image {view['image']}")
         click.echo(f"  {ssh}")
+        if view.get("share_refused"):
+            click.echo(f"  not shared: {view['share_refused']}")
+
+
+def _job_view(env, name: str, job_id: int) -> dict:
+    """What the caller may see of job ``job_id``'s VM: root sees every record (as job.json
+    shows it, plus the record under "record"); any other user only a VM of their own, through
+    the job.json that belongs to them. Another user's job is "no VM" (exit 2), as is a job
+    without one: nothing tells a user whether someone else's job has a VM here."""
+    missing = BadInput(f"job {job_id} has no VM of yours on this node", value=job_id)
+    if os.geteuid() == 0:
+        rec = env.vms.load(name)
+        if rec is None or rec.state not in ("running", "stopped"):
+            raise BadInput(f"job {job_id} has no VM on this node"
+                           + (f" (it is {rec.state})" if rec else ""), value=job_id)
+        return {**job_view(rec, env.vms.dir(name)), "record": rec.to_json()}
+    path = env.vms.dir(name) / JOB_VIEW
+    try:
+        st = path.stat()
+        if st.st_uid != os.geteuid():
+            raise missing
+        view = env.vms.load_view(name)
+    except (FileNotFoundError, PermissionError, NotADirectoryError):
+        raise missing from None
+    if view is None or view.get("uid") != os.geteuid() or \
+            view.get("state") not in ("running", "stopped"):
+        raise missing
+    return view
 
 
 @click.command()

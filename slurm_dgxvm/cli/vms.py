@@ -4,6 +4,7 @@ which libvirtd runs (etc/libvirt/hooks/qemu) so the ledger stays true under ``vi
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -51,7 +52,8 @@ def create(c, gpu_count, gpu_index, name, image, vcpus, memory, disk_size, data_
         name=name, placement=Request(count=gpu_count, gpu_index=gpu_index, vcpus=vcpus,
                                      memory_mib=memory, disk_gib=disk_size),
         data_disk_gib=data_disk, image=image, owner="domain",
-        user=uname, uid=uid, gid=gid, home=home, workdir=workdir)
+        user=uname, uid=uid, gid=gid, groups=tuple(os.getgrouplist(uname, gid)), home=home,
+        workdir=workdir)
     rec = lifecycle.create(c.env, req, _progress(name, "create"))
     if as_json:
         click.echo(json.dumps(rec.to_json(), indent=2, sort_keys=True))

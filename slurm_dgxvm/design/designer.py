@@ -45,8 +45,9 @@ class VmInputs:
     console_log: str
     network: str
     mac: str
-    share: str                 # virtiofs | 9p | none
+    share: str                 # virtiofs | none
     workdir: str | None
+    share_binary: str | None = None   # the virtiofsd wrapper serving workdir as the job's user
 
 
 def mac_for(name: str) -> str:
@@ -56,7 +57,7 @@ def mac_for(name: str) -> str:
 
 
 def share_tag(path: str) -> str:
-    """The virtiofs/9p tag of a shared directory: short (<= 36 chars) and free of odd bytes."""
+    """The virtiofs tag of a shared directory: short (<= 36 chars) and free of odd bytes."""
     return "dgxvm-" + hashlib.sha256(path.encode()).hexdigest()[:16]
 
 
@@ -94,7 +95,8 @@ def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type
                           cache="none", io="native", discard="unmap", queues=queues, iothread=1))
     filesystems = ()
     if vm.workdir and vm.share != "none":
-        filesystems = (Filesystem(driver=vm.share, source=vm.workdir, tag=share_tag(vm.workdir)),)
+        filesystems = (Filesystem(driver=vm.share, source=vm.workdir, tag=share_tag(vm.workdir),
+                                  binary=vm.share_binary),)
 
     boot = Boot(kernel=image.kernel, initrd=image.initrd, cmdline=image.cmdline)
     who = f"job {vm.job_id}" if vm.job_id is not None else "admin"

@@ -84,9 +84,10 @@ class Interface:
 
 @dataclass(frozen=True)
 class Filesystem:
-    driver: str                     # virtiofs | 9p
+    driver: str                     # virtiofs
     source: str
     tag: str
+    binary: str | None = None       # the virtiofsd libvirt runs (dgxvm's per-VM wrapper)
 
 
 @dataclass(frozen=True)

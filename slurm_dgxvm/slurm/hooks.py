@@ -68,9 +68,12 @@ def _one_line(env: lifecycle.Env, name: str, exc: BaseException) -> str:
     if not rest.strip():
         return first
     path = Path(env.cfg.host.state_dir) / "failures" / f"{name}.txt"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+    try:                               # root's only: a console tail may show the job's secrets
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path.parent, 0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
         return f"{first} (full text: {path})"
     except OSError:
         return first + " | " + rest.strip().replace("\n", " | ")[-300:]
@@ -129,7 +132,9 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         how += ", NOT aligned (alignment = prefer)"
     emit(f"{where}: VM {rec.name} ready in {rec.boot_s:.1f}s on GPUs "
          f"{format_index_list(p['gpus'])} ({how}), NUMA {format_index_list(p['numa_nodes'])}, "
-         f"{rec.address}")
+         f"{rec.address}"
+         + (f"; work dir NOT shared: {rec.extra['share_refused']}"
+            if rec.extra.get("share_refused") else ""))
     if env.cfg.slurm.accounting:
         _account(emit, where, lambda: slurm.set_admin_comment(
             job.job_id, encode(vm_fields(rec, state="running"))))

@@ -105,7 +105,8 @@ class VmEnv:
             f'[libvirt]\nuri = "{self.uri}"\ndomain_type = "qemu"\nnetwork = "{self.network}"\n'
             f'network_cidr = "{TEST_CIDR}"\nready_timeout_s = 240.0\nshutdown_timeout_s = 30.0\n\n'
             f'[images]\nstore = "{self.store}"\n\n'
-            f'[vm]\nshare = "virtiofs"\nfit_vcpus = 1\nfit_memory_mib = 384\n')
+            f'[vm]\nshare = "virtiofs"\nshare_roots = ["{base}"]\nfit_vcpus = 1\n'
+            f'fit_memory_mib = 384\n')
         self.config.write_text(self.config_text)
         import pwd
         pw = pwd.getpwnam(TEST_USER)

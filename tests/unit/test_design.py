@@ -35,7 +35,8 @@ def vm_inputs(name="vm1", workdir="/home/alice/run", share="virtiofs", data=Fals
     return VmInputs(name=name, uuid="6f1d7d3c-0000-4000-8000-000000000001", owner="job",
                     job_id=4242, user="alice", os_disk=f"{d}/os.qcow2", seed=f"{d}/seed.iso",
                     data_disk=f"{d}/data.qcow2" if data else None, console_log=f"{d}/console.log",
-                    network="dgxvm", mac=mac_for(name), share=share, workdir=workdir)
+                    network="dgxvm", mac=mac_for(name), share=share, workdir=workdir,
+                    share_binary=f"{d}/virtiofsd")
 
 
 def spec_for(host, count, **kw):
@@ -159,9 +160,8 @@ def test_workdir_is_shared_with_virtiofs_and_shared_memory(hosts):
     assert fs.find("driver").get("type") == "virtiofs"
     assert fs.find("source").get("dir") == "/scratch/alice"
     assert root.find("./memoryBacking/access").get("mode") == "shared"
-    _, spec9 = spec_for(hosts["dgx2"], 1, share="9p")
-    fs9 = ET.fromstring(domain_xml(spec9)).find("./devices/filesystem")
-    assert fs9.find("driver").get("type") == "path"
+    # served by dgxvm's per-VM wrapper (virtiofsd as the job's user), never libvirt's root one
+    assert fs.find("binary").get("path") == "/var/lib/dgxvm/vms/vm1/virtiofsd"
     _, none = spec_for(hosts["dgx2"], 1, share="none")
     assert ET.fromstring(domain_xml(none)).find("./devices/filesystem") is None
 

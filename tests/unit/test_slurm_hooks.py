@@ -160,19 +160,25 @@ def test_epilog_leaves_other_jobs_alone(world):
     assert set(world.env.ledger.read().allocations) == {job_key(7)}
 
 
-def test_record_is_world_readable_json(world):
-    # `dgxvm job` runs as the job's user in its batch script and reads the record
+def test_record_is_roots_and_the_users_view_is_theirs_alone(world):
+    # `dgxvm job` runs as the job's user in its batch script: it reads job.json, which belongs
+    # to that user (0600); record.json (allocation, MAC, what the hook trusts) stays root's.
     p = place(world.env.host, EMPTY, Request(count=4), Policy())
     from slurm_dgxvm.records import VmRecord
-    world.env.vms.make_dir("job-42")
+    vmdir = world.env.vms.make_dir("job-42")
     world.env.vms.save(VmRecord(name="job-42", uuid="u", state="running", owner="job",
-                                ledger_key=job_key(42), job_id=42, user="root", uid=0, gid=0,
-                                workdir=None, image="base", image_version="1", address="10.0.0.2",
-                                mac="52:54:00:00:00:01", network="dgxvm", allocation={},
-                                placement=p.to_json()))
-    path = world.env.vms.dir("job-42") / "record.json"
-    assert path.stat().st_mode & 0o004
-    assert json.loads(path.read_text())["address"] == "10.0.0.2"
+                                ledger_key=job_key(42), job_id=42, user="alice", uid=4242,
+                                gid=4343, workdir=None, image="base", image_version="1",
+                                address="10.0.0.2", mac="52:54:00:00:00:01", network="dgxvm",
+                                allocation={}, placement=p.to_json()))
+    assert vmdir.stat().st_mode & 0o777 == 0o711          # QEMU reaches its disks; no listing
+    rec = (vmdir / "record.json").stat()
+    assert (rec.st_uid, rec.st_mode & 0o777) == (0, 0o600)
+    view = (vmdir / "job.json").stat()
+    assert (view.st_uid, view.st_mode & 0o777) == (4242, 0o600)
+    doc = json.loads((vmdir / "job.json").read_text())
+    assert doc["address"] == "10.0.0.2" and doc["uid"] == 4242 and doc["gpus"] == list(p.gpus)
+    assert "mac" not in doc and "ledger_key" not in doc
 
 
 def test_the_cli_exit_status_is_the_hooks(tmp_path, trees, image_store, monkeypatch, capsys):
