@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import click
@@ -59,13 +60,14 @@ class Size(click.ParamType):
 
 class WorkDir(click.Path):
     """An existing directory, made absolute, that a seed and a guest can carry: UTF-8, no
-    control character (spaces, quotes and non-ASCII letters are fine)."""
+    control character (spaces, quotes and non-ASCII letters are fine). Symlinks are NOT
+    resolved: the share policy refuses a path with a symlink component, naming it."""
 
     def __init__(self):
-        super().__init__(exists=True, file_okay=False, resolve_path=True)
+        super().__init__(exists=True, file_okay=False)
 
     def convert(self, value, param, ctx):
-        path = super().convert(value, param, ctx)
+        path = os.path.abspath(super().convert(value, param, ctx))
         problem = path_problem(str(path))
         if problem:
             self.fail(f"{str(path)!r}: {problem}", param, ctx)

@@ -25,7 +25,7 @@ SECRET = "only root on the host may read this\n"
 
 @pytest.fixture(scope="module")
 def vm(vmenv):
-    wd = vmenv.workdir / "share-probe"
+    wd = vmenv.workdir / "share probe"
     wd.mkdir()
     os.chown(wd, vmenv.uid, vmenv.gid)
     (wd / "secret").write_text(SECRET)
