@@ -34,8 +34,8 @@ from typing import Callable
 from . import hypervisor, images as images_mod, seed as seed_mod
 from .config import Config
 from .design import RealHost, VmInputs, design, domain_xml, fit_to_host, mac_for, share_tag
-from .errors import (DgxvmError, DomainExists, DomainNotFound, HypervisorError, LedgerConflict,
-                     RequestError, ShareRefused)
+from .errors import (DgxvmError, DomainExists, DomainNotFound, HostError, HypervisorError,
+                     LedgerConflict, RequestError, ShareRefused)
 from .fabric import Fabric
 from .guest import wait_ready
 from .ledger import Allocation, Ledger, domain_key, job_key
@@ -316,13 +316,17 @@ def check_share(cfg: Config, req: CreateRequest) -> tuple[share_policy.ShareSpec
 
 
 def _share_refusal(vmdir) -> None:
-    """Raise ShareRefused when the share's virtiofsd refused the directory at start."""
+    """Why the share's virtiofsd stopped the start: ShareRefused when it refused the directory
+    (the job's fault), HostError when the node could not serve it; nothing when it said nothing
+    (then libvirt's own error stands)."""
     try:
         line = (vmdir / share_server.ERROR_FILE).read_text().strip()
     except OSError:
         return
     if line.startswith(share_server.REFUSED_PREFIX):
         raise ShareRefused(line[len(share_server.REFUSED_PREFIX):])
+    raise HostError(reason=f"the work dir share could not be served: {line} "
+                           f"(`dgxvm share check` tells what this node lacks)")
 
 
 def _write_private(path, text: str, mode: int) -> None:

@@ -181,6 +181,33 @@ for _command in vms.COMMANDS + slurm_cli.COMMANDS:
 cli.add_command(image_group)
 
 
+# -- shares ----------------------------------------------------------------------------------------
+@cli.group()
+def share():
+    """The job's work dir share (served as the job's user)."""
+
+
+@share.command("check")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def share_check(c: Context, as_json):
+    """Check that this node can serve shares as the job's user (virtiofsd, user namespaces,
+    seccomp, the share roots). Exit 3 when it cannot."""
+    from ..errors import EXIT_HOST
+    from ..shares.check import findings
+    vm = c.config.vm
+    rows = findings(vm.virtiofsd, vm.share_roots) if vm.share != "none" else []
+    if as_json:
+        click.echo(json.dumps([row.__dict__ for row in rows], indent=2))
+    else:
+        if not rows:
+            click.echo("vm.share = \"none\": nothing is shared")
+        for row in rows:
+            click.echo(f"{'ok  ' if row.ok else 'FAIL'} {row.check}: {row.detail}")
+    if not all(row.ok for row in rows):
+        raise click.exceptions.Exit(EXIT_HOST)
+
+
 # -- version ---------------------------------------------------------------------------------------
 @cli.group()
 def version():

@@ -238,3 +238,31 @@ def test_a_refusal_is_written_for_the_lifecycle(base):
     assert virtiofsd.main([str(vmdir / "share.json"), "--fd=3"]) == 1
     line = (vmdir / virtiofsd.ERROR_FILE).read_text()
     assert line.startswith(virtiofsd.REFUSED_PREFIX) and "does not exist" in line
+
+
+# -- can this node serve shares? ----------------------------------------------------------------------
+def test_share_check_does_the_real_thing_and_names_what_fails(base, tmp_path):
+    from slurm_dgxvm.shares.check import findings
+    rows = {r.check: r for r in findings(virtiofsd.VIRTIOFSD, [str(base)])}
+    assert all(r.ok for r in rows.values()), rows
+    assert set(rows) == {"virtiofsd", "user namespaces", "seccomp", f"share root {base}"}
+    (base / "link").symlink_to(base)
+    rows = {r.check: r for r in findings(str(tmp_path / "no-virtiofsd"),
+                                         [str(base / "link"), str(base / "gone")])}
+    assert not rows["virtiofsd"].ok and "qemu-system-common" in rows["virtiofsd"].detail
+    assert not rows[f"share root {base}/link"].ok and not rows[f"share root {base}/gone"].ok
+    assert rows["user namespaces"].ok and rows["seccomp"].ok
+
+
+def test_dgxvm_share_check_exits_3_when_the_node_cannot_share(base, tmp_path):
+    from click.testing import CliRunner
+
+    from slurm_dgxvm.cli.main import cli
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[vm]\nshare_roots = ["{base}"]\n')
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "share", "check"])
+    assert r.exit_code == 0 and "ok   user namespaces" in r.output, r.output
+    cfg.write_text(f'[vm]\nshare_roots = ["{base}/gone"]\nvirtiofsd = "/nonexistent"\n')
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "share", "check"])
+    assert r.exit_code == 3
+    assert "FAIL virtiofsd: /nonexistent" in r.output and f"FAIL share root {base}/gone" in r.output

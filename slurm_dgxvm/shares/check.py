@@ -1,0 +1,68 @@
+"""Can this node serve work dir shares as the job's user? Each check does the real thing once
+(the kernel answers, not a version number) and says how to fix what fails."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from . import seccomp, userns
+
+PROBE_UID = PROBE_GID = 65534          # nobody: any uid works, the kernel only sees numbers
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    ok: bool
+    detail: str
+
+
+def _in_child(fn) -> str | None:
+    """Run ``fn`` in a forked child; None when it worked, else its error text."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            fn()
+            msg = b""
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            msg = f"{type(exc).__name__}: {exc}".encode()[:1000] or b"failed"
+        os.write(w, msg)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return out.decode() or None
+
+
+def findings(virtiofsd: str, share_roots: Sequence[str]) -> list[Finding]:
+    """The checks, in order; meant to run as root on the node."""
+    out = []
+    exe = Path(virtiofsd)
+    ok = exe.is_file() and os.access(exe, os.X_OK)
+    out.append(Finding("virtiofsd", ok, f"{exe}" if ok else
+                       f"{exe} is missing or not executable: install qemu-system-common "
+                       f"(Debian 12) or set [vm] virtiofsd"))
+    err = None if os.geteuid() == 0 else "run this check as root"
+    err = err or _in_child(lambda: userns.enter(PROBE_UID, PROBE_GID, [PROBE_GID],
+                                                ("sys_chroot", "setpcap")))
+    out.append(Finding("user namespaces", err is None, "root can create a user namespace "
+                       "holding one user's ids" if err is None else
+                       f"{err}; allow them (sysctl user.max_user_namespaces > 0)"))
+    err = _in_child(seccomp.install_no_setid)
+    out.append(Finding("seccomp", err is None, "the setuid/setgid filter installs"
+                       if err is None else f"{err}; the kernel needs CONFIG_SECCOMP_FILTER"))
+    for root in share_roots:
+        ok = Path(root).is_dir() and not any(
+            Path(*Path(root).parts[:i + 1]).is_symlink() for i in range(len(Path(root).parts)))
+        out.append(Finding(f"share root {root}", ok, "a real directory" if ok else
+                           "missing, or reached through a symlink: nothing under it can be "
+                           "shared (list the real path in [vm] share_roots)"))
+    if not share_roots:
+        out.append(Finding("share roots", True, "[vm] share_roots is empty: nothing is shared"))
+    return out
