@@ -79,9 +79,17 @@ def run_workloads(base, name, dom, wd) -> list[float]:
     return out
 
 
+def _wait_agent(dom) -> None:
+    deadline = time.monotonic() + 300
+    while not hypervisor.agent_ping(dom):
+        if time.monotonic() > deadline:
+            raise SystemExit("share_bench: the guest agent never answered")
+        time.sleep(0.25)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=2)
     args = ap.parse_args()
     if os.geteuid():
         raise SystemExit("share_bench: run as root (it starts libvirtd)")
@@ -118,27 +126,30 @@ def main() -> int:
         conn = libvirt.open("qemu:///system")
         sh(DGXVM, "create", "--gpu-count", "1", "--domain", "sb", "--user", USER, "--workdir",
            wd, env=env, timeout=600)
-        dom = conn.lookupByName("sb")
-        xml = dom.XMLDesc(0)
+        xml = conn.lookupByName("sb").XMLDesc(0)
         root_xml = re.sub(r"\s*<binary path=[^>]*/>", "", xml)
         assert "<binary" in xml and "<binary" not in root_xml
-        for i in range(args.runs):
-            dom = conn.lookupByName("sb")
-            user = run_workloads(base, "sb", dom, wd)
-            rows["as the job's user (dgxvm)"].append(user)
-            hypervisor.destroy(dom)                   # the same VM, served by root virtiofsd
+        def as_user():
+            return run_workloads(base, "sb", conn.lookupByName("sb"), wd)
+
+        def as_root():
+            hypervisor.destroy(conn.lookupByName("sb"))   # the same VM, root virtiofsd
             dom = conn.createXML(root_xml, 0)
-            while not hypervisor.agent_ping(dom):
-                time.sleep(0.25)
-            root = run_workloads(base, "sb", dom, wd)
-            rows["root virtiofsd"].append(root)
+            _wait_agent(dom)
+            out = run_workloads(base, "sb", dom, wd)
             hypervisor.destroy(dom)
             dom = conn.lookupByName("sb")
             dom.create()
-            while not hypervisor.agent_ping(dom):
-                time.sleep(0.25)
-            print(f"run {i}: user {['%.2f' % x for x in user]}  root {['%.2f' % x for x in root]}",
-                  flush=True)
+            _wait_agent(dom)
+            return out
+
+        for i in range(args.runs):                    # alternate who goes first
+            order = (("user", as_user), ("root", as_root))
+            got = dict((k, f()) for k, f in (order if i % 2 == 0 else order[::-1]))
+            rows["as the job's user (dgxvm)"].append(got["user"])
+            rows["root virtiofsd"].append(got["root"])
+            print(f"run {i}: user {['%.2f' % x for x in got['user']]}  "
+                  f"root {['%.2f' % x for x in got['root']]}", flush=True)
         sh(DGXVM, "delete", "--domain", "sb", env=env, timeout=600)
         conn.close()
     finally:
