@@ -129,6 +129,7 @@ def main() -> int:
         xml = conn.lookupByName("sb").XMLDesc(0)
         root_xml = re.sub(r"\s*<binary path=[^>]*/>", "", xml)
         assert "<binary" in xml and "<binary" not in root_xml
+
         def as_user():
             return run_workloads(base, "sb", conn.lookupByName("sb"), wd)
 
