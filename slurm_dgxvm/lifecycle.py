@@ -216,7 +216,7 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
             os_disk=str(vmdir / OS_DISK), seed=str(vmdir / SEED),
             data_disk=str(vmdir / DATA_DISK) if data_gib else None,
             console_log=str(vmdir / CONSOLE_LOG), network=cfg.libvirt.network, mac=mac,
-            share=cfg.vm.share, workdir=req.workdir),
+            share=cfg.vm.share, workdir=req.workdir, address=address),
             domain_type=cfg.libvirt.domain_type, machine_type=cfg.libvirt.machine_type)
         fitted: tuple[str, ...] = ()
         if env.fit(host):
