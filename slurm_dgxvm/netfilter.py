@@ -131,7 +131,7 @@ def ruleset(network: str, bridge: str, gateway: str,
         "  chain input {",
         "    type filter hook input priority filter; policy accept;",
         f"    {br} ct state established,related accept",
-        f"    {br} udp dport 67 accept comment \"DHCP\"",
+        f"    {br} ip daddr {{ 255.255.255.255, {gw} }} udp dport 67 accept comment \"DHCP\"",
         f"    {br} ip daddr {gw} udp dport 53 accept comment \"DNS\"",
         f"    {br} ip daddr {gw} tcp dport 53 accept comment \"DNS\"",
     ]

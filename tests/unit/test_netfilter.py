@@ -89,7 +89,8 @@ def test_the_rules_drop_host_services_and_guest_to_guest_and_allow_only_the_list
     assert lines[i + 1:i + 10] == [
         "type filter hook input priority filter; policy accept;",
         'iifname "virbr1" ct state established,related accept',
-        'iifname "virbr1" udp dport 67 accept comment "DHCP"',
+        'iifname "virbr1" ip daddr { 255.255.255.255, 10.213.0.1 } udp dport 67 accept '
+        'comment "DHCP"',
         'iifname "virbr1" ip daddr 10.213.0.1 udp dport 53 accept comment "DNS"',
         'iifname "virbr1" ip daddr 10.213.0.1 tcp dport 53 accept comment "DNS"',
         'iifname "virbr1" ip daddr 10.213.0.1 tcp dport 5000 accept comment '
