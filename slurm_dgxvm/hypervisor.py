@@ -64,26 +64,26 @@ def network_layout(cidr: str) -> dict:
 def ensure_network(conn, name: str, cidr: str, state_dir: str) -> libvirt.virNetwork:
     """The network ``name``, defined (persistent, autostart, guests' ports isolated), active, and
     with its firewall in place: libvirt's network hook (``dgxvm hook network``) applied the nft
-    table ``inet dgxvm-<name>`` and left its marker under ``state_dir``. A running network
+    table ``inet dgxvm-<name>`` and left its marker (/run/dgxvm/networks). A running network
     without it is refused (a node fault: the hook is not installed), never used open.
 
     Under ``<state_dir>/network.lock``: redefining a network that a concurrent dgxvm has just
     defined would replace its persistent definition, DHCP reservations included.
     """
     with _network_lock(state_dir):
-        net = _ensure_network(conn, name, cidr, state_dir)
-        _check_firewall(net, name, state_dir, conn.getURI())
+        net = _ensure_network(conn, name, cidr)
+        _check_firewall(net, name, conn.getURI())
         return net
 
 
-def _check_firewall(net, name: str, state_dir: str, uri: str) -> None:
+def _check_firewall(net, name: str, uri: str) -> None:
     with libvirt_errors(uri, f"read network {name}"):
         xml = net.XMLDesc(0)
     try:
         info = netfilter.network_info(xml)
     except ValueError as exc:
         raise HypervisorError(uri=uri, reason=str(exc)) from None
-    why = netfilter.check_marker(state_dir, name, info.uuid, info.bridge)
+    why = netfilter.check_marker(name, info.uuid, info.bridge)
     if why:
         raise HypervisorError(uri=uri, reason=why)
 
@@ -92,7 +92,7 @@ def _network_lock(state_dir: str) -> filelock.FileLock:
     return filelock.FileLock(str(Path(state_dir) / "network.lock"), timeout=30)
 
 
-def _ensure_network(conn, name: str, cidr: str, state_dir: str) -> libvirt.virNetwork:
+def _ensure_network(conn, name: str, cidr: str) -> libvirt.virNetwork:
     uri = conn.getURI()
     try:
         net = conn.networkLookupByName(name)
@@ -110,7 +110,7 @@ def _ensure_network(conn, name: str, cidr: str, state_dir: str) -> libvirt.virNe
     if not net.isActive():
         # the hook writes a new marker while the network starts; one left from before would
         # vouch for rules that are not there
-        netfilter.marker_path(state_dir, name).unlink(missing_ok=True)
+        netfilter.drop_marker(name)
         with libvirt_errors(uri, f"start network {name}"):
             try:
                 net.create()

@@ -15,7 +15,7 @@ table owned by the network, ``inet dgxvm-<network>``, closes those:
 Outbound NAT to the world is libvirt's and stays. The table is applied by libvirt's network hook
 (``/etc/libvirt/hooks/network`` -> ``dgxvm hook network NAME started begin -``) and removed when
 the network stops, so it lives in libvirtd's network namespace and goes with the network. The
-hook leaves a marker under the state dir; ``hypervisor.ensure_network`` refuses a running network
+hook leaves a marker under /run/dgxvm/networks; ``hypervisor.ensure_network`` refuses a running network
 without one, so a node whose hook is missing fails closed instead of running VMs on a flat net.
 
 The parsing and rendering here are pure; :func:`network_hook` runs ``nft``.
@@ -38,7 +38,11 @@ from .errors import HostError
 
 PROTOCOLS = ("tcp", "udp")
 TABLE_PREFIX = "dgxvm-"
-MARKER_DIR = "networks"               # under the state dir
+# The hook's markers are runtime state of the network, not of a dgxvm state dir: they live as
+# long as the network and its table can (a reboot clears /run and both), and every dgxvm config
+# on the node sees the same one.
+RUN_DIR = "/run/dgxvm"
+ENV_RUN_DIR = "DGXVM_RUN_DIR"         # tests only
 NFT = "nft"
 NFT_TIMEOUT_S = 20.0
 # Names that go into nft rules unquoted (table) or quoted (interface); both are checked.
@@ -186,19 +190,24 @@ def network_info(xml: str) -> NetworkInfo:
 
 
 # -- the marker: the hook's proof that the table is in place -----------------------------------------
-def marker_path(state_dir: str, network: str) -> Path:
-    return Path(state_dir) / MARKER_DIR / f"{network}.firewall.json"
+def marker_path(network: str) -> Path:
+    """``/run/dgxvm/networks/<network>.firewall.json`` ($DGXVM_RUN_DIR instead of /run/dgxvm)."""
+    return Path(os.environ.get(ENV_RUN_DIR) or RUN_DIR) / "networks" / f"{network}.firewall.json"
 
 
-def read_marker(state_dir: str, network: str) -> dict | None:
+def read_marker(network: str) -> dict | None:
     try:
-        return json.loads(marker_path(state_dir, network).read_text())
+        return json.loads(marker_path(network).read_text())
     except (OSError, ValueError):
         return None
 
 
-def _write_marker(state_dir: str, info: NetworkInfo, services) -> None:
-    path = marker_path(state_dir, info.name)
+def drop_marker(network: str) -> None:
+    marker_path(network).unlink(missing_ok=True)
+
+
+def _write_marker(info: NetworkInfo, services) -> None:
+    path = marker_path(info.name)
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps({"network": info.name, "uuid": info.uuid, "bridge": info.bridge,
@@ -206,10 +215,6 @@ def _write_marker(state_dir: str, info: NetworkInfo, services) -> None:
                                "allow_host_services": [str(s) for s in services],
                                "applied": time.time()}, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def _drop_marker(state_dir: str, network: str) -> None:
-    marker_path(state_dir, network).unlink(missing_ok=True)
 
 
 class FirewallError(HostError):
@@ -234,7 +239,7 @@ def _nft(script: str, network: str) -> None:
 
 
 def network_hook(network: str, op: str, sub_op: str, read_xml, *, own_network: str,
-                 state_dir: str, services: tuple[HostService, ...]) -> str | None:
+                 services: tuple[HostService, ...]) -> str | None:
     """What ``dgxvm hook network NAME OP SUBOP -`` does; runs inside libvirtd's namespace.
 
     Only ``own_network`` (``[libvirt] network``) is touched. ``start begin``: forget any marker
@@ -246,22 +251,22 @@ def network_hook(network: str, op: str, sub_op: str, read_xml, *, own_network: s
     if network != own_network:
         return None
     if (op, sub_op) == ("start", "begin"):
-        _drop_marker(state_dir, network)
+        drop_marker(network)
         return None
     if (op, sub_op) == ("started", "begin"):
-        _drop_marker(state_dir, network)
+        drop_marker(network)
         try:
             info = network_info(read_xml())
             script = ruleset(network, info.bridge, info.gateway, services)
         except ValueError as exc:
             raise FirewallError(network=network, reason=str(exc)) from None
         _nft(script, network)
-        _write_marker(state_dir, info, services)
+        _write_marker(info, services)
         allowed = ", ".join(str(s) for s in services) or "none"
         return (f"network {network}: firewall inet {table_name(network)} on {info.bridge} "
                 f"(allowed host services besides DHCP/DNS: {allowed})")
     if (op, sub_op) == ("stopped", "end"):
-        _drop_marker(state_dir, network)
+        drop_marker(network)
         _nft(removal(network), network)
         return f"network {network}: firewall inet {table_name(network)} removed"
     return None
@@ -286,19 +291,19 @@ def network_hook_script(dgxvm: str = "/usr/local/bin/dgxvm", config: str | None 
     )
 
 
-def check_marker(state_dir: str, network: str, uuid: str | None, bridge: str | None) -> str | None:
+def check_marker(network: str, uuid: str | None, bridge: str | None) -> str | None:
     """Why the running ``network`` is not known to have its firewall, or None when it has."""
-    marker = read_marker(state_dir, network)
+    marker = read_marker(network)
     fix = (f"install dgxvm's libvirt network hook (etc/libvirt/hooks/network -> "
            f"/etc/libvirt/hooks/network, with this config), restart libvirtd, then restart the "
            f"network: virsh net-destroy {network}; virsh net-start {network}")
     if marker is None:
         return (f"network {network} runs without dgxvm's firewall (no "
-                f"{marker_path(state_dir, network)}: libvirt's network hook did not apply "
+                f"{marker_path(network)}: libvirt's network hook did not apply "
                 f"inet {TABLE_PREFIX}{network}); guests would reach each other and the host's "
                 f"services. Fix: {fix}")
     if (uuid and marker.get("uuid") != uuid) or (bridge and marker.get("bridge") != bridge):
-        return (f"network {network}: the firewall marker {marker_path(state_dir, network)} is for "
+        return (f"network {network}: the firewall marker {marker_path(network)} is for "
                 f"another instance (uuid {marker.get('uuid')}, bridge {marker.get('bridge')}; "
                 f"running: uuid {uuid}, bridge {bridge}). Fix: {fix}")
     return None

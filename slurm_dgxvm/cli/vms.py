@@ -137,7 +137,7 @@ def hook(c, driver, name, op, sub_op, extra):
         cfg = c.env.cfg
         line = netfilter.network_hook(name, op, sub_op, sys.stdin.read,
                                       own_network=cfg.libvirt.network,
-                                      state_dir=cfg.host.state_dir, services=cfg.host_services)
+                                      services=cfg.host_services)
     elif driver == "qemu":
         line = lifecycle.hook(c.env, name, op, sub_op)
     else:

@@ -234,7 +234,8 @@ def test_rules_go_with_the_network_and_a_network_without_them_is_refused(vmenv, 
     table = f"dgxvm-{vmenv.network}"
     listed = netns(vmenv, "nft", "list", "table", "inet", table).stdout
     assert f"tcp dport {ALLOWED_TCP} accept" in listed and "oifname" in listed
-    marker = vmenv.state_dir / "networks" / f"{vmenv.network}.firewall.json"
+    from slurm_dgxvm.netfilter import marker_path
+    marker = marker_path(vmenv.network)          # /run/dgxvm/networks/, where the hook wrote it
     assert json.loads(marker.read_text())["table"] == f"inet {table}"
     for n in ("na", "nb"):
         assert vmenv.dgxvm("delete", "--domain", n).returncode == 0

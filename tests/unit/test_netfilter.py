@@ -158,10 +158,10 @@ def test_the_hook_applies_and_removes_the_table_for_real(tmp_path):
                    f'allow_host_services = ["tcp/5000", "10.0.0.5:udp/7000-7010"]\n')
     xml = tmp_path / "net.xml"
     xml.write_text(HOOK_XML)
-    marker = state / "networks" / "dgxvm.firewall.json"
+    marker = tmp_path / "run" / "networks" / "dgxvm.firewall.json"
     script = f"""
 set -e
-export DGXVM_CONFIG={cfg}
+export DGXVM_CONFIG={cfg} DGXVM_RUN_DIR={tmp_path / "run"}
 ip link add virbr7 type bridge
 {DGXVM} hook network other started begin - < {xml}
 ! nft list table inet dgxvm-other 2>/dev/null
@@ -197,7 +197,8 @@ echo done
     (bad / "nft").write_text("#!/bin/sh\necho 'nft: broken' >&2\nexit 1\n")
     (bad / "nft").chmod(0o755)
     r = subprocess.run(["unshare", "-n", "sh", "-c",
-                        f"PATH={bad}:$PATH DGXVM_CONFIG={cfg} {DGXVM} hook network dgxvm "
+                        f"PATH={bad}:$PATH DGXVM_CONFIG={cfg} DGXVM_RUN_DIR={tmp_path / 'run'} "
+                        f"{DGXVM} hook network dgxvm "
                         f"started begin - < {xml}"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "network dgxvm: firewall: nft -f - exited 1: nft: broken" in r.stderr
