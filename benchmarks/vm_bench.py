@@ -31,6 +31,7 @@ import libvirt  # noqa: E402
 from harness.libvirt import LibvirtStack  # noqa: E402
 from slurm_dgxvm import hypervisor, seed  # noqa: E402
 from slurm_dgxvm.lifecycle import libvirt_hook_script  # noqa: E402
+from slurm_dgxvm.netfilter import network_hook_script  # noqa: E402
 
 DGXVM = Path(sys.executable).with_name("dgxvm")
 NETWORK = "dgxvmbench"
@@ -105,7 +106,8 @@ def main() -> int:
         f'[images]\nstore = "{base}/images"\n\n[vm]\nshare = "none"\nfit_vcpus = 1\n'
         f'fit_memory_mib = 384\n')
     stack = LibvirtStack(base / "libvirt", netns="dgxvm-bench",
-                         hook=libvirt_hook_script(str(DGXVM), str(cfg)))
+                         hook=libvirt_hook_script(str(DGXVM), str(cfg)),
+                         network_hook=network_hook_script(str(DGXVM), str(cfg)))
     stack.start()
     rows = []
     try:

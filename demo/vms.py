@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from harness.libvirt import LibvirtStack  # noqa: E402
 from slurm_dgxvm.lifecycle import libvirt_hook_script  # noqa: E402
+from slurm_dgxvm.netfilter import network_hook_script  # noqa: E402
 
 DGXVM = Path(sys.executable).with_name("dgxvm")
 
@@ -61,8 +62,9 @@ def main(work: Path, sysfs: Path) -> int:
     manifest = Path(built) / "manifest.json"
 
     stack = LibvirtStack(base / "libvirt", netns="dgxvm-demo",
-                         hook=libvirt_hook_script(str(DGXVM), str(cfg)))
-    step("10. libvirtd + virtlogd, started in network namespace dgxvm-demo, dgxvm's hook installed")
+                         hook=libvirt_hook_script(str(DGXVM), str(cfg)),
+                         network_hook=network_hook_script(str(DGXVM), str(cfg)))
+    step("10. libvirtd + virtlogd, started in network namespace dgxvm-demo, dgxvm's hooks installed")
     stack.start()
     try:
         print(f"libvirtd pid {stack.pids()['libvirtd']}, virtlogd pid {stack.pids()['virtlogd']}")

@@ -14,10 +14,11 @@ What it does (see harness/README.md for the why):
 * creates the network namespace ``netns`` and runs ``virtlogd`` and ``libvirtd`` in the
   foreground inside it (``ip netns exec NS ...``), as children of this process, so the bridges,
   dnsmasq, nftables rules and guest NICs of every libvirt network live in that namespace only;
-* optionally installs a qemu hook script (``/etc/libvirt/hooks/qemu``) before libvirtd starts;
+* optionally installs a qemu hook script (``/etc/libvirt/hooks/qemu``) and a network hook
+  script (``/etc/libvirt/hooks/network``) before libvirtd starts;
 * ``stop()`` destroys every running domain and active network, stops both daemons by PID, kills
   by PID any QEMU or dnsmasq of this stack that survived, deletes the namespace, restores the
-  hook. Persistent domains and networks are NOT undefined: tests undefine what they define.
+  hooks. Persistent domains and networks are NOT undefined: tests undefine what they define.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ QEMU_PID_DIR = Path("/run/libvirt/qemu")
 # /var/lib/libvirt/dnsmasq. Both are read.
 DNSMASQ_PID_DIRS = (Path("/run/libvirt/network"), Path("/var/lib/libvirt/dnsmasq"))
 HOOK_PATH = Path("/etc/libvirt/hooks/qemu")
+NETWORK_HOOK_PATH = Path("/etc/libvirt/hooks/network")
 # Held (flock) for a stack's lifetime: two harness users cannot race on the namespace.
 LOCK_PATH = Path("/run/dgxvm-libvirt-harness.lock")
 KVM_DEVICE = Path("/dev/kvm")
@@ -108,18 +110,20 @@ class LibvirtStack:
     uri = "qemu:///system"
 
     def __init__(self, run_dir: Path, *, netns: str = "dgxvm-test", hook: str | None = None,
-                 kvm: bool = False, start_timeout: float = START_TIMEOUT_S):
+                 network_hook: str | None = None, kvm: bool = False,
+                 start_timeout: float = START_TIMEOUT_S):
         self.run_dir = Path(run_dir)
         self.netns = netns
         self.hook = hook
+        self.network_hook = network_hook
         self.kvm = kvm
         self.start_timeout = start_timeout
         self._procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
         self._netns_created = False
         self._netns_inode: int | None = None
-        self._hook_installed = False
-        self._hook_backup: Path | None = None
+        # hook path -> its backup in run_dir (None: there was none, remove ours on stop)
+        self._hooks_installed: dict[Path, Path | None] = {}
         self._hook_dir_created = False
         self._kvm_node: Path | None = None
         self._atexit_registered = False
@@ -155,8 +159,9 @@ class LibvirtStack:
         try:
             self._create_netns()
             self._make_kvm_node()
-            if self.hook is not None:
-                self._install_hook()
+            for path, text in ((HOOK_PATH, self.hook), (NETWORK_HOOK_PATH, self.network_hook)):
+                if text is not None:
+                    self._install_hook(path, text)
             self._spawn("virtlogd", ["virtlogd"])
             self._wait_for(lambda: _socket_answers(VIRTLOGD_SOCK), "virtlogd", "virtlogd socket")
             # `ip netns exec` already gave the daemon a private (slave) mount namespace;
@@ -292,19 +297,19 @@ class LibvirtStack:
             os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(0, 0))
         self._kvm_node = node
 
-    def _install_hook(self) -> None:
-        if HOOK_PATH.exists() or HOOK_PATH.is_symlink():
-            backup = self.run_dir / "qemu-hook.orig"
-            shutil.copy2(HOOK_PATH, backup, follow_symlinks=False)
-            self._hook_backup = backup
-        if not HOOK_PATH.parent.exists():
-            HOOK_PATH.parent.mkdir(parents=True)
+    def _install_hook(self, path: Path, text: str) -> None:
+        backup = None
+        if path.exists() or path.is_symlink():
+            backup = self.run_dir / f"{path.name}-hook.orig"
+            shutil.copy2(path, backup, follow_symlinks=False)
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True)
             self._hook_dir_created = True
-        tmp = HOOK_PATH.with_name(".qemu.dgxvm-harness")
-        tmp.write_text(self.hook)
+        tmp = path.with_name(f".{path.name}.dgxvm-harness")
+        tmp.write_text(text)
         tmp.chmod(0o755)
-        os.replace(tmp, HOOK_PATH)
-        self._hook_installed = True
+        os.replace(tmp, path)
+        self._hooks_installed[path] = backup
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, set()):
@@ -440,26 +445,24 @@ class LibvirtStack:
         self._netns_inode = None
 
     def _restore_hook(self, problems: list[str]) -> None:
-        if not self._hook_installed:
-            return
-        try:
-            if self._hook_backup is not None:
-                tmp = HOOK_PATH.with_name(".qemu.dgxvm-harness")
-                shutil.copy2(self._hook_backup, tmp, follow_symlinks=False)
-                os.replace(tmp, HOOK_PATH)
-            else:
-                HOOK_PATH.unlink(missing_ok=True)
-                if self._hook_dir_created:
-                    try:
-                        HOOK_PATH.parent.rmdir()
-                    except OSError:
-                        pass
-        except OSError as exc:
-            problems.append(f"restoring {HOOK_PATH}: {exc}")
-            return
-        self._hook_installed = False
-        self._hook_backup = None
-        self._hook_dir_created = False
+        for path, backup in list(self._hooks_installed.items()):
+            try:
+                if backup is not None:
+                    tmp = path.with_name(f".{path.name}.dgxvm-harness")
+                    shutil.copy2(backup, tmp, follow_symlinks=False)
+                    os.replace(tmp, path)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError as exc:
+                problems.append(f"restoring {path}: {exc}")
+                continue
+            del self._hooks_installed[path]
+        if not self._hooks_installed and self._hook_dir_created:
+            try:
+                HOOK_PATH.parent.rmdir()
+            except OSError:
+                pass
+            self._hook_dir_created = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,9 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--netns", default="dgxvm-test")
     ap.add_argument("--hook", type=Path, help="file with a qemu hook script to install")
+    ap.add_argument("--network-hook", type=Path,
+                    help="file with a network hook script to install")
     args = ap.parse_args(argv)
     hook = args.hook.read_text() if args.hook else None
-    with LibvirtStack(args.run_dir, netns=args.netns, hook=hook) as stack:
+    network_hook = args.network_hook.read_text() if args.network_hook else None
+    with LibvirtStack(args.run_dir, netns=args.netns, hook=hook,
+                      network_hook=network_hook) as stack:
         # Block only now: children inherit the signal mask, and virtlogd would then ignore the
         # SIGTERM that stop() sends it.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})

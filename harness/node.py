@@ -192,8 +192,11 @@ class LocalNode:
             manifest = build_guest()
             self.timings["guest_s"] = round(time.monotonic() - t0, 2)
             from slurm_dgxvm.lifecycle import libvirt_hook_script
-            self.stack = LibvirtStack(self.base / "libvirt", netns=self.netns,
-                                      hook=libvirt_hook_script(str(self.dgxvm), str(self.config)))
+            from slurm_dgxvm.netfilter import network_hook_script
+            self.stack = LibvirtStack(
+                self.base / "libvirt", netns=self.netns,
+                hook=libvirt_hook_script(str(self.dgxvm), str(self.config)),
+                network_hook=network_hook_script(str(self.dgxvm), str(self.config)))
             self.stack.start()
             self.dgxvm_cmd("image", "install", str(manifest), "--name", "testguest", "--default")
             self.cluster = slurm_cluster(self.base / "cluster", netns=self.netns,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import ConfigError, NameError_
 from .names import image_name
+from .netfilter import HostService, parse_service, table_name
 
 DEFAULT_CONFIG_PATH = "/etc/dgxvm/dgxvm.toml"
 ENV_CONFIG = "DGXVM_CONFIG"
@@ -58,6 +59,7 @@ class LibvirtConfig:
     ready_timeout_s: float = 300.0            # start -> guest agent answers
     shutdown_timeout_s: float = 60.0          # graceful shutdown, then destroy
     fit_to_host: str = "auto"                 # auto | always | never (see etc/dgxvm.toml)
+    allow_host_services: tuple[str, ...] = () # host services guests may reach besides DHCP/DNS
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,11 @@ class Config:
         ``[partitions.default]``, else all-global defaults."""
         return (self.partitions.get(name or "") or self.partitions.get("default")
                 or PartitionConfig())
+
+    @property
+    def host_services(self) -> tuple[HostService, ...]:
+        """``[libvirt] allow_host_services``, parsed (validated when the config was loaded)."""
+        return tuple(parse_service(s) for s in self.libvirt.allow_host_services)
 
     @property
     def hugepage_kib(self) -> int | None:
@@ -221,7 +228,7 @@ def _section(cls, name: str, values: dict, path: str):
                                                 f"(known: {', '.join(known)})")
         default = known[key].default
         if isinstance(default, tuple):
-            item = str if key in ("images", "share_roots") else int
+            item = str if key in ("images", "share_roots", "allow_host_services") else int
             if not isinstance(value, list) or not all(
                     isinstance(v, item) and not isinstance(v, bool) for v in value):
                 raise ConfigError(path=path, reason=f"{name}.{key} must be a list of "
@@ -270,6 +277,20 @@ def _validate(cfg: Config, path: str) -> None:
     if net.version != 4 or net.num_addresses < 8:
         raise ConfigError(path=path, reason=f"libvirt.network_cidr {v.network_cidr!r} must be an "
                                             f"IPv4 subnet of at least 8 addresses")
+    try:
+        table_name(v.network)
+    except ValueError as exc:
+        raise ConfigError(path=path, reason=f"libvirt.network: {exc}") from None
+    seen = set()
+    for text in v.allow_host_services:
+        try:
+            service = parse_service(text)
+        except ValueError as exc:
+            raise ConfigError(path=path, reason=f"libvirt.allow_host_services: {exc}") from None
+        if service in seen:
+            raise ConfigError(path=path, reason=f"libvirt.allow_host_services lists {text!r} "
+                                                f"twice")
+        seen.add(service)
     for key in ("ready_timeout_s", "shutdown_timeout_s"):
         if getattr(v, key) <= 0:
             raise ConfigError(path=path, reason=f"libvirt.{key} must be > 0, not {getattr(v, key)}")

@@ -19,6 +19,7 @@ from xml.sax.saxutils import quoteattr
 import filelock
 import libvirt
 
+from . import netfilter
 from .design.render import render_template
 from .errors import HypervisorError
 
@@ -61,13 +62,30 @@ def network_layout(cidr: str) -> dict:
 
 
 def ensure_network(conn, name: str, cidr: str, state_dir: str) -> libvirt.virNetwork:
-    """The network ``name``, defined (persistent, autostart) and active.
+    """The network ``name``, defined (persistent, autostart, guests' ports isolated), active, and
+    with its firewall in place: libvirt's network hook (``dgxvm hook network``) applied the nft
+    table ``inet dgxvm-<name>`` and left its marker (/run/dgxvm/networks). A running network
+    without it is refused (a node fault: the hook is not installed), never used open.
 
     Under ``<state_dir>/network.lock``: redefining a network that a concurrent dgxvm has just
     defined would replace its persistent definition, DHCP reservations included.
     """
     with _network_lock(state_dir):
-        return _ensure_network(conn, name, cidr)
+        net = _ensure_network(conn, name, cidr)
+        _check_firewall(net, name, conn.getURI())
+        return net
+
+
+def _check_firewall(net, name: str, uri: str) -> None:
+    with libvirt_errors(uri, f"read network {name}"):
+        xml = net.XMLDesc(0)
+    try:
+        info = netfilter.network_info(xml)
+    except ValueError as exc:
+        raise HypervisorError(uri=uri, reason=str(exc)) from None
+    why = netfilter.check_marker(name, info.uuid, info.bridge)
+    if why:
+        raise HypervisorError(uri=uri, reason=why)
 
 
 def _network_lock(state_dir: str) -> filelock.FileLock:
@@ -90,6 +108,9 @@ def _ensure_network(conn, name: str, cidr: str) -> libvirt.virNetwork:
     else:
         _check_subnet(net, name, cidr, uri)
     if not net.isActive():
+        # the hook writes a new marker while the network starts; one left from before would
+        # vouch for rules that are not there
+        netfilter.drop_marker(name)
         with libvirt_errors(uri, f"start network {name}"):
             try:
                 net.create()

@@ -241,7 +241,7 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
             data_disk=str(vmdir / DATA_DISK) if data_gib else None,
             console_log=str(vmdir / CONSOLE_LOG), network=cfg.libvirt.network, mac=mac,
             share=cfg.vm.share, workdir=share.path if share else None,
-            share_binary=str(vmdir / SHARE_WRAPPER) if share else None),
+            share_binary=str(vmdir / SHARE_WRAPPER) if share else None, address=address),
             domain_type=cfg.libvirt.domain_type, machine_type=cfg.libvirt.machine_type)
         fitted: tuple[str, ...] = ()
         if env.fit(host):

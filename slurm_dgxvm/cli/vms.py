@@ -1,5 +1,6 @@
 """The nvidia-vm verbs: ``dgxvm create``, ``dgxvm delete``, ``dgxvm list``; and ``dgxvm hook``,
-which libvirtd runs (etc/libvirt/hooks/qemu) so the ledger stays true under ``virsh``."""
+which libvirtd runs (etc/libvirt/hooks/qemu) so the ledger stays true under ``virsh``, and
+(etc/libvirt/hooks/network) so dgxvm's network never runs without its firewall."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 
 import click
 
-from .. import lifecycle
+from .. import lifecycle, netfilter
 from ..placement import Request
 from ..ranges import format_index_list
 from .params import GIB, MIB, WorkDir
@@ -131,10 +132,18 @@ def _duration(s: float) -> str:
 @click.argument("extra", nargs=-1)
 @click.pass_obj
 def hook(c, driver, name, op, sub_op, extra):
-    """libvirtd's hook: `dgxvm hook qemu DOMAIN OP SUBOP -` (see etc/libvirt/hooks/qemu)."""
-    if driver != "qemu":
+    """libvirtd's hooks: `dgxvm hook qemu DOMAIN OP SUBOP -` (etc/libvirt/hooks/qemu) and
+    `dgxvm hook network NETWORK OP SUBOP -` with the network's XML on stdin
+    (etc/libvirt/hooks/network)."""
+    if driver == "network":
+        cfg = c.env.cfg
+        line = netfilter.network_hook(name, op, sub_op, sys.stdin.read,
+                                      own_network=cfg.libvirt.network,
+                                      services=cfg.host_services)
+    elif driver == "qemu":
+        line = lifecycle.hook(c.env, name, op, sub_op)
+    else:
         return
-    line = lifecycle.hook(c.env, name, op, sub_op)
     if line:
         click.echo(f"dgxvm hook: {line}", err=True)
 

@@ -28,6 +28,9 @@ PREALLOC_MIN_MIB = 16 * 1024       # preallocate bigger guests with parallel thr
 MAX_QUEUES = 8                     # virtio-net / virtio-blk queues
 IOTHREADS = 1
 ROOT_PORTS_FIRST_SLOT = 0
+# libvirt's stock filter: no MAC, IP or ARP spoofing, only IPv4 and ARP, nothing else at layer 2
+# (/etc/libvirt/nwfilter/clean-traffic.xml). With IP set it allows exactly the reserved address.
+ANTI_SPOOFING_FILTER = "clean-traffic"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class VmInputs:
     share: str                 # virtiofs | none
     workdir: str | None
     share_binary: str | None = None   # the virtiofsd wrapper serving workdir as the job's user
+    address: str | None = None        # reserved on ``network``: the anti-spoofing filter's IP
 
 
 def mac_for(name: str) -> str:
@@ -126,7 +130,7 @@ def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type
         hostdevs=hostdevs,
         boot=boot,
         disks=tuple(disks),
-        interfaces=(Interface(network=vm.network, mac=vm.mac, queues=queues),),
+        interfaces=(_interface(vm, queues),),
         filesystems=filesystems,
         console_log=vm.console_log,
         metadata=Metadata(owner=vm.owner, job_id=vm.job_id, user=vm.user,
@@ -134,6 +138,18 @@ def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type
                           slurm_gpus=placement.slurm_gpus, image=image.name,
                           image_version=image.version),
     )
+
+
+def _interface(vm: VmInputs, queues: int) -> Interface:
+    """The VM's one NIC on dgxvm's network. The guest is a tenant whose user is root in it, so
+    its port is isolated on the bridge (it reaches the host side only, never another guest;
+    also set on the network, this keeps it for a network defined without it), and
+    ``clean-traffic`` pins it to its MAC and, given the reserved address, to that IP: it cannot
+    pose as another guest to the host, to the bridge's MAC learning or to ARP. Without an
+    address libvirt would learn the first IP the guest uses, so the lifecycle always passes it.
+    """
+    return Interface(network=vm.network, mac=vm.mac, queues=queues, isolated=True,
+                     filter=ANTI_SPOOFING_FILTER, filter_ip=vm.address)
 
 
 def _pow2(n: int) -> int:

@@ -80,6 +80,9 @@ class Interface:
     network: str
     mac: str
     queues: int
+    isolated: bool = True           # <port isolated>: no traffic to other isolated ports
+    filter: str | None = None       # nwfilter (clean-traffic): anti-spoofing of MAC and IP
+    filter_ip: str | None = None    # the filter's IP parameter: the VM's reserved address
 
 
 @dataclass(frozen=True)

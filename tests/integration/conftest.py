@@ -48,12 +48,15 @@ def pytest_collection_modifyitems(session, config, items):
 @pytest.fixture(scope="session")
 def libvirt_stack(tmp_path_factory, vm_base):
     """The session's libvirt stack: ``stack.uri`` is qemu:///system, ``stack.netns`` the
-    namespace its networks live in, dgxvm's libvirt hook installed (with the VM tests' config).
+    namespace its networks live in, dgxvm's qemu and network hooks installed (with the VM
+    tests' config).
     Tests undefine the domains and networks they define; the stack only destroys (stops) what
     is still running when the session ends."""
     from slurm_dgxvm.lifecycle import libvirt_hook_script
+    from slurm_dgxvm.netfilter import network_hook_script
     hook = libvirt_hook_script(str(DGXVM), str(vm_base.config))
-    stack = LibvirtStack(tmp_path_factory.mktemp("libvirt-stack"), hook=hook)
+    stack = LibvirtStack(tmp_path_factory.mktemp("libvirt-stack"), hook=hook,
+                         network_hook=network_hook_script(str(DGXVM), str(vm_base.config)))
     _ACTIVE["session"] = stack
     try:
         stack.start()
@@ -103,7 +106,8 @@ class VmEnv:
         self.config_text = (
             f'[host]\nsysfs_root = "{sysfs}"\nstate_dir = "{self.state_dir}"\n\n'
             f'[libvirt]\nuri = "{self.uri}"\ndomain_type = "qemu"\nnetwork = "{self.network}"\n'
-            f'network_cidr = "{TEST_CIDR}"\nready_timeout_s = 240.0\nshutdown_timeout_s = 30.0\n\n'
+            f'network_cidr = "{TEST_CIDR}"\nready_timeout_s = 240.0\nshutdown_timeout_s = 30.0\n'
+            f'allow_host_services = ["tcp/5000", "udp/5001"]\n\n'
             f'[images]\nstore = "{self.store}"\n\n'
             f'[vm]\nshare = "virtiofs"\nshare_roots = ["{base}"]\nfit_vcpus = 1\n'
             f'fit_memory_mib = 384\n')

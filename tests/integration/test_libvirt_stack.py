@@ -16,7 +16,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from harness.libvirt import HOOK_PATH, LOCK_PATH, LibvirtStack
+from harness.libvirt import HOOK_PATH, LOCK_PATH, NETWORK_HOOK_PATH, LibvirtStack
 
 pytestmark = pytest.mark.integration
 
@@ -127,11 +127,15 @@ def test_tiny_tcg_domain_runs_and_is_seen(libvirt_stack):
 def test_stop_leaves_nothing_and_a_second_cycle_works(tmp_path, no_session_libvirt_stack):
     netns = "dgxvm-lifecycle"
     hook_before = HOOK_PATH.read_bytes() if HOOK_PATH.exists() else None
+    net_hook_before = NETWORK_HOOK_PATH.read_bytes() if NETWORK_HOOK_PATH.exists() else None
     hook_log = tmp_path / "hook.log"
     hook = f'#!/bin/sh\necho "$@" >> {hook_log}\n'
+    net_hook_log = tmp_path / "net-hook.log"
+    net_hook = f'#!/bin/sh\necho "$@" >> {net_hook_log}\n'
     timings = []
     for cycle in (1, 2):
-        stack = LibvirtStack(tmp_path / f"run{cycle}", netns=netns, hook=hook)
+        stack = LibvirtStack(tmp_path / f"run{cycle}", netns=netns, hook=hook,
+                             network_hook=net_hook)
         with stack:
             conn = libvirt.open(stack.uri)
             try:
@@ -148,6 +152,7 @@ def test_stop_leaves_nothing_and_a_second_cycle_works(tmp_path, no_session_libvi
             finally:
                 conn.close()
             assert HOOK_PATH.read_text() == hook
+            assert NETWORK_HOOK_PATH.read_text() == net_hook
             daemons = list(stack.pids().values())
             qemu = stack.qemu_pids()
             dnsmasq = stack.dnsmasq_pids()
@@ -161,11 +166,16 @@ def test_stop_leaves_nothing_and_a_second_cycle_works(tmp_path, no_session_libvi
         assert not netns_exists(netns)
         assert not link_in(None, BRIDGE)
         assert (HOOK_PATH.read_bytes() if HOOK_PATH.exists() else None) == hook_before
+        assert (NETWORK_HOOK_PATH.read_bytes() if NETWORK_HOOK_PATH.exists()
+                else None) == net_hook_before
         assert LOCK_PATH.read_text() == ""  # lock released
         stack.stop()  # idempotent
     # the hook was installed before libvirtd started: it saw both domains being prepared
     prepared = [line for line in hook_log.read_text().splitlines() if "prepare begin" in line]
     assert [line.split()[0] for line in prepared] == ["dgxvmtest-cycle1", "dgxvmtest-cycle2"]
+    # and the network hook saw the network start (and stop) in both cycles
+    net_ops = [" ".join(line.split()[1:3]) for line in net_hook_log.read_text().splitlines()]
+    assert net_ops.count("started begin") == 2 and net_ops.count("stopped end") == 2, net_ops
     for i, t in enumerate(timings, 1):
         print(f"\ncycle {i}: start {t['start_s']:.2f} s, stop {t['stop_s']:.2f} s "
               f"(destroy {t['stop_destroy_s']:.2f} s, daemons {t['stop_daemons_s']:.2f} s)")

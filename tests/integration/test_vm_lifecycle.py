@@ -255,7 +255,8 @@ def test_disk_full_while_creating_the_overlay_leaves_nothing(vmenv, tmp_path):
 @pytest.fixture
 def h100(vmenv, tmp_path):
     """A simulated DGX H100 (shared-nvswitch: the host's Fabric Manager keeps the switches)
-    beside the DGX-2, with the fmpm stand-in over a state file, its own state dir and network."""
+    beside the DGX-2, with the fmpm stand-in over a state file and its own state dir, on the
+    session's network (the only one the libvirt stack's network hook firewalls)."""
     base = vmenv.base / "h100"
     base.mkdir(mode=0o755)
     sysfs = base / "sysfs"
@@ -266,14 +267,10 @@ def h100(vmenv, tmp_path):
     cfg = (vmenv.config_text
            .replace(f'sysfs_root = "{vmenv.sysfs}"', f'sysfs_root = "{sysfs}"')
            .replace(f'state_dir = "{vmenv.state_dir}"', f'state_dir = "{base}/state"')
-           .replace(f'network = "{vmenv.network}"', 'network = "dgxvmtest-h"')
-           .replace('network_cidr = "10.213.0.0/24"', 'network_cidr = "10.214.0.0/24"')
            + f'\n[fabric]\nfmpm = "{fmpm}"\n')
     path = base / "dgxvm.toml"
     path.write_text(cfg)
     yield SimpleNamespace(config=path, state=base / "state", fmpm=fmpm)
-    vmenv.virsh("net-destroy", "dgxvmtest-h", check=False)
-    vmenv.virsh("net-undefine", "dgxvmtest-h", check=False)
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -301,7 +298,7 @@ def test_shared_nvswitch_vm_activates_its_fabric_manager_partition(vmenv, h100):
         r = vmenv.dgxvm("delete", "--domain", "th", config=h100.config)
     assert r.returncode == 0, r.stderr
     assert not any(fm_active(h100).values())
-    assert_nothing_left(vmenv, ["th", "th2"], state_dir=h100.state, network="dgxvmtest-h")
+    assert_nothing_left(vmenv, ["th", "th2"], state_dir=h100.state)
 
 
 def test_a_partition_fabric_manager_refuses_leaves_nothing(vmenv, h100):
@@ -314,7 +311,7 @@ def test_a_partition_fabric_manager_refuses_leaves_nothing(vmenv, h100):
     assert not (h100.state / "vms" / "tf").exists()
     assert not Ledger(h100.state).read().allocations
     assert fm_active(h100) == {**{p: False for p in fm_active(h100)}, 0: True}
-    assert_nothing_left(vmenv, ["tf"], state_dir=h100.state, network="dgxvmtest-h")
+    assert_nothing_left(vmenv, ["tf"], state_dir=h100.state)
 
 
 def test_john_doe_and_a_work_dir_with_a_space_reach_the_guest_unchanged(vmenv):

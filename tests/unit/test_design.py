@@ -30,13 +30,14 @@ IMAGE = SimpleNamespace(name="testguest", version="0123456789ab", path="/images/
                         cmdline="console=ttyS0 root=/dev/vda rw")
 
 
-def vm_inputs(name="vm1", workdir="/home/alice/run", share="virtiofs", data=False):
+def vm_inputs(name="vm1", workdir="/home/alice/run", share="virtiofs", data=False,
+              address="10.213.0.7"):
     d = f"/var/lib/dgxvm/vms/{name}"
     return VmInputs(name=name, uuid="6f1d7d3c-0000-4000-8000-000000000001", owner="job",
                     job_id=4242, user="alice", os_disk=f"{d}/os.qcow2", seed=f"{d}/seed.iso",
                     data_disk=f"{d}/data.qcow2" if data else None, console_log=f"{d}/console.log",
                     network="dgxvm", mac=mac_for(name), share=share, workdir=workdir,
-                    share_binary=f"{d}/virtiofsd")
+                    share_binary=f"{d}/virtiofsd", address=address)
 
 
 def spec_for(host, count, **kw):
@@ -68,6 +69,23 @@ def test_domain_matches_golden_file(hosts, machine, count):
     if os.environ.get("DGXVM_REGEN_GOLDEN"):
         golden.write_text(xml)
     assert canonical(xml) == canonical(golden.read_text())
+
+
+def test_the_nic_is_isolated_and_pinned_to_its_mac_and_reserved_address(hosts):
+    """The job's user is root in the guest: its NIC's bridge port is isolated (no other guest
+    at layer 2) and clean-traffic holds it to its MAC and the address dgxvm reserved for it."""
+    _, spec = spec_for(hosts["dgx2"], 4, address="10.213.0.9")
+    nic = ET.fromstring(domain_xml(spec)).find("./devices/interface")
+    assert nic.find("port").get("isolated") == "yes"
+    assert nic.find("mac").get("address") == mac_for("vm1")
+    ref = nic.find("filterref")
+    assert ref.get("filter") == "clean-traffic"
+    assert [(p.get("name"), p.get("value")) for p in ref] == [("IP", "10.213.0.9")]
+    # without an address (no reservation) the filter stays; libvirt then learns the IP
+    _, spec = spec_for(hosts["dgx2"], 4, address=None)
+    nic = ET.fromstring(domain_xml(spec)).find("./devices/interface")
+    assert nic.find("filterref").get("filter") == "clean-traffic"
+    assert list(nic.find("filterref")) == [] and nic.find("port").get("isolated") == "yes"
 
 
 @pytest.mark.parametrize("machine,count", CASES)

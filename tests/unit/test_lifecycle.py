@@ -4,6 +4,7 @@ network's address plan, and the hook script shipped in etc/."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -108,26 +109,68 @@ def test_network_plan_keeps_reservations_apart_from_the_dynamic_range():
 
 
 def test_the_hook_script_in_etc_is_the_one_dgxvm_writes():
+    from slurm_dgxvm.netfilter import network_hook_script
+    assert (REPO / "etc/libvirt/hooks/network").read_text() == network_hook_script()
+    assert os.access(REPO / "etc/libvirt/hooks/network", os.X_OK)
+    assert "'/opt/my dgxvm/bin/dgxvm' hook network" in network_hook_script(
+        "/opt/my dgxvm/bin/dgxvm", "/etc/dgxvm/a b.toml")
     assert (REPO / "etc/libvirt/hooks/qemu").read_text() == libvirt_hook_script()
     text = libvirt_hook_script("/opt/my dgxvm/bin/dgxvm", "/etc/dgxvm/a b.toml")
     assert "'/opt/my dgxvm/bin/dgxvm' hook qemu" in text
     assert "DGXVM_CONFIG='/etc/dgxvm/a b.toml'" in text
 
 
-def test_a_network_of_that_name_on_another_subnet_is_refused(tmp_path):
+def test_a_network_of_that_name_on_another_subnet_is_refused(tmp_path, monkeypatch):
     """A network left by another config (another subnet) would never serve the reservations:
     every guest would wait out its DHCP. libvirt's test driver has "default" on
     192.168.122.0/24."""
     import libvirt
     from slurm_dgxvm.errors import HypervisorError
     from slurm_dgxvm.hypervisor import ensure_network
+    monkeypatch.setenv("DGXVM_RUN_DIR", str(tmp_path / "run"))
     conn = libvirt.open("test:///default")
     try:
         with pytest.raises(HypervisorError) as exc:
             ensure_network(conn, "default", "10.213.0.0/24", str(tmp_path))
         assert "network default exists on 192.168.122.0/24, but libvirt.network_cidr is " \
                "10.213.0.0/24" in str(exc.value)
+        with pytest.raises(HypervisorError, match="runs without dgxvm's firewall"):
+            ensure_network(conn, "default", "192.168.122.0/24", str(tmp_path))
+        _hook_marks(conn, "default")
         assert ensure_network(conn, "default", "192.168.122.0/24", str(tmp_path)).name() == "default"
+    finally:
+        conn.close()
+
+
+def _hook_marks(conn, name, **override):
+    """Write the marker dgxvm's network hook leaves once its nft table is applied."""
+    import json
+    from slurm_dgxvm.netfilter import marker_path, network_info
+    info = network_info(conn.networkLookupByName(name).XMLDesc(0))
+    path = marker_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"uuid": info.uuid, "bridge": info.bridge, **override}))
+
+
+def test_a_running_network_without_its_firewall_is_refused_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("DGXVM_RUN_DIR", str(tmp_path / "run"))
+    """No marker (the network hook is not installed), or a marker of another instance of the
+    network (a stale one): a node fault naming the fix, never a VM on a flat network."""
+    import libvirt
+    from slurm_dgxvm.errors import HypervisorError
+    from slurm_dgxvm.hypervisor import ensure_network
+    conn = libvirt.open("test:///default")
+    try:
+        with pytest.raises(HypervisorError) as exc:
+            ensure_network(conn, "default", "192.168.122.0/24", str(tmp_path))
+        assert exc.value.exit_code == 6
+        assert "install dgxvm's libvirt network hook" in str(exc.value)
+        assert "virsh net-destroy default; virsh net-start default" in str(exc.value)
+        _hook_marks(conn, "default", bridge="virbr9")
+        with pytest.raises(HypervisorError, match="is for another instance"):
+            ensure_network(conn, "default", "192.168.122.0/24", str(tmp_path))
+        _hook_marks(conn, "default")
+        ensure_network(conn, "default", "192.168.122.0/24", str(tmp_path))
     finally:
         conn.close()
 
