@@ -36,6 +36,7 @@ from harness.libvirt import LibvirtStack  # noqa: E402
 from harness.node import ensure_user  # noqa: E402
 from slurm_dgxvm import hypervisor  # noqa: E402
 from slurm_dgxvm.lifecycle import libvirt_hook_script  # noqa: E402
+from slurm_dgxvm.netfilter import network_hook_script  # noqa: E402
 
 DGXVM = Path(sys.executable).with_name("dgxvm")
 NETWORK, NETNS, CIDR, USER = "dgxvmshare", "dgxvm-sharebench", "10.216.0.0/24", "dgxvmbench"
@@ -117,7 +118,8 @@ def main() -> int:
         f'fit_memory_mib = 512\n')
     env = {**os.environ, "DGXVM_CONFIG": str(cfg)}
     stack = LibvirtStack(base / "libvirt", netns=NETNS,
-                         hook=libvirt_hook_script(str(DGXVM), str(cfg)))
+                         hook=libvirt_hook_script(str(DGXVM), str(cfg)),
+                         network_hook=network_hook_script(str(DGXVM), str(cfg)))
     stack.start()
     rows: dict[str, list[list[float]]] = {"as the job's user (dgxvm)": [], "root virtiofsd": []}
     try:
