@@ -8,17 +8,21 @@ and slurmd's log, the node still in service and nothing left behind. Jobs that a
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from harness.guest_agent import domain, guest_exec
+from harness.slurm import SLURMD_PORT
 from slurm_dgxvm.slurm.accounting import decode
 
-from test_slurm_jobs import nothing_left, slurmd_lines, wait_job_state
+from test_slurm_jobs import nothing_left, slurmd_lines
 
 pytestmark = pytest.mark.integration
 
@@ -109,6 +113,29 @@ def test_legitimate_names_and_paths_get_their_vm_and_another_user_sees_nothing(
         assert (spaced / "guest-file").read_text().split() == [node.env.user, str(node.env.uid)]
         assert (spaced / "guest-file").stat().st_uid == node.env.uid
         assert (theirs / "guest-file").read_text().split() == [other_user, str(jd.pw_uid)]
+
+        # root in job a's VM (the user has sudo there) tries the other tenant and the host's
+        # Slurm: both must fail, while the host itself reaches both
+        rec_a, rec_b = (json.loads((node.env.state_dir / "vms" / f"job-{j}" / "record.json")
+                                   .read_text()) for j in (a, b))
+        conn = libvirt.open(node.env.uri)
+        try:
+            net = ET.fromstring(conn.networkLookupByName(node.env.network).XMLDesc(0))
+        finally:
+            conn.close()
+        gateway = net.find("ip").get("address")
+        for target, port in ((rec_b["address"], 22), (gateway, SLURMD_PORT)):
+            control = subprocess.run(
+                ["ip", "netns", "exec", node.env.netns, "python3", "-c",
+                 f"import socket; socket.create_connection(({target!r}, {port}), 5)"],
+                capture_output=True, text=True, timeout=30)
+            assert control.returncode == 0, (target, port, control.stderr)
+            conn, dom = domain(node.env.uri, f"job-{a}")
+            try:
+                r = guest_exec(dom, f"nc -w 3 {target} {port} </dev/null; echo rc=$?")
+            finally:
+                conn.close()
+            assert "rc=0" not in r.out, f"job {a}'s VM reached {target}:{port}: {r.out}"
 
         # john.doe asks for the other user's job: the same answer as for no VM at all
         dgxvm = [str(node.jobs.dgxvm), "--config", str(node.jobs.config)]
