@@ -24,7 +24,6 @@ One pair of VMs serves every case (TCG boots take ~10 s each).
 
 from __future__ import annotations
 
-import base64
 import json
 import signal
 import subprocess
@@ -33,6 +32,7 @@ import time
 import libvirt
 import pytest
 
+from harness.guest_agent import guest_exec as agent_exec
 from test_vm_lifecycle import assert_nothing_left, record, ssh
 
 pytestmark = pytest.mark.integration
@@ -44,22 +44,9 @@ SPOOF_MAC = "52:54:00:de:ad:01"
 
 
 def guest_exec(dom, script: str, timeout: float = 60.0) -> tuple[int, str]:
-    """Run ``script`` with /bin/sh as root in the guest (guest agent guest-exec); exit code and
-    stdout+stderr."""
-    import libvirt_qemu
-    cmd = {"execute": "guest-exec", "arguments": {
-        "path": "/bin/sh", "arg": ["-c", f"({script}) 2>&1"], "capture-output": True}}
-    pid = json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps(cmd), 10, 0))["return"]["pid"]
-    deadline = time.monotonic() + timeout
-    while True:
-        st = json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps(
-            {"execute": "guest-exec-status", "arguments": {"pid": pid}}), 10, 0))["return"]
-        if st.get("exited"):
-            out = base64.b64decode(st.get("out-data", "")).decode(errors="replace")
-            return st.get("exitcode", -1), out
-        if time.monotonic() > deadline:
-            raise AssertionError(f"guest-exec {script!r} still running after {timeout}s")
-        time.sleep(0.2)
+    """Run ``script`` with /bin/sh as root in the guest; exit code and stdout+stderr."""
+    r = agent_exec(dom, f"({script}) 2>&1", timeout=timeout)
+    return r.code, r.out
 
 
 def udp_send(tag: str) -> str:
