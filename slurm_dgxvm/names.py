@@ -70,15 +70,21 @@ def _not_utf8(value: str) -> bool:
     return False
 
 
-def account_name_problem(value: object) -> str | None:
-    """Why ``value`` is not a user or group name we carry into a VM, or None when it is."""
+def _text_problem(value: object) -> str | None:
+    """What names and paths have in common: a non-empty str, UTF-8, no control character."""
     if not isinstance(value, str) or not value:
         return "empty"
     if _not_utf8(value):
         return "not valid UTF-8"
     bad = _control(value)
-    if bad:
-        return f"control character {bad}"
+    return f"control character {bad}" if bad else None
+
+
+def account_name_problem(value: object) -> str | None:
+    """Why ``value`` is not a user or group name we carry into a VM, or None when it is."""
+    problem = _text_problem(value)
+    if problem:
+        return problem
     if len(value.encode()) > ACCOUNT_NAME_MAX:
         return f"longer than {ACCOUNT_NAME_MAX} bytes"
     if value[0] in "-+~":
@@ -99,13 +105,9 @@ def path_problem(value: object, *, max_bytes: int = PATH_MAX) -> str | None:
     Refused: relative paths, non-UTF-8 bytes, control characters (NUL, newline, DEL...), ``.``
     or ``..`` components, ``//``, a trailing ``/`` (except ``/`` itself), more than ``max_bytes``
     bytes or a component over 255 bytes. Spaces, quotes, ``$`` and non-ASCII letters pass."""
-    if not isinstance(value, str) or not value:
-        return "empty"
-    if _not_utf8(value):
-        return "not valid UTF-8"
-    bad = _control(value)
-    if bad:
-        return f"control character {bad}"
+    problem = _text_problem(value)
+    if problem:
+        return problem
     if not value.startswith("/"):
         return "not an absolute path"
     if len(value.encode()) > max_bytes:
