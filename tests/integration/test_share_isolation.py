@@ -43,6 +43,7 @@ def vm(vmenv):
         r = vmenv.dgxvm("delete", "--domain", "shr")
         assert r.returncode == 0, r.stderr
         assert_nothing_left(vmenv, ["shr"])
+        assert virtiofsd_pids() == [], "the share's virtiofsd outlived its VM"
 
 
 def as_root(vm, script: str):
@@ -53,9 +54,13 @@ def host_entries(wd: Path) -> dict[str, os.stat_result]:
     return {p.name: p.lstat() for p in wd.iterdir()}
 
 
-def test_virtiofsd_runs_as_the_jobs_user(vm):
-    pids = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+def virtiofsd_pids() -> list[Path]:
+    return [p for p in Path("/proc").iterdir() if p.name.isdigit()
             and _exe(p) == share_server.VIRTIOFSD]
+
+
+def test_virtiofsd_runs_as_the_jobs_user(vm):
+    pids = virtiofsd_pids()
     assert pids, "no virtiofsd running for the VM"
     for p in pids:
         uids = next(line for line in (p / "status").read_text().splitlines()
