@@ -1,15 +1,15 @@
-"""Opt-in (DGXVM_PROBE_SENSITIVITY=1, not in CI): the attacks of test_network_isolation.py,
+"""Run by hand, not in CI (its name is not test_*.py, so a plain `pytest tests` never collects
+it, and nothing is skipped): the attacks of test_network_isolation.py,
 run once with every protection stripped from the running pair (nft table deleted, bridge ports
 un-isolated, nwfilter's ebtables jumps flushed), must all SUCCEED. So when they fail
 in the real test, it is the protections that stop them, not a broken probe.
 
-Run alone: DGXVM_PROBE_SENSITIVITY=1 flock /tmp/dgxvm-libvirt.lock .venv/bin/python -m pytest
-tests/integration/test_network_probes_sensitivity.py -q -s -p no:cacheprovider
+Run: flock /tmp/dgxvm-libvirt.lock .venv/bin/python -m pytest
+tests/integration/probe_sensitivity.py -q -s -p no:cacheprovider
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -20,9 +20,7 @@ from test_network_isolation import (ALLOWED_TCP, CLOSED_TCP, GATEWAY, SPOOF_MAC,
                                     banner, guest_exec, listeners, netns, pair, udp_send)
 from test_vm_lifecycle import ssh
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not os.environ.get("DGXVM_PROBE_SENSITIVITY"),
-                                 reason="opt-in: DGXVM_PROBE_SENSITIVITY=1")]
+pytestmark = pytest.mark.integration
 
 
 def strip_protections(vmenv, pair) -> list[str]:
