@@ -294,7 +294,8 @@ def create(env: Env, req: CreateRequest, progress: Progress = _quiet) -> VmRecor
     return record
 
 
-def check_share(cfg: Config, req: CreateRequest) -> tuple[share_policy.ShareSpec | None, str | None]:
+def check_share(cfg: Config,
+                req: CreateRequest) -> tuple[share_policy.ShareSpec | None, str | None]:
     """(what to share, why the work dir is not shared) for ``req``, before anything is taken.
 
     Raises ShareRefused when the work dir may not be shared and ``vm.share_refused`` is
