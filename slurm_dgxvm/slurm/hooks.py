@@ -14,9 +14,10 @@ Exit status, on purpose (Slurm drains the node for any non-zero Prolog or Epilog
 
 * 0 -- the VM is ready; or the job got no VM because of the job itself: a value it controls
   that is refused (JobInputError: its work dir, user, uid/gid, GPU list, partition, comment;
-  a root job), a comment that does not parse, an image that is not installed or not offered, a GPU count that is never a block
-  (the job is cancelled), or no aligned block free under ``alignment = "strict"`` (the job is
-  requeued and waits). The node stays in service.
+  a root job; a work dir the share policy refuses), a comment that does not parse, an image
+  that is not installed or not offered, a GPU count that is never a block (the job is
+  cancelled), or no aligned block free under ``alignment = "strict"`` (the job is requeued and
+  waits). The node stays in service.
 * 1 -- the node is at fault (libvirt down, the partition's default image missing, disk full,
   Fabric Manager, a guest that never boots, the ledger, a teardown that left something held):
   Slurm drains the node ("Prolog error" / "Epilog error") and requeues the job held.
