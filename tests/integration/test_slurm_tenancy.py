@@ -73,8 +73,9 @@ def other_user(slurm_node):
 def test_work_dirs_that_may_not_be_shared_cancel_the_job_and_keep_the_node(slurm_node):
     node = slurm_node
     base = node.env.workdir
-    private = base / "private"                      # under share_roots, root's and 0700
+    private = base / "private"                      # under share_roots: another user's, 0700
     private.mkdir(mode=0o700, exist_ok=True)
+    os.chown(private, 65534, 65534)
     link = node.jobs.workdir / "to-etc"              # the user's own symlink to /etc
     if not link.is_symlink():
         link.symlink_to("/etc")
