@@ -102,7 +102,7 @@ def job_view(rec: VmRecord, vmdir: Path) -> dict:
             "share_refused": rec.extra.get("share_refused")}
 
 
-def _atomic_json(path: Path, doc: dict, *, uid: int | None) -> None:
+def write_json_atomic(path: Path, doc: dict, *, uid: int | None = None) -> None:
     """Write ``doc`` to ``path`` atomically (temp file, fsync, rename), mode 0600, owned by root
     or, with ``uid``, by that user (chowned before it is renamed into place)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -159,8 +159,8 @@ class VmStore:
     def save(self, rec: VmRecord) -> None:
         """Write record.json (root's, 0600) and the VM user's view of it, job.json."""
         d = self.dir(rec.name)
-        _atomic_json(d / RECORD, rec.to_json(), uid=None)
-        _atomic_json(d / JOB_VIEW, job_view(rec, d), uid=rec.uid)
+        write_json_atomic(d / RECORD, rec.to_json(), uid=None)
+        write_json_atomic(d / JOB_VIEW, job_view(rec, d), uid=rec.uid)
 
     def load_view(self, name: str) -> dict | None:
         """job.json of VM ``name`` (what its user may see), or None."""

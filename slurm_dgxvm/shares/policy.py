@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ShareRefused
+from ..records import write_json_atomic
 
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -46,11 +47,8 @@ class ShareSpec:
                    ino=int(doc["ino"]))
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_json(), f)
-        os.replace(tmp, path)
+        """Root's alone (0600), written atomically like the VM record."""
+        write_json_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> "ShareSpec":
