@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ConfigError, NameError_
-from .names import image_name
+from .names import image_name, path_problem
 from .netfilter import HostService, parse_service, table_name
 
 DEFAULT_CONFIG_PATH = "/etc/dgxvm/dgxvm.toml"
@@ -306,11 +306,9 @@ def _validate(cfg: Config, path: str) -> None:
         raise ConfigError(path=path, reason=f"vm.share_refused {cfg.vm.share_refused!r} is not "
                                             f"one of {', '.join(SHARE_REFUSED)}")
     for root in cfg.vm.share_roots:
-        parts = root.split("/")
-        if (not root.startswith("/") or any(p in (".", "..") for p in parts)
-                or "//" in root or any(ord(c) < 32 or ord(c) == 127 for c in root)):
-            raise ConfigError(path=path, reason=f"vm.share_roots: {root!r} is not an absolute, "
-                                                f"normalised path")
+        problem = path_problem(root)
+        if problem:
+            raise ConfigError(path=path, reason=f"vm.share_roots: {root!r}: {problem}")
     if not cfg.vm.virtiofsd.startswith("/"):
         raise ConfigError(path=path, reason=f"vm.virtiofsd {cfg.vm.virtiofsd!r} must be an "
                                             f"absolute path")

@@ -328,6 +328,13 @@ CONFIGS = [
     (b"[partitions.x]\nimages = [\"../etc\"]\n", "bad image name '../etc'"),
     (b"[partitions.x]\nimages = \"base\"\n", "partitions.x.images must be a list of strings"),
     (b"[partitions.x]\nvcpus_per_gpu = -1\n", "partitions.x.vcpus_per_gpu must be >= 0"),
+    (b"[vm]\nshare = \"9p\"\n", "vm.share \"9p\" is not offered"),
+    (b"[vm]\nshare_refused = \"ignore\"\n", "vm.share_refused 'ignore' is not one of"),
+    (b"[vm]\nshare_roots = [\"home\"]\n", "vm.share_roots: 'home': not an absolute path"),
+    (b"[vm]\nshare_roots = [\"/home/../etc\"]\n", "vm.share_roots: '/home/../etc'"),
+    (b"[vm]\nshare_roots = [\"/home\\n\"]\n", "vm.share_roots: '/home\\n': control character"),
+    (b"[vm]\nshare_roots = \"/home\"\n", "vm.share_roots must be a list of strings"),
+    (b"[vm]\nvirtiofsd = \"virtiofsd\"\n", "vm.virtiofsd 'virtiofsd' must be an absolute path"),
     (b"[slurm]\ndomain_prefix = \"<x>\"\n", "slurm.domain_prefix '<x>'"),
     (b"[slurm]\ndomain_prefix = \"" + b"j" * KIB10 + b"\"\n", "(at most 21)"),
 ]
