@@ -1,0 +1,129 @@
+"""The one way slurm-dgxvm writes state and locks it.
+
+- :func:`atomic_write`: a temp file in the same directory, written, chmodded (and chowned)
+  before it has its name, fsynced, renamed over the target, and the directory fsynced. A crash
+  at any point leaves the old file or the new one, never a mix, and never a wider mode; the temp
+  file of a failed write is removed.
+- :func:`link_into_place`: give a finished temp file its name without ever replacing a file
+  that is there (disks, images).
+- :func:`locked`: a ``filelock`` lock with a bounded wait; the caller says which error a
+  time-out or an unusable lock file becomes, and reads how long it waited and held the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import filelock
+
+PathLike = str | os.PathLike[str]
+
+
+def fsync_dir(path: PathLike) -> None:
+    """Make a rename or a new name in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: PathLike, data: bytes | str, *, mode: int = 0o600,
+                 uid: int | None = None, gid: int | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically and durably.
+
+    The file has ``mode`` (and, with ``uid``/``gid``, that owner) before it is renamed into
+    place, so it is never readable by anyone it should not be, not even for a moment. OSError
+    propagates; the caller names the file in its own error.
+    """
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            if uid is not None or gid is not None:
+                os.fchown(f.fileno(), -1 if uid is None else uid, -1 if gid is None else gid)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        fsync_dir(path.parent)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def atomic_write_json(path: PathLike, doc, *, mode: int = 0o600, uid: int | None = None,
+                      gid: int | None = None, indent: int = 1) -> None:
+    """:func:`atomic_write` of ``doc`` as JSON (sorted keys, a final newline)."""
+    text = json.dumps(doc, indent=indent, sort_keys=True) + "\n"
+    atomic_write(path, text, mode=mode, uid=uid, gid=gid)
+
+
+def link_into_place(tmp: PathLike, path: PathLike) -> None:
+    """Give ``tmp`` the name ``path`` without ever replacing an existing ``path``
+    (FileExistsError if one is there). ``tmp`` keeps its name where hard links work; the caller
+    removes it."""
+    try:
+        os.link(tmp, path)                    # EEXIST if someone was quicker: never clobber
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(path):             # no hard links here: check, then rename
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+        os.rename(tmp, path)
+
+
+@dataclass
+class LockTimes:
+    """How long a :func:`locked` block waited for its lock and held it (seconds)."""
+
+    waited_s: float | None = None
+    held_s: float | None = None
+
+
+@contextlib.contextmanager
+def locked(path: PathLike, *, timeout: float, timed_out: Callable[[], Exception],
+           failed: Callable[[OSError], Exception], poll_s: float = 0.05, mode: int = 0o644,
+           times: LockTimes | None = None) -> Iterator[LockTimes]:
+    """Hold the lock file ``path`` for the block.
+
+    Waits at most ``timeout`` seconds (polling every ``poll_s``). Past it, raises
+    ``timed_out()``; a lock file that cannot be opened or locked raises ``failed(oserror)``:
+    the caller's own errors, naming its lock. ``times`` (or the yielded object) gets the wait
+    and the hold, measured with a monotonic clock.
+    """
+    times = times if times is not None else LockTimes()
+    lock = filelock.FileLock(os.fspath(path), mode=mode)
+    start = time.perf_counter()
+    try:
+        lock.acquire(timeout=timeout, poll_interval=poll_s)
+    except filelock.Timeout:
+        times.waited_s, times.held_s = time.perf_counter() - start, None
+        raise timed_out() from None
+    except OSError as e:
+        times.waited_s, times.held_s = time.perf_counter() - start, None
+        raise failed(e) from e
+    acquired = time.perf_counter()
+    times.waited_s = acquired - start
+    try:
+        yield times
+    finally:
+        lock.release()
+        times.held_s = time.perf_counter() - acquired
+
+
+__all__ = ["LockTimes", "atomic_write", "atomic_write_json", "fsync_dir", "link_into_place",
+           "locked"]
