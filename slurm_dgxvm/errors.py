@@ -110,6 +110,13 @@ class DomainNotFound(BadInput):
     template = "no dgxvm domain named {name}"
 
 
+class NotOurDomain(DomainNotFound):
+    """A libvirt domain of that name exists, but dgxvm did not create it: left to virsh."""
+
+    template = ("no dgxvm domain named {name} (a libvirt domain dgxvm did not create; "
+                "use virsh for it)")
+
+
 # -- the host --------------------------------------------------------------------------------------
 class HostError(DgxvmError):
     template = "host: {reason}"
@@ -184,6 +191,14 @@ class LedgerError(DgxvmError):
 
 class LedgerCorrupt(LedgerError):
     template = "ledger {path} is corrupt ({reason}); it was left as it is for an admin to inspect"
+
+
+class RecordCorrupt(DgxvmError):
+    """A VM's record.json (or its user's job.json) that does not parse as one."""
+
+    template = ("VM record {path} is corrupt ({reason}); it was left as it is for an admin "
+                "to inspect")
+    exit_code = EXIT_STATE
 
 
 class LedgerConflict(LedgerError):

@@ -3,8 +3,10 @@ owns (record.json, the OS overlay, the data disk, the NoCloud seed, the keys, th
 the domain XML as defined). Deleting the VM removes the directory; nothing of a VM lives
 elsewhere on the host except its ledger entry and its DHCP reservation.
 
-``record.json`` is written atomically (temp file, fsync, rename). It is what the libvirt hook
-reads to take a stopped VM's resources again on ``virsh start``, so it keeps the allocation.
+``record.json`` is written atomically (:func:`slurm_dgxvm.fsutil.atomic_write`). It is what the
+libvirt hook reads to take a stopped VM's resources again on ``virsh start``, so it keeps the
+allocation: a typed :class:`~slurm_dgxvm.ledger.Allocation` and the
+:class:`~slurm_dgxvm.placement.Placement` it came from, in their own JSON forms.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import LedgerCorrupt
+from .errors import RecordCorrupt
+from .fsutil import atomic_write_json
+from .ledger import Allocation
+from .placement.model import Placement
 
 FORMAT = "dgxvm-vm"
 VERSION = 1
@@ -59,8 +63,8 @@ class VmRecord:
     address: str | None
     mac: str
     network: str
-    allocation: dict                    # ledger Allocation.to_json(): what start takes again
-    placement: dict                     # Placement.to_json(): the design's input, for reports
+    allocation: Allocation              # what the ledger holds for it: what start takes again
+    placement: Placement                # the design's input, for reports
     fitted: tuple[str, ...] = ()
     created: float = 0.0
     started: float | None = None
@@ -72,20 +76,27 @@ class VmRecord:
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        doc = asdict(self)
+        doc = {f.name: getattr(self, f.name) for f in fields(self)}
+        doc["allocation"] = self.allocation.to_json()
+        doc["placement"] = self.placement.to_json()
         doc["fitted"] = list(self.fitted)
         return {"format": FORMAT, "version": VERSION, **doc}
 
     @classmethod
     def from_json(cls, doc: Any, path: str) -> "VmRecord":
+        """Parse a record; RecordCorrupt naming ``path`` and the problem otherwise."""
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
-            raise LedgerCorrupt(path=path, reason=f"not a {FORMAT} v{VERSION} record")
+            raise RecordCorrupt(path=path, reason=f"not a {FORMAT} v{VERSION} record")
         body = {k: v for k, v in doc.items() if k not in ("format", "version")}
         try:
             body["fitted"] = tuple(body.get("fitted", ()))
+            body["allocation"] = Allocation.from_json(body["allocation"])
+            body["placement"] = Placement.from_json(body["placement"])
             return cls(**body)
-        except TypeError as exc:
-            raise LedgerCorrupt(path=path, reason=str(exc)) from exc
+        except KeyError as exc:
+            raise RecordCorrupt(path=path, reason=f"missing {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise RecordCorrupt(path=path, reason=str(exc)) from exc
 
     def with_(self, **changes) -> "VmRecord":
         return replace(self, **changes)
@@ -96,28 +107,12 @@ def job_view(rec: VmRecord, vmdir: Path) -> dict:
     return {"name": rec.name, "state": rec.state, "job_id": rec.job_id, "user": rec.user,
             "uid": rec.uid, "address": rec.address, "image": rec.image,
             "image_version": rec.image_version, "workdir": rec.workdir,
-            "gpus": rec.placement.get("gpus", []), "slurm_gpus": rec.placement.get("slurm_gpus"),
-            "allocation": rec.allocation,     # the VM's own GPUs, CPUs, memory, switches
+            "gpus": list(rec.placement.gpus),
+            "slurm_gpus": (None if rec.placement.slurm_gpus is None
+                           else list(rec.placement.slurm_gpus)),
+            "allocation": rec.allocation.to_json(),  # the VM's own GPUs, CPUs, memory, switches
             "key": str(vmdir / USER_KEY), "known_hosts": str(vmdir / KNOWN_HOSTS),
             "share_refused": rec.extra.get("share_refused")}
-
-
-def write_json_atomic(path: Path, doc: dict, *, uid: int | None = None) -> None:
-    """Write ``doc`` to ``path`` atomically (temp file, fsync, rename), mode 0600, owned by root
-    or, with ``uid``, by that user (chowned before it is renamed into place)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            if uid is not None:
-                os.fchown(f.fileno(), uid, -1)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class VmStore:
@@ -153,14 +148,14 @@ class VmStore:
         try:
             doc = json.loads(raw)
         except ValueError as exc:
-            raise LedgerCorrupt(path=str(path), reason=f"invalid JSON: {exc}") from exc
+            raise RecordCorrupt(path=str(path), reason=f"invalid JSON: {exc}") from exc
         return VmRecord.from_json(doc, str(path))
 
     def save(self, rec: VmRecord) -> None:
         """Write record.json (root's, 0600) and the VM user's view of it, job.json."""
         d = self.dir(rec.name)
-        write_json_atomic(d / RECORD, rec.to_json(), uid=None)
-        write_json_atomic(d / JOB_VIEW, job_view(rec, d), uid=rec.uid)
+        atomic_write_json(d / RECORD, rec.to_json(), mode=0o600)
+        atomic_write_json(d / JOB_VIEW, job_view(rec, d), mode=0o600, uid=rec.uid)
 
     def load_view(self, name: str) -> dict | None:
         """job.json of VM ``name`` (what its user may see), or None."""
@@ -169,7 +164,7 @@ class VmStore:
         except FileNotFoundError:
             return None
         except ValueError as exc:
-            raise LedgerCorrupt(path=str(self.dir(name) / JOB_VIEW),
+            raise RecordCorrupt(path=str(self.dir(name) / JOB_VIEW),
                                 reason=f"invalid JSON: {exc}") from exc
 
     def names(self) -> list[str]:

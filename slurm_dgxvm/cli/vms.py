@@ -20,7 +20,7 @@ from .params import GIB, MIB, WorkDir
 def _progress(name: str, verb: str):
     """Stages on stderr when it is a terminal (a Slurm log or a pipe gets only the result)."""
     if not sys.stderr.isatty():
-        return lifecycle._quiet
+        return lifecycle.quiet
     t0 = time.monotonic()
 
     def show(stage: str) -> None:
@@ -61,9 +61,9 @@ def create(c, gpu_count, gpu_index, name, image, vcpus, memory, disk_size, data_
         return
     p = rec.placement
     vmdir = c.env.vms.dir(rec.name)
-    click.echo(f"{rec.name}: running in {rec.boot_s:.1f}s; GPUs {format_index_list(p['gpus'])} "
-               f"(NUMA {format_index_list(p['numa_nodes'])}), {p['vcpus']} vCPUs, "
-               f"{p['memory_mib']} MiB, image {rec.image} {rec.image_version}")
+    click.echo(f"{rec.name}: running in {rec.boot_s:.1f}s; GPUs {format_index_list(p.gpus)} "
+               f"(NUMA {format_index_list(p.numa_nodes)}), {p.vcpus} vCPUs, "
+               f"{p.memory_mib} MiB, image {rec.image} {rec.image_version}")
     click.echo(f"  ssh -i {vmdir}/id_ed25519 -o UserKnownHostsFile={vmdir}/known_hosts "
                f"{rec.user}@{rec.address}")
     for line in rec.fitted:
@@ -89,7 +89,7 @@ def list_cmd(c, as_json):
     """List dgxvm's VMs: GPUs, NUMA nodes, state, uptime, job."""
     rows = lifecycle.list_vms(c.env)
     if as_json:
-        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        click.echo(json.dumps([r.to_json() for r in rows], indent=2, sort_keys=True))
         return
     if not rows:
         click.echo("no VMs")
@@ -98,20 +98,20 @@ def list_cmd(c, as_json):
            f"{'ADDRESS':<15} {'UPTIME':>8} {'JOB':>7}  IMAGE"
     click.echo(head)
     for r in rows:
-        up = _duration(r["uptime_s"]) if r["uptime_s"] is not None else "-"
-        state = r["state"]
-        if r["state"] == "running" and not r["held"]:
+        up = _duration(r.uptime_s) if r.uptime_s is not None else "-"
+        state = r.state
+        if r.state == "running" and not r.held:
             state += "!"                 # running but not in the ledger: the hook is missing
-        elif r["state"] == "shut-off" and not r["held"]:
+        elif r.state == "shut-off" and not r.held:
             state = "off,freed"          # virsh shutdown: GPUs/CPUs free, drives kept
-        click.echo(f"{r['name']:<20} {state:<12} {format_index_list(r['gpus']):<10} "
-                   f"{format_index_list(r['numa_nodes']):<5} {r['vcpus'] or '-':>5} "
-                   f"{str(r['memory_mib']) + 'M':>9} {r['address'] or '-':<15} {up:>8} "
-                   f"{r['job_id'] if r['job_id'] is not None else '-':>7}  {r['image'] or '-'}")
-    if any(r["state"] == "running" and not r["held"] for r in rows):
+        click.echo(f"{r.name:<20} {state:<12} {format_index_list(r.gpus):<10} "
+                   f"{format_index_list(r.numa_nodes):<5} {r.vcpus or '-':>5} "
+                   f"{str(r.memory_mib) + 'M':>9} {r.address or '-':<15} {up:>8} "
+                   f"{r.job_id if r.job_id is not None else '-':>7}  {r.image or '-'}")
+    if any(r.state == "running" and not r.held for r in rows):
         click.echo("\n'!': running but not held in the ledger; install etc/libvirt/hooks/qemu "
                    "(see README) so virsh start/shutdown keep the ledger true")
-    fitted = [r for r in rows if r["fitted"]]
+    fitted = [r for r in rows if r.fitted]
     if fitted:
         click.echo(f"\n{len(fitted)} VM(s) fitted to this host (simulated machine): passthrough "
                    f"and sizes changed; `dgxvm list --json` lists each change")

@@ -162,3 +162,39 @@ class Placement:
                 for c in self.cells
             ],
         }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Placement":
+        """The inverse of :meth:`to_json` (the derived keys are recomputed from the cells).
+
+        Raises ValueError, KeyError or TypeError on a document that is not one.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"placement must be an object, not {type(data).__name__}")
+
+        def ints(value) -> tuple[int, ...]:
+            if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+                raise ValueError(f"expected a list of integers, not {value!r}")
+            return tuple(value)
+
+        def strs(value) -> tuple[str, ...]:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"expected a list of strings, not {value!r}")
+            return tuple(value)
+
+        cells = tuple(NumaCell(host_node=int(c["host_node"]), gpus=ints(c["gpus"]),
+                               cpus=ints(c["cpus"]), vcpus=ints(c["vcpus"]),
+                               memory_mib=int(c["memory_mib"]))
+                      for c in data["cells"])
+        slurm = data["slurm_gpus"]
+        fm = data["fm_partition"]
+        huge = data["hugepage_kib"]
+        return cls(machine=str(data["machine"]), gpus=ints(data["gpus"]),
+                   gpu_pcis=strs(data["gpu_pcis"]),
+                   slurm_gpus=None if slurm is None else ints(slurm),
+                   aligned=bool(data["aligned"]), remapped=bool(data["remapped"]),
+                   reason=str(data["reason"]), nvswitches=strs(data["nvswitches"]),
+                   fm_partition=None if fm is None else int(fm), cells=cells,
+                   emulator_cpus=ints(data["emulator_cpus"]),
+                   hugepage_kib=None if huge is None else int(huge),
+                   disk_gib=int(data["disk_gib"]), nics=strs(data["nics"]))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ShareRefused
-from ..records import write_json_atomic
+from ..fsutil import atomic_write_json
 
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -48,7 +48,7 @@ class ShareSpec:
 
     def save(self, path: Path) -> None:
         """Root's alone (0600), written atomically like the VM record."""
-        write_json_atomic(path, self.to_json())
+        atomic_write_json(path, self.to_json(), mode=0o600)
 
     @classmethod
     def load(cls, path: Path) -> "ShareSpec":

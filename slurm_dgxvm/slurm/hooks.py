@@ -127,12 +127,12 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
     except BaseException as exc:  # noqa: BLE001 - every failure is one line and an exit status
         return _prolog_failed(env, job_id, job, stage.now, exc, slurm, emit)
     p = rec.placement
-    how = "Slurm's block" if not p.get("remapped") else \
+    how = "Slurm's block" if not p.remapped else \
         f"remapped from Slurm's {format_index_list(job.gpus)}"
-    if not p.get("aligned"):
+    if not p.aligned:
         how += ", NOT aligned (alignment = prefer)"
     emit(f"{where}: VM {rec.name} ready in {rec.boot_s:.1f}s on GPUs "
-         f"{format_index_list(p['gpus'])} ({how}), NUMA {format_index_list(p['numa_nodes'])}, "
+         f"{format_index_list(p.gpus)} ({how}), NUMA {format_index_list(p.numa_nodes)}, "
          f"{rec.address}"
          + (f"; work dir NOT shared: {rec.extra['share_refused']}"
             if rec.extra.get("share_refused") else ""))

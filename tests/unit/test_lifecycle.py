@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from slurm_dgxvm import config as config_mod
-from slurm_dgxvm.errors import LedgerConflict, LedgerCorrupt
+from slurm_dgxvm.errors import LedgerConflict, RecordCorrupt
 from slurm_dgxvm.hypervisor import network_layout
 from slurm_dgxvm.ledger import Allocation, domain_key
 from slurm_dgxvm.lifecycle import Env, hook, libvirt_hook_script
-from slurm_dgxvm.placement import EMPTY, Policy, Request, place
+from slurm_dgxvm.placement import EMPTY, Placement, Policy, Request, place
 from slurm_dgxvm.records import VmRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def make_vm(env, name, gpu_index=0, state="running", hold=True):
     rec = VmRecord(name=name, uuid="u", state=state, owner="domain", ledger_key=alloc.key,
                    job_id=None, user="u", uid=1000, gid=1000, workdir=None, image="img",
                    image_version="1", address="10.213.0.2", mac="52:54:00:00:00:01",
-                   network="dgxvm", allocation=alloc.to_json(), placement=p.to_json())
+                   network="dgxvm", allocation=alloc, placement=p)
     env.vms.save(rec)
     return rec
 
@@ -56,7 +56,7 @@ def test_prepare_takes_the_same_resources_again(env):
     rec = make_vm(env, "a", state="stopped", hold=False)
     hook(env, "a", "prepare", "begin")
     held = env.ledger.read().allocations[rec.ledger_key]
-    assert held.gpu_pcis == tuple(rec.allocation["gpu_pcis"])
+    assert held.gpu_pcis == rec.allocation.gpu_pcis
     assert env.vms.load("a").state == "running"
 
 
@@ -88,7 +88,7 @@ def test_domains_without_a_dgxvm_record_are_left_alone(env, name):
 def test_a_damaged_record_is_an_error_not_a_guess(env):
     make_vm(env, "a")
     (env.vms.dir("a") / "record.json").write_text("{not json")
-    with pytest.raises(LedgerCorrupt):
+    with pytest.raises(RecordCorrupt):
         hook(env, "a", "release", "end")
 
 
@@ -187,5 +187,82 @@ def test_a_domain_that_went_away_since_its_lookup_is_undefined():
         assert state_name(dom) == "shut-off"
         dom.undefine()
         assert state_name(dom) == "undefined"
+    finally:
+        conn.close()
+
+
+# -- typed records ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("machine", ["dgx2", "dgx-a100", "dgx-h100"])
+@pytest.mark.parametrize("count", [1, 2, 4, 8])
+def test_a_placement_survives_its_record(host, count):
+    p = place(host, EMPTY, Request(count=count, slurm_gpus=tuple(range(count))), Policy())
+    assert Placement.from_json(json.loads(json.dumps(p.to_json()))) == p
+
+
+def test_a_record_holds_a_typed_allocation_and_placement(env):
+    rec = make_vm(env, "a")
+    loaded = env.vms.load("a")
+    assert isinstance(loaded.allocation, Allocation) and isinstance(loaded.placement, Placement)
+    assert loaded.allocation == env.ledger.read().allocations[domain_key("a")]
+    doc = json.loads((env.vms.dir("a") / "record.json").read_text())
+    # the file keeps the ledger's and `plan --json`'s own forms: readable without dgxvm
+    assert doc["allocation"] == rec.allocation.to_json()
+    assert doc["placement"] == rec.placement.to_json()
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda d: d.pop("placement"), "missing 'placement'"),
+    (lambda d: d["placement"].update(gpus="0-3"), "list of integers"),
+    (lambda d: d["allocation"].pop("gpus"), "missing field(s) gpus"),
+    (lambda d: d["allocation"].update(colour="red"), "unknown field(s) colour"),
+    (lambda d: d.update(version=9), "not a dgxvm-vm v1 record"),
+])
+def test_a_record_with_a_damaged_field_is_a_corrupt_record(env, damage, named):
+    make_vm(env, "a")
+    path = env.vms.dir("a") / "record.json"
+    doc = json.loads(path.read_text())
+    damage(doc)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(RecordCorrupt) as info:
+        env.vms.load("a")
+    assert named in str(info.value) and str(path) in str(info.value)
+    assert info.value.exit_code == 5
+    assert json.loads(path.read_text()) == doc          # left as it is for an admin
+
+
+def test_list_rows_come_from_records_and_from_ledger_entries_without_one(env, monkeypatch):
+    from slurm_dgxvm.lifecycle import list_vms
+    import libvirt
+    rec = make_vm(env, "a")
+    p = place(env.host, env.ledger.read().occupancy(), Request(count=2), Policy())
+    orphan = Allocation.from_placement(domain_key("b"), p, owner="domain", domain="b", user="u")
+    env.ledger.allocate(orphan)
+    monkeypatch.setattr(Env, "connect", lambda self: libvirt.open("test:///default"))
+    a, b = list_vms(env)
+    assert (a.name, a.state, a.held, a.gpus, a.vcpus) == \
+        ("a", "undefined", True, list(rec.placement.gpus), rec.placement.vcpus)
+    assert (b.name, b.state, b.held, b.gpus, b.image) == ("b", "no-record", True, list(p.gpus),
+                                                          None)
+    assert set(a.to_json()) == {"name", "state", "job_id", "user", "gpus", "slurm_gpus",
+                                "numa_nodes", "vcpus", "memory_mib", "nvswitches",
+                                "fm_partition", "image", "address", "uptime_s", "held",
+                                "fitted", "boot_s"}
+
+
+def test_the_job_of_a_domain_is_read_from_its_dgxvm_metadata():
+    import libvirt
+    from slurm_dgxvm.design.spec import XMLNS
+    from slurm_dgxvm.lifecycle.delete import domain_job
+    conn = libvirt.open("test:///default")
+    try:
+        def define(name, meta):
+            return conn.defineXML(
+                f"<domain type='test' xmlns:dgxvm='{XMLNS}'><name>{name}</name>"
+                f"<memory>1024</memory><os><type>hvm</type></os>"
+                f"<metadata>{meta}</metadata></domain>")
+        assert domain_job(define("j", "<dgxvm:vm><dgxvm:job>42</dgxvm:job></dgxvm:vm>")) == 42
+        # someone else's namespace, or a job id that is not one, names no job
+        assert domain_job(define("k", "<x:vm xmlns:x='urn:x'><x:job>42</x:job></x:vm>")) is None
+        assert domain_job(define("l", "<dgxvm:vm><dgxvm:job>4 2</dgxvm:job></dgxvm:vm>")) is None
     finally:
         conn.close()

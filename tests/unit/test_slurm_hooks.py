@@ -170,7 +170,10 @@ def test_record_is_roots_and_the_users_view_is_theirs_alone(world):
                                 ledger_key=job_key(42), job_id=42, user="alice", uid=4242,
                                 gid=4343, workdir=None, image="base", image_version="1",
                                 address="10.0.0.2", mac="52:54:00:00:00:01", network="dgxvm",
-                                allocation={}, placement=p.to_json()))
+                                allocation=Allocation.from_placement(job_key(42), p, owner="job",
+                                                                     job_id=42, domain="job-42",
+                                                                     user="alice"),
+                                placement=p))
     assert vmdir.stat().st_mode & 0o777 == 0o711          # QEMU reaches its disks; no listing
     rec = (vmdir / "record.json").stat()
     assert (rec.st_uid, rec.st_mode & 0o777) == (0, 0o600)

@@ -1,0 +1,274 @@
+"""create: a placement made into a running VM.
+
+The steps, in order (each a method of :class:`_Creation`, named as the progress line it
+reports): place and record in the ledger -> the VM directory -> keys, address and seed -> disks
+-> design the domain (fit to this host) -> record -> define -> FM partition -> start -> wait
+until the guest agent answers -> record "running".
+
+One cleanup path: every step that takes something registers its undo on the one ExitStack; a
+failure anywhere unwinds exactly what was done, in reverse, and re-raises the first error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid as uuid_mod
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .. import hypervisor, images as images_mod, seed as seed_mod
+from ..config import Config
+from ..design import RealHost, VmInputs, design, domain_xml, fit_to_host, mac_for, share_tag
+from ..errors import DomainExists, HostError, HypervisorError, ShareRefused
+from ..fsutil import atomic_write
+from ..guest import wait_ready
+from ..ledger import Allocation, domain_key, job_key
+from ..names import domain_name
+from ..placement import Placement, Request, place
+from ..records import (CONSOLE_LOG, DATA_DISK, DOMAIN_XML, HOST_KEY, KNOWN_HOSTS, OS_DISK, SEED,
+                       SHARE_SPEC, SHARE_WRAPPER, USER_KEY, VmRecord)
+from ..shares import policy as share_policy, virtiofsd as share_server
+from .env import Env, Progress, quiet
+from .identity import group_names, hostname_for
+
+log = logging.getLogger("dgxvm.lifecycle")
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """What a VM is asked for: by an admin (``dgxvm create``) or by a Slurm job's Prolog."""
+
+    name: str
+    placement: Request                # GPUs and sizes, as ``dgxvm plan`` takes them
+    data_disk_gib: int | None = None
+    image: str | None = None          # None = the store's default
+    owner: str = "domain"             # domain | job
+    job_id: int | None = None
+    user: str = "root"
+    uid: int = 0
+    gid: int = 0
+    groups: tuple[int, ...] = ()     # the user's supplementary gids (the guest account gets them)
+    home: str | None = None
+    workdir: str | None = None        # shared into the guest at the same path
+    alignment: str | None = None      # strict | prefer; None = [placement] alignment
+
+
+def create(env: Env, req: CreateRequest, progress: Progress = quiet) -> VmRecord:
+    """Create, start and wait for the VM ``req`` asks for; return its record (state running).
+
+    Raises: NameError_ (bad name), DomainExists, ImageError, RequestError / NoFit (placement),
+    ShareRefused, LedgerConflict / LedgerLockTimeout, SeedError, DiskError, FabricError,
+    HypervisorError, GuestTimeout. On any of them nothing is left behind.
+    """
+    c = _Creation(env, req, progress)
+    c.preflight()
+    with ExitStack() as undo:
+        c.undo = undo
+        for step in (c.place, c.make_dir, c.keys_address_seed, c.disks, c.design, c.define,
+                     c.activate_fabric, c.start, c.wait_for_guest):
+            step()
+        undo.pop_all()
+    log.info("%s: running, GPUs %s, %s", c.name, list(c.placement.gpus), c.address)
+    return c.record
+
+
+class _Creation:
+    """One create in progress: what each step made, for the steps after it and for undo."""
+
+    undo: ExitStack
+    placement: Placement
+    alloc: Allocation
+    vmdir: Path
+    address: str
+    mac: str
+    xml: str
+    record: VmRecord
+    lock_s: float | None = None
+    share: share_policy.ShareSpec | None = None
+    share_refused: str | None = None
+    data_gib: int = 0
+    fitted: tuple[str, ...] = ()
+
+    def __init__(self, env: Env, req: CreateRequest, progress: Progress):
+        self.env, self.req, self.progress, self.cfg = env, req, progress, env.cfg
+        self.t0 = time.monotonic()
+        self.name = domain_name(req.name)
+        self.key = job_key(req.job_id) if req.owner == "job" else domain_key(self.name)
+
+    def preflight(self) -> None:
+        """What can be refused before anything is taken: the name, the image, the share."""
+        env, name = self.env, self.name
+        self.conn = env.connect()
+        if hypervisor.lookup(self.conn, name) is not None:
+            raise DomainExists(name=name, where=f" in libvirt ({env.uri})")
+        if env.vms.exists(name):
+            raise DomainExists(name=name, where=f" ({env.vms.dir(name)})")
+        self.image = env.images.get(self.req.image)
+        self.share, self.share_refused = check_share(self.cfg, self.req)
+        self.host = env.host
+
+    def place(self) -> None:
+        self.progress("placing")
+        env, req = self.env, self.req
+        policy = env.policy
+        if req.alignment and req.alignment != policy.alignment:
+            policy = replace(policy, alignment=req.alignment)
+        with env.ledger.transaction() as txn:
+            self.placement = place(self.host, txn.occupancy(), req.placement, policy)
+            self.alloc = txn.allocate(Allocation.from_placement(
+                self.key, self.placement, owner=req.owner, job_id=req.job_id, domain=self.name,
+                user=req.user))
+        self.lock_s = env.ledger.last_held_s
+        self.undo.callback(env.ledger.release, self.key)
+
+    def make_dir(self) -> None:
+        vms = self.env.vms
+        try:
+            self.vmdir = vms.make_dir(self.name)
+        except FileExistsError:
+            raise DomainExists(name=self.name, where=f" ({vms.dir(self.name)})") from None
+        self.undo.callback(vms.remove_dir, self.name)
+
+    def keys_address_seed(self) -> None:
+        self.progress("keys, address and seed")
+        cfg, req, name, vmdir = self.cfg, self.req, self.name, self.vmdir
+        user_pub = seed_mod.generate_keypair(vmdir / USER_KEY, f"{req.user}@{name}")
+        os.chown(vmdir / USER_KEY, req.uid, req.gid)
+        os.chown(vmdir / (USER_KEY + ".pub"), req.uid, req.gid)
+        host_pub = seed_mod.generate_keypair(vmdir / HOST_KEY, f"root@{name}")
+        net = hypervisor.ensure_network(self.conn, cfg.libvirt.network,
+                                        cfg.libvirt.network_cidr, cfg.host.state_dir)
+        self.mac = mac_for(name)
+        self.address = hypervisor.reserve_address(self.conn, net, cfg.host.state_dir, self.mac,
+                                                  name, cfg.libvirt.network_cidr)
+        self.undo.callback(hypervisor.release_address, self.conn, cfg.libvirt.network,
+                           cfg.host.state_dir, self.mac)
+        atomic_write(vmdir / KNOWN_HOSTS, f"{self.address} {host_pub}\n", mode=0o600,
+                     uid=req.uid, gid=req.gid)
+        mounts = ()
+        if self.share is not None:
+            self.share.save(vmdir / SHARE_SPEC)
+            atomic_write(vmdir / SHARE_WRAPPER, share_server.wrapper_script(
+                vmdir / SHARE_SPEC, virtiofsd=cfg.vm.virtiofsd), mode=0o700)
+            mounts = (seed_mod.Mount(tag=share_tag(self.share.path), path=self.share.path,
+                                     fstype=cfg.vm.share),)
+        home = req.home or (f"/home/{req.user}" if req.uid else "/root")
+        seed_mod.write_seed(seed_mod.SeedSpec(
+            instance_id=f"{name}-{int(time.time())}", hostname=hostname_for(name),
+            user_name=req.user, uid=req.uid, gid=req.gid, home=home,
+            authorized_keys=(user_pub,), host_key_private=(vmdir / HOST_KEY).read_text(),
+            host_key_public=host_pub, mounts=mounts, groups=group_names(req.groups)),
+            vmdir / SEED, name=name)
+
+    def disks(self) -> None:
+        self.progress("disks")
+        images_mod.create_overlay(self.image, self.vmdir / OS_DISK, self.placement.disk_gib)
+        req = self.req
+        self.data_gib = req.data_disk_gib if req.data_disk_gib is not None \
+            else self.cfg.vm.data_disk_gib
+        if self.data_gib:
+            images_mod.create_disk(self.vmdir / DATA_DISK, self.data_gib)
+
+    def design(self) -> None:
+        """Design the domain (fitted to this host when it is simulated) and write the record
+        that says what this VM is and holds, state "creating"."""
+        self.progress("designing the domain")
+        cfg, req, vmdir, share = self.cfg, self.req, self.vmdir, self.share
+        vm_uuid = str(uuid_mod.uuid4())
+        spec = design(self.host, self.placement, self.image, VmInputs(
+            name=self.name, uuid=vm_uuid, owner=req.owner, job_id=req.job_id, user=req.user,
+            os_disk=str(vmdir / OS_DISK), seed=str(vmdir / SEED),
+            data_disk=str(vmdir / DATA_DISK) if self.data_gib else None,
+            console_log=str(vmdir / CONSOLE_LOG), network=cfg.libvirt.network, mac=self.mac,
+            share=cfg.vm.share, workdir=share.path if share else None,
+            share_binary=str(vmdir / SHARE_WRAPPER) if share else None, address=self.address),
+            domain_type=cfg.libvirt.domain_type, machine_type=cfg.libvirt.machine_type)
+        if self.env.fit(self.host):
+            spec, self.fitted = fit_to_host(spec, RealHost.probe(), max_vcpus=cfg.vm.fit_vcpus,
+                                            max_memory_mib=cfg.vm.fit_memory_mib)
+            for line in self.fitted:
+                log.info("%s: fit to this host: %s", self.name, line)
+        self.xml = domain_xml(spec)
+        atomic_write(vmdir / DOMAIN_XML, self.xml, mode=0o600)
+        self.record = VmRecord(
+            name=self.name, uuid=vm_uuid, state="creating", owner=req.owner,
+            ledger_key=self.key, job_id=req.job_id, user=req.user, uid=req.uid, gid=req.gid,
+            workdir=share.path if share else None, image=self.image.name,
+            image_version=self.image.version, address=self.address, mac=self.mac,
+            network=cfg.libvirt.network, allocation=self.alloc, placement=self.placement,
+            fitted=self.fitted, created=time.time(),
+            lock_s=round(self.lock_s, 6) if self.lock_s is not None else None,
+            extra={"share_refused": self.share_refused} if self.share_refused else {})
+        self.env.vms.save(self.record)
+
+    def define(self) -> None:
+        self.progress("defining")
+        with hypervisor.libvirt_errors(self.env.uri, f"define domain {self.name}"):
+            self.dom = self.conn.defineXML(self.xml)
+        self.undo.callback(hypervisor.undefine, self.dom)
+
+    def activate_fabric(self) -> None:
+        fm = self.placement.fm_partition
+        if fm is None:
+            return
+        self.progress(f"activating fabric manager partition {fm}")
+        self.env.fabric.activate(fm)
+        self.undo.callback(self.env.fabric.deactivate, fm)
+
+    def start(self) -> None:
+        self.progress("starting")
+        try:
+            with hypervisor.libvirt_errors(self.env.uri, f"start domain {self.name}"):
+                self.dom.create()
+        except HypervisorError:
+            _share_refusal(self.vmdir)  # the job's fault: its work dir changed since the check
+            raise
+        self.undo.callback(hypervisor.destroy, self.dom)
+        self.started = time.time()
+
+    def wait_for_guest(self) -> None:
+        self.progress("waiting for the guest")
+        wait_ready(self.dom, name=self.name, timeout_s=self.cfg.libvirt.ready_timeout_s,
+                   console_log=self.vmdir / CONSOLE_LOG)
+        self.record = self.record.with_(state="running", started=self.started,
+                                        boot_s=round(time.monotonic() - self.t0, 3))
+        self.env.vms.save(self.record)
+
+
+def check_share(cfg: Config,
+                req: CreateRequest) -> tuple[share_policy.ShareSpec | None, str | None]:
+    """(what to share, why the work dir is not shared) for ``req``, before anything is taken.
+
+    Raises ShareRefused when the work dir may not be shared and ``vm.share_refused`` is
+    "refuse"; with "no-share" the VM boots without it and the reason is returned.
+    """
+    if not req.workdir or cfg.vm.share == "none":
+        return None, None
+    try:
+        if req.uid == 0:
+            raise ShareRefused(value=req.workdir, reason="a VM of root gets no share")
+        return share_policy.check(req.workdir, cfg.vm.share_roots, req.uid, req.gid,
+                                  (req.gid, *req.groups)), None
+    except ShareRefused as exc:
+        if cfg.vm.share_refused == "refuse":
+            raise
+        log.warning("%s: %s; the VM boots without it (vm.share_refused = no-share)",
+                    req.name, exc)
+        return None, str(exc)
+
+
+def _share_refusal(vmdir: Path) -> None:
+    """Why the share's virtiofsd stopped the start: ShareRefused when it refused the directory
+    (the job's fault), HostError when the node could not serve it; nothing when it said nothing
+    (then libvirt's own error stands)."""
+    try:
+        line = (vmdir / share_server.ERROR_FILE).read_text().strip()
+    except OSError:
+        return
+    if line.startswith(share_server.REFUSED_PREFIX):
+        raise ShareRefused(line[len(share_server.REFUSED_PREFIX):])
+    raise HostError(reason=f"the work dir share could not be served: {line} "
+                           f"(`dgxvm share check` tells what this node lacks)")

@@ -1,0 +1,86 @@
+"""delete: graceful shutdown (bounded) -> destroy -> undefine -> FM partition off -> address ->
+VM directory -> ledger. Idempotent: whatever a failed create or a crash left is cleaned."""
+
+from __future__ import annotations
+
+import logging
+import time
+import xml.etree.ElementTree as ET
+
+from .. import hypervisor
+from ..design import mac_for
+from ..design.spec import XMLNS
+from ..errors import DomainNotFound, NotOurDomain
+from ..ledger import Allocation
+from ..names import domain_name
+from ..records import VmRecord
+from .env import Env, Progress, quiet
+
+log = logging.getLogger("dgxvm.lifecycle")
+
+
+def delete(env: Env, name: str, progress: Progress = quiet, *,
+           job_id: int | None = None) -> VmRecord | None:
+    """Stop and remove the VM ``name`` and everything it holds; return its last record.
+
+    Works on whatever is left: a record without a domain, a domain that is off, a ledger entry
+    whose record is gone, a VM directory a crashed create left without a record, a DHCP
+    reservation. Raises DomainNotFound when there is nothing of that name, and refuses a libvirt
+    domain that dgxvm did not make (NotOurDomain): one with no record and no ledger entry,
+    unless ``job_id`` is given and the domain's dgxvm metadata names that job (the Epilog after
+    a crash).
+    """
+    t0 = time.monotonic()
+    name = domain_name(name)
+    rec = env.vms.load(name)
+    conn = env.connect()
+    dom = hypervisor.lookup(conn, name)
+    held = None if rec else _ledger_entry_of(env, name)
+    key = rec.ledger_key if rec else (held.key if held else None)
+    if rec is None and key is None:
+        if dom is not None and (job_id is None or domain_job(dom) != job_id):
+            raise NotOurDomain(name=name)
+        if dom is None and not env.vms.dir(name).exists():
+            raise DomainNotFound(name=name)
+    if rec is not None:
+        env.vms.save(rec.with_(state="deleting"))
+    how = "not running"
+    if dom is not None:
+        progress("shutting down")
+        how = hypervisor.shutdown(dom, env.cfg.libvirt.shutdown_timeout_s)
+        progress("undefining")
+        with hypervisor.libvirt_errors(env.uri, f"undefine domain {name}"):
+            hypervisor.undefine(dom)
+    progress("releasing")
+    fm = rec.allocation.fm_partition if rec else (held.fm_partition if held else None)
+    if fm is not None:
+        env.fabric.deactivate(fm)
+    hypervisor.release_address(conn, rec.network if rec else env.cfg.libvirt.network,
+                               env.cfg.host.state_dir, rec.mac if rec else mac_for(name))
+    env.vms.remove_dir(name)
+    if key is not None:
+        env.ledger.release(key)
+    teardown = round(time.monotonic() - t0, 3)
+    log.info("%s: deleted (%s) in %.2fs", name, how, teardown)
+    if rec is None:
+        return None
+    return rec.with_(state="deleted", teardown_s=teardown, ended=f"deleted ({how})",
+                     held_s=round(time.time() - rec.created, 3) if rec.created else None)
+
+
+def domain_job(dom) -> int | None:
+    """The job id in a domain's dgxvm metadata (``<dgxvm:vm><dgxvm:job>``), or None."""
+    try:
+        root = ET.fromstring(dom.XMLDesc(0))
+    except Exception:  # noqa: BLE001 - a domain that vanished (or is not XML) has no job
+        return None
+    job = root.find(f"metadata/{{{XMLNS}}}vm/{{{XMLNS}}}job")
+    text = (job.text or "").strip() if job is not None else ""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _ledger_entry_of(env: Env, name: str) -> Allocation | None:
+    for alloc in env.ledger.read().allocations.values():
+        if alloc.domain == name:
+            return alloc
+    return None

@@ -1,0 +1,45 @@
+"""Who a VM is for and what it is called inside: the host account it maps, the groups its
+guest account gets, its hostname."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+
+from ..errors import RequestError
+from ..names import account_name_problem
+
+
+def account(user: str | None) -> tuple[str, int, int, str]:
+    """(name, uid, gid, home) of ``user`` (default: who ran sudo, else who runs this)."""
+    name = user or os.environ.get("SUDO_USER") or pwd.getpwuid(os.getuid()).pw_name
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise RequestError(reason=f"no user {name!r} on this host") from None
+    problem = account_name_problem(pw.pw_name)
+    if problem:
+        raise RequestError(reason=f"user {pw.pw_name!r} cannot be a VM's account: {problem}")
+    home = pw.pw_dir if pw.pw_uid != 0 else "/root"
+    return pw.pw_name, pw.pw_uid, pw.pw_gid, home
+
+
+def group_names(gids: tuple[int, ...]) -> tuple[tuple[str, int], ...]:
+    """(name, gid) of each supplementary group as the guest gets it: the host's name, or
+    ``g<gid>`` for a gid without a name or with one a seed cannot carry (``domain users``)."""
+    out = []
+    for gid in gids:
+        try:
+            name = grp.getgrgid(gid).gr_name
+        except (KeyError, OverflowError):
+            name = ""
+        out.append((name if account_name_problem(name) is None else f"g{gid}", gid))
+    return tuple(out)
+
+
+def hostname_for(name: str) -> str:
+    """The guest's hostname: the domain name as a DNS label (``job_42.a`` -> ``job-42-a``)."""
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")
+    return label or "dgxvm"

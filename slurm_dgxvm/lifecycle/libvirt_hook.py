@@ -1,0 +1,79 @@
+"""libvirt's qemu hook: keeps the ledger true when a domain starts or stops outside dgxvm.
+
+``virsh shutdown`` / ``virsh start`` (and a guest that powers itself off or crashes) go through
+libvirt's qemu hook (etc/libvirt/hooks/qemu runs ``dgxvm hook qemu``): "release" gives the VM's
+GPUs, NVSwitches, CPUs, memory and FM partition back to the ledger and keeps its drives;
+"prepare" takes them again from the VM record, or refuses the start naming who holds them now.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+
+from ..errors import DgxvmError, LedgerConflict
+from ..names import domain_name
+from .env import Env
+
+HOOK_OPS = ("prepare", "release")
+
+
+def hook(env: Env, name: str, op: str, sub_op: str) -> str | None:
+    """Keep the ledger true when a domain starts or stops outside dgxvm (virsh, a crash).
+
+    Called by libvirtd (etc/libvirt/hooks/qemu) with the domain name and the operation; it must
+    not call back into libvirt. ``prepare begin``: take the VM's resources again from its record
+    (nothing to do when the ledger already holds them, e.g. during ``dgxvm create``); a
+    conflict raises LedgerConflict, which makes libvirt refuse the start with our message.
+    ``release end``: give them back (the drives stay). Domains without a dgxvm record are
+    ignored. Returns a line saying what was done, or None.
+    """
+    try:
+        domain_name(name)
+    except DgxvmError:
+        return None
+    rec = env.vms.load(name)
+    if rec is None or rec.state in ("creating", "deleting"):
+        return None
+    alloc = rec.allocation
+    fm = alloc.fm_partition
+    if op == "prepare" and sub_op == "begin":
+        with env.ledger.transaction() as txn:
+            taken_now = rec.ledger_key not in txn.allocations
+            if taken_now:
+                try:
+                    txn.allocate(alloc)
+                except LedgerConflict as exc:
+                    raise LedgerConflict(key=rec.ledger_key,
+                                         reason=f"cannot start {name}: {exc.reason}") from exc
+        if taken_now and fm is not None:
+            try:
+                env.fabric.activate(fm)
+            except DgxvmError:
+                env.ledger.release(rec.ledger_key)
+                raise
+        env.vms.save(rec.with_(state="running", started=time.time(), ended=None))
+        return f"{name}: took GPUs {alloc.gpus} again"
+    if op == "release" and sub_op == "end":
+        if fm is not None:
+            env.fabric.deactivate(fm)
+        env.ledger.release(rec.ledger_key)
+        env.vms.save(rec.with_(state="stopped", started=None, ended="stopped outside dgxvm"))
+        return f"{name}: stopped; its GPUs, CPUs and memory are free, its drives are kept"
+    return None
+
+
+def libvirt_hook_script(dgxvm: str = "/usr/local/bin/dgxvm", config: str | None = None) -> str:
+    """The text of /etc/libvirt/hooks/qemu that runs ``dgxvm hook`` (etc/libvirt/hooks/qemu is
+    this with the defaults). libvirtd reads hooks when it starts."""
+    env = f"DGXVM_CONFIG={shlex.quote(config)} " if config else ""
+    return (
+        "#!/bin/sh\n"
+        "# libvirt qemu hook installed for slurm-dgxvm: keeps dgxvm's ledger true when a domain\n"
+        "# starts or stops outside dgxvm (virsh start/shutdown/destroy, a guest that powers off\n"
+        "# or crashes). \"prepare\" takes the VM's GPUs/CPUs/memory again or refuses the start;\n"
+        "# \"release\" gives them back, keeping the drives. Other domains are left alone.\n"
+        "# Install: install -m 0755 THIS /etc/libvirt/hooks/qemu, then restart libvirtd.\n"
+        f"case \"$2\" in {'|'.join(HOOK_OPS)}) ;; *) exit 0 ;; esac\n"
+        f"exec env {env}{shlex.quote(dgxvm)} hook qemu \"$@\" </dev/null\n"
+    )
