@@ -1,21 +1,11 @@
 """The daemons of one harness stack, started and stopped by PID: what LibvirtStack
-(libvirt.py) and SlurmCluster (slurm.py) share.
+(libvirt.py) and SlurmCluster (slurm.py) share (harness/README.md shows how).
 
 A stack runs each daemon in the foreground as a child of this process, inside the stack's
-network namespace, its output in a log file of its own. :class:`Daemons` holds them::
-
-    daemons = Daemons(enter=["ip", "netns", "exec", netns], env=make_env, log_dir=run_dir,
-                      log_suffix=".log")
-    daemons.netns_inode = create_netns(netns)
-    daemons.spawn("virtlogd", ["virtlogd"])
-    daemons.wait_for("virtlogd", lambda: socket_answers(sock), "virtlogd socket", timeout=30)
-    ...
-    daemons.stop("virtlogd", kill_after=10, problems=problems)
-    stop_pids({pid: start, ...}, kill_after=5, problems=problems)   # what the daemons left
-
-A process is named by its pid *and* its start time (field 22 of /proc/PID/stat): a pid whose
-start time differs is someone else's process now (the number was reused) and is never
-signalled. Nothing is ever killed by name.
+network namespace, its output in a log file of its own (:class:`Daemons`). What the daemons
+leave behind is stopped with :func:`stop_pids`. A process is named by its pid *and* its start
+time (field 22 of /proc/PID/stat): a pid whose start time differs is someone else's process now
+(the number was reused) and is never signalled. Nothing is ever killed by name.
 """
 
 from __future__ import annotations
