@@ -29,7 +29,6 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,9 +36,13 @@ from pathlib import Path
 
 import libvirt
 
-from .proc import exe as _exe, ip as _ip, netns_inode_of_pid as _netns_inode_of_pid
-from .proc import socket_answers as _socket_answers, tail as _tail
-from .proc import delete_netns_if_empty, drop_lock, take_lock, terminate
+from .daemons import Daemons, stop_pids
+from .proc import alive as _alive
+from .proc import create_netns, delete_netns_if_empty, drop_lock, take_lock
+from .proc import exe as _exe
+from .proc import netns_inode_of_pid as _netns_inode_of_pid
+from .proc import socket_answers as _socket_answers
+from .proc import stat as _stat
 
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
@@ -58,18 +61,15 @@ KVM_GROUP = "kvm"
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+LEFTOVER_KILL_AFTER_S = 5.0  # a QEMU or dnsmasq left by libvirt: SIGTERM, then SIGKILL
 
 
-def _alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie (zombies are dead for our purposes)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
-    # field 3, after the parenthesised comm (which may contain spaces or parentheses)
-    state = data[data.rfind(b")") + 2:][:1]
-    return state not in (b"Z", b"X", b"")
+def _child_kind(exe: str) -> str | None:
+    """"qemu" or "dnsmasq" for the processes libvirt runs for the stack, else None."""
+    base = os.path.basename(exe)
+    if base == "dnsmasq":
+        return "dnsmasq"
+    return "qemu" if base.startswith("qemu-system") else None
 
 
 def _read_pid_file(path: Path) -> int | None:
@@ -78,6 +78,13 @@ def _read_pid_file(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def _daemon_env() -> dict[str, str]:
+    """Our environment without libvirt's variables (they would steer the daemons)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBVIRT_", "VIR"))}
+    env["LC_ALL"] = "C"
+    return env
 
 
 def _open_with_timeout(uri: str, timeout: float) -> libvirt.virConnect | None:
@@ -118,17 +125,17 @@ class LibvirtStack:
         self.network_hook = network_hook
         self.kvm = kvm
         self.start_timeout = start_timeout
-        self._procs: dict[str, subprocess.Popen] = {}
-        self._logs: list = []
+        self._daemons = Daemons(enter=["ip", "netns", "exec", netns], env=_daemon_env,
+                                log_dir=self.run_dir, log_suffix=".log")
         self._netns_created = False
-        self._netns_inode: int | None = None
         # hook path -> its backup in run_dir (None: there was none, remove ours on stop)
         self._hooks_installed: dict[Path, Path | None] = {}
         self._hook_dir_created = False
         self._kvm_node: Path | None = None
         self._atexit_registered = False
         self._lock_fd: int | None = None
-        self._seen_children: dict[int, str] = {}  # QEMU/dnsmasq pids observed, for stop()
+        # QEMU/dnsmasq processes observed, for stop(): pid -> (kind, start time)
+        self._seen_children: dict[int, tuple[str, int]] = {}
         self.timings: dict[str, float] = {}
         self.stop_problems: list[str] = []
 
@@ -143,7 +150,7 @@ class LibvirtStack:
     # -- public ----------------------------------------------------------------------------
 
     def start(self) -> "LibvirtStack":
-        if self._procs:
+        if len(self._daemons):
             raise RuntimeError("LibvirtStack already started")
         t0 = time.monotonic()
         self._lock()
@@ -162,17 +169,19 @@ class LibvirtStack:
             for path, text in ((HOOK_PATH, self.hook), (NETWORK_HOOK_PATH, self.network_hook)):
                 if text is not None:
                     self._install_hook(path, text)
-            self._spawn("virtlogd", ["virtlogd"])
-            self._wait_for(lambda: _socket_answers(VIRTLOGD_SOCK), "virtlogd", "virtlogd socket")
+            self._daemons.spawn("virtlogd", ["virtlogd"])
+            self._daemons.wait_for("virtlogd", lambda: _socket_answers(VIRTLOGD_SOCK),
+                                   "virtlogd socket", self.start_timeout)
             # `ip netns exec` already gave the daemon a private (slave) mount namespace;
             # the bind mount over /dev/kvm stays in it. `exec` keeps the Popen pid.
             script = 'mount --bind "$1" /dev/kvm && exec libvirtd'
-            self._spawn("libvirtd", ["sh", "-c", script, "sh", str(self._kvm_node)])
-            self._wait_for(self._libvirt_answers, "libvirtd", "qemu:///system")
-            for name, proc in self._procs.items():
-                exe = _exe(proc.pid)
+            self._daemons.spawn("libvirtd", ["sh", "-c", script, "sh", str(self._kvm_node)])
+            self._daemons.wait_for("libvirtd", self._libvirt_answers, "qemu:///system",
+                                   self.start_timeout)
+            for name, daemon in self._daemons.items():
+                exe = _exe(daemon.pid)
                 if os.path.basename(exe) != name:
-                    raise RuntimeError(f"pid {proc.pid} is {exe!r}, expected {name}")
+                    raise RuntimeError(f"pid {daemon.pid} is {exe!r}, expected {name}")
             (self.run_dir / "stack.json").write_text(json.dumps(
                 {"netns": self.netns, "pids": self.pids()}, indent=2) + "\n")
         except BaseException as exc:
@@ -189,19 +198,14 @@ class LibvirtStack:
         cleanup step it can, when something of this stack could not be cleaned up."""
         t0 = time.monotonic()
         problems: list[str] = []
-        if "libvirtd" in self._procs and self._procs["libvirtd"].poll() is None:
+        if self._daemons.running("libvirtd"):
             self._destroy_everything(problems)
         self.timings["stop_destroy_s"] = time.monotonic() - t0
         self._note_children()
         for name in ("libvirtd", "virtlogd"):
-            proc = self._procs.get(name)
-            if proc is not None:
-                terminate(proc, name, STOP_TIMEOUT_S, problems)
-        self._procs.clear()
+            self._daemons.stop(name, STOP_TIMEOUT_S, problems)
         self.timings["stop_daemons_s"] = time.monotonic() - t0 - self.timings["stop_destroy_s"]
-        for f in self._logs:
-            f.close()
-        self._logs.clear()
+        self._daemons.close_logs()
         self._kill_leftovers(problems)
         self._delete_netns(problems)
         self._restore_hook(problems)
@@ -221,7 +225,7 @@ class LibvirtStack:
     def pids(self) -> dict[str, int]:
         """``{"virtlogd": pid, "libvirtd": pid}`` of the daemons this stack started and that
         are still alive."""
-        return {name: p.pid for name, p in self._procs.items() if p.poll() is None}
+        return self._daemons.pids()
 
     def qemu_pids(self) -> list[int]:
         """Pids of live QEMU processes libvirt runs (from /run/libvirt/qemu/*.pid)."""
@@ -237,8 +241,7 @@ class LibvirtStack:
     def dnsmasq_pids(self) -> list[int]:
         """Pids of live dnsmasq processes in this stack's namespace (both of each network's
         processes: libvirt's pid file names only the parent)."""
-        return [pid for pid, exe in self._netns_members().items()
-                if os.path.basename(exe) == "dnsmasq"]
+        return [pid for pid in self._daemons.members() if _child_kind(_exe(pid)) == "dnsmasq"]
 
     # -- start helpers ---------------------------------------------------------------------
 
@@ -268,16 +271,8 @@ class LibvirtStack:
                 "harness never stops a daemon it did not start): " + "; ".join(found))
 
     def _create_netns(self) -> None:
-        if (Path("/run/netns") / self.netns).exists():
-            left = _ip("netns", "pids", self.netns, check=False).stdout.split()
-            if left:
-                raise RuntimeError(f"network namespace {self.netns} exists with processes "
-                                   f"{left} in it; not touching it")
-            _ip("netns", "delete", self.netns)  # left over by a crashed run, empty
-        _ip("netns", "add", self.netns)
+        self._daemons.netns_inode = create_netns(self.netns)
         self._netns_created = True
-        self._netns_inode = os.stat(Path("/run/netns") / self.netns).st_ino
-        _ip("-n", self.netns, "link", "set", "lo", "up")
         # No `sysctl net.ipv4.ip_forward=1` here: libvirt sets it itself when it starts a NAT
         # network, and since libvirtd runs inside the namespace it writes the namespace's copy
         # (measured: 1 inside, host stays 0).
@@ -311,18 +306,6 @@ class LibvirtStack:
         os.replace(tmp, path)
         self._hooks_installed[path] = backup
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, set()):
-            raise RuntimeError("SIGTERM is blocked in the calling thread: the daemons would "
-                               "inherit the mask and ignore stop()'s SIGTERM")
-        log = open(self.run_dir / f"{name}.log", "ab")
-        self._logs.append(log)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBVIRT_", "VIR"))}
-        env["LC_ALL"] = "C"
-        self._procs[name] = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, *argv], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True, env=env, close_fds=True)
-
     def _libvirt_answers(self) -> bool:
         if not _socket_answers(LIBVIRT_SOCK):
             return False
@@ -331,22 +314,6 @@ class LibvirtStack:
             return False
         conn.close()
         return True
-
-    def _wait_for(self, ready, name: str, what: str) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        proc = self._procs[name]
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode} before {what} answered;"
-                                   f" {self.run_dir / (name + '.log')}:\n"
-                                   f"{_tail(self.run_dir / (name + '.log'))}")
-            if ready():
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not answer within {self.start_timeout:.0f} s; "
-                                   f"{self.run_dir / (name + '.log')}:\n"
-                                   f"{_tail(self.run_dir / (name + '.log'))}")
-            time.sleep(0.05)
 
     # -- stop helpers ----------------------------------------------------------------------
 
@@ -375,18 +342,6 @@ class LibvirtStack:
         finally:
             conn.close()
 
-    def _netns_members(self) -> dict[int, str]:
-        """``{pid: exe}`` of live processes in this stack's namespace."""
-        if self._netns_inode is None:
-            return {}
-        out = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                pid = int(entry)
-                if _netns_inode_of_pid(pid) == self._netns_inode and _alive(pid):
-                    out[pid] = _exe(pid)
-        return out
-
     def _note_children(self) -> None:
         """Remember QEMU and dnsmasq processes of this stack (pid files, verified by exe and
         by being in our namespace), so stop() can check them after the daemons are gone."""
@@ -394,46 +349,31 @@ class LibvirtStack:
         for d in DNSMASQ_PID_DIRS:
             for pid_file in d.glob("*.pid"):
                 pid = _read_pid_file(pid_file)
-                if pid and _alive(pid) and os.path.basename(_exe(pid)) == "dnsmasq":
+                if pid and _alive(pid) and _child_kind(_exe(pid)) == "dnsmasq":
                     candidates[pid] = "dnsmasq"
-        for pid, exe in self._netns_members().items():
-            base = os.path.basename(exe)
-            if base == "dnsmasq" or base.startswith("qemu-system"):
-                candidates[pid] = "dnsmasq" if base == "dnsmasq" else "qemu"
+        for pid in self._daemons.members():
+            kind = _child_kind(_exe(pid))
+            if kind is not None:
+                candidates[pid] = kind
         for pid, kind in candidates.items():
-            if _netns_inode_of_pid(pid) == self._netns_inode:
-                self._seen_children[pid] = kind
+            st = _stat(pid)
+            if st is not None and _netns_inode_of_pid(pid) == self._daemons.netns_inode:
+                self._seen_children[pid] = (kind, st.start)
 
     def _kill_leftovers(self, problems: list[str]) -> None:
-        left = {}
-        for pid, kind in self._seen_children.items():
-            if not _alive(pid):
-                continue
-            exe = os.path.basename(_exe(pid))
-            if (kind == "qemu" and exe.startswith("qemu-system")) or \
-                    (kind == "dnsmasq" and exe == "dnsmasq"):
-                left[pid] = kind
-        for pid, exe in self._netns_members().items():
-            base = os.path.basename(exe)
-            if base == "dnsmasq" or base.startswith("qemu-system"):
-                left[pid] = "dnsmasq" if base == "dnsmasq" else "qemu"
+        """Stop by pid and start time the QEMU and dnsmasq processes of this stack that
+        libvirt left: those noted while libvirtd ran, and any still in the namespace."""
+        left = {pid: (kind, start) for pid, (kind, start) in self._seen_children.items()
+                if _alive(pid, start) and _child_kind(_exe(pid)) == kind}
+        for pid, st in self._daemons.members().items():
+            kind = _child_kind(_exe(pid))
+            if kind is not None:
+                left[pid] = (kind, st.start)
         if left:
             problems.append("survived libvirt's cleanup, killed by pid: "
-                            + ", ".join(f"{k} {p}" for p, k in sorted(left.items())))
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 5.0
-        while any(_alive(p) for p in left) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for pid in left:
-            if _alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                            + ", ".join(f"{k} {p}" for p, (k, _) in sorted(left.items())))
+            stop_pids({pid: start for pid, (_, start) in left.items()}, LEFTOVER_KILL_AFTER_S,
+                      problems)
         self._seen_children.clear()
 
     def _delete_netns(self, problems: list[str]) -> None:
@@ -442,7 +382,7 @@ class LibvirtStack:
         if not delete_netns_if_empty(self.netns, problems):
             return
         self._netns_created = False
-        self._netns_inode = None
+        self._daemons.netns_inode = None
 
     def _restore_hook(self, problems: list[str]) -> None:
         for path, backup in list(self._hooks_installed.items()):

@@ -1,14 +1,49 @@
-"""/proc and iproute2 helpers shared by the harness's stacks (libvirt.py, slurm.py)."""
+"""/proc and iproute2 helpers shared by the harness's stacks (libvirt.py, slurm.py, daemons.py)."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+DEAD_STATES = ("Z", "X", "x")  # zombie or dead: gone, for our purposes
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """What the harness reads from ``/proc/PID/stat``."""
+    state: str
+    ppid: int
+    sid: int
+    start: int  # field 22, clock ticks after boot: (pid, start) names a process for good
+
+
+def stat(pid: int) -> ProcStat | None:
+    """``pid``'s state, parent, session and start time; None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # fields 3.. come after the parenthesised comm (which may contain spaces or parentheses)
+    fields = data[data.rfind(b")") + 2:].split()
+    try:
+        return ProcStat(fields[0].decode(), int(fields[1]), int(fields[3]), int(fields[19]))
+    except (IndexError, ValueError):
+        return None
+
+
+def alive(pid: int, start: int | None = None) -> bool:
+    """True if ``pid`` exists, is not a zombie and (when given) started at ``start``: a pid
+    with another start time is a different process that reuses the number."""
+    st = stat(pid)
+    if st is None or st.state in DEAD_STATES:
+        return False
+    return start is None or st.start == start
 
 
 def exe(pid: int) -> str:
@@ -24,6 +59,22 @@ def netns_inode_of_pid(pid: int) -> int | None:
     except OSError:
         return None
     return int(link[link.index("[") + 1:-1])
+
+
+def netns_members(inode: int | None) -> dict[int, ProcStat]:
+    """``{pid: stat}`` of the live processes in the network namespace with ``inode`` (none
+    when ``inode`` is None)."""
+    if inode is None:
+        return {}
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            pid = int(entry)
+            if netns_inode_of_pid(pid) == inode:
+                st = stat(pid)
+                if st is not None and st.state not in DEAD_STATES:
+                    out[pid] = st
+    return out
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -74,23 +125,24 @@ def drop_lock(fd: int) -> None:
     os.close(fd)  # closing releases the flock
 
 
-def terminate(proc: subprocess.Popen, name: str, kill_after: float,
-              problems: list[str]) -> None:
-    """SIGTERM a child, SIGKILL it after ``kill_after`` s (noted in ``problems``), reap it."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(kill_after)
-        except subprocess.TimeoutExpired:
-            problems.append(f"{name} (pid {proc.pid}) ignored SIGTERM for "
-                            f"{kill_after:.0f} s; SIGKILLed")
-            proc.kill()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                problems.append(f"{name} (pid {proc.pid}) survived SIGKILL")
-    else:
-        proc.wait()
+def create_netns(netns: str) -> int:
+    """``ip netns add NETNS`` with ``lo`` up; returns the namespace's inode. One of that name
+    left by a crashed run is deleted first if it is empty; with processes in it: RuntimeError,
+    and it is not touched. A failure after the add deletes the namespace again."""
+    path = Path("/run/netns") / netns
+    if path.exists():
+        left = ip("netns", "pids", netns, check=False).stdout.split()
+        if left:
+            raise RuntimeError(f"network namespace {netns} exists with processes "
+                               f"{left} in it; not touching it")
+        ip("netns", "delete", netns)  # left over by a crashed run, empty
+    ip("netns", "add", netns)
+    try:
+        ip("-n", netns, "link", "set", "lo", "up")
+        return os.stat(path).st_ino
+    except BaseException:
+        ip("netns", "delete", netns, check=False)
+        raise
 
 
 def delete_netns_if_empty(netns: str, problems: list[str], poll_s: float = 0.05) -> bool:

@@ -42,9 +42,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .proc import exe as _exe, ip as _ip, netns_inode_of_pid as _netns_inode_of_pid
-from .proc import socket_answers as _socket_answers, tail as _tail
-from .proc import delete_netns_if_empty, drop_lock, take_lock, terminate
+from .daemons import Daemons, stop_pids
+from .proc import DEAD_STATES, create_netns, delete_netns_if_empty, drop_lock, take_lock
+from .proc import alive as _alive
+from .proc import exe as _exe
+from .proc import ip as _ip
+from .proc import socket_answers as _socket_answers
+from .proc import stat as _stat
+from .proc import tail as _tail
 
 CTLD_PORT, SLURMD_PORT, DBD_PORT, DB_PORT = 6817, 6818, 6819, 3307
 START_TIMEOUT_S = 60.0
@@ -110,36 +115,6 @@ def ensure_user(name: str) -> tuple[int, int, str]:
 
 
 # -- /proc helpers ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Stat:
-    state: str
-    ppid: int
-    sid: int
-    start: int  # clock ticks after boot: (pid, start) names a process for good
-
-
-def _stat(pid: int) -> _Stat | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # after the parenthesised comm (which may contain spaces or parentheses)
-    fields = data[data.rfind(b")") + 2:].split()
-    try:
-        return _Stat(fields[0].decode(), int(fields[1]), int(fields[3]), int(fields[19]))
-    except (IndexError, ValueError):
-        return None
-
-
-def _alive(pid: int, start: int | None = None) -> bool:
-    """True if ``pid`` exists, is not a zombie and (when given) started at ``start``."""
-    st = _stat(pid)
-    if st is None or st.state in ("Z", "X", "x"):
-        return False
-    return start is None or st.start == start
 
 
 def _cmdline(pid: int) -> str:
@@ -251,13 +226,12 @@ class SlurmCluster:
         self.db_socket = self.db_dir / "mysqld.sock"
         self.env = {"SLURM_CONF": str(self.slurm_conf)}
 
-        self._procs: dict[str, subprocess.Popen] = {}
-        self._logs: list = []
+        self._token = secrets.token_hex(8)
+        self._daemons = Daemons(enter=self._in_netns(), env=self._daemon_env,
+                                log_dir=self.log_dir, log_suffix=".out", cwd=self.run_dir)
         self._ours: dict[int, int] = {}          # pid -> start time of every process of ours seen
         self._daemon_pids: set[int] = set()
-        self._token = secrets.token_hex(8)
         self._netns_created = False
-        self._netns_inode: int | None = None
         self._iface_created = False
         self._install: subprocess.Popen | None = None  # mariadb-install-db while it runs
         self._lock_fd: int | None = None
@@ -278,7 +252,7 @@ class SlurmCluster:
     # -- public ----------------------------------------------------------------------------
 
     def start(self) -> "SlurmCluster":
-        if self._started or self._procs:
+        if self._started or len(self._daemons):
             raise RuntimeError("SlurmCluster already started")
         t0 = time.monotonic()
         self._lock()
@@ -291,41 +265,44 @@ class SlurmCluster:
             self._prepare_files()
             install = None
             if self.accounting:  # the slowest step (1-2 s): overlap it with munged's start
-                install = self._install = self._popen_logged(
+                launched = self._daemons.launch(
                     "mariadb-install-db",
                     ["mariadb-install-db", "--no-defaults", f"--datadir={self.db_dir / 'data'}",
                      "--user=root", "--auth-root-authentication-method=normal",
                      "--skip-test-db", "--skip-name-resolve"])
+                self._note_launched(launched.pid, launched.start)
+                install = self._install = launched.proc
             self._spawn("munged", ["munged", "--foreground", "--force",
                                    f"--key-file={self.munge_dir / 'munge.key'}",
                                    f"--socket={self.munge_socket}",
                                    f"--pid-file={self.munge_dir / 'munged.pid'}",
                                    f"--seed-file={self.munge_dir / 'munged.seed'}",
-                                   f"--log-file={self.log_dir / 'munged.log'}"])
-            self._wait_for("munged", lambda: _socket_answers(self.munge_socket), "munge socket",
-                           self.log_dir / "munged.log")
+                                   f"--log-file={self.log_dir / 'munged.log'}"],
+                        self.log_dir / "munged.log")
+            self._wait_for("munged", lambda: _socket_answers(self.munge_socket), "munge socket")
             self.timings["start_munged_s"] = time.monotonic() - t0
             if self.accounting:
                 self._start_accounting(install)
                 self.timings["start_accounting_s"] = time.monotonic() - t0
-            self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(self.slurm_conf)])
-            self._wait_for("slurmctld", self._ctld_up, "scontrol ping", self.slurmctld_log)
+            self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(self.slurm_conf)],
+                        self.slurmctld_log)
+            self._wait_for("slurmctld", self._ctld_up, "scontrol ping")
             self.timings["start_slurmctld_s"] = time.monotonic() - t0
             self._spawn("slurmd", ["slurmd", "-D", "-N", self.node_name,
-                                   "-f", str(self.slurm_conf)])
+                                   "-f", str(self.slurm_conf)], self.slurmd_log)
             if self.accounting:
                 self._wait_for("slurmctld", self._cluster_registered,
-                               f"cluster {self.cluster_name} in slurmdbd", self.slurmctld_log)
+                               f"sacctmgr (cluster {self.cluster_name} registered)")
                 self._sacctmgr("add", "account", "default", f"Cluster={self.cluster_name}",
                                "Description=default", f"Organization={self.cluster_name}")
-            self._wait_for("slurmd", self._node_idle, f"node {self.node_name} idle",
-                           self.slurmd_log)
+            self._wait_for("slurmd", self._node_idle, f"sinfo (node {self.node_name} idle)")
             self.timings["start_slurmd_s"] = time.monotonic() - t0
-            for name, proc in self._procs.items():
+            for name, daemon in self._daemons.items():
                 # Debian's slurmctld and slurmd are symlinks to slurmctld-wlm and slurmd-wlm
                 want = os.path.realpath(shutil.which(name) or name)
-                if _exe(proc.pid) != want:
-                    raise RuntimeError(f"pid {proc.pid} is {_exe(proc.pid)!r}, expected {want}")
+                if _exe(daemon.pid) != want:
+                    raise RuntimeError(f"pid {daemon.pid} is {_exe(daemon.pid)!r}, "
+                                       f"expected {want}")
             (self.run_dir / "cluster.json").write_text(json.dumps(
                 {"netns": self.netns, "pids": self.pids(), "env": self.env,
                  "logs": str(self.log_dir)}, indent=2) + "\n")
@@ -345,30 +322,25 @@ class SlurmCluster:
         problems: list[str] = []
         notes: list[str] = []
         self._note_ours()
-        ctld = self._procs.get("slurmctld")
-        if ctld is not None and ctld.poll() is None:
+        if self._daemons.running("slurmctld"):
             self._cancel_all_jobs(problems)
         self.timings["stop_jobs_s"] = time.monotonic() - t0
         for name in reversed(DAEMONS):
-            proc = self._procs.get(name)
-            if proc is None:
+            if self._daemons.get(name) is None:
                 continue
             self._note_ours()
             t1 = time.monotonic()
             if name == "slurmd":
-                terminate(proc, name, SLURMD_KILL_AFTER_S, notes)
+                self._daemons.stop(name, SLURMD_KILL_AFTER_S, notes)
             else:
-                terminate(proc, name, STOP_TIMEOUT_S, problems)
+                self._daemons.stop(name, STOP_TIMEOUT_S, problems)
             self.timings[f"stop_{name}_s"] = time.monotonic() - t1
-        self._procs.clear()
         if self._install is not None:  # start() failed before mariadb-install-db was done
             if self._install.poll() is None:
                 self._install.kill()
             self._install.wait()
             self._install = None
-        for f in self._logs:
-            f.close()
-        self._logs.clear()
+        self._daemons.close_logs()
         self.timings["stop_daemons_s"] = time.monotonic() - t0 - self.timings["stop_jobs_s"]
         self._kill_leftovers(problems)
         self._delete_netns(problems)
@@ -385,7 +357,7 @@ class SlurmCluster:
     def pids(self) -> dict[str, int]:
         """``{name: pid}`` of the daemons this cluster started that are still alive (munged,
         mariadbd, slurmdbd, slurmctld, slurmd)."""
-        return {name: p.pid for name, p in self._procs.items() if p.poll() is None}
+        return self._daemons.pids()
 
     def our_processes(self) -> dict[int, str]:
         """``{pid: cmdline}`` of every live process this cluster started (daemons, slurmstepd,
@@ -492,19 +464,13 @@ class SlurmCluster:
     def _setup_netns(self) -> None:
         path = Path("/run/netns") / self.netns
         if self.create_netns:
-            if path.exists():
-                left = _ip("netns", "pids", self.netns, check=False).stdout.split()
-                if left:
-                    raise RuntimeError(f"network namespace {self.netns} exists with processes "
-                                       f"{left} in it; not touching it")
-                _ip("netns", "delete", self.netns)  # left over by a crashed run, empty
-            _ip("netns", "add", self.netns)
+            self._daemons.netns_inode = create_netns(self.netns)
             self._netns_created = True
-            _ip("-n", self.netns, "link", "set", "lo", "up")
         elif not path.exists():
             raise RuntimeError(f"network namespace {self.netns} does not exist (start the "
                                f"LibvirtStack first, or pass create_netns=True)")
-        self._netns_inode = os.stat(path).st_ino
+        else:
+            self._daemons.netns_inode = os.stat(path).st_ino
         if _ip("-n", self.netns, "link", "show", ADDR_IFACE, check=False).returncode == 0:
             _ip("-n", self.netns, "link", "delete", ADDR_IFACE)  # left by a crashed run
         _ip("-n", self.netns, "link", "add", ADDR_IFACE, "type", "veth", "peer", "name",
@@ -667,39 +633,18 @@ class SlurmCluster:
         env[_MARKER] = self._token
         return env
 
-    def _popen_logged(self, name: str, argv: list[str]) -> subprocess.Popen:
-        if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, set()):
-            raise RuntimeError("SIGTERM is blocked in the calling thread: the daemons would "
-                               "inherit the mask and ignore stop()'s SIGTERM")
-        log = open(self.log_dir / f"{name}.out", "ab")
-        self._logs.append(log)
-        proc = subprocess.Popen(
-            [*self._in_netns(), *argv], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True, env=self._daemon_env(),
-            close_fds=True, cwd=self.run_dir)
-        st = _stat(proc.pid)
-        if st is not None:
-            self._ours[proc.pid] = st.start
-        return proc
+    def _note_launched(self, pid: int, start: int | None) -> None:
+        if start is not None:
+            self._ours[pid] = start
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        self._procs[name] = self._popen_logged(name, argv)
-        self._daemon_pids.add(self._procs[name].pid)
+    def _spawn(self, name: str, argv: list[str], log: Path) -> None:
+        """Start daemon ``name``; ``log`` is the log file it writes itself."""
+        daemon = self._daemons.spawn(name, argv, own_log=log)
+        self._note_launched(daemon.pid, daemon.start)
+        self._daemon_pids.add(daemon.pid)
 
-    def _wait_for(self, name: str, ready, what: str, log: Path) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        proc = self._procs[name]
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited with {proc.returncode} before {what}; {log}:\n{_tail(log)}"
-                    f"\n{self.log_dir / (name + '.out')}:\n{_tail(self.log_dir / (name + '.out'))}")
-            if ready():
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no {what} within {self.start_timeout:.0f} s; {log}:\n"
-                                   f"{_tail(log)}")
-            time.sleep(POLL_S)
+    def _wait_for(self, name: str, ready, what: str) -> None:
+        self._daemons.wait_for(name, ready, what, self.start_timeout)
 
     def _quiet(self, argv: list[str], timeout: float = 5) -> subprocess.CompletedProcess | None:
         try:
@@ -732,7 +677,7 @@ class SlurmCluster:
             "--user=root", f"--pid-file={self.db_dir / 'mariadbd.pid'}",
             f"--log-error={self.log_dir / 'mariadbd.log'}", "--skip-name-resolve",
             "--innodb-buffer-pool-size=64M", "--innodb-flush-log-at-trx-commit=0",
-            "--innodb-lock-wait-timeout=900", "--skip-log-bin"])
+            "--innodb-lock-wait-timeout=900", "--skip-log-bin"], self.log_dir / "mariadbd.log")
         sql = (f"CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{self._db_password}'; "
                f"GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;")
 
@@ -742,14 +687,13 @@ class SlurmCluster:
             r = self._quiet(["mariadb", "--no-defaults", f"--socket={self.db_socket}", "-uroot",
                              "-e", sql], timeout=10)
             return r is not None and r.returncode == 0
-        self._wait_for("mariadbd", db_ready, "mariadbd accepting SQL",
-                       self.log_dir / "mariadbd.log")
-        self._spawn("slurmdbd", ["slurmdbd", "-D"])
+        self._wait_for("mariadbd", db_ready, "mariadb SQL (the slurm user's grant)")
+        self._spawn("slurmdbd", ["slurmdbd", "-D"], self.slurmdbd_log)
 
         def dbd_ready() -> bool:
             r = self._poll(["sacctmgr", "-n", "show", "cluster"])
             return r is not None and r.returncode == 0
-        self._wait_for("slurmdbd", dbd_ready, "sacctmgr show cluster", self.slurmdbd_log)
+        self._wait_for("slurmdbd", dbd_ready, "sacctmgr show cluster")
 
     def _ctld_up(self) -> bool:
         r = self._poll(["scontrol", "ping"])
@@ -793,26 +737,13 @@ class SlurmCluster:
         problems.append(f"jobs still listed {STOP_JOBS_TIMEOUT_S:.0f} s after scancel: "
                         f"{r.stdout.strip() if r else '?'}")
 
-    def _netns_members(self) -> dict[int, _Stat]:
-        if self._netns_inode is None:
-            return {}
-        out = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                pid = int(entry)
-                if _netns_inode_of_pid(pid) == self._netns_inode:
-                    st = _stat(pid)
-                    if st is not None and st.state not in ("Z", "X", "x"):
-                        out[pid] = st
-        return out
-
     def _note_ours(self) -> None:
         """Add to ``self._ours`` every live member of the namespace whose parent is ours, whose
         session leader is ours (our daemons lead their own sessions: prologs, epilogs and
         their children stay in slurmd's), or that carries our marker in its environment
         (slurmstepd inherits slurmd's). Repeated until nothing changes, so grandchildren
         count; pids are paired with start times, so a reused pid is never taken for ours."""
-        members = self._netns_members()
+        members = self._daemons.members()
         if not members:
             return
 
@@ -821,7 +752,7 @@ class SlurmCluster:
             if start is None:
                 return False
             st = members.get(pid) or _stat(pid)
-            return st is None or st.state in ("Z", "X", "x") or st.start == start
+            return st is None or st.state in DEAD_STATES or st.start == start
 
         def parent_ours(pid: int) -> bool:
             start = self._ours.get(pid)
@@ -847,27 +778,7 @@ class SlurmCluster:
         if left:
             problems.append("left after the daemons stopped, killed by pid: "
                             + ", ".join(f"{pid} ({_cmdline(pid)[:80]})" for pid in sorted(left)))
-        for pid, start in left.items():
-            if _alive(pid, start):
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + LEFTOVER_KILL_AFTER_S
-        while any(_alive(p, s) for p, s in left.items()) and time.monotonic() < deadline:
-            time.sleep(POLL_S)
-        for pid, start in left.items():
-            if _alive(pid, start):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 5
-        while any(_alive(p, s) for p, s in left.items()) and time.monotonic() < deadline:
-            time.sleep(POLL_S)
-        still = [p for p, s in left.items() if _alive(p, s)]
-        if still:
-            problems.append(f"survived SIGKILL: {still}")
+            stop_pids(left, LEFTOVER_KILL_AFTER_S, problems)
         self._ours = {p: s for p, s in self._ours.items() if _alive(p, s)}
         self._daemon_pids.clear()
 
@@ -879,12 +790,12 @@ class SlurmCluster:
                                 f"{proc.stderr.strip()}")
         self._iface_created = False
         if not self._netns_created:
-            self._netns_inode = None
+            self._daemons.netns_inode = None
             return
         if not delete_netns_if_empty(self.netns, problems, POLL_S):
             return
         self._netns_created = False
-        self._netns_inode = None
+        self._daemons.netns_inode = None
 
 
 def main(argv: list[str] | None = None) -> int:

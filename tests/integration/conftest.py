@@ -68,6 +68,35 @@ def libvirt_stack(tmp_path_factory, vm_base):
             _ACTIVE.pop("session", None)
 
 
+# -- processes, seen from the tests' side (not through the harness under test) -----------------
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _netns_of(pid: int) -> int | None:
+    try:
+        link = os.readlink(f"/proc/{pid}/ns/net")  # "net:[4026532281]"
+    except OSError:
+        return None
+    return int(link[link.index("[") + 1:-1])
+
+
+@pytest.fixture
+def alive():
+    """``alive(pid)``: the process exists and is neither a zombie nor dead."""
+    return _alive
+
+
+@pytest.fixture
+def netns_of():
+    """``netns_of(pid)``: the inode of the process's network namespace (None: no process)."""
+    return _netns_of
+
+
 @pytest.fixture
 def no_session_libvirt_stack():
     """For tests that run stacks of their own: the shared one must not be running."""

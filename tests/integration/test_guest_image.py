@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.ssh import ssh_argv
 from slurm_dgxvm.seed import Mount, SeedSpec, generate_keypair, write_seed
 
 pytestmark = pytest.mark.integration
@@ -208,11 +209,10 @@ def test_guest_boots_applies_seed_and_powers_off(guest, tmp_path):
 
         def ssh(command: str, known: Path = known_hosts) -> subprocess.CompletedProcess:
             return subprocess.run(
-                ["ssh", "-F", "/dev/null", "-i", str(tmp_path / "id_alice"),
-                 "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-                 "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
-                 "-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR", "-p", str(port),
-                 f"{USER}@127.0.0.1", command],
+                ssh_argv(tmp_path / "id_alice", known, f"{USER}@127.0.0.1", command,
+                         connect_timeout=30,
+                         options=["-F", "/dev/null", "-o", "IdentitiesOnly=yes",
+                                  "-o", "LogLevel=ERROR", "-p", str(port)]),
                 capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
         res = ssh(f"id -u; id -g; hostname; cat {share}/hello; "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import libvirt
 import pytest
@@ -44,19 +43,6 @@ def tiny_domain(name: str, network: str | None = None) -> str:
 </domain>"""
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
-def netns_of(pid: int) -> int:
-    link = os.readlink(f"/proc/{pid}/ns/net")
-    return int(link[link.index("[") + 1:-1])
-
-
 def netns_exists(name: str) -> bool:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return name in {line.split()[0] for line in out.splitlines() if line.strip()}
@@ -70,7 +56,7 @@ def link_in(netns: str | None, dev: str) -> bool:
 # -- the shared session stack ----------------------------------------------------------------
 
 
-def test_session_stack_answers_on_qemu_system(libvirt_stack):
+def test_session_stack_answers_on_qemu_system(libvirt_stack, netns_of):
     conn = libvirt.open(libvirt_stack.uri)
     try:
         assert conn.getURI() == "qemu:///system"
@@ -85,7 +71,7 @@ def test_session_stack_answers_on_qemu_system(libvirt_stack):
         assert netns_of(pid) == ns, f"{name} is not in {libvirt_stack.netns}"
 
 
-def test_nat_network_lives_in_the_namespace(libvirt_stack):
+def test_nat_network_lives_in_the_namespace(libvirt_stack, alive):
     conn = libvirt.open(libvirt_stack.uri)
     net = conn.networkDefineXML(NET_XML)
     try:
@@ -103,7 +89,7 @@ def test_nat_network_lives_in_the_namespace(libvirt_stack):
     assert not any(alive(p) for p in dnsmasq)
 
 
-def test_tiny_tcg_domain_runs_and_is_seen(libvirt_stack):
+def test_tiny_tcg_domain_runs_and_is_seen(libvirt_stack, alive, netns_of):
     conn = libvirt.open(libvirt_stack.uri)
     try:
         dom = conn.createXML(tiny_domain("dgxvmtest-tiny"))
@@ -124,7 +110,8 @@ def test_tiny_tcg_domain_runs_and_is_seen(libvirt_stack):
 
 
 @pytest.mark.libvirt_lifecycle
-def test_stop_leaves_nothing_and_a_second_cycle_works(tmp_path, no_session_libvirt_stack):
+def test_stop_leaves_nothing_and_a_second_cycle_works(tmp_path, no_session_libvirt_stack,
+                                                        alive):
     netns = "dgxvm-lifecycle"
     hook_before = HOOK_PATH.read_bytes() if HOOK_PATH.exists() else None
     net_hook_before = NETWORK_HOOK_PATH.read_bytes() if NETWORK_HOOK_PATH.exists() else None

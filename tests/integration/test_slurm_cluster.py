@@ -215,7 +215,7 @@ def test_failing_prolog_drains_node_and_holds_job(env):
     assert env.squeue(job) == ""
 
 
-def test_stop_cancels_jobs_and_leaves_nothing(env):
+def test_stop_cancels_jobs_and_leaves_nothing(env, alive, netns_of):
     c = env.cluster
     netns_inode = os.stat(f"/run/netns/{NETNS}").st_ino
     job = env.sbatch("--gres=gpu:2", "--no-requeue", "--wrap", "sleep 600")
@@ -234,14 +234,15 @@ def test_stop_cancels_jobs_and_leaves_nothing(env):
     assert c.timings["stop_s"] < 30
     assert c.pids() == {}
     for pid in ours:
-        assert not _alive(pid), (pid, ours[pid])
+        assert not alive(pid), (pid, ours[pid])
     assert not Path(f"/run/netns/{NETNS}").exists()
-    in_ns = [p for p in _all_pids() if _netns_inode(p) == netns_inode]
+    in_ns = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+             if alive(pid) and netns_of(pid) == netns_inode]
     assert in_ns == []
     c.stop()  # idempotent
 
 
-def test_shared_netns_strays_killed_others_untouched(env):
+def test_shared_netns_strays_killed_others_untouched(env, alive):
     """In a namespace the cluster did not create (as with LibvirtStack's), stop() kills what
     the cluster started and nothing else, and leaves the namespace. Also: the namespace name
     and run dir serve again right after the module cluster stopped."""
@@ -280,8 +281,8 @@ def test_shared_netns_strays_killed_others_untouched(env):
         # a leftover is reported (after it is killed): a test should know its job leaked one
         assert stop_error and "left after the daemons stopped" in stop_error
         assert f"{stray[0]} (sleep 601)" in stop_error
-        assert not _alive(stray[0])
-        assert not any(_alive(p) for p in pids.values())
+        assert not alive(stray[0])
+        assert not any(alive(p) for p in pids.values())
         assert foreign.poll() is None  # not ours: untouched
         assert Path(f"/run/netns/{NETNS}").exists()  # not ours: kept
         links = subprocess.run(["ip", "-n", NETNS, "-o", "link"], capture_output=True,
@@ -292,23 +293,3 @@ def test_shared_netns_strays_killed_others_untouched(env):
             foreign.kill()
             foreign.wait()
         subprocess.run(["ip", "netns", "delete", NETNS], check=False)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _all_pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _alive(int(p))]
-
-
-def _netns_inode(pid: int) -> int | None:
-    try:
-        link = os.readlink(f"/proc/{pid}/ns/net")
-    except OSError:
-        return None
-    return int(link[link.index("[") + 1:-1])

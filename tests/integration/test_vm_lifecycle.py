@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import libvirt
 import pytest
 
+from harness.ssh import ssh_argv
 from slurm_dgxvm.ledger import Ledger
 
 pytestmark = pytest.mark.integration
@@ -58,9 +59,8 @@ def ssh(vmenv, name, command, user=None):
     rec = record(vmenv, name)
     d = vmenv.state_dir / "vms" / name
     argv = ["ip", "netns", "exec", vmenv.netns, "runuser", "-u", user or rec["user"], "--",
-            "ssh", "-i", str(d / "id_ed25519"), "-o", f"UserKnownHostsFile={d / 'known_hosts'}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20",
-            f"{rec['user']}@{rec['address']}", command]
+            *ssh_argv(d / "id_ed25519", d / "known_hosts", f"{rec['user']}@{rec['address']}",
+                      command, connect_timeout=20)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=90)
 
 

@@ -22,12 +22,7 @@ PLAN_KEYS = {"gpus", "slurm_gpus", "aligned", "numa_nodes", "cpus", "vcpus", "me
              "nvswitches", "fm_partition"}
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    """No DGXVM_* from the caller's shell, and no /etc/dgxvm/dgxvm.toml of this machine."""
-    for name in (config_mod.ENV_CONFIG, config_mod.ENV_SYSFS_ROOT, config_mod.ENV_STATE_DIR):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(config_mod, "DEFAULT_CONFIG_PATH", str(tmp_path / "absent" / "dgxvm.toml"))
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/unit/conftest.py
 
 
 @pytest.fixture

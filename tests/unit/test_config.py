@@ -12,12 +12,7 @@ from slurm_dgxvm.errors import ConfigError
 from slurm_dgxvm.placement import Policy
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    """No DGXVM_* from the caller's shell, and no /etc/dgxvm/dgxvm.toml of this machine."""
-    for name in (config_mod.ENV_CONFIG, config_mod.ENV_SYSFS_ROOT, config_mod.ENV_STATE_DIR):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(config_mod, "DEFAULT_CONFIG_PATH", str(tmp_path / "absent" / "dgxvm.toml"))
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/unit/conftest.py
 
 
 def write(tmp_path, text: str):
