@@ -13,41 +13,19 @@ It starts libvirtd/virtlogd in a network namespace (harness/libvirt.py) and stop
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import libvirt
+from _node import REPO, BenchNode, guest_image, sh
 
-import libvirt  # noqa: E402
+from slurm_dgxvm import hypervisor, seed
 
-from harness.libvirt import LibvirtStack  # noqa: E402
-from slurm_dgxvm import hypervisor, seed  # noqa: E402
-from slurm_dgxvm.lifecycle import libvirt_hook_script  # noqa: E402
-from slurm_dgxvm.netfilter import network_hook_script  # noqa: E402
-
-DGXVM = Path(sys.executable).with_name("dgxvm")
 NETWORK = "dgxvmbench"
-
-
-def sh(*argv, **kw):
-    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True, **kw)
-
-
-def dgxvm(cfg, *args):
-    t0 = time.monotonic()
-    r = subprocess.run([str(DGXVM), *args], capture_output=True, text=True,
-                       env={**os.environ, "DGXVM_CONFIG": str(cfg)}, timeout=600)
-    if r.returncode:
-        raise SystemExit(f"dgxvm {' '.join(args)} failed: {r.stderr}")
-    return time.monotonic() - t0, r
 
 
 def raw_boot(conn, base: Path, manifest: dict, image_dir: Path, i: int) -> tuple[float, float]:
@@ -65,7 +43,8 @@ def raw_boot(conn, base: Path, manifest: dict, image_dir: Path, i: int) -> tuple
                                   host_key_private=hk.read_text(), host_key_public=pub),
                     d / "seed.iso", name=f"raw{i}")
     xml = (REPO / "benchmarks/raw_domain.xml").read_text().format(
-        name=f"raw{i}", kernel=image_dir / manifest["kernel"], initrd=image_dir / manifest["initrd"],
+        name=f"raw{i}", kernel=image_dir / manifest["kernel"],
+        initrd=image_dir / manifest["initrd"],
         cmdline=manifest["cmdline"], overlay=overlay, seed=d / "seed.iso", network=NETWORK,
         mac=f"52:54:00:be:00:{i:02x}", console=d / "console.log")
     xml_file = d / "dom.xml"
@@ -89,49 +68,27 @@ def main() -> int:
     args = ap.parse_args()
     if os.geteuid():
         raise SystemExit("vm_bench: run as root (it starts libvirtd)")
-    build = sh(REPO / "guest-image/build", timeout=1800).stdout.strip().splitlines()[-1]
-    image_dir = Path(build)
-    manifest = json.loads((image_dir / "manifest.json").read_text())
-
-    base = Path(tempfile.mkdtemp(prefix="dgxvm-bench-", dir="/var/tmp"))
-    os.chmod(base, 0o755)
-    for sub in ("state", "images"):
-        (base / sub).mkdir(mode=0o755)
-    sh(DGXVM, "simulate", "dgx2", "--out", base / "dgx2")
-    cfg = base / "dgxvm.toml"
-    cfg.write_text(
-        f'[host]\nsysfs_root = "{base}/dgx2"\nstate_dir = "{base}/state"\n\n'
-        f'[libvirt]\ndomain_type = "qemu"\nnetwork = "{NETWORK}"\n'
-        f'network_cidr = "10.215.0.0/24"\nready_timeout_s = 300.0\n\n'
-        f'[images]\nstore = "{base}/images"\n\n[vm]\nshare = "none"\nfit_vcpus = 1\n'
-        f'fit_memory_mib = 384\n')
-    stack = LibvirtStack(base / "libvirt", netns="dgxvm-bench",
-                         hook=libvirt_hook_script(str(DGXVM), str(cfg)),
-                         network_hook=network_hook_script(str(DGXVM), str(cfg)))
-    stack.start()
+    image_dir, manifest = guest_image()
     rows = []
-    try:
-        dgxvm(cfg, "image", "install", image_dir / "manifest.json", "--name", "bench", "--default")
+    vm = 'share = "none"\nfit_vcpus = 1\nfit_memory_mib = 384\n'
+    with BenchNode("bench", network=NETWORK, cidr="10.215.0.0/24", vm=vm,
+                   image_dir=image_dir) as node:
+        base = node.base
         conn = libvirt.open("qemu:///system")
         hypervisor.ensure_network(conn, NETWORK, "10.215.0.0/24", str(base / "state"))
         # one unmeasured round of each warms the page cache and libvirt's capability cache
-        dgxvm(cfg, "create", "--gpu-count", "1", "--domain", "warm", "--user", "root")
-        dgxvm(cfg, "delete", "--domain", "warm")
+        node.dgxvm("create", "--gpu-count", "1", "--domain", "warm", "--user", "root")
+        node.dgxvm("delete", "--domain", "warm")
         raw_boot(conn, base, manifest, image_dir, 99)
         for i in range(args.runs):                    # interleaved, so drift hits both alike
-            t_create, _ = dgxvm(cfg, "create", "--gpu-count", "1", "--domain", f"b{i}",
-                                "--user", "root")
-            t_delete, r = dgxvm(cfg, "delete", "--domain", f"b{i}")
+            t_create, _ = node.dgxvm("create", "--gpu-count", "1", "--domain", f"b{i}",
+                                     "--user", "root")
+            t_delete, _ = node.dgxvm("delete", "--domain", f"b{i}")
             raw_ready, raw_down = raw_boot(conn, base, manifest, image_dir, i)
             rows.append((t_create, raw_ready, t_delete, raw_down))
             print(f"run {i}: dgxvm create {t_create:6.2f}s  raw virsh create {raw_ready:6.2f}s  "
                   f"dgxvm delete {t_delete:5.2f}s  (raw shutdown {raw_down:5.2f}s)", flush=True)
         conn.close()
-    finally:
-        for verb in ("net-destroy", "net-undefine"):   # persistent: it would outlive the stack
-            subprocess.run(["virsh", "-c", "qemu:///system", verb, NETWORK], capture_output=True)
-        stack.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
     med = [statistics.median(c) for c in zip(*rows)]
     print()
