@@ -63,17 +63,16 @@ import re
 import shutil
 import stat as stat_mod
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import filelock
-
 from .errors import DiskError, ImageError, ImageInUse
+from .fsutil import atomic_write, atomic_write_json, fsync_dir, link_into_place, locked
 from .names import image_name
+from .tools import output_tail, run_tool, tail
 
 log = logging.getLogger("dgxvm.images")
 
@@ -153,17 +152,12 @@ class BrokenImage:
 
 
 # -- qemu-img --------------------------------------------------------------------------------------
-def _tail(text: str | bytes | None, limit: int = 600) -> str:
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    text = " ".join((text or "").split())     # one line: it ends up in a one-line error
-    return text if len(text) <= limit else "…" + text[-limit:]
-
-
-def _qemu_img(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run qemu-img; FileNotFoundError/TimeoutExpired are left to the caller to name."""
-    return subprocess.run([QEMU_IMG, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env={**os.environ, "LC_ALL": "C"})
+def _qemu_img(args: list[str], *, timeout: float, error: Callable[[str], Exception],
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``qemu-img ARGS`` through :func:`run_tool`: missing, time-out and (with ``check``) a
+    non-zero exit become ``error(reason)``, the run named ``qemu-img <verb>``."""
+    return run_tool([QEMU_IMG, *args], timeout=timeout, error=error, check=check,
+                    what=f"qemu-img {args[0]}", hint="; install qemu-utils")
 
 
 def _regular_readable(path: Path, what: str | None = None) -> None:
@@ -195,22 +189,15 @@ def image_info(path: str | os.PathLike) -> dict:
     """
     p = Path(path).absolute()                 # absolute: a name like "json:{...}" stays a file
     _regular_readable(p)
-    try:
-        r = _qemu_img(["info", "--output=json", str(p)], INFO_TIMEOUT_S)
-    except FileNotFoundError:
-        raise ImageError(name=str(p), reason=f"{QEMU_IMG} not found; install qemu-utils") from None
-    except subprocess.TimeoutExpired:
-        raise ImageError(name=str(p), reason=f"qemu-img info did not finish in "
-                                             f"{INFO_TIMEOUT_S:g}s") from None
-    if r.returncode != 0:
-        raise ImageError(name=str(p), reason=f"qemu-img info failed: {_tail(r.stderr)}")
+    r = _qemu_img(["info", "--output=json", str(p)], timeout=INFO_TIMEOUT_S,
+                  error=lambda reason: ImageError(name=str(p), reason=reason))
     try:
         info = json.loads(r.stdout)
         fmt = info["format"]
         int(info["virtual-size"])
     except (ValueError, KeyError, TypeError):
         raise ImageError(name=str(p), reason=f"qemu-img info gave unreadable output: "
-                                             f"{_tail(r.stdout, 200)}") from None
+                                             f"{tail(r.stdout, 200)}") from None
     if fmt not in FORMATS:
         raise ImageError(name=str(p), reason=f"format {fmt} is not supported (qcow2 or raw); "
                                              f"convert it: qemu-img convert -O qcow2 {p} OUT.qcow2")
@@ -265,19 +252,14 @@ def check_qcow2(path: str | os.PathLike) -> None:
     never corrupt data.
     """
     p = Path(path).absolute()
-    try:
-        r = _qemu_img(["check", "-f", "qcow2", str(p)], CHECK_TIMEOUT_S)
-    except FileNotFoundError:
-        raise ImageError(name=str(p), reason=f"{QEMU_IMG} not found; install qemu-utils") from None
-    except subprocess.TimeoutExpired:
-        raise ImageError(name=str(p), reason=f"qemu-img check did not finish in "
-                                             f"{CHECK_TIMEOUT_S:g}s") from None
+    r = _qemu_img(["check", "-f", "qcow2", str(p)], timeout=CHECK_TIMEOUT_S, check=False,
+                  error=lambda reason: ImageError(name=str(p), reason=reason))
     if r.returncode == 0:
         return
     if r.returncode == 3:
-        log.warning("%s: qemu-img check found leaked clusters (harmless): %s", p, _tail(r.stdout))
+        log.warning("%s: qemu-img check found leaked clusters (harmless): %s", p, tail(r.stdout))
         return
-    detail = _tail((r.stderr or "") + "\n" + (r.stdout or ""))
+    detail = output_tail(r)
     if r.returncode == 2:
         raise ImageError(name=str(p), reason=f"corrupt qcow2 (qemu-img check): {detail}")
     raise ImageError(name=str(p), reason=f"qemu-img check could not complete "
@@ -317,23 +299,14 @@ def _create(path: Path, opts: list[str], size: int) -> None:
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        try:
-            r = _qemu_img(["create", "-q", *opts, str(tmp), str(size)], CREATE_TIMEOUT_S)
-        except FileNotFoundError:
-            raise DiskError(path=str(path),
-                            reason=f"{QEMU_IMG} not found; install qemu-utils") from None
-        except subprocess.TimeoutExpired:
-            raise DiskError(path=str(path), reason=f"qemu-img create did not finish in "
-                                                   f"{CREATE_TIMEOUT_S:g}s") from None
-        if r.returncode != 0:
-            raise DiskError(path=str(path), reason=f"qemu-img create failed: "
-                                                   f"{_tail(r.stderr or r.stdout)}")
+        _qemu_img(["create", "-q", *opts, str(tmp), str(size)], timeout=CREATE_TIMEOUT_S,
+                  error=lambda reason: DiskError(path=str(path), reason=reason))
         try:
             os.chmod(tmp, VM_DISK_MODE)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            _link_into_place(tmp, path)
-            _fsync_dir(path.parent)
+            link_into_place(tmp, path)
+            fsync_dir(path.parent)
         except FileExistsError:
             raise DiskError(path=str(path), reason="already exists") from None
         except OSError as e:
@@ -341,26 +314,6 @@ def _create(path: Path, opts: list[str], size: int) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-
-
-def _link_into_place(tmp: Path, path: Path) -> None:
-    """Give ``tmp`` the name ``path`` without ever replacing an existing ``path``."""
-    try:
-        os.link(tmp, path)                    # EEXIST if someone was quicker: never clobber
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-            raise
-        if os.path.lexists(path):             # no hard links here: check, then rename
-            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
-        os.rename(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- copying ---------------------------------------------------------------------------------------
@@ -425,24 +378,6 @@ def _copy_file(src: Path, dst: Path, progress: Progress | None = None) -> tuple[
         raise _ReadError(src, OSError(errno.EIO, f"size changed while copying "
                                                  f"({total} -> {done} bytes)"))
     return digest.hexdigest(), done
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, fsync dir), 0644."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 # -- source manifests ------------------------------------------------------------------------------
@@ -644,7 +579,7 @@ class ImageStore:
         self.get(name)
         with self._lock():
             self.get(name)                    # still there under the lock
-            _write_atomic(self.root / DEFAULT_FILE, f"{name}\n".encode())
+            atomic_write(self.root / DEFAULT_FILE, f"{name}\n", mode=FILE_MODE)
 
     def install(self, src: str | os.PathLike, *, name: str | None = None, default: bool = False,
                 version: str | None = None, kernel: str | os.PathLike | None = None,
@@ -739,15 +674,14 @@ class ImageStore:
                 "cmdline": cmdline if source.kernel else None,
                 "installed": time.time(), "source": str(source.manifest or source.disk),
             }
-            _write_atomic(partial / PROFILE_FILE,
-                          (json.dumps(profile, indent=2, sort_keys=True) + "\n").encode())
-            _fsync_dir(partial)
+            # also makes the copied files' names in ``partial`` durable (one directory fsync)
+            atomic_write_json(partial / PROFILE_FILE, profile, mode=FILE_MODE, indent=2)
             with self._lock():
                 if os.path.lexists(target):
                     raise ImageError(name=name, reason="already installed (by a concurrent "
                                                        "install); remove it first")
                 os.rename(partial, target)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
         except _ReadError as e:
             self._discard(partial)
             raise ImageError(name=str(e.path), reason=f"cannot read: "
@@ -793,7 +727,7 @@ class ImageStore:
                 was_default = self.default_name() == name
             try:
                 os.rename(target, doomed)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
                 if was_default:
                     os.unlink(self.root / DEFAULT_FILE)
             except OSError as e:
@@ -860,19 +794,17 @@ class ImageStore:
             raise ImageError(name=str(self.root), reason=f"cannot create the image store: "
                                                          f"{e.strerror or e}") from None
 
-    @contextlib.contextmanager
     def _lock(self):
-        lock = filelock.FileLock(str(self.root / LOCK_FILE), mode=FILE_MODE)
-        try:
-            lock.acquire(timeout=LOCK_TIMEOUT_S)
-        except filelock.Timeout:
-            raise ImageError(name=str(self.root),
-                             reason=f"store lock {self.root / LOCK_FILE} not acquired in "
-                                    f"{LOCK_TIMEOUT_S:g}s") from None
-        try:
-            yield
-        finally:
-            lock.release()
+        """The store lock (serialises renames, removals and the default), waited for at most
+        LOCK_TIMEOUT_S."""
+        path = self.root / LOCK_FILE
+        return locked(path, timeout=LOCK_TIMEOUT_S, mode=FILE_MODE,
+                      timed_out=lambda: ImageError(name=str(self.root),
+                                                   reason=f"store lock {path} not acquired in "
+                                                          f"{LOCK_TIMEOUT_S:g}s"),
+                      failed=lambda e: ImageError(name=str(self.root),
+                                                  reason=f"cannot lock the image store "
+                                                         f"({path}): {e.strerror or e}"))
 
     def _sweep(self) -> None:
         """Delete leftovers (``.<name>.partial-<pid>``, ``.removing-<pid>``) of dead processes."""
