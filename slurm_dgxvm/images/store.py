@@ -135,9 +135,7 @@ class ImageStore:
                                  name=name, reason="default not installed")
         image_name(name)
         if not (self.root / name).is_dir():
-            have = ", ".join(self.names()) or "none"
-            raise ImageError(f"no image named {name}; installed: {have}", name=name,
-                             reason="not installed")
+            raise self._not_installed(name)
         return self._load(name)
 
     def default_name(self) -> str | None:
@@ -192,21 +190,15 @@ class ImageStore:
         plan = self._plan(src, name=name, version=version, kernel=kernel, initrd=initrd,
                           cmdline=cmdline)
         info = self._check_source(plan)
-        if plan.version is None and plan.source.manifest is None:
-            plan = dataclasses.replace(plan, version=sibling_version(plan.source.disk))
-        fmt = info["format"]
+        plan = _with_sibling_version(plan)
         self._ensure_root()
         self._sweep()
         with self._partial_dir(plan) as partial:
-            sha = self._copy_in(plan, fmt, partial, progress)
-            self._check_copy(plan, info, partial / disk_file(fmt))
-            version = plan.version or sha[:12]
-            profile.write(partial, name=plan.name, fmt=fmt,
-                          virtual_size=int(info["virtual-size"]), version=version, sha256=sha,
-                          kernel_boot=plan.source.kernel is not None, cmdline=plan.cmdline,
-                          source=_source_text(plan.source))
+            sha = self._copy_in(plan, info["format"], partial, progress)
+            self._check_copy(plan, info, partial)
+            version = _write_profile(plan, info, partial, sha)
             self._publish(partial, plan.name)
-        log.info("installed image %s (%s, %s) from %s", plan.name, fmt, version,
+        log.info("installed image %s (%s, %s) from %s", plan.name, info["format"], version,
                  _source_text(plan.source))
         if default:
             self._make_default_after_install(plan.name)
@@ -223,9 +215,7 @@ class ImageStore:
         doomed = self.root / f".{name}.removing-{os.getpid()}"
         with self._lock():
             if not target.is_dir() or target.is_symlink():
-                have = ", ".join(self.names()) or "none"
-                raise ImageError(f"no image named {name}; installed: {have}", name=name,
-                                 reason="not installed")
+                raise self._not_installed(name)
             was_default = False
             with contextlib.suppress(ImageError):     # a garbled default is not this image
                 was_default = self.default_name() == name
@@ -332,9 +322,9 @@ class ImageStore:
         return sha
 
     @staticmethod
-    def _check_copy(plan: _Plan, info: dict, disk: Path) -> None:
+    def _check_copy(plan: _Plan, info: dict, partial: Path) -> None:
         """What we keep is what we checked: the copy must be the same format and size."""
-        copied = image_info(disk)
+        copied = image_info(partial / disk_file(info["format"]))
         if copied["format"] != info["format"] or \
                 int(copied["virtual-size"]) != int(info["virtual-size"]):
             raise ImageError(name=str(plan.source.disk), reason="changed while it was copied")
@@ -360,6 +350,11 @@ class ImageStore:
     # internals ----------------------------------------------------------------------------------
     def _load(self, name: str) -> Image:
         return profile.load(self.root / name)
+
+    def _not_installed(self, name: str) -> ImageError:
+        have = ", ".join(self.names()) or "none"
+        return ImageError(f"no image named {name}; installed: {have}", name=name,
+                          reason="not installed")
 
     def _ensure_root(self) -> None:
         if self.root.is_dir():
@@ -419,6 +414,24 @@ def _allocated_or_0(path: Path) -> int:
     with contextlib.suppress(OSError):
         return allocated(path)
     return 0
+
+
+def _with_sibling_version(plan: _Plan) -> _Plan:
+    """A disk named directly, with no version given, takes the version of a manifest.json next
+    to it that describes it (see :func:`.manifest.sibling_version`)."""
+    if plan.version is None and plan.source.manifest is None:
+        return dataclasses.replace(plan, version=sibling_version(plan.source.disk))
+    return plan
+
+
+def _write_profile(plan: _Plan, info: dict, partial: Path, sha: str) -> str:
+    """Write the profile of the image built in ``partial``; return its version."""
+    version = plan.version or sha[:12]
+    profile.write(partial, name=plan.name, fmt=info["format"],
+                  virtual_size=int(info["virtual-size"]), version=version, sha256=sha,
+                  kernel_boot=plan.source.kernel is not None, cmdline=plan.cmdline,
+                  source=_source_text(plan.source))
+    return version
 
 
 def _source_text(source: Source) -> str:
