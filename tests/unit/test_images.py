@@ -323,7 +323,7 @@ def test_image_info_returns_qemu_img_info(qcow2):
 
 
 def test_missing_qemu_img_is_named(monkeypatch, qcow2):
-    monkeypatch.setattr(images, "QEMU_IMG", "/nonexistent/qemu-img")
+    monkeypatch.setattr(images.qemu_img, "QEMU_IMG", "/nonexistent/qemu-img")
     with pytest.raises(ImageError, match="not found; install qemu-utils"):
         image_info(qcow2)
 
@@ -359,7 +359,7 @@ def test_kernel_and_initrd_given_as_options(store, qcow2, tmp_path):
 def test_disk_full_leaves_no_partial_directory(store, qcow2, monkeypatch):
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(images, "_write_all", full)
+    monkeypatch.setattr(images.copy, "_write_all", full)
     with pytest.raises(ImageError) as exc:
         store.install(qcow2)
     assert "no space left" in str(exc.value) and str(store.root) in str(exc.value)
@@ -371,7 +371,7 @@ def test_disk_full_leaves_no_partial_directory(store, qcow2, monkeypatch):
 def test_a_write_error_names_the_store(store, qcow2, monkeypatch):
     def eio(fd, data):
         raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(images, "_write_all", eio)
+    monkeypatch.setattr(images.copy, "_write_all", eio)
     with pytest.raises(ImageError, match="cannot write into the image store .*Input/output"):
         store.install(qcow2)
     assert leftovers(store) == []
@@ -387,7 +387,7 @@ def test_ctrl_c_during_the_copy_leaves_nothing(store, qcow2):
 
 
 def test_a_failure_after_the_copy_leaves_nothing(store, qcow2, monkeypatch):
-    real = images.image_info
+    real = images.store.image_info
     calls = []
 
     def second_check_fails(path):
@@ -395,7 +395,7 @@ def test_a_failure_after_the_copy_leaves_nothing(store, qcow2, monkeypatch):
         if len(calls) == 2:                               # the check of the copy
             raise ImageError(name=str(path), reason="simulated")
         return real(path)
-    monkeypatch.setattr(images, "image_info", second_check_fails)
+    monkeypatch.setattr(images.store, "image_info", second_check_fails)
     with pytest.raises(ImageError, match="simulated"):
         store.install(qcow2)
     assert ".partial-" in str(calls[1])
@@ -579,7 +579,7 @@ def full_qemu_img(tmp_path, monkeypatch) -> Path:
                     "echo \"qemu-img: $out: Could not write: No space left on device\" >&2\n"
                     "exit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(images, "QEMU_IMG", str(fake))
+    monkeypatch.setattr(images.qemu_img, "QEMU_IMG", str(fake))
     return fake
 
 

@@ -1,0 +1,170 @@
+"""An installed image and its profile, ``<store>/<name>/image.json``: :class:`Image`,
+:class:`BrokenImage`, and the one reader (:func:`load`) and writer (:func:`write`) of the file.
+
+* **The profile keeps relative file names** (``disk.qcow2``, ``vmlinuz``) and the loader accepts
+  only those exact names, so a hand-edited ``image.json`` cannot point a VM at another file;
+  :class:`Image` carries absolute paths.
+* **Files are world-readable** (0644, directories 0755): qemu runs as another user and opens
+  the image read-only as a backing file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ImageError
+from ..fsutil import atomic_write_json
+from .sniff import allocated
+
+FORMATS = ("qcow2", "raw")
+PROFILE_FILE = "image.json"
+KERNEL_FILE = "vmlinuz"
+INITRD_FILE = "initrd.img"
+SCHEMA = "dgxvm-image"
+SCHEMA_VERSION = 1
+
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+
+
+def disk_file(fmt: str) -> str:
+    """The disk's file name in an image directory: ``disk.qcow2`` or ``disk.raw``."""
+    return f"disk.{fmt}"
+
+
+@dataclass(frozen=True)
+class Image:
+    """One installed image: what the VM designer needs to build a domain from it."""
+
+    name: str
+    path: str                 # absolute path of the disk file
+    format: str               # "qcow2" | "raw"
+    virtual_size: int         # bytes the guest sees (qemu-img info)
+    actual_size: int          # bytes the file occupies on the host
+    version: str
+    sha256: str               # of the disk file as installed
+    kernel: str | None        # absolute paths when the image boots by direct kernel boot
+    initrd: str | None
+    cmdline: str | None
+    installed: float          # epoch seconds
+    source: str               # what it was installed from
+
+    @property
+    def boot(self) -> str:
+        """``kernel`` (direct kernel boot: kernel + initrd + cmdline) or ``disk`` (firmware)."""
+        return "kernel" if self.kernel else "disk"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "path": self.path, "format": self.format,
+                "virtual_size": self.virtual_size, "actual_size": self.actual_size,
+                "version": self.version, "sha256": self.sha256, "boot": self.boot,
+                "kernel": self.kernel, "initrd": self.initrd, "cmdline": self.cmdline,
+                "installed": self.installed, "source": self.source}
+
+
+@dataclass(frozen=True)
+class BrokenImage:
+    """A directory in the store that is not a usable image (no/invalid profile, disk gone)."""
+
+    name: str
+    path: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "path": self.path, "reason": self.reason}
+
+
+def write(directory: Path, *, name: str, fmt: str, virtual_size: int, version: str,
+          sha256: str, kernel_boot: bool, cmdline: str | None, source: str) -> None:
+    """Write ``directory``'s profile (atomically, 0644; this also makes the names of the files
+    already copied into ``directory`` durable). The disk must be in place: its allocation is
+    recorded."""
+    doc = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "name": name,
+        "disk": disk_file(fmt), "format": fmt, "virtual_size": virtual_size,
+        "actual_size": allocated(directory / disk_file(fmt)), "version": version,
+        "sha256": sha256,
+        "kernel": KERNEL_FILE if kernel_boot else None,
+        "initrd": INITRD_FILE if kernel_boot else None,
+        "cmdline": cmdline if kernel_boot else None,
+        "installed": time.time(), "source": source,
+    }
+    atomic_write_json(directory / PROFILE_FILE, doc, mode=FILE_MODE, indent=2)
+
+
+def load(directory: Path) -> Image:
+    """The Image installed in ``directory`` (named after it).
+
+    ImageError when the profile is missing, unreadable, not valid JSON or not a valid profile
+    for this name, or when the disk (kernel, initrd) is missing or not a regular file.
+    """
+    name = directory.name
+    prof = directory / PROFILE_FILE
+    try:
+        doc = json.loads(prof.read_text())
+    except FileNotFoundError:
+        raise ImageError(name=name, reason=f"no {PROFILE_FILE} (an interrupted copy by "
+                                           f"hand?); remove it and install again") from None
+    except OSError as e:
+        raise ImageError(name=name, reason=f"cannot read {prof}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ImageError(name=name, reason=f"{prof} is not valid JSON: {e}") from None
+    try:
+        installed = _validate(doc, name)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ImageError(name=name, reason=f"{prof} is invalid: {e}") from None
+    files = [directory / doc["disk"]]
+    if doc["kernel"]:
+        files += [directory / KERNEL_FILE, directory / INITRD_FILE]
+    for f in files:
+        if f.is_symlink() or not f.is_file():
+            raise ImageError(name=name, reason=f"{f} is missing or not a regular file")
+    disk = files[0]
+    return Image(name=name, path=str(disk), format=doc["format"],
+                 virtual_size=doc["virtual_size"], actual_size=allocated(disk),
+                 version=doc["version"], sha256=doc["sha256"],
+                 kernel=str(files[1]) if doc["kernel"] else None,
+                 initrd=str(files[2]) if doc["kernel"] else None,
+                 cmdline=doc.get("cmdline") if doc["kernel"] else None,
+                 installed=installed, source=doc["source"])
+
+
+def _validate(doc, name: str) -> float:
+    """Check a parsed profile for image ``name``; return its ``installed`` time. KeyError,
+    TypeError or ValueError saying what is wrong."""
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise ValueError(f"not a {SCHEMA} profile")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"unsupported schema_version {doc.get('schema_version')!r}")
+    if doc.get("name") != name:
+        raise ValueError(f"records name {doc.get('name')!r}")
+    fmt = doc["format"]
+    if fmt not in FORMATS or doc["disk"] != disk_file(fmt):
+        raise ValueError(f"disk {doc.get('disk')!r} / format {fmt!r}")
+    if (doc.get("kernel"), doc.get("initrd")) not in ((None, None), (KERNEL_FILE, INITRD_FILE)):
+        raise ValueError("kernel/initrd must be vmlinuz/initrd.img or both null")
+    for key in ("virtual_size", "actual_size"):
+        if not isinstance(doc[key], int) or isinstance(doc[key], bool) or doc[key] < 0:
+            raise ValueError(f"{key} {doc[key]!r}")
+    for key in ("version", "sha256", "source"):
+        if not isinstance(doc[key], str):
+            raise ValueError(f"{key} {doc[key]!r}")
+    if doc.get("cmdline") is not None and not isinstance(doc["cmdline"], str):
+        raise ValueError(f"cmdline {doc['cmdline']!r}")
+    return float(doc["installed"])
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'; for tables."""
+    if n < 1024:
+        return f"{n} B"
+    exp = min(int(math.log(n, 1024)), 4)
+    return f"{n / 1024 ** exp:.1f} {'KMGT'[exp - 1]}iB"
+
+
+__all__ = ["BrokenImage", "DIR_MODE", "FILE_MODE", "FORMATS", "INITRD_FILE", "Image",
+           "KERNEL_FILE", "PROFILE_FILE", "disk_file", "human_bytes", "load", "write"]
