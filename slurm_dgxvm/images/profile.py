@@ -145,7 +145,7 @@ def _validate(doc, name: str) -> float:
     fmt = doc["format"]
     if fmt not in FORMATS or doc["disk"] != disk_file(fmt):
         raise ValueError(f"disk {doc.get('disk')!r} / format {fmt!r}")
-    if (doc.get("kernel"), doc.get("initrd")) not in ((None, None), (KERNEL_FILE, INITRD_FILE)):
+    if (doc["kernel"], doc["initrd"]) not in ((None, None), (KERNEL_FILE, INITRD_FILE)):
         raise ValueError("kernel/initrd must be vmlinuz/initrd.img or both null")
     for key in ("virtual_size", "actual_size"):
         if not isinstance(doc[key], int) or isinstance(doc[key], bool) or doc[key] < 0:

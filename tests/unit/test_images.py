@@ -615,3 +615,18 @@ def test_remove_with_a_garbled_default_file(store, qcow2):
     store.remove("noble")
     assert store.list() == [] and leftovers(store) == []
     assert (store.root / "default").read_text() == "?!\n"     # not ours to fix
+
+
+def test_a_profile_without_its_kernel_key_is_a_broken_entry_not_a_crash(store, qcow2):
+    """A hand-edited image.json that lost "kernel" once passed the check and then crashed
+    `dgxvm image show` with a KeyError."""
+    store.install(qcow2, name="good")
+    store.install(qcow2, name="edited")
+    prof = json.loads((store.root / "edited" / "image.json").read_text())
+    del prof["kernel"]
+    (store.root / "edited" / "image.json").write_text(json.dumps(prof))
+    imgs, broken = store.scan()
+    assert [i.name for i in imgs] == ["good"]
+    assert [b.name for b in broken] == ["edited"] and "'kernel'" in broken[0].reason
+    with pytest.raises(ImageError, match="is invalid"):
+        store.get("edited")
