@@ -207,3 +207,14 @@ class LedgerConflict(LedgerError):
 
 class LedgerLockTimeout(LedgerError):
     template = "ledger {path}: lock not acquired within {timeout}s"
+
+
+class LockError(DgxvmError):
+    """A lock file other than the ledger's (``network.lock``) cannot be opened or locked."""
+
+    template = "lock {path}: {reason}"
+    exit_code = EXIT_STATE
+
+
+class LockTimeout(LockError):
+    template = "lock {path}: not acquired within {timeout:g}s"
