@@ -117,6 +117,19 @@ class NotOurDomain(DomainNotFound):
                 "use virsh for it)")
 
 
+class JobRefused(BadInput):
+    """The job asks for something this node will not give it (its fault, not the node's)."""
+
+    template = "{reason}"
+
+
+class NotAJob(BadInput):
+    """The hook was not run by slurmd for a job (no job id to refuse): the node's problem
+    (the hooks exit 1 for it, as for every fault of the node)."""
+
+    template = "not run by slurmd for a job: {reason}"
+
+
 # -- the host --------------------------------------------------------------------------------------
 class HostError(DgxvmError):
     template = "host: {reason}"
@@ -153,6 +166,18 @@ class DiskError(HostError):
     """A per-VM disk (overlay, data disk) could not be created."""
 
     template = "disk {path}: {reason}"
+
+
+class FirewallError(HostError):
+    """nft refused or failed: the network must not run without its rules."""
+
+    template = "network {network}: firewall: {reason}"
+
+
+class SlurmCommandError(HostError):
+    """A Slurm command (scontrol, sacctmgr, scancel, sacct) is missing, hung or refused."""
+
+    template = "slurm: `{command}`: {reason}"
 
 
 # -- the VM lifecycle ------------------------------------------------------------------------------
@@ -218,3 +243,12 @@ class LockError(DgxvmError):
 
 class LockTimeout(LockError):
     template = "lock {path}: not acquired within {timeout:g}s"
+
+
+# -- the Slurm hooks -------------------------------------------------------------------------------
+class Interrupted(DgxvmError):
+    """slurmd stopped the hook (the job was cancelled, or PrologEpilogTimeout passed). Only the
+    Prolog and Epilog raise it, and they exit 1 (drain) for it as for any fault of the node."""
+
+    template = "interrupted by signal {signal}"
+    exit_code = EXIT_INTERNAL

@@ -34,7 +34,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HostError
+from .errors import FirewallError
 
 PROTOCOLS = ("tcp", "udp")
 TABLE_PREFIX = "dgxvm-"
@@ -217,12 +217,6 @@ def _write_marker(info: NetworkInfo, services) -> None:
     os.replace(tmp, path)
 
 
-class FirewallError(HostError):
-    """nft refused or failed: the network must not run without its rules."""
-
-    template = "network {network}: firewall: {reason}"
-
-
 def _nft(script: str, network: str) -> None:
     try:
         r = subprocess.run([NFT, "-f", "-"], input=script, capture_output=True, text=True,
@@ -310,4 +304,4 @@ def check_marker(network: str, uuid: str | None, bridge: str | None) -> str | No
 
 
 __all__ = ["HostService", "parse_service", "ruleset", "removal", "table_name", "network_info",
-           "network_hook", "network_hook_script", "check_marker", "FirewallError"]
+           "network_hook", "network_hook_script", "check_marker"]

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from ..errors import BadInput, DgxvmError
+from ..errors import BadInput, DgxvmError, Interrupted
 from ..records import JOB_VIEW, job_view
 from ..slurm import hooks, log as hook_log
 from ..slurm.commands import Slurm
@@ -26,7 +26,7 @@ def _interruptible() -> None:
     def handler(signum, _frame):
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, signal.SIG_IGN)
-        raise hooks.Interrupted(signal=signal.Signals(signum).name)
+        raise Interrupted(signal=signal.Signals(signum).name)
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, handler)
 

@@ -12,11 +12,7 @@ import subprocess
 from dataclasses import dataclass
 
 from ..config import SlurmConfig
-from ..errors import HostError
-
-
-class SlurmCommandError(HostError):
-    template = "slurm: `{command}`: {reason}"
+from ..errors import SlurmCommandError
 
 
 @dataclass(frozen=True)

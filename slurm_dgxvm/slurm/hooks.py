@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from .. import lifecycle
-from ..errors import DgxvmError, DomainNotFound, NoFit
+from ..errors import DgxvmError, DomainNotFound, NoFit, SlurmCommandError
 from ..ranges import format_index_list
 from .accounting import encode, failure_fields, vm_fields
-from .commands import Slurm, SlurmCommandError
+from .commands import Slurm
 from . import jobinput
 from .job import SlurmJob, create_request, domain_for, is_job_fault
 
@@ -44,12 +44,6 @@ Emit = Callable[[str], None]
 
 EXIT_OK = 0
 EXIT_DRAIN = 1
-
-
-class Interrupted(DgxvmError):
-    """slurmd stopped the hook (the job was cancelled, or PrologEpilogTimeout passed)."""
-
-    template = "interrupted by signal {signal}"
 
 
 class _Stage:

@@ -25,22 +25,15 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 from ..config import Config
-from ..errors import BadInput, ImageError, JobInputError, NameError_, NoFit, RequestError
+from ..errors import ImageError, JobInputError, JobRefused, NameError_, NoFit, RequestError
 from ..lifecycle import CreateRequest
 from ..names import image_name
 from ..placement import Request
 from ..ranges import format_index_list
 from . import jobinput
-from .jobinput import NotAJob  # noqa: F401 - re-exported: the hooks and tests name it here
 
 COMMENT_PREFIX = "dgxvm:"
 COMMENT_KEYS = ("image",)
-
-
-class JobRefused(BadInput):
-    """The job asks for something this node will not give it (its fault, not the node's)."""
-
-    template = "{reason}"
 
 
 @dataclass(frozen=True)
