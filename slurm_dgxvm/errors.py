@@ -4,12 +4,14 @@ Each error has a message template filled from keyword arguments (kept as attribu
 and tests can look at the bad value rather than parse text) and an exit code. Only the CLI and the
 Slurm hooks turn an error into a message and an exit status; library code just raises.
 
-Exit codes (stable, scripts may rely on them):
-    1  internal / unexpected
-    2  bad input (usage, malformed values, unknown config keys)
-    3  the host cannot be read or is not what we expect (sysfs, catalog)
+Exit codes (stable, scripts may rely on them; README.md's table says the same):
+    1  internal / unexpected (a bug), or a Slurm hook stopped by a signal (Interrupted)
+    2  bad input (usage, malformed values, unknown config keys, a job's refused value)
+    3  the host cannot be read or cannot do what was asked: sysfs, catalog, a host tool
+       (ssh-keygen, xorriso, qemu-img create, fmpm, nft, Slurm's commands)
     4  no fit: the request is well formed but cannot be placed now
-    5  state: the ledger is corrupt, locked too long, or in conflict
+    5  state: the ledger is corrupt or in conflict, a lock (the ledger's, the network's) was not
+       acquired in time
     6  VM lifecycle: libvirt/QEMU refused or failed, or the guest never became ready
 """
 

@@ -1,19 +1,63 @@
-"""errors.py: every error slurm-dgxvm raises lives there."""
+"""errors.py: every error slurm-dgxvm raises lives there, each with an exit code that README.md's
+exit-code table and errors.py's docstring document."""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
+from pathlib import Path
+
+import pytest
 
 import slurm_dgxvm
 from slurm_dgxvm import errors
 from slurm_dgxvm.errors import DgxvmError
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _subclasses(cls):
     for sub in cls.__subclasses__():
         yield sub
         yield from _subclasses(sub)
+
+
+def readme_codes() -> dict[int, str]:
+    """``{code: meaning}`` from the table under README.md's "### Exit codes"."""
+    text = README.read_text()
+    section = text.split("### Exit codes", 1)[1].split("\n#", 1)[0]
+    rows = re.findall(r"^\| (\d+) \| ([^|]+) \|", section, re.MULTILINE)
+    return {int(code): meaning.strip() for code, meaning in rows}
+
+
+def docstring_codes() -> set[int]:
+    doc = errors.__doc__.split("Exit codes", 1)[1]
+    return {int(c) for c in re.findall(r"^    (\d)  \S", doc, re.MULTILINE)}
+
+
+def test_the_readme_table_and_the_docstring_document_the_same_codes():
+    table = readme_codes()
+    assert set(table) == {0, 1, 2, 3, 4, 5, 6}
+    assert docstring_codes() == set(table) - {0}
+    constants = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
+    assert constants == docstring_codes()
+
+
+def test_every_error_exits_with_a_documented_code():
+    documented = set(readme_codes()) & docstring_codes()
+    classes = [DgxvmError, *_subclasses(DgxvmError)]
+    assert len(classes) > 30
+    for cls in classes:
+        assert cls.exit_code in documented, f"{cls.__name__} exits {cls.exit_code}"
+
+
+def test_host_tools_are_exit_3_and_the_table_says_so():
+    meaning = readme_codes()[3]
+    assert "cannot do what was asked" in meaning
+    for cls in (errors.SeedError, errors.FabricError, errors.DiskError, errors.FirewallError,
+                errors.SlurmCommandError):
+        assert cls.exit_code == errors.EXIT_HOST == 3
 
 
 def test_every_error_class_is_defined_in_errors_py():
