@@ -13,6 +13,12 @@ Exit codes (stable, scripts may rely on them; README.md's table says the same):
     5  state: the ledger is corrupt or in conflict, a lock (the ledger's, the network's) was not
        acquired in time
     6  VM lifecycle: libvirt/QEMU refused or failed, or the guest never became ready
+
+Errors about one quantity of a placement request (:class:`RequestError`, :class:`NoFit`) carry
+it as ``quantity`` (the Request field: ``gpu_index``, ``vcpus``, ``memory_mib``, ``disk_gib``)
+and ``value``, and their message calls it by its own name ("vcpus 5", "memory 9999 MiB"): the
+library cannot know where a value came from. The edge that does renames it
+(:meth:`QuantityNamed.naming`): the CLI its flag (``--vcpus 5``), the Prolog the partition key.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ EXIT_HOST = 3
 EXIT_NO_FIT = 4
 EXIT_STATE = 5
 EXIT_VM = 6
+
+#: How a message names a request's quantity by default: (words, unit of its value).
+QUANTITIES = {"gpu_index": ("gpu index", ""), "vcpus": ("vcpus", ""),
+              "memory_mib": ("memory", "MiB"), "disk_gib": ("disk", "GiB")}
 
 
 class DgxvmError(Exception):
@@ -47,6 +57,43 @@ class DgxvmError(Exception):
         return self.message
 
 
+class QuantityNamed(DgxvmError):
+    """Base of an error that may be about one quantity of a request (``quantity``, ``value``
+    fields). Then the message is ``named_template``, where ``{subject}`` names the quantity:
+    by default its own words and value (``vcpus 5``, ``memory 9999 MiB``)."""
+
+    named_template = "{subject} {reason}"
+    quantity: str | None = None
+
+    def __init__(self, message: str | None = None, **fields):
+        if fields.get("quantity") is not None:
+            words, unit = QUANTITIES.get(fields["quantity"], (fields["quantity"], ""))
+            fields.setdefault("subject", f"{words} {_amount(fields.get('value'), unit)}")
+            if message is None:
+                try:
+                    message = self.named_template.format(**fields)
+                except (KeyError, IndexError):   # a missing field: the plain template
+                    message = None
+        super().__init__(message, **fields)
+
+    @property
+    def amount(self) -> str:
+        """The value with its unit (``5``, ``9999 MiB``): for an edge's own ``subject``."""
+        quantity = self.fields.get("quantity")
+        return _amount(self.fields.get("value"), QUANTITIES.get(quantity, ("", ""))[1])
+
+    def naming(self, subject: str):
+        """This error with its quantity called ``subject`` (``--vcpus 5``, or the partition
+        key the value came from); an error about no quantity is returned as it is."""
+        if self.fields.get("quantity") is None:
+            return self
+        return type(self)(**{**self.fields, "subject": subject})
+
+
+def _amount(value, unit: str) -> str:
+    return f"{value} {unit}" if unit else f"{value}"
+
+
 # -- bad input -------------------------------------------------------------------------------------
 class BadInput(DgxvmError):
     template = "bad input: {value!r}"
@@ -67,8 +114,10 @@ class ConfigError(BadInput):
     template = "config {path}: {reason}"
 
 
-class RequestError(BadInput):
-    """A placement request that can never be satisfied on this host (not just: not now)."""
+class RequestError(QuantityNamed, BadInput):
+    """A placement request that can never be satisfied on this host (not just: not now).
+
+    With ``quantity`` and ``value``: "{subject} {reason}" (see :class:`QuantityNamed`)."""
 
     template = "{reason}"
 
@@ -200,13 +249,16 @@ class GuestTimeout(VmError):
 
 
 # -- placement -------------------------------------------------------------------------------------
-class NoFit(DgxvmError):
+class NoFit(QuantityNamed, DgxvmError):
     """The request is valid but cannot be placed with what is free now.
 
-    ``resource`` names what ran out: ``gpus``, ``aligned-block``, ``cores``, ``memory``.
+    ``resource`` names what ran out: ``gpus``, ``aligned-block``, ``cores``, ``memory``. With
+    ``quantity`` and ``value`` (the block an admin's gpu index asked for), ``where`` names the
+    block (see :class:`QuantityNamed`).
     """
 
     template = "no fit for {count} GPU(s): {reason}"
+    named_template = "no fit for {count} GPU(s): {where} ({subject}): {reason}"
     exit_code = EXIT_NO_FIT
 
 

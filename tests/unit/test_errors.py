@@ -1,5 +1,5 @@
 """errors.py: every error slurm-dgxvm raises lives there, each with an exit code that README.md's
-exit-code table and errors.py's docstring document."""
+exit-code table and errors.py's docstring document; a quantity error is renamed at the edge."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 import slurm_dgxvm
 from slurm_dgxvm import errors
-from slurm_dgxvm.errors import DgxvmError
+from slurm_dgxvm.errors import DgxvmError, NoFit, RequestError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -68,3 +68,33 @@ def test_every_error_class_is_defined_in_errors_py():
                  if cls.__module__ != errors.__name__]
     assert elsewhere == []
 
+
+# -- quantities: named by placement, renamed by the edge ------------------------------------------
+def test_a_quantity_is_named_by_its_own_words_and_unit():
+    assert str(RequestError(quantity="vcpus", value=5, reason="must be even")) == \
+        "vcpus 5 must be even"
+    assert str(RequestError(quantity="memory_mib", value=9999, reason="is too much")) == \
+        "memory 9999 MiB is too much"
+    assert str(RequestError(quantity="disk_gib", value=0, reason="x")) == "disk 0 GiB x"
+    assert str(RequestError(quantity="gpu_index", value=3, reason="x")) == "gpu index 3 x"
+    assert str(RequestError(reason="no quantity")) == "no quantity"
+
+
+def test_naming_keeps_the_fields_and_the_exit_code():
+    exc = NoFit(count=4, resource="gpus", quantity="gpu_index", value=4, where="block 4-7",
+                reason="GPU(s) 4-7 are in use")
+    assert str(exc) == "no fit for 4 GPU(s): block 4-7 (gpu index 4): GPU(s) 4-7 are in use"
+    named = exc.naming(f"--gpu-index {exc.amount}")
+    assert str(named) == "no fit for 4 GPU(s): block 4-7 (--gpu-index 4): GPU(s) 4-7 are in use"
+    assert type(named) is NoFit and named.exit_code == 4
+    assert (named.resource, named.quantity, named.value) == ("gpus", "gpu_index", 4)
+    plain = RequestError(reason="17 GPUs asked")
+    assert plain.naming("--anything") is plain
+    given = RequestError("a message of its own", quantity="vcpus", value=5, reason="r")
+    assert str(given) == "a message of its own" and given.subject == "vcpus 5"
+
+
+@pytest.mark.parametrize("cls", [RequestError, NoFit])
+def test_a_missing_field_falls_back_to_the_plain_template(cls):
+    exc = cls(quantity="vcpus", value=5, reason="r", count=1)
+    assert "r" in str(exc)
