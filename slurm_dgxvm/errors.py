@@ -4,13 +4,21 @@ Each error has a message template filled from keyword arguments (kept as attribu
 and tests can look at the bad value rather than parse text) and an exit code. Only the CLI and the
 Slurm hooks turn an error into a message and an exit status; library code just raises.
 
-Exit codes (stable, scripts may rely on them):
-    1  internal / unexpected
-    2  bad input (usage, malformed values, unknown config keys)
-    3  the host cannot be read or is not what we expect (sysfs, catalog)
+Exit codes (stable, scripts may rely on them; README.md's table says the same):
+    1  internal / unexpected (a bug), or a Slurm hook stopped by a signal (Interrupted)
+    2  bad input (usage, malformed values, unknown config keys, a job's refused value)
+    3  the host cannot be read or cannot do what was asked: sysfs, catalog, a host tool
+       (ssh-keygen, xorriso, qemu-img create, fmpm, nft, Slurm's commands)
     4  no fit: the request is well formed but cannot be placed now
-    5  state: the ledger is corrupt, locked too long, or in conflict
+    5  state: the ledger is corrupt or in conflict, a lock (the ledger's, the network's) was not
+       acquired in time
     6  VM lifecycle: libvirt/QEMU refused or failed, or the guest never became ready
+
+Errors about one quantity of a placement request (:class:`RequestError`, :class:`NoFit`) carry
+it as ``quantity`` (the Request field: ``gpu_index``, ``vcpus``, ``memory_mib``, ``disk_gib``)
+and ``value``, and their message calls it by its own name ("vcpus 5", "memory 9999 MiB"): the
+library cannot know where a value came from. The edge that does renames it
+(:meth:`QuantityNamed.naming`): the CLI its flag (``--vcpus 5``), the Prolog the partition key.
 """
 
 from __future__ import annotations
@@ -21,6 +29,10 @@ EXIT_HOST = 3
 EXIT_NO_FIT = 4
 EXIT_STATE = 5
 EXIT_VM = 6
+
+#: How a message names a request's quantity by default: (words, unit of its value).
+QUANTITIES = {"gpu_index": ("gpu index", ""), "vcpus": ("vcpus", ""),
+              "memory_mib": ("memory", "MiB"), "disk_gib": ("disk", "GiB")}
 
 
 class DgxvmError(Exception):
@@ -45,6 +57,43 @@ class DgxvmError(Exception):
         return self.message
 
 
+class QuantityNamed(DgxvmError):
+    """Base of an error that may be about one quantity of a request (``quantity``, ``value``
+    fields). Then the message is ``named_template``, where ``{subject}`` names the quantity:
+    by default its own words and value (``vcpus 5``, ``memory 9999 MiB``)."""
+
+    named_template = "{subject} {reason}"
+    quantity: str | None = None
+
+    def __init__(self, message: str | None = None, **fields):
+        if fields.get("quantity") is not None:
+            words, unit = QUANTITIES.get(fields["quantity"], (fields["quantity"], ""))
+            fields.setdefault("subject", f"{words} {_amount(fields.get('value'), unit)}")
+            if message is None:
+                try:
+                    message = self.named_template.format(**fields)
+                except (KeyError, IndexError):   # a missing field: the plain template
+                    message = None
+        super().__init__(message, **fields)
+
+    @property
+    def amount(self) -> str:
+        """The value with its unit (``5``, ``9999 MiB``): for an edge's own ``subject``."""
+        quantity = self.fields.get("quantity")
+        return _amount(self.fields.get("value"), QUANTITIES.get(quantity, ("", ""))[1])
+
+    def naming(self, subject: str):
+        """This error with its quantity called ``subject`` (``--vcpus 5``, or the partition
+        key the value came from); an error about no quantity is returned as it is."""
+        if self.fields.get("quantity") is None:
+            return self
+        return type(self)(**{**self.fields, "subject": subject})
+
+
+def _amount(value, unit: str) -> str:
+    return f"{value} {unit}" if unit else f"{value}"
+
+
 # -- bad input -------------------------------------------------------------------------------------
 class BadInput(DgxvmError):
     template = "bad input: {value!r}"
@@ -65,8 +114,10 @@ class ConfigError(BadInput):
     template = "config {path}: {reason}"
 
 
-class RequestError(BadInput):
-    """A placement request that can never be satisfied on this host (not just: not now)."""
+class RequestError(QuantityNamed, BadInput):
+    """A placement request that can never be satisfied on this host (not just: not now).
+
+    With ``quantity`` and ``value``: "{subject} {reason}" (see :class:`QuantityNamed`)."""
 
     template = "{reason}"
 
@@ -117,6 +168,19 @@ class NotOurDomain(DomainNotFound):
                 "use virsh for it)")
 
 
+class JobRefused(BadInput):
+    """The job asks for something this node will not give it (its fault, not the node's)."""
+
+    template = "{reason}"
+
+
+class NotAJob(BadInput):
+    """The hook was not run by slurmd for a job (no job id to refuse): the node's problem
+    (the hooks exit 1 for it, as for every fault of the node)."""
+
+    template = "not run by slurmd for a job: {reason}"
+
+
 # -- the host --------------------------------------------------------------------------------------
 class HostError(DgxvmError):
     template = "host: {reason}"
@@ -155,6 +219,18 @@ class DiskError(HostError):
     template = "disk {path}: {reason}"
 
 
+class FirewallError(HostError):
+    """nft refused or failed: the network must not run without its rules."""
+
+    template = "network {network}: firewall: {reason}"
+
+
+class SlurmCommandError(HostError):
+    """A Slurm command (scontrol, sacctmgr, scancel, sacct) is missing, hung or refused."""
+
+    template = "slurm: `{command}`: {reason}"
+
+
 # -- the VM lifecycle ------------------------------------------------------------------------------
 class VmError(DgxvmError):
     template = "vm {name}: {reason}"
@@ -173,13 +249,16 @@ class GuestTimeout(VmError):
 
 
 # -- placement -------------------------------------------------------------------------------------
-class NoFit(DgxvmError):
+class NoFit(QuantityNamed, DgxvmError):
     """The request is valid but cannot be placed with what is free now.
 
-    ``resource`` names what ran out: ``gpus``, ``aligned-block``, ``cores``, ``memory``.
+    ``resource`` names what ran out: ``gpus``, ``aligned-block``, ``cores``, ``memory``. With
+    ``quantity`` and ``value`` (the block an admin's gpu index asked for), ``where`` names the
+    block (see :class:`QuantityNamed`).
     """
 
     template = "no fit for {count} GPU(s): {reason}"
+    named_template = "no fit for {count} GPU(s): {where} ({subject}): {reason}"
     exit_code = EXIT_NO_FIT
 
 
@@ -207,3 +286,23 @@ class LedgerConflict(LedgerError):
 
 class LedgerLockTimeout(LedgerError):
     template = "ledger {path}: lock not acquired within {timeout}s"
+
+
+class LockError(DgxvmError):
+    """A lock file other than the ledger's (``network.lock``) cannot be opened or locked."""
+
+    template = "lock {path}: {reason}"
+    exit_code = EXIT_STATE
+
+
+class LockTimeout(LockError):
+    template = "lock {path}: not acquired within {timeout:g}s"
+
+
+# -- the Slurm hooks -------------------------------------------------------------------------------
+class Interrupted(DgxvmError):
+    """slurmd stopped the hook (the job was cancelled, or PrologEpilogTimeout passed). Only the
+    Prolog and Epilog raise it, and they exit 1 (drain) for it as for any fault of the node."""
+
+    template = "interrupted by signal {signal}"
+    exit_code = EXIT_INTERNAL

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import subprocess
 from collections.abc import Sequence
 
 from .errors import FabricError
+from .tools import output_tail, run_tool, tail
 
 log = logging.getLogger("dgxvm.fabric")
 
@@ -47,11 +47,6 @@ FM_RETURN = {-1: "FM_ST_BADPARAM", -2: "FM_ST_GENERIC_ERROR", -3: "FM_ST_NOT_SUP
              -4: "FM_ST_UNINITIALIZED", -5: "FM_ST_TIMEOUT", -6: "FM_ST_VERSION_MISMATCH",
              -7: "FM_ST_IN_USE", -8: "FM_ST_NOT_CONFIGURED", -9: "FM_ST_CONNECTION_NOT_VALID",
              -10: "FM_ST_NVLINK_ERROR"}
-
-
-def _tail(text: str | None, limit: int = 500) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= limit else "…" + text[-limit:]
 
 
 def _status(rc: int) -> str:
@@ -90,7 +85,7 @@ class Fabric:
                 parts[pid] = {"active": bool(p["isActive"]), "gpus": gpus}
         except (ValueError, KeyError, TypeError) as e:
             raise FabricError(partition=ALL, reason=f"cannot parse `fmpm -l` output ({e}): "
-                                                    f"{_tail(out, 300)}") from None
+                                                    f"{tail(out, 300)}") from None
         return parts
 
     def activate(self, pid: int) -> None:
@@ -133,25 +128,13 @@ class Fabric:
              what: str = "list") -> subprocess.CompletedProcess:
         argv = [*self.argv, *args]
         cmd = shlex.join(argv)
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout_s,
-                               stdin=subprocess.DEVNULL, env={**os.environ, "LC_ALL": "C"})
-        except FileNotFoundError:
-            raise FabricError(partition=partition,
-                              reason=f"fmpm not found ({self.argv[0]}); install NVIDIA Fabric "
-                                     f"Manager or set fabric.fmpm") from None
-        except PermissionError:
-            raise FabricError(partition=partition,
-                              reason=f"fmpm {self.argv[0]} is not executable") from None
-        except subprocess.TimeoutExpired:
-            raise FabricError(partition=partition,
-                              reason=f"`{cmd}` did not finish in {self.timeout_s:g}s "
-                                     f"(is nvidia-fabricmanager running?)") from None
-        if r.returncode != 0:
-            detail = _tail("\n".join(s for s in (r.stdout, r.stderr) if s and s.strip()))
+        r = run_tool(argv, timeout=self.timeout_s, what=f"`{cmd}`", check=False,
+                     error=lambda reason: FabricError(partition=partition, reason=reason),
+                     hint="; install NVIDIA Fabric Manager or set fabric.fmpm")
+        if r.returncode != 0:              # fmpm's own status, decoded: build the message here
             raise FabricError(partition=partition,
                               reason=f"{what} failed: `{cmd}` {_status(r.returncode)}: "
-                                     f"{detail or 'no output'}", returncode=r.returncode)
+                                     f"{output_tail(r) or 'no output'}", returncode=r.returncode)
         return r
 
 

@@ -16,12 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-import filelock
 import libvirt
 
-from . import netfilter
+from . import fsutil, netfilter
 from .design.render import render_template
-from .errors import HypervisorError
+from .errors import HypervisorError, LockError, LockTimeout
 
 log = logging.getLogger("dgxvm.hypervisor")
 
@@ -29,6 +28,7 @@ log = logging.getLogger("dgxvm.hypervisor")
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 AGENT_TIMEOUT_S = 2
+NETWORK_LOCK_TIMEOUT_S = 30.0
 
 
 def connect(uri: str) -> libvirt.virConnect:
@@ -88,8 +88,13 @@ def _check_firewall(net, name: str, uri: str) -> None:
         raise HypervisorError(uri=uri, reason=why)
 
 
-def _network_lock(state_dir: str) -> filelock.FileLock:
-    return filelock.FileLock(str(Path(state_dir) / "network.lock"), timeout=30)
+def _network_lock(state_dir: str):
+    """``<state_dir>/network.lock`` for the block; LockTimeout past NETWORK_LOCK_TIMEOUT_S."""
+    path = str(Path(state_dir) / "network.lock")
+    return fsutil.locked(path, timeout=NETWORK_LOCK_TIMEOUT_S,
+                         timed_out=lambda: LockTimeout(path=path, timeout=NETWORK_LOCK_TIMEOUT_S),
+                         failed=lambda e: LockError(path=path,
+                                                    reason=f"cannot lock: {e.strerror or e}"))
 
 
 def _ensure_network(conn, name: str, cidr: str) -> libvirt.virNetwork:

@@ -6,15 +6,15 @@ GPUs, NVSwitches, host CPUs, memory (MiB per NUMA node) and Fabric Manager parti
 ``dgxvm create`` by hand, so every read-modify-write goes through one file lock and one JSON file:
 
     <state_dir>/ledger.json   the document (mode 0644: ``dgxvm list`` / status read it unprivileged)
-    <state_dir>/ledger.lock   the ``filelock.FileLock`` that serialises writers
+    <state_dir>/ledger.lock   the lock file (:func:`fsutil.locked`) that serialises writers
 
 Decisions that live here:
 
-* **Atomic replace, not in-place writes.** A new document is written to a temporary file in the
-  same directory, flushed and fsync'ed, then ``os.replace``'d over ``ledger.json`` and the
-  directory is fsync'ed. A crash (or a killed Prolog) therefore leaves either the old or the new
-  document, never a mix, and readers (``Ledger.read``) need no lock: a rename is atomic, so any
-  open() sees one complete version.
+* **Atomic replace, not in-place writes.** A new document is written with
+  :func:`fsutil.atomic_write`: a temporary file in the same directory, flushed and fsync'ed, then
+  ``os.replace``'d over ``ledger.json`` and the directory fsync'ed. A crash (or a killed Prolog)
+  therefore leaves either the old or the new document, never a mix, and readers
+  (``Ledger.read``) need no lock: a rename is atomic, so any open() sees one complete version.
 * **A checksum over the allocations.** The rename protects against torn writes by *us*; the
   checksum (sha256 of the canonical JSON of ``allocations``) catches everything else: a hand
   edit, a partial copy back from a backup, a filesystem that lost data. A ledger that lies is
@@ -47,15 +47,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import filelock
-
+from slurm_dgxvm import fsutil
 from slurm_dgxvm.errors import LedgerConflict, LedgerCorrupt, LedgerError, LedgerLockTimeout
 from slurm_dgxvm.placement.model import Occupancy, Placement
 
@@ -534,10 +532,7 @@ class Ledger:
         self.path = os.path.join(self.state_dir, LEDGER_FILE)
         self.lock_path = os.path.join(self.state_dir, LOCK_FILE)
         self.lock_timeout = float(lock_timeout)
-        #: seconds the last transaction waited for the lock
-        self.last_lock_wait_s: float | None = None
-        #: seconds the last transaction held the lock (acquired -> released)
-        self.last_held_s: float | None = None
+        self._lock_times = fsutil.LockTimes()      # of the last transaction
 
     def __repr__(self) -> str:
         return f"Ledger({self.state_dir!r}, lock_timeout={self.lock_timeout})"
@@ -564,33 +559,36 @@ class Ledger:
         :class:`LedgerCorrupt` before the block runs.
         """
         self._ensure_dir()
-        lock = filelock.FileLock(self.lock_path, mode=FILE_MODE)
-        start = time.perf_counter()
-        try:
-            # filelock polls; its default 50 ms poll would make 16 concurrent prologs queue for
-            # up to a second behind critical sections of ~2 ms each.
-            lock.acquire(timeout=self.lock_timeout, poll_interval=LOCK_POLL_S)
-        except filelock.Timeout:
-            self.last_lock_wait_s = time.perf_counter() - start
-            self.last_held_s = None
-            raise LedgerLockTimeout(path=self.lock_path, timeout=self.lock_timeout) from None
-        except OSError as e:
-            raise LedgerError(path=self.lock_path,
-                              reason=f"cannot lock: {e.strerror or e}") from e
-        acquired = time.perf_counter()
-        self.last_lock_wait_s = acquired - start
+        self._lock_times = fsutil.LockTimes()
         txn: LedgerTxn | None = None
-        try:
-            txn = LedgerTxn(self.read())
-            yield txn
-            txn._open = False
-            if txn.changed:
-                self._write(txn._result())
-        finally:
-            if txn is not None:
+        # filelock polls; its default 50 ms poll would make 16 concurrent prologs queue for up to
+        # a second behind critical sections of ~2 ms each.
+        with fsutil.locked(self.lock_path, timeout=self.lock_timeout, poll_s=LOCK_POLL_S,
+                           mode=FILE_MODE, times=self._lock_times,
+                           timed_out=lambda: LedgerLockTimeout(path=self.lock_path,
+                                                               timeout=self.lock_timeout),
+                           failed=lambda e: LedgerError(path=self.lock_path,
+                                                        reason=f"cannot lock: {e.strerror or e}")):
+            try:
+                txn = LedgerTxn(self.read())
+                yield txn
                 txn._open = False
-            lock.release()
-            self.last_held_s = time.perf_counter() - acquired
+                if txn.changed:
+                    self._write(txn._result())
+            finally:
+                if txn is not None:
+                    txn._open = False
+
+    @property
+    def last_lock_wait_s(self) -> float | None:
+        """Seconds the last transaction waited for the lock (None before the first)."""
+        return self._lock_times.waited_s
+
+    @property
+    def last_held_s(self) -> float | None:
+        """Seconds the last transaction held the lock, acquired -> released (None before the
+        first, during one, and after a lock time-out)."""
+        return self._lock_times.held_s
 
     def allocate(self, allocation: Allocation) -> Allocation:
         """Record one allocation in its own transaction (see :meth:`LedgerTxn.allocate`)."""
@@ -614,30 +612,13 @@ class Ledger:
                               reason=f"cannot create state dir: {e.strerror or e}") from e
 
     def _write(self, state: LedgerState) -> None:
-        """Atomically replace the ledger file with ``state`` (temp file, fsync, rename, fsync dir)."""
-        data = (json.dumps(state.to_json(), indent=2, sort_keys=True, ensure_ascii=True,
-                           allow_nan=False) + "\n").encode("ascii")
-        tmp = None
+        """Atomically replace the ledger file with ``state`` (:func:`fsutil.atomic_write`)."""
+        data = json.dumps(state.to_json(), indent=2, sort_keys=True, ensure_ascii=True,
+                          allow_nan=False) + "\n"
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".ledger.", suffix=".tmp", dir=self.state_dir)
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), FILE_MODE)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            tmp = None
-            dir_fd = os.open(self.state_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsutil.atomic_write(self.path, data.encode("ascii"), mode=FILE_MODE)
         except OSError as e:
             raise LedgerError(path=self.path, reason=f"cannot write: {e.strerror or e}") from e
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
 
 
 __all__ = [

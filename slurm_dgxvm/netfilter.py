@@ -28,13 +28,14 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HostError
+from .errors import FirewallError
+from .fsutil import atomic_write
+from .tools import output_tail, run_tool
 
 PROTOCOLS = ("tcp", "udp")
 TABLE_PREFIX = "dgxvm-"
@@ -209,33 +210,20 @@ def drop_marker(network: str) -> None:
 def _write_marker(info: NetworkInfo, services) -> None:
     path = marker_path(info.name)
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"network": info.name, "uuid": info.uuid, "bridge": info.bridge,
-                               "gateway": info.gateway, "table": f"inet {table_name(info.name)}",
-                               "allow_host_services": [str(s) for s in services],
-                               "applied": time.time()}, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-class FirewallError(HostError):
-    """nft refused or failed: the network must not run without its rules."""
-
-    template = "network {network}: firewall: {reason}"
+    atomic_write(path, json.dumps({"network": info.name, "uuid": info.uuid,
+                                   "bridge": info.bridge, "gateway": info.gateway,
+                                   "table": f"inet {table_name(info.name)}",
+                                   "allow_host_services": [str(s) for s in services],
+                                   "applied": time.time()}, indent=2) + "\n", mode=0o644)
 
 
 def _nft(script: str, network: str) -> None:
-    try:
-        r = subprocess.run([NFT, "-f", "-"], input=script, capture_output=True, text=True,
-                           timeout=NFT_TIMEOUT_S)
-    except FileNotFoundError:
-        raise FirewallError(network=network, reason=f"{NFT} is not installed (Debian: "
-                                                    f"apt-get install nftables)") from None
-    except subprocess.TimeoutExpired:
-        raise FirewallError(network=network, reason=f"{NFT} -f - did not finish in "
-                                                    f"{NFT_TIMEOUT_S:g}s") from None
+    r = run_tool([NFT, "-f", "-"], input=script, timeout=NFT_TIMEOUT_S, what=f"{NFT} -f -",
+                 hint=" (Debian: apt-get install nftables)", check=False,
+                 error=lambda reason: FirewallError(network=network, reason=reason))
     if r.returncode != 0:
         raise FirewallError(network=network, reason=f"{NFT} -f - exited {r.returncode}: "
-                                                    f"{r.stderr.strip()[-500:]}")
+                                                    f"{output_tail(r) or 'no output'}")
 
 
 def network_hook(network: str, op: str, sub_op: str, read_xml, *, own_network: str,
@@ -310,4 +298,4 @@ def check_marker(network: str, uuid: str | None, bridge: str | None) -> str | No
 
 
 __all__ = ["HostService", "parse_service", "ruleset", "removal", "table_name", "network_info",
-           "network_hook", "network_hook_script", "check_marker", "FirewallError"]
+           "network_hook", "network_hook_script", "check_marker"]

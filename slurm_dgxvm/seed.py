@@ -38,13 +38,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SeedError
 from .names import account_name_problem, path_problem
+from .tools import output_tail, run_tool
 
 FSTYPES = ("virtiofs", "9p")
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
@@ -52,6 +52,8 @@ NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
 # honour them (the host side is the share policy's business, not the seed's).
 SHARE_OPTIONS = "nosuid,nodev"
 ID_MAX = 2 ** 32 - 2
+# ssh-keygen and xorriso take well under a second; a hung one must not hold a Prolog forever.
+TOOL_TIMEOUT_S = 60.0
 
 # All used with fullmatch ("$" would accept a trailing newline).
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -171,7 +173,7 @@ def generate_keypair(path: Path, comment: str) -> str:
     ``path`` is left 0600 and ``path.pub`` 0644. An existing ``path`` or ``path.pub`` is an
     error (ssh-keygen would ask before overwriting; a key is never replaced silently): remove
     them first to make a new key. Raises :class:`SeedError` naming the path, with ssh-keygen's
-    stderr.
+    output (missing, failed, or no answer within :data:`TOOL_TIMEOUT_S`).
     """
     path = Path(path)
     pub = path.with_name(path.name + ".pub")
@@ -180,15 +182,9 @@ def generate_keypair(path: Path, comment: str) -> str:
     for p in (path, pub):
         if p.exists() or p.is_symlink():
             raise SeedError(name=str(path), reason=f"{p} already exists; remove it first")
-    try:
-        proc = subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    except FileNotFoundError:
-        raise SeedError(name=str(path), reason="ssh-keygen not found in PATH") from None
-    if proc.returncode != 0:
-        raise SeedError(name=str(path), reason=f"ssh-keygen failed (exit {proc.returncode}): "
-                        f"{(proc.stderr or proc.stdout).strip()[-1000:]}")
+    run_tool(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+             timeout=TOOL_TIMEOUT_S, what="ssh-keygen", hint=" in PATH",
+             error=lambda reason: SeedError(name=str(path), reason=reason))
     try:
         os.chmod(path, 0o600)
         os.chmod(pub, 0o644)
@@ -305,14 +301,11 @@ def write_seed(spec: SeedSpec, out: Path, *, name: str) -> Path:
         iso = staging / "seed.iso"
         cmd = ["xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-J", "-R",
                "-o", str(iso), str(tree)]
-        try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        except FileNotFoundError:
-            raise SeedError(name=name, reason="xorriso not found in PATH") from None
-        if proc.returncode != 0 or not iso.is_file():
-            tail = (proc.stderr or proc.stdout).strip()[-1500:]
-            raise SeedError(name=name, reason=f"xorriso failed (exit {proc.returncode}): {tail}")
+        proc = run_tool(cmd, timeout=TOOL_TIMEOUT_S, what="xorriso", hint=" in PATH",
+                        error=lambda reason: SeedError(name=name, reason=reason))
+        if not iso.is_file():
+            raise SeedError(name=name, reason=f"xorriso failed (exit 0, no image): "
+                                              f"{output_tail(proc) or 'no output'}")
         os.chmod(iso, 0o600)
         os.replace(iso, out)
     except OSError as exc:

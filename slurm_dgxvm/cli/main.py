@@ -25,7 +25,7 @@ from ..placement import Policy, Request, place, templates
 from ..slurm.gres import gres_conf
 from . import render, slurm as slurm_cli, vms
 from .images import image as image_group
-from .params import GIB, GPU_LIST, MIB
+from .params import GIB, GPU_LIST, MIB, request_flags
 
 
 class Context:
@@ -136,7 +136,8 @@ def plan(c: Context, gpu_count, gpu_index, slurm_gpus, vcpus, memory, disk_size,
     request = Request(count=gpu_count, gpu_index=gpu_index, slurm_gpus=slurm_gpus, vcpus=vcpus,
                       memory_mib=memory, disk_gib=disk_size)
     host = c.host
-    placement = place(host, c.ledger_state().occupancy(), request, c.policy)
+    with request_flags():
+        placement = place(host, c.ledger_state().occupancy(), request, c.policy)
     if as_json:
         doc = placement.to_json()
         doc["simulated"] = host.simulated

@@ -1,13 +1,16 @@
-"""click parameter types that validate at the edge and name the bad value."""
+"""click parameter types that validate at the edge and name the bad value; and the flags that
+placement's errors name."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 
 import click
 
-from ..errors import GpuListError
+from ..errors import GpuListError, QuantityNamed
 from ..names import path_problem
 from ..ranges import parse_index_list
 
@@ -72,6 +75,24 @@ class WorkDir(click.Path):
         if problem:
             self.fail(f"{str(path)!r}: {problem}", param, ctx)
         return path
+
+
+#: The flag of ``dgxvm plan`` and ``dgxvm create`` that sets each quantity of a placement request.
+REQUEST_FLAGS = {"gpu_index": "--gpu-index", "vcpus": "--vcpus", "memory_mib": "--memory",
+                 "disk_gib": "--disk-size"}
+
+
+@contextlib.contextmanager
+def request_flags() -> Iterator[None]:
+    """Placement names a quantity (``vcpus 5``); in the block, its error names the flag that
+    gave it (``--vcpus 5``)."""
+    try:
+        yield
+    except QuantityNamed as exc:
+        flag = REQUEST_FLAGS.get(exc.quantity)
+        if flag is None:
+            raise
+        raise exc.naming(f"{flag} {exc.amount}") from None
 
 
 GPU_LIST = GpuList()

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from ..errors import BadInput, DgxvmError
+from ..errors import BadInput, DgxvmError, Interrupted
 from ..records import JOB_VIEW, job_view
 from ..slurm import hooks, log as hook_log
 from ..slurm.commands import Slurm
@@ -26,13 +26,14 @@ def _interruptible() -> None:
     def handler(signum, _frame):
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, signal.SIG_IGN)
-        raise hooks.Interrupted(signal=signal.Signals(signum).name)
+        raise Interrupted(signal=signal.Signals(signum).name)
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, handler)
 
 
 def _hook(c, which: str, run) -> None:
     _interruptible()
+    environ = os.environ          # the job as slurmd describes it: the hook and its log read it
     lines: list[str] = []
 
     def emit(line: str) -> None:
@@ -41,12 +42,12 @@ def _hook(c, which: str, run) -> None:
         env = c.env
         env.cfg  # noqa: B018 - read the config now: a bad one is this hook's failure
     except DgxvmError as exc:
-        emit(f"dgxvm {which}: job {os.environ.get('SLURM_JOB_ID', '?')}: failed at reading the "
+        emit(f"dgxvm {which}: job {environ.get('SLURM_JOB_ID', '?')}: failed at reading the "
              f"config: {exc}; exit 1 drains the node")
-        hook_log.write(lines, failed=True, setting="")
+        hook_log.write(lines, failed=True, setting="", environ=environ)
         raise click.exceptions.Exit(hooks.EXIT_DRAIN)
-    rc = run(env, os.environ, Slurm(env.cfg.slurm), emit)
-    hook_log.write(lines, failed=rc != 0, setting=env.cfg.slurm.log_file)
+    rc = run(env, environ, Slurm(env.cfg.slurm), emit)
+    hook_log.write(lines, failed=rc != 0, setting=env.cfg.slurm.log_file, environ=environ)
     raise click.exceptions.Exit(rc)
 
 

@@ -14,7 +14,7 @@ import click
 from .. import lifecycle, netfilter
 from ..placement import Request
 from ..ranges import format_index_list
-from .params import GIB, MIB, WorkDir
+from .params import GIB, MIB, WorkDir, request_flags
 
 
 def _progress(name: str, verb: str):
@@ -55,7 +55,8 @@ def create(c, gpu_count, gpu_index, name, image, vcpus, memory, disk_size, data_
         data_disk_gib=data_disk, image=image, owner="domain",
         user=uname, uid=uid, gid=gid, groups=tuple(os.getgrouplist(uname, gid)), home=home,
         workdir=workdir)
-    rec = lifecycle.create(c.env, req, _progress(name, "create"))
+    with request_flags():
+        rec = lifecycle.create(c.env, req, _progress(name, "create"))
     if as_json:
         click.echo(json.dumps(rec.to_json(), indent=2, sort_keys=True))
         return

@@ -62,7 +62,8 @@ EMPTY = Occupancy()
 class Request:
     """A request for a GPU VM.
 
-    ``count``: GPUs wanted. ``gpu_index``: an admin's ``--gpu-index`` (first GPU of the block).
+    ``count``: GPUs wanted. ``gpu_index``: the first GPU of the block an admin asks for (the
+    CLI's ``--gpu-index``).
     ``slurm_gpus``: the indices slurmctld chose (SLURM_JOB_GPUS). Overrides are None for "the
     sizing template's value".
     """

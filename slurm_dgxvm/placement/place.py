@@ -29,7 +29,10 @@ def place(host: Host, taken: Occupancy, request: Request, policy: Policy = Polic
     huge pages when the node has a pool of the configured size. See sizing.py for the templates.
 
     Raises RequestError when the request can never be met on this host (bad count, index,
-    overrides beyond a node's capacity) and NoFit when it cannot be met now.
+    overrides beyond a node's capacity) and NoFit when it cannot be met now. An error about
+    one of the request's quantities names it by the quantity (``vcpus 5``, ``gpu index 3``) and
+    carries it as ``quantity``/``value``: only the caller knows whether it was a CLI flag or a
+    Slurm partition's default, and renames it (``naming``).
 
     Example: 4 GPUs on a DGX-2 with Slurm's choice 5,6,7,11 -> GPUs 4-7 (one baseboard, NUMA 0),
     NVSwitches 0000:65/66/67:00.0, 11 cores = 22 vCPUs from node 0, aligned, remapped.
@@ -44,11 +47,11 @@ def place(host: Host, taken: Occupancy, request: Request, policy: Policy = Polic
         if busy or not _block_free(block, free_gpus, taken):
             what = (f"GPU(s) {format_index_list(busy)} are in use" if busy
                     else "its NVSwitches or Fabric Manager partition are in use")
-            raise NoFit(count=request.count, resource="gpus",
-                        reason=f"block {format_index_list(block.gpus)} (--gpu-index "
-                               f"{request.gpu_index}): {what}")
+            raise NoFit(count=request.count, resource="gpus", quantity="gpu_index",
+                        value=request.gpu_index, where=f"block {format_index_list(block.gpus)}",
+                        reason=what)
         return _build(host, taken, request, policy, block.gpus, block, slurm,
-                      f"--gpu-index {request.gpu_index}: block {format_index_list(block.gpus)}")
+                      f"gpu index {request.gpu_index}: block {format_index_list(block.gpus)}")
 
     free_blocks = [b for b in host.blocks_by_size.get(request.count, ())
                    if _block_free(b, free_gpus, taken)]
@@ -99,11 +102,12 @@ def _validate(host: Host, r: Request) -> None:
     if r.count not in host.block_sizes:
         raise RequestError(reason=f"{r.count} is not a VM size on {host.display_name} "
                                   f"(sizes: {', '.join(map(str, host.block_sizes))})")
-    for name, idx in (("--gpu-index", (r.gpu_index,) if r.gpu_index is not None else ()),
-                      ("Slurm GPU", r.slurm_gpus or ())):
-        for i in idx:
-            if not 0 <= i < n:
-                raise RequestError(reason=f"{name} {i} does not exist (GPUs 0-{n - 1})")
+    if r.gpu_index is not None and not 0 <= r.gpu_index < n:
+        raise RequestError(quantity="gpu_index", value=r.gpu_index,
+                           reason=f"does not exist (GPUs 0-{n - 1})")
+    for i in r.slurm_gpus or ():
+        if not 0 <= i < n:
+            raise RequestError(reason=f"Slurm GPU {i} does not exist (GPUs 0-{n - 1})")
     if r.slurm_gpus is not None:
         if len(set(r.slurm_gpus)) != len(r.slurm_gpus):
             raise RequestError(reason=f"Slurm GPU list {list(r.slurm_gpus)} repeats a GPU")
@@ -111,11 +115,12 @@ def _validate(host: Host, r: Request) -> None:
             raise RequestError(reason=f"Slurm gave {len(r.slurm_gpus)} GPU(s) "
                                       f"({format_index_list(r.slurm_gpus)}) for {r.count}")
     if r.vcpus is not None and r.vcpus < 1:
-        raise RequestError(reason=f"--vcpus {r.vcpus} must be at least 1")
+        raise RequestError(quantity="vcpus", value=r.vcpus, reason="must be at least 1")
     if r.memory_mib is not None and r.memory_mib < 1:
-        raise RequestError(reason=f"--memory {r.memory_mib} MiB must be at least 1 MiB")
+        raise RequestError(quantity="memory_mib", value=r.memory_mib,
+                           reason="must be at least 1 MiB")
     if r.disk_gib is not None and r.disk_gib < 1:
-        raise RequestError(reason=f"--disk-size {r.disk_gib} GiB must be at least 1 GiB")
+        raise RequestError(quantity="disk_gib", value=r.disk_gib, reason="must be at least 1 GiB")
 
 
 def _admin_block(host: Host, r: Request) -> GpuBlock:
@@ -123,8 +128,9 @@ def _admin_block(host: Host, r: Request) -> GpuBlock:
         if b.gpus[0] == r.gpu_index:
             return b
     starts = sorted({b.gpus[0] for b in host.blocks_by_size.get(r.count, ())})
-    raise RequestError(reason=f"--gpu-index {r.gpu_index} is not aligned for {r.count} GPUs "
-                              f"on {host.display_name}: {r.count}-GPU blocks start at "
+    raise RequestError(quantity="gpu_index", value=r.gpu_index,
+                       reason=f"is not aligned for {r.count} GPUs on {host.display_name}: "
+                              f"{r.count}-GPU blocks start at "
                               f"{', '.join(map(str, starts)) or 'no index (none is healthy)'}")
 
 
@@ -247,17 +253,18 @@ def _split_cores(vcpus, nodes, per_node, host, policy, count) -> dict[int, int]:
         return {n: template_cores(host, n, len(per_node[n]), policy) for n in nodes}
     tpc = host.threads_per_core
     if vcpus % tpc:
-        raise RequestError(reason=f"--vcpus {vcpus} is not a multiple of {tpc}: VMs get whole "
-                                  f"cores ({tpc} threads each)")
+        raise RequestError(quantity="vcpus", value=vcpus,
+                           reason=f"is not a multiple of {tpc}: VMs get whole cores ({tpc} "
+                                  f"threads each)")
     cores = vcpus // tpc
     out = _proportional(cores, nodes, per_node)
     for n in nodes:
         cap = len(usable_cores(host, n, policy))
         if out[n] > cap:
-            raise RequestError(reason=f"--vcpus {vcpus} is more than NUMA node(s) "
-                                      f"{format_index_list(nodes)} can give a {count}-GPU VM "
-                                      f"({sum(len(usable_cores(host, m, policy)) for m in nodes) * tpc}"
-                                      " vCPUs at most)")
+            most = sum(len(usable_cores(host, m, policy)) for m in nodes) * tpc
+            raise RequestError(quantity="vcpus", value=vcpus,
+                               reason=f"is more than NUMA node(s) {format_index_list(nodes)} "
+                                      f"can give a {count}-GPU VM ({most} vCPUs at most)")
     return out
 
 
@@ -271,9 +278,9 @@ def _split_memory(memory_mib, nodes, per_node, host, policy, count) -> dict[int,
         page = page_mib(host.node(n), policy)
         out[n] = -(-shares[n] // page) * page          # round up to whole pages
         if out[n] > memory_budget_mib(host.node(n), policy):
-            raise RequestError(reason=f"--memory {memory_mib} MiB is more than NUMA node(s) "
-                                      f"{format_index_list(nodes)} can give a {count}-GPU VM "
-                                      f"({cap_total} MiB at most)")
+            raise RequestError(quantity="memory_mib", value=memory_mib,
+                               reason=f"is more than NUMA node(s) {format_index_list(nodes)} "
+                                      f"can give a {count}-GPU VM ({cap_total} MiB at most)")
     return out
 
 

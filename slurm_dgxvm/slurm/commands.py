@@ -1,22 +1,19 @@
 """The one adapter to Slurm's commands (DESIGN.md, decision 3).
 
-Every call is bounded by ``[slurm] command_timeout_s`` and raises :class:`SlurmCommandError`
-with the command and what it said. Nothing here is on the Prolog's path to a booted VM: the
-hooks use it only to write accounting and, when a job is refused, to cancel or requeue it.
+Every call runs through :func:`~slurm_dgxvm.tools.run_tool`, bounded by ``[slurm]
+command_timeout_s``, and raises :class:`~slurm_dgxvm.errors.SlurmCommandError` with the command
+and what it said. Nothing here is on the Prolog's path to a booted VM: the hooks use it only to
+write accounting and, when a job is refused, to cancel or requeue it.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 
 from ..config import SlurmConfig
-from ..errors import HostError
-
-
-class SlurmCommandError(HostError):
-    template = "slurm: `{command}`: {reason}"
+from ..errors import SlurmCommandError
+from ..tools import output_tail, run_tool
 
 
 @dataclass(frozen=True)
@@ -29,17 +26,13 @@ class Slurm:
     def run(self, name: str, *args: str) -> str:
         argv = [self.tool(name), *args]
         shown = " ".join(argv)
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                                  timeout=self.cfg.command_timeout_s)
-        except FileNotFoundError:
-            raise SlurmCommandError(command=shown, reason="command not found") from None
-        except subprocess.TimeoutExpired:
-            raise SlurmCommandError(command=shown, reason=f"no answer within "
-                                                          f"{self.cfg.command_timeout_s:g}s") from None
+
+        def error(reason: str) -> SlurmCommandError:
+            return SlurmCommandError(command=shown, reason=reason)
+        proc = run_tool(argv, timeout=self.cfg.command_timeout_s, error=error, what=name,
+                        check=False)
         if proc.returncode != 0:
-            said = (proc.stderr or proc.stdout).strip().replace("\n", "; ")
-            raise SlurmCommandError(command=shown, reason=f"exit {proc.returncode}: {said}")
+            raise error(f"exit {proc.returncode}: {output_tail(proc) or 'no output'}")
         return proc.stdout
 
     # -- the job's AdminComment ---------------------------------------------------------------

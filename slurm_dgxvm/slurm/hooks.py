@@ -33,23 +33,17 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from .. import lifecycle
-from ..errors import DgxvmError, DomainNotFound, NoFit
+from ..errors import DgxvmError, DomainNotFound, NoFit, SlurmCommandError
 from ..ranges import format_index_list
 from .accounting import encode, failure_fields, vm_fields
-from .commands import Slurm, SlurmCommandError
+from .commands import Slurm
 from . import jobinput
-from .job import SlurmJob, create_request, domain_for, is_job_fault
+from .job import SlurmJob, create_request, domain_for, is_job_fault, sourced
 
 Emit = Callable[[str], None]
 
 EXIT_OK = 0
 EXIT_DRAIN = 1
-
-
-class Interrupted(DgxvmError):
-    """slurmd stopped the hook (the job was cancelled, or PrologEpilogTimeout passed)."""
-
-    template = "interrupted by signal {signal}"
 
 
 class _Stage:
@@ -150,6 +144,7 @@ def _prolog_failed(env: lifecycle.Env, job_id: int | None, job: SlurmJob | None,
         return EXIT_DRAIN
     where = f"dgxvm prolog: {job.describe() if job else f'job {job_id}'}"
     name = domain_for(env.cfg, job_id)
+    exc = sourced(env.cfg, job, exc)       # a size placement refused: the partition key
     cause = _one_line(env, name, exc)
     gpus = job.gpus if job else ()
     if is_job_fault(exc):

@@ -25,22 +25,19 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 from ..config import Config
-from ..errors import BadInput, ImageError, JobInputError, NameError_, NoFit, RequestError
+from ..errors import (ImageError, JobInputError, JobRefused, NameError_, NoFit, QuantityNamed,
+                      RequestError)
 from ..lifecycle import CreateRequest
 from ..names import image_name
 from ..placement import Request
 from ..ranges import format_index_list
 from . import jobinput
-from .jobinput import NotAJob  # noqa: F401 - re-exported: the hooks and tests name it here
 
 COMMENT_PREFIX = "dgxvm:"
 COMMENT_KEYS = ("image",)
-
-
-class JobRefused(BadInput):
-    """The job asks for something this node will not give it (its fault, not the node's)."""
-
-    template = "{reason}"
+#: The partition key (``[partitions.NAME]``) that sizes each quantity of a job's request.
+PARTITION_KEYS = {"vcpus": "vcpus_per_gpu", "memory_mib": "memory_mib_per_gpu",
+                  "disk_gib": "disk_gib_per_gpu"}
 
 
 @dataclass(frozen=True)
@@ -175,6 +172,30 @@ def create_request(cfg: Config, job: SlurmJob, images, home: str | None = None) 
         user=job.user, uid=job.uid, gid=job.gid, groups=job.groups,
         home=home if home is not None else job.home, workdir=job.work_dir,
         alignment=part.alignment or None)
+
+
+def partition_table(cfg: Config, partition: str | None) -> str | None:
+    """The config table whose defaults a job of ``partition`` gets (``partitions.gpu``,
+    ``partitions.default``), as :meth:`Config.partition` chooses it; None for the built-in
+    defaults."""
+    if (partition or "") in cfg.partitions:
+        return f"partitions.{partition}"
+    return "partitions.default" if "default" in cfg.partitions else None
+
+
+def sourced(cfg: Config, job: SlurmJob | None, exc: BaseException) -> BaseException:
+    """``exc`` naming where a job's quantity came from, when placement refused one: the
+    partition key that sized it, e.g. ``vcpus 5 (partitions.gpu.vcpus_per_gpu 5 x 1 GPU)``.
+    A Slurm job has no CLI flags; any other error is returned as it is."""
+    if job is None or not isinstance(exc, QuantityNamed):
+        return exc
+    key = PARTITION_KEYS.get(exc.quantity)
+    table = partition_table(cfg, job.partition)
+    if key is None or table is None:
+        return exc
+    per_gpu = getattr(cfg.partition(job.partition), key)
+    n = len(job.gpus)
+    return exc.naming(f"{exc.subject} ({table}.{key} {per_gpu} x {n} GPU{'s' if n != 1 else ''})")
 
 
 def is_job_fault(exc: BaseException) -> bool:

@@ -35,7 +35,7 @@ import re
 from typing import Mapping
 
 from ..config import PARTITION_NAME
-from ..errors import BadInput, GpuListError, JobInputError
+from ..errors import GpuListError, JobInputError, NotAJob
 from ..names import account_name_problem, path_problem
 from ..ranges import parse_index_list
 
@@ -47,12 +47,6 @@ COMMENT_MAX = 4096
 GROUPS_MAX = 1024                 # supplementary groups carried into the guest
 
 _DECIMAL = re.compile(r"[0-9]{1,20}")
-
-
-class NotAJob(BadInput):
-    """The hook was not run by slurmd for a job (no job id to refuse): the node's problem."""
-
-    template = "not run by slurmd for a job: {reason}"
 
 
 SHOWN_MAX = 200                   # characters of a bad value a log line repeats

@@ -20,9 +20,9 @@ import pytest
 
 from slurm_dgxvm import config as config_mod
 from slurm_dgxvm.cli.main import main
-from slurm_dgxvm.errors import JobInputError
+from slurm_dgxvm.errors import JobInputError, NotAJob
 from slurm_dgxvm.names import account_name_problem, path_problem
-from slurm_dgxvm.slurm.job import NotAJob, SlurmJob, create_request, is_job_fault
+from slurm_dgxvm.slurm.job import SlurmJob, create_request, is_job_fault
 from test_slurm_hooks import ENV, World, image_store  # noqa: F401 - image_store is a fixture
 
 KIB10 = 10 * 1024

@@ -287,6 +287,22 @@ def test_xorriso_failing(spec, tmp_path, monkeypatch):
     assert (out_dir / "seed.iso").read_text() == "previous"
 
 
+def test_a_hanging_xorriso_is_bounded(spec, tmp_path, monkeypatch):
+    import slurm_dgxvm.seed as seed_mod
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "xorriso").write_text("#!/bin/sh\nexec sleep 30\n")
+    (bin_dir / "xorriso").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(seed_mod, "TOOL_TIMEOUT_S", 0.3)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(SeedError, match="xorriso did not finish in 0.3s") as err:
+        write_seed(spec, out_dir / "seed.iso", name="vm0")
+    assert err.value.exit_code == 3
+    assert list(out_dir.iterdir()) == []
+
+
 def test_missing_output_directory(spec, tmp_path):
     with pytest.raises(SeedError, match="does not exist"):
         write_seed(spec, tmp_path / "nope" / "seed.iso", name="vm0")

@@ -118,6 +118,28 @@ def test_fragmentation_under_strict_requeues_the_job(world):
     assert job_key(42) not in world.env.ledger.read().allocations
 
 
+@pytest.mark.parametrize("partitions, gpus, named", [
+    ({"batch": {"vcpus_per_gpu": 5}}, "0",
+     "vcpus 5 (partitions.batch.vcpus_per_gpu 5 x 1 GPU) is not a multiple of 2"),
+    ({"default": {"memory_mib_per_gpu": 10 ** 7}}, "0,1,2,3",
+     "memory 40000000 MiB (partitions.default.memory_mib_per_gpu 10000000 x 4 GPUs) is more "
+     "than NUMA node(s) 0"),
+])
+def test_a_size_placement_refuses_names_the_partition_key_not_a_flag(tmp_path, trees,
+                                                                      image_store, partitions,
+                                                                      gpus, named):
+    """A Slurm job has no --vcpus or --memory: its sizes are its partition's defaults, and the
+    refusal names the key an admin must change (the job is cancelled, the node stays)."""
+    w = World(tmp_path, trees, image_store, partitions=partitions)
+    assert w.prolog(SLURM_JOB_GPUS=gpus) == 0
+    [line] = w.lines
+    assert named in line and "--" not in line, line
+    assert line.endswith("job cancelled, node stays in service")
+    assert w.calls()[-1] == "scancel 42"
+    assert named in w.admin_comment()["cause"]
+    assert w.env.ledger.read().allocations == {}
+
+
 def test_a_job_that_cannot_be_cancelled_drains(tmp_path, trees, image_store):
     w = World(tmp_path, trees, image_store, fail="scancel")
     assert w.prolog(SLURM_JOB_COMMENT="dgxvm:image=nope") == 1

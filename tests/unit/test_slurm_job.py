@@ -8,11 +8,10 @@ import subprocess
 import pytest
 
 from slurm_dgxvm import config as config_mod
-from slurm_dgxvm.errors import (HypervisorError, ImageError, JobInputError, LedgerError, NoFit,
-                                RequestError, ShareRefused)
+from slurm_dgxvm.errors import (HypervisorError, ImageError, JobInputError, JobRefused,
+                                LedgerError, NoFit, NotAJob, RequestError, ShareRefused)
 from slurm_dgxvm.images import ImageStore
-from slurm_dgxvm.slurm.job import (JobRefused, NotAJob, SlurmJob, create_request, domain_for,
-                                   is_job_fault, parse_comment)
+from slurm_dgxvm.slurm.job import SlurmJob, create_request, domain_for, is_job_fault, parse_comment
 
 ENV = {"SLURM_JOB_ID": "42", "SLURM_JOB_UID": "1001", "SLURM_JOB_GID": "1002",
        "SLURM_JOB_USER": "alice", "SLURM_JOB_GPUS": "0,1,2,3", "SLURM_JOB_WORK_DIR": "/home/a/w",

@@ -1,0 +1,44 @@
+"""The adapter to Slurm's commands: a missing, failing or hanging command is a SlurmCommandError
+(exit 3) naming the command and what it said."""
+
+from __future__ import annotations
+
+import pytest
+
+from slurm_dgxvm.config import SlurmConfig
+from slurm_dgxvm.errors import EXIT_HOST, SlurmCommandError
+from slurm_dgxvm.slurm.commands import Slurm
+
+
+def slurm_with(tmp_path, script: str | None, timeout: float = 5) -> Slurm:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    if script is not None:
+        (bindir / "scancel").write_text(script)
+        (bindir / "scancel").chmod(0o755)
+    return Slurm(SlurmConfig(bin_dir=str(bindir), command_timeout_s=timeout))
+
+
+def test_output_is_returned_in_the_c_locale(tmp_path):
+    s = slurm_with(tmp_path, '#!/bin/sh\necho "$LC_ALL $*"\n')
+    assert s.run("scancel", "7") == "C 7\n"
+
+
+def test_a_refusing_command_names_itself_its_status_and_what_it_said(tmp_path):
+    s = slurm_with(tmp_path, "#!/bin/sh\necho 'scancel: error: Invalid job id' >&2\nexit 1\n")
+    with pytest.raises(SlurmCommandError) as info:
+        s.cancel(7)
+    assert str(info.value) == (f"slurm: `{tmp_path}/bin/scancel 7`: exit 1: "
+                               "scancel: error: Invalid job id")
+    assert info.value.exit_code == EXIT_HOST
+
+
+def test_a_missing_command(tmp_path):
+    with pytest.raises(SlurmCommandError, match=r"scancel not found"):
+        slurm_with(tmp_path, None).cancel(7)
+
+
+def test_a_hanging_command_is_bounded_by_command_timeout_s(tmp_path):
+    s = slurm_with(tmp_path, "#!/bin/sh\nexec sleep 30\n", timeout=0.3)
+    with pytest.raises(SlurmCommandError, match=r"scancel did not finish in 0.3s"):
+        s.cancel(7)
