@@ -130,7 +130,8 @@ class Fabric:
         cmd = shlex.join(argv)
         r = run_tool(argv, timeout=self.timeout_s, what=f"`{cmd}`", check=False,
                      error=lambda reason: FabricError(partition=partition, reason=reason),
-                     hint="; install NVIDIA Fabric Manager or set fabric.fmpm")
+                     hint="; install NVIDIA Fabric Manager or set fabric.fmpm",
+                     timeout_hint=" (is nvidia-fabricmanager running?)")
         if r.returncode != 0:              # fmpm's own status, decoded: build the message here
             raise FabricError(partition=partition,
                               reason=f"{what} failed: `{cmd}` {_status(r.returncode)}: "

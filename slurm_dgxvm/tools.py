@@ -34,14 +34,15 @@ def output_tail(result: subprocess.CompletedProcess, limit: int = TAIL_CHARS) ->
 
 
 def run_tool(argv: Sequence[str], *, timeout: float, error: Callable[[str], Exception],
-             what: str | None = None, hint: str = "", check: bool = True,
+             what: str | None = None, hint: str = "", timeout_hint: str = "", check: bool = True,
              input: str | None = None, env: dict[str, str] | None = None,
              limit: int = TAIL_CHARS) -> subprocess.CompletedProcess:
     """Run ``argv`` and return its CompletedProcess (text stdout and stderr).
 
     ``what`` names the run in messages (default: the command line). Raises ``error(reason)``
     when the program is missing (``"<prog> not found<hint>"``), not executable, does not finish
-    within ``timeout`` seconds (it is killed), or, with ``check``, exits non-zero
+    within ``timeout`` seconds (it is killed; ``timeout_hint`` says what to look at), or, with
+    ``check``, exits non-zero
     (``"<what> failed (exit N): <tail of its output>"``). With ``check=False`` the caller reads
     the exit status itself.
     """
@@ -58,7 +59,7 @@ def run_tool(argv: Sequence[str], *, timeout: float, error: Callable[[str], Exce
     except PermissionError:
         raise error(f"{argv[0]} is not executable") from None
     except subprocess.TimeoutExpired:
-        raise error(f"{what} did not finish in {timeout:g}s") from None
+        raise error(f"{what} did not finish in {timeout:g}s{timeout_hint}") from None
     if check and result.returncode != 0:
         raise error(f"{what} failed (exit {result.returncode}): "
                     f"{output_tail(result, limit) or 'no output'}")

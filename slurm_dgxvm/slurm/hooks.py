@@ -34,6 +34,7 @@ from typing import Callable, Mapping
 
 from .. import lifecycle
 from ..errors import DgxvmError, DomainNotFound, NoFit, SlurmCommandError
+from ..fsutil import atomic_write
 from ..ranges import format_index_list
 from .accounting import encode, failure_fields, vm_fields
 from .commands import Slurm
@@ -66,9 +67,7 @@ def _one_line(env: lifecycle.Env, name: str, exc: BaseException) -> str:
     try:                               # root's only: a console tail may show the job's secrets
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(path.parent, 0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
+        atomic_write(path, text + "\n", mode=0o600)
         return f"{first} (full text: {path})"
     except OSError:
         return first + " | " + rest.strip().replace("\n", " | ")[-300:]
