@@ -44,7 +44,7 @@ class BenchNode:
         self.name, self.network, self.cidr, self.vm = name, network, cidr, vm
         self.image_dir, self.dirs = image_dir, dirs
 
-    def __enter__(self) -> "BenchNode":
+    def __enter__(self) -> BenchNode:
         self.base = base = Path(tempfile.mkdtemp(prefix=f"dgxvm-{self.name}-", dir="/var/tmp"))
         os.chmod(base, 0o755)
         for sub in ("state", "images", *self.dirs):

@@ -106,8 +106,8 @@ def measure(node: BenchNode, wd: Path, runs: int, rows: dict[str, list[list[floa
         got = dict((k, f()) for k, f in (order if i % 2 == 0 else order[::-1]))
         rows["as the job's user (dgxvm)"].append(got["user"])
         rows["root virtiofsd"].append(got["root"])
-        print(f"run {i}: user {['%.2f' % x for x in got['user']]}  "
-              f"root {['%.2f' % x for x in got['root']]}", flush=True)
+        print(f"run {i}: user {[f'{x:.2f}' for x in got['user']]}  "
+              f"root {[f'{x:.2f}' for x in got['root']]}", flush=True)
     node.dgxvm("delete", "--domain", "sb")
     conn.close()
 

@@ -84,7 +84,7 @@ def main() -> int:
                  if (rec := decode(r["AdminComment"])) and rec.get("lock_s")]
 
     med = {k: statistics.median(v) for k, v in lat.items()}
-    print("\nsubmit -> batch start (median of %d runs, seconds)" % args.runs)
+    print(f"\nsubmit -> batch start (median of {args.runs} runs, seconds)")
     print(f"{'job':<8} {'dgxvm Prolog':>13} {'no-op Prolog':>13} {'VM overhead':>12} "
           f"{'raw guest boot':>15}")
     raw_med = statistics.median(raw)

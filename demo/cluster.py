@@ -27,7 +27,8 @@ set -e
 eval "$(dgxvm job --env)"
 echo "job $SLURM_JOB_ID: my VM is $DGXVM_DOMAIN at $DGXVM_ADDRESS"
 $DGXVM_SSH 'echo "inside: $(hostname), uid $(id -u), $(nproc) vCPU, kernel $(uname -r)"'
-$DGXVM_SSH "test -f $PWD/slurm-$SLURM_JOB_ID.out" && echo "the guest sees this job's output file in $PWD: the work dir is shared"
+$DGXVM_SSH "test -f $PWD/slurm-$SLURM_JOB_ID.out" &&
+    echo "the guest sees this job's output file in $PWD: the work dir is shared"
 sleep {hold}
 """
 

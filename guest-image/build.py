@@ -83,8 +83,8 @@ def log(msg: str) -> None:
 def run(cmd: list[str], *, cwd: Path | None = None, check: bool = True,
         env: dict | None = None) -> subprocess.CompletedProcess:
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True,
+                              stdin=subprocess.DEVNULL)
     except FileNotFoundError as exc:
         raise BuildError(f"{cmd[0]} not found: {exc}") from None
     if check and proc.returncode != 0:
@@ -184,7 +184,7 @@ def download(packages: dict[str, dict[str, str]], debs: Path) -> dict[str, Path]
             log("apt-get download failed; running apt-get update and retrying")
             run(["apt-get", "update", "-qq"], env=APT_ENV)
             run(args, cwd=debs, env=APT_ENV)
-    for name, p in paths.items():
+    for p in paths.values():
         if not p.is_file():
             raise BuildError(f"apt-get download did not produce {p.name}")
     # keep the download cache bounded: drop superseded versions (and partial downloads)
@@ -399,7 +399,7 @@ def install_overlay(src: Path, root: Path) -> None:
 
 
 def build_rootfs(debs: dict[str, Path], root: Path) -> None:
-    for name, deb in debs.items():
+    for deb in debs.values():
         run(["dpkg-deb", "-x", str(deb), str(root)])
     for rel in PRUNE:
         shutil.rmtree(root / rel, ignore_errors=True)

@@ -141,7 +141,7 @@ class LibvirtStack:
 
     # -- context manager -------------------------------------------------------------------
 
-    def __enter__(self) -> "LibvirtStack":
+    def __enter__(self) -> LibvirtStack:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -149,7 +149,7 @@ class LibvirtStack:
 
     # -- public ----------------------------------------------------------------------------
 
-    def start(self) -> "LibvirtStack":
+    def start(self) -> LibvirtStack:
         if len(self._daemons):
             raise RuntimeError("LibvirtStack already started")
         t0 = time.monotonic()
@@ -261,7 +261,7 @@ class LibvirtStack:
         for path in (LIBVIRT_SOCK, VIRTLOGD_SOCK):
             if _socket_answers(path):
                 found.append(f"{path} answers")
-        for name, path in PID_FILES.items():
+        for path in PID_FILES.values():
             pid = _read_pid_file(path)
             if pid is not None and _alive(pid):
                 found.append(f"{path} names live pid {pid} ({_exe(pid) or '?'})")

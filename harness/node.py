@@ -165,13 +165,13 @@ class LocalNode:
     def workdir(self) -> Path:
         return self.base / "work"
 
-    def __enter__(self) -> "LocalNode":
+    def __enter__(self) -> LocalNode:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "LocalNode":
+    def start(self) -> LocalNode:
         t0 = time.monotonic()
         self.base = Path(tempfile.mkdtemp(prefix="dgxvm-node-", dir="/var/tmp"))
         os.chmod(self.base, 0o755)        # QEMU (libvirt-qemu) reaches the disks through it

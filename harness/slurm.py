@@ -243,7 +243,7 @@ class SlurmCluster:
 
     # -- context manager -------------------------------------------------------------------
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -251,7 +251,7 @@ class SlurmCluster:
 
     # -- public ----------------------------------------------------------------------------
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         if self._started or len(self._daemons):
             raise RuntimeError("SlurmCluster already started")
         t0 = time.monotonic()

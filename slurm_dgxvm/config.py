@@ -136,7 +136,7 @@ class Config:
         return HUGEPAGE_SIZES[self.placement.hugepage_size]
 
     def with_overrides(self, *, sysfs_root: str | None = None,
-                       state_dir: str | None = None) -> "Config":
+                       state_dir: str | None = None) -> Config:
         host = self.host
         if sysfs_root:
             host = replace(host, sysfs_root=sysfs_root)

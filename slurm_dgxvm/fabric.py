@@ -66,7 +66,7 @@ class Fabric:
         self.timeout_s = float(timeout_s)
 
     @classmethod
-    def from_config(cls, cfg) -> "Fabric":
+    def from_config(cls, cfg) -> Fabric:
         return cls(cfg.fabric.fmpm, cfg.fabric.timeout_s)
 
     def list(self) -> dict[int, bool]:

@@ -220,7 +220,7 @@ class Allocation:
     @classmethod
     def from_placement(cls, key: str, placement: Placement, *, owner: str,
                        job_id: int | None = None, domain: str, user: str | None = None,
-                       now: float | None = None) -> "Allocation":
+                       now: float | None = None) -> Allocation:
         """The record of what ``placement`` takes. ``now`` defaults to ``time.time()``.
 
         The CPUs recorded are the pinned vCPU CPUs (``placement.cpus``), exactly what
@@ -275,7 +275,7 @@ class Allocation:
         }
 
     @classmethod
-    def from_json(cls, data: Any) -> "Allocation":
+    def from_json(cls, data: Any) -> Allocation:
         """Parse one record strictly: every field present, no unknown field, right types.
 
         Raises ``ValueError`` naming the problem.

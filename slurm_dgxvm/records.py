@@ -83,7 +83,7 @@ class VmRecord:
         return {"format": FORMAT, "version": VERSION, **doc}
 
     @classmethod
-    def from_json(cls, doc: Any, path: str) -> "VmRecord":
+    def from_json(cls, doc: Any, path: str) -> VmRecord:
         """Parse a record; RecordCorrupt naming ``path`` and the problem otherwise."""
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
             raise RecordCorrupt(path=path, reason=f"not a {FORMAT} v{VERSION} record")
@@ -98,7 +98,7 @@ class VmRecord:
         except (TypeError, ValueError) as exc:
             raise RecordCorrupt(path=path, reason=str(exc)) from exc
 
-    def with_(self, **changes) -> "VmRecord":
+    def with_(self, **changes) -> VmRecord:
         return replace(self, **changes)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 TAIL_CHARS = 600
 

@@ -45,7 +45,7 @@ def _hook(c, which: str, run) -> None:
         emit(f"dgxvm {which}: job {environ.get('SLURM_JOB_ID', '?')}: failed at reading the "
              f"config: {exc}; exit 1 drains the node")
         hook_log.write(lines, failed=True, setting="", environ=environ)
-        raise click.exceptions.Exit(hooks.EXIT_DRAIN)
+        raise click.exceptions.Exit(hooks.EXIT_DRAIN) from None
     rc = run(env, environ, Slurm(env.cfg.slurm), emit)
     hook_log.write(lines, failed=rc != 0, setting=env.cfg.slurm.log_file, environ=environ)
     raise click.exceptions.Exit(rc)

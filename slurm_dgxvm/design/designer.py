@@ -57,7 +57,7 @@ class VmInputs:
 def mac_for(name: str) -> str:
     """A stable locally-administered MAC for a domain name (QEMU's 52:54:00 prefix)."""
     h = hashlib.sha256(name.encode()).digest()
-    return "52:54:00:%02x:%02x:%02x" % (h[0], h[1], h[2])
+    return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"
 
 
 def share_tag(path: str) -> str:

@@ -26,7 +26,7 @@ class RealHost:
     hugepages_kib: tuple[int, ...]     # page sizes with free pages
 
     @classmethod
-    def probe(cls, sys_root: str = "/sys") -> "RealHost":
+    def probe(cls, sys_root: str = "/sys") -> RealHost:
         """Read the real /sys (never the simulated tree): our CPUs, nodes, free hugepages."""
         cpus = tuple(sorted(os.sched_getaffinity(0)))
         nodes_file = Path(sys_root, "devices/system/node/online")

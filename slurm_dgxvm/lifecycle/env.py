@@ -5,7 +5,7 @@ the libvirt connection."""
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Callable
+from collections.abc import Callable
 
 from .. import hypervisor
 from ..config import Config

@@ -34,7 +34,7 @@ class VmRow:
     boot_s: float | None
 
     @classmethod
-    def of_record(cls, rec: VmRecord, state: str, *, held: bool, now: float) -> "VmRow":
+    def of_record(cls, rec: VmRecord, state: str, *, held: bool, now: float) -> VmRow:
         a, p = rec.allocation, rec.placement
         return cls(
             name=rec.name, state=state, job_id=rec.job_id, user=rec.user, gpus=list(a.gpus),
@@ -46,7 +46,7 @@ class VmRow:
             held=held, fitted=list(rec.fitted), boot_s=rec.boot_s)
 
     @classmethod
-    def of_allocation(cls, alloc: Allocation) -> "VmRow":
+    def of_allocation(cls, alloc: Allocation) -> VmRow:
         """A ledger entry whose VM has no record (a crash between the two)."""
         return cls(
             name=alloc.domain, state="no-record", job_id=alloc.job_id, user=alloc.user,

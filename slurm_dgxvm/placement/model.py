@@ -39,7 +39,7 @@ class Occupancy:
             other.gpus, other.nvswitches, other.cpus, dict(other.memory_mib), other.fm_partitions)
 
     @classmethod
-    def union(cls, parts: Iterable["Occupancy"]) -> "Occupancy":
+    def union(cls, parts: Iterable[Occupancy]) -> Occupancy:
         gpus: set[str] = set()
         sws: set[str] = set()
         cpus: set[int] = set()
@@ -165,7 +165,7 @@ class Placement:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "Placement":
+    def from_json(cls, data: dict) -> Placement:
         """The inverse of :meth:`to_json` (the derived keys are recomputed from the cells).
 
         Raises ValueError, KeyError or TypeError on a document that is not one.

@@ -10,7 +10,11 @@ from .sizing import (Policy, disk_gib, hugepages_for, memory_budget_mib, page_mi
                      template_cores, template_memory_mib, usable_cores)
 
 
-def place(host: Host, taken: Occupancy, request: Request, policy: Policy = Policy()) -> Placement:
+DEFAULT_POLICY = Policy()      # frozen: one shared default is safe
+
+
+def place(host: Host, taken: Occupancy, request: Request,
+          policy: Policy = DEFAULT_POLICY) -> Placement:
     """Choose the GPUs, NVSwitches or FM partition, cores and memory for one VM.
 
     Order of choice:

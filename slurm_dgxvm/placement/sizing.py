@@ -32,7 +32,7 @@ class Policy:
     min_disk_gib: int = 32
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "Policy":
+    def from_config(cls, cfg: Config) -> Policy:
         p = cfg.placement
         return cls(alignment=p.alignment, reserved_cores_per_node=p.reserved_cores_per_node,
                    reserved_memory_mib_per_node=p.reserved_memory_mib_per_node,

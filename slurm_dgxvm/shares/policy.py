@@ -18,7 +18,7 @@ import socket
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import ShareRefused
 from ..fsutil import atomic_write_json
@@ -41,7 +41,7 @@ class ShareSpec:
         return {**asdict(self), "groups": list(self.groups)}
 
     @classmethod
-    def from_json(cls, doc: dict) -> "ShareSpec":
+    def from_json(cls, doc: dict) -> ShareSpec:
         return cls(path=doc["path"], uid=int(doc["uid"]), gid=int(doc["gid"]),
                    groups=tuple(int(g) for g in doc["groups"]), dev=int(doc["dev"]),
                    ino=int(doc["ino"]))
@@ -51,7 +51,7 @@ class ShareSpec:
         atomic_write_json(path, self.to_json(), mode=0o600)
 
     @classmethod
-    def load(cls, path: Path) -> "ShareSpec":
+    def load(cls, path: Path) -> ShareSpec:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 CLONE_NEWUSER = 0x10000000
 PR_SET_KEEPCAPS = 8

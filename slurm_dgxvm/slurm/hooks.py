@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from .. import lifecycle
 from ..errors import DgxvmError, DomainNotFound, NoFit, SlurmCommandError

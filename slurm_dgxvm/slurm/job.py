@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..config import Config
 from ..errors import (ImageError, JobInputError, JobRefused, NameError_, NoFit, QuantityNamed,
@@ -55,7 +55,7 @@ class SlurmJob:
     groups: tuple[int, ...] = ()      # the user's supplementary gids (on_this_host)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "SlurmJob":
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> SlurmJob:
         """The job slurmd describes in ``environ``, every value checked for its form
         (:mod:`.jobinput`). Raises NotAJob when the job id or a variable slurmd always sets is
         missing (nothing to refuse), JobInputError naming the variable for a bad value."""
@@ -74,7 +74,7 @@ class SlurmJob:
                    comment=jobinput.comment(e.get("SLURM_JOB_COMMENT")),
                    node=e.get("SLURMD_NODENAME") or None)
 
-    def on_this_host(self) -> "SlurmJob":
+    def on_this_host(self) -> SlurmJob:
         """This job with its user's home and groups from the host's accounts, after checking
         that SLURM_JOB_USER is the name of SLURM_JOB_UID and SLURM_JOB_GID exists (neither
         root). Raises JobInputError naming the value that does not fit."""

@@ -32,7 +32,7 @@ import grp
 import os
 import pwd
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..config import PARTITION_NAME
 from ..errors import GpuListError, JobInputError, NotAJob

@@ -10,7 +10,6 @@ tests/integration/probe_sensitivity.py -q -s -p no:cacheprovider
 
 from __future__ import annotations
 
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 
@@ -53,7 +52,7 @@ def test_every_attack_succeeds_without_the_protections(vmenv, pair, listeners):
     results["A -> B sshd"] = "SSH-" in banner(dom_a, b, 22)
     results["A -> gateway tcp/8000 (not listed)"] = "HTTP" in banner(dom_a, GATEWAY, CLOSED_TCP)
     guest_exec(dom_a, f"ip route add {b}/32 via {GATEWAY} dev eth0")
-    guest_exec(dom_a, f"ip neigh flush dev eth0")
+    guest_exec(dom_a, "ip neigh flush dev eth0")
     results["A -> B via gateway route"] = "SSH-" in banner(dom_a, b, 22)
     guest_exec(dom_a, f"ip route del {b}/32")
     guest_exec(dom_a, "kill $(cat /run/udhcpc.eth0.pid); "

@@ -14,8 +14,7 @@ import pytest
 
 from slurm_dgxvm import config as config_mod
 from slurm_dgxvm.errors import ConfigError
-from slurm_dgxvm.netfilter import (HostService, network_info, parse_service, removal, ruleset,
-                                   table_name)
+from slurm_dgxvm.netfilter import (HostService, network_info, parse_service, removal, ruleset)
 
 DGXVM = Path(sys.executable).with_name("dgxvm")
 

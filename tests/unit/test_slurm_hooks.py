@@ -149,7 +149,7 @@ def test_a_job_that_cannot_be_cancelled_drains(tmp_path, trees, image_store):
 def test_accounting_that_fails_does_not_fail_the_job(tmp_path, trees, image_store):
     w = World(tmp_path, trees, image_store, fail="AdminComment")
     assert w.prolog(SLURM_JOB_COMMENT="dgxvm:image=nope") == 0
-    assert any("accounting not written (the job is not affected)" in l for l in w.lines)
+    assert any("accounting not written (the job is not affected)" in line for line in w.lines)
 
 
 def test_not_a_job_drains(world):
