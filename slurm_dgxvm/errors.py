@@ -157,6 +157,12 @@ class ShareRefused(JobInputError):
     template = "work dir {value!r} is not shared into the VM: {reason}"
 
 
+class ContainerRefError(BadInput):
+    """A ``--container-image`` reference that is not one (pyxis/enroot syntax, or Docker's)."""
+
+    template = "container image {value!r}: {reason}"
+
+
 class DomainNotFound(BadInput):
     template = "no dgxvm domain named {name}"
 

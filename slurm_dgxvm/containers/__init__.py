@@ -1,0 +1,1 @@
+"""Containers for ``dgxvm run``: image references (:mod:`.ref`, pure)."""
