@@ -163,6 +163,12 @@ class ContainerRefError(BadInput):
     template = "container image {value!r}: {reason}"
 
 
+class ContainerMountError(BadInput):
+    """A ``--container-mounts`` entry that is not ``SRC[:DST[:FLAGS]]`` as pyxis takes it."""
+
+    template = "--container-mounts entry {value!r}: {reason}"
+
+
 class DomainNotFound(BadInput):
     template = "no dgxvm domain named {name}"
 
