@@ -135,7 +135,7 @@ class Fabric:
         if r.returncode != 0:              # fmpm's own status, decoded: build the message here
             raise FabricError(partition=partition,
                               reason=f"{what} failed: `{cmd}` {_status(r.returncode)}: "
-                                     f"{output_tail(r) or 'no output'}", returncode=r.returncode)
+                                     f"{output_tail(r)}", returncode=r.returncode)
         return r
 
 

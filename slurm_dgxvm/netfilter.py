@@ -223,7 +223,7 @@ def _nft(script: str, network: str) -> None:
                  error=lambda reason: FirewallError(network=network, reason=reason))
     if r.returncode != 0:
         raise FirewallError(network=network, reason=f"{NFT} -f - exited {r.returncode}: "
-                                                    f"{output_tail(r) or 'no output'}")
+                                                    f"{output_tail(r)}")
 
 
 def network_hook(network: str, op: str, sub_op: str, read_xml, *, own_network: str,

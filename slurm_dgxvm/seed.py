@@ -305,7 +305,7 @@ def write_seed(spec: SeedSpec, out: Path, *, name: str) -> Path:
                         error=lambda reason: SeedError(name=name, reason=reason))
         if not iso.is_file():
             raise SeedError(name=name, reason=f"xorriso failed (exit 0, no image): "
-                                              f"{output_tail(proc) or 'no output'}")
+                                              f"{output_tail(proc)}")
         os.chmod(iso, 0o600)
         os.replace(iso, out)
     except OSError as exc:

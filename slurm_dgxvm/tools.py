@@ -28,9 +28,10 @@ def tail(text: str | bytes | None, limit: int = TAIL_CHARS) -> str:
 
 
 def output_tail(result: subprocess.CompletedProcess, limit: int = TAIL_CHARS) -> str:
-    """:func:`tail` of what a finished tool said on stderr and stdout (stderr first)."""
+    """:func:`tail` of what a finished tool said on stderr and stdout (stderr first), or
+    ``"no output"`` when it said nothing: what every error about a tool's run quotes."""
     said = "\n".join(s for s in (result.stderr, result.stdout) if s and s.strip())
-    return tail(said, limit)
+    return tail(said, limit) or "no output"
 
 
 def run_tool(argv: Sequence[str], *, timeout: float, error: Callable[[str], Exception],
@@ -62,7 +63,7 @@ def run_tool(argv: Sequence[str], *, timeout: float, error: Callable[[str], Exce
         raise error(f"{what} did not finish in {timeout:g}s{timeout_hint}") from None
     if check and result.returncode != 0:
         raise error(f"{what} failed (exit {result.returncode}): "
-                    f"{output_tail(result, limit) or 'no output'}")
+                    f"{output_tail(result, limit)}")
     return result
 
 

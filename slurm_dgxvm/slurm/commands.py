@@ -32,7 +32,7 @@ class Slurm:
         proc = run_tool(argv, timeout=self.cfg.command_timeout_s, error=error, what=name,
                         check=False)
         if proc.returncode != 0:
-            raise error(f"exit {proc.returncode}: {output_tail(proc) or 'no output'}")
+            raise error(f"exit {proc.returncode}: {output_tail(proc)}")
         return proc.stdout
 
     # -- the job's AdminComment ---------------------------------------------------------------

@@ -60,3 +60,9 @@ def test_tail_is_one_line_and_bounded():
     assert tail(None) == ""
     r = run(["sh", "-c", "echo 1234567890 >&2"], check=False)
     assert output_tail(r, limit=4) == "…7890"
+    assert output_tail(run(["true"])) == "no output"      # what an error quotes of a silent tool
+
+
+def test_a_silent_failure_says_so():
+    with pytest.raises(ToolFailed, match=r"^false failed \(exit 1\): no output$"):
+        run(["false"], what="false")
