@@ -18,7 +18,6 @@ this module is pure.
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 
 from ..errors import ContainerMountError
@@ -47,10 +46,10 @@ def _path(entry: str, what: str, value: str) -> str:
         raise bad("is not an absolute path")
     if any(not c.isprintable() for c in value):
         raise bad("has control characters")
-    parts = value.split("/")
+    parts = [p for p in value.split("/") if p]
     if any(p in (".", "..") for p in parts):
         raise bad("has a '.' or '..' component")
-    return posixpath.normpath(value) if value != "/" else value
+    return "/" + "/".join(parts)      # not normpath: it keeps a leading "//" (POSIX), "/" in disguise
 
 
 def parse_one(entry: str) -> Mount:

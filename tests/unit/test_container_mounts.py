@@ -29,6 +29,8 @@ def test_the_issues_example_and_pyxis_forms():
     ("/data:data", "/data:data", "destination 'data' is not an absolute path"),
     ("/data:/", "/data:/", "the destination cannot be /"),
     ("/", "/", "the destination cannot be /"),
+    ("/data://", "/data://", "the destination cannot be /"),
+    ("//", "//", "the destination cannot be /"),
     ("/x/../etc:/etc2", "/x/../etc:/etc2", "'..' component"),
     ("/x:/y/./z", "/x:/y/./z", "'.' or '..' component"),
     ("/x:/y:ro:extra", "/x:/y:ro:extra", "more than SRC:DST:FLAGS"),
