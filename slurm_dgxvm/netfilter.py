@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FirewallError
-from .fsutil import atomic_write
+from .fsutil import atomic_write_json
 from .tools import output_tail, run_tool
 
 PROTOCOLS = ("tcp", "udp")
@@ -210,11 +210,10 @@ def drop_marker(network: str) -> None:
 def _write_marker(info: NetworkInfo, services) -> None:
     path = marker_path(info.name)
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    atomic_write(path, json.dumps({"network": info.name, "uuid": info.uuid,
-                                   "bridge": info.bridge, "gateway": info.gateway,
-                                   "table": f"inet {table_name(info.name)}",
-                                   "allow_host_services": [str(s) for s in services],
-                                   "applied": time.time()}, indent=2) + "\n", mode=0o644)
+    atomic_write_json(path, {"network": info.name, "uuid": info.uuid, "bridge": info.bridge,
+                             "gateway": info.gateway, "table": f"inet {table_name(info.name)}",
+                             "allow_host_services": [str(s) for s in services],
+                             "applied": time.time()}, mode=0o644, indent=2)
 
 
 def _nft(script: str, network: str) -> None:
