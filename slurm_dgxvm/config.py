@@ -91,6 +91,8 @@ class SlurmConfig:
     accounting: bool = True                   # write the VM record into the job's AdminComment
     domain_prefix: str = "job-"               # a job's VM is the domain <prefix><job id>
     log_file: str = "auto"                    # where hooks' lines go on success (see etc/)
+    constrain_devices: bool = False           # cgroup.conf ConstrainDevices=yes: Slurm's
+                                              # CUDA_VISIBLE_DEVICES is job-relative already
 
 
 @dataclass(frozen=True)

@@ -260,6 +260,15 @@ class GuestTimeout(VmError):
                 "serial console tail:\n{tail}")
 
 
+class TransportLost(VmError):
+    """``dgxvm run``/``shell``: the VM could not be reached, or the connection died before the
+    command's exit status was known (``dgxvm run`` exits 125 for it, see README)."""
+
+    template = ("job {job}'s VM {domain}: the connection to the VM failed before the command's "
+                "exit status was known ({reason}); anything the command started has been "
+                "stopped in the guest")
+
+
 # -- placement -------------------------------------------------------------------------------------
 class NoFit(QuantityNamed, DgxvmError):
     """The request is valid but cannot be placed with what is free now.

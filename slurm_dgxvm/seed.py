@@ -16,6 +16,9 @@ Layout of the ISO (volume label ``cidata``, Joliet and Rock Ridge)::
     dgxvm/ssh_host_ed25519_key      the OpenSSH private host key (mode 0600 in the image)
     dgxvm/ssh_host_ed25519_key.pub  its public line
     dgxvm/mounts                    one line per share: "tag path fstype" (may be empty)
+    dgxvm/dgxvm-guest               the guest side of `dgxvm run` (seedfiles/dgxvm-guest.sh),
+                                    installed as /usr/lib/dgxvm/dgxvm-guest (cloud-init:
+                                    write_files; the test guest: its init)
 
 Why ``dgxvm/`` as well: real cloud images apply ``user-data`` with cloud-init, but the small test
 guest (guest-image/) has no cloud-init and no YAML parser, only busybox sh. It reads the same
@@ -34,6 +37,7 @@ break the document's structure. Commands are argv lists, never a shell line with
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -52,6 +56,9 @@ NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
 # honour them (the host side is the share policy's business, not the seed's).
 SHARE_OPTIONS = "nosuid,nodev"
 ID_MAX = 2 ** 32 - 2
+# The guest side of `dgxvm run`: POSIX sh, travels with every seed (no per-image install step).
+GUEST_HELPER_SOURCE = Path(__file__).resolve().parent / "seedfiles" / "dgxvm-guest.sh"
+GUEST_HELPER_PATH = "/usr/lib/dgxvm/dgxvm-guest"
 # ssh-keygen and xorriso take well under a second; a hung one must not hold a Prolog forever.
 TOOL_TIMEOUT_S = 60.0
 
@@ -257,7 +264,12 @@ def user_data(spec: SeedSpec) -> str:
               "ssh_genkeytypes: []",
               "ssh_keys:",
               f"  ed25519_private: {_q(spec.host_key_private)}",
-              f"  ed25519_public: {_q(spec.host_key_public)}"]
+              f"  ed25519_public: {_q(spec.host_key_public)}",
+              "write_files:",
+              f"  - path: {_q(GUEST_HELPER_PATH)}",
+              "    permissions: \"0755\"",
+              "    encoding: b64",
+              f"    content: {_q(base64.b64encode(guest_helper().encode()).decode())}"]
     return "\n".join(lines) + "\n"
 
 
@@ -276,7 +288,13 @@ def _plain_files(spec: SeedSpec) -> dict[str, tuple[str, int]]:
         "dgxvm/ssh_host_ed25519_key.pub": (spec.host_key_public.strip() + "\n", 0o644),
         "dgxvm/mounts": ("".join(f"{m.tag} {pct(m.path)} {m.fstype}\n" for m in spec.mounts),
                          0o644),
+        "dgxvm/dgxvm-guest": (guest_helper(), 0o755),
     }
+
+
+def guest_helper() -> str:
+    """The text of the guest side of ``dgxvm run``."""
+    return GUEST_HELPER_SOURCE.read_text(encoding="utf-8")
 
 
 def write_seed(spec: SeedSpec, out: Path, *, name: str) -> Path:

@@ -23,7 +23,7 @@ from ..errors import DgxvmError, EXIT_BAD_INPUT, EXIT_INTERNAL
 from ..ledger import Ledger
 from ..placement import Policy, Request, place, templates
 from ..slurm.gres import gres_conf
-from . import render, slurm as slurm_cli, vms
+from . import render, run as run_cli, slurm as slurm_cli, vms
 from .images import image as image_group
 from .params import GIB, GPU_LIST, MIB, request_flags
 
@@ -70,6 +70,10 @@ class Context:
 
 pass_ctx = click.make_pass_decorator(Context)
 
+#: the exit status of every failure of dgxvm itself when the verb passes a command's status
+#: through (``dgxvm run``/``shell``: 125); None: each error's own code
+_failure_code: int | None = None
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", envvar=config_mod.ENV_CONFIG, metavar="FILE",
@@ -84,7 +88,11 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.pass_context
 def cli(ctx, config_path, sysfs_root, state_dir):
     """Topology-aligned GPU virtual machines for Slurm jobs on DGX-class servers."""
+    global _failure_code
     ctx.obj = Context(config_path, sysfs_root, state_dir)
+    if ctx.invoked_subcommand in run_cli.VERBS:
+        # dgxvm run's own status is the command's: dgxvm's failures must not look like one
+        _failure_code = run_cli.EXIT_RUN_FAILED
 
 
 # -- topology --------------------------------------------------------------------------------------
@@ -177,7 +185,7 @@ def simulate(machine, out, missing, unknown_numa):
 
 
 # -- VMs and images: the nvidia-vm verbs ----------------------------------------------------------
-for _command in vms.COMMANDS + slurm_cli.COMMANDS:
+for _command in vms.COMMANDS + slurm_cli.COMMANDS + run_cli.COMMANDS:
     cli.add_command(_command)
 cli.add_command(image_group)
 
@@ -245,33 +253,43 @@ def _emit_json(doc) -> None:
 
 
 def main(argv=None) -> int:
-    """Entry point: run the CLI, turning our errors into one line and an exit code."""
+    """Entry point: run the CLI, turning our errors into one line and an exit code (for
+    ``dgxvm run``/``shell``, every failure of dgxvm itself is 125: their status is the
+    command's)."""
+    global _failure_code
+    _failure_code = None
+    rc, failed = _main(argv)
+    return _failure_code if failed and _failure_code is not None else rc
+
+
+def _main(argv) -> tuple[int, bool]:
+    """(exit code, whether dgxvm itself failed)."""
     try:
         rv = cli.main(args=argv, prog_name="dgxvm", standalone_mode=False)
         if isinstance(rv, int):
-            return rv   # click returns the code of a ctx.exit()/Exit without standalone_mode
+            return rv, False  # click returns the code of a ctx.exit()/Exit without standalone_mode
     except DgxvmError as exc:
         click.echo(f"dgxvm: error: {exc}", err=True)
-        return exc.exit_code
+        return exc.exit_code, True
     except click.exceptions.Abort:
         click.echo("dgxvm: aborted", err=True)
-        return 1
+        return 1, True
     except click.ClickException as exc:
         # usage errors too are one `dgxvm: error:` line (scripts and Slurm logs grep for it)
         hint = ""
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
             hint = f" (see '{exc.ctx.command_path} -h')"
         click.echo(f"dgxvm: error: {exc.format_message()}{hint}", err=True)
-        return exc.exit_code if exc.exit_code else EXIT_BAD_INPUT
+        return (exc.exit_code if exc.exit_code else EXIT_BAD_INPUT), True
     except click.exceptions.Exit as exc:
-        return exc.exit_code
+        return exc.exit_code, False
     except Exception as exc:  # a bug: still one line (Slurm logs), the traceback on request
         if os.environ.get("DGXVM_DEBUG"):
             traceback.print_exc()
         click.echo(f"dgxvm: error: internal error: {type(exc).__name__}: {exc} "
                    f"(DGXVM_DEBUG=1 shows the traceback)", err=True)
-        return EXIT_INTERNAL
-    return 0
+        return EXIT_INTERNAL, True
+    return 0, False
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import sys
 
 import click
 
-from ..errors import BadInput, DgxvmError, Interrupted
-from ..records import JOB_VIEW, job_view
+from ..errors import DgxvmError, Interrupted
+from ..access.target import Target, job_from_env, view_for
 from ..slurm import hooks, log as hook_log
 from ..slurm.commands import Slurm
 from ..slurm.job import domain_for
@@ -75,17 +75,11 @@ def epilog(c):
 @click.pass_obj
 def job(c, job_id, as_json, as_env):
     """Show the VM of a job on this node: its address and how to reach it (for batch scripts)."""
-    if job_id is None:
-        raw = os.environ.get("SLURM_JOB_ID")
-        if not raw or not raw.isdigit():
-            raise BadInput("no job: give --job ID or run inside a Slurm job ($SLURM_JOB_ID)",
-                           value=raw)
-        job_id = int(raw)
+    job_id = job_from_env(job_id, os.environ)
     env = c.env
     name = domain_for(env.cfg, job_id)
-    view = _job_view(env, name, job_id)
-    ssh = (f"ssh -i {view['key']} -o UserKnownHostsFile={view['known_hosts']} "
-           f"-o StrictHostKeyChecking=yes -o BatchMode=yes {view['user']}@{view['address']}")
+    view = view_for(env, job_id)
+    ssh = Target.from_view(job_id, view).shell_line()
     if as_json:
         click.echo(json.dumps({**view, "ssh": ssh}, indent=2, sort_keys=True))
     elif as_env:
@@ -99,31 +93,6 @@ def job(c, job_id, as_json, as_env):
         click.echo(f"  {ssh}")
         if view.get("share_refused"):
             click.echo(f"  not shared: {view['share_refused']}")
-
-
-def _job_view(env, name: str, job_id: int) -> dict:
-    """What the caller may see of job ``job_id``'s VM: root sees every record (as job.json
-    shows it, plus the record under "record"); any other user only a VM of their own, through
-    the job.json that belongs to them. Another user's job is "no VM" (exit 2), as is a job
-    without one: nothing tells a user whether someone else's job has a VM here."""
-    missing = BadInput(f"job {job_id} has no VM of yours on this node", value=job_id)
-    if os.geteuid() == 0:
-        rec = env.vms.load(name)
-        if rec is None or rec.state not in ("running", "stopped"):
-            raise BadInput(f"job {job_id} has no VM on this node"
-                           + (f" (it is {rec.state})" if rec else ""), value=job_id)
-        return {**job_view(rec, env.vms.dir(name)), "record": rec.to_json()}
-    path = env.vms.dir(name) / JOB_VIEW
-    try:
-        st = path.stat()
-        if st.st_uid != os.geteuid():
-            raise missing
-        view = env.vms.load_view(name)
-    except (FileNotFoundError, PermissionError, NotADirectoryError):
-        raise missing from None
-    if view is None or view.get("state") not in ("running", "stopped"):
-        raise missing
-    return view
 
 
 @click.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -12,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from slurm_dgxvm.errors import SeedError
-from slurm_dgxvm.seed import (NINEP_OPTIONS, Mount, SeedSpec, generate_keypair, meta_data, pct,
-                              user_data, write_seed)
+from slurm_dgxvm.seed import (GUEST_HELPER_PATH, GUEST_HELPER_SOURCE, NINEP_OPTIONS, Mount,
+                              SeedSpec, generate_keypair, meta_data, pct, user_data, write_seed)
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> dict[str, str]:
@@ -56,7 +57,8 @@ def test_seed_files_and_label(spec, keys, tmp_path):
     assert volume_id(iso) == "cidata"
     root = extract(iso, tmp_path / "x")
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    assert names == ["dgxvm/authorized_keys", "dgxvm/groups", "dgxvm/hostname", "dgxvm/mounts",
+    assert names == ["dgxvm/authorized_keys", "dgxvm/dgxvm-guest", "dgxvm/groups",
+                     "dgxvm/hostname", "dgxvm/mounts",
                      "dgxvm/ssh_host_ed25519_key", "dgxvm/ssh_host_ed25519_key.pub",
                      "dgxvm/user", "meta-data", "user-data"]
     d = root / "dgxvm"
@@ -70,6 +72,9 @@ def test_seed_files_and_label(spec, keys, tmp_path):
                                           "scratch.1 /scratch/job42 9p\n")
     assert (root / "meta-data").read_text() == meta_data(spec)
     assert (root / "user-data").read_text() == user_data(spec)
+    # the guest side of `dgxvm run`, executable, byte for byte the package's
+    assert (d / "dgxvm-guest").read_text() == GUEST_HELPER_SOURCE.read_text()
+    assert (d / "dgxvm-guest").stat().st_mode & 0o111
     # nothing but the image is left next to it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vm0-seed.iso", "x"]
 
@@ -116,6 +121,10 @@ def test_user_data_parses_as_yaml_when_a_parser_is_there(spec, keys):
     assert ["mkdir", "-p", "/scratch/job42"] in doc["bootcmd"]
     assert doc["bootcmd"][-1] == ["mount", "-t", "9p", "-o", "nosuid,nodev," + NINEP_OPTIONS,
                                   "scratch.1", "/scratch/job42"]
+    # cloud-init images get the guest side of `dgxvm run` from write_files
+    (helper,) = doc["write_files"]
+    assert helper["path"] == GUEST_HELPER_PATH and helper["permissions"] == "0755"
+    assert base64.b64decode(helper["content"]).decode() == GUEST_HELPER_SOURCE.read_text()
 
 
 # -- validation --------------------------------------------------------------------------------

@@ -1,0 +1,185 @@
+"""One ``dgxvm run`` (or ``dgxvm shell``): two ssh sessions into the job's VM.
+
+Why two. An OpenSSH client cannot send signals, ssh's own failures exit 255 like a command may,
+and killing a client that has no terminal leaves the remote command running. So:
+
+- the *command session* (``dgxvm-guest run ID``) inherits this process's stdin, stdout and
+  stderr and nothing else: the bytes go straight between the caller's files and the command, in
+  order, with no copy in Python; its exit status is the command's;
+- the *control session* (``dgxvm-guest control ID``) carries the request (argv, environment,
+  cwd), then one line per signal this process receives (TERM INT HUP USR1 USR2 QUIT), forwarded
+  to the command's process group in the guest. Its end of file means this side is gone: the guest
+  stops the command (TERM, then KILL), so a SIGKILLed ``dgxvm run`` or a lost connection leaves
+  nothing running. The guest never starts a command before its control session is there.
+
+Both ssh clients ignore the forwarded signals (an ignored signal stays ignored across exec, and
+ssh leaves ignored signals alone), so a ``scancel`` or ``--signal=USR1`` that Slurm sends to every
+process of the step reaches the workload once, through the control session, instead of killing
+the transport. When the command session ends with 255, the control session is asked for the
+command's own status; if it has none, the transport failed (TransportLost).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+from ..errors import TransportLost
+from .request import Request
+from .target import GUEST_HELPER, Target, remote
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+             signal.SIGQUIT)
+STATUS_WAIT_S = 5.0      # after a 255: how long the control session may take to answer STATUS
+CONTROL_EXIT_S = 10.0    # after the command: how long the control session may take to end
+SSH_FAILED = 255
+
+
+def _ignore_forwarded() -> None:
+    for s in FORWARDED:
+        signal.signal(s, signal.SIG_IGN)
+
+
+class Session:
+    """Run ``request`` in ``target``'s VM: ``verb`` is ``run`` (a command) or ``shell`` (a login
+    shell, ``tty``: under a terminal)."""
+
+    def __init__(self, target: Target, request: Request, *, verb: str = "run",
+                 tty: bool = False, helper: str = GUEST_HELPER,
+                 popen: Callable[..., subprocess.Popen] = subprocess.Popen):
+        self.target = target
+        self.request = request
+        self.verb = verb
+        self.tty = tty
+        self.helper = helper
+        self.popen = popen
+        self.run_id = secrets.token_hex(8)
+        self.control: subprocess.Popen | None = None
+        self.command: subprocess.Popen | None = None
+        self._sent = False
+        self._pending: list[str] = []
+
+    # -- signals ---------------------------------------------------------------------------
+    def _send(self, line: str) -> None:
+        if self.control is None or self.control.stdin is None:
+            return
+        try:
+            os.write(self.control.stdin.fileno(), line.encode() + b"\n")
+        except OSError:   # the control session is gone: the guest is stopping the command
+            pass
+
+    def _on_signal(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name.removeprefix("SIG")
+        if self._sent:
+            self._send(name)
+        else:
+            self._pending.append(name)
+
+    # -- the run ---------------------------------------------------------------------------
+    def _ssh(self, verb: str, *, tty: bool = False) -> list[str]:
+        return [*self.target.ssh_argv(tty=tty), *remote(verb, self.run_id, self.helper)]
+
+    def run(self) -> int:
+        """The command's exit status (128+N when a signal N ended it). Raises TransportLost
+        when the VM could not be reached or the connection died before the command's status
+        was known."""
+        previous = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
+        try:
+            self.control = self.popen(self._ssh("control"), stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      preexec_fn=_ignore_forwarded)
+            self.command = self.popen(self._ssh(self.verb, tty=self.tty),
+                                      preexec_fn=_ignore_forwarded)
+            self._write_request()
+            rc = self._wait(self.command)
+            if rc == SSH_FAILED:
+                rc = self._status_after_255()
+            return rc
+        finally:
+            self._close_control()
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _write_request(self) -> None:
+        assert self.control is not None and self.control.stdin is not None
+        try:
+            self.control.stdin.write(self.request.line())
+            self.control.stdin.flush()
+        except OSError:
+            pass  # the control session failed; the command session reports it (255)
+        self._sent = True
+        for name in self._pending:
+            self._send(name)
+        self._pending.clear()
+
+    @staticmethod
+    def _wait(proc: subprocess.Popen) -> int:
+        while True:
+            try:
+                return proc.wait()
+            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                continue
+
+    def _status_after_255(self) -> int:
+        """Whether 255 was the command's own status (the control session knows) or ssh's."""
+        assert self.control is not None and self.control.stdout is not None
+        self._send("STATUS")
+        out = self.control.stdout
+        deadline = time.monotonic() + STATUS_WAIT_S
+        buf = b""
+        while time.monotonic() < deadline and b"\n" not in buf:
+            ready, _, _ = select.select([out], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(out.fileno(), 4096)
+            if not chunk:
+                break
+            buf += chunk
+        words = buf.split(b"\n", 1)[0].split()
+        if len(words) == 2 and words[0] == b"status" and words[1].isdigit():
+            return int(words[1])
+        raise TransportLost(job=self.target.job_id, domain=self.target.domain,
+                            reason=self._control_reason())
+
+    def _control_reason(self) -> str:
+        """One line on why the control session failed, if it said so."""
+        c = self.control
+        if c is None or c.stderr is None:
+            return "ssh failed"
+        if c.poll() is None:
+            return "ssh failed (see the lines above)"
+        err = c.stderr.read().decode(errors="replace").strip().splitlines()
+        return err[-1] if err else "ssh failed (see the lines above)"
+
+    def _close_control(self) -> None:
+        c = self.control
+        if c is None:
+            return
+        try:
+            if c.stdin is not None:
+                c.stdin.close()
+        except OSError:
+            pass
+        try:
+            c.wait(timeout=CONTROL_EXIT_S)
+        except subprocess.TimeoutExpired:
+            c.kill()
+            c.wait()
+        for f in (c.stdout, c.stderr):
+            if f is not None:
+                f.close()
+
+
+def run(target: Target, request: Request, *, verb: str = "run", tty: bool = False,
+        helper: str = GUEST_HELPER) -> int:
+    return Session(target, request, verb=verb, tty=tty, helper=helper).run()
+
+
+def plain_ssh(target: Target, command: Sequence[str]) -> list[str]:
+    """A plain ssh of ``command`` (a benchmark's baseline)."""
+    return [*target.ssh_argv(), *command]

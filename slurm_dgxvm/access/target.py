@@ -1,0 +1,120 @@
+"""A job's VM as its user reaches it: which VM (from ``SLURM_JOB_ID`` or ``--job``), what the
+caller may see of it, and the one ssh command line that reaches it.
+
+The caller may see a VM's job view (records.job_view) when it is the VM's user (through the
+job.json that belongs to them) or root (every record). Another user's job reads as "no VM of
+yours": nothing tells a user whether someone else's job has a VM here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ..errors import BadInput
+from ..lifecycle.env import Env
+from ..records import JOB_VIEW, job_view
+from ..slurm.job import domain_for
+
+#: Where the seed puts the guest side of ``dgxvm run`` (slurm_dgxvm/access/dgxvm-guest.sh).
+GUEST_HELPER = "/usr/lib/dgxvm/dgxvm-guest"
+CONNECT_TIMEOUT_S = 15
+
+
+def job_from_env(job_id: int | None, environ: Mapping[str, str]) -> int:
+    """``job_id`` when given, else ``SLURM_JOB_ID``; BadInput naming it when there is none."""
+    if job_id is not None:
+        return job_id
+    raw = environ.get("SLURM_JOB_ID")
+    if not raw or not raw.isdigit() or int(raw) < 1:
+        raise BadInput("no job: give --job ID or run inside a Slurm job ($SLURM_JOB_ID)",
+                       value=raw)
+    return int(raw)
+
+
+def view_for(env: Env, job_id: int) -> dict:
+    """What the caller may see of job ``job_id``'s VM: root sees every record (as job.json
+    shows it, plus the record under "record"); any other user only a VM of their own, through
+    the job.json that belongs to them. A VM that is not running or stopped, another user's
+    job and a job without a VM are all BadInput (exit 2)."""
+    name = domain_for(env.cfg, job_id)
+    missing = BadInput(f"job {job_id} has no VM of yours on this node", value=job_id)
+    if os.geteuid() == 0:
+        rec = env.vms.load(name)
+        if rec is None or rec.state not in ("running", "stopped"):
+            raise BadInput(f"job {job_id} has no VM on this node"
+                           + (f" (it is {rec.state})" if rec else ""), value=job_id)
+        return {**job_view(rec, env.vms.dir(name)), "record": rec.to_json()}
+    path = env.vms.dir(name) / JOB_VIEW
+    try:
+        st = path.stat()
+        if st.st_uid != os.geteuid():
+            raise missing
+        view = env.vms.load_view(name)
+    except (FileNotFoundError, PermissionError, NotADirectoryError):
+        raise missing from None
+    if view is None or view.get("state") not in ("running", "stopped"):
+        raise missing
+    return view
+
+
+@dataclass(frozen=True)
+class Target:
+    """How to reach one VM as its user."""
+    job_id: int
+    domain: str
+    address: str
+    user: str
+    key: str
+    known_hosts: str
+    state: str
+    workdir: str | None          # the shared work dir (the same path in the guest), if any
+    gpus: tuple[int, ...]        # the VM's GPUs, host numbering
+    slurm_gpus: tuple[int, ...]  # the job's GPUs as Slurm numbered them (= gpus if not remapped)
+
+    @classmethod
+    def from_view(cls, job_id: int, view: dict) -> Target:
+        gpus = tuple(view.get("gpus") or ())
+        slurm = view.get("slurm_gpus")
+        return cls(job_id=job_id, domain=view["name"], address=view["address"],
+                   user=view["user"], key=view["key"], known_hosts=view["known_hosts"],
+                   state=view["state"], workdir=view.get("workdir"), gpus=gpus,
+                   slurm_gpus=tuple(slurm) if slurm is not None else gpus)
+
+    @property
+    def destination(self) -> str:
+        return f"{self.user}@{self.address}"
+
+    def ssh_argv(self, *options: str, tty: bool = False) -> list[str]:
+        """``ssh`` with the job's key only, the VM's host key pinned (never trust on first
+        use), no prompt, no configuration file of the caller's (a ControlMaster or ProxyCommand
+        in ~/.ssh/config must not change how dgxvm reaches the VM), keepalives so a dead VM is
+        noticed; ``options`` go before the destination, the remote command after it."""
+        return ["ssh", "-F", "none", "-i", self.key, "-o", "IdentitiesOnly=yes",
+                "-o", f"UserKnownHostsFile={self.known_hosts}",
+                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+                "-o", "LogLevel=ERROR", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
+                "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3",
+                "-t" if tty else "-T", *options, self.destination]
+
+    def shell_line(self) -> str:
+        """The ssh command a batch script may run itself (``dgxvm job``)."""
+        return (f"ssh -i {self.key} -o UserKnownHostsFile={self.known_hosts} "
+                f"-o StrictHostKeyChecking=yes -o BatchMode=yes {self.destination}")
+
+
+def target_for(env: Env, job_id: int) -> Target:
+    """The running VM of ``job_id`` the caller may reach (BadInput otherwise)."""
+    view = view_for(env, job_id)
+    if view.get("state") != "running":
+        raise BadInput(f"job {job_id}'s VM {view.get('name')} is {view.get('state')}, "
+                       "not running", value=job_id)
+    if not view.get("address"):
+        raise BadInput(f"job {job_id}'s VM {view.get('name')} has no address", value=job_id)
+    return Target.from_view(job_id, view)
+
+
+def remote(verb: str, run_id: str, helper: str = GUEST_HELPER) -> Sequence[str]:
+    """The remote command line for one session (words ssh joins with spaces: only safe ones)."""
+    return (helper, verb, run_id)

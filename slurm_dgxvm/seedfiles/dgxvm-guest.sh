@@ -1,0 +1,136 @@
+#!/bin/sh
+# dgxvm-guest: the guest side of `dgxvm run` and `dgxvm shell` (slurm_dgxvm/access/).
+#
+# Arrives with the NoCloud seed (the test guest's init and cloud-init's write_files put it at
+# /usr/lib/dgxvm/dgxvm-guest), runs as the job's user through ssh with the job's key: no other
+# account can log in, so only the job's user (and root) can use it. POSIX sh and the tools every
+# image has (busybox or coreutils/util-linux: base64, setsid, sleep, kill, mkdir, rm).
+#
+# One `dgxvm run` is two ssh sessions sharing a run ID (16+ hex digits):
+#
+#   dgxvm-guest control ID   first line on stdin: the request, a base64'd sh script written by
+#                            the host (exports, cd, `set -- argv`; values single-quoted, so
+#                            nothing is re-parsed). Then one line per signal name to forward to
+#                            the command's process group (TERM INT HUP USR1 USR2 QUIT), or
+#                            STATUS (answered "status N" or "status none"). EOF means the host
+#                            side ended: if the command still runs, its process group gets TERM,
+#                            then KILL after DGXVM_GRACE seconds (default 5).
+#   dgxvm-guest run ID       waits for the control session, then runs the command in a session
+#                            (and process group) of its own with this session's stdin, stdout and
+#                            stderr; exits with its status (128+N when killed by signal N) after
+#                            stopping what it left in its group. Never starts a command whose
+#                            control session has already gone.
+#   dgxvm-guest shell ID     like run, for a login shell (under the ssh session's terminal, if
+#                            any): the request sets the cwd and environment.
+#
+# State: /tmp/.dgxvm-UID/ID/ (request, attached, pgid, status, gone), removed by the control
+# session when it ends.
+set -u
+umask 077
+GRACE=${DGXVM_GRACE:-5}
+base=/tmp/.dgxvm-$(id -u)
+
+say() { echo "dgxvm-guest: $*" >&2; }
+
+check_id() {
+    case $1 in
+        ''|*[!0-9a-f]*) say "bad run id '$1'"; exit 125 ;;
+    esac
+}
+
+setup_dir() {
+    mkdir -p "$base" && chmod 700 "$base" && mkdir -p "$d" \
+        || { say "cannot create $d"; exit 125; }
+}
+
+# group_alive PGID: whether any process is left in the process group
+group_alive() { kill -0 "-$1" 2>/dev/null; }
+
+# stop_group PGID: TERM, then KILL after GRACE seconds if anything is left
+stop_group() {
+    kill -TERM "-$1" 2>/dev/null || return 0
+    n=0
+    while group_alive "$1"; do
+        n=$((n + 1))
+        [ $n -gt $((GRACE * 10)) ] && { kill -KILL "-$1" 2>/dev/null; return 0; }
+        sleep 0.1
+    done
+}
+
+read_request() {
+    IFS= read -r req || { say "no request"; exit 125; }
+    printf '%s' "$req" | base64 -d > "$d/request.tmp" 2>/dev/null \
+        && mv "$d/request.tmp" "$d/request" || { say "the request is not base64"; exit 125; }
+}
+
+cmd_control() {
+    setup_dir
+    read_request
+    : > "$d/attached"
+    while IFS= read -r line; do
+        case $line in
+            STATUS)
+                if [ -s "$d/status" ]; then echo "status $(cat "$d/status")"
+                else echo "status none"; fi ;;
+            TERM|INT|HUP|USR1|USR2|QUIT)
+                n=0   # a signal sent before the command started waits for it (up to 10 s)
+                while [ ! -s "$d/pgid" ] && [ ! -e "$d/status" ] && [ $n -lt 100 ]; do
+                    n=$((n + 1)); sleep 0.1
+                done
+                [ -s "$d/pgid" ] && kill "-$line" "-$(cat "$d/pgid")" 2>/dev/null ;;
+        esac
+    done
+    # EOF: the host side is done, or gone (dgxvm run killed, connection lost)
+    : > "$d/gone"
+    if [ -s "$d/pgid" ] && [ ! -e "$d/status" ]; then
+        stop_group "$(cat "$d/pgid")"
+        n=0   # let the run session record the status before the directory goes
+        while [ ! -e "$d/status" ] && [ $n -lt 50 ]; do n=$((n + 1)); sleep 0.1; done
+    fi
+    rm -rf "$d"
+}
+
+wait_attached() {
+    n=0
+    while [ ! -e "$d/attached" ]; do
+        n=$((n + 1))
+        [ $n -gt 600 ] && { say "no control session after 30 s"; exit 125; }
+        [ -e "$d/gone" ] && exit 125
+        sleep 0.05
+    done
+}
+
+cmd_run() {
+    wait_attached
+    # shellcheck disable=SC1090,SC1091
+    . "$d/request" || { say "cannot read the request"; exit 125; }
+    # In the foreground, not as "cmd &": an asynchronous list of a shell without job control
+    # starts with SIGINT and SIGQUIT ignored, and the command could never be interrupted.
+    # setsid does not fork here (this shell's child is no group leader), so the inner sh's $$
+    # is the new session's and process group's id; it is recorded before the command runs.
+    setsid sh -c 'echo "$$" > "$1/pgid"; [ -e "$1/gone" ] && exit 125; shift; exec "$@"' \
+        dgxvm-guest "$d" "$@"
+    rc=$?
+    pid=$(cat "$d/pgid" 2>/dev/null)
+    [ -n "$pid" ] && group_alive "$pid" && stop_group "$pid"
+    echo "$rc" > "$d/status.tmp" && mv "$d/status.tmp" "$d/status"
+    exit "$rc"
+}
+
+cmd_shell() {
+    wait_attached
+    # shellcheck disable=SC1090,SC1091
+    . "$d/request" || { say "cannot read the request"; exit 125; }
+    echo "$$" > "$d/pgid.tmp" && mv "$d/pgid.tmp" "$d/pgid"
+    exec "${SHELL:-/bin/sh}" -l
+}
+
+verb=${1:-}
+case $verb in
+    run|control|shell)
+        [ $# -eq 2 ] || { say "usage: dgxvm-guest $verb ID"; exit 125; }
+        check_id "$2"
+        d=$base/$2
+        "cmd_$verb" ;;
+    *) say "usage: dgxvm-guest run|control|shell ID"; exit 125 ;;
+esac

@@ -1,0 +1,282 @@
+"""`dgxvm run` and `dgxvm shell` into a job's VM, for real: one test-guest VM (named as job
+JOB's VM) shared by every case, dgxvm run as the job's ordinary user from inside the libvirt
+stack's namespace, the way a batch script on the node runs it. What each case checks is what the
+user relies on: bytes and arguments arrive as given, streams stay apart, the exit status is the
+command's, signals reach it, and nothing is left running in the guest when dgxvm run dies."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.node import install_for_users
+from harness.ssh import ssh_argv
+
+JOB = 990001
+
+
+@pytest.fixture(scope="module")
+def runvm(vmenv, tmp_path_factory):
+    from slurm_dgxvm import config as config_mod
+    from slurm_dgxvm import lifecycle
+    from slurm_dgxvm.placement import Request
+    from slurm_dgxvm.slurm.job import domain_for
+
+    env = lifecycle.Env(config_mod.load(str(vmenv.config)))
+    name = domain_for(env.cfg, JOB)
+    work = vmenv.workdir / "run"
+    work.mkdir(exist_ok=True)
+    os.chown(work, vmenv.uid, vmenv.gid)
+    dest = Path(str(vmenv.base)) / "dgxvm-for-users"
+    exe = install_for_users(dest)
+    req = lifecycle.CreateRequest(
+        name=name, placement=Request(count=2), owner="job", job_id=JOB, user=vmenv.user,
+        uid=vmenv.uid, gid=vmenv.gid, groups=(), home=f"/home/{vmenv.user}",
+        workdir=str(work))
+    rec = lifecycle.create(env, req)
+    vm = type("RunVm", (), {})()
+    vm.env, vm.name, vm.rec, vm.work, vm.exe, vm.vmenv = env, name, rec, work, exe, vmenv
+    try:
+        yield vm
+    finally:
+        lifecycle.delete(env, name)
+
+
+def user_argv(vm, *args: str, user: str | None = None, job: bool = True) -> list[str]:
+    envs = [f"DGXVM_CONFIG={vm.vmenv.config}", "PATH=/usr/bin:/bin", "LANG=C.UTF-8"]
+    if job:
+        envs.append(f"SLURM_JOB_ID={JOB}")
+    return ["ip", "netns", "exec", vm.vmenv.netns, "runuser", "-u", user or vm.vmenv.user, "--",
+            "env", "-i", *envs, str(vm.exe), *args]
+
+
+def dgxvm_run(vm, *cmd: str, input: bytes | None = None, cwd: Path | None = None,
+              extra_env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    argv = user_argv(vm, "run", "--", *cmd)
+    if extra_env:
+        i = argv.index(str(vm.exe))
+        argv[i:i] = [f"{k}={v}" for k, v in extra_env.items()]
+    return subprocess.run(argv, input=input if input is not None else b"",
+                          capture_output=True, timeout=timeout, cwd=str(cwd or vm.work))
+
+
+def guest_ps(vm) -> str:
+    """The guest's process list, seen over a plain ssh as the user."""
+    d = vm.vmenv.state_dir / "vms" / vm.name
+    argv = ["ip", "netns", "exec", vm.vmenv.netns, "runuser", "-u", vm.vmenv.user, "--",
+            *ssh_argv(d / "id_ed25519", d / "known_hosts", f"{vm.vmenv.user}@{vm.rec.address}",
+                      "ps -o pid,pgid,args 2>/dev/null || ps", connect_timeout=20)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def wait_gone(vm, marker: str, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        ps = guest_ps(vm)
+        if marker not in ps or time.monotonic() > deadline:
+            return ps
+        time.sleep(0.5)
+
+
+# -- bytes, arguments, streams, status ------------------------------------------------------
+def test_stdout_and_stderr_arrive_apart_and_the_exit_status_is_the_commands(runvm):
+    r = dgxvm_run(runvm, "sh", "-c", "echo out; echo err >&2; echo out2; exit 7")
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == b"out\nout2\n"
+    assert r.stderr == b"err\n"
+
+
+def test_arguments_arrive_exactly_as_given(runvm):
+    args = ["a b", "it's", 'say "hi"', "*", "$HOME", "x\ny", "été", "\\n", "", "-n", ";ls"]
+    r = dgxvm_run(runvm, "printf", "[%s]\\n", *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() == "".join(f"[{a}]\n" for a in args)
+
+
+def test_stdin_is_forwarded_and_binary_output_is_exact(runvm):
+    data = bytes(range(256)) * 4096   # 1 MiB, every byte value
+    r = dgxvm_run(runvm, "cat", input=data)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == data
+
+
+def test_the_command_runs_as_the_user_in_the_shared_cwd_with_the_job_environment(runvm):
+    sub = runvm.work / "sub dir"
+    sub.mkdir(exist_ok=True)
+    os.chown(sub, runvm.vmenv.uid, runvm.vmenv.gid)
+    r = dgxvm_run(runvm, "sh", "-c", 'id -u; pwd; echo "$MYVAR"; echo "$PATH"; '
+                  'echo "$SLURM_JOB_GPUS"; echo "$CUDA_VISIBLE_DEVICES"; echo written > f',
+                  cwd=sub, extra_env={"MYVAR": "a 'b' c", "SLURM_JOB_GPUS": "0,1",
+                                      "CUDA_VISIBLE_DEVICES": "1"})
+    assert r.returncode == 0, r.stderr
+    uid, cwd, myvar, path, job_gpus, cvd = r.stdout.decode().splitlines()
+    assert int(uid) == runvm.vmenv.uid
+    assert cwd == str(sub)
+    assert myvar == "a 'b' c"
+    assert path.startswith("/usr/local/sbin:")     # the guest's PATH, not the host's
+    assert (job_gpus, cvd) == ("0,1", "1")
+    assert (sub / "f").read_text() == "written\n"
+    assert (sub / "f").stat().st_uid == runvm.vmenv.uid
+
+
+def test_a_cwd_the_vm_does_not_have_starts_in_the_home_with_a_note(runvm):
+    r = dgxvm_run(runvm, "pwd", cwd=Path("/tmp"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() == f"/home/{runvm.vmenv.user}"
+    assert b"/tmp is not shared" in r.stderr
+
+
+def test_a_death_by_signal_is_128_plus_n(runvm):
+    r = dgxvm_run(runvm, "sh", "-c", "kill -USR2 $$")
+    assert r.returncode == 128 + signal.SIGUSR2, r.stderr
+
+
+def test_status_255_is_the_commands_own_not_a_transport_failure(runvm):
+    r = dgxvm_run(runvm, "sh", "-c", "exit 255")
+    assert r.returncode == 255, r.stderr
+    assert b"dgxvm" not in r.stderr
+
+
+def test_a_command_not_found_is_127(runvm):
+    r = dgxvm_run(runvm, "no-such-command-here")
+    assert r.returncode == 127
+
+
+# -- signals and death ----------------------------------------------------------------------
+def _start(vm, script: str) -> subprocess.Popen:
+    return subprocess.Popen(user_argv(vm, "run", "--", "sh", "-c", script),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=str(vm.work))
+
+
+def _read_until(proc: subprocess.Popen, want: bytes, timeout: float = 60) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while want not in buf:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {want!r} after {timeout}s; got {buf!r}"
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, f"EOF before {want!r}; got {buf!r}"
+            buf += chunk
+    return buf
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                                 signal.SIGUSR2])
+def test_a_signal_to_dgxvm_run_reaches_the_commands_handler(runvm, sig):
+    name = sig.name.removeprefix("SIG")
+    p = _start(runvm, f"trap 'echo got {name}; exit 3' {name}; echo ready; "
+                      "while :; do sleep 0.2; done")
+    _read_until(p, b"ready")
+    os.kill(_dgxvm_pid(p.pid), sig)
+    out, err = p.communicate(timeout=60)
+    assert b"got " + name.encode() in out, err
+    assert p.returncode == 3, err
+
+
+def test_sigkill_of_dgxvm_run_leaves_nothing_running_in_the_guest(runvm):
+    p = _start(runvm, "echo ready; sleep 4242; echo never")
+    _read_until(p, b"ready")
+    assert "sleep 4242" in guest_ps(runvm)
+    os.kill(_dgxvm_pid(p.pid), signal.SIGKILL)   # dgxvm only: its ssh clients live on
+    p.wait(timeout=30)
+    ps = wait_gone(runvm, "sleep 4242", timeout=20)
+    assert "sleep 4242" not in ps, ps
+
+
+def _dgxvm_pid(top: int, timeout: float = 10) -> int:
+    """The dgxvm process below ``top`` (ip netns exec -> runuser -> env -> python): signals go
+    to it, as Slurm's go to the step's processes, not to runuser (which has its own ideas)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in Path("/proc").iterdir():
+            if not child.name.isdigit():
+                continue
+            try:
+                cmdline = (child / "cmdline").read_bytes()
+                ppid = int((child / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if b"slurm_dgxvm.cli.main" in cmdline and _descends(ppid, top):
+                return int(child.name)
+        time.sleep(0.05)
+    raise AssertionError(f"no dgxvm process below {top}")
+
+
+def _descends(pid: int, top: int) -> bool:
+    while pid > 1:
+        if pid == top:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def test_a_process_left_in_the_background_is_stopped_when_the_command_ends(runvm):
+    r = dgxvm_run(runvm, "sh", "-c", "sleep 4343 >/dev/null 2>&1 & echo started")
+    assert r.returncode == 0, r.stderr
+    ps = wait_gone(runvm, "sleep 4343", timeout=10)
+    assert "sleep 4343" not in ps, ps
+
+
+# -- who may -------------------------------------------------------------------------------
+def test_another_user_cannot_run_in_the_jobs_vm(runvm):
+    r = subprocess.run(user_argv(runvm, "run", "--job", str(JOB), "--", "id", user="nobody"),
+                       capture_output=True, timeout=60, cwd="/")
+    assert r.returncode == 125
+    assert f"job {JOB} has no VM of yours".encode() in r.stderr
+
+
+def test_outside_a_job_is_a_clear_125(runvm):
+    r = subprocess.run(user_argv(runvm, "run", "--", "true", job=False), capture_output=True,
+                       timeout=60, cwd="/")
+    assert r.returncode == 125
+    assert b"no job" in r.stderr
+
+
+# -- the shell -----------------------------------------------------------------------------
+def test_dgxvm_shell_under_a_terminal(runvm):
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(str(runvm.work))
+        argv = user_argv(runvm, "shell")
+        os.execvp(argv[0], argv)
+    try:
+        buf = b""
+
+        def until(want: bytes, timeout: float = 60) -> None:
+            nonlocal buf
+            deadline = time.monotonic() + timeout
+            while want not in buf:
+                left = deadline - time.monotonic()
+                assert left > 0, f"no {want!r}; got {buf!r}"
+                ready, _, _ = select.select([fd], [], [], left)
+                if ready:
+                    buf += os.read(fd, 4096)
+
+        os.write(fd, b"tty >/dev/null && echo TTY-$((6*7)); pwd\n")
+        until(b"TTY-42")
+        until(str(runvm.work).encode())
+        os.write(fd, b"sleep 50; echo after\n")
+        time.sleep(1.5)
+        os.write(fd, b"\x03")           # Ctrl-C interrupts the sleep, not the shell
+        os.write(fd, b"echo still-$((1+1))\n")
+        until(b"still-2")
+        os.write(fd, b"exit 5\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 5, buf
+    finally:
+        os.close(fd)
