@@ -226,6 +226,9 @@ class Registry:
     def _run(self, argv: list[str], ref: ImageRef, what: str, timeout: float,
              env: Mapping[str, str] | None = None):
         def error(reason: str) -> ContainerImageError:
+            if reason.startswith(what):           # run_tool's time-out: skopeo was killed
+                return ContainerRegistryUnreachable(ref=str(ref), reason=f"registry "
+                                                    f"{ref.endpoint} did not answer: {reason}")
             return ContainerImageError(ref=str(ref), reason=reason)
         run_env = dict(os.environ if self.env is None else self.env)
         run_env.update(env or {})

@@ -334,3 +334,18 @@ def test_remove_tree_goes_through_directories_without_write_permission(tmp_path)
     remove_tree(top)
     assert not top.exists()
     remove_tree(top)                          # gone already: nothing to do
+
+
+def test_a_registry_that_never_answers_is_unreachable_once_skopeo_is_killed(tmp_path):
+    """run_tool's time-out: the stand-in skopeo hangs like one whose registry accepts the
+    connection and never answers."""
+    hang = tmp_path / "skopeo"
+    hang.write_text("#!/bin/sh\nexec sleep 30\n")
+    hang.chmod(0o755)
+    registry = Registry(skopeo=str(hang), resolve_timeout_s=0.3)
+    with pytest.raises(ContainerRegistryUnreachable, match=r"registry 127\.0\.0\.1:5000 did not "
+                       r"answer: skopeo inspect .* did not finish in 0\.3s"):
+        registry.resolve(REF)
+    with pytest.raises(ContainerImageError, match=r"no-such-skopeo not found \(Debian package "
+                       r"skopeo\)"):
+        Registry(skopeo=str(tmp_path / "no-such-skopeo")).resolve(REF)
