@@ -10,8 +10,8 @@ Exit codes (stable, scripts may rely on them; README.md's table says the same):
     3  the host cannot be read or cannot do what was asked: sysfs, catalog, a host tool
        (ssh-keygen, xorriso, qemu-img create, fmpm, nft, Slurm's commands)
     4  no fit: the request is well formed but cannot be placed now
-    5  state: the ledger is corrupt or in conflict, a lock (the ledger's, the network's) was not
-       acquired in time
+    5  state: the ledger is corrupt or in conflict, a lock (the ledger's, the network's, a
+       container cache entry's) was not acquired in time, the container cache is unusable
     6  VM lifecycle: libvirt/QEMU refused or failed, or the guest never became ready
 
 Errors about one quantity of a placement request (:class:`RequestError`, :class:`NoFit`) carry
@@ -318,6 +318,45 @@ class LockError(DgxvmError):
 
 class LockTimeout(LockError):
     template = "lock {path}: not acquired within {timeout:g}s"
+
+
+# -- container images ------------------------------------------------------------------------------
+class ContainerImageError(DgxvmError):
+    """An image that cannot be resolved, pulled, unpacked or cached. ``ref`` is the canonical
+    reference (``registry/repository:tag[@digest]``), ``reason`` says why. The base (and anything
+    not named below: skopeo or umoci missing, hung or failing otherwise) is the host's, exit 3."""
+
+    template = "container image {ref}: {reason}"
+    exit_code = EXIT_HOST
+
+
+class ContainerImageNotFound(ContainerImageError):
+    """The registry has no such repository, tag or digest, or no linux/amd64 image under it:
+    the user's reference is wrong (exit 2)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ContainerAuthError(ContainerImageError):
+    """The registry asks for credentials and none were given, or it refused the ones given:
+    the user's to fix (``docker login``), exit 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ContainerRegistryUnreachable(ContainerImageError):
+    """The registry does not answer (refused, no such host, time-out, TLS): exit 3."""
+
+
+class ContainerDiskFull(ContainerImageError):
+    """The cache's file system filled up while pulling or unpacking (nothing was kept): exit 3."""
+
+
+class ContainerCacheError(ContainerImageError):
+    """The cache itself is unusable: its directory, an entry or a lock (``path``), exit 5."""
+
+    template = "container cache {path}: {reason}"
+    exit_code = EXIT_STATE
 
 
 # -- the Slurm hooks -------------------------------------------------------------------------------

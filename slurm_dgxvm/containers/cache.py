@@ -1,0 +1,463 @@
+"""The node-local, per-user container image cache: pulled once per digest, unpacked once.
+
+One cache per user per node, at a directory the caller gives (in production
+``/var/lib/dgxvm/containers/<uid>/``, the user's own, 0700). ``dgxvm run`` uses it as the user,
+with the user's credentials; the job's VM sees it read-only through a share. A private image is
+never served to another user, and there is no privileged daemon.
+
+Layout under ``root``::
+
+    sha256/<hex>/            one complete entry per linux/amd64 image manifest digest
+        oci/                 the OCI image layout skopeo wrote (tag "image")
+        bundle/              umoci's unpack: rootfs/ (the image's files), config.json (an OCI
+                             runtime spec), umoci.json, the mtree
+        image.json           what the entry is: digest, ref, the image config, when pulled
+        last-used            touched by every get (its mtime); eviction goes by it
+    refs/<registry>/<repository>@<tag or digest>
+                             the digest a reference resolved to last (JSON); a digest that names
+                             an index maps to its linux/amd64 manifest for good
+    locks/<hex>.lock         per-digest lock (never removed: a waiter may hold its inode)
+    tmp/<hex>.<pid>.<rand>/  an entry being built, and what evict moves away before deleting
+
+Publishing: an entry is built in ``tmp/`` and renamed to ``sha256/<hex>`` as a whole, under the
+digest's lock, only if no entry is there: a reader sees a complete entry or none. A writer that
+dies (SIGKILL, the disk full, a crash) leaves only its ``tmp/<hex>.*`` directory, which nothing
+reads; the next get of that digest removes it under the lock (no other writer of that digest can
+be running then), and :meth:`ImageCache.evict` removes those of any digest it can lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .. import fsutil
+from ..errors import (ContainerCacheError, ContainerDiskFull, ContainerImageError,
+                      ContainerRegistryUnreachable)
+from ..tools import output_tail, run_tool, tail
+from .ref import ImageRef
+from .registry import DIGEST, Registry
+
+OCI_TAG = "image"
+LOCK_TIMEOUT_S = 3600.0          # a waiter waits for a whole pull by another process
+UNPACK_TIMEOUT_S = 3600.0
+CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User")
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    """A complete cache entry. ``digest`` is the registry's linux/amd64 manifest digest (the
+    key); ``ref`` the reference it was asked for this time; ``config`` the image config's
+    Env, Cmd, Entrypoint, WorkingDir and User (those it sets)."""
+
+    digest: str
+    ref: ImageRef
+    path: Path
+    oci_dir: Path
+    rootfs: Path
+    config: dict
+
+
+@dataclass(frozen=True)
+class EntryUsage:
+    """What eviction knows of an entry: its digest, bytes on disk, last use (epoch seconds)."""
+
+    digest: str
+    size: int
+    last_used: float
+
+
+def plan_eviction(entries: Iterable[EntryUsage], *, max_bytes: int | None = None,
+                  max_age_s: float | None = None, now: float, keep: Iterable[str] = ()) -> list[str]:
+    """The digests to evict, least recently used first: every entry unused for more than
+    ``max_age_s``, then the least recently used until the rest fit in ``max_bytes``. Entries in
+    ``keep`` are never chosen (they still count towards the size). Pure.
+
+    Example: a 5, b 3, c 2 bytes used at t=1, 2, 3; max_bytes=5 -> ["a"] (b+c = 5 fit).
+    """
+    keep = set(keep)
+    ordered = sorted(entries, key=lambda e: (e.last_used, e.digest))
+    chosen: list[str] = []
+    total = sum(e.size for e in ordered)
+    for e in ordered:
+        if e.digest in keep:
+            continue
+        old = max_age_s is not None and now - e.last_used > max_age_s
+        big = max_bytes is not None and total > max_bytes
+        if old or big:
+            chosen.append(e.digest)
+            total -= e.size
+    return chosen
+
+
+def image_config(oci_dir: Path, tag: str = OCI_TAG) -> dict:
+    """The runtime part of the image config in the OCI layout ``oci_dir`` (index.json -> the
+    manifest tagged ``tag`` -> its config blob): the keys of CONFIG_KEYS it sets. ValueError
+    (with what is wrong) for a layout that does not hold one; OSError propagates."""
+    index = _read_json(oci_dir / "index.json")
+    manifests = [m for m in index.get("manifests", []) if isinstance(m, dict)
+                 and (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == tag]
+    if len(manifests) != 1:
+        raise ValueError(f"index.json has {len(manifests)} manifests tagged {tag!r}")
+    manifest = _read_json(_blob(oci_dir, manifests[0].get("digest")))
+    config = _read_json(_blob(oci_dir, (manifest.get("config") or {}).get("digest")))
+    runtime = config.get("config") or {}
+    if not isinstance(runtime, dict):
+        raise ValueError("the image config's 'config' is not an object")
+    return {k: runtime[k] for k in CONFIG_KEYS if runtime.get(k) not in (None, "", [])}
+
+
+def _blob(oci_dir: Path, digest) -> Path:
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise ValueError(f"bad blob digest {tail(str(digest), 80)!r}")
+    algo, hex_ = digest.split(":", 1)
+    return oci_dir / "blobs" / algo / hex_
+
+
+def _read_json(path: Path) -> dict:
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path.name} is not a JSON object")
+    return doc
+
+
+def tree_size(path: Path) -> int:
+    """Bytes ``path`` takes on disk (allocated blocks; hard links counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in [*dirnames, *filenames, None]:
+            p = dirpath if name is None else os.path.join(dirpath, name)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
+def remove_tree(path: Path) -> None:
+    """``rm -rf path``, also through directories an image left without write permission for
+    its owner (a rootless unpack keeps the image's modes)."""
+    def fix(func, p, exc):
+        err = exc[1] if isinstance(exc, tuple) else exc
+        if isinstance(err, FileNotFoundError):
+            return
+        if not isinstance(err, PermissionError):
+            raise err
+        parent = os.path.dirname(p)
+        os.chmod(parent, stat.S_IMODE(os.lstat(parent).st_mode) | stat.S_IRWXU)
+        with contextlib.suppress(OSError):
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, stat.S_IMODE(os.lstat(p).st_mode) | stat.S_IRWXU)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, onerror=fix)
+        else:
+            os.unlink(p)
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=fix)
+
+
+class ImageCache:
+    """The cache at ``root`` (created 0700 if missing). ``registry`` is how the user reaches
+    registries (their credentials, the insecure list); ``umoci`` the unpacker."""
+
+    def __init__(self, root: Path | str, registry: Registry | None = None, *,
+                 umoci: str = "umoci", lock_timeout_s: float = LOCK_TIMEOUT_S,
+                 unpack_timeout_s: float = UNPACK_TIMEOUT_S):
+        self.root = Path(root)
+        self.registry = registry or Registry()
+        self.umoci = umoci
+        self.lock_timeout_s = lock_timeout_s
+        self.unpack_timeout_s = unpack_timeout_s
+
+    # -- paths ------------------------------------------------------------------------------
+    def entry_path(self, digest: str) -> Path:
+        """``root/<algo>/<hex>``: where the entry of ``digest`` is (ValueError for a string
+        that is not a digest: it becomes a path)."""
+        if not DIGEST.fullmatch(digest):
+            raise ValueError(f"not a digest: {digest!r}")
+        algo, hex_ = digest.split(":", 1)
+        return self.root / algo / hex_
+
+    def ref_path(self, ref: ImageRef, reference: str | None = None) -> Path:
+        """``root/refs/<registry>/<repository>@<tag or digest>``: '@' is in no repository
+        component, so a repository and its sub-repositories never collide."""
+        return self.root / "refs" / ref.registry / f"{ref.repository}@{reference or ref.reference}"
+
+    def _lock_path(self, digest: str) -> Path:
+        return self.root / "locks" / f"{digest.replace(':', '-')}.lock"
+
+    # -- reading ----------------------------------------------------------------------------
+    def lookup(self, digest: str, ref: ImageRef) -> CachedImage | None:
+        """The complete entry of ``digest``, or None. No network, no lock: an entry exists
+        only once complete."""
+        path = self.entry_path(digest)
+        try:
+            meta = _read_json(path / "image.json")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise ContainerCacheError(path=str(path / "image.json"),
+                                      reason=f"unreadable entry ({e}); remove it") from None
+        return CachedImage(digest=digest, ref=ref, path=path, oci_dir=path / "oci",
+                           rootfs=path / "bundle" / "rootfs", config=meta.get("config") or {})
+
+    def _remembered(self, ref: ImageRef) -> str | None:
+        try:
+            digest = _read_json(self.ref_path(ref)).get("digest")
+        except (OSError, ValueError):
+            return None
+        return digest if isinstance(digest, str) and DIGEST.fullmatch(digest) else None
+
+    def _remember(self, ref: ImageRef, digest: str) -> None:
+        path = self.ref_path(ref)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fsutil.atomic_write_json(path, {"digest": digest, "ref": str(ref),
+                                            "resolved": int(time.time())})
+        except OSError as e:          # the index is a shortcut: a failure costs a request later
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ContainerDiskFull(ref=str(ref), reason=f"the disk is full: {path}") from None
+
+    def _used(self, image: CachedImage) -> CachedImage:
+        with contextlib.suppress(OSError):
+            (image.path / "last-used").touch()
+        return image
+
+    # -- get --------------------------------------------------------------------------------
+    def get(self, ref: ImageRef, *, auth: Path | str | None = None,
+            progress: Progress | None = None, offline_ok: bool = False) -> CachedImage:
+        """The cached image of ``ref``, pulled and unpacked first if needed.
+
+        A tag is always resolved to its digest with one registry request (a moved tag is seen
+        at once); only with ``offline_ok`` does an unreachable registry fall back to the digest
+        the tag resolved to last time, if that entry is here. A digest reference already here
+        needs no network at all. ``auth`` (a Docker config.json) replaces the registry's
+        credentials file for this call. ``progress`` gets one line per stage: resolving, pulling,
+        unpacking, done (or cached).
+
+        Ten processes getting one new image make one pull: the first takes the digest's lock
+        and pulls, the others wait for it and find the entry. Raises the registry's errors
+        (:mod:`.registry`), ContainerDiskFull, ContainerCacheError (the lock not acquired in
+        :attr:`lock_timeout_s`, an unusable cache directory), ContainerImageError (umoci).
+        """
+        say = progress or (lambda line: None)
+        registry = self.registry if auth is None else replace(self.registry, authfile=Path(auth))
+        self._ensure_dirs()
+        say(f"resolving {ref}")
+        if ref.digest:
+            for digest in (ref.digest, self._remembered(ref)):
+                if digest and (image := self.lookup(digest, ref)) is not None:
+                    say(f"done: {ref} is cached ({digest})")
+                    return self._used(image)
+        try:
+            resolved = registry.resolve(ref)
+        except ContainerRegistryUnreachable:
+            digest = self._remembered(ref) if offline_ok else None
+            if digest and (image := self.lookup(digest, ref)) is not None:
+                say(f"done: registry unreachable; using {ref} as cached ({digest})")
+                return self._used(image)
+            raise
+        digest = resolved.digest
+        if (image := self.lookup(digest, ref)) is None:
+            image = self._fill(registry, ref, digest, say)
+        else:
+            say(f"done: {ref} is cached ({digest})")
+        self._remember(ref, digest)
+        return self._used(image)
+
+    def _fill(self, registry: Registry, ref: ImageRef, digest: str, say: Progress) -> CachedImage:
+        """Pull and unpack ``digest`` under its lock, unless another process did meanwhile."""
+        lock = self._lock_path(digest)
+        with fsutil.locked(lock, timeout=self.lock_timeout_s, mode=0o600,
+                           timed_out=lambda: ContainerCacheError(
+                               path=str(lock), reason=f"another pull of {ref} held the lock for "
+                               f"more than {self.lock_timeout_s:g}s"),
+                           failed=lambda e: ContainerCacheError(path=str(lock),
+                                                                reason=e.strerror or str(e))):
+            self._clean_leftovers(digest)
+            if (image := self.lookup(digest, ref)) is not None:
+                say(f"done: {ref} was pulled by another process ({digest})")
+                return image
+            work = self.root / "tmp" / f"{digest.split(':', 1)[1]}.{os.getpid()}.{secrets.token_hex(4)}"
+            try:
+                self._build(registry, ref, digest, work, say)
+                self._publish(work, digest, ref)
+            finally:
+                remove_tree(work)
+        image = self.lookup(digest, ref)
+        if image is None:
+            raise ContainerCacheError(path=str(self.entry_path(digest)),
+                                      reason="the entry vanished right after it was published")
+        say(f"done: {ref} pulled and unpacked ({digest})")
+        return image
+
+    def _build(self, registry: Registry, ref: ImageRef, digest: str, work: Path,
+               say: Progress) -> None:
+        try:
+            work.mkdir(mode=0o700)
+            (work / "skopeo-tmp").mkdir(mode=0o700)
+        except OSError as e:
+            raise self._os_error(ref, work, e) from None
+        say(f"pulling {ref} ({digest})")
+        oci_digest = registry.pull(ref, digest, work / "oci", OCI_TAG,
+                                        tmpdir=work / "skopeo-tmp")
+        say(f"unpacking {ref}")
+
+        def unpack_error(reason: str) -> ContainerImageError:
+            return ContainerImageError(ref=str(ref), reason=reason)
+        result = run_tool([self.umoci, "unpack", "--rootless", "--image",
+                           f"{work / 'oci'}:{OCI_TAG}", work / "bundle"],
+                          timeout=self.unpack_timeout_s, error=unpack_error,
+                          what=f"umoci unpack {ref}", hint=" (Debian package umoci)", check=False)
+        if result.returncode != 0:
+            said = output_tail(result)
+            if re.search(r"no space left on device|disk quota exceeded", said, re.I):
+                raise ContainerDiskFull(ref=str(ref), reason=f"the disk is full: {said}")
+            raise ContainerImageError(ref=str(ref), reason=f"umoci unpack failed "
+                                      f"(exit {result.returncode}): {said}")
+        try:
+            config = image_config(work / "oci")
+        except (OSError, ValueError) as e:
+            raise ContainerImageError(ref=str(ref), reason=f"the pulled image has no usable "
+                                      f"config: {e}") from None
+        try:
+            remove_tree(work / "skopeo-tmp")
+            fsutil.atomic_write_json(work / "image.json", {
+                "digest": digest, "oci_manifest_digest": oci_digest, "ref": str(ref),
+                "config": config, "pulled": int(time.time())})
+            (work / "last-used").touch()
+        except OSError as e:
+            raise self._os_error(ref, work, e) from None
+
+    def _publish(self, work: Path, digest: str, ref: ImageRef) -> None:
+        """Rename ``work`` to the entry's name. Under the digest's lock, after lookup() found
+        none: nothing can be there but an empty directory (which rename would replace), so a
+        complete entry is never overwritten; anything else there is refused."""
+        path = self.entry_path(digest)
+        try:
+            os.rename(work, path)
+            fsutil.fsync_dir(path.parent)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise ContainerCacheError(path=str(path), reason="a directory that is not a "
+                                          "complete entry is in the way; remove it") from None
+            raise self._os_error(ref, path, e) from None
+
+    def _os_error(self, ref: ImageRef, path: Path, e: OSError) -> ContainerImageError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return ContainerDiskFull(ref=str(ref), reason=f"the disk is full: {path}")
+        return ContainerCacheError(path=str(path), reason=e.strerror or str(e))
+
+    def _ensure_dirs(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for sub in ("sha256", "sha512", "refs", "locks", "tmp"):
+                (self.root / sub).mkdir(exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise ContainerCacheError(path=str(self.root), reason=e.strerror or str(e)) from None
+
+    def _clean_leftovers(self, digest: str) -> list[Path]:
+        """Remove what dead writers of ``digest`` left in tmp/. Only under its lock."""
+        hex_ = digest.split(":", 1)[1]
+        gone = []
+        for p in (self.root / "tmp").glob(f"{hex_}.*"):
+            remove_tree(p)
+            gone.append(p)
+        return gone
+
+    # -- eviction ---------------------------------------------------------------------------
+    def entries(self) -> list[EntryUsage]:
+        """Every complete entry with its size and last use."""
+        out = []
+        for algo in ("sha256", "sha512"):
+            base = self.root / algo
+            if not base.is_dir():
+                continue
+            for p in sorted(base.iterdir()):
+                digest = f"{algo}:{p.name}"
+                if not DIGEST.fullmatch(digest) or not (p / "image.json").is_file():
+                    continue
+                try:
+                    last = (p / "last-used").stat().st_mtime
+                except OSError:
+                    last = (p / "image.json").stat().st_mtime
+                out.append(EntryUsage(digest=digest, size=tree_size(p), last_used=last))
+        return out
+
+    def evict(self, *, max_bytes: int | None = None, max_age_s: float | None = None,
+              keep: Iterable[str] = (), now: float | None = None) -> list[str]:
+        """Remove entries unused for ``max_age_s``, then least recently used ones until the
+        cache fits in ``max_bytes`` (:func:`plan_eviction`); digests in ``keep`` (the images
+        of running jobs: the caller knows them) stay. An entry whose lock is held (a get is
+        pulling or publishing it) is skipped. Each is first renamed into tmp/ under its lock
+        (it vanishes at once for readers), then deleted; leftovers of dead writers of digests
+        it can lock go too, and refs/ that point at no entry. Returns the digests removed."""
+        self._ensure_dirs()
+        now = time.time() if now is None else now
+        removed = []
+        for digest in plan_eviction(self.entries(), max_bytes=max_bytes, max_age_s=max_age_s,
+                                    now=now, keep=keep):
+            with self._try_lock(digest) as held:
+                if not held:
+                    continue
+                path = self.entry_path(digest)
+                grave = self.root / "tmp" / f"{path.name}.evict.{secrets.token_hex(4)}"
+                try:
+                    os.rename(path, grave)
+                except FileNotFoundError:
+                    continue
+                remove_tree(grave)
+                removed.append(digest)
+        for p in (self.root / "tmp").iterdir():
+            digest = f"sha{'512' if len(p.name.split('.')[0]) == 128 else '256'}:{p.name.split('.')[0]}"
+            if DIGEST.fullmatch(digest):
+                with self._try_lock(digest) as held:
+                    if held:
+                        self._clean_leftovers(digest)
+        self._prune_refs()
+        return removed
+
+    @contextlib.contextmanager
+    def _try_lock(self, digest: str):
+        """Yields whether the digest's lock was free (and is now held for the block)."""
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(fsutil.locked(self._lock_path(digest), timeout=0, mode=0o600,
+                                              timed_out=TimeoutError, failed=lambda e: e))
+            held = True
+        except (TimeoutError, OSError):
+            held = False
+        with stack:
+            yield held
+
+    def _prune_refs(self) -> None:
+        for p in (self.root / "refs").rglob("*@*"):
+            try:
+                digest = _read_json(p).get("digest")
+                if not (isinstance(digest, str) and DIGEST.fullmatch(digest)
+                        and (self.entry_path(digest) / "image.json").is_file()):
+                    p.unlink()
+            except (OSError, ValueError):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
+__all__ = ["CONFIG_KEYS", "CachedImage", "EntryUsage", "ImageCache", "image_config",
+           "plan_eviction", "remove_tree", "tree_size"]
