@@ -24,7 +24,7 @@
 #                            any): the request sets the cwd and environment.
 #
 # State: /tmp/.dgxvm-UID/ID/ (request, attached, pgid, status, gone), removed by the control
-# session when it ends.
+# session when it ends; /tmp/.dgxvm-UID/ID.gone when it ended before the run session started.
 set -u
 umask 077
 GRACE=${DGXVM_GRACE:-5}
@@ -36,6 +36,7 @@ check_id() {
     case $1 in
         ''|*[!0-9a-f]*) say "bad run id '$1'"; exit 125 ;;
     esac
+    [ ${#1} -ge 16 ] || { say "bad run id '$1'"; exit 125; }
 }
 
 setup_dir() {
@@ -58,9 +59,10 @@ stop_group() {
 }
 
 read_request() {
-    IFS= read -r req || { say "no request"; exit 125; }
+    IFS= read -r req || { say "no request"; rm -rf "$d"; exit 125; }
     printf '%s' "$req" | base64 -d > "$d/request.tmp" 2>/dev/null \
-        && mv "$d/request.tmp" "$d/request" || { say "the request is not base64"; exit 125; }
+        && mv "$d/request.tmp" "$d/request" \
+        || { say "the request is not base64"; rm -rf "$d"; exit 125; }
 }
 
 cmd_control() {
@@ -87,6 +89,10 @@ cmd_control() {
         n=0   # let the run session record the status before the directory goes
         while [ ! -e "$d/status" ] && [ $n -lt 50 ]; do n=$((n + 1)); sleep 0.1; done
     fi
+    # A run session that has not started yet must not wait for a control session that has
+    # come and gone: it finds this tombstone (and removes it). A run starting right now fails
+    # to record its pgid in the removed directory and never runs the command.
+    [ -e "$d/pgid" ] || : > "$base/$id.gone"
     rm -rf "$d"
 }
 
@@ -96,20 +102,21 @@ wait_attached() {
         n=$((n + 1))
         [ $n -gt 600 ] && { say "no control session after 30 s"; exit 125; }
         [ -e "$d/gone" ] && exit 125
+        [ -e "$base/$id.gone" ] && { rm -f "$base/$id.gone"; exit 125; }
         sleep 0.05
     done
 }
 
 cmd_run() {
     wait_attached
-    # shellcheck disable=SC1090,SC1091
-    . "$d/request" || { say "cannot read the request"; exit 125; }
     # In the foreground, not as "cmd &": an asynchronous list of a shell without job control
     # starts with SIGINT and SIGQUIT ignored, and the command could never be interrupted.
     # setsid does not fork here (this shell's child is no group leader), so the inner sh's $$
     # is the new session's and process group's id; it is recorded before the command runs.
-    setsid sh -c 'echo "$$" > "$1/pgid"; [ -e "$1/gone" ] && exit 125; shift; exec "$@"' \
-        dgxvm-guest "$d" "$@"
+    # The request (the job's exports, cd, argv) is sourced there too, never in this shell: a
+    # job variable named like one of this script's own (d, GRACE) changes nothing here.
+    setsid sh -c 'echo "$$" > "$1/pgid" || exit 125; [ -e "$1/gone" ] && exit 125
+        . "$1/request" || exit 125; exec "$@"' dgxvm-guest "$d"
     rc=$?
     pid=$(cat "$d/pgid" 2>/dev/null)
     [ -n "$pid" ] && group_alive "$pid" && stop_group "$pid"
@@ -130,7 +137,8 @@ case $verb in
     run|control|shell)
         [ $# -eq 2 ] || { say "usage: dgxvm-guest $verb ID"; exit 125; }
         check_id "$2"
-        d=$base/$2
+        id=$2
+        d=$base/$id
         "cmd_$verb" ;;
     *) say "usage: dgxvm-guest run|control|shell ID"; exit 125 ;;
 esac
