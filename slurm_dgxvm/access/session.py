@@ -12,6 +12,11 @@ and killing a client that has no terminal leaves the remote command running. So:
   stops the command (TERM, then KILL), so a SIGKILLed ``dgxvm run`` or a lost connection leaves
   nothing running. The guest never starts a command before its control session is there.
 
+The two sessions share one connection: the control session is its master (``ssh -M -S``), the
+command session a multiplexed client that starts once the master is authenticated. One
+handshake per run (the guest's CPU is the job's), and a connection refused before it was
+authenticated, which has run nothing in the guest, is simply tried again.
+
 Both ssh clients ignore the forwarded signals (an ignored signal stays ignored across exec, and
 ssh leaves ignored signals alone), so a ``scancel`` or ``--signal=USR1`` that Slurm sends to every
 process of the step reaches the workload once, through the control session, instead of killing
@@ -22,10 +27,13 @@ command's own status; if it has none, the transport failed (TransportLost).
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import select
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -35,6 +43,9 @@ from .target import GUEST_HELPER, Target, remote
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
              signal.SIGQUIT)
+CONNECT_RETRY_S = 60.0   # how long to keep trying to get the connection authenticated
+RETRY_STEP_S = 0.3       # the n-th retry waits about n times this (jittered)
+SOCKET_POLL_S = 0.01
 STATUS_WAIT_S = 5.0      # after a 255: how long the control session may take to answer STATUS
 CONTROL_EXIT_S = 10.0    # after the command: how long the control session may take to end
 SSH_FAILED = 255
@@ -89,33 +100,59 @@ class Session:
         when the VM could not be reached or the connection died before the command's status
         was known."""
         previous = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
+        self._dir = tempfile.mkdtemp(prefix="dgxvm-run-", dir=_socket_dir())
         try:
-            self.control = self.popen(self._ssh("control"), stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      preexec_fn=_ignore_forwarded)
-            self.command = self.popen(self._ssh(self.verb, tty=self.tty),
-                                      preexec_fn=_ignore_forwarded)
-            self._write_request()
+            sock = os.path.join(self._dir, "ssh")
+            self._connect(sock)
+            self.command = self.popen(
+                [*self.target.ssh_argv("-S", sock, "-o", "ControlMaster=no", tty=self.tty),
+                 *remote(self.verb, self.run_id, self.helper)],
+                preexec_fn=_ignore_forwarded)
+            self._sent = True
+            for name in self._pending:
+                self._send(name)
+            self._pending.clear()
             rc = self._wait(self.command)
             if rc == SSH_FAILED:
                 rc = self._status_after_255()
             return rc
         finally:
             self._close_control()
+            shutil.rmtree(self._dir, ignore_errors=True)
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def _write_request(self) -> None:
-        assert self.control is not None and self.control.stdin is not None
-        try:
-            self.control.stdin.write(self.request.line())
-            self.control.stdin.flush()
-        except OSError:
-            pass  # the control session failed; the command session reports it (255)
-        self._sent = True
-        for name in self._pending:
-            self._send(name)
-        self._pending.clear()
+    def _connect(self, sock: str) -> None:
+        """Start the control session as the connection's master (``-M -S sock``) and wait until
+        it is authenticated (its socket exists). A master that ends before that never ran
+        anything in the guest, so it is safe to try again: an sshd refuses connections beyond
+        a few unauthenticated ones at a time (dropbear: 5 per address; OpenSSH: MaxStartups),
+        which eight tasks of one step starting together reach."""
+        deadline = time.monotonic() + CONNECT_RETRY_S
+        attempt = 0
+        while True:
+            attempt += 1
+            self.control = self.popen(
+                [*self.target.ssh_argv("-M", "-S", sock, "-o", "ControlPersist=no"),
+                 *remote("control", self.run_id, self.helper)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                preexec_fn=_ignore_forwarded)
+            try:
+                os.write(self.control.stdin.fileno(), self.request.line())
+            except OSError:
+                pass  # it failed already: seen below
+            while not os.path.exists(sock):
+                if self.control.poll() is not None:
+                    break
+                time.sleep(SOCKET_POLL_S)
+            else:
+                return
+            reason = self._control_reason()
+            self._close_control()
+            if time.monotonic() + attempt * RETRY_STEP_S > deadline:
+                raise TransportLost(job=self.target.job_id, domain=self.target.domain,
+                                    reason=f"{reason}; tried {attempt} times")
+            time.sleep(random.uniform(0.5, 1.5) * attempt * RETRY_STEP_S)
 
     @staticmethod
     def _wait(proc: subprocess.Popen) -> int:
@@ -157,7 +194,7 @@ class Session:
         return err[-1] if err else "ssh failed (see the lines above)"
 
     def _close_control(self) -> None:
-        c = self.control
+        c, self.control = self.control, None
         if c is None:
             return
         try:
@@ -173,6 +210,13 @@ class Session:
         for f in (c.stdout, c.stderr):
             if f is not None:
                 f.close()
+
+
+def _socket_dir() -> str:
+    """Where the connection's socket goes: $TMPDIR unless its path is too long for a unix
+    socket (108 bytes), then /tmp."""
+    d = tempfile.gettempdir()
+    return d if len(d) < 60 else "/tmp"
 
 
 def run(target: Target, request: Request, *, verb: str = "run", tty: bool = False,
