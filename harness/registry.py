@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -59,13 +60,16 @@ class LocalRegistry:
     ``{name: password}`` to require basic auth. Use as a context manager, or start()/stop()."""
 
     def __init__(self, run_dir: Path, *, users: dict[str, str] | None = None,
-                 port: int | None = None, name: str = "registry"):
+                 port: int | None = None, name: str = "registry", netns: str | None = None):
         self.run_dir = Path(run_dir)
         self.users = dict(users or {})
         self.port = port or free_port()
         self.name = name
-        self._daemons = Daemons(enter=[], env=lambda: {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                                                       "HOME": str(self.run_dir)},
+        self.netns = netns            # listen on that network namespace's loopback instead
+        self.enter = ["ip", "netns", "exec", netns] if netns else []
+        self._daemons = Daemons(enter=self.enter,
+                                env=lambda: {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                                             "HOME": str(self.run_dir)},
                                 log_dir=self.run_dir, log_suffix=".log", cwd=self.run_dir)
 
     @property
@@ -104,6 +108,14 @@ class LocalRegistry:
         return self
 
     def _answers(self) -> bool:
+        if self.netns:
+            probe = ("import sys, urllib.request, urllib.error\n"
+                     "try:\n    urllib.request.urlopen(sys.argv[1], timeout=1).close()\n"
+                     "except urllib.error.HTTPError as e:\n    sys.exit(e.code != 401)\n"
+                     "except OSError:\n    sys.exit(1)\n")
+            r = subprocess.run([*self.enter, "python3", "-c", probe,
+                                f"http://{self.endpoint}/v2/"], capture_output=True)
+            return r.returncode == 0
         try:
             urllib.request.urlopen(f"http://{self.endpoint}/v2/", timeout=1).close()
             return True
@@ -184,7 +196,7 @@ def build_image(registry: LocalRegistry, repository: str, tag: str, work: Path, 
     layout = _layout(work, name, list(cmd), marker=marker)
     digestfile = work / f"{name}.digest"
     auth = [f"--dest-authfile={authfile}"] if authfile else ["--dest-no-creds"]
-    tool(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", *auth,
+    tool([*registry.enter, "skopeo", "copy", "--quiet", "--dest-tls-verify=false", *auth,
           f"--digestfile={digestfile}", f"oci:{layout}:{name}",
           f"docker://{registry.endpoint}/{repository}:{tag}"])
     return digestfile.read_text().strip()

@@ -22,7 +22,7 @@ import base64
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..containers import gpuenv
 
@@ -33,6 +33,7 @@ HOST_ONLY = frozenset({
 HOST_ONLY_PREFIXES = ("SSH_", "LD_", "XDG_", "DGXVM_", "BASH_FUNC_")
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_FILE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
 
 def quote(value: str | bytes) -> bytes:
@@ -70,20 +71,41 @@ def guest_cwd(cwd: str, shared: Sequence[str]) -> str | None:
 
 @dataclass(frozen=True)
 class Request:
+    """``argv`` run with ``env`` in ``cwd``. ``files`` (name -> bytes) are written into the run's
+    directory in the guest first (``$DGXVM_RUN_DIR``, e.g. a container's config.json);
+    ``command`` replaces ``argv`` with words dgxvm wrote itself, where ``$DGXVM_RUN_DIR`` may
+    appear (never a value of the caller's); ``cleanup`` is what stops the command if its
+    process group was killed (a container runtime's delete)."""
     argv: tuple[str, ...]
     env: Mapping[str, str]
     cwd: str | None
+    files: Mapping[str, bytes] = field(default_factory=dict)
+    command: bytes | None = None
+    cleanup: bytes | None = None
 
     def script(self) -> bytes:
-        """The sh the guest helper sources: exports, cd, ``set --``."""
-        lines = [b"export " + k.encode() + b"=" + quote(v) for k, v in sorted(self.env.items())]
+        """The sh the guest helper sources (with the run's directory as ``$1``): files,
+        exports, cd, ``set --``."""
+        lines = [b'DGXVM_RUN_DIR=$1']
+        for name, data in sorted(self.files.items()):
+            if not _FILE.match(name):
+                raise ValueError(f"bad file name {name!r}")
+            lines.append(b"printf '%s' " + quote(data) + b' > "$DGXVM_RUN_DIR/'
+                         + name.encode() + b'" || exit 125')
+        if self.cleanup is not None:
+            lines.append(b"printf '%s\\n' " + quote(self.cleanup)
+                         + b' > "$DGXVM_RUN_DIR/cleanup" || exit 125')
+        lines += [b"export " + k.encode() + b"=" + quote(v) for k, v in sorted(self.env.items())]
         if self.cwd is not None:
             lines.append(b"cd -- " + quote(self.cwd) + b" || { echo "
                          + quote(f"dgxvm run: {self.cwd} is not reachable in the VM")
                          + b" >&2; exit 125; }")
         else:
             lines.append(b'cd -- "$HOME" 2>/dev/null || cd /')
-        lines.append(b"set -- " + b" ".join(quote(a) for a in self.argv))
+        if self.command is not None:
+            lines.append(b"set -- " + self.command)
+        else:
+            lines.append(b"set -- " + b" ".join(quote(a) for a in self.argv))
         return b"\n".join(lines) + b"\n"
 
     def line(self) -> bytes:

@@ -72,6 +72,9 @@ class Target:
     workdir: str | None          # the shared work dir (the same path in the guest), if any
     gpus: tuple[int, ...]        # the VM's GPUs, host numbering
     slurm_gpus: tuple[int, ...]  # the job's GPUs as Slurm numbered them (= gpus if not remapped)
+    uid: int = 0
+    image: str | None = None     # the guest image (its profile says the container runtime)
+    image_cache: str | None = None  # the user's image cache, shared at the same path
 
     @classmethod
     def from_view(cls, job_id: int, view: dict) -> Target:
@@ -80,7 +83,9 @@ class Target:
         return cls(job_id=job_id, domain=view["name"], address=view["address"],
                    user=view["user"], key=view["key"], known_hosts=view["known_hosts"],
                    state=view["state"], workdir=view.get("workdir"), gpus=gpus,
-                   slurm_gpus=tuple(slurm) if slurm is not None else gpus)
+                   slurm_gpus=tuple(slurm) if slurm is not None else gpus,
+                   uid=int(view.get("uid") or 0), image=view.get("image"),
+                   image_cache=view.get("image_cache"))
 
     @property
     def destination(self) -> str:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
 from ..access import session
+from ..access.container import RUNTIMES, ContainerFlags, container_request
 from ..access.request import Request, guest_cwd, guest_environment
 from ..access.target import job_from_env, target_for
+from ..errors import BadInput
 
 #: the exit status of ``dgxvm run``/``shell`` when dgxvm itself failed
 EXIT_RUN_FAILED = 125
@@ -41,23 +44,98 @@ def _request(target, argv: tuple[str, ...], cfg) -> tuple[Request, str | None]:
     return Request(argv=argv, env=env, cwd=where), note
 
 
+def _container_options(f):
+    for opt in reversed((
+        click.option("--container-image", metavar="REF",
+                     help="Run CMD in a container of this image: pyxis's syntax "
+                          "[USER@][REGISTRY#]IMAGE[:TAG|@DIGEST], or Docker's."),
+        click.option("--container-mounts", metavar="SRC[:DST[:FLAGS]],...",
+                     help="Bind mounts into the container (FLAGS: ro, rw, rprivate, private, "
+                          "rslave, slave, joined with '+'); SRC a path the VM has."),
+        click.option("--container-workdir", metavar="DIR",
+                     help="Working directory in the container (default: the current one "
+                          "when the VM has it, else the image's)."),
+        click.option("--container-env", metavar="NAME,...",
+                     help="Variables whose job value wins over the image's ENV."),
+        click.option("--container-name", metavar="NAME",
+                     help="(pyxis) a named container kept across steps: not supported yet."),
+        click.option("--container-remap-root/--no-container-remap-root", default=False,
+                     help="Be root in the container (mapped to your own uid)."),
+        click.option("--container-writable/--container-readonly", default=False,
+                     help="(pyxis) a writable container root: not supported by the runc "
+                          "profile, whose root is the node's read-only image cache."),
+    )):
+        f = opt(f)
+    return f
+
+
+def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool) -> Request:
+    """The request of ``request``'s command in ``flags.image``'s container."""
+    from ..containers.cache import ImageCache
+    from ..containers.ref import parse
+    from ..containers.registry import Registry
+    from ..images.profile import runtime_of
+    if flags.writable:
+        raise BadInput("--container-writable: this VM's runtime (runc) runs the image "
+                       "read-only from the node's image cache; write to the work dir or /tmp",
+                       value=flags.image)
+    if flags.name:
+        raise BadInput(f"--container-name {flags.name}: named containers kept across steps "
+                       "are not supported yet; every dgxvm run starts a fresh container",
+                       value=flags.name)
+    ref = parse(flags.image)
+    kind, gpu_devices = runtime_of(cfg.images.store, target.image)
+    if kind not in RUNTIMES:
+        raise BadInput(f"job {target.job_id}'s VM runs image {target.image}, whose container "
+                       f"runtime is {kind!r}: dgxvm run --container-image needs one of "
+                       f"{', '.join(RUNTIMES)}", value=target.image)
+    if not target.image_cache:
+        raise BadInput(f"job {target.job_id}'s VM has no image cache share ([containers] "
+                       "cache_dir is empty or [vm] share is none)", value=target.job_id)
+    cache = ImageCache(Path(target.image_cache),
+                       Registry.for_user(insecure=cfg.containers.insecure_registries))
+    image = cache.get(ref, progress=lambda line: click.echo(f"dgxvm: {line}", err=True))
+    shared = (target.workdir,) if target.workdir else ()
+    n = len(target.gpus) if gpu_devices == "nvidia" else 0
+    if target.gpus and not n and not quiet:
+        click.echo(f"dgxvm: note: image {target.image} has no GPU devices for containers "
+                   f"(simulated GPUs); with the NVIDIA driver it would bind /dev/nvidia0-"
+                   f"{len(target.gpus) - 1}, /dev/nvidiactl and /dev/nvidia-uvm", err=True)
+    return container_request(flags, argv=request.argv, env=request.env, cwd=request.cwd,
+                             shared=shared, uid=target.uid, gid=_gid(target),
+                             rootfs=str(image.rootfs), image_config=image.config,
+                             run_name=image.digest.split(":")[-1][:12], gpu_devices=n)
+
+
+def _gid(target) -> int:
+    return os.getgid() if os.geteuid() else target.uid
+
+
 @click.command(context_settings={"ignore_unknown_options": False,
                                  "allow_interspersed_args": False})
 @_job_option
-@click.option("--quiet", "-q", is_flag=True, help="No note on stderr when the cwd is not shared.")
+@_container_options
+@click.option("--quiet", "-q", is_flag=True, help="No notes on stderr (cwd not shared, ...).")
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
 @click.pass_obj
-def run(c, job_id, quiet, command):
+def run(c, job_id, container_image, container_mounts, container_workdir, container_env,
+        container_name, container_remap_root, container_writable, quiet, command):
     """Run CMD in the job's VM as the job's user, in the current directory when the VM has it
     (the shared work dir), with stdin, stdout and stderr streamed and the job's environment (GPU
-    indices in the guest's numbering). Its exit status is CMD's; TERM, INT, HUP, USR1, USR2 and
-    QUIT reach CMD; if dgxvm run dies, CMD is stopped in the guest. dgxvm's own failures exit
-    125."""
+    indices in the guest's numbering); with --container-image, in a container of that image.
+    Its exit status is CMD's; TERM, INT, HUP, USR1, USR2 and QUIT reach CMD; if dgxvm run dies,
+    CMD is stopped in the guest. dgxvm's own failures exit 125."""
     env = c.env
     target = target_for(env, job_from_env(job_id, os.environ))
     request, note = _request(target, tuple(command), env.cfg)
-    if note and not quiet:
+    if note and not quiet and not container_image:
         click.echo(note, err=True)
+    if container_image:
+        flags = ContainerFlags(image=container_image, mounts=container_mounts,
+                               workdir=container_workdir, env=container_env,
+                               name=container_name, remap_root=container_remap_root,
+                               writable=container_writable)
+        request = _container(target, flags, request, env.cfg, quiet)
     raise click.exceptions.Exit(session.run(target, request))
 
 

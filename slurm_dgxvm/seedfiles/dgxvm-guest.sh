@@ -47,15 +47,20 @@ setup_dir() {
 # group_alive PGID: whether any process is left in the process group
 group_alive() { kill -0 "-$1" 2>/dev/null; }
 
-# stop_group PGID: TERM, then KILL after GRACE seconds if anything is left
+# stop_group PGID: TERM, then KILL after GRACE seconds if anything is left; then the request's
+# cleanup, if it has one (a container runtime's delete: a container's processes may live in
+# a session of their own, and a container's PID 1 ignores a TERM it has no handler for)
 stop_group() {
-    kill -TERM "-$1" 2>/dev/null || return 0
-    n=0
-    while group_alive "$1"; do
-        n=$((n + 1))
-        [ $n -gt $((GRACE * 10)) ] && { kill -KILL "-$1" 2>/dev/null; return 0; }
-        sleep 0.1
-    done
+    if kill -TERM "-$1" 2>/dev/null; then
+        n=0
+        while group_alive "$1"; do
+            n=$((n + 1))
+            [ $n -gt $((GRACE * 10)) ] && { kill -KILL "-$1" 2>/dev/null; break; }
+            sleep 0.1
+        done
+    fi
+    [ -s "$d/cleanup" ] && sh "$d/cleanup" >/dev/null 2>&1
+    return 0
 }
 
 read_request() {

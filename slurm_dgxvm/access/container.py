@@ -1,0 +1,82 @@
+"""``dgxvm run --container-image``: from pyxis's flags to the request the guest runs.
+
+The image comes from the job's user's own cache on the host (containers.cache: pulled once per
+digest with the user's credentials, unpacked once), which the VM has at the same path (the image
+cache share). The guest image's profile says which runtime runs it; today's is rootless runc
+(containers.runtime).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ..containers import mounts as mounts_mod
+from ..containers import runtime
+from ..errors import BadInput, ContainerMountError
+from .request import Request, guest_cwd
+
+RUNTIMES = ("runc",)     # the runtimes dgxvm run can drive today
+
+
+@dataclass(frozen=True)
+class ContainerFlags:
+    """pyxis's flags, as given."""
+    image: str
+    mounts: str | None = None
+    workdir: str | None = None
+    env: str | None = None           # --container-env NAME,NAME
+    name: str | None = None
+    remap_root: bool = False
+    writable: bool = False
+
+
+def check_mounts(text: str | None, shared: tuple[str, ...]) -> tuple[mounts_mod.Mount, ...]:
+    """``--container-mounts``, each source a path the VM has: under a share, or a path that
+    is not the host's (then it is the guest's own, checked there by the runtime). A host
+    path the VM does not have is refused naming it: it would silently be another directory."""
+    if not text:
+        return ()
+    out = mounts_mod.parse(text)
+    for m in out:
+        if guest_cwd(m.source, shared) is None and os.path.lexists(m.source):
+            raise ContainerMountError(
+                value=str(m), reason=f"{m.source} is a host path the VM does not have "
+                f"(shared with it: {', '.join(shared) or 'nothing'})")
+    return out
+
+
+def env_names(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    names = tuple(n for n in text.split(",") if n)
+    for n in names:
+        if not n.replace("_", "a").isalnum() or n[0].isdigit():
+            raise BadInput(f"--container-env: {n!r} is not a variable name", value=n)
+    return names
+
+
+def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapping[str, str],
+                      cwd: str | None, shared: tuple[str, ...], uid: int, gid: int,
+                      rootfs: str, image_config: Mapping, run_name: str,
+                      gpu_devices: int = 0) -> Request:
+    """The request that runs ``argv`` in the image's container under runc in the guest."""
+    spec = runtime.ContainerSpec(
+        rootfs=rootfs, image_config=image_config, argv=argv, env=env, cwd=cwd, uid=uid, gid=gid,
+        shared=shared, mounts=check_mounts(flags.mounts, shared), workdir=flags.workdir,
+        keep_env=env_names(flags.env), remap_root=flags.remap_root, writable=flags.writable,
+        gpu_devices=gpu_devices)
+    config = runtime.oci_config(spec)
+    name = f"dgxvm-{run_name}"
+    # runc's state lives in the run's directory (removed with it); the cleanup script runs
+    # from there too and finds it as its own $0's directory
+    command = f'runc --root "$DGXVM_RUN_DIR/runc" run --bundle "$DGXVM_RUN_DIR" {name}'.encode()
+    cleanup = f'd=$(dirname "$0"); runc --root "$d/runc" delete --force {name}'.encode()
+    return Request(argv=argv, env={}, cwd=None,
+                   files={"config.json": json.dumps(config, indent=1).encode()},
+                   command=command, cleanup=cleanup)
+
+
+Progress = Callable[[str], None]

@@ -1,0 +1,166 @@
+"""The container a ``dgxvm run --container-image`` command runs in, as the guest's runtime takes
+it. Pure: image facts, the job's request and the flags in, an OCI runtime config (runc's
+``config.json``) and the argv that runs it in the guest out.
+
+The ``runc`` profile (the test guest; any guest image with runc and unprivileged user
+namespaces): rootless runc as the job's user, the image's rootfs read-only straight from the
+user's image cache (shared into the VM at the same path, so the host's path is the guest's),
+no network namespace (the container uses the VM's network, as pyxis/enroot use the host's),
+the shared work dir bind-mounted at its own path, ``--container-mounts`` as recursive binds
+(``nosuid,nodev`` always), ``/dev/shm`` without a size cap (the kernel's default, half the VM's
+memory: NCCL's shared-memory transport needs more than Docker's 64 MiB) and the locked-memory
+limit of the guest session (the seed raises it for the job's user).
+
+The rules (README "Containers"):
+
+- the command is CMD as given: the image's ENTRYPOINT and CMD are not used (pyxis's default);
+- environment (pyxis's rule): the job's environment (the host-only variables already out, GPU
+  indices already translated), then the image's ENV, which wins for every variable it sets
+  (PATH, LD_LIBRARY_PATH, CUDA_VERSION ...), except the names given with ``--container-env``,
+  where the job's value wins; PATH is the image's, or a standard PATH when it sets none;
+- working directory: ``--container-workdir``, else the caller's cwd when the VM has it (it is
+  mounted), else the image's WORKDIR, else ``/``;
+- user: the job's uid/gid; with ``--container-remap-root``, root in the container (mapped to
+  the job's uid, no more than the user can do); only the primary group exists in the
+  container (an unprivileged user namespace maps one uid and one gid);
+- GPUs: on a machine with NVIDIA devices in the guest, the device nodes are bound in; on the
+  simulated machine there are none, and the run says what it would pass.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .mounts import Mount
+
+OCI_VERSION = "1.0.2"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NVIDIA_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools",
+                  "/dev/nvidia-modeset")
+BIND_RO = ("rbind", "nosuid", "nodev", "ro")
+BIND_RW = ("rbind", "nosuid", "nodev")
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything the container is made from (the caller checked each value)."""
+    rootfs: str                        # the image's unpacked rootfs, a path the guest has
+    image_config: Mapping              # Env, WorkingDir, User, ... of the image
+    argv: tuple[str, ...]
+    env: Mapping[str, str]             # the job's environment as the guest sees it
+    keep_env: tuple[str, ...] = ()     # --container-env: the job's value wins over the image's
+    cwd: str | None                    # the caller's cwd when the VM has it
+    uid: int
+    gid: int
+    shared: tuple[str, ...] = ()       # directories the VM shares with the host (the work dir)
+    mounts: tuple[Mount, ...] = ()
+    workdir: str | None = None         # --container-workdir
+    remap_root: bool = False
+    writable: bool = False
+    gpu_devices: int = 0               # bind /dev/nvidia0..N-1 and the control nodes (a guest
+                                       # with the NVIDIA driver); 0 = none (simulated GPUs)
+    hostname: str | None = None
+    terminal: bool = False
+
+
+def environment(image_env: Sequence[str], job_env: Mapping[str, str],
+                keep: Sequence[str] = ()) -> list[str]:
+    """``NAME=value`` lines: the job's environment, the image's ENV over it, the ``keep`` names
+    back to the job's values; PATH the image's (never the job's)."""
+    env = {k: v for k, v in job_env.items() if k != "PATH"}
+    env["PATH"] = DEFAULT_PATH
+    for item in image_env or ():
+        if isinstance(item, str) and "=" in item:
+            k, v = item.split("=", 1)
+            env[k] = v
+    for k in keep:
+        if k in job_env and k != "PATH":
+            env[k] = job_env[k]
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+def working_dir(spec: ContainerSpec) -> str:
+    if spec.workdir:
+        return spec.workdir
+    if spec.cwd:
+        return spec.cwd
+    wd = spec.image_config.get("WorkingDir")
+    return wd if isinstance(wd, str) and wd.startswith("/") else "/"
+
+
+def _bind(source: str, target: str, options: Sequence[str]) -> dict:
+    return {"destination": target, "type": "bind", "source": source, "options": list(options)}
+
+
+def oci_config(spec: ContainerSpec) -> dict:
+    """runc's ``config.json`` for ``spec`` (rootless: runc runs as the job's user)."""
+    inside_uid, inside_gid = (0, 0) if spec.remap_root else (spec.uid, spec.gid)
+    caps = (["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_CHOWN",
+             "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_SETGID", "CAP_SETUID",
+             "CAP_SETPCAP"] if spec.remap_root else [])
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "nodev", "mode=1777"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+        _bind("/sys", "/sys", ("rbind", "nosuid", "noexec", "nodev", "ro")),
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=1777"]},
+        {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=755"]},
+        {"destination": "/var/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=1777"]},
+        _bind("/etc/resolv.conf", "/etc/resolv.conf", BIND_RO),
+        _bind("/etc/hosts", "/etc/hosts", BIND_RO),
+    ]
+    for d in spec.shared:
+        mounts.append(_bind(d, d, BIND_RW))
+    for m in spec.mounts:
+        mounts.append(_bind(m.source, m.target, BIND_RO if m.read_only else BIND_RW))
+    if spec.gpu_devices:
+        for dev in (*(f"/dev/nvidia{i}" for i in range(spec.gpu_devices)), *NVIDIA_DEVICES):
+            mounts.append(_bind(dev, dev, ("bind", "nosuid")))
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": spec.terminal,
+            "user": {"uid": inside_uid, "gid": inside_gid},
+            "args": list(spec.argv),
+            "env": environment(spec.image_config.get("Env") or [], spec.env, spec.keep_env),
+            "cwd": posixpath.normpath(working_dir(spec)),
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted",
+                                                "ambient")},
+            "noNewPrivileges": True,
+        },
+        "root": {"path": spec.rootfs, "readonly": not spec.writable},
+        **({"hostname": spec.hostname} if spec.hostname else {}),
+        "mounts": mounts,
+        "linux": {
+            "uidMappings": [{"containerID": inside_uid, "hostID": spec.uid, "size": 1}],
+            "gidMappings": [{"containerID": inside_gid, "hostID": spec.gid, "size": 1}],
+            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")],
+            "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                            "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                            "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                              "/proc/sysrq-trigger"],
+        },
+    }
+
+
+def runc_argv(state_dir: str, bundle: str, name: str) -> list[str]:
+    """The command the guest runs: runc in the foreground (it forwards the signals it gets to
+    the container's process and removes the container when it ends)."""
+    return ["runc", "--root", state_dir, "run", "--bundle", bundle, name]
+
+
+def runc_cleanup(state_dir: str, name: str) -> list[str]:
+    """What stops a container whose runc was killed (its processes are in another session)."""
+    return ["runc", "--root", state_dir, "delete", "--force", name]
