@@ -50,11 +50,11 @@ class ContainerSpec:
     image_config: Mapping              # Env, WorkingDir, User, ... of the image
     argv: tuple[str, ...]
     env: Mapping[str, str]             # the job's environment as the guest sees it
-    keep_env: tuple[str, ...] = ()     # --container-env: the job's value wins over the image's
     cwd: str | None                    # the caller's cwd when the VM has it
     uid: int
     gid: int
     shared: tuple[str, ...] = ()       # directories the VM shares with the host (the work dir)
+    keep_env: tuple[str, ...] = ()     # --container-env: the job's value wins over the image's
     mounts: tuple[Mount, ...] = ()
     workdir: str | None = None         # --container-workdir
     remap_root: bool = False
