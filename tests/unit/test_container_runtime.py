@@ -1,0 +1,125 @@
+"""containers.runtime and access.container: the container a `dgxvm run --container-image`
+command gets, as the OCI config runc reads. Pure; what a user relies on: pyxis's environment
+rule, the working directory rule, who they are in the container, what is mounted and how, and
+mount sources the VM does not have refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slurm_dgxvm.access.container import ContainerFlags, check_mounts, container_request, env_names
+from slurm_dgxvm.access.request import Request
+from slurm_dgxvm.containers import runtime
+from slurm_dgxvm.containers.mounts import parse
+from slurm_dgxvm.errors import BadInput, ContainerMountError
+
+IMAGE = {"Env": ["PATH=/opt/conda/bin:/usr/bin", "CUDA_VERSION=12.3", "LANG=C.UTF-8"],
+         "WorkingDir": "/workspace"}
+
+
+def spec(**kw):
+    base = dict(rootfs="/cache/1000/sha256/ab/bundle/rootfs", image_config=IMAGE,
+                argv=("python", "train.py"), env={"CUDA_VERSION": "job", "MYVAR": "1",
+                                                   "PATH": "/host/bin"},
+                cwd="/home/u/run", uid=1000, gid=1000, shared=("/home/u/run",))
+    base.update(kw)
+    return runtime.ContainerSpec(**base)
+
+
+def env_of(config) -> dict:
+    return dict(item.split("=", 1) for item in config["process"]["env"])
+
+
+def test_the_image_env_wins_except_for_container_env_names_and_path_is_the_images():
+    env = env_of(runtime.oci_config(spec()))
+    assert env["CUDA_VERSION"] == "12.3"          # the image sets it: the image's
+    assert env["MYVAR"] == "1"                   # the job's, the image does not set it
+    assert env["PATH"] == "/opt/conda/bin:/usr/bin"
+    env = env_of(runtime.oci_config(spec(keep_env=("CUDA_VERSION", "PATH"))))
+    assert env["CUDA_VERSION"] == "job"           # --container-env CUDA_VERSION
+    assert env["PATH"] == "/opt/conda/bin:/usr/bin"   # never the host's PATH
+
+
+def test_an_image_without_path_gets_a_standard_one():
+    env = env_of(runtime.oci_config(spec(image_config={})))
+    assert env["PATH"] == runtime.DEFAULT_PATH
+
+
+@pytest.mark.parametrize("kw, cwd", [
+    ({}, "/home/u/run"),
+    ({"workdir": "/data"}, "/data"),
+    ({"cwd": None}, "/workspace"),
+    ({"cwd": None, "image_config": {}}, "/"),
+])
+def test_working_directory(kw, cwd):
+    assert runtime.oci_config(spec(**kw))["process"]["cwd"] == cwd
+
+
+def test_the_user_is_themselves_and_remap_root_maps_root_to_them():
+    c = runtime.oci_config(spec())
+    assert c["process"]["user"] == {"uid": 1000, "gid": 1000}
+    assert c["linux"]["uidMappings"] == [{"containerID": 1000, "hostID": 1000, "size": 1}]
+    assert c["process"]["capabilities"]["effective"] == []
+    assert c["process"]["noNewPrivileges"] is True
+    c = runtime.oci_config(spec(remap_root=True))
+    assert c["process"]["user"] == {"uid": 0, "gid": 0}
+    assert c["linux"]["uidMappings"] == [{"containerID": 0, "hostID": 1000, "size": 1}]
+    assert c["linux"]["gidMappings"] == [{"containerID": 0, "hostID": 1000, "size": 1}]
+
+
+def test_rootfs_is_read_only_no_network_namespace_and_shm_is_not_capped():
+    c = runtime.oci_config(spec())
+    assert c["root"] == {"path": "/cache/1000/sha256/ab/bundle/rootfs", "readonly": True}
+    kinds = {n["type"] for n in c["linux"]["namespaces"]}
+    assert "network" not in kinds and "user" in kinds and "pid" in kinds
+    shm = next(m for m in c["mounts"] if m["destination"] == "/dev/shm")
+    assert not any(o.startswith("size=") for o in shm["options"])
+
+
+def test_mounts_are_binds_that_never_allow_suid_or_devices():
+    c = runtime.oci_config(spec(mounts=parse("/home/u/run/data:/data:ro,/scratch:/s")))
+    binds = {m["destination"]: m for m in c["mounts"] if m["type"] == "bind"}
+    assert binds["/home/u/run"]["source"] == "/home/u/run"
+    assert "ro" not in binds["/home/u/run"]["options"]
+    assert binds["/data"]["source"] == "/home/u/run/data" and "ro" in binds["/data"]["options"]
+    assert "ro" not in binds["/s"]["options"]
+    for m in binds.values():
+        assert {"nosuid", "nodev"} <= set(m["options"]) or m["destination"] == "/sys"
+
+
+def test_gpu_devices_are_bound_only_when_the_image_has_the_driver():
+    assert not [m for m in runtime.oci_config(spec())["mounts"] if "nvidia" in m["source"]]
+    got = {m["source"] for m in runtime.oci_config(spec(gpu_devices=2))["mounts"]
+           if "nvidia" in m["source"]}
+    assert {"/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"} <= got
+    assert "/dev/nvidia2" not in got
+
+
+def test_a_host_path_the_vm_does_not_have_is_refused_by_name(tmp_path):
+    host_only = tmp_path / "scratch"
+    host_only.mkdir()
+    with pytest.raises(ContainerMountError) as e:
+        check_mounts(f"{host_only}:/scratch", ("/home/u/run",))
+    assert str(host_only) in str(e.value) and "/home/u/run" in str(e.value)
+    # under the share: fine; a path the host does not have is the guest's own
+    assert check_mounts("/home/u/run/x:/x", ("/home/u/run",))[0].target == "/x"
+    assert check_mounts("/no/such/host/path:/y", ("/home/u/run",))[0].source == "/no/such/host/path"
+
+
+@pytest.mark.parametrize("bad", ["1X", "A-B", "A B", "$X"])
+def test_container_env_names_are_variable_names(bad):
+    with pytest.raises(BadInput):
+        env_names(f"OK,{bad}")
+
+
+def test_the_request_runs_runc_on_the_config_and_cleans_up_by_name():
+    r = container_request(ContainerFlags(image="x"), argv=("id",), env={"A": "1"},
+                          cwd="/home/u/run", shared=("/home/u/run",), uid=1000, gid=1000,
+                          rootfs="/c/rootfs", image_config={}, run_name="abc123")
+    assert isinstance(r, Request)
+    assert b"runc --root" in r.command and b"dgxvm-abc123" in r.command
+    assert b"delete --force dgxvm-abc123" in r.cleanup
+    assert json.loads(r.files["config.json"])["process"]["args"] == ["id"]
+    assert r.env == {}          # the environment is the container's, in its config
