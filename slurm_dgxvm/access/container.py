@@ -61,13 +61,13 @@ def env_names(text: str | None) -> tuple[str, ...]:
 def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapping[str, str],
                       cwd: str | None, shared: tuple[str, ...], uid: int, gid: int,
                       rootfs: str, image_config: Mapping, run_name: str,
-                      gpu_devices: int = 0) -> Request:
+                      gpu_devices: int = 0, terminal: bool = False) -> Request:
     """The request that runs ``argv`` in the image's container under runc in the guest."""
     spec = runtime.ContainerSpec(
         rootfs=rootfs, image_config=image_config, argv=argv, env=env, cwd=cwd, uid=uid, gid=gid,
         shared=shared, mounts=check_mounts(flags.mounts, shared), workdir=flags.workdir,
         keep_env=env_names(flags.env), remap_root=flags.remap_root, writable=flags.writable,
-        gpu_devices=gpu_devices)
+        gpu_devices=gpu_devices, terminal=terminal)
     config = runtime.oci_config(spec)
     name = f"dgxvm-{run_name}"
     # runc's state lives in the run's directory (removed with it); the cleanup script runs

@@ -69,7 +69,8 @@ def _container_options(f):
     return f
 
 
-def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool) -> Request:
+def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool, *,
+               terminal: bool = False) -> Request:
     """The request of ``request``'s command in ``flags.image``'s container."""
     from ..containers.cache import ImageCache
     from ..containers.ref import parse
@@ -104,7 +105,8 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
     return container_request(flags, argv=request.argv, env=request.env, cwd=request.cwd,
                              shared=shared, uid=target.uid, gid=_gid(target),
                              rootfs=str(image.rootfs), image_config=image.config,
-                             run_name=image.digest.split(":")[-1][:12], gpu_devices=n)
+                             run_name=image.digest.split(":")[-1][:12], gpu_devices=n,
+                             terminal=terminal)
 
 
 def _gid(target) -> int:
@@ -141,14 +143,27 @@ def run(c, job_id, container_image, container_mounts, container_workdir, contain
 
 @click.command()
 @_job_option
+@click.option("--container-image", metavar="REF",
+              help="A shell (/bin/sh) in a container of this image instead.")
+@click.option("--container-mounts", metavar="SRC[:DST[:FLAGS]],...",
+              help="Bind mounts into the container, as for dgxvm run.")
+@click.option("--container-remap-root/--no-container-remap-root", default=False,
+              help="Be root in the container (mapped to your own uid).")
 @click.pass_obj
-def shell(c, job_id):
+def shell(c, job_id, container_image, container_mounts, container_remap_root):
     """An interactive login shell in the job's VM (a terminal when stdin is one: window size,
-    Ctrl-C, full-screen programs), in the current directory when the VM has it."""
+    Ctrl-C, full-screen programs), in the current directory when the VM has it; with
+    --container-image, /bin/sh in a container of that image."""
     env = c.env
     target = target_for(env, job_from_env(job_id, os.environ))
-    request, _ = _request(target, (), env.cfg)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
+    if container_image:
+        request, _ = _request(target, ("/bin/sh",), env.cfg)
+        flags = ContainerFlags(image=container_image, mounts=container_mounts,
+                               remap_root=container_remap_root)
+        request = _container(target, flags, request, env.cfg, False, terminal=tty)
+        raise click.exceptions.Exit(session.run(target, request, tty=tty))
+    request, _ = _request(target, (), env.cfg)
     raise click.exceptions.Exit(session.run(target, request, verb="shell", tty=tty))
 
 

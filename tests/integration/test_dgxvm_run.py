@@ -280,3 +280,84 @@ def test_dgxvm_shell_under_a_terminal(runvm):
         assert os.waitstatus_to_exitcode(status) == 5, buf
     finally:
         os.close(fd)
+
+
+# -- containers -----------------------------------------------------------------------------
+REGISTRY_PORT = 5000    # inside the libvirt stack's namespace (config: insecure_registries)
+
+
+@pytest.fixture(scope="module")
+def image(runvm, tmp_path_factory):
+    """A busybox image in Debian's docker-registry, listening on the namespace's loopback."""
+    from harness.registry import LocalRegistry, build_image
+    work = tmp_path_factory.mktemp("registry")
+    reg = LocalRegistry(work / "reg", port=REGISTRY_PORT, netns=runvm.vmenv.netns)
+    reg.start()
+    try:
+        digest = build_image(reg, "test/busy", "1", work / "build", marker="busy-1")
+        yield type("Img", (), {"ref": f"{reg.endpoint}/test/busy:1", "digest": digest,
+                               "registry": reg})()
+    finally:
+        reg.stop()
+
+
+def container_run(vm, image_ref, *cmd, flags=(), timeout=180):
+    argv = user_argv(vm, "run", "--container-image", image_ref, *flags, "--", *cmd)
+    return subprocess.run(argv, input=b"", capture_output=True, timeout=timeout,
+                          cwd=str(vm.work))
+
+
+def test_a_command_runs_in_the_image_as_the_user_in_the_shared_cwd(runvm, image):
+    r = container_run(runvm, image.ref, "sh", "-c",
+                      'cat /marker; echo; id -u; pwd; echo "$PATH"; echo made > in-container; '
+                      'exit 4')
+    assert r.returncode == 4, r.stderr
+    marker, uid, cwd, path = r.stdout.decode().splitlines()[:4]
+    assert marker == "busy-1"                          # the image's own file
+    assert int(uid) == runvm.vmenv.uid
+    assert cwd == str(runvm.work)
+    assert path == "/bin"                              # the image's PATH
+    made = runvm.work / "in-container"
+    assert made.read_text() == "made\n" and made.stat().st_uid == runvm.vmenv.uid
+
+
+def test_the_second_run_of_an_image_pulls_nothing(runvm, image):
+    r = container_run(runvm, image.ref, "true")
+    assert r.returncode == 0, r.stderr
+    blobs = image.registry.count("GET", r"/blobs/")
+    r = container_run(runvm, image.ref, "cat", "/marker")
+    assert r.returncode == 0 and r.stdout == b"busy-1", r.stderr
+    assert image.registry.count("GET", r"/blobs/") == blobs
+
+
+def test_an_image_the_registry_does_not_have_is_a_clear_125(runvm, image):
+    ref = image.ref.replace("busy:1", "nope:1")
+    r = container_run(runvm, ref, "true")
+    assert r.returncode == 125
+    assert b"test/nope" in r.stderr
+
+
+def test_a_signal_reaches_the_containers_process(runvm, image):
+    p = subprocess.Popen(user_argv(runvm, "run", "--container-image", image.ref, "--", "sh",
+                                   "-c", "trap 'echo got USR1; exit 6' USR1; echo ready; "
+                                         "while :; do sleep 0.2; done"),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=str(runvm.work))
+    _read_until(p, b"ready", timeout=120)
+    os.kill(_dgxvm_pid(p.pid), signal.SIGUSR1)
+    out, err = p.communicate(timeout=60)
+    assert b"got USR1" in out, err
+    assert p.returncode == 6, err
+
+
+def test_sigkill_of_dgxvm_run_leaves_no_container_running(runvm, image):
+    p = subprocess.Popen(user_argv(runvm, "run", "--container-image", image.ref, "--", "sh",
+                                   "-c", "trap '' TERM; echo ready; sleep 4545"),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=str(runvm.work))
+    _read_until(p, b"ready", timeout=120)
+    assert "sleep 4545" in guest_ps(runvm)
+    os.kill(_dgxvm_pid(p.pid), signal.SIGKILL)
+    p.wait(timeout=30)
+    ps = wait_gone(runvm, "sleep 4545", timeout=30)
+    assert "sleep 4545" not in ps, ps
