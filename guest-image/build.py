@@ -499,6 +499,10 @@ def build(out_root: Path, force: bool) -> Path:
                 "disk": "disk.qcow2",
                 "format": "qcow2",
                 "cmdline": CMDLINE,
+                # the profile dgxvm image install records: rootless runc (+ umoci) is in the
+                # image; the test machine's GPUs are simulated, no device reaches a container
+                "container_runtime": "runc",
+                "gpu_devices": "none",
                 "kernel_release": moddirs[0].name,
                 "disk_size_mib": size,
                 "modules": [n for n, _, _ in modules],

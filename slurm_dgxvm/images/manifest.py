@@ -3,7 +3,9 @@
 A **manifest** is a ``*.json`` file, or a directory holding ``manifest.json``, with keys
 ``name``, ``version``, ``disk``, ``kernel``, ``initrd``, ``cmdline`` (paths relative to the
 manifest; only ``disk`` is required; an optional ``sha256`` of the disk is verified after the
-copy). :func:`resolve_source` turns what was given into a :class:`Source`.
+copy), and the image's container runtime, ``container_runtime`` (one of
+:data:`.profile.CONTAINER_RUNTIMES`) and ``gpu_devices`` (:data:`.profile.GPU_DEVICES`), both
+optional and checked here. :func:`resolve_source` turns what was given into a :class:`Source`.
 
 Version of an image: ``--version`` if given; else the ``version`` of the source manifest (or of
 a ``manifest.json`` next to the disk that describes it, :func:`sibling_version`); else the
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError
+from .profile import check_choice
 from .sniff import regular_readable
 
 log = logging.getLogger("dgxvm.images")
@@ -44,6 +47,8 @@ class Source:
     name: str | None = None
     sha256: str | None = None
     manifest: Path | None = None
+    container_runtime: str | None = None    # None: the manifest did not say
+    gpu_devices: str | None = None
 
 
 def one_line(value: Any, what: str, where: str, *, limit: int) -> str | None:
@@ -111,7 +116,9 @@ def _source_from_manifest(path: Path) -> Source:
 
     ``disk`` is required; paths are relative to the manifest's directory (absolute ones are
     taken as they are); ``kernel`` and ``initrd`` come together or not at all; an optional
-    ``sha256`` of the disk is verified after the copy. Other keys are ignored.
+    ``sha256`` of the disk is verified after the copy; ``container_runtime`` and
+    ``gpu_devices``, when present (not null), must be values the profile knows. Other keys are
+    ignored.
     """
     doc = _read_manifest(path)
     where = str(path)
@@ -132,11 +139,13 @@ def _source_from_manifest(path: Path) -> Source:
         sha = sha.lower().removeprefix("sha256:")
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise ImageError(name=where, reason=f"manifest sha256 {sha!r} is not a sha256")
+    runtime = {key: check_choice(doc[key], key, where, label=f"manifest {key}")
+               for key in ("container_runtime", "gpu_devices") if doc.get(key) is not None}
     return Source(disk=disk, kernel=rel("kernel"), initrd=rel("initrd"),
                   cmdline=one_line(doc.get("cmdline"), "cmdline", where, limit=CMDLINE_LIMIT),
                   version=one_line(doc.get("version"), "version", where, limit=VERSION_LIMIT),
                   name=one_line(doc.get("name"), "name", where, limit=NAME_LIMIT),
-                  sha256=sha, manifest=path)
+                  sha256=sha, manifest=path, **runtime)
 
 
 def sibling_version(disk: Path) -> str | None:

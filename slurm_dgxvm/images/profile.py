@@ -5,19 +5,28 @@
   only those exact names, so a hand-edited ``image.json`` cannot point a VM at another file;
   :class:`Image` carries absolute paths.
 * **Files are world-readable** (0644, directories 0755): qemu runs as another user and opens
-  the image read-only as a backing file.
+  the image read-only as a backing file; and any user may ask an image's container runtime
+  (:func:`runtime_of`, for ``dgxvm run --container-image``).
+* **The container runtime is the image's** (``container_runtime``: :data:`CONTAINER_RUNTIMES`;
+  ``gpu_devices``: :data:`GPU_DEVICES`), recorded at install time from the builder manifest or
+  the install options. Both keys are optional in the file: a profile written before they
+  existed reads as ``none``/``none``, and older readers ignore them, so ``schema_version``
+  stays 1 (the loader accepts exactly its own version; a bump would make every installed
+  image unreadable to an older dgxvm and is kept for changes old readers cannot ignore).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ImageError
+from ..errors import ImageError, NameError_
 from ..fsutil import atomic_write_json
+from ..names import image_name
 from .sniff import allocated
 
 FORMATS = ("qcow2", "raw")
@@ -26,6 +35,15 @@ KERNEL_FILE = "vmlinuz"
 INITRD_FILE = "initrd.img"
 SCHEMA = "dgxvm-image"
 SCHEMA_VERSION = 1
+
+# The container runtime the guest image has (what ``dgxvm run --container-image`` drives):
+# rootless runc (the test guest: runc and umoci), podman, docker, enroot; ``none`` refuses
+# ``--container-image`` on VMs of this image.
+CONTAINER_RUNTIMES = ("runc", "podman", "docker", "enroot", "none")
+# How the GPUs reach a container in the image: ``nvidia`` (the NVIDIA driver is installed: bind
+# /dev/nvidia*), ``cdi`` (an NVIDIA Container Toolkit CDI spec), ``none`` (e.g. simulated GPUs).
+GPU_DEVICES = ("nvidia", "cdi", "none")
+NO_RUNTIME = "none"         # the default of both, and what a profile without the keys means
 
 DIR_MODE = 0o755
 FILE_MODE = 0o644
@@ -52,6 +70,8 @@ class Image:
     cmdline: str | None
     installed: float          # epoch seconds
     source: str               # what it was installed from
+    container_runtime: str = NO_RUNTIME   # one of CONTAINER_RUNTIMES
+    gpu_devices: str = NO_RUNTIME         # one of GPU_DEVICES
 
     @property
     def boot(self) -> str:
@@ -63,7 +83,8 @@ class Image:
                 "virtual_size": self.virtual_size, "actual_size": self.actual_size,
                 "version": self.version, "sha256": self.sha256, "boot": self.boot,
                 "kernel": self.kernel, "initrd": self.initrd, "cmdline": self.cmdline,
-                "installed": self.installed, "source": self.source}
+                "installed": self.installed, "source": self.source,
+                "container_runtime": self.container_runtime, "gpu_devices": self.gpu_devices}
 
 
 @dataclass(frozen=True)
@@ -78,11 +99,26 @@ class BrokenImage:
         return {"name": self.name, "path": self.path, "reason": self.reason}
 
 
+def check_choice(value, key: str, where: str, *, label: str | None = None) -> str:
+    """``value`` when it is one of ``key``'s values (``container_runtime``: CONTAINER_RUNTIMES,
+    ``gpu_devices``: GPU_DEVICES); else ImageError (``image <where>: <label> 'x' is not one of
+    ...``) naming the value, what gave it (``label``, default ``key``) and the values there
+    are."""
+    choices = _CHOICES[key]
+    if not isinstance(value, str) or value not in choices:
+        raise ImageError(name=where, reason=f"{label or key} {value!r} is not one of "
+                                            f"{', '.join(choices)}")
+    return value
+
+
 def write(directory: Path, *, name: str, fmt: str, virtual_size: int, version: str,
-          sha256: str, kernel_boot: bool, cmdline: str | None, source: str) -> None:
+          sha256: str, kernel_boot: bool, cmdline: str | None, source: str,
+          container_runtime: str = NO_RUNTIME, gpu_devices: str = NO_RUNTIME) -> None:
     """Write ``directory``'s profile (atomically, 0644; this also makes the names of the files
     already copied into ``directory`` durable). The disk must be in place: its allocation is
-    recorded."""
+    recorded. ImageError for a ``container_runtime`` or ``gpu_devices`` that is not one."""
+    check_choice(container_runtime, "container_runtime", name)
+    check_choice(gpu_devices, "gpu_devices", name)
     doc = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "name": name,
         "disk": disk_file(fmt), "format": fmt, "virtual_size": virtual_size,
@@ -92,6 +128,7 @@ def write(directory: Path, *, name: str, fmt: str, virtual_size: int, version: s
         "initrd": INITRD_FILE if kernel_boot else None,
         "cmdline": cmdline if kernel_boot else None,
         "installed": time.time(), "source": source,
+        "container_runtime": container_runtime, "gpu_devices": gpu_devices,
     }
     atomic_write_json(directory / PROFILE_FILE, doc, mode=FILE_MODE, indent=2)
 
@@ -130,7 +167,31 @@ def load(directory: Path) -> Image:
                  kernel=str(files[1]) if doc["kernel"] else None,
                  initrd=str(files[2]) if doc["kernel"] else None,
                  cmdline=doc.get("cmdline") if doc["kernel"] else None,
-                 installed=installed, source=doc["source"])
+                 installed=installed, source=doc["source"],
+                 container_runtime=doc.get("container_runtime", NO_RUNTIME),
+                 gpu_devices=doc.get("gpu_devices", NO_RUNTIME))
+
+
+def runtime_of(store_root: str | os.PathLike, name: str) -> tuple[str, str]:
+    """``(container_runtime, gpu_devices)`` of the image ``name`` installed in ``store_root``.
+
+    Reads only the world-readable profile (and stats the disk), so an ordinary user may call it.
+    ImageError when ``name`` is not an image name, the image is not installed, or it is broken
+    (the same checks as :func:`load`: a VM could not be made from it either).
+    """
+    try:
+        image_name(name)
+    except NameError_ as e:
+        raise ImageError(name=repr(name), reason=str(e)) from None
+    directory = Path(store_root) / name
+    try:
+        if not directory.is_dir():
+            raise ImageError(name=name, reason=f"not installed in {store_root}")
+        image = load(directory)
+    except OSError as e:                         # a store this user cannot reach
+        raise ImageError(name=name, reason=f"cannot read {directory}: "
+                                           f"{e.strerror or e}") from None
+    return image.container_runtime, image.gpu_devices
 
 
 def _validate(doc, name: str) -> float:
@@ -155,7 +216,13 @@ def _validate(doc, name: str) -> float:
             raise ValueError(f"{key} {doc[key]!r}")
     if doc.get("cmdline") is not None and not isinstance(doc["cmdline"], str):
         raise ValueError(f"cmdline {doc['cmdline']!r}")
+    for key, choices in _CHOICES.items():        # optional: absent in profiles written before
+        if key in doc and doc[key] not in choices:
+            raise ValueError(f"{key} {doc[key]!r} is not one of {', '.join(choices)}")
     return float(doc["installed"])
+
+
+_CHOICES = {"container_runtime": CONTAINER_RUNTIMES, "gpu_devices": GPU_DEVICES}
 
 
 def human_bytes(n: int) -> str:
@@ -166,5 +233,6 @@ def human_bytes(n: int) -> str:
     return f"{n / 1024 ** exp:.1f} {'KMGT'[exp - 1]}iB"
 
 
-__all__ = ["BrokenImage", "DIR_MODE", "FILE_MODE", "FORMATS", "INITRD_FILE", "Image",
-           "KERNEL_FILE", "PROFILE_FILE", "disk_file", "human_bytes", "load", "write"]
+__all__ = ["BrokenImage", "CONTAINER_RUNTIMES", "DIR_MODE", "FILE_MODE", "FORMATS", "GPU_DEVICES",
+           "INITRD_FILE", "Image", "KERNEL_FILE", "NO_RUNTIME", "PROFILE_FILE", "check_choice",
+           "disk_file", "human_bytes", "load", "runtime_of", "write"]

@@ -5,7 +5,7 @@ Layout::
     <store>/<name>/disk.qcow2     (or disk.raw) the image, read-only once installed
     <store>/<name>/vmlinuz        optional: direct-kernel-boot images only
     <store>/<name>/initrd.img     optional: always together with vmlinuz
-    <store>/<name>/image.json     the profile, written last
+    <store>/<name>/image.json     the profile, written last (also the image's container runtime)
     <store>/default               the default image's name (one line)
     <store>/.lock                 the filelock that serialises renames, removals and the default
     <store>/.<name>.partial-<pid> an install in progress (swept when <pid> is gone)
@@ -48,8 +48,8 @@ from .accept import check_qcow2, image_info
 from .copy import Progress, ReadError, copy_file
 from .manifest import (CMDLINE_LIMIT, VERSION_LIMIT, Source, one_line, resolve_source,
                        sibling_version)
-from .profile import (DIR_MODE, FILE_MODE, INITRD_FILE, KERNEL_FILE, BrokenImage, Image,
-                      disk_file)
+from .profile import (DIR_MODE, FILE_MODE, INITRD_FILE, KERNEL_FILE, NO_RUNTIME, BrokenImage,
+                      Image, check_choice, disk_file)
 from .sniff import allocated, regular_readable
 
 log = logging.getLogger("dgxvm.images")
@@ -71,6 +71,8 @@ class _Plan:
     source: Source
     version: str | None       # None: the disk's sha256[:12]
     cmdline: str | None
+    container_runtime: str    # one of profile.CONTAINER_RUNTIMES
+    gpu_devices: str          # one of profile.GPU_DEVICES
 
 
 class ImageStore:
@@ -166,6 +168,7 @@ class ImageStore:
     def install(self, src: str | os.PathLike, *, name: str | None = None, default: bool = False,
                 version: str | None = None, kernel: str | os.PathLike | None = None,
                 initrd: str | os.PathLike | None = None, cmdline: str | None = None,
+                container_runtime: str | None = None, gpu_devices: str | None = None,
                 progress: Progress | None = None) -> Image:
         """Install ``src`` as image ``name`` and return its profile.
 
@@ -173,7 +176,8 @@ class ImageStore:
         **manifest** — a ``*.json`` file, or a directory holding ``manifest.json`` — with keys
         ``name``, ``version``, ``disk``, ``kernel``, ``initrd``, ``cmdline`` (paths relative to
         the manifest; only ``disk`` is required; an optional ``sha256`` of the disk is
-        verified). Options given here win over the manifest's values.
+        verified), ``container_runtime``, ``gpu_devices``. Options given here win over the
+        manifest's values.
 
         * ``name``: default the manifest's name, else the disk file's stem (``jammy.qcow2`` ->
           ``jammy``). Must be a valid image name, not ``default``, and not installed yet.
@@ -181,6 +185,10 @@ class ImageStore:
           kernel. They are copied into the image directory.
         * ``version``: explicit, else the manifest's (the one given, or a ``manifest.json``
           next to the disk that describes it), else ``sha256[:12]``.
+        * ``container_runtime`` (one of ``runc``, ``podman``, ``docker``, ``enroot``, ``none``)
+          and ``gpu_devices`` (``nvidia``, ``cdi``, ``none``): the guest image's container
+          runtime and how GPUs reach its containers, recorded in the profile; else the
+          manifest's; else ``none`` (``dgxvm run --container-image`` is then refused).
         * ``default``: also make it the default image.
         * ``progress(done_bytes, total_bytes)`` is called while the disk is copied.
 
@@ -188,7 +196,8 @@ class ImageStore:
         including ENOSPC ("no space left") and KeyboardInterrupt.
         """
         plan = self._plan(src, name=name, version=version, kernel=kernel, initrd=initrd,
-                          cmdline=cmdline)
+                          cmdline=cmdline, container_runtime=container_runtime,
+                          gpu_devices=gpu_devices)
         info = self._check_source(plan)
         plan = _with_sibling_version(plan)
         self._ensure_root()
@@ -198,7 +207,8 @@ class ImageStore:
             self._check_copy(plan, info, partial)
             version = _write_profile(plan, info, partial, sha)
             self._publish(partial, plan.name)
-        log.info("installed image %s (%s, %s) from %s", plan.name, info["format"], version,
+        log.info("installed image %s (%s, %s, container runtime %s, GPU devices %s) from %s",
+                 plan.name, info["format"], version, plan.container_runtime, plan.gpu_devices,
                  _source_text(plan.source))
         if default:
             self._make_default_after_install(plan.name)
@@ -232,7 +242,8 @@ class ImageStore:
     # install's steps --------------------------------------------------------------------------
     def _plan(self, src: str | os.PathLike, *, name: str | None, version: str | None,
               kernel: str | os.PathLike | None, initrd: str | os.PathLike | None,
-              cmdline: str | None) -> _Plan:
+              cmdline: str | None, container_runtime: str | None = None,
+              gpu_devices: str | None = None) -> _Plan:
         """Resolve the source and the options into a _Plan; ImageError (NameError_ for a bad
         name) for options that do not go together or a name that is taken."""
         source = resolve_source(src, kernel=kernel, initrd=initrd)
@@ -243,6 +254,12 @@ class ImageStore:
         if version is not None:
             version = one_line(version, "version", "--version", limit=VERSION_LIMIT)
         version = version or source.version
+        if container_runtime is not None:
+            check_choice(container_runtime, "container_runtime", "--container-runtime")
+        container_runtime = container_runtime or source.container_runtime or NO_RUNTIME
+        if gpu_devices is not None:
+            check_choice(gpu_devices, "gpu_devices", "--gpu-devices")
+        gpu_devices = gpu_devices or source.gpu_devices or NO_RUNTIME
 
         name = name or source.name or source.disk.stem
         image_name(name)
@@ -258,7 +275,8 @@ class ImageStore:
         if os.path.lexists(self.root / name):
             raise ImageError(name=name, reason=f"already installed; remove it first "
                                                f"(dgxvm image remove {name})")
-        return _Plan(name=name, source=source, version=version, cmdline=cmdline)
+        return _Plan(name=name, source=source, version=version, cmdline=cmdline,
+                     container_runtime=container_runtime, gpu_devices=gpu_devices)
 
     @staticmethod
     def _check_source(plan: _Plan) -> dict:
@@ -430,7 +448,8 @@ def _write_profile(plan: _Plan, info: dict, partial: Path, sha: str) -> str:
     profile.write(partial, name=plan.name, fmt=info["format"],
                   virtual_size=int(info["virtual-size"]), version=version, sha256=sha,
                   kernel_boot=plan.source.kernel is not None, cmdline=plan.cmdline,
-                  source=_source_text(plan.source))
+                  source=_source_text(plan.source), container_runtime=plan.container_runtime,
+                  gpu_devices=plan.gpu_devices)
     return version
 
 

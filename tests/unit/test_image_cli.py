@@ -89,7 +89,7 @@ def test_install_then_show(run, qcow2, users):
     out = run("show").output
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "FORMAT", "VIRTUAL", "ON", "DISK", "VERSION", "BOOT",
-                                "INSTALLED", "USED", "BY"]
+                                "RUNTIME", "GPU", "DEVICES", "INSTALLED", "USED", "BY"]
     assert lines[1].startswith("* jammy ") and "22.04.4" in lines[1]
     assert lines[1].rstrip().endswith("build-vm, job-12")
     assert lines[2].startswith("  jammy-2 ") and lines[2].rstrip().endswith("-")
@@ -106,6 +106,7 @@ def test_show_json(run, qcow2, users, tmp_path):
     assert img["name"] == "jammy" and img["default"] is True and img["used_by"] == ["vm-a"]
     assert img["format"] == "qcow2" and img["virtual_size"] == 8 * MiB and img["boot"] == "disk"
     assert img["path"] == str(tmp_path / "store" / "jammy" / "disk.qcow2")
+    assert img["container_runtime"] == "none" and img["gpu_devices"] == "none"
 
 
 def test_show_lists_broken_entries(run, qcow2, tmp_path):
@@ -199,3 +200,77 @@ def test_help_lists_the_verbs():
     out = CliRunner().invoke(root, ["image", "--help"]).output
     for verb in ("show", "install", "remove", "default"):
         assert verb in out
+
+
+# -- the container runtime ---------------------------------------------------------------------
+def test_install_records_the_container_runtime_and_show_prints_it(run, qcow2, tmp_path):
+    r = run("install", str(qcow2), "--container-runtime", "runc", "--gpu-devices", "cdi")
+    assert r.exit_code == 0, r.output
+    assert "container runtime runc, GPU devices cdi" in r.output
+    assert run("install", str(qcow2), "--name", "plain").exit_code == 0
+    lines = run("show").output.splitlines()
+    header = lines[0]
+    col = header.index("RUNTIME")
+    gpu = header.index("GPU DEVICES")
+    row = {ln.split()[0]: ln for ln in lines[1:3]}
+    assert row["jammy"][col:].split()[:2] == ["runc", "cdi"]
+    assert row["plain"][col:].split()[:2] == ["none", "none"]
+    assert row["jammy"][gpu:].startswith("cdi")
+    doc = json.loads(run("show", "--json").output)
+    got = {i["name"]: (i["container_runtime"], i["gpu_devices"]) for i in doc["images"]}
+    assert got == {"jammy": ("runc", "cdi"), "plain": ("none", "none")}
+    prof = json.loads((tmp_path / "store" / "jammy" / "image.json").read_text())
+    assert (prof["container_runtime"], prof["gpu_devices"]) == ("runc", "cdi")
+
+
+def test_the_install_flags_override_the_manifest(run, qcow2, tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"name": "guest", "disk": qcow2.name, "container_runtime": "runc",
+         "gpu_devices": "none"}))
+    assert run("install", str(tmp_path)).exit_code == 0
+    r = run("install", str(tmp_path), "--name", "guest-gpu", "--container-runtime", "docker",
+            "--gpu-devices", "nvidia")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(run("show", "--json").output)
+    got = {i["name"]: (i["container_runtime"], i["gpu_devices"]) for i in doc["images"]}
+    assert got == {"guest": ("runc", "none"), "guest-gpu": ("docker", "nvidia")}
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--container-runtime", "singularity"),
+     "image --container-runtime: container_runtime 'singularity' is not one of runc, podman, "
+     "docker, enroot, none"),
+    (("--gpu-devices", "amd"),
+     "image --gpu-devices: gpu_devices 'amd' is not one of nvidia, cdi, none"),
+])
+def test_unknown_runtime_flags_are_refused_naming_them(run, qcow2, tmp_path, args, words):
+    r = run("install", str(qcow2), *args)
+    assert exit_code(r) == EXIT_BAD_INPUT and str(r.exception) == words
+    assert not (tmp_path / "store" / "jammy").exists()
+
+
+def test_a_bad_manifest_runtime_is_refused_naming_it(run, qcow2, tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"disk": qcow2.name,
+                                                        "container_runtime": "lxc"}))
+    r = run("install", str(tmp_path))
+    assert exit_code(r) == EXIT_BAD_INPUT
+    assert "manifest container_runtime 'lxc' is not one of" in str(r.exception)
+
+
+def test_show_an_old_profile_without_the_runtime_keys(run, qcow2, tmp_path):
+    run("install", str(qcow2), "--container-runtime", "podman")
+    path = tmp_path / "store" / "jammy" / "image.json"
+    prof = json.loads(path.read_text())
+    del prof["container_runtime"], prof["gpu_devices"]
+    path.write_text(json.dumps(prof))
+    doc = json.loads(run("show", "--json").output)
+    assert doc["broken"] == []
+    assert (doc["images"][0]["container_runtime"], doc["images"][0]["gpu_devices"]) == \
+        ("none", "none")
+
+
+def test_install_help_lists_the_runtimes():
+    out = CliRunner().invoke(root, ["image", "install", "--help"]).output
+    assert "--container-runtime NAME" in out and "--gpu-devices KIND" in out
+    for word in ("runc", "podman", "docker", "enroot", "nvidia", "cdi"):
+        assert word in out

@@ -14,6 +14,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from slurm_dgxvm import images
 from slurm_dgxvm.errors import (DiskError, EXIT_BAD_INPUT, EXIT_HOST, ImageError, ImageInUse,
                                 NameError_)
 from slurm_dgxvm.images import (Image, ImageStore, create_disk, create_overlay, image_info)
+from slurm_dgxvm.images.profile import runtime_of
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -113,7 +115,8 @@ def test_install_raw_keeps_holes_and_content(store, tmp_path):
 def test_install_to_json_is_the_profile(store, qcow2):
     doc = store.install(qcow2).to_json()
     assert set(doc) == {"name", "path", "format", "virtual_size", "actual_size", "version",
-                        "sha256", "boot", "kernel", "initrd", "cmdline", "installed", "source"}
+                        "sha256", "boot", "kernel", "initrd", "cmdline", "installed", "source",
+                        "container_runtime", "gpu_devices"}
     json.dumps(doc)
 
 
@@ -630,3 +633,143 @@ def test_a_profile_without_its_kernel_key_is_a_broken_entry_not_a_crash(store, q
     assert [b.name for b in broken] == ["edited"] and "'kernel'" in broken[0].reason
     with pytest.raises(ImageError, match="is invalid"):
         store.get("edited")
+
+
+# -- the container runtime in the profile ----------------------------------------------------------
+def test_an_image_installed_without_saying_has_no_container_runtime(store, qcow2):
+    img = store.install(qcow2)
+    assert (img.container_runtime, img.gpu_devices) == ("none", "none")
+    prof = json.loads((store.root / "noble" / "image.json").read_text())
+    assert (prof["container_runtime"], prof["gpu_devices"]) == ("none", "none")
+    assert prof["schema_version"] == 1
+    assert runtime_of(store.root, "noble") == ("none", "none")
+
+
+def test_the_manifest_gives_the_container_runtime(store, tmp_path, qcow2):
+    out = _builder_output(tmp_path, qcow2, container_runtime="runc", gpu_devices="none")
+    img = store.install(out)
+    assert (img.container_runtime, img.gpu_devices) == ("runc", "none")
+    assert img.to_json()["container_runtime"] == "runc"
+    assert store.get("dgx-guest") == img
+    assert runtime_of(str(store.root), "dgx-guest") == ("runc", "none")
+
+
+def test_a_manifest_without_the_keys_or_with_nulls_means_none(store, tmp_path, qcow2):
+    out = _builder_output(tmp_path, qcow2, container_runtime=None)
+    img = store.install(out)
+    assert (img.container_runtime, img.gpu_devices) == ("none", "none")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("container_runtime", "singularity"), ("container_runtime", "RUNC"),
+    ("container_runtime", ""), ("container_runtime", 1),
+    ("gpu_devices", "amd"), ("gpu_devices", ["nvidia"]),
+])
+def test_unknown_runtime_values_in_a_manifest_are_refused_naming_them(store, tmp_path, qcow2,
+                                                                      key, value):
+    out = _builder_output(tmp_path, qcow2, **{key: value})
+    with pytest.raises(ImageError) as exc:
+        store.install(out)
+    msg = str(exc.value)
+    assert f"manifest {key} {value!r} is not one of" in msg and str(out / "manifest.json") in msg
+    assert exc.value.exit_code == EXIT_BAD_INPUT
+    assert store.list() == [] and leftovers(store) == []
+
+
+def test_the_options_win_over_the_manifests_runtime(store, tmp_path, qcow2):
+    out = _builder_output(tmp_path, qcow2, container_runtime="runc", gpu_devices="none")
+    img = store.install(out, container_runtime="podman", gpu_devices="cdi")
+    assert (img.container_runtime, img.gpu_devices) == ("podman", "cdi")
+    store.remove("dgx-guest")
+    img = store.install(out, gpu_devices="nvidia")            # one option: the other stays
+    assert (img.container_runtime, img.gpu_devices) == ("runc", "nvidia")
+
+
+@pytest.mark.parametrize("runtime", ["runc", "podman", "docker", "enroot", "none"])
+def test_every_runtime_is_recorded(store, qcow2, runtime):
+    img = store.install(qcow2, container_runtime=runtime, gpu_devices="nvidia")
+    assert store.get("noble").container_runtime == runtime
+    assert runtime_of(store.root, "noble") == (runtime, "nvidia") == (img.container_runtime,
+                                                                      img.gpu_devices)
+
+
+@pytest.mark.parametrize("kwargs, what", [
+    ({"container_runtime": "lxc"}, "--container-runtime"),
+    ({"gpu_devices": "all"}, "--gpu-devices"),
+])
+def test_unknown_runtime_options_are_refused_naming_them(store, qcow2, kwargs, what):
+    ((key, value),) = kwargs.items()
+    with pytest.raises(ImageError, match=f"image {what}: {key} '{value}' is not one of"):
+        store.install(qcow2, **kwargs)
+    assert store.list() == [] and leftovers(store) == []
+
+
+def test_an_old_profile_without_the_keys_loads_as_none(store, qcow2):
+    """image.json files written before the runtime fields (same schema_version 1) stay valid."""
+    store.install(qcow2, container_runtime="runc", gpu_devices="cdi")
+    path = store.root / "noble" / "image.json"
+    prof = json.loads(path.read_text())
+    del prof["container_runtime"], prof["gpu_devices"]
+    path.write_text(json.dumps(prof))
+    img = store.get("noble")
+    assert (img.container_runtime, img.gpu_devices) == ("none", "none")
+    assert runtime_of(store.root, "noble") == ("none", "none")
+    assert store.scan()[1] == []
+
+
+def test_a_profile_with_an_unknown_runtime_is_broken(store, qcow2):
+    store.install(qcow2)
+    path = store.root / "noble" / "image.json"
+    prof = json.loads(path.read_text())
+    prof["container_runtime"] = "lxc"
+    path.write_text(json.dumps(prof))
+    (broken,) = store.scan()[1]
+    assert "container_runtime 'lxc' is not one of" in broken.reason
+    with pytest.raises(ImageError, match="container_runtime 'lxc'"):
+        runtime_of(store.root, "noble")
+
+
+def test_runtime_of_missing_broken_and_bad_names(store, qcow2, tmp_path):
+    with pytest.raises(ImageError, match="image nope: not installed in"):
+        runtime_of(store.root, "nope")                    # no store at all
+    store.install(qcow2)
+    with pytest.raises(ImageError, match="not installed"):
+        runtime_of(store.root, "other")
+    for bad in ("../noble", "", "a/b", "default/.."):
+        with pytest.raises(ImageError):
+            runtime_of(store.root, bad)
+    (store.root / "empty").mkdir()
+    with pytest.raises(ImageError, match="no image.json"):
+        runtime_of(store.root, "empty")
+    os.unlink(store.root / "noble" / "disk.qcow2")
+    with pytest.raises(ImageError, match="missing or not a regular file"):
+        runtime_of(store.root, "noble")
+
+
+def test_runtime_of_needs_only_read_access(qcow2):
+    """An ordinary user can ask: the store is 0755, image.json 0644, nothing is written; a
+    store it cannot reach is an ImageError, not a traceback."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the check as another user")
+    with tempfile.TemporaryDirectory(dir="/tmp") as top:     # tmp_path's parents are 0700
+        os.chmod(top, 0o755)
+        store = ImageStore(Path(top) / "store")
+        store.install(qcow2, container_runtime="runc")
+        before = sorted(os.listdir(store.root))
+        script = ("import sys; from slurm_dgxvm.images.profile import runtime_of; "
+                  "from slurm_dgxvm.errors import ImageError\n"
+                  "try: print(*runtime_of(sys.argv[1], 'noble'))\n"
+                  "except ImageError as e: print('ImageError', e)")
+
+        def as_nobody(root):
+            r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                sys.executable, "-c", script, str(root)],
+                               capture_output=True, text=True, cwd="/",
+                               env={**os.environ,
+                                    "PYTHONPATH": str(Path(images.__file__).parents[2])})
+            assert r.returncode == 0, r.stderr
+            return r.stdout
+        assert as_nobody(store.root).split() == ["runc", "none"]
+        assert sorted(os.listdir(store.root)) == before
+        os.chmod(store.root, 0o700)
+        assert as_nobody(store.root).startswith("ImageError image noble: cannot read")
