@@ -115,13 +115,19 @@ def slurm_cluster(run_dir: Path, *, netns: str, dgxvm: Path, config: Path, sysfs
         prolog_epilog_timeout_s=600, batch_start_timeout_s=600, extra_conf=extra_conf)
 
 
+#: the node's registry (harness/registry.py) listens on this port of its namespace's loopback
+REGISTRY_PORT = 5000
+
+
 def config_text(base: Path, sysfs: Path, *, network: str, cidr: str, extra: str = "") -> str:
     return (f'[host]\nsysfs_root = "{sysfs}"\nstate_dir = "{base / "state"}"\n\n'
             f'[libvirt]\nuri = "qemu:///system"\ndomain_type = "qemu"\nnetwork = "{network}"\n'
             f'network_cidr = "{cidr}"\nready_timeout_s = 300.0\nshutdown_timeout_s = 30.0\n\n'
             f'[images]\nstore = "{base / "images"}"\n\n'
             f'[vm]\nshare = "virtiofs"\nshare_roots = ["{base}"]\nfit_vcpus = 1\n'
-            f'fit_memory_mib = 384\n' + extra)
+            f'fit_memory_mib = 384\n\n'
+            f'[containers]\ncache_dir = "{base / "containers"}"\n'
+            f'insecure_registries = ["127.0.0.1:{REGISTRY_PORT}"]\n' + extra)
 
 
 def build_guest() -> Path:
