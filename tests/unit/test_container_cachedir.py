@@ -148,3 +148,75 @@ def test_concurrent_prologs_of_one_user_and_of_others_all_succeed(base):
     assert owner_mode(root) == (0, 0, 0o711)
     for u in set(uids):
         assert owner_mode(root / str(u)) == (u, GID, 0o700)
+
+
+# -- the VM's share of it (lifecycle.create) ------------------------------------------------------
+def request(**kw):
+    from slurm_dgxvm.lifecycle import CreateRequest
+    from slurm_dgxvm.placement import Request
+    return CreateRequest(**{"name": "vm1", "placement": Request(count=1), "user": "alice",
+                            "uid": UID, "gid": GID, "groups": (GID + 5,), **kw})
+
+
+def test_a_users_vm_gets_its_cache_pinned_as_a_share(base):
+    from slurm_dgxvm.lifecycle.create import image_cache_share
+    root = base / "containers"
+    spec = image_cache_share(cfg_for(root), request(), None)
+    path = root / str(UID)
+    st = path.stat()
+    assert (spec.path, spec.uid, spec.gid, spec.groups, spec.dev, spec.ino) == \
+        (str(path), UID, GID, (GID, GID + 5), st.st_dev, st.st_ino)
+
+
+def test_no_cache_share_for_root_without_a_cache_dir_or_without_virtiofs(base):
+    from slurm_dgxvm.lifecycle.create import image_cache_share
+    root = base / "containers"
+    assert image_cache_share(cfg_for(root), request(uid=0, gid=0, user="root"), None) is None
+    assert image_cache_share(cfg_for(""), request(), None) is None
+    none = config_mod.from_dict({"containers": {"cache_dir": str(root)},
+                                 "vm": {"share": "none"}})
+    assert image_cache_share(none, request(), None) is None
+    assert not root.exists()            # nothing made for a VM that gets no share
+
+
+def test_a_work_dir_that_is_the_cache_is_shared_once(base):
+    from slurm_dgxvm.lifecycle.create import image_cache_share
+    root = base / "containers"
+    path = user_cache_dir(cfg_for(root), UID, GID)
+    work = policy.pin(str(path), UID, GID, [GID])
+    assert image_cache_share(cfg_for(root), request(workdir=str(path)), work) is None
+
+
+def test_a_cache_the_user_cannot_reach_is_the_nodes_fault_naming_it(base):
+    from slurm_dgxvm.lifecycle.create import image_cache_share
+    hidden = base / "private"
+    hidden.mkdir(mode=0o700)
+    with pytest.raises(ContainerCacheError) as info:
+        image_cache_share(cfg_for(hidden / "containers"), request(), None)
+    assert str(hidden / "containers" / str(UID)) in str(info.value)
+    assert "cannot reach" in str(info.value) and info.value.exit_code == 5
+
+
+def test_a_failed_cache_share_virtiofsd_is_the_nodes_fault(tmp_path):
+    from slurm_dgxvm.errors import HostError, ShareRefused
+    from slurm_dgxvm.lifecycle.create import _share_refusal
+    from slurm_dgxvm.records import IMAGE_CACHE_SPEC
+    from slurm_dgxvm.shares import virtiofsd
+    assert virtiofsd.error_file_of(tmp_path / IMAGE_CACHE_SPEC) == tmp_path / "image-cache.error"
+    assert virtiofsd.error_file_of(tmp_path / "share.json") == tmp_path / virtiofsd.ERROR_FILE
+    _share_refusal(tmp_path)                                      # nothing said: nothing raised
+    (tmp_path / "image-cache.error").write_text("refused: it is no longer the directory\n")
+    with pytest.raises(HostError, match="container image cache share could not be served"):
+        _share_refusal(tmp_path)
+    (tmp_path / virtiofsd.ERROR_FILE).write_text("refused: swapped\n")
+    with pytest.raises(ShareRefused):                             # the work dir's: the job's
+        _share_refusal(tmp_path)
+
+
+def test_the_virtiofsd_writes_its_error_beside_its_own_spec(tmp_path):
+    from slurm_dgxvm.shares import virtiofsd
+    spec = tmp_path / "image-cache.json"
+    spec.write_text("{}")
+    assert virtiofsd.main([str(spec)]) == 1
+    assert (tmp_path / "image-cache.error").read_text().startswith("virtiofsd as the job's user")
+    assert not (tmp_path / virtiofsd.ERROR_FILE).exists()
