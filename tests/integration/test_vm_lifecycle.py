@@ -221,14 +221,23 @@ def test_a_guest_that_never_becomes_ready_times_out_with_its_console(vmenv, tmp_
 
 def test_disk_full_while_creating_the_overlay_leaves_nothing(vmenv, tmp_path):
     from slurm_dgxvm import seed
-    # a seed like the one create writes, to leave room for it (and the keys) but not the overlay
+    from slurm_dgxvm.design import image_cache_tag
+    # a seed like the one create writes (the user's image cache its one mount), to leave room
+    # for it, the keys and the cache share's two files, but not the overlay
     host_key = tmp_path / "hk"
     pub = seed.generate_keypair(host_key, "x")
+    cache = str(vmenv.containers / str(vmenv.uid))
     probe = seed.write_seed(seed.SeedSpec(
         instance_id="td-0", hostname="td", user_name=vmenv.user, uid=vmenv.uid, gid=vmenv.gid,
         home=f"/home/{vmenv.user}", authorized_keys=(pub,), host_key_private=host_key.read_text(),
-        host_key_public=pub), tmp_path / "seed.iso", name="td")
-    room = probe.stat().st_size + 64 * 1024          # the overlay alone needs ~196 KiB
+        host_key_public=pub,
+        mounts=(seed.Mount(image_cache_tag(cache), cache, "virtiofs", read_only=True),)),
+        tmp_path / "seed.iso", name="td")
+    # 128 KiB beside the seed: the keys, known_hosts, the cache share's spec and wrapper (~32
+    # KiB on tmpfs) and, while the seed is written, its staged tree beside the image (~80 KiB:
+    # 64 KiB no longer was once the guest helper travelled in it); what is left after it is
+    # below the ~196 KiB the overlay alone needs
+    room = probe.stat().st_size + 128 * 1024
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(small)],
