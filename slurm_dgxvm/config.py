@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from .containers.ref import _HOST as REGISTRY_HOST   # what an image reference's registry is
 from .errors import ConfigError, NameError_
 from .names import image_name, path_problem
 from .netfilter import HostService, parse_service, table_name
@@ -79,6 +80,14 @@ class VmConfig:
 
 
 @dataclass(frozen=True)
+class ContainersConfig:
+    cache_dir: str = "/var/lib/dgxvm/containers"  # <cache_dir>/<uid>: a user's image cache,
+                                              # shared read-only into their VMs; "" = none
+    insecure_registries: tuple[str, ...] = () # host[:port] reached over plain HTTP
+    cache_max_gib: float = 0.0                # per user cache; 0 = no limit
+
+
+@dataclass(frozen=True)
 class FabricConfig:
     fmpm: str = "fmpm"                        # Fabric Manager partition tool (shared-nvswitch)
     timeout_s: float = 60.0
@@ -117,6 +126,7 @@ class Config:
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     vm: VmConfig = field(default_factory=VmConfig)
+    containers: ContainersConfig = field(default_factory=ContainersConfig)
     fabric: FabricConfig = field(default_factory=FabricConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     partitions: dict[str, PartitionConfig] = field(default_factory=dict)
@@ -149,7 +159,7 @@ class Config:
 
 _SECTIONS = {"host": HostConfig, "placement": PlacementConfig, "ledger": LedgerConfig,
              "libvirt": LibvirtConfig, "images": ImagesConfig, "vm": VmConfig,
-             "fabric": FabricConfig, "slurm": SlurmConfig}
+             "containers": ContainersConfig, "fabric": FabricConfig, "slurm": SlurmConfig}
 
 DOMAIN_TYPES = ("kvm", "qemu")
 FIT_MODES = ("auto", "always", "never")
@@ -230,7 +240,8 @@ def _section(cls, name: str, values: dict, path: str):
                                                 f"(known: {', '.join(known)})")
         default = known[key].default
         if isinstance(default, tuple):
-            item = str if key in ("images", "share_roots", "allow_host_services") else int
+            item = str if key in ("images", "share_roots", "allow_host_services",
+                                       "insecure_registries") else int
             if not isinstance(value, list) or not all(
                     isinstance(v, item) and not isinstance(v, bool) for v in value):
                 raise ConfigError(path=path, reason=f"{name}.{key} must be a list of "
@@ -317,6 +328,19 @@ def _validate(cfg: Config, path: str) -> None:
     for key in ("data_disk_gib", "fit_vcpus", "fit_memory_mib"):
         if getattr(cfg.vm, key) < (0 if key == "data_disk_gib" else 1):
             raise ConfigError(path=path, reason=f"vm.{key} is out of range: {getattr(cfg.vm, key)}")
+    c = cfg.containers
+    if c.cache_dir:
+        problem = path_problem(c.cache_dir)
+        if problem or c.cache_dir == "/":
+            raise ConfigError(path=path, reason=f"containers.cache_dir {c.cache_dir!r}: "
+                                                f"{problem or 'not the root directory'}")
+    for reg in c.insecure_registries:
+        if not REGISTRY_HOST.fullmatch(reg):
+            raise ConfigError(path=path, reason=f"containers.insecure_registries: {reg!r} is "
+                                                f"not a registry host[:port] (no scheme, no path)")
+    if c.cache_max_gib < 0:
+        raise ConfigError(path=path, reason=f"containers.cache_max_gib must be >= 0, "
+                                            f"not {c.cache_max_gib}")
     if cfg.fabric.timeout_s <= 0:
         raise ConfigError(path=path, reason=f"fabric.timeout_s must be > 0, not {cfg.fabric.timeout_s}")
     if cfg.slurm.command_timeout_s <= 0:

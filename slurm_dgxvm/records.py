@@ -38,6 +38,8 @@ CONSOLE_LOG = "console.log"
 DOMAIN_XML = "domain.xml"
 SHARE_SPEC = "share.json"          # the checked work dir (slurm_dgxvm.shares), root only
 SHARE_WRAPPER = "virtiofsd"        # the script libvirt runs as the share's virtiofsd
+IMAGE_CACHE_SPEC = "image-cache.json"      # the user's container image cache share, root only
+IMAGE_CACHE_WRAPPER = "virtiofsd-images"   # its virtiofsd (read-only in the guest)
 JOB_VIEW = "job.json"              # what `dgxvm job` shows the VM's own user (owned by them)
 
 # Who may read what: the VM directory lets everyone through (QEMU, which runs as another user,
@@ -73,6 +75,8 @@ class VmRecord:
     ended: str | None = None            # how the VM ended: deleted, shutdown, crashed, failed: ...
     lock_s: float | None = None         # how long create held the ledger lock
     held_s: float | None = None         # created -> resources released (GPU-hours in reports)
+    image_cache: str | None = None      # the user's container image cache, shared read-only at
+                                        # this path (None: none; records before it had none)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -107,6 +111,7 @@ def job_view(rec: VmRecord, vmdir: Path) -> dict:
     return {"name": rec.name, "state": rec.state, "job_id": rec.job_id, "user": rec.user,
             "uid": rec.uid, "address": rec.address, "image": rec.image,
             "image_version": rec.image_version, "workdir": rec.workdir,
+            "image_cache": rec.image_cache,
             "gpus": list(rec.placement.gpus),
             "slurm_gpus": (None if rec.placement.slurm_gpus is None
                            else list(rec.placement.slurm_gpus)),

@@ -15,7 +15,8 @@ Layout of the ISO (volume label ``cidata``, Joliet and Rock Ridge)::
     dgxvm/authorized_keys           OpenSSH public key lines
     dgxvm/ssh_host_ed25519_key      the OpenSSH private host key (mode 0600 in the image)
     dgxvm/ssh_host_ed25519_key.pub  its public line
-    dgxvm/mounts                    one line per share: "tag path fstype" (may be empty)
+    dgxvm/mounts                    one line per share: "tag path fstype", then " ro" for a
+                                    read-only one (may be empty)
     dgxvm/dgxvm-guest               the guest side of `dgxvm run` (seedfiles/dgxvm-guest.sh),
                                     installed as /usr/lib/dgxvm/dgxvm-guest (cloud-init:
                                     write_files; the test guest: its init)
@@ -55,6 +56,7 @@ NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
 # Guest root may create setuid files or device nodes on a share; the guest's mount refuses to
 # honour them (the host side is the share policy's business, not the seed's).
 SHARE_OPTIONS = "nosuid,nodev"
+READ_ONLY_OPTIONS = "ro," + SHARE_OPTIONS
 ID_MAX = 2 ** 32 - 2
 # The guest side of `dgxvm run`: POSIX sh, travels with every seed (no per-image install step).
 GUEST_HELPER_SOURCE = Path(__file__).resolve().parent / "seedfiles" / "dgxvm-guest.sh"
@@ -107,6 +109,7 @@ class Mount:
     tag: str        # virtiofs/9p tag
     path: str       # absolute path in the guest (same as on the host)
     fstype: str     # "virtiofs" | "9p"
+    read_only: bool = False   # mounted ro (the user's container image cache)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tag, str) or not _TAG.fullmatch(self.tag):
@@ -114,6 +117,8 @@ class Mount:
         _check_path(self.tag, "mount path", self.path)
         if self.fstype not in FSTYPES:
             raise _bad(self.tag, "mount fstype", self.fstype, f"must be one of {FSTYPES}")
+        if type(self.read_only) is not bool:
+            raise _bad(self.tag, "mount read_only", self.read_only, "must be True or False")
 
 
 @dataclass(frozen=True)
@@ -216,8 +221,11 @@ _GROUPADD = 'getent group "$1" >/dev/null || groupadd -o -g "$2" "$1"'
 
 
 def mount_argv(m: Mount) -> list[str]:
-    """The guest's mount command for ``m``: ``nosuid,nodev`` (and 9p's transport options)."""
-    opts = f"{SHARE_OPTIONS},{NINEP_OPTIONS}" if m.fstype == "9p" else SHARE_OPTIONS
+    """The guest's mount command for ``m``: ``nosuid,nodev``, ``ro,`` before them for a
+    read-only share (and 9p's transport options)."""
+    opts = READ_ONLY_OPTIONS if m.read_only else SHARE_OPTIONS
+    if m.fstype == "9p":
+        opts = f"{opts},{NINEP_OPTIONS}"
     return ["mount", "-t", m.fstype, "-o", opts, m.tag, m.path]
 
 
@@ -231,8 +239,9 @@ def user_data(spec: SeedSpec) -> str:
     ``bootcmd`` (which runs before the users module) creates the primary group with the user's
     name and ``spec.gid`` (``-o``: even if another group already has that gid) and each
     supplementary group (name, gid) that the image does not have by that name, then mounts the
-    shares ``nosuid,nodev`` (argv lists: cloud-init 22.4 may ignore a ``mounts:`` entry whose
-    device is a virtiofs tag). The user gets its primary group and the supplementary groups.
+    shares ``nosuid,nodev``, read-only ones ``ro`` too (argv lists: cloud-init 22.4 may ignore a
+    ``mounts:`` entry whose device is a virtiofs tag). The user gets its primary group and the
+    supplementary groups.
     """
     bootcmd = [["sh", "-c", _GROUPADD, "dgxvm-groupadd", spec.user_name, str(spec.gid)]]
     for gname, gid in spec.groups:
@@ -286,7 +295,10 @@ def _plain_files(spec: SeedSpec) -> dict[str, tuple[str, int]]:
                                   0o644),
         "dgxvm/ssh_host_ed25519_key": (private, 0o600),
         "dgxvm/ssh_host_ed25519_key.pub": (spec.host_key_public.strip() + "\n", 0o644),
-        "dgxvm/mounts": ("".join(f"{m.tag} {pct(m.path)} {m.fstype}\n" for m in spec.mounts),
+        # a 4th field only for a read-only share: a read-write line stays what older test
+        # guests read
+        "dgxvm/mounts": ("".join(f"{m.tag} {pct(m.path)} {m.fstype}"
+                                 f"{' ro' if m.read_only else ''}\n" for m in spec.mounts),
                          0o644),
         "dgxvm/dgxvm-guest": (guest_helper(), 0o755),
     }

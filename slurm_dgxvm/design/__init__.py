@@ -1,9 +1,9 @@
 """Design: placement + image + VM identity -> a frozen DomainSpec -> libvirt domain XML."""
 
-from .designer import VmInputs, design, mac_for, share_tag
+from .designer import VmInputs, design, image_cache_tag, mac_for, share_tag
 from .fit import RealHost, fit_to_host
 from .render import domain_xml
 from .spec import DomainSpec
 
-__all__ = ["VmInputs", "design", "mac_for", "share_tag", "RealHost", "fit_to_host",
-           "domain_xml", "DomainSpec"]
+__all__ = ["VmInputs", "design", "mac_for", "share_tag", "image_cache_tag", "RealHost",
+           "fit_to_host", "domain_xml", "DomainSpec"]

@@ -52,6 +52,8 @@ class VmInputs:
     workdir: str | None
     share_binary: str | None = None   # the virtiofsd wrapper serving workdir as the job's user
     address: str | None = None        # reserved on ``network``: the anti-spoofing filter's IP
+    image_cache: str | None = None    # the user's container image cache (read-only in the guest)
+    image_cache_binary: str | None = None  # the virtiofsd wrapper serving it as the job's user
 
 
 def mac_for(name: str) -> str:
@@ -63,6 +65,11 @@ def mac_for(name: str) -> str:
 def share_tag(path: str) -> str:
     """The virtiofs tag of a shared directory: short (<= 36 chars) and free of odd bytes."""
     return "dgxvm-" + hashlib.sha256(path.encode()).hexdigest()[:16]
+
+
+def image_cache_tag(path: str) -> str:
+    """The virtiofs tag of the user's container image cache: never a work dir's tag."""
+    return "dgxvm-img-" + hashlib.sha256(path.encode()).hexdigest()[:16]
 
 
 def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type: str,
@@ -88,7 +95,7 @@ def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type
     expanders, ports, hostdevs = _pcie_layout(host, placement)
     gpu_count = len(placement.gpus)
     mmio = MMIO_GIB_PER_GPU.get(host.machine, DEFAULT_MMIO_GIB_PER_GPU)
-    shared = vm.share == "virtiofs" and vm.workdir is not None
+    shared = vm.share == "virtiofs" and (vm.workdir is not None or vm.image_cache is not None)
     queues = max(1, min(vcpus, MAX_QUEUES))
 
     disks = [Disk(target="vda", path=vm.os_disk, format="qcow2", serial="dgxvm-os",
@@ -97,10 +104,14 @@ def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type
     if vm.data_disk:
         disks.append(Disk(target="vdc", path=vm.data_disk, format="qcow2", serial="dgxvm-data",
                           cache="none", io="native", discard="unmap", queues=queues, iothread=1))
-    filesystems = ()
+    filesystems: list[Filesystem] = []
     if vm.workdir and vm.share != "none":
-        filesystems = (Filesystem(driver=vm.share, source=vm.workdir, tag=share_tag(vm.workdir),
-                                  binary=vm.share_binary),)
+        filesystems.append(Filesystem(driver=vm.share, source=vm.workdir,
+                                      tag=share_tag(vm.workdir), binary=vm.share_binary))
+    if vm.image_cache and vm.share != "none":
+        filesystems.append(Filesystem(driver=vm.share, source=vm.image_cache,
+                                      tag=image_cache_tag(vm.image_cache),
+                                      binary=vm.image_cache_binary))
 
     boot = Boot(kernel=image.kernel, initrd=image.initrd, cmdline=image.cmdline)
     who = f"job {vm.job_id}" if vm.job_id is not None else "admin"
@@ -131,7 +142,7 @@ def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type
         boot=boot,
         disks=tuple(disks),
         interfaces=(_interface(vm, queues),),
-        filesystems=filesystems,
+        filesystems=tuple(filesystems),
         console_log=vm.console_log,
         metadata=Metadata(owner=vm.owner, job_id=vm.job_id, user=vm.user,
                           machine=placement.machine, gpus=placement.gpus,

@@ -21,15 +21,18 @@ from pathlib import Path
 
 from .. import hypervisor, images as images_mod, seed as seed_mod
 from ..config import Config
-from ..design import RealHost, VmInputs, design, domain_xml, fit_to_host, mac_for, share_tag
-from ..errors import DomainExists, HostError, HypervisorError, ShareRefused
+from ..containers.cachedir import user_cache_dir
+from ..design import (RealHost, VmInputs, design, domain_xml, fit_to_host, image_cache_tag, mac_for,
+                      share_tag)
+from ..errors import ContainerCacheError, DomainExists, HostError, HypervisorError, ShareRefused
 from ..fsutil import atomic_write
 from ..guest import wait_ready
 from ..ledger import Allocation, domain_key, job_key
 from ..names import domain_name
 from ..placement import Placement, Request, place
-from ..records import (CONSOLE_LOG, DATA_DISK, DOMAIN_XML, HOST_KEY, KNOWN_HOSTS, OS_DISK, SEED,
-                       SHARE_SPEC, SHARE_WRAPPER, USER_KEY, VmRecord)
+from ..records import (CONSOLE_LOG, DATA_DISK, DOMAIN_XML, HOST_KEY, IMAGE_CACHE_SPEC,
+                       IMAGE_CACHE_WRAPPER, KNOWN_HOSTS, OS_DISK, SEED, SHARE_SPEC, SHARE_WRAPPER,
+                       USER_KEY, VmRecord)
 from ..shares import policy as share_policy, virtiofsd as share_server
 from .env import Env, Progress, quiet
 from .identity import group_names, hostname_for
@@ -89,6 +92,7 @@ class _Creation:
     lock_s: float | None = None
     share: share_policy.ShareSpec | None = None
     share_refused: str | None = None
+    image_cache: share_policy.ShareSpec | None = None
     data_gib: int = 0
     fitted: tuple[str, ...] = ()
 
@@ -155,6 +159,15 @@ class _Creation:
                 vmdir / SHARE_SPEC, virtiofsd=cfg.vm.virtiofsd), mode=0o700)
             mounts = (seed_mod.Mount(tag=share_tag(self.share.path), path=self.share.path,
                                      fstype=cfg.vm.share),)
+        self.image_cache = image_cache_share(cfg, req, self.share)
+        if self.image_cache is not None:
+            cache = self.image_cache.path
+            self.image_cache.save(vmdir / IMAGE_CACHE_SPEC)
+            atomic_write(vmdir / IMAGE_CACHE_WRAPPER, share_server.wrapper_script(
+                vmdir / IMAGE_CACHE_SPEC, virtiofsd=cfg.vm.virtiofsd,
+                what="The container image cache share"), mode=0o700)
+            mounts += (seed_mod.Mount(tag=image_cache_tag(cache), path=cache,
+                                      fstype=cfg.vm.share, read_only=True),)
         home = req.home or (f"/home/{req.user}" if req.uid else "/root")
         seed_mod.write_seed(seed_mod.SeedSpec(
             instance_id=f"{name}-{int(time.time())}", hostname=hostname_for(name),
@@ -176,7 +189,7 @@ class _Creation:
         """Design the domain (fitted to this host when it is simulated) and write the record
         that says what this VM is and holds, state "creating"."""
         self.progress("designing the domain")
-        cfg, req, vmdir, share = self.cfg, self.req, self.vmdir, self.share
+        cfg, req, vmdir, share, cache = self.cfg, self.req, self.vmdir, self.share, self.image_cache
         vm_uuid = str(uuid_mod.uuid4())
         spec = design(self.host, self.placement, self.image, VmInputs(
             name=self.name, uuid=vm_uuid, owner=req.owner, job_id=req.job_id, user=req.user,
@@ -184,7 +197,9 @@ class _Creation:
             data_disk=str(vmdir / DATA_DISK) if self.data_gib else None,
             console_log=str(vmdir / CONSOLE_LOG), network=cfg.libvirt.network, mac=self.mac,
             share=cfg.vm.share, workdir=share.path if share else None,
-            share_binary=str(vmdir / SHARE_WRAPPER) if share else None, address=self.address),
+            share_binary=str(vmdir / SHARE_WRAPPER) if share else None, address=self.address,
+            image_cache=cache.path if cache else None,
+            image_cache_binary=str(vmdir / IMAGE_CACHE_WRAPPER) if cache else None),
             domain_type=cfg.libvirt.domain_type, machine_type=cfg.libvirt.machine_type)
         if self.env.fit(self.host):
             spec, self.fitted = fit_to_host(spec, RealHost.probe(), max_vcpus=cfg.vm.fit_vcpus,
@@ -201,6 +216,7 @@ class _Creation:
             network=cfg.libvirt.network, allocation=self.alloc, placement=self.placement,
             fitted=self.fitted, created=time.time(),
             lock_s=round(self.lock_s, 6) if self.lock_s is not None else None,
+            image_cache=cache.path if cache else None,
             extra={"share_refused": self.share_refused} if self.share_refused else {})
         self.env.vms.save(self.record)
 
@@ -260,15 +276,50 @@ def check_share(cfg: Config,
         return None, str(exc)
 
 
-def _share_refusal(vmdir: Path) -> None:
-    """Why the share's virtiofsd stopped the start: ShareRefused when it refused the directory
-    (the job's fault), HostError when the node could not serve it; nothing when it said nothing
-    (then libvirt's own error stands)."""
+def image_cache_share(cfg: Config, req: CreateRequest,
+                      share: share_policy.ShareSpec | None) -> share_policy.ShareSpec | None:
+    """The user's container image cache (``<cache_dir>/<uid>``, made if missing), pinned for
+    its share as the work dir is; None when the VM gets none: a VM of root, no
+    ``containers.cache_dir``, ``vm.share`` other than "virtiofs", or a work dir share that is
+    that very directory (already shared, read-write).
+
+    Nothing of it is the job's to fix (only root makes entries in ``<cache_dir>``), so every
+    failure is ContainerCacheError naming the path: the node's fault.
+    """
+    if req.uid == 0 or not cfg.containers.cache_dir or cfg.vm.share != "virtiofs":
+        return None
+    path = str(user_cache_dir(cfg, req.uid, req.gid))
+    if share is not None and share.path == path:
+        return None
     try:
-        line = (vmdir / share_server.ERROR_FILE).read_text().strip()
-    except OSError:
+        return share_policy.pin(path, req.uid, req.gid, (req.gid, *req.groups))
+    except ShareRefused as exc:
+        raise ContainerCacheError(path=path, reason=f"the job's user cannot open it "
+                                                    f"({getattr(exc, 'reason', exc)}); "
+                                                    f"containers.cache_dir "
+                                                    f"must be reachable by every user") from None
+
+
+def _share_refusal(vmdir: Path) -> None:
+    """Why a share's virtiofsd stopped the start: ShareRefused when the work dir's refused its
+    directory (the job's fault), HostError when the node could not serve a share (the image
+    cache's every failure: the node's); nothing when none said anything (then libvirt's own
+    error stands)."""
+    line = _read_line(vmdir / share_server.ERROR_FILE)
+    if line is None:
+        line = _read_line(share_server.error_file_of(vmdir / IMAGE_CACHE_SPEC))
+        if line is not None:
+            raise HostError(reason=f"the container image cache share could not be served: "
+                                   f"{line}")
         return
     if line.startswith(share_server.REFUSED_PREFIX):
         raise ShareRefused(line[len(share_server.REFUSED_PREFIX):])
     raise HostError(reason=f"the work dir share could not be served: {line} "
                            f"(`dgxvm share check` tells what this node lacks)")
+
+
+def _read_line(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None

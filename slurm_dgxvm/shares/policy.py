@@ -79,6 +79,14 @@ def check(path: str, roots: Sequence[str], uid: int, gid: int,
     if under_roots(path, roots) is None:
         raise ShareRefused(value=path, reason=f"it is not under vm.share_roots "
                                               f"({', '.join(roots)})")
+    return pin(path, uid, gid, groups)
+
+
+def pin(path: str, uid: int, gid: int, groups: Sequence[int]) -> ShareSpec:
+    """The ShareSpec of directory ``path`` as this user opens it (no symlink followed, readable
+    and searchable by the user), whatever ``vm.share_roots`` says: for directories dgxvm itself
+    chose (the user's container image cache), not for a work dir a job names. ShareRefused
+    naming the component that stopped it."""
     fd = open_as_user(path, uid, gid, groups)
     try:
         st = os.fstat(fd)

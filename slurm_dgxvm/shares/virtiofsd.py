@@ -13,9 +13,10 @@ Steps, as root, then as the job's user:
 5. exec virtiofsd with ``source=/proc/self/fd/N`` and ``sandbox=chroot`` (libvirt's
    ``--fd`` and other options kept).
 
-A failure writes one line to ``share.error`` beside the spec (the lifecycle reads it to tell
-the job's fault -- a directory swapped since the check -- from the node's) and exits 1, which
-libvirt reports as a failed start.
+A failure writes one line to the spec's name with ``.error`` (``share.json`` -> ``share.error``,
+``image-cache.json`` -> ``image-cache.error``: each share of a VM its own) beside the spec (the
+lifecycle reads it to tell the job's fault -- a directory swapped since the check -- from the
+node's) and exits 1, which libvirt reports as a failed start.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from . import seccomp, userns
 from .policy import ShareSpec, open_as_user
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-ERROR_FILE = "share.error"
+ERROR_FILE = "share.error"           # the work dir share's (share.json's) error file
 REFUSED_PREFIX = "refused: "
 # What virtiofsd keeps in the namespace (there they apply to the user's own ids only): chroot
 # for its sandbox, setuid/setgid for its per-request credential switch to the guest's uid (which
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     spec_path = Path(args[0])
-    error_file = spec_path.with_name(ERROR_FILE)
+    error_file = error_file_of(spec_path)
     try:
         spec = ShareSpec.load(spec_path)
         fd = prepare(spec)
@@ -135,14 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def error_file_of(spec_path: Path) -> Path:
+    """Where the virtiofsd of the share ``spec_path`` says why it did not start."""
+    return Path(spec_path).with_suffix(".error")
+
+
 def wrapper_script(spec_path: Path, *, virtiofsd: str = VIRTIOFSD,
-                   python: str | None = None) -> str:
+                   python: str | None = None, what: str = "The work dir share") -> str:
     """The per-VM script libvirt runs as the share's virtiofsd: this interpreter, this copy of
     the package (libvirtd starts it with an environment of its own), the VM's spec."""
     py = shlex.quote(python or sys.executable)
     package_parent = shlex.quote(str(Path(__file__).resolve().parents[2]))
     return ("#!/bin/sh\n"
-            "# The work dir share of this VM, served as the job's user (slurm_dgxvm.shares).\n"
+            f"# {what} of this VM, served as the job's user (slurm_dgxvm.shares).\n"
             f"PYTHONPATH={package_parent} DGXVM_VIRTIOFSD={shlex.quote(virtiofsd)} "
             f"exec {py} -m slurm_dgxvm.shares.virtiofsd {shlex.quote(str(spec_path))} \"$@\"\n")
 

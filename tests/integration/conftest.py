@@ -130,6 +130,8 @@ class VmEnv:
         self.state_dir = base / "state"
         self.store = base / "images"
         self.workdir = base / "work"
+        self.containers = base / "containers"   # [containers] cache_dir: QEMU's virtiofsd and
+                                                # the user must reach it (not under /var/lib)
         self.sysfs = sysfs
         self.config = base / "dgxvm.toml"
         self.config_text = (
@@ -139,7 +141,8 @@ class VmEnv:
             f'allow_host_services = ["tcp/5000", "udp/5001"]\n\n'
             f'[images]\nstore = "{self.store}"\n\n'
             f'[vm]\nshare = "virtiofs"\nshare_roots = ["{base}"]\nfit_vcpus = 1\n'
-            f'fit_memory_mib = 384\n')
+            f'fit_memory_mib = 384\n\n'
+            f'[containers]\ncache_dir = "{self.containers}"\n')
         self.config.write_text(self.config_text)
         import pwd
         pw = pwd.getpwnam(TEST_USER)

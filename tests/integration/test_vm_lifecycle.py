@@ -221,14 +221,23 @@ def test_a_guest_that_never_becomes_ready_times_out_with_its_console(vmenv, tmp_
 
 def test_disk_full_while_creating_the_overlay_leaves_nothing(vmenv, tmp_path):
     from slurm_dgxvm import seed
-    # a seed like the one create writes, to leave room for it (and the keys) but not the overlay
+    from slurm_dgxvm.design import image_cache_tag
+    # a seed like the one create writes (the user's image cache its one mount), to leave room
+    # for it, the keys and the cache share's two files, but not the overlay
     host_key = tmp_path / "hk"
     pub = seed.generate_keypair(host_key, "x")
+    cache = str(vmenv.containers / str(vmenv.uid))
     probe = seed.write_seed(seed.SeedSpec(
         instance_id="td-0", hostname="td", user_name=vmenv.user, uid=vmenv.uid, gid=vmenv.gid,
         home=f"/home/{vmenv.user}", authorized_keys=(pub,), host_key_private=host_key.read_text(),
-        host_key_public=pub), tmp_path / "seed.iso", name="td")
-    room = probe.stat().st_size + 64 * 1024          # the overlay alone needs ~196 KiB
+        host_key_public=pub,
+        mounts=(seed.Mount(image_cache_tag(cache), cache, "virtiofs", read_only=True),)),
+        tmp_path / "seed.iso", name="td")
+    # 128 KiB beside the seed: the keys, known_hosts, the cache share's spec and wrapper (~32
+    # KiB on tmpfs) and, while the seed is written, its staged tree beside the image (~80 KiB:
+    # 64 KiB no longer was once the guest helper travelled in it); what is left after it is
+    # below the ~196 KiB the overlay alone needs
+    room = probe.stat().st_size + 128 * 1024
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(small)],
@@ -318,10 +327,12 @@ def test_john_doe_and_a_work_dir_with_a_space_reach_the_guest_unchanged(vmenv):
     """Names and paths the host accepts used to drain the node (issue 9): a user with a dot, a
     work dir with a space, a quote and an é, and the user's supplementary groups (one the host
     names, one it does not) must arrive in the guest as they are, the share mounted
-    nosuid,nodev."""
+    nosuid,nodev. The user's container image cache comes as a second share at the same path,
+    read-only: a file put there on the host is read in the guest, a write there fails, and the
+    cache stays on the host after the VM."""
     from slurm_dgxvm import config as config_mod
     from slurm_dgxvm import lifecycle
-    from slurm_dgxvm.design import share_tag
+    from slurm_dgxvm.design import image_cache_tag, share_tag
     from slurm_dgxvm.placement import Request
 
     work = vmenv.workdir / "a b" / "l'été $x"
@@ -333,15 +344,24 @@ def test_john_doe_and_a_work_dir_with_a_space_reach_the_guest_unchanged(vmenv):
     req = lifecycle.CreateRequest(
         name="jd", placement=Request(count=1), owner="domain", user="john.doe", uid=vmenv.uid,
         gid=vmenv.gid, groups=(65534, 4321), home="/home/john.doe", workdir=str(work))
+    cache = vmenv.containers / str(vmenv.uid)
     try:
         rec = lifecycle.create(env, req)
         assert rec.user == "john.doe"
-        q = shlex.quote(str(work))
+        assert rec.image_cache == str(cache)
+        assert env.vms.load_view("jd")["image_cache"] == str(cache)
+        (cache / "probe").write_text("from the cache\n")       # as `dgxvm run` pulls, as the user
+        os.chown(cache / "probe", vmenv.uid, vmenv.gid)
+        q, c = shlex.quote(str(work)), shlex.quote(str(cache))
         out = ssh(vmenv, "jd", f"id -un; id -u; id -G; cat {q}/hello; echo hi > {q}/back; "
-                               f"grep '^{share_tag(str(work))} ' /proc/mounts",
+                               f"grep '^{share_tag(str(work))} ' /proc/mounts; "
+                               f"grep '^{image_cache_tag(str(cache))} ' /proc/mounts; "
+                               f"cat {c}/probe; "
+                               f"if echo x > {c}/w 2>/dev/null; then echo wrote; "
+                               f"else echo refused; fi",
                   user=vmenv.user)
         assert out.returncode == 0, out.stderr
-        name, uid, gids, hello, mount = out.stdout.splitlines()[:5]
+        name, uid, gids, hello, mount, cache_mount, probe, write = out.stdout.splitlines()[:8]
         assert (name, int(uid)) == ("john.doe", vmenv.uid)
         assert {vmenv.gid, 65534, 4321} <= {int(g) for g in gids.split()}
         assert hello == "from the host"
@@ -349,9 +369,21 @@ def test_john_doe_and_a_work_dir_with_a_space_reach_the_guest_unchanged(vmenv):
         assert (work / "back").stat().st_uid == vmenv.uid
         options = mount.split()[3].split(",")
         assert "nosuid" in options and "nodev" in options, mount
+        assert "ro" not in options, mount
+        # the image cache: at the same path, read-only, nosuid,nodev; the user's file is read,
+        # a write is refused
+        _tag, where, fstype, cache_options = cache_mount.split()[:4]
+        assert (where, fstype) == (str(cache), "virtiofs"), cache_mount
+        assert {"ro", "nosuid", "nodev"} <= set(cache_options.split(",")), cache_mount
+        assert probe == "from the cache" and write == "refused", out.stdout
+        assert not (cache / "w").exists()
     finally:
         try:
             lifecycle.delete(env, "jd")
         except Exception:  # noqa: BLE001 - the assertion below says what is left
             pass
     assert_nothing_left(vmenv, ["jd"])
+    # the cache is the node's, not the VM's: it stays, the user's, with what is in it
+    st = cache.stat()
+    assert (st.st_uid, oct(st.st_mode & 0o777)) == (vmenv.uid, "0o700")
+    assert (cache / "probe").read_text() == "from the cache\n"

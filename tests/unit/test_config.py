@@ -88,6 +88,13 @@ lock_timeout_s = 5
     ("[host]\nsysfs_root = 7\n", "host.sysfs_root"),
     ("[ledger]\nlock_timeout_s = 0\n", "ledger.lock_timeout_s"),
     ("[ledger]\nlock_timeout_s = \"soon\"\n", "ledger.lock_timeout_s"),
+    ("[containers]\ncache_dir = \"var/cache\"\n", "containers.cache_dir"),
+    ("[containers]\ncache_dir = \"/\"\n", "containers.cache_dir"),
+    ("[containers]\ncache_dir = \"/a/../b\"\n", "containers.cache_dir"),
+    ("[containers]\ninsecure_registries = \"r:5000\"\n", "containers.insecure_registries"),
+    ("[containers]\ninsecure_registries = [\"http://r:5000\"]\n", "'http://r:5000'"),
+    ("[containers]\ninsecure_registries = [\"r:5000/x\"]\n", "'r:5000/x'"),
+    ("[containers]\ncache_max_gib = -1\n", "containers.cache_max_gib"),
     ("host = 3\n", "host must be a table"),
     ("[host\n", "not valid TOML"),
 ])
@@ -99,6 +106,17 @@ def test_bad_config_raises_config_error_naming_key_and_file(tmp_path, text, name
     assert str(path) in str(info.value)
     assert names in str(info.value)
     assert info.value.exit_code == 2
+
+
+def test_the_containers_section_is_read(tmp_path):
+    assert Config().containers.cache_dir == "/var/lib/dgxvm/containers"
+    cfg = load(write(tmp_path, '[containers]\ncache_dir = "/srv/containers"\n'
+                               'insecure_registries = ["registry.site:5000", "10.0.0.5:5000"]\n'
+                               'cache_max_gib = 200\n'))
+    assert cfg.containers == config_mod.ContainersConfig(
+        cache_dir="/srv/containers", insecure_registries=("registry.site:5000", "10.0.0.5:5000"),
+        cache_max_gib=200.0)
+    assert load(write(tmp_path, '[containers]\ncache_dir = ""\n')).containers.cache_dir == ""
 
 
 def test_dgxvm_config_naming_a_missing_file_is_an_error(tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import libvirt
 import pytest
 
-from slurm_dgxvm.design import RealHost, VmInputs, design, domain_xml, fit_to_host, mac_for
+from slurm_dgxvm.design import (RealHost, VmInputs, design, domain_xml, fit_to_host,
+                                image_cache_tag, mac_for, share_tag)
 from slurm_dgxvm.placement import EMPTY, Policy, Request, place
 from slurm_dgxvm.ranges import format_index_list
 from slurm_dgxvm.topology import SysfsRoot, discover
@@ -31,13 +32,14 @@ IMAGE = SimpleNamespace(name="testguest", version="0123456789ab", path="/images/
 
 
 def vm_inputs(name="vm1", workdir="/home/alice/run", share="virtiofs", data=False,
-              address="10.213.0.7"):
+              address="10.213.0.7", image_cache=None):
     d = f"/var/lib/dgxvm/vms/{name}"
     return VmInputs(name=name, uuid="6f1d7d3c-0000-4000-8000-000000000001", owner="job",
                     job_id=4242, user="alice", os_disk=f"{d}/os.qcow2", seed=f"{d}/seed.iso",
                     data_disk=f"{d}/data.qcow2" if data else None, console_log=f"{d}/console.log",
                     network="dgxvm", mac=mac_for(name), share=share, workdir=workdir,
-                    share_binary=f"{d}/virtiofsd", address=address)
+                    share_binary=f"{d}/virtiofsd", address=address, image_cache=image_cache,
+                    image_cache_binary=f"{d}/virtiofsd-images" if image_cache else None)
 
 
 def spec_for(host, count, **kw):
@@ -182,6 +184,51 @@ def test_workdir_is_shared_with_virtiofs_and_shared_memory(hosts):
     assert fs.find("binary").get("path") == "/var/lib/dgxvm/vms/vm1/virtiofsd"
     _, none = spec_for(hosts["dgx2"], 1, share="none")
     assert ET.fromstring(domain_xml(none)).find("./devices/filesystem") is None
+
+
+CACHE = "/var/lib/dgxvm/containers/4242"
+
+
+def filesystems(spec) -> list[tuple[str, str, str]]:
+    return [(fs.find("source").get("dir"), fs.find("target").get("dir"),
+             fs.find("binary").get("path"))
+            for fs in ET.fromstring(domain_xml(spec)).findall("./devices/filesystem")]
+
+
+def test_the_image_cache_is_a_second_filesystem_with_its_own_virtiofsd(hosts):
+    d = "/var/lib/dgxvm/vms/vm1"
+    _, spec = spec_for(hosts["dgx2"], 1, workdir="/scratch/alice", image_cache=CACHE)
+    assert filesystems(spec) == [("/scratch/alice", share_tag("/scratch/alice"), f"{d}/virtiofsd"),
+                                 (CACHE, image_cache_tag(CACHE), f"{d}/virtiofsd-images")]
+    assert share_tag(CACHE) != image_cache_tag(CACHE)
+    assert spec.memory_shared
+    # without a work dir share the cache is still shared (and memory still shared for it)
+    _, alone = spec_for(hosts["dgx2"], 1, workdir=None, image_cache=CACHE)
+    assert filesystems(alone) == [(CACHE, image_cache_tag(CACHE), f"{d}/virtiofsd-images")]
+    root = ET.fromstring(domain_xml(alone))
+    assert root.find("./memoryBacking/access").get("mode") == "shared"
+    # vm.share = "none": neither
+    _, none = spec_for(hosts["dgx2"], 1, share="none", image_cache=CACHE)
+    assert filesystems(none) == [] and not none.memory_shared
+    # no cache: the domain of before, byte for byte (the golden files hold it)
+    _, before = spec_for(hosts["dgx2"], 1)
+    assert len(filesystems(before)) == 1
+
+
+def test_two_filesystems_validate_and_define_on_libvirt(hosts, tmp_path, conn):
+    _, spec = spec_for(hosts["dgx2"], 2, name="v-two-fs", image_cache=CACHE)
+    xml = domain_xml(spec)
+    f = tmp_path / "dom.xml"
+    f.write_text(xml)
+    r = subprocess.run(["virt-xml-validate", str(f), "domain"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr + r.stdout
+    dom = conn.defineXML(xml)
+    try:
+        defined = ET.fromstring(dom.XMLDesc())
+        assert [fs.find("source").get("dir") for fs in defined.findall("./devices/filesystem")] \
+            == ["/home/alice/run", CACHE]
+    finally:
+        dom.undefine()
 
 
 @pytest.mark.parametrize("hostile", [

@@ -101,6 +101,22 @@ def test_records_round_trip(env):
         env.vms.make_dir("a")
 
 
+def test_the_image_cache_path_is_in_the_record_and_the_users_view(env):
+    from slurm_dgxvm.records import job_view
+    rec = make_vm(env, "a")
+    assert rec.image_cache is None and job_view(rec, env.vms.dir("a"))["image_cache"] is None
+    rec = rec.with_(image_cache="/var/lib/dgxvm/containers/1000")
+    env.vms.save(rec)
+    assert env.vms.load("a") == rec
+    assert env.vms.load_view("a")["image_cache"] == "/var/lib/dgxvm/containers/1000"
+    # a record written before the key existed still loads: no cache
+    path = env.vms.dir("a") / "record.json"
+    doc = json.loads(path.read_text())
+    del doc["image_cache"]
+    path.write_text(json.dumps(doc))
+    assert env.vms.load("a").image_cache is None
+
+
 def test_network_plan_keeps_reservations_apart_from_the_dynamic_range():
     lay = network_layout("10.213.0.0/24")
     assert lay["gateway"] == "10.213.0.1"

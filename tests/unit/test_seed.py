@@ -212,6 +212,55 @@ def test_bad_mounts(tag, path, fstype):
         Mount(tag, path, fstype)
 
 
+def test_read_only_must_be_a_bool():
+    with pytest.raises(SeedError, match="read_only"):
+        Mount("t", "/a", "virtiofs", read_only="yes")
+
+
+def test_a_read_only_share_is_mounted_ro_nosuid_nodev(spec, tmp_path):
+    """The user's container image cache: one more line with a 4th field "ro" in dgxvm/mounts
+    (the read-write lines keep their 3 fields), ``ro,nosuid,nodev`` in cloud-init's bootcmd."""
+    yaml = pytest.importorskip("yaml")
+    cache = "/var/lib/dgxvm/containers/4242"
+    s = dataclasses.replace(spec, mounts=(*spec.mounts,
+                                          Mount("dgxvm-images", cache, "virtiofs",
+                                                read_only=True)))
+    root = extract(write_seed(s, tmp_path / "seed.iso", name="vm0"), tmp_path / "x")
+    assert (root / "dgxvm" / "mounts").read_text() == (
+        "home0 /home/alice virtiofs\nscratch.1 /scratch/job42 9p\n"
+        f"dgxvm-images {cache} virtiofs ro\n")
+    doc = yaml.safe_load((root / "user-data").read_text())
+    assert doc["bootcmd"][-2:] == [["mkdir", "-p", cache],
+                                   ["mount", "-t", "virtiofs", "-o", "ro,nosuid,nodev",
+                                    "dgxvm-images", cache]]
+    assert ["mount", "-t", "virtiofs", "-o", "nosuid,nodev", "home0", "/home/alice"] \
+        in doc["bootcmd"]
+
+
+SHARE_OPTIONS_BACK = r"""
+. "$SEED_SH"
+while read -r tag path fstype mode; do
+    printf '%s=%s\n' "$tag" "$(share_options "$fstype" "$mode" || echo REFUSED)"
+done < "$S/mounts"
+"""
+
+
+def test_the_guest_reads_old_and_read_only_mount_lines(busybox, tmp_path):
+    """dgxvm-init's reader (seed.sh share_options, the guest's busybox): a 3-field line is a
+    read-write share as before, a 4th field "ro" adds ro, anything else is refused."""
+    (tmp_path / "mounts").write_text(
+        "a /w virtiofs\nb /c virtiofs ro\nc /n 9p\nd /n 9p ro\ne /x virtiofs rw\n"
+        "f /x virtiofs RO\ng /x nfs\nh /x virtiofs ro extra\n")
+    out = subprocess.run([busybox, "sh", "-c", SHARE_OPTIONS_BACK], check=True,
+                         capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "S": str(tmp_path),
+                              "SEED_SH": str(GUEST_SEED_SH)}).stdout
+    assert out.splitlines() == [
+        "a=nosuid,nodev", "b=ro,nosuid,nodev", f"c=nosuid,nodev,{NINEP_OPTIONS}",
+        f"d=ro,nosuid,nodev,{NINEP_OPTIONS}", "e=nosuid,nodev", "f=REFUSED", "g=REFUSED",
+        "h=REFUSED"]
+
+
 def test_duplicate_mount_tags(spec):
     with pytest.raises(SeedError, match="used twice"):
         dataclasses.replace(spec, mounts=(Mount("t", "/a", "9p"), Mount("t", "/b", "9p")))

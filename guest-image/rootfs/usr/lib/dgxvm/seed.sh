@@ -48,3 +48,20 @@ seed_group() {
     fi
     printf '%s:x:%s:%s\n' "$name" "$2" "$3" >> "$ETC/group"
 }
+
+# share_options FSTYPE [MODE]: the mount options of a dgxvm/mounts line "tag path fstype [ro]":
+# nosuid,nodev always (a setuid file or device node on a share is not honoured in the guest),
+# ro before them for a read-only share (MODE "ro"; "" or "rw": read-write), 9p's transport
+# options for 9p. Fails, printing nothing, for another fstype or mode.
+share_options() {
+    case "$2" in
+        ""|rw) o=nosuid,nodev ;;
+        ro) o=ro,nosuid,nodev ;;
+        *) return 1 ;;
+    esac
+    case "$1" in
+        virtiofs) printf '%s\n' "$o" ;;
+        9p) printf '%s\n' "$o,trans=virtio,version=9p2000.L,msize=262144" ;;
+        *) return 1 ;;
+    esac
+}

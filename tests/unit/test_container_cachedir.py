@@ -1,0 +1,222 @@
+"""<cache_dir>/<uid>: made by root for the user, never through a symlink, safe to race."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from slurm_dgxvm import config as config_mod
+from slurm_dgxvm.containers.cachedir import user_cache_dir
+from slurm_dgxvm.errors import ContainerCacheError
+from slurm_dgxvm.shares import policy
+
+UID, GID = 54331, 54332
+
+
+@pytest.fixture
+def base():
+    """Under /tmp, traversable by any uid (pytest's tmp_path is root's 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="dgxvm-cachedir-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def cfg_for(cache_dir) -> config_mod.Config:
+    return config_mod.from_dict({"containers": {"cache_dir": str(cache_dir)}})
+
+
+def owner_mode(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+def test_a_fresh_cache_dir_and_the_users_entry_are_made(base):
+    root = base / "lib" / "containers"
+    path = user_cache_dir(cfg_for(root), UID, GID)
+    assert path == root / str(UID)
+    assert owner_mode(root) == (0, 0, 0o711)
+    assert owner_mode(path) == (UID, GID, 0o700)
+    # the user reaches their own entry through the 0711 root, as the share will open it
+    spec = policy.pin(str(path), UID, GID, [GID])
+    assert (spec.dev, spec.ino) == (path.stat().st_dev, path.stat().st_ino)
+
+
+def test_an_existing_entry_is_kept_as_it_is(base):
+    root = base / "containers"
+    path = user_cache_dir(cfg_for(root), UID, GID)
+    (path / "sha256").mkdir()
+    os.chmod(path, 0o750)                       # the user's own choice
+    ino = path.stat().st_ino
+    assert user_cache_dir(cfg_for(root), UID, GID + 1) == path
+    assert path.stat().st_ino == ino and (path / "sha256").is_dir()
+    assert owner_mode(path) == (UID, GID, 0o750)
+
+
+def test_another_users_entry_is_made_beside_it(base):
+    root = base / "containers"
+    a = user_cache_dir(cfg_for(root), UID, GID)
+    b = user_cache_dir(cfg_for(root), UID + 1, GID)
+    assert a != b and owner_mode(b)[0] == UID + 1
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p, elsewhere: p.symlink_to(elsewhere), "symbolic link"),
+    (lambda p, elsewhere: p.write_text("x"), "not a directory"),
+    (lambda p, elsewhere: (p.mkdir(), os.chown(p, UID + 7, GID)), "owned by uid 54338"),
+    (lambda p, elsewhere: (p.mkdir(), (p / "x").write_text("x")), "owned by uid 0"),
+])
+def test_an_entry_that_is_not_the_users_real_directory_is_refused_naming_it(base, make,
+                                                                              reason):
+    root = base / "containers"
+    root.mkdir(mode=0o711)
+    elsewhere = base / "etc"
+    elsewhere.mkdir()
+    os.chown(elsewhere, UID, GID)
+    entry = root / str(UID)
+    make(entry, elsewhere)
+    with pytest.raises(ContainerCacheError) as info:
+        user_cache_dir(cfg_for(root), UID, GID)
+    assert str(entry) in str(info.value) and reason in str(info.value)
+    assert info.value.path == str(entry)
+    assert owner_mode(elsewhere) == (UID, GID, 0o755)   # the link was not followed
+    assert os.listdir(elsewhere) == []
+
+
+def test_an_empty_entry_a_killed_creator_left_to_root_is_given_to_the_user(base):
+    root = base / "containers"
+    root.mkdir(mode=0o711)
+    (root / str(UID)).mkdir(mode=0o755)
+    path = user_cache_dir(cfg_for(root), UID, GID)
+    assert owner_mode(path) == (UID, GID, 0o700)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda root, real: root.symlink_to(real), "symbolic link"),
+    (lambda root, real: (root.mkdir(), os.chown(root, UID, GID)), "owner uid 54331"),
+    (lambda root, real: (root.mkdir(), os.chmod(root, 0o1777)), "mode 1777"),
+    (lambda root, real: root.write_text(""), "not a directory"),
+])
+def test_a_cache_dir_that_is_not_roots_alone_is_refused(base, make, reason):
+    real = base / "real"
+    real.mkdir(mode=0o711)
+    root = base / "containers"
+    make(root, real)
+    with pytest.raises(ContainerCacheError) as info:
+        user_cache_dir(cfg_for(root), UID, GID)
+    assert str(root) in str(info.value) and reason in str(info.value)
+    assert os.listdir(real) == []
+
+
+def test_no_cache_dir_or_root_is_refused(base):
+    with pytest.raises(ContainerCacheError, match="not set"):
+        user_cache_dir(cfg_for(""), UID, GID)
+    with pytest.raises(ContainerCacheError, match="uid 0"):
+        user_cache_dir(cfg_for(base / "c"), 0, 0)
+    assert not (base / "c").exists()
+
+
+def _race(root: str, uid: int, start, out) -> None:
+    start.wait()
+    try:
+        out.put((uid, str(user_cache_dir(cfg_for(root), uid, GID))))
+    except Exception as exc:  # noqa: BLE001 - the test names it
+        out.put((uid, f"ERROR {exc}"))
+
+
+def test_concurrent_prologs_of_one_user_and_of_others_all_succeed(base):
+    """16 processes at once, 8 of them for one user (two Prologs of one user's jobs), on a
+    cache dir that does not exist yet: every one gets its entry, owned as it must be."""
+    root = base / "containers"
+    ctx = multiprocessing.get_context("fork")
+    start, out = ctx.Barrier(16), ctx.Queue()
+    uids = [UID] * 8 + [UID + 1 + i for i in range(8)]
+    procs = [ctx.Process(target=_race, args=(str(root), u, start, out)) for u in uids]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert sorted(results) == sorted((u, str(root / str(u))) for u in uids)
+    assert owner_mode(root) == (0, 0, 0o711)
+    for u in set(uids):
+        assert owner_mode(root / str(u)) == (u, GID, 0o700)
+
+
+# -- the VM's share of it (lifecycle.create) ------------------------------------------------------
+def request(**kw):
+    from slurm_dgxvm.lifecycle import CreateRequest
+    from slurm_dgxvm.placement import Request
+    return CreateRequest(**{"name": "vm1", "placement": Request(count=1), "user": "alice",
+                            "uid": UID, "gid": GID, "groups": (GID + 5,), **kw})
+
+
+def test_a_users_vm_gets_its_cache_pinned_as_a_share(base):
+    from slurm_dgxvm.lifecycle.create import image_cache_share
+    root = base / "containers"
+    spec = image_cache_share(cfg_for(root), request(), None)
+    path = root / str(UID)
+    st = path.stat()
+    assert (spec.path, spec.uid, spec.gid, spec.groups, spec.dev, spec.ino) == \
+        (str(path), UID, GID, (GID, GID + 5), st.st_dev, st.st_ino)
+
+
+def test_no_cache_share_for_root_without_a_cache_dir_or_without_virtiofs(base):
+    from slurm_dgxvm.lifecycle.create import image_cache_share
+    root = base / "containers"
+    assert image_cache_share(cfg_for(root), request(uid=0, gid=0, user="root"), None) is None
+    assert image_cache_share(cfg_for(""), request(), None) is None
+    none = config_mod.from_dict({"containers": {"cache_dir": str(root)},
+                                 "vm": {"share": "none"}})
+    assert image_cache_share(none, request(), None) is None
+    assert not root.exists()            # nothing made for a VM that gets no share
+
+
+def test_a_work_dir_that_is_the_cache_is_shared_once(base):
+    from slurm_dgxvm.lifecycle.create import image_cache_share
+    root = base / "containers"
+    path = user_cache_dir(cfg_for(root), UID, GID)
+    work = policy.pin(str(path), UID, GID, [GID])
+    assert image_cache_share(cfg_for(root), request(workdir=str(path)), work) is None
+
+
+def test_a_cache_the_user_cannot_reach_is_the_nodes_fault_naming_it(base):
+    from slurm_dgxvm.lifecycle.create import image_cache_share
+    hidden = base / "private"
+    hidden.mkdir(mode=0o700)
+    with pytest.raises(ContainerCacheError) as info:
+        image_cache_share(cfg_for(hidden / "containers"), request(), None)
+    assert str(hidden / "containers" / str(UID)) in str(info.value)
+    assert "cannot reach" in str(info.value) and info.value.exit_code == 5
+
+
+def test_a_failed_cache_share_virtiofsd_is_the_nodes_fault(tmp_path):
+    from slurm_dgxvm.errors import HostError, ShareRefused
+    from slurm_dgxvm.lifecycle.create import _share_refusal
+    from slurm_dgxvm.records import IMAGE_CACHE_SPEC
+    from slurm_dgxvm.shares import virtiofsd
+    assert virtiofsd.error_file_of(tmp_path / IMAGE_CACHE_SPEC) == tmp_path / "image-cache.error"
+    assert virtiofsd.error_file_of(tmp_path / "share.json") == tmp_path / virtiofsd.ERROR_FILE
+    _share_refusal(tmp_path)                                      # nothing said: nothing raised
+    (tmp_path / "image-cache.error").write_text("refused: it is no longer the directory\n")
+    with pytest.raises(HostError, match="container image cache share could not be served"):
+        _share_refusal(tmp_path)
+    (tmp_path / virtiofsd.ERROR_FILE).write_text("refused: swapped\n")
+    with pytest.raises(ShareRefused):                             # the work dir's: the job's
+        _share_refusal(tmp_path)
+
+
+def test_the_virtiofsd_writes_its_error_beside_its_own_spec(tmp_path):
+    from slurm_dgxvm.shares import virtiofsd
+    spec = tmp_path / "image-cache.json"
+    spec.write_text("{}")
+    assert virtiofsd.main([str(spec)]) == 1
+    assert (tmp_path / "image-cache.error").read_text().startswith("virtiofsd as the job's user")
+    assert not (tmp_path / virtiofsd.ERROR_FILE).exists()
