@@ -109,7 +109,7 @@ class VmRecord:
 def job_view(rec: VmRecord, vmdir: Path) -> dict:
     """What the VM's own user may read about it: how to reach it, nothing of the host's."""
     return {"name": rec.name, "state": rec.state, "job_id": rec.job_id, "user": rec.user,
-            "uid": rec.uid, "address": rec.address, "image": rec.image,
+            "uid": rec.uid, "gid": rec.gid, "address": rec.address, "image": rec.image,
             "image_version": rec.image_version, "workdir": rec.workdir,
             "image_cache": rec.image_cache,
             "gpus": list(rec.placement.gpus),

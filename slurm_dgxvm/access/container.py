@@ -12,8 +12,10 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..containers import mounts as mounts_mod
+from ..containers import mountpoints
 from ..containers import runtime
 from ..errors import BadInput, ContainerMountError
 from .request import Request, guest_cwd
@@ -61,13 +63,23 @@ def env_names(text: str | None) -> tuple[str, ...]:
 def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapping[str, str],
                       cwd: str | None, shared: tuple[str, ...], uid: int, gid: int,
                       rootfs: str, image_config: Mapping, run_name: str,
-                      gpu_devices: int = 0, terminal: bool = False) -> Request:
-    """The request that runs ``argv`` in the image's container under runc in the guest."""
+                      gpu_devices: int = 0, terminal: bool = False,
+                      prepare: bool = True) -> Request:
+    """The request that runs ``argv`` in the image's container under runc in the guest.
+    ``prepare``: make the mount points in the (read-only in the guest) rootfs first, as its
+    owner on the host."""
+    mounts = check_mounts(flags.mounts, shared)
+    etc_files = tuple(mountpoints.STANDARD_FILES)
+    if prepare:
+        dirs = [*mountpoints.STANDARD_DIRS, *shared, *(m.target for m in mounts)]
+        if flags.workdir:
+            dirs.append(flags.workdir)
+        etc_files = tuple(mountpoints.ensure(Path(rootfs), dirs, mountpoints.STANDARD_FILES))
     spec = runtime.ContainerSpec(
         rootfs=rootfs, image_config=image_config, argv=argv, env=env, cwd=cwd, uid=uid, gid=gid,
-        shared=shared, mounts=check_mounts(flags.mounts, shared), workdir=flags.workdir,
+        shared=shared, mounts=mounts, workdir=flags.workdir,
         keep_env=env_names(flags.env), remap_root=flags.remap_root, writable=flags.writable,
-        gpu_devices=gpu_devices, terminal=terminal)
+        gpu_devices=gpu_devices, terminal=terminal, etc_files=etc_files)
     config = runtime.oci_config(spec)
     name = f"dgxvm-{run_name}"
     # runc's state lives in the run's directory (removed with it); the cleanup script runs

@@ -73,6 +73,7 @@ class Target:
     gpus: tuple[int, ...]        # the VM's GPUs, host numbering
     slurm_gpus: tuple[int, ...]  # the job's GPUs as Slurm numbered them (= gpus if not remapped)
     uid: int = 0
+    gid: int = 0
     image: str | None = None     # the guest image (its profile says the container runtime)
     image_cache: str | None = None  # the user's image cache, shared at the same path
 
@@ -84,7 +85,8 @@ class Target:
                    user=view["user"], key=view["key"], known_hosts=view["known_hosts"],
                    state=view["state"], workdir=view.get("workdir"), gpus=gpus,
                    slurm_gpus=tuple(slurm) if slurm is not None else gpus,
-                   uid=int(view.get("uid") or 0), image=view.get("image"),
+                   uid=int(view.get("uid") or 0), gid=int(view["gid"] if "gid" in view else os.getgid()),
+                   image=view.get("image"),
                    image_cache=view.get("image_cache"))
 
     @property

@@ -103,14 +103,10 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
                    f"(simulated GPUs); with the NVIDIA driver it would bind /dev/nvidia0-"
                    f"{len(target.gpus) - 1}, /dev/nvidiactl and /dev/nvidia-uvm", err=True)
     return container_request(flags, argv=request.argv, env=request.env, cwd=request.cwd,
-                             shared=shared, uid=target.uid, gid=_gid(target),
+                             shared=shared, uid=target.uid, gid=target.gid,
                              rootfs=str(image.rootfs), image_config=image.config,
                              run_name=image.digest.split(":")[-1][:12], gpu_devices=n,
                              terminal=terminal)
-
-
-def _gid(target) -> int:
-    return os.getgid() if os.geteuid() else target.uid
 
 
 @click.command(context_settings={"ignore_unknown_options": False,

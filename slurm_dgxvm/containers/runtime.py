@@ -63,6 +63,7 @@ class ContainerSpec:
                                        # with the NVIDIA driver); 0 = none (simulated GPUs)
     hostname: str | None = None
     terminal: bool = False
+    etc_files: tuple[str, ...] = ("/etc/resolv.conf", "/etc/hosts")  # bound from the guest
 
 
 def environment(image_env: Sequence[str], job_env: Mapping[str, str],
@@ -96,7 +97,7 @@ def _bind(source: str, target: str, options: Sequence[str]) -> dict:
 
 def oci_config(spec: ContainerSpec) -> dict:
     """runc's ``config.json`` for ``spec`` (rootless: runc runs as the job's user)."""
-    inside_uid, inside_gid = (0, 0) if spec.remap_root else (spec.uid, spec.gid)
+    inside_uid, inside_gid = 0, 0    # the user, mapped (see _mappings)
     caps = (["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_CHOWN",
              "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_SETGID", "CAP_SETUID",
              "CAP_SETPCAP"] if spec.remap_root else [])
@@ -117,8 +118,7 @@ def oci_config(spec: ContainerSpec) -> dict:
          "options": ["nosuid", "nodev", "mode=755"]},
         {"destination": "/var/tmp", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "nodev", "mode=1777"]},
-        _bind("/etc/resolv.conf", "/etc/resolv.conf", BIND_RO),
-        _bind("/etc/hosts", "/etc/hosts", BIND_RO),
+        *(_bind(f, f, BIND_RO) for f in spec.etc_files),
     ]
     for d in spec.shared:
         mounts.append(_bind(d, d, BIND_RW))
@@ -143,8 +143,8 @@ def oci_config(spec: ContainerSpec) -> dict:
         **({"hostname": spec.hostname} if spec.hostname else {}),
         "mounts": mounts,
         "linux": {
-            "uidMappings": [{"containerID": inside_uid, "hostID": spec.uid, "size": 1}],
-            "gidMappings": [{"containerID": inside_gid, "hostID": spec.gid, "size": 1}],
+            "uidMappings": _mappings(spec.uid, spec.remap_root),
+            "gidMappings": _mappings(spec.gid, spec.remap_root),
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")],
             "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                             "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
@@ -153,6 +153,15 @@ def oci_config(spec: ContainerSpec) -> dict:
                               "/proc/sysrq-trigger"],
         },
     }
+
+
+def _mappings(ident: int, remap_root: bool) -> list[dict]:
+    """The user namespace's map for the user's uid (or gid). Rootless runc 1.1 needs a root in
+    the container and, with more than the caller's own id mapped (the user as themselves plus a
+    subordinate root, through newuidmap), fails setting the container up ("fchown ... operation
+    not permitted"); so today the container's root is the user, whatever remap_root says
+    (README "Containers", known limit)."""
+    return [{"containerID": 0, "hostID": ident, "size": 1}]
 
 
 def runc_argv(state_dir: str, bundle: str, name: str) -> list[str]:

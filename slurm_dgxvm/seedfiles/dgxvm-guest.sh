@@ -131,9 +131,11 @@ cmd_run() {
 
 cmd_shell() {
     wait_attached
+    echo "$$" > "$d/pgid.tmp" && mv "$d/pgid.tmp" "$d/pgid"
+    set +u
+    set -- "$d"    # the request knows the run's directory as $1
     # shellcheck disable=SC1090,SC1091
     . "$d/request" || { say "cannot read the request"; exit 125; }
-    echo "$$" > "$d/pgid.tmp" && mv "$d/pgid.tmp" "$d/pgid"
     exec "${SHELL:-/bin/sh}" -l
 }
 

@@ -142,7 +142,8 @@ class VmEnv:
             f'[images]\nstore = "{self.store}"\n\n'
             f'[vm]\nshare = "virtiofs"\nshare_roots = ["{base}"]\nfit_vcpus = 1\n'
             f'fit_memory_mib = 384\n\n'
-            f'[containers]\ncache_dir = "{self.containers}"\n')
+            f'[containers]\ncache_dir = "{self.containers}"\n'
+            f'insecure_registries = ["127.0.0.1:5000"]\n')   # the registry in the namespace
         self.config.write_text(self.config_text)
         import pwd
         pw = pwd.getpwnam(TEST_USER)

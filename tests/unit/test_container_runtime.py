@@ -57,16 +57,13 @@ def test_working_directory(kw, cwd):
     assert runtime.oci_config(spec(**kw))["process"]["cwd"] == cwd
 
 
-def test_the_user_is_themselves_and_remap_root_maps_root_to_them():
-    c = runtime.oci_config(spec())
-    assert c["process"]["user"] == {"uid": 1000, "gid": 1000}
-    assert c["linux"]["uidMappings"] == [{"containerID": 1000, "hostID": 1000, "size": 1}]
-    assert c["process"]["capabilities"]["effective"] == []
-    assert c["process"]["noNewPrivileges"] is True
-    c = runtime.oci_config(spec(remap_root=True))
-    assert c["process"]["user"] == {"uid": 0, "gid": 0}
-    assert c["linux"]["uidMappings"] == [{"containerID": 0, "hostID": 1000, "size": 1}]
-    assert c["linux"]["gidMappings"] == [{"containerID": 0, "hostID": 1000, "size": 1}]
+def test_the_containers_root_is_the_user_and_nothing_more():
+    for remap in (False, True):
+        c = runtime.oci_config(spec(remap_root=remap))
+        assert c["process"]["user"] == {"uid": 0, "gid": 0}
+        assert c["linux"]["uidMappings"] == [{"containerID": 0, "hostID": 1000, "size": 1}]
+        assert c["linux"]["gidMappings"] == [{"containerID": 0, "hostID": 1000, "size": 1}]
+        assert c["process"]["noNewPrivileges"] is True
 
 
 def test_rootfs_is_read_only_no_network_namespace_and_shm_is_not_capped():
@@ -117,7 +114,8 @@ def test_container_env_names_are_variable_names(bad):
 def test_the_request_runs_runc_on_the_config_and_cleans_up_by_name():
     r = container_request(ContainerFlags(image="x"), argv=("id",), env={"A": "1"},
                           cwd="/home/u/run", shared=("/home/u/run",), uid=1000, gid=1000,
-                          rootfs="/c/rootfs", image_config={}, run_name="abc123")
+                          rootfs="/c/rootfs", image_config={}, run_name="abc123",
+                          prepare=False)
     assert isinstance(r, Request)
     assert b"runc --root" in r.command and b"dgxvm-abc123" in r.command
     assert b"delete --force dgxvm-abc123" in r.cleanup
