@@ -45,8 +45,7 @@ NAME = "dgxvm-test-guest"
 
 KERNEL_META = "linux-image-amd64"
 # What the guest runs; their library dependencies are added by walking apt's Depends.
-ROOT_PACKAGES = ("busybox-static", "dropbear-bin", "qemu-guest-agent", "runc", "umoci",
-                 "uidmap")  # newuidmap/newgidmap: rootless runc maps the user and a root
+ROOT_PACKAGES = ("busybox-static", "dropbear-bin", "qemu-guest-agent", "runc", "umoci")
 # Dependencies worth following: shared-library packages only (not init-system-helpers & co).
 LIBRARY_PACKAGE = re.compile(r"^(lib[a-z0-9].*|zlib1g)$")
 

@@ -304,13 +304,6 @@ def _plain_files(spec: SeedSpec) -> dict[str, tuple[str, int]]:
     }
 
 
-def subid_base(ident: int) -> int:
-    """The first subordinate uid (or gid) the guest gives the job's user (65536 of them): where
-    a rootless container's own root lives. The test guest's seed.sh seed_subids computes the
-    same; 100000 unless the user's own id falls in that range."""
-    return 200000 if 100000 <= ident < 165536 else 100000
-
-
 def guest_helper() -> str:
     """The text of the guest side of ``dgxvm run``."""
     return GUEST_HELPER_SOURCE.read_text(encoding="utf-8")

@@ -65,18 +65,3 @@ share_options() {
         *) return 1 ;;
     esac
 }
-
-# seed_subids NAME UID GID: one subordinate uid and gid range for NAME in /etc/subuid and
-# /etc/subgid (rootless containers map a root of their own there, newuidmap checks it): 65536
-# ids from 100000, or from 200000 when the user's own id falls in that range (the host side
-# computes the same: slurm_dgxvm.seed.subid_base). Nothing when NAME has a range already.
-seed_subids() {
-    for f in subuid subgid; do
-        [ -f "$ETC/$f" ] || : > "$ETC/$f"
-        n=$1 awk -F: '$1 == ENVIRON["n"] { f = 1 } END { exit !f }' "$ETC/$f" && continue
-        case $f in subuid) id=$2 ;; *) id=$3 ;; esac
-        base=100000
-        [ "$id" -ge 100000 ] && [ "$id" -lt 165536 ] && base=200000
-        printf '%s:%s:65536\n' "$1" "$base" >> "$ETC/$f" || return 1
-    done
-}
