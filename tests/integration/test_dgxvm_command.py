@@ -130,4 +130,7 @@ def test_the_readme_demo_runs_and_leaves_nothing_behind():
     out = proc.stdout
     assert "SIMULATED" in out and "job 102:  4 GPU(s)  Slurm chose 1-4    -> VM gets 4-7" in out
     assert "released 6 jobs; ledger now holds 0 allocation(s)" in out
+    # every job ran its work in a container in its own VM, which wrote into the work dir
+    wrote = [line for line in out.splitlines() if "in container hello-1: uid 0" in line]
+    assert len(wrote) == 10, out[-3000:]
     assert {p.name for p in Path("/tmp").glob("dgxvm-demo.*")} == before
