@@ -18,6 +18,7 @@ from ..access import session
 from ..access.container import RUNTIMES, ContainerFlags, container_request
 from ..access.request import Request, guest_cwd, guest_environment
 from ..access.target import job_from_env, target_for
+from ..containers import ranlog
 from ..errors import BadInput
 
 #: the exit status of ``dgxvm run``/``shell`` when dgxvm itself failed
@@ -96,6 +97,8 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
     cache = ImageCache(Path(target.image_cache),
                        Registry.for_user(insecure=cfg.containers.insecure_registries))
     image = cache.get(ref, progress=lambda line: click.echo(f"dgxvm: {line}", err=True))
+    # for the job's record in Slurm's accounting (the Epilog reads it): which exact image
+    ranlog.append(Path(target.key).parent, image.digest, str(ref))
     shared = (target.workdir,) if target.workdir else ()
     n = len(target.gpus) if gpu_devices == "nvidia" else 0
     if target.gpus and not n and not quiet:

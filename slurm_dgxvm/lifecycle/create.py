@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .. import hypervisor, images as images_mod, seed as seed_mod
 from ..config import Config
+from ..containers import ranlog
 from ..containers.cachedir import user_cache_dir
 from ..design import (RealHost, VmInputs, design, domain_xml, fit_to_host, image_cache_tag, mac_for,
                       share_tag)
@@ -152,6 +153,8 @@ class _Creation:
                            cfg.host.state_dir, self.mac)
         atomic_write(vmdir / KNOWN_HOSTS, f"{self.address} {host_pub}\n", mode=0o600,
                      uid=req.uid, gid=req.gid)
+        # the images the job's dgxvm run ran (theirs to write; the Epilog reads it, checked)
+        atomic_write(vmdir / ranlog.FILE, "", mode=0o600, uid=req.uid, gid=req.gid)
         mounts = ()
         if self.share is not None:
             self.share.save(vmdir / SHARE_SPEC)

@@ -32,7 +32,7 @@ def _escape(value: str) -> str:
 # Order of the keys in the line (readability in sacct); unknown keys follow.
 KEYS = ("state", "domain", "gpus", "slurm_gpus", "aligned", "remapped", "nvswitches", "fm",
         "image", "vcpus", "memory_mib", "numa", "address", "boot_s", "lock_s", "teardown_s",
-        "held_s", "ended", "fitted", "cause")
+        "held_s", "ended", "fitted", "cause", "containers")
 
 
 def encode(fields: dict) -> str:

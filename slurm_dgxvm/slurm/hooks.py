@@ -33,6 +33,7 @@ from pathlib import Path
 from collections.abc import Callable, Mapping
 
 from .. import lifecycle
+from ..containers import ranlog
 from ..errors import DgxvmError, DomainNotFound, NoFit, SlurmCommandError
 from ..fsutil import atomic_write
 from ..ranges import format_index_list
@@ -191,6 +192,7 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         name = domain_for(env.cfg, job_id)
         stage("reading the VM record")
         before = env.vms.load(name)
+        ran = ranlog.read(env.vms.dir(name))   # the images the job ran: gone with the VM dir
         try:
             rec = lifecycle.delete(env, name, stage, job_id=job_id)
         except DomainNotFound:
@@ -216,5 +218,5 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
     emit(f"{where}: VM {name} removed in {rec.teardown_s:.2f}s ({ended})")
     if env.cfg.slurm.accounting:
         _account(emit, where, lambda: slurm.set_admin_comment_after_end(
-            job_id, encode(vm_fields(rec, state="ended"))))
+            job_id, encode(vm_fields(rec, state="ended") | {"containers": ranlog.field(ran)})))
     return EXIT_OK

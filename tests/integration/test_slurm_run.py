@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from slurm_dgxvm.slurm.accounting import decode
 from test_slurm_jobs import nothing_left, wait_job_state
 
 pytestmark = pytest.mark.integration
@@ -22,6 +23,10 @@ sleep 1.5; done; exit 3'
 USR1 = """#!/bin/sh
 srun dgxvm run -- sh -c 'trap "echo got USR1; exit 0" USR1; echo ready; \
 while :; do sleep 0.2; done'
+"""
+
+CONTAINER = """#!/bin/sh
+srun dgxvm run --container-image {ref} -- sh -c 'echo "in $(cat /marker)"; exit 5'
 """
 
 CANCEL = """#!/bin/sh
@@ -52,12 +57,27 @@ def _step_rows(node, job) -> dict[str, dict]:
     return rows
 
 
-def test_srun_dgxvm_run_streams_keeps_stderr_apart_passes_status_and_signals(slurm_node):
+@pytest.fixture
+def registry(slurm_node, tmp_path):
+    from harness.registry import LocalRegistry, build_image
+    reg = LocalRegistry(tmp_path / "reg", port=5000, netns=slurm_node.env.netns)
+    reg.start()
+    try:
+        digest = build_image(reg, "slurm/busy", "1", tmp_path / "build", marker="slurm-busy")
+        yield f"{reg.endpoint}/slurm/busy:1", digest
+    finally:
+        reg.stop()
+
+
+def test_srun_dgxvm_run_streams_keeps_stderr_apart_passes_status_and_signals(slurm_node,
+                                                                            registry):
     node = slurm_node
     work = node.jobs.workdir
     stream = node.jobs.sbatch(STREAM, gpus=1, extra=(f"--error={work}/slurm-%j.err",))
     usr1 = node.jobs.sbatch(USR1, gpus=1)
     cancel = node.jobs.sbatch(CANCEL, gpus=1)
+    ref, digest = registry
+    contained = node.jobs.sbatch(CONTAINER.format(ref=ref), gpus=2)
     out = work / f"slurm-{stream}.out"
 
     # streaming: a line is in the output file while the job still runs
@@ -74,7 +94,7 @@ def test_srun_dgxvm_run_streams_keeps_stderr_apart_passes_status_and_signals(slu
     node.cluster.run(["scancel", str(cancel)])
     _wait_for(work / f"term-{cancel}", "got TERM", timeout=60)
 
-    node.jobs.wait_done([stream, usr1, cancel], timeout=300)
+    node.jobs.wait_done([stream, usr1, cancel, contained], timeout=300)
     assert out.read_text() == "".join(f"line {i}\n" for i in range(1, 9))
     err = (work / f"slurm-{stream}.err").read_text()
     assert err.startswith("".join(f"err {i}\n" for i in range(1, 9))), err
@@ -85,5 +105,12 @@ def test_srun_dgxvm_run_streams_keeps_stderr_apart_passes_status_and_signals(slu
     assert steps[f"{stream}.0"]["State"] == "FAILED", steps
     steps = _step_rows(node, usr1)
     assert steps[f"{usr1}.0"]["ExitCode"] == "0:0", steps
+
+    # the container job: its output, its status, and sacct says which exact image it ran
+    assert "in slurm-busy\n" in (work / f"slurm-{contained}.out").read_text()
+    steps = _step_rows(node, contained)
+    assert steps[f"{contained}.0"]["ExitCode"] == "5:0", steps
+    rec = decode(node.jobs.sacct([contained])[contained]["AdminComment"])
+    assert rec["containers"] == f"{ref}@{digest}", rec
     node.cluster.wait_idle(timeout=120)
     nothing_left(node)
