@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,12 +18,8 @@ UID, GID = 54331, 54332
 
 
 @pytest.fixture
-def base():
-    """Under /tmp, traversable by any uid (pytest's tmp_path is root's 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="dgxvm-cachedir-", dir="/tmp"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def base(traversable_tmp):
+    return traversable_tmp
 
 
 def cfg_for(cache_dir) -> config_mod.Config:

@@ -64,6 +64,16 @@ def conn():
 
 
 @pytest.mark.parametrize("machine,count", CASES)
+
+def validated_xml(spec, tmp_path) -> str:
+    """The domain XML of ``spec``, checked against libvirt's schema (virt-xml-validate)."""
+    xml = domain_xml(spec)
+    f = tmp_path / "dom.xml"
+    f.write_text(xml)
+    r = subprocess.run(["virt-xml-validate", str(f), "domain"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr + r.stdout
+    return xml
+
 def test_domain_matches_golden_file(hosts, machine, count):
     _, spec = spec_for(hosts[machine], count)
     xml = domain_xml(spec)
@@ -95,11 +105,7 @@ def test_domain_validates_and_defines_on_libvirt(hosts, machine, count, tmp_path
     _, spec = spec_for(hosts[machine], count, name=f"v-{machine}-{count}")
     for s in (spec, fit_to_host(spec, RealHost(cpus=(0, 1), numa_nodes=(0,), hugepages_kib=()),
                                 max_vcpus=2, max_memory_mib=512)[0]):
-        xml = domain_xml(s)
-        f = tmp_path / "dom.xml"
-        f.write_text(xml)
-        r = subprocess.run(["virt-xml-validate", str(f), "domain"], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr + r.stdout
+        xml = validated_xml(s, tmp_path)
         dom = conn.defineXML(xml)
         try:
             assert dom.name() == s.name
@@ -217,11 +223,7 @@ def test_the_image_cache_is_a_second_filesystem_with_its_own_virtiofsd(hosts):
 
 def test_two_filesystems_validate_and_define_on_libvirt(hosts, tmp_path, conn):
     _, spec = spec_for(hosts["dgx2"], 2, name="v-two-fs", image_cache=CACHE)
-    xml = domain_xml(spec)
-    f = tmp_path / "dom.xml"
-    f.write_text(xml)
-    r = subprocess.run(["virt-xml-validate", str(f), "domain"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr + r.stdout
+    xml = validated_xml(spec, tmp_path)
     dom = conn.defineXML(xml)
     try:
         defined = ET.fromstring(dom.XMLDesc())

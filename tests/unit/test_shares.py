@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,12 +22,8 @@ UID, GID, OTHER_GID = 54321, 54322, 54323     # no passwd entry needed: the kern
 
 
 @pytest.fixture
-def base():
-    """A directory under /tmp that any uid can traverse (pytest's tmp_path is root's 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="dgxvm-share-", dir="/tmp"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def base(traversable_tmp):
+    return traversable_tmp
 
 
 def user_dir(path: Path, mode=0o755, uid=UID, gid=GID) -> Path:
