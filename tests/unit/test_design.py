@@ -63,8 +63,6 @@ def conn():
     c.close()
 
 
-@pytest.mark.parametrize("machine,count", CASES)
-
 def validated_xml(spec, tmp_path) -> str:
     """The domain XML of ``spec``, checked against libvirt's schema (virt-xml-validate)."""
     xml = domain_xml(spec)
@@ -74,6 +72,8 @@ def validated_xml(spec, tmp_path) -> str:
     assert r.returncode == 0, r.stderr + r.stdout
     return xml
 
+
+@pytest.mark.parametrize("machine,count", CASES)
 def test_domain_matches_golden_file(hosts, machine, count):
     _, spec = spec_for(hosts[machine], count)
     xml = domain_xml(spec)
