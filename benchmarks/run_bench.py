@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """dgxvm run beside plain ssh, on one test-guest VM (TCG): time to the first byte of a trivial
-command, throughput of a 200 MiB stream of output, and 8 concurrent runs.
+command, throughput of a 200 MiB stream of output, 8 concurrent runs, and a container run from
+a first pull beside one from the cache (Debian's docker-registry in the node's namespace).
 
 Run as root (it starts its own libvirtd in a network namespace, benchmarks/_node.py):
     .venv/bin/python benchmarks/run_bench.py [--runs 10] [--mib 200]
@@ -64,7 +65,9 @@ def main() -> int:
         raise SystemExit("run_bench: run as root (it starts libvirtd)")
     image_dir, _ = guest_image()
     uid, gid, _home = ensure_user(USER)
-    vm = 'share = "virtiofs"\nshare_roots = ["{base}"]\nfit_vcpus = 1\nfit_memory_mib = 512\n'
+    vm = ('share = "virtiofs"\nshare_roots = ["{base}"]\nfit_vcpus = 1\nfit_memory_mib = 512\n'
+          '\n[containers]\ncache_dir = "{base}/containers"\n'
+          'insecure_registries = ["127.0.0.1:5000"]\n')
     with BenchNode("runbench", network=NETWORK, cidr=CIDR, vm=vm, image_dir=image_dir,
                    dirs=("work",)) as node:
         from slurm_dgxvm import config as config_mod
@@ -99,6 +102,23 @@ def main() -> int:
                     secs, n = stream(argv)
                     assert n == size, n
                     rows[f"{args.mib} MiB of stdout (MiB/s)"][i].append(args.mib / secs)
+            # containers: as the user (the cache is theirs), first pull then cached
+            from harness.node import install_for_users
+            from harness.registry import LocalRegistry, build_image
+            exe = install_for_users(node.base / "dgxvm-for-users")
+            urun = [*ns, "runuser", "-u", USER, "--", "env", f"DGXVM_CONFIG={node.config}",
+                    str(exe), "run", "-q", "--job", str(JOB), "--"]
+            reg = LocalRegistry(node.base / "registry", port=5000, netns=f"dgxvm-{node.name}")
+            reg.start()
+            try:
+                build_image(reg, "bench/busy", "1", node.base / "build")
+                cimg = [*urun[:-1], "--container-image", f"{reg.endpoint}/bench/busy:1", "--",
+                        "sh", "-c", "echo hi"]
+                first_pull = first_byte(cimg)
+                cached = [first_byte(cimg) for _ in range(max(3, args.runs // 2))]
+                plain_user = [first_byte([*urun, "echo", "hi"]) for _ in range(3)]
+            finally:
+                reg.stop()
             conc, failed = [], 0
             for _ in range(3):
                 t0 = time.monotonic()
@@ -116,6 +136,12 @@ def main() -> int:
         md, ms = statistics.median(d), statistics.median(s)
         unit = "" if "MiB/s" in title else "s"
         print(f"{title:<34} {md:9.3f}{unit:1} {ms:9.3f}{unit:1} {md / ms:7.2f}")
+    print(f"{'container, first pull: echo hi':<34} {first_pull[1]:9.3f}s (first byte "
+          f"{first_pull[0]:.3f}s)")
+    print(f"{'container, cached image: echo hi':<34} "
+          f"{statistics.median(c[1] for c in cached):9.3f}s (first byte "
+          f"{statistics.median(c[0] for c in cached):.3f}s; no container, same user: "
+          f"{statistics.median(p[1] for p in plain_user):.3f}s)")
     print(f"{'8 concurrent dgxvm run echo hi':<34} {statistics.median(conc):9.3f}s "
           f"(all 8 done; one alone: {statistics.median(rows['whole run: echo hi'][0]):.3f}s); "
           f"{failed} of 24 failed")
