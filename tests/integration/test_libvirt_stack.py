@@ -19,7 +19,7 @@ from harness.libvirt import HOOK_PATH, LOCK_PATH, NETWORK_HOOK_PATH, LibvirtStac
 
 pytestmark = pytest.mark.integration
 
-NET_NAME, BRIDGE = "dgxvmtest", "dgxvmtest0"
+NET_NAME, BRIDGE = "dgxvmstack", "dgxvmstack0"   # not the VM tests' network (dgxvmtest)
 NET_XML = f"""<network>
   <name>{NET_NAME}</name>
   <forward mode='nat'/>
