@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from ..containers import mounts as mounts_mod
 from ..containers import mountpoints
 from ..containers import runtime
 from ..errors import BadInput, ContainerMountError
-from .request import Request, guest_cwd
+from .request import Request, guest_cwd, is_name
 
 RUNTIMES = ("runc",)     # the runtimes dgxvm run can drive today
 
@@ -55,7 +55,7 @@ def env_names(text: str | None) -> tuple[str, ...]:
         return ()
     names = tuple(n for n in text.split(",") if n)
     for n in names:
-        if not n.replace("_", "a").isalnum() or n[0].isdigit():
+        if not is_name(n):
             raise BadInput(f"--container-env: {n!r} is not a variable name", value=n)
     return names
 
@@ -90,5 +90,3 @@ def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapp
                    files={"config.json": json.dumps(config, indent=1).encode()},
                    command=command, cleanup=cleanup)
 
-
-Progress = Callable[[str], None]

@@ -43,9 +43,14 @@ def quote(value: str | bytes) -> bytes:
     return b"'" + raw.replace(b"'", b"'\\''") + b"'"
 
 
+def is_name(name: str) -> bool:
+    """Whether ``name`` is a variable name sh can export."""
+    return bool(_NAME.match(name))
+
+
 def passes(name: str) -> bool:
     """Whether the caller's variable ``name`` goes into the VM."""
-    return (bool(_NAME.match(name)) and name not in HOST_ONLY
+    return (is_name(name) and name not in HOST_ONLY
             and not name.startswith(HOST_ONLY_PREFIXES))
 
 

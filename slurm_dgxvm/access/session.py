@@ -35,7 +35,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
 
 from ..errors import TransportLost
 from .request import Request
@@ -61,14 +60,12 @@ class Session:
     shell, ``tty``: under a terminal)."""
 
     def __init__(self, target: Target, request: Request, *, verb: str = "run",
-                 tty: bool = False, helper: str = GUEST_HELPER,
-                 popen: Callable[..., subprocess.Popen] = subprocess.Popen):
+                 tty: bool = False, helper: str = GUEST_HELPER):
         self.target = target
         self.request = request
         self.verb = verb
         self.tty = tty
         self.helper = helper
-        self.popen = popen
         self.run_id = secrets.token_hex(8)
         self.control: subprocess.Popen | None = None
         self.command: subprocess.Popen | None = None
@@ -92,9 +89,6 @@ class Session:
             self._pending.append(name)
 
     # -- the run ---------------------------------------------------------------------------
-    def _ssh(self, verb: str, *, tty: bool = False) -> list[str]:
-        return [*self.target.ssh_argv(tty=tty), *remote(verb, self.run_id, self.helper)]
-
     def run(self) -> int:
         """The command's exit status (128+N when a signal N ended it). Raises TransportLost
         when the VM could not be reached or the connection died before the command's status
@@ -104,7 +98,7 @@ class Session:
         try:
             sock = os.path.join(self._dir, "ssh")
             self._connect(sock)
-            self.command = self.popen(
+            self.command = subprocess.Popen(
                 [*self.target.ssh_argv("-S", sock, "-o", "ControlMaster=no", tty=self.tty),
                  *remote(self.verb, self.run_id, self.helper)],
                 preexec_fn=_ignore_forwarded)
@@ -112,7 +106,7 @@ class Session:
             for name in self._pending:
                 self._send(name)
             self._pending.clear()
-            rc = self._wait(self.command)
+            rc = self.command.wait()
             if rc == SSH_FAILED:
                 rc = self._status_after_255()
             return rc
@@ -132,7 +126,7 @@ class Session:
         attempt = 0
         while True:
             attempt += 1
-            self.control = self.popen(
+            self.control = subprocess.Popen(
                 [*self.target.ssh_argv("-M", "-S", sock, "-o", "ControlPersist=no"),
                  *remote("control", self.run_id, self.helper)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -153,14 +147,6 @@ class Session:
                 raise TransportLost(job=self.target.job_id, domain=self.target.domain,
                                     reason=f"{reason}; tried {attempt} times")
             time.sleep(random.uniform(0.5, 1.5) * attempt * RETRY_STEP_S)
-
-    @staticmethod
-    def _wait(proc: subprocess.Popen) -> int:
-        while True:
-            try:
-                return proc.wait()
-            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-                continue
 
     def _status_after_255(self) -> int:
         """Whether 255 was the command's own status (the control session knows) or ssh's."""
@@ -223,7 +209,3 @@ def run(target: Target, request: Request, *, verb: str = "run", tty: bool = Fals
         helper: str = GUEST_HELPER) -> int:
     return Session(target, request, verb=verb, tty=tty, helper=helper).run()
 
-
-def plain_ssh(target: Target, command: Sequence[str]) -> list[str]:
-    """A plain ssh of ``command`` (a benchmark's baseline)."""
-    return [*target.ssh_argv(), *command]

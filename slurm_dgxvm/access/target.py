@@ -90,6 +90,11 @@ class Target:
                    image_cache=view.get("image_cache"))
 
     @property
+    def shared(self) -> tuple[str, ...]:
+        """The directories the VM shares with the host at the same path (the work dir)."""
+        return (self.workdir,) if self.workdir else ()
+
+    @property
     def destination(self) -> str:
         return f"{self.user}@{self.address}"
 

@@ -33,8 +33,7 @@ _job_option = click.option("--job", "job_id", type=click.IntRange(min=1), metava
 def _request(target, argv: tuple[str, ...], cfg) -> tuple[Request, str | None]:
     """The request for ``argv`` and a note for stderr when the cwd is not in the VM."""
     cwd = os.getcwd()
-    shared = [target.workdir] if target.workdir else []
-    where = guest_cwd(cwd, shared)
+    where = guest_cwd(cwd, target.shared)
     note = None
     if where is None:
         note = (f"dgxvm: note: {cwd} is not shared with job {target.job_id}'s VM"
@@ -99,14 +98,13 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
     image = cache.get(ref, progress=lambda line: click.echo(f"dgxvm: {line}", err=True))
     # for the job's record in Slurm's accounting (the Epilog reads it): which exact image
     ranlog.append(Path(target.key).parent, image.digest, str(ref))
-    shared = (target.workdir,) if target.workdir else ()
     n = len(target.gpus) if gpu_devices == "nvidia" else 0
     if target.gpus and not n and not quiet:
         click.echo(f"dgxvm: note: image {target.image} has no GPU devices for containers "
                    f"(simulated GPUs); with the NVIDIA driver it would bind /dev/nvidia0-"
                    f"{len(target.gpus) - 1}, /dev/nvidiactl and /dev/nvidia-uvm", err=True)
     return container_request(flags, argv=request.argv, env=request.env, cwd=request.cwd,
-                             shared=shared, uid=target.uid, gid=target.gid,
+                             shared=target.shared, uid=target.uid, gid=target.gid,
                              rootfs=str(image.rootfs), image_config=image.config,
                              run_name=image.digest.split(":")[-1][:12], gpu_devices=n,
                              terminal=terminal)

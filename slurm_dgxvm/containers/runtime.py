@@ -97,7 +97,6 @@ def _bind(source: str, target: str, options: Sequence[str]) -> dict:
 
 def oci_config(spec: ContainerSpec) -> dict:
     """runc's ``config.json`` for ``spec`` (rootless: runc runs as the job's user)."""
-    inside_uid, inside_gid = 0, 0    # the user, mapped (see _mappings)
     caps = (["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_CHOWN",
              "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_SETGID", "CAP_SETUID",
              "CAP_SETPCAP"] if spec.remap_root else [])
@@ -131,7 +130,7 @@ def oci_config(spec: ContainerSpec) -> dict:
         "ociVersion": OCI_VERSION,
         "process": {
             "terminal": spec.terminal,
-            "user": {"uid": inside_uid, "gid": inside_gid},
+            "user": {"uid": 0, "gid": 0},   # the user, mapped (see _mappings)
             "args": list(spec.argv),
             "env": environment(spec.image_config.get("Env") or [], spec.env, spec.keep_env),
             "cwd": posixpath.normpath(working_dir(spec)),
@@ -143,8 +142,8 @@ def oci_config(spec: ContainerSpec) -> dict:
         **({"hostname": spec.hostname} if spec.hostname else {}),
         "mounts": mounts,
         "linux": {
-            "uidMappings": _mappings(spec.uid, spec.remap_root),
-            "gidMappings": _mappings(spec.gid, spec.remap_root),
+            "uidMappings": _mappings(spec.uid),
+            "gidMappings": _mappings(spec.gid),
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")],
             "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                             "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
@@ -155,21 +154,11 @@ def oci_config(spec: ContainerSpec) -> dict:
     }
 
 
-def _mappings(ident: int, remap_root: bool) -> list[dict]:
+def _mappings(ident: int) -> list[dict]:
     """The user namespace's map for the user's uid (or gid). Rootless runc 1.1 needs a root in
     the container and, with more than the caller's own id mapped (the user as themselves plus a
     subordinate root, through newuidmap), fails setting the container up ("fchown ... operation
     not permitted"); so today the container's root is the user, whatever remap_root says
-    (README "Containers", known limit)."""
+    (README "Containers", known limit); remap_root decides only the capabilities."""
     return [{"containerID": 0, "hostID": ident, "size": 1}]
 
-
-def runc_argv(state_dir: str, bundle: str, name: str) -> list[str]:
-    """The command the guest runs: runc in the foreground (it forwards the signals it gets to
-    the container's process and removes the container when it ends)."""
-    return ["runc", "--root", state_dir, "run", "--bundle", bundle, name]
-
-
-def runc_cleanup(state_dir: str, name: str) -> list[str]:
-    """What stops a container whose runc was killed (its processes are in another session)."""
-    return ["runc", "--root", state_dir, "delete", "--force", name]
