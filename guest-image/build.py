@@ -45,7 +45,8 @@ NAME = "dgxvm-test-guest"
 
 KERNEL_META = "linux-image-amd64"
 # What the guest runs; their library dependencies are added by walking apt's Depends.
-ROOT_PACKAGES = ("busybox-static", "dropbear-bin", "qemu-guest-agent", "runc", "umoci")
+ROOT_PACKAGES = ("busybox-static", "dropbear-bin", "qemu-guest-agent", "runc", "umoci",
+                 "uidmap")   # newuidmap/newgidmap: a container as the user's own uid
 # Dependencies worth following: shared-library packages only (not init-system-helpers & co).
 LIBRARY_PACKAGE = re.compile(r"^(lib[a-z0-9].*|zlib1g)$")
 

@@ -77,6 +77,8 @@ class VmRecord:
     held_s: float | None = None         # created -> resources released (GPU-hours in reports)
     image_cache: str | None = None      # the user's container image cache, shared read-only at
                                         # this path (None: none; records before it had none)
+    groups: tuple[int, ...] = ()        # the user's supplementary gids, as the guest has them
+                                        # (records before it: none known)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -84,6 +86,7 @@ class VmRecord:
         doc["allocation"] = self.allocation.to_json()
         doc["placement"] = self.placement.to_json()
         doc["fitted"] = list(self.fitted)
+        doc["groups"] = list(self.groups)
         return {"format": FORMAT, "version": VERSION, **doc}
 
     @classmethod
@@ -94,6 +97,7 @@ class VmRecord:
         body = {k: v for k, v in doc.items() if k not in ("format", "version")}
         try:
             body["fitted"] = tuple(body.get("fitted", ()))
+            body["groups"] = tuple(int(g) for g in body.get("groups", ()))
             body["allocation"] = Allocation.from_json(body["allocation"])
             body["placement"] = Placement.from_json(body["placement"])
             return cls(**body)
@@ -109,7 +113,8 @@ class VmRecord:
 def job_view(rec: VmRecord, vmdir: Path) -> dict:
     """What the VM's own user may read about it: how to reach it, nothing of the host's."""
     return {"name": rec.name, "state": rec.state, "job_id": rec.job_id, "user": rec.user,
-            "uid": rec.uid, "gid": rec.gid, "address": rec.address, "image": rec.image,
+            "uid": rec.uid, "gid": rec.gid, "groups": list(rec.groups),
+            "address": rec.address, "image": rec.image,
             "image_version": rec.image_version, "workdir": rec.workdir,
             "image_cache": rec.image_cache,
             "gpus": list(rec.placement.gpus),

@@ -218,6 +218,19 @@ def meta_data(spec: SeedSpec) -> str:
 # bootcmd lines: argv lists (cloud-init quotes each item); values go in as "$1", "$2", never
 # into the script text. Run before the users module, as the mounts module did.
 _GROUPADD = 'getent group "$1" >/dev/null || groupadd -o -g "$2" "$1"'
+# Subordinate ids for a container as the user's own uid (``dgxvm-guest userns``): a range of
+# SUBID_COUNT uids and gids from SUBID_START for the user unless it has one, and each
+# supplementary gid as a one-id range (the container keeps the groups). The test guest's
+# seed.sh (seed_subids) writes the same; after this the users module's useradd adds no range.
+SUBID_START = 3000000000
+SUBID_COUNT = 65536
+_SUBIDS = (
+    'u=$1; shift; for f in /etc/subuid /etc/subgid; do touch "$f" || exit 1; '
+    'n=$u awk -F: \'$1 == ENVIRON["n"] && $3 > 1 { f = 1 } END { exit !f }\' "$f" '
+    f'|| printf \'%s:{SUBID_START}:{SUBID_COUNT}\\n\' "$u" >> "$f" || exit 1; done; '
+    'for g in "$@"; do n=$u g=$g awk -F: \'$1 == ENVIRON["n"] && $2 == ENVIRON["g"] '
+    '&& $3 == 1 { f = 1 } END { exit !f }\' /etc/subgid '
+    '|| printf \'%s:%s:1\\n\' "$u" "$g" >> /etc/subgid || exit 1; done')
 
 
 def mount_argv(m: Mount) -> list[str]:
@@ -246,6 +259,8 @@ def user_data(spec: SeedSpec) -> str:
     bootcmd = [["sh", "-c", _GROUPADD, "dgxvm-groupadd", spec.user_name, str(spec.gid)]]
     for gname, gid in spec.groups:
         bootcmd.append(["sh", "-c", _GROUPADD, "dgxvm-groupadd", gname, str(gid)])
+    bootcmd.append(["sh", "-c", _SUBIDS, "dgxvm-subids", spec.user_name,
+                    *(str(gid) for _, gid in spec.groups)])
     for m in spec.mounts:
         bootcmd.append(["mkdir", "-p", m.path])
         bootcmd.append(mount_argv(m))

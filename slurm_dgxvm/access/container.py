@@ -19,6 +19,7 @@ from ..containers import mountpoints
 from ..containers import runtime
 from ..errors import BadInput, ContainerMountError
 from .request import Request, guest_cwd, is_name
+from .target import GUEST_HELPER
 
 RUNTIMES = ("runc",)     # the runtimes dgxvm run can drive today
 
@@ -63,8 +64,8 @@ def env_names(text: str | None) -> tuple[str, ...]:
 def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapping[str, str],
                       cwd: str | None, shared: tuple[str, ...], uid: int, gid: int,
                       rootfs: str, image_config: Mapping, run_name: str,
-                      gpu_devices: int = 0, terminal: bool = False,
-                      prepare: bool = True) -> Request:
+                      groups: tuple[int, ...] = (), gpu_devices: int = 0,
+                      terminal: bool = False, prepare: bool = True) -> Request:
     """The request that runs ``argv`` in the image's container under runc in the guest.
     ``prepare``: make the mount points in the (read-only in the guest) rootfs first, as its
     owner on the host."""
@@ -78,15 +79,20 @@ def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapp
     spec = runtime.ContainerSpec(
         rootfs=rootfs, image_config=image_config, argv=argv, env=env, cwd=cwd, uid=uid, gid=gid,
         shared=shared, mounts=mounts, workdir=flags.workdir,
-        keep_env=env_names(flags.env), remap_root=flags.remap_root, writable=flags.writable,
+        keep_env=env_names(flags.env), remap_root=flags.remap_root, groups=groups,
+        writable=flags.writable,
         gpu_devices=gpu_devices, terminal=terminal, etc_files=etc_files)
     config = runtime.oci_config(spec)
     name = f"dgxvm-{run_name}"
     # runc's state lives in the run's directory (removed with it); the cleanup script runs
     # from there too and finds it as its own $0's directory
-    command = f'runc --root "$DGXVM_RUN_DIR/runc" run --bundle "$DGXVM_RUN_DIR" {name}'.encode()
+    command = f'runc --root "$DGXVM_RUN_DIR/runc" run --bundle "$DGXVM_RUN_DIR" {name}'
+    if runtime.own_uid(spec):
+        # as the user's own uid: runc in the namespace the guest helper makes (runtime._mappings)
+        gids = ",".join(map(str, runtime.supplementary(spec))) or "-"
+        command = f"{GUEST_HELPER} userns {gids} {command}"
     cleanup = f'd=$(dirname "$0"); runc --root "$d/runc" delete --force {name}'.encode()
     return Request(argv=argv, env={}, cwd=None,
                    files={"config.json": json.dumps(config, indent=1).encode()},
-                   command=command, cleanup=cleanup)
+                   command=command.encode(), cleanup=cleanup)
 

@@ -74,6 +74,7 @@ class Target:
     slurm_gpus: tuple[int, ...]  # the job's GPUs as Slurm numbered them (= gpus if not remapped)
     uid: int = 0
     gid: int = 0
+    groups: tuple[int, ...] = ()  # the user's supplementary gids in the VM
     image: str | None = None     # the guest image (its profile says the container runtime)
     image_cache: str | None = None  # the user's image cache, shared at the same path
 
@@ -86,6 +87,7 @@ class Target:
                    state=view["state"], workdir=view.get("workdir"), gpus=gpus,
                    slurm_gpus=tuple(slurm) if slurm is not None else gpus,
                    uid=int(view.get("uid") or 0), gid=int(view["gid"] if "gid" in view else os.getgid()),
+                   groups=tuple(int(g) for g in view.get("groups") or ()),
                    image=view.get("image"),
                    image_cache=view.get("image_cache"))
 

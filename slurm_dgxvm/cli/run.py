@@ -105,6 +105,7 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
                    f"{len(target.gpus) - 1}, /dev/nvidiactl and /dev/nvidia-uvm", err=True)
     return container_request(flags, argv=request.argv, env=request.env, cwd=request.cwd,
                              shared=target.shared, uid=target.uid, gid=target.gid,
+                             groups=target.groups,
                              rootfs=str(image.rootfs), image_config=image.config,
                              run_name=image.digest.split(":")[-1][:12], gpu_devices=n,
                              terminal=terminal)

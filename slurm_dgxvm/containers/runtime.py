@@ -20,9 +20,10 @@ The rules (README "Containers"):
   where the job's value wins; PATH is the image's, or a standard PATH when it sets none;
 - working directory: ``--container-workdir``, else the caller's cwd when the VM has it (it is
   mounted), else the image's WORKDIR, else ``/``;
-- user: the job's uid/gid; with ``--container-remap-root``, root in the container (mapped to
-  the job's uid, no more than the user can do); only the primary group exists in the
-  container (an unprivileged user namespace maps one uid and one gid);
+- user: the job's uid, gid and supplementary groups, as pyxis/enroot give them (the guest
+  helper's ``userns`` makes the namespace: :func:`userns_ids`); with
+  ``--container-remap-root``, root in the container, mapped to the job's uid (no more than
+  the user can do; the groups are the user's own, shown as nobody's);
 - GPUs: on a machine with NVIDIA devices in the guest, the device nodes are bound in; on the
   simulated machine there are none, and the run says what it would pass.
 """
@@ -58,6 +59,7 @@ class ContainerSpec:
     mounts: tuple[Mount, ...] = ()
     workdir: str | None = None         # --container-workdir
     remap_root: bool = False
+    groups: tuple[int, ...] = ()       # the user's supplementary gids (own-uid containers)
     writable: bool = False
     gpu_devices: int = 0               # bind /dev/nvidia0..N-1 and the control nodes (a guest
                                        # with the NVIDIA driver); 0 = none (simulated GPUs)
@@ -130,7 +132,7 @@ def oci_config(spec: ContainerSpec) -> dict:
         "ociVersion": OCI_VERSION,
         "process": {
             "terminal": spec.terminal,
-            "user": {"uid": 0, "gid": 0},   # the user, mapped (see _mappings)
+            "user": _user(spec),
             "args": list(spec.argv),
             "env": environment(spec.image_config.get("Env") or [], spec.env, spec.keep_env),
             "cwd": posixpath.normpath(working_dir(spec)),
@@ -142,8 +144,7 @@ def oci_config(spec: ContainerSpec) -> dict:
         **({"hostname": spec.hostname} if spec.hostname else {}),
         "mounts": mounts,
         "linux": {
-            "uidMappings": _mappings(spec.uid),
-            "gidMappings": _mappings(spec.gid),
+            **_mappings(spec),
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")],
             "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                             "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
@@ -154,11 +155,47 @@ def oci_config(spec: ContainerSpec) -> dict:
     }
 
 
-def _mappings(ident: int) -> list[dict]:
-    """The user namespace's map for the user's uid (or gid). Rootless runc 1.1 needs a root in
-    the container and, with more than the caller's own id mapped (the user as themselves plus a
-    subordinate root, through newuidmap), fails setting the container up ("fchown ... operation
-    not permitted"); so today the container's root is the user, whatever remap_root says
-    (README "Containers", known limit); remap_root decides only the capabilities."""
-    return [{"containerID": 0, "hostID": ident, "size": 1}]
+def own_uid(spec: ContainerSpec) -> bool:
+    """Whether the container runs as the user's own uid (in the namespace the guest helper's
+    ``userns`` makes) rather than as root mapped to it (``--container-remap-root``, or a job
+    of root's or of a user whose primary group is root's)."""
+    return not spec.remap_root and spec.uid != 0 and spec.gid != 0
 
+
+def supplementary(spec: ContainerSpec) -> tuple[int, ...]:
+    """The user's supplementary gids the container keeps, in order, without 0, the primary
+    gid and repeats: the ``GIDS`` the guest helper's ``userns`` maps as 2, 3, ..."""
+    out: list[int] = []
+    for g in spec.groups:
+        if g not in (0, spec.gid) and g not in out:
+            out.append(g)
+    return tuple(out)
+
+
+def _user(spec: ContainerSpec) -> dict:
+    if not own_uid(spec):
+        return {"uid": 0, "gid": 0}     # the user, mapped (see _mappings)
+    return {"uid": spec.uid, "gid": spec.gid, "additionalGids": list(supplementary(spec))}
+
+
+def _one(container: int, host: int) -> dict:
+    return {"containerID": container, "hostID": host, "size": 1}
+
+
+def _mappings(spec: ContainerSpec) -> dict:
+    """The container's user namespace maps.
+
+    As root mapped to the user (``--container-remap-root``): the user's uid and gid are the
+    container's 0, the only ids there; rootless runc runs straight in the guest.
+
+    As the user's own uid (the default): runc runs as root of the namespace the guest helper's
+    ``userns`` made, where the user is 0, one subordinate uid/gid is 1 and the supplementary
+    gids are 2, 3, ...; the container maps its uid/gid onto 0, its root onto 1, each
+    supplementary gid onto its own number there. Rootless runc cannot do this by itself: it
+    needs a root in the container, and with the user's uid besides (two ids) it fails chowning
+    its exec fifo to a subordinate uid it may not use."""
+    if not own_uid(spec):
+        return {"uidMappings": [_one(0, spec.uid)], "gidMappings": [_one(0, spec.gid)]}
+    return {"uidMappings": [_one(spec.uid, 0), _one(0, 1)],
+            "gidMappings": [_one(spec.gid, 0), _one(0, 1),
+                            *(_one(g, 2 + i) for i, g in enumerate(supplementary(spec)))]}

@@ -219,7 +219,7 @@ class _Creation:
             network=cfg.libvirt.network, allocation=self.alloc, placement=self.placement,
             fitted=self.fitted, created=time.time(),
             lock_s=round(self.lock_s, 6) if self.lock_s is not None else None,
-            image_cache=cache.path if cache else None,
+            image_cache=cache.path if cache else None, groups=tuple(req.groups),
             extra={"share_refused": self.share_refused} if self.share_refused else {})
         self.env.vms.save(self.record)
 

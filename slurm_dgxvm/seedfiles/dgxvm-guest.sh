@@ -139,13 +139,84 @@ cmd_shell() {
     exec "${SHELL:-/bin/sh}" -l
 }
 
+# subid FILE NAME: the start of NAME's first range of more than one id in /etc/subuid or
+# /etc/subgid (the seed writes one)
+subid() {
+    n=$2 awk -F: '$1 == ENVIRON["n"] && $3 > 1 { print $2; exit }' "$1" 2>/dev/null
+}
+
+# dgxvm-guest userns GIDS CMD...: CMD (a container runtime) in a new user namespace where this
+# user is root (0) and one subordinate uid and gid exist as 1, each supplementary gid of GIDS
+# (comma-separated, "-" for none) as 2, 3, ...: a runtime there can run the container as the
+# user's own uid with its groups, its root being the subordinate ids (runc needs a root in the
+# container and the user's uid besides, which an unprivileged namespace of one id cannot give).
+# newuidmap/newgidmap (shadow's uidmap) write the maps from a helper process; CMD starts only
+# once they are written, in the foreground (the same pid: signals and the process group stay).
+# It gets a mount namespace of its own too, owned by the new user namespace: runc 1.1 enters
+# its own ("host") mount namespace to open bind mount sources, which it may only do there.
+cmd_userns() {
+    gids=$1; shift
+    set -f    # GIDS is split on commas, never globbed
+    supp=
+    if [ "$gids" != - ]; then
+        for g in $(echo "$gids" | tr , ' '); do
+            case $g in ''|*[!0-9]*) say "bad gid '$g'"; exit 125 ;; esac
+            supp="$supp $g"
+        done
+    fi
+    for t in newuidmap newgidmap; do
+        command -v "$t" >/dev/null 2>&1 || {
+            say "$t is not installed: this image cannot run a container as your own uid" \
+                "(it needs shadow's uidmap; --container-remap-root works without it)"
+            exit 125; }
+    done
+    name=$(id -un) && uid=$(id -u) && gid=$(id -g) || { say "who am I?"; exit 125; }
+    su=$(subid /etc/subuid "$name"); sg=$(subid /etc/subgid "$name")
+    [ -n "$su" ] && [ -n "$sg" ] || {
+        say "no subordinate uid/gid range for $name in /etc/subuid or /etc/subgid"; exit 125; }
+    gmap="0 $gid 1 1 $sg 1"
+    i=2
+    for g in $supp; do gmap="$gmap $i $g 1"; i=$((i + 1)); done
+    me=$$
+    outer=$(readlink /proc/self/ns/user)
+    mkdir -p "$base" && chmod 700 "$base" || { say "cannot create $base"; exit 125; }
+    failed=$base/userns-$me.failed
+    rm -f "$failed"
+    # the mapper: waits for this process to be in its new namespace, then writes the maps
+    (
+        n=0
+        while [ "$(readlink "/proc/$me/ns/user" 2>/dev/null)" = "$outer" ]; do
+            n=$((n + 1)); [ $n -gt 500 ] && exit 1; sleep 0.01
+        done
+        # shellcheck disable=SC2086  # gmap: numbers only
+        newuidmap "$me" 0 "$uid" 1 1 "$su" 1 && newgidmap "$me" $gmap || : > "$failed"
+    ) < /dev/null > /dev/null &
+    exec unshare -U -m sh -c '
+        n=0
+        while [ "$(id -u)" != 0 ] || [ "$(id -g)" != 0 ]; do
+            n=$((n + 1))
+            if [ $n -gt 1000 ] || { [ -e "$1" ] && rm -f "$1"; }; then
+                echo "dgxvm-guest: newuidmap/newgidmap did not map the container'"'"'s" \
+                    "user namespace (see above)" >&2
+                exit 125
+            fi
+            sleep 0.01
+        done
+        shift
+        exec "$@"' dgxvm-userns "$failed" "$@"
+}
+
 verb=${1:-}
 case $verb in
+    userns)
+        [ $# -ge 3 ] || { say "usage: dgxvm-guest userns GIDS CMD..."; exit 125; }
+        shift
+        cmd_userns "$@" ;;
     run|control|shell)
         [ $# -eq 2 ] || { say "usage: dgxvm-guest $verb ID"; exit 125; }
         check_id "$2"
         id=$2
         d=$base/$id
         "cmd_$verb" ;;
-    *) say "usage: dgxvm-guest run|control|shell ID"; exit 125 ;;
+    *) say "usage: dgxvm-guest run|control|shell ID | userns GIDS CMD..."; exit 125 ;;
 esac

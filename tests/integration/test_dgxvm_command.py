@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +132,11 @@ def test_the_readme_demo_runs_and_leaves_nothing_behind():
     assert "SIMULATED" in out and "job 102:  4 GPU(s)  Slurm chose 1-4    -> VM gets 4-7" in out
     assert "released 6 jobs; ledger now holds 0 allocation(s)" in out
     # every job ran its work in a container in its own VM, which wrote into the work dir
-    wrote = [line for line in out.splitlines() if "in container hello-1: uid 0" in line]
+    # as the demo's user, as themselves (pyxis's default), not as root: the uid the same
+    # job's plain `dgxvm run` saw in its VM
+    uids = set(re.findall(r"inside: .*, uid (\d+),", out))
+    assert len(uids) == 1 and uids != {"0"}, out[-3000:]
+    wrote = [line for line in out.splitlines()
+             if f"in container hello-1: uid {uids.pop()}," in line]
     assert len(wrote) == 10, out[-3000:]
     assert {p.name for p in Path("/tmp").glob("dgxvm-demo.*")} == before

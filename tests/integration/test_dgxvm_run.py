@@ -20,6 +20,7 @@ from harness.node import install_for_users
 from harness.ssh import ssh_argv
 
 JOB = 990001
+GROUP = 54321     # a supplementary group of the job's user (in the guest: g54321)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def runvm(vmenv, tmp_path_factory):
     exe = install_for_users(dest)
     req = lifecycle.CreateRequest(
         name=name, placement=Request(count=2), owner="job", job_id=JOB, user=vmenv.user,
-        uid=vmenv.uid, gid=vmenv.gid, groups=(), home=f"/home/{vmenv.user}",
+        uid=vmenv.uid, gid=vmenv.gid, groups=(GROUP,), home=f"/home/{vmenv.user}",
         workdir=str(work))
     rec = lifecycle.create(env, req)
     vm = type("RunVm", (), {})()
@@ -312,18 +313,41 @@ def container_run(vm, image_ref, *cmd, flags=(), timeout=180):
 
 def test_a_command_runs_in_the_image_as_the_user_in_the_shared_cwd(runvm, image):
     r = container_run(runvm, image.ref, "sh", "-c",
-                      'cat /marker; echo; id -u; pwd; echo "$PATH"; echo made > in-container; '
-                      'exit 4')
+                      'cat /marker; echo; id -u; id -g; id -G; pwd; echo "$PATH"; '
+                      'echo made > in-container; touch /etc/x 2>/dev/null && echo rootfs-writable;'
+                      ' exit 4')
     assert r.returncode == 4, r.stderr
-    marker, uid, cwd, path = r.stdout.decode().splitlines()[:4]
+    marker, uid, gid, groups, cwd, path = r.stdout.decode().splitlines()[:6]
     assert marker == "busy-1"                          # the image's own file
-    # the container's root is the job's user (runc profile, README "Containers"): what it
-    # writes is the user's on the host, nothing more
-    assert int(uid) == 0
+    # pyxis's default: the job's user as themselves, with their groups (mpirun refuses root)
+    assert (int(uid), int(gid)) == (runvm.vmenv.uid, runvm.vmenv.gid)
+    assert set(map(int, groups.split())) == {runvm.vmenv.gid, GROUP}
     assert cwd == str(runvm.work)
     assert path == "/bin"                              # the image's PATH
+    assert "rootfs-writable" not in r.stdout.decode()
     made = runvm.work / "in-container"
     assert made.read_text() == "made\n" and made.stat().st_uid == runvm.vmenv.uid
+
+
+def test_remap_root_is_root_in_the_container_and_the_user_outside(runvm, image):
+    r = container_run(runvm, image.ref, "sh", "-c", "id -u; echo root > by-root",
+                      flags=("--container-remap-root",))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().split() == ["0"]
+    made = runvm.work / "by-root"
+    assert made.stat().st_uid == runvm.vmenv.uid       # root in there is the user out here
+
+
+def test_root_in_an_own_uid_container_is_no_one_outside_it(runvm, image):
+    """The container's root is a subordinate uid of the guest: not the user, not the guest's
+    root. The image's files are the user's, so root there owns nothing it could use."""
+    r = container_run(runvm, image.ref, "sh", "-c",
+                      "cat /proc/self/uid_map; ls -ln /marker")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    maps = sorted(tuple(map(int, line.split())) for line in lines[:2])
+    assert maps == [(0, 1, 1), (runvm.vmenv.uid, 0, 1)]   # in the helper's namespace
+    assert lines[2].split()[2] == str(runvm.vmenv.uid)     # the image's files: the user's
 
 
 def test_the_second_run_of_an_image_pulls_nothing(runvm, image):

@@ -57,13 +57,41 @@ def test_working_directory(kw, cwd):
     assert runtime.oci_config(spec(**kw))["process"]["cwd"] == cwd
 
 
-def test_the_containers_root_is_the_user_and_nothing_more():
-    for remap in (False, True):
-        c = runtime.oci_config(spec(remap_root=remap))
+def test_by_default_the_container_runs_as_the_users_own_uid_gid_and_groups():
+    """pyxis's default: the user is themselves in the container (mpirun refuses root), with
+    their groups; the container's root is the subordinate id 1 of the helper's namespace."""
+    c = runtime.oci_config(spec(groups=(1000, 5000, 0, 6000, 5000)))
+    assert c["process"]["user"] == {"uid": 1000, "gid": 1000, "additionalGids": [5000, 6000]}
+    assert c["linux"]["uidMappings"] == [{"containerID": 1000, "hostID": 0, "size": 1},
+                                         {"containerID": 0, "hostID": 1, "size": 1}]
+    assert c["linux"]["gidMappings"] == [{"containerID": 1000, "hostID": 0, "size": 1},
+                                         {"containerID": 0, "hostID": 1, "size": 1},
+                                         {"containerID": 5000, "hostID": 2, "size": 1},
+                                         {"containerID": 6000, "hostID": 3, "size": 1}]
+    assert c["process"]["noNewPrivileges"] is True
+    assert all(not caps for caps in c["process"]["capabilities"].values())
+
+
+def test_remap_root_makes_the_user_root_in_the_container_and_nothing_more():
+    for kw in ({"remap_root": True}, {"uid": 0, "gid": 0}, {"gid": 0}):
+        c = runtime.oci_config(spec(groups=(5000,), **kw))
+        uid, gid = kw.get("uid", 1000), kw.get("gid", 1000)
         assert c["process"]["user"] == {"uid": 0, "gid": 0}
-        assert c["linux"]["uidMappings"] == [{"containerID": 0, "hostID": 1000, "size": 1}]
-        assert c["linux"]["gidMappings"] == [{"containerID": 0, "hostID": 1000, "size": 1}]
+        assert c["linux"]["uidMappings"] == [{"containerID": 0, "hostID": uid, "size": 1}]
+        assert c["linux"]["gidMappings"] == [{"containerID": 0, "hostID": gid, "size": 1}]
         assert c["process"]["noNewPrivileges"] is True
+
+
+def test_an_own_uid_container_runs_runc_in_the_guest_helpers_user_namespace():
+    flags = ContainerFlags(image="x")
+    kw = dict(argv=("id",), env={}, cwd=None, shared=(), uid=1000, gid=1000,
+              rootfs="/nonexistent", image_config={}, run_name="abc", prepare=False)
+    own = container_request(flags, groups=(5000, 1000, 6000), **kw).command.decode()
+    assert own.startswith("/usr/lib/dgxvm/dgxvm-guest userns 5000,6000 runc --root ")
+    assert container_request(flags, **kw).command.decode().startswith(
+        "/usr/lib/dgxvm/dgxvm-guest userns - runc ")
+    remap = container_request(ContainerFlags(image="x", remap_root=True), **kw).command
+    assert remap.decode().startswith("runc --root ")
 
 
 def test_rootfs_is_read_only_no_network_namespace_and_shm_is_not_capped():

@@ -482,3 +482,44 @@ def test_state_is_private_to_the_user(guest):
     assert (BASE.stat().st_mode & 0o777) == 0o700
     assert ((guest.dir / "request").stat().st_mode & 0o077) == 0
     finish_control(guest, control)
+
+
+# -- userns: the namespace of a container run as the user's own uid -----------------------------
+# Its mapping needs shadow's setuid newuidmap and the guest's /etc/subuid; that it works is
+# proven in the test guest (tests/integration/test_dgxvm_run.py: id in a container). Here: what
+# an image without them says, before anything runs.
+def _userns(shell, tmp_path, *args, extra_path: str = "") -> subprocess.CompletedProcess:
+    prefix, path = shell
+    env = {"PATH": f"{extra_path}:{path}" if extra_path else path, "HOME": str(tmp_path)}
+    return subprocess.run([*prefix, str(HELPER), "userns", *args], env=env, capture_output=True,
+                          timeout=TIMEOUT, preexec_fn=_default_signals)
+
+
+def test_userns_without_newuidmap_says_so_and_runs_nothing(shell, tmp_path):
+    marker = tmp_path / "ran"
+    r = _userns(shell, tmp_path, "-", "touch", str(marker))
+    assert r.returncode == 125
+    assert b"newuidmap is not installed" in r.stderr and b"--container-remap-root" in r.stderr
+    assert not marker.exists()
+
+
+def test_userns_without_a_subordinate_range_says_so_and_runs_nothing(shell, tmp_path):
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for tool in ("newuidmap", "newgidmap"):
+        (stubs / tool).write_text("#!/bin/sh\nexit 1\n")
+        (stubs / tool).chmod(0o755)
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    subuid = Path("/etc/subuid").read_text() if Path("/etc/subuid").exists() else ""
+    assert not any(line.split(":")[0] == user for line in subuid.splitlines()), \
+        f"this test needs {user} without an /etc/subuid range"
+    marker = tmp_path / "ran"
+    r = _userns(shell, tmp_path, "-", "touch", str(marker), extra_path=str(stubs))
+    assert r.returncode == 125
+    assert f"no subordinate uid/gid range for {user}".encode() in r.stderr
+    assert not marker.exists()
+
+
+def test_userns_refuses_a_gid_list_that_is_not_numbers(dash_shell, tmp_path):
+    r = _userns(dash_shell, tmp_path, "5000,x;rm", "true")
+    assert r.returncode == 125 and b"bad gid 'x;rm'" in r.stderr

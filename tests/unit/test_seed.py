@@ -451,3 +451,41 @@ def test_percent_encoding_keeps_fields_free_of_whitespace():
     assert pct("john.doe") == "john.doe" and pct("/tmp/a b") == "/tmp/a%20b"
     assert pct("/home/x/été") == "/home/x/%C3%A9t%C3%A9"
     assert pct("100%\\") == "100%25%5C"     # no '%' or backslash left for printf %b to misread
+
+
+def test_the_user_gets_subordinate_ids_and_its_groups_for_own_uid_containers(spec, busybox,
+                                                                               tmp_path):
+    """A container runs as the user's own uid with a subordinate root (dgxvm-guest userns):
+    the test guest's init (seed_subids) and cloud-init's bootcmd give the user one range of
+    uids and gids and each supplementary gid, the same ids, once however often it boots."""
+    yaml = pytest.importorskip("yaml")
+    from slurm_dgxvm import seed as seed_mod
+    text = GUEST_SEED_SH.read_text()
+    assert f"SUBID_START={seed_mod.SUBID_START}\n" in text
+    assert f"SUBID_COUNT={seed_mod.SUBID_COUNT}\n" in text
+    rng = f"{seed_mod.SUBID_START}:{seed_mod.SUBID_COUNT}"
+    want_uid = [f"john.doe:{rng}"]
+    want_gid = [f"john.doe:{rng}", "john.doe:5000:1", "john.doe:77:1"]
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "subuid").write_text("other:100000:65536\n")
+    for _ in range(2):     # a second boot adds nothing
+        subprocess.run([busybox, "sh", "-c", '. "$SEED_SH" && seed_subids john.doe 5000 77'],
+                       check=True, env={"PATH": "/usr/bin:/bin", "ETC": str(etc),
+                                        "SEED_SH": str(GUEST_SEED_SH)})
+    assert (etc / "subuid").read_text().splitlines() == ["other:100000:65536", *want_uid]
+    assert (etc / "subgid").read_text().splitlines() == want_gid
+
+    s = dataclasses.replace(spec, user_name="john.doe", groups=(("Domain-Users", 5000),
+                                                                ("root", 77)))
+    root = extract(write_seed(s, tmp_path / "seed.iso", name="vm0"), tmp_path / "x")
+    doc = yaml.safe_load((root / "user-data").read_text(encoding="utf-8"))
+    [cmd] = [c for c in doc["bootcmd"] if "dgxvm-subids" in c]
+    assert cmd[:2] == ["sh", "-c"] and cmd[3:] == ["dgxvm-subids", "john.doe", "5000", "77"]
+    # cloud-init runs it with the image's sh against /etc: run it here against a scratch root
+    script = cmd[2].replace("/etc/", f"{etc}/cloud-")
+    for _ in range(2):
+        subprocess.run(["sh", "-c", script, *cmd[3:]], check=True)
+    assert (etc / "cloud-subuid").read_text().splitlines() == want_uid
+    assert (etc / "cloud-subgid").read_text().splitlines() == want_gid

@@ -49,6 +49,28 @@ seed_group() {
     printf '%s:x:%s:%s\n' "$name" "$2" "$3" >> "$ETC/group"
 }
 
+# seed_subids NAME GID...: subordinate ids for `dgxvm run --container-image` (the container
+# runs as the user's own uid; its root is a subordinate uid, newuidmap/newgidmap make the
+# mapping): NAME gets SUBID_COUNT uids and gids from SUBID_START (ids no account of a site
+# uses; only the VM's kernel ever sees them: a share refuses them) unless it has a range, and
+# each GID (the user's supplementary groups) as a one-id range, so that the container keeps
+# them. Idempotent (a later boot adds nothing).
+SUBID_START=3000000000
+SUBID_COUNT=65536
+seed_subids() {
+    n=$1; shift
+    for f in subuid subgid; do
+        [ -e "$ETC/$f" ] || { : > "$ETC/$f" && chmod 644 "$ETC/$f"; } || return 1
+        n=$n awk -F: '$1 == ENVIRON["n"] && $3 > 1 { f = 1 } END { exit !f }' "$ETC/$f" \
+            || printf '%s:%s:%s\n' "$n" "$SUBID_START" "$SUBID_COUNT" >> "$ETC/$f" || return 1
+    done
+    for g in "$@"; do
+        n=$n g=$g awk -F: '$1 == ENVIRON["n"] && $2 == ENVIRON["g"] && $3 == 1 { f = 1 }
+                           END { exit !f }' "$ETC/subgid" \
+            || printf '%s:%s:1\n' "$n" "$g" >> "$ETC/subgid" || return 1
+    done
+}
+
 # share_options FSTYPE [MODE]: the mount options of a dgxvm/mounts line "tag path fstype [ro]":
 # nosuid,nodev always (a setuid file or device node on a share is not honoured in the guest),
 # ro before them for a read-only share (MODE "ro"; "" or "rw": read-write), 9p's transport
