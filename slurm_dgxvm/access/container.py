@@ -10,30 +10,65 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..containers import accounts
 from ..containers import mounts as mounts_mod
-from ..containers import mountpoints
+from ..containers import mountpoints, ranlog
 from ..containers import runtime
 from ..errors import BadInput, ContainerMountError
-from .request import Request, guest_cwd, is_name
+from ..lifecycle.identity import group_names
+from .request import Request, guest_cwd, is_name, quote
 from .target import GUEST_HELPER
 
 RUNTIMES = ("runc",)     # the runtimes dgxvm run can drive today
 
 
+OVERLAY_UNSAFE = (",", ":", "\\", "\n")    # what an overlayfs lowerdir= option cannot carry
+
+
 @dataclass(frozen=True)
 class ContainerFlags:
     """pyxis's flags, as given."""
-    image: str
+    image: str | None
     mounts: str | None = None
     workdir: str | None = None
     env: str | None = None           # --container-env NAME,NAME
-    name: str | None = None
+    name: str | None = None          # --container-name NAME[:auto]
     remap_root: bool = False
-    writable: bool = False
+    writable: bool | None = None     # --container-writable / --container-readonly / neither
+
+    @property
+    def container_name(self) -> str | None:
+        """The name of ``--container-name`` (checked), without pyxis's ``:auto``."""
+        if self.name is None:
+            return None
+        name, _, flag = self.name.partition(":")
+        if flag not in ("", "auto"):
+            raise BadInput(f"--container-name {self.name}: flag {flag!r} is not supported "
+                           "(dgxvm run keeps pyxis's default, auto: use the container if it "
+                           "exists, else make it)", value=self.name)
+        if not ranlog.NAME.match(name):
+            raise BadInput(f"--container-name {self.name}: a name is 1-64 letters, digits, "
+                           "'_', '.' or '-', starting with a letter or digit", value=self.name)
+        return name
+
+    def check(self) -> None:
+        """BadInput for flags that cannot go together or a bad name."""
+        if self.rootfs_writable:
+            self.container_name   # noqa: B018 - the name's own check
+
+    @property
+    def rootfs_writable(self) -> bool:
+        """A writable root: --container-writable, or a named container (it keeps what its
+        runs change, as pyxis's named containers do), unless --container-readonly."""
+        if self.name is not None and self.writable is False:
+            raise BadInput(f"--container-name {self.name} keeps the changes a container makes "
+                           "and cannot be --container-readonly", value=self.name)
+        return bool(self.writable) or self.name is not None
 
 
 def check_mounts(text: str | None, shared: tuple[str, ...]) -> tuple[mounts_mod.Mount, ...]:
@@ -64,35 +99,61 @@ def env_names(text: str | None) -> tuple[str, ...]:
 def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapping[str, str],
                       cwd: str | None, shared: tuple[str, ...], uid: int, gid: int,
                       rootfs: str, image_config: Mapping, run_name: str,
-                      groups: tuple[int, ...] = (), gpu_devices: int = 0,
-                      terminal: bool = False, prepare: bool = True) -> Request:
+                      groups: tuple[int, ...] = (), user: str = "", home: str = "/",
+                      gpu_devices: int = 0, terminal: bool = False,
+                      prepare: bool = True) -> Request:
     """The request that runs ``argv`` in the image's container under runc in the guest.
     ``prepare``: make the mount points in the (read-only in the guest) rootfs first, as its
     owner on the host."""
     mounts = check_mounts(flags.mounts, shared)
     etc_files = tuple(mountpoints.STANDARD_FILES)
+    account_files = ("/etc/passwd", "/etc/group")
+    files: dict[str, bytes] = {}
+    run_files: tuple[str, ...] = ()
     if prepare:
         dirs = [*mountpoints.STANDARD_DIRS, *shared, *(m.target for m in mounts)]
         if flags.workdir:
             dirs.append(flags.workdir)
-        etc_files = tuple(mountpoints.ensure(Path(rootfs), dirs, mountpoints.STANDARD_FILES))
+        made = mountpoints.ensure(Path(rootfs), dirs, (*mountpoints.STANDARD_FILES,
+                                                        *account_files))
+        etc_files = tuple(f for f in made if f not in account_files)
+        if user and uid and gid and not flags.remap_root:
+            # the user's own entries, so that whoami/getpwuid work (accounts)
+            files = accounts.files(Path(rootfs), user=user, uid=uid, gid=gid, home=home,
+                                   groups=group_names(tuple(groups)))
+            run_files = tuple(f for f in made if f in account_files)
+    writable = flags.rootfs_writable
+    name = flags.container_name
+    if writable and any(c in rootfs for c in OVERLAY_UNSAFE):
+        raise BadInput(f"--container-writable: the image's path {rootfs} has a character an "
+                       "overlay mount cannot take (',', ':', '\\'); the admin's [containers] "
+                       "cache_dir must avoid them", value=rootfs)
     spec = runtime.ContainerSpec(
         rootfs=rootfs, image_config=image_config, argv=argv, env=env, cwd=cwd, uid=uid, gid=gid,
         shared=shared, mounts=mounts, workdir=flags.workdir,
         keep_env=env_names(flags.env), remap_root=flags.remap_root, groups=groups,
-        writable=flags.writable,
-        gpu_devices=gpu_devices, terminal=terminal, etc_files=etc_files)
+        writable=writable,
+        gpu_devices=gpu_devices, terminal=terminal, etc_files=etc_files,
+        run_files=run_files)
     config = runtime.oci_config(spec)
-    name = f"dgxvm-{run_name}"
+    cname = f"dgxvm-{run_name}"
     # runc's state lives in the run's directory (removed with it); the cleanup script runs
     # from there too and finds it as its own $0's directory
-    command = f'runc --root "$DGXVM_RUN_DIR/runc" run --bundle "$DGXVM_RUN_DIR" {name}'
-    if runtime.own_uid(spec):
-        # as the user's own uid: runc in the namespace the guest helper makes (runtime._mappings)
+    # runc's own messages go to runtime.log (the guest helper shows them, and makes "not
+    # found" 127): its stderr is the command's alone
+    command = (f'runc --root "$DGXVM_RUN_DIR/runc" --log "$DGXVM_RUN_DIR/runtime.log" run '
+               f'--bundle "$DGXVM_RUN_DIR" {cname}').encode()
+    if runtime.in_userns(spec):
+        # runc in the namespace the guest helper makes (runtime._mappings), with the writable
+        # layer mounted there first when there is one
         gids = ",".join(map(str, runtime.supplementary(spec))) or "-"
-        command = f"{GUEST_HELPER} userns {gids} {command}"
-    cleanup = f'd=$(dirname "$0"); runc --root "$d/runc" delete --force {name}'.encode()
+        layer = (quote(rootfs) + f' "$DGXVM_RUN_DIR/{runtime.ROOTFS_TARGET}" '.encode()
+                 + (name or "-").encode()) if writable else b"- - -"
+        command = f"{GUEST_HELPER} userns {gids} ".encode() + layer + b" " + command
+    cleanup = f'd=$(dirname "$0"); runc --root "$d/runc" delete --force {cname}'.encode()
     return Request(argv=argv, env={}, cwd=None,
-                   files={"config.json": json.dumps(config, indent=1).encode()},
-                   command=command.encode(), cleanup=cleanup)
+                   files={"config.json": json.dumps(config, indent=1).encode(),
+                          **{posixpath.basename(f): files[posixpath.basename(f)]
+                             for f in run_files}},
+                   command=command, cleanup=cleanup)
 

@@ -57,13 +57,16 @@ def _container_options(f):
                           "when the VM has it, else the image's)."),
         click.option("--container-env", metavar="NAME,...",
                      help="Variables whose job value wins over the image's ENV."),
-        click.option("--container-name", metavar="NAME",
-                     help="(pyxis) a named container kept across steps: not supported yet."),
+        click.option("--container-name", metavar="NAME[:auto]",
+                     help="A named container: made on its first run, used again by later "
+                          "runs of the job (with or without --container-image), keeping what "
+                          "they change in it; one run at a time; gone when the job ends."),
         click.option("--container-remap-root/--no-container-remap-root", default=False,
                      help="Be root in the container (mapped to your own uid)."),
-        click.option("--container-writable/--container-readonly", default=False,
-                     help="(pyxis) a writable container root: not supported by the runc "
-                          "profile, whose root is the node's read-only image cache."),
+        click.option("--container-writable/--container-readonly", default=None,
+                     help="A writable container root (a layer of its own over the image, "
+                          "removed when the run ends; a named container's is kept), or "
+                          "read-only (the default for an unnamed container)."),
     )):
         f = opt(f)
     return f
@@ -71,20 +74,14 @@ def _container_options(f):
 
 def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool, *,
                terminal: bool = False) -> Request:
-    """The request of ``request``'s command in ``flags.image``'s container."""
+    """The request of ``request``'s command in ``flags.image``'s container (or the named
+    container's image)."""
     from ..containers.cache import ImageCache
     from ..containers.ref import parse
     from ..containers.registry import Registry
     from ..images.profile import runtime_of
-    if flags.writable:
-        raise BadInput("--container-writable: this VM's runtime (runc) runs the image "
-                       "read-only from the node's image cache; write to the work dir or /tmp",
-                       value=flags.image)
-    if flags.name:
-        raise BadInput(f"--container-name {flags.name}: named containers kept across steps "
-                       "are not supported yet; every dgxvm run starts a fresh container",
-                       value=flags.name)
-    ref = parse(flags.image)
+    flags.check()             # the flags' own checks first, before any pull
+    name = flags.container_name
     kind, gpu_devices = runtime_of(cfg.images.store, target.image)
     if kind not in RUNTIMES:
         raise BadInput(f"job {target.job_id}'s VM runs image {target.image}, whose container "
@@ -95,9 +92,28 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
                        "cache_dir is empty or [vm] share is none)", value=target.job_id)
     cache = ImageCache(Path(target.image_cache),
                        Registry.for_user(insecure=cfg.containers.insecure_registries))
-    image = cache.get(ref, progress=lambda line: click.echo(f"dgxvm: {line}", err=True))
-    # for the job's record in Slurm's accounting (the Epilog reads it): which exact image
-    ranlog.append(Path(target.key).parent, image.digest, str(ref))
+    vmdir = Path(target.key).parent
+    made = ranlog.named(vmdir, name) if name else None
+    if made is not None:
+        # pyxis's rule: a container that exists is used, and the image is not pulled again
+        ref_text, digest = made
+        image = cache.lookup(digest, parse(ref_text))
+        if image is None:
+            raise BadInput(f"container {name} of job {target.job_id} was made from "
+                           f"{ref_text}@{digest}, which is no longer in your image cache",
+                           value=name)
+        if flags.image and parse(flags.image) != parse(ref_text) and not quiet:
+            click.echo(f"dgxvm: note: container {name} exists (made from {ref_text}); "
+                       f"--container-image {flags.image} is not used", err=True)
+    elif not flags.image:
+        raise BadInput(f"job {target.job_id} has no container named {name}: make it with "
+                       f"--container-image REF --container-name {name}", value=name)
+    else:
+        ref = parse(flags.image)
+        image = cache.get(ref, progress=lambda line: click.echo(f"dgxvm: {line}", err=True))
+        # for the job's record in Slurm's accounting (the Epilog reads it): which exact image;
+        # and, for a named container, which image it is made from
+        ranlog.append(vmdir, image.digest, str(ref), name)
     n = len(target.gpus) if gpu_devices == "nvidia" else 0
     if target.gpus and not n and not quiet:
         click.echo(f"dgxvm: note: image {target.image} has no GPU devices for containers "
@@ -105,10 +121,19 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
                    f"{len(target.gpus) - 1}, /dev/nvidiactl and /dev/nvidia-uvm", err=True)
     return container_request(flags, argv=request.argv, env=request.env, cwd=request.cwd,
                              shared=target.shared, uid=target.uid, gid=target.gid,
-                             groups=target.groups,
+                             groups=target.groups, user=target.user, home=_home(target),
                              rootfs=str(image.rootfs), image_config=image.config,
                              run_name=image.digest.split(":")[-1][:12], gpu_devices=n,
                              terminal=terminal)
+
+
+def _home(target) -> str:
+    """The user's home in the guest (the seed's: the host account's)."""
+    import pwd
+    try:
+        return pwd.getpwuid(target.uid).pw_dir or "/"
+    except KeyError:
+        return "/"
 
 
 @click.command(context_settings={"ignore_unknown_options": False,
@@ -128,9 +153,13 @@ def run(c, job_id, container_image, container_mounts, container_workdir, contain
     env = c.env
     target = target_for(env, job_from_env(job_id, os.environ))
     request, note = _request(target, tuple(command), env.cfg)
-    if note and not quiet and not container_image:
+    if note and not quiet and not (container_image or container_name):
         click.echo(note, err=True)
-    if container_image:
+    _no_stray_container_flags(container_image or container_name, {
+        "--container-mounts": container_mounts, "--container-workdir": container_workdir,
+        "--container-env": container_env, "--container-remap-root": container_remap_root,
+        "--container-writable/--container-readonly": container_writable})
+    if container_image or container_name:
         flags = ContainerFlags(image=container_image, mounts=container_mounts,
                                workdir=container_workdir, env=container_env,
                                name=container_name, remap_root=container_remap_root,
@@ -139,26 +168,43 @@ def run(c, job_id, container_image, container_mounts, container_workdir, contain
     raise click.exceptions.Exit(session.run(target, request))
 
 
+def _no_stray_container_flags(container: object, given: dict) -> None:
+    """A container flag without a container is a mistake the user should hear about."""
+    stray = [flag for flag, value in given.items() if value not in (None, False, "")]
+    if stray and not container:
+        raise BadInput(f"{', '.join(stray)} without --container-image or --container-name: "
+                       "there is no container", value=stray[0])
+
+
 @click.command()
 @_job_option
 @click.option("--container-image", metavar="REF",
               help="A shell (/bin/sh) in a container of this image instead.")
 @click.option("--container-mounts", metavar="SRC[:DST[:FLAGS]],...",
               help="Bind mounts into the container, as for dgxvm run.")
+@click.option("--container-name", metavar="NAME[:auto]",
+              help="A named container of the job, as for dgxvm run.")
 @click.option("--container-remap-root/--no-container-remap-root", default=False,
               help="Be root in the container (mapped to your own uid).")
+@click.option("--container-writable/--container-readonly", default=None,
+              help="A writable container root, as for dgxvm run.")
 @click.pass_obj
-def shell(c, job_id, container_image, container_mounts, container_remap_root):
+def shell(c, job_id, container_image, container_mounts, container_name, container_remap_root,
+          container_writable):
     """An interactive login shell in the job's VM (a terminal when stdin is one: window size,
     Ctrl-C, full-screen programs), in the current directory when the VM has it; with
     --container-image, /bin/sh in a container of that image."""
     env = c.env
     target = target_for(env, job_from_env(job_id, os.environ))
     tty = sys.stdin.isatty() and sys.stdout.isatty()
-    if container_image:
+    _no_stray_container_flags(container_image or container_name, {
+        "--container-mounts": container_mounts, "--container-remap-root": container_remap_root,
+        "--container-writable/--container-readonly": container_writable})
+    if container_image or container_name:
         request, _ = _request(target, ("/bin/sh",), env.cfg)
         flags = ContainerFlags(image=container_image, mounts=container_mounts,
-                               remap_root=container_remap_root)
+                               name=container_name, remap_root=container_remap_root,
+                               writable=container_writable)
         request = _container(target, flags, request, env.cfg, False, terminal=tty)
         raise click.exceptions.Exit(session.run(target, request, tty=tty))
     request, _ = _request(target, (), env.cfg)

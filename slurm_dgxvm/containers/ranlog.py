@@ -3,11 +3,14 @@ into a file of the VM's directory that belongs to the user, read by the Epilog (
 the job's final VM record in Slurm's accounting, so ``sacct`` answers "which exact container
 did job N run".
 
+The same lines tell a later ``dgxvm run --container-name NAME`` of the job which image its
+named container was made from (:func:`named`).
+
 What the file says is the job's own report (its user can write anything there), so the reader
-trusts nothing: a line is ``<digest> <reference>`` with a digest of the registry's form and a
-reference ``containers.ref`` parses; anything else is skipped; the file is opened without
-following a symlink and read up to ``MAX_BYTES``; at most ``MAX_IMAGES`` distinct digests are
-kept, in the order first run. Writing is best effort: a run never fails for its log.
+trusts nothing: a line is ``<digest> <reference> [<container name>]`` with a digest of the
+registry's form and a reference ``containers.ref`` parses; anything else is skipped; the file
+is opened without following a symlink and read up to ``MAX_BYTES``; at most ``MAX_IMAGES``
+distinct digests are kept, in the order first run. Writing is best effort: a run never fails for its log.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ FILE = "containers.log"
 MAX_BYTES = 64 * 1024
 MAX_IMAGES = 8
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")   # a --container-name
 
 
-def append(vmdir: Path | str, digest: str, ref: str) -> bool:
+def append(vmdir: Path | str, digest: str, ref: str, name: str | None = None) -> bool:
     """Add one line; False when the VM has no log (an older VM) or it cannot be written."""
     try:
         fd = os.open(Path(vmdir) / FILE, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
@@ -35,7 +39,7 @@ def append(vmdir: Path | str, digest: str, ref: str) -> bool:
     try:
         if os.fstat(fd).st_size >= MAX_BYTES:
             return False
-        os.write(fd, f"{digest} {ref}\n".encode())
+        os.write(fd, f"{digest} {ref}{' ' + name if name else ''}\n".encode())
         return True
     except OSError:
         return False
@@ -43,8 +47,8 @@ def append(vmdir: Path | str, digest: str, ref: str) -> bool:
         os.close(fd)
 
 
-def read(vmdir: Path | str) -> list[tuple[str, str]]:
-    """``[(reference, digest)]``: the valid lines, distinct digests, first run first."""
+def _lines(vmdir: Path | str) -> list[tuple[str, str, str | None]]:
+    """``[(reference, digest, name or None)]``: every valid line, in order."""
     try:
         fd = os.open(Path(vmdir) / FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -57,21 +61,41 @@ def read(vmdir: Path | str) -> list[tuple[str, str]]:
         return []
     finally:
         os.close(fd)
-    out: list[tuple[str, str]] = []
-    seen: set[str] = set()
+    out: list[tuple[str, str, str | None]] = []
     for line in data.decode("utf-8", errors="replace").splitlines():
         words = line.split(" ")
-        if len(words) != 2 or not _DIGEST.match(words[0]) or words[0] in seen:
+        if len(words) not in (2, 3) or not _DIGEST.match(words[0]) \
+                or (len(words) == 3 and not NAME.match(words[2])):
             continue
         try:
             ref = parse(words[1])
         except ContainerRefError:
             continue
-        seen.add(words[0])
-        out.append((str(ref), words[0]))
+        out.append((str(ref), words[0], words[2] if len(words) == 3 else None))
+    return out
+
+
+def read(vmdir: Path | str) -> list[tuple[str, str]]:
+    """``[(reference, digest)]``: the valid lines, distinct digests, first run first."""
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for ref, digest, _ in _lines(vmdir):
+        if digest in seen:
+            continue
+        seen.add(digest)
+        out.append((ref, digest))
         if len(out) == MAX_IMAGES:
             break
     return out
+
+
+def named(vmdir: Path | str, name: str) -> tuple[str, str] | None:
+    """``(reference, digest)`` the job's container ``name`` was made from (its first run's
+    line), or None when no run of the job named a container so."""
+    for ref, digest, n in _lines(vmdir):
+        if n == name:
+            return ref, digest
+    return None
 
 
 def field(images: list[tuple[str, str]]) -> str | None:

@@ -42,6 +42,9 @@ NVIDIA_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools",
                   "/dev/nvidia-modeset")
 BIND_RO = ("rbind", "nosuid", "nodev", "ro")
 BIND_RW = ("rbind", "nosuid", "nodev")
+# where the guest helper mounts a writable container's root (relative to the bundle, the run's
+# directory in the guest): an overlay of the image's rootfs and a layer of its own
+ROOTFS_TARGET = "rootfs"
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,14 @@ class ContainerSpec:
     workdir: str | None = None         # --container-workdir
     remap_root: bool = False
     groups: tuple[int, ...] = ()       # the user's supplementary gids (own-uid containers)
-    writable: bool = False
+    writable: bool = False             # an overlay of rootfs on ROOTFS_TARGET (the guest helper)
     gpu_devices: int = 0               # bind /dev/nvidia0..N-1 and the control nodes (a guest
                                        # with the NVIDIA driver); 0 = none (simulated GPUs)
     hostname: str | None = None
     terminal: bool = False
     etc_files: tuple[str, ...] = ("/etc/resolv.conf", "/etc/hosts")  # bound from the guest
+    run_files: tuple[str, ...] = ()    # /etc/passwd, /etc/group: bound from the run's directory
+                                       # (the bundle), which holds a file of the same name
 
 
 def environment(image_env: Sequence[str], job_env: Mapping[str, str],
@@ -120,6 +125,8 @@ def oci_config(spec: ContainerSpec) -> dict:
         {"destination": "/var/tmp", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "nodev", "mode=1777"]},
         *(_bind(f, f, BIND_RO) for f in spec.etc_files),
+        # a relative source is the bundle's (OCI runtime spec, "mounts")
+        *(_bind(posixpath.basename(f), f, BIND_RO) for f in spec.run_files),
     ]
     for d in spec.shared:
         mounts.append(_bind(d, d, BIND_RW))
@@ -140,7 +147,8 @@ def oci_config(spec: ContainerSpec) -> dict:
                                                 "ambient")},
             "noNewPrivileges": True,
         },
-        "root": {"path": spec.rootfs, "readonly": not spec.writable},
+        "root": ({"path": ROOTFS_TARGET, "readonly": False} if spec.writable
+                 else {"path": spec.rootfs, "readonly": True}),
         **({"hostname": spec.hostname} if spec.hostname else {}),
         "mounts": mounts,
         "linux": {
@@ -160,6 +168,12 @@ def own_uid(spec: ContainerSpec) -> bool:
     ``userns`` makes) rather than as root mapped to it (``--container-remap-root``, or a job
     of root's or of a user whose primary group is root's)."""
     return not spec.remap_root and spec.uid != 0 and spec.gid != 0
+
+
+def in_userns(spec: ContainerSpec) -> bool:
+    """Whether runc runs in the namespace the guest helper's ``userns`` makes: for the user's
+    own uid, and for a writable root (its overlay is mounted in that namespace's mounts)."""
+    return own_uid(spec) or spec.writable
 
 
 def supplementary(spec: ContainerSpec) -> tuple[int, ...]:
@@ -186,7 +200,8 @@ def _mappings(spec: ContainerSpec) -> dict:
     """The container's user namespace maps.
 
     As root mapped to the user (``--container-remap-root``): the user's uid and gid are the
-    container's 0, the only ids there; rootless runc runs straight in the guest.
+    container's 0, the only ids there; rootless runc runs straight in the guest (or, for a
+    writable root, in the helper's namespace, whose 0 is the user).
 
     As the user's own uid (the default): runc runs as root of the namespace the guest helper's
     ``userns`` made, where the user is 0, one subordinate uid/gid is 1 and the supplementary
@@ -194,8 +209,10 @@ def _mappings(spec: ContainerSpec) -> dict:
     supplementary gid onto its own number there. Rootless runc cannot do this by itself: it
     needs a root in the container, and with the user's uid besides (two ids) it fails chowning
     its exec fifo to a subordinate uid it may not use."""
-    if not own_uid(spec):
+    if not in_userns(spec):
         return {"uidMappings": [_one(0, spec.uid)], "gidMappings": [_one(0, spec.gid)]}
+    if not own_uid(spec):       # root mapped to the user, in the helper's namespace
+        return {"uidMappings": [_one(0, 0)], "gidMappings": [_one(0, 0)]}
     return {"uidMappings": [_one(spec.uid, 0), _one(0, 1)],
             "gidMappings": [_one(spec.gid, 0), _one(0, 1),
                             *(_one(g, 2 + i) for i, g in enumerate(supplementary(spec)))]}

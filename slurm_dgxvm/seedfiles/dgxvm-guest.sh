@@ -125,8 +125,26 @@ cmd_run() {
     rc=$?
     pid=$(cat "$d/pgid" 2>/dev/null)
     [ -n "$pid" ] && group_alive "$pid" && stop_group "$pid"
+    [ -s "$d/runtime.log" ] && runtime_status
+
     echo "$rc" > "$d/status.tmp" && mv "$d/status.tmp" "$d/status"
     exit "$rc"
+}
+
+# runtime_status: a container runtime's own errors (runc --log: its stderr stays the
+# command's), shown on stderr; one that says the command could not be found or executed makes
+# the status 127 or 126, as a shell's would be, instead of the runtime's 1
+runtime_status() {
+    sed -n -e 's/^.*level=error msg="\(.*\)"$/dgxvm-guest: \1/p' \
+        -e 's/^.*level=fatal msg="\(.*\)"$/dgxvm-guest: \1/p' "$d/runtime.log" \
+        | sed 's/\\"/"/g' >&2
+    [ "$rc" = 1 ] || return 0
+    if grep -q -e 'executable file not found' -e 'exec: .*no such file or directory' \
+            "$d/runtime.log"; then
+        rc=127
+    elif grep -q 'exec: .*permission denied' "$d/runtime.log"; then
+        rc=126
+    fi
 }
 
 cmd_shell() {
@@ -145,17 +163,24 @@ subid() {
     n=$2 awk -F: '$1 == ENVIRON["n"] && $3 > 1 { print $2; exit }' "$1" 2>/dev/null
 }
 
-# dgxvm-guest userns GIDS CMD...: CMD (a container runtime) in a new user namespace where this
-# user is root (0) and one subordinate uid and gid exist as 1, each supplementary gid of GIDS
-# (comma-separated, "-" for none) as 2, 3, ...: a runtime there can run the container as the
-# user's own uid with its groups, its root being the subordinate ids (runc needs a root in the
-# container and the user's uid besides, which an unprivileged namespace of one id cannot give).
-# newuidmap/newgidmap (shadow's uidmap) write the maps from a helper process; CMD starts only
-# once they are written, in the foreground (the same pid: signals and the process group stay).
-# It gets a mount namespace of its own too, owned by the new user namespace: runc 1.1 enters
-# its own ("host") mount namespace to open bind mount sources, which it may only do there.
+# dgxvm-guest userns GIDS LOWER TARGET NAME CMD...: CMD (a container runtime) in a new user
+# namespace where this user is root (0) and one subordinate uid and gid exist as 1, each
+# supplementary gid of GIDS (comma-separated, "-" for none) as 2, 3, ...: a runtime there can
+# run the container as the user's own uid with its groups, its root being the subordinate ids
+# (runc needs a root in the container and the user's uid besides, which an unprivileged
+# namespace of one id cannot give). newuidmap/newgidmap (shadow's uidmap) write the maps from a
+# helper process; CMD starts only once they are written, in the foreground (the same pid:
+# signals and the process group stay). It gets a mount namespace of its own too, owned by the
+# new user namespace: runc 1.1 enters its own ("host") mount namespace to open bind mount
+# sources, which it may only do there.
+#
+# LOWER ("-" for none): a writable container root: an overlay of the image's read-only rootfs
+# LOWER on TARGET, its writable layer on the guest's disk under $layers: kept as
+# $layers/NAME for a named container (used by one run at a time, kept until the VM ends), or
+# made for this run (NAME "-") and removed when CMD ends.
+layers=/var/tmp/.dgxvm-$(id -u)
 cmd_userns() {
-    gids=$1; shift
+    gids=$1 lower=$2 target=$3 name=$4; shift 4
     set -f    # GIDS is split on commas, never globbed
     supp=
     if [ "$gids" != - ]; then
@@ -164,16 +189,20 @@ cmd_userns() {
             supp="$supp $g"
         done
     fi
+    case $name in
+        -) ;;
+        ''|.*|*[!A-Za-z0-9_.-]*) say "bad container name '$name'"; exit 125 ;;
+    esac
     for t in newuidmap newgidmap; do
         command -v "$t" >/dev/null 2>&1 || {
             say "$t is not installed: this image cannot run a container as your own uid" \
                 "(it needs shadow's uidmap; --container-remap-root works without it)"
             exit 125; }
     done
-    name=$(id -un) && uid=$(id -u) && gid=$(id -g) || { say "who am I?"; exit 125; }
-    su=$(subid /etc/subuid "$name"); sg=$(subid /etc/subgid "$name")
+    name_=$(id -un) && uid=$(id -u) && gid=$(id -g) || { say "who am I?"; exit 125; }
+    su=$(subid /etc/subuid "$name_"); sg=$(subid /etc/subgid "$name_")
     [ -n "$su" ] && [ -n "$sg" ] || {
-        say "no subordinate uid/gid range for $name in /etc/subuid or /etc/subgid"; exit 125; }
+        say "no subordinate uid/gid range for $name_ in /etc/subuid or /etc/subgid"; exit 125; }
     gmap="0 $gid 1 1 $sg 1"
     i=2
     for g in $supp; do gmap="$gmap $i $g 1"; i=$((i + 1)); done
@@ -191,32 +220,75 @@ cmd_userns() {
         # shellcheck disable=SC2086  # gmap: numbers only
         newuidmap "$me" 0 "$uid" 1 1 "$su" 1 && newgidmap "$me" $gmap || : > "$failed"
     ) < /dev/null > /dev/null &
-    exec unshare -U -m sh -c '
-        n=0
-        while [ "$(id -u)" != 0 ] || [ "$(id -g)" != 0 ]; do
-            n=$((n + 1))
-            if [ $n -gt 1000 ] || { [ -e "$1" ] && rm -f "$1"; }; then
-                echo "dgxvm-guest: newuidmap/newgidmap did not map the container'"'"'s" \
-                    "user namespace (see above)" >&2
+    exec unshare -U -m sh "$0" userns-inner "$failed" "$lower" "$target" "$name" "$@"
+}
+
+# the inside of userns: once mapped, the writable layer (if any), then CMD
+cmd_userns_inner() {
+    failed=$1 lower=$2 target=$3 name=$4; shift 4
+    n=0
+    while [ "$(id -u)" != 0 ] || [ "$(id -g)" != 0 ]; do
+        n=$((n + 1))
+        if [ $n -gt 1000 ] || { [ -e "$failed" ] && rm -f "$failed"; }; then
+            say "newuidmap/newgidmap did not map the container's user namespace (see above)"
+            exit 125
+        fi
+        sleep 0.01
+    done
+    [ "$lower" = - ] && exec "$@"
+    mkdir -p "$layers" && chmod 700 "$layers" || { say "cannot create $layers"; exit 125; }
+    if [ "$name" = - ]; then
+        layer=$layers/run-$$
+    else
+        layer=$layers/$name
+        # one run at a time: a lock directory holding the pid of the run that has it
+        if ! mkdir "$layer.lock" 2>/dev/null; then
+            holder=$(cat "$layer.lock/pid" 2>/dev/null)
+            if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then
+                say "container $name is in use by another dgxvm run in this job (pid $holder);" \
+                    "a named container serves one run at a time"
                 exit 125
             fi
-            sleep 0.01
-        done
-        shift
-        exec "$@"' dgxvm-userns "$failed" "$@"
+        fi
+        echo $$ > "$layer.lock/pid" || { say "cannot lock container $name"; exit 125; }
+        if [ -s "$layer/image" ] && [ "$(cat "$layer/image")" != "$lower" ]; then
+            say "container $name was made from another image ($(cat "$layer/image"))"
+            exit 125
+        fi
+    fi
+    mkdir -p "$layer/upper" "$layer/work" "$target" && printf '%s\n' "$lower" > "$layer/image" \
+        || { say "cannot make the container's writable layer in $layer"; exit 125; }
+    mount -t overlay overlay \
+        -o "lowerdir=$lower,upperdir=$layer/upper,workdir=$layer/work,userxattr" "$target" \
+        || { say "cannot mount a writable layer over the image (overlayfs in a user" \
+                 "namespace needs Linux 5.11)"; [ "$name" = - ] && rm -rf "$layer"; exit 125; }
+    [ "$name" = - ] || exec "$@"
+    # an unnamed layer goes when CMD ends: this shell stays to remove it (as root of this
+    # namespace, which owns what the container's root wrote there); the signals meant for CMD
+    # reach it through the process group, and are only noted here
+    trap : TERM INT HUP USR1 USR2 QUIT
+    "$@"
+    rc=$?
+    umount "$target" 2>/dev/null
+    rm -rf "$layer"
+    exit "$rc"
 }
 
 verb=${1:-}
 case $verb in
     userns)
-        [ $# -ge 3 ] || { say "usage: dgxvm-guest userns GIDS CMD..."; exit 125; }
+        [ $# -ge 6 ] || { say "usage: dgxvm-guest userns GIDS LOWER TARGET NAME CMD..."; exit 125; }
         shift
         cmd_userns "$@" ;;
+    userns-inner)
+        shift
+        cmd_userns_inner "$@" ;;
     run|control|shell)
         [ $# -eq 2 ] || { say "usage: dgxvm-guest $verb ID"; exit 125; }
         check_id "$2"
         id=$2
         d=$base/$id
         "cmd_$verb" ;;
-    *) say "usage: dgxvm-guest run|control|shell ID | userns GIDS CMD..."; exit 125 ;;
+    *) say "usage: dgxvm-guest run|control|shell ID | userns GIDS LOWER TARGET NAME CMD..."
+       exit 125 ;;
 esac

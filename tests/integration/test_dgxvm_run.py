@@ -390,3 +390,79 @@ def test_sigkill_of_dgxvm_run_leaves_no_container_running(runvm, image):
     p.wait(timeout=30)
     ps = wait_gone(runvm, "sleep 4545", timeout=30)
     assert "sleep 4545" not in ps, ps
+
+
+def test_a_command_the_image_does_not_have_is_127_with_runcs_message(runvm, image):
+    r = container_run(runvm, image.ref, "no-such-command-here")
+    assert r.returncode == 127
+    assert b"no-such-command-here" in r.stderr and b"not found" in r.stderr
+
+
+def test_the_user_has_a_name_in_an_own_uid_container(runvm, image):
+    r = container_run(runvm, image.ref, "sh", "-c", "whoami; id -gn")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().split() == [runvm.vmenv.user, runvm.vmenv.user]
+
+
+def guest_layers(vm) -> list[str]:
+    """What the guest keeps of writable containers (the helper's layer directory)."""
+    r = dgxvm_run(vm, "sh", "-c", 'ls -a "/var/tmp/.dgxvm-$(id -u)" 2>/dev/null; true')
+    assert r.returncode == 0, r.stderr
+    return sorted(set(r.stdout.decode().split()) - {".", ".."})
+
+
+def test_a_writable_container_changes_its_root_and_the_change_goes_with_the_run(runvm, image):
+    r = container_run(runvm, image.ref, "sh", "-c",
+                      "echo changed > /marker && mkdir -p /opt/new && cat /marker",
+                      flags=("--container-writable",))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"changed\n"
+    assert not any(n.startswith("run-") for n in guest_layers(runvm))   # removed with the run
+    r = container_run(runvm, image.ref, "sh", "-c", "cat /marker; ls -d /opt/new")
+    assert r.stdout.startswith(b"busy-1") and r.returncode != 0     # the image is untouched
+    r = container_run(runvm, image.ref, "sh", "-c", "id -u; echo x > /etc/by-root",
+                      flags=("--container-writable", "--container-remap-root"))
+    assert r.returncode == 0 and r.stdout == b"0\n", r.stderr
+
+
+def test_a_named_container_keeps_its_changes_across_runs_of_the_job(runvm, image):
+    r = container_run(runvm, image.ref, "sh", "-c", "echo installed > /etc/tool",
+                      flags=("--container-name", "env1"))
+    assert r.returncode == 0, r.stderr
+    # pyxis's way: later runs name it, with or without the image
+    r = container_run_named(runvm, "env1", "sh", "-c", "cat /etc/tool; whoami")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().split() == ["installed", runvm.vmenv.user]
+    r = container_run(runvm, image.ref, "sh", "-c", "cat /etc/tool",
+                      flags=("--container-name", "env1"))
+    assert r.returncode == 0 and r.stdout == b"installed\n", r.stderr
+    # another name is another container; an unnamed run sees the image as it is
+    r = container_run(runvm, image.ref, "sh", "-c", "cat /etc/tool",
+                      flags=("--container-name", "env2"))
+    assert r.returncode != 0
+    assert container_run(runvm, image.ref, "sh", "-c", "cat /etc/tool").returncode != 0
+    r = container_run_named(runvm, "nope", "true")
+    assert r.returncode == 125 and b"no container named nope" in r.stderr
+
+
+def test_a_named_container_serves_one_run_at_a_time(runvm, image):
+    p = subprocess.Popen(user_argv(runvm, "run", "--container-name", "busyenv",
+                                   "--container-image", image.ref, "--", "sh", "-c",
+                                   "echo ready; sleep 30"),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=str(runvm.work))
+    try:
+        _read_until(p, b"ready", timeout=120)
+        r = container_run_named(runvm, "busyenv", "sh", "-c", "true")
+        assert r.returncode == 125 and b"container busyenv is in use" in r.stderr, r.stderr
+    finally:
+        os.kill(_dgxvm_pid(p.pid), signal.SIGTERM)
+        p.communicate(timeout=60)
+    r = container_run_named(runvm, "busyenv", "sh", "-c", "true")   # free once that run ended
+    assert r.returncode == 0, r.stderr
+
+
+def container_run_named(vm, name, *cmd, timeout=180):
+    argv = user_argv(vm, "run", "--container-name", name, "--", *cmd)
+    return subprocess.run(argv, input=b"", capture_output=True, timeout=timeout,
+                          cwd=str(vm.work))

@@ -32,9 +32,28 @@ def test_hostile_lines_are_skipped(tmp_path):
         f"sha256:xyz busybox\n"
         f"{D1} bad ref with spaces\n"
         f"{D1} UPPER/Case:1\n"
-        f"{D2} busybox:1 extra\n"
+        f"{D2} busybox:1 bad/name\n"
+        f"{D2} busybox:1 name two\n"
         f"{D2} ok/image:2\n")
     assert ranlog.read(tmp_path) == [("docker.io/ok/image:2", D2)]
+
+
+def test_a_named_container_is_found_by_its_first_run(tmp_path):
+    """dgxvm run --container-name NAME without --container-image finds the image NAME was
+    made from; a bad name on a line is not a name."""
+    (tmp_path / ranlog.FILE).write_text("")
+    assert ranlog.append(tmp_path, D1, "127.0.0.1:5000/test/busy:1", "env1")
+    assert ranlog.append(tmp_path, D2, "ok/image:2", "env2")
+    assert ranlog.append(tmp_path, D2, "ok/image:2", "env1")     # a later run, another image
+    assert ranlog.append(tmp_path, D2, "ok/image:2")
+    with open(tmp_path / ranlog.FILE, "a") as f:
+        f.write(f"{D1} busybox:1 ../x\n")
+    assert ranlog.named(tmp_path, "env1") == ("127.0.0.1:5000/test/busy:1", D1)
+    assert ranlog.named(tmp_path, "env2") == ("docker.io/ok/image:2", D2)
+    assert ranlog.named(tmp_path, "../x") is None and ranlog.named(tmp_path, "nope") is None
+    # accounting still lists each image once
+    assert ranlog.read(tmp_path) == [("127.0.0.1:5000/test/busy:1", D1),
+                                     ("docker.io/ok/image:2", D2)]
 
 
 def test_a_symlink_or_a_huge_file_is_not_followed_or_read_whole(tmp_path):

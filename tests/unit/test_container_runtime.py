@@ -87,9 +87,9 @@ def test_an_own_uid_container_runs_runc_in_the_guest_helpers_user_namespace():
     kw = dict(argv=("id",), env={}, cwd=None, shared=(), uid=1000, gid=1000,
               rootfs="/nonexistent", image_config={}, run_name="abc", prepare=False)
     own = container_request(flags, groups=(5000, 1000, 6000), **kw).command.decode()
-    assert own.startswith("/usr/lib/dgxvm/dgxvm-guest userns 5000,6000 runc --root ")
+    assert own.startswith("/usr/lib/dgxvm/dgxvm-guest userns 5000,6000 - - - runc --root ")
     assert container_request(flags, **kw).command.decode().startswith(
-        "/usr/lib/dgxvm/dgxvm-guest userns - runc ")
+        "/usr/lib/dgxvm/dgxvm-guest userns - - - - runc ")
     remap = container_request(ContainerFlags(image="x", remap_root=True), **kw).command
     assert remap.decode().startswith("runc --root ")
 
@@ -149,3 +149,83 @@ def test_the_request_runs_runc_on_the_config_and_cleans_up_by_name():
     assert b"delete --force dgxvm-abc123" in r.cleanup
     assert json.loads(r.files["config.json"])["process"]["args"] == ["id"]
     assert r.env == {}          # the environment is the container's, in its config
+
+
+# -- writable roots, named containers, the user's account -------------------------------------
+def test_a_writable_or_named_container_gets_a_layer_in_the_helpers_namespace():
+    kw = dict(argv=("id",), env={}, cwd=None, shared=(), uid=1000, gid=1000,
+              rootfs="/cache/1000/sha256/ab/bundle/rootfs", image_config={}, run_name="abc",
+              prepare=False)
+    for flags, name in ((ContainerFlags(image="x", writable=True), "-"),
+                        (ContainerFlags(image="x", name="env1"), "env1"),
+                        (ContainerFlags(image=None, name="env1:auto"), "env1")):
+        r = container_request(flags, **kw)
+        assert r.command.decode().startswith(
+            "/usr/lib/dgxvm/dgxvm-guest userns - '/cache/1000/sha256/ab/bundle/rootfs' "
+            f'"$DGXVM_RUN_DIR/rootfs" {name} runc ')
+        config = json.loads(r.files["config.json"])
+        assert config["root"] == {"path": "rootfs", "readonly": False}
+    # root mapped to the user, writable: in the helper's namespace, whose 0 is the user
+    r = container_request(ContainerFlags(image="x", writable=True, remap_root=True), **kw)
+    config = json.loads(r.files["config.json"])
+    assert config["linux"]["uidMappings"] == [{"containerID": 0, "hostID": 0, "size": 1}]
+    assert config["process"]["user"] == {"uid": 0, "gid": 0}
+    # read-only stays the cache's own path
+    r = container_request(ContainerFlags(image="x", writable=False), **kw)
+    assert json.loads(r.files["config.json"])["root"]["readonly"] is True
+
+
+@pytest.mark.parametrize("flags, bad", [
+    (ContainerFlags(image="x", name="a b"), "a b"),
+    (ContainerFlags(image="x", name="../etc"), "../etc"),
+    (ContainerFlags(image="x", name=""), ""),
+    (ContainerFlags(image="x", name="env:exec"), "env:exec"),
+    (ContainerFlags(image="x", name="env", writable=False), "env"),
+])
+def test_bad_container_names_and_flags_are_refused_naming_them(flags, bad):
+    with pytest.raises(BadInput) as e:
+        flags.check()
+    assert e.value.value == bad and bad in str(e.value)
+
+
+def test_a_writable_layer_over_a_path_overlayfs_cannot_carry_is_refused():
+    with pytest.raises(BadInput, match="cache_dir"):
+        container_request(ContainerFlags(image="x", writable=True), argv=("id",), env={},
+                          cwd=None, shared=(), uid=1000, gid=1000, rootfs="/ca,che/rootfs",
+                          image_config={}, run_name="abc", prepare=False)
+
+
+def test_the_user_is_in_the_containers_passwd_and_group(tmp_path):
+    from slurm_dgxvm.containers import accounts
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nbin:x:1000:1:b:/:/x\n")
+    (root / "etc/group").write_text("root:x:0:\nvideo:x:44:\nalice:x:7:\n")
+    got = accounts.files(root, user="alice", uid=1001, gid=1001, home="/home/alice",
+                         groups=(("video", 44), ("proj", 5000)))
+    assert got["passwd"].decode().splitlines()[-1] == "alice:x:1001:1001::/home/alice:/bin/sh"
+    # the image's gid 44 stays; a name the image uses for another gid becomes g<gid>
+    assert got["group"].decode().splitlines() == [
+        "root:x:0:", "video:x:44:", "alice:x:7:", "g1001:x:1001:", "proj:x:5000:alice"]
+    # an image whose passwd is a symlink is not read (it might point at the host's)
+    (root / "etc/passwd").unlink()
+    (root / "etc/passwd").symlink_to("/etc/passwd")
+    got = accounts.files(root, user="alice", uid=1001, gid=1001, home="/h")
+    assert got["passwd"].decode() == ("root:x:0:0:root:/root:/bin/sh\n"
+                                      "alice:x:1001:1001::/h:/bin/sh\n")
+
+
+def test_an_own_uid_run_binds_the_accounts_from_its_run_directory(tmp_path):
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    r = container_request(ContainerFlags(image="x"), argv=("id",), env={}, cwd=None,
+                          shared=(), uid=1000, gid=1000, rootfs=str(root), image_config={},
+                          run_name="abc", user="alice", home="/home/alice")
+    assert b"alice:x:1000:1000:" in r.files["passwd"] and b"alice:x:1000:" in r.files["group"]
+    binds = {m["destination"]: m for m in json.loads(r.files["config.json"])["mounts"]}
+    assert binds["/etc/passwd"]["source"] == "passwd" and "ro" in binds["/etc/passwd"]["options"]
+    assert binds["/etc/group"]["source"] == "group"
+    remap = container_request(ContainerFlags(image="x", remap_root=True), argv=("id",), env={},
+                              cwd=None, shared=(), uid=1000, gid=1000, rootfs=str(root),
+                              image_config={}, run_name="abc", user="alice")
+    assert "passwd" not in remap.files

@@ -523,3 +523,31 @@ def test_userns_without_a_subordinate_range_says_so_and_runs_nothing(shell, tmp_
 def test_userns_refuses_a_gid_list_that_is_not_numbers(dash_shell, tmp_path):
     r = _userns(dash_shell, tmp_path, "5000,x;rm", "true")
     assert r.returncode == 125 and b"bad gid 'x;rm'" in r.stderr
+
+
+# -- a container runtime's own errors ------------------------------------------------------------
+RUNC_LOG = (b'time="2026-11-26T23:13:12Z" level=warning msg="a warning, not shown"\n'
+            b'time="2026-11-26T23:13:13Z" level=error msg="runc run failed: unable to start '
+            b'container process: exec: \\"nope\\": executable file not found in $PATH"\n')
+
+
+@pytest.mark.parametrize("log, status, want", [
+    (RUNC_LOG, 1, 127),
+    (RUNC_LOG.replace(b"executable file not found in $PATH", b"permission denied"), 1, 126),
+    (RUNC_LOG, 3, 3),                     # a status of the command's own stays
+    (b'level=error msg="runc run failed: mounting x: no such device"\n', 1, 1),
+])
+def test_a_runtimes_not_found_is_127_and_its_message_is_shown(guest, log, status, want):
+    """runc says "executable file not found" and exits 1; the user gets a shell's 127 (126
+    for permission denied) and runc's message on stderr, and nothing of its warnings."""
+    command = (b"sh -c 'printf \"%s\" \"$1\" > \"$0/runtime.log\"; exit " + str(status).encode()
+               + b"' \"$DGXVM_RUN_DIR\" '" + log.replace(b"'", b"'\\''") + b"'")
+    control = guest.control()
+    send(control, Request(argv=("x",), env={}, cwd=None, command=command).line())
+    run = guest.run()
+    out, err = run.communicate(timeout=TIMEOUT)
+    assert run.returncode == want, err
+    if b"level=error" in log:
+        assert err.startswith(b"dgxvm-guest: runc run failed: ")
+        assert b"warning" not in err and b'\\"' not in err
+    finish_control(guest, control)
