@@ -4,6 +4,7 @@ what eviction picks and what it leaves alone. Pulls are in tests/integration/tes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -314,6 +315,155 @@ def test_evict_never_touches_an_entry_whose_lock_a_get_holds(tmp_path):
         holder.kill()
         holder.wait()
     assert cache.evict(max_bytes=0) == [D1]
+
+
+def _hold_in_use(root: Path, digest: str) -> subprocess.Popen:
+    """Another process that holds ``digest`` in use, as a running dgxvm run does, until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from slurm_dgxvm.containers.cache import ImageCache\n"
+        "with ImageCache(sys.argv[1]).in_use(sys.argv[2]):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(60)\n"), str(root), digest], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_an_image_another_process_uses_is_never_evicted_and_others_go_in_its_stead(tmp_path):
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 40_000, 1)              # the least recently used, but a run holds it
+    _entry(cache, D2, 40_000, 2)
+    _entry(cache, D3, 40_000, 3)
+    sizes = {e.digest: e.size for e in cache.entries()}
+    holder = _hold_in_use(tmp_path, D1)
+    try:
+        assert cache.is_in_use(D1) and not cache.is_in_use(D2)
+        # room for two: D1 stays, so the next least recently used goes instead
+        assert cache.evict(max_bytes=sizes[D1] + sizes[D3]) == [D2]
+        assert cache.evict(max_age_s=0) == [D3]
+        assert cache.evict(max_bytes=0) == []
+        assert cache.entry_path(D1).is_dir() and cache.lookup(D1, REF) is not None
+    finally:
+        holder.kill()                          # SIGKILL: the kernel drops its lock
+        holder.wait()
+    assert not cache.is_in_use(D1)
+    assert cache.evict(max_bytes=0) == [D1]
+    assert cache.entries() == [] and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_in_use_in_this_process_protects_too_and_many_may_hold_one_image(tmp_path):
+    """flock is per open file: evict's own open of the lock file conflicts with a holder's in
+    the same process (dgxvm run holds its image, then evicts), and holders share it."""
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 1000, 1)
+    _entry(cache, D2, 1000, 2)
+    with cache.in_use(D1), cache.in_use(D1):
+        assert cache.evict(max_bytes=0) == [D2]
+        assert cache.is_in_use(D1)
+    assert not cache.is_in_use(D1)
+    assert cache.evict(max_bytes=0) == [D1]
+
+
+def test_in_use_waits_for_an_eviction_holding_the_lock_then_says_so(tmp_path):
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 1000, 1)
+    with cache.in_use(D1):                     # a run that has ended
+        pass
+    with cache._try_use(D1) as free:           # what evict holds while it moves the entry
+        assert free
+        t0 = time.monotonic()
+        with pytest.raises(ContainerCacheError) as exc:
+            with cache.in_use(D1, timeout=0.3):
+                pass
+        assert time.monotonic() - t0 >= 0.3
+    assert str(exc.value) == (f"container cache {cache._use_path(D1)}: an eviction of {D1} "
+                              f"held it for more than 0.3s")
+    with cache.in_use(D1, timeout=0.3):        # free again
+        pass
+
+
+def test_the_use_lock_file_is_private_and_never_followed_through_a_symlink(tmp_path):
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 1000, 1)
+    _entry(cache, D2, 1000, 2)
+    with cache.in_use(D1):
+        assert oct(cache._use_path(D1).stat().st_mode & 0o777) == "0o600"
+    elsewhere = tmp_path / "elsewhere"
+    cache._use_path(D2).symlink_to(elsewhere)
+    with pytest.raises(ContainerCacheError, match=r"sha256-b+\.use: "):
+        with cache.in_use(D2):
+            pass
+    assert not elsewhere.exists()
+    assert cache.evict(max_bytes=0) == [D1]    # a lock it cannot take: that entry stays
+    assert cache.entry_path(D2).is_dir()
+
+
+def test_in_use_counts_as_a_use_until_it_ends(tmp_path):
+    """A week-long job's image is "unused" from the job's end, not from its start."""
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 1000, 1)
+    with cache.in_use(D1):
+        assert cache.entries()[0].last_used == 1
+    assert cache.entries()[0].last_used > time.time() - 60
+
+
+def test_get_held_gets_again_an_image_evicted_before_it_was_held(tmp_path, monkeypatch):
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    calls = []
+
+    def get(ref, **kw):
+        calls.append(kw)
+        if cache.lookup(D1, ref) is None:
+            _entry(cache, D1, 1000, time.time())      # pulled again
+        image = cache.lookup(D1, ref)
+        if len(calls) == 1:                            # an eviction right after the get
+            assert cache.evict(max_bytes=0) == [D1]
+        return image
+
+    monkeypatch.setattr(cache, "get", get)
+    with contextlib.ExitStack() as hold:
+        image = cache.get_held(REF, hold, progress=print)
+        assert len(calls) == 2 and calls[1] == {"progress": print}
+        assert image.digest == D1 and cache.lookup(D1, REF) is not None
+        assert cache.is_in_use(D1)
+        assert cache.evict(max_bytes=0) == []
+    assert not cache.is_in_use(D1)
+
+
+def test_evict_reports_what_it_removes_and_a_dry_run_removes_nothing(tmp_path):
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 1000, 1)
+    _entry(cache, D2, 1000, 2)
+    cache._remember(parse("r.io/a:1"), D1)
+    cache._remember(parse("r.io/b:2"), D1)
+    seen = []
+    assert cache.evict(max_bytes=0, dry_run=True, report=seen.append) == [D1, D2]
+    assert [e.digest for e in cache.entries()] == [D1, D2]
+    assert cache.ref_path(parse("r.io/a:1")).exists()
+    assert [(e.digest, e.refs) for e in seen] == [(D1, ("r.io/a:1", "r.io/b:2")), (D2, ())]
+    seen.clear()
+    assert cache.evict(max_age_s=50, now=100, report=seen.append) == [D1, D2]
+    assert [e.digest for e in seen] == [D1, D2] and cache.entries() == []
+
+
+def test_entries_take_the_size_recorded_at_pull_and_count_one_without(tmp_path):
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 40_000, 1)
+    counted = cache.entries()[0].size
+    assert counted >= 40_000
+    meta = json.loads((cache.entry_path(D1) / "image.json").read_text())
+    (cache.entry_path(D1) / "image.json").write_text(json.dumps({**meta, "size": 123}))
+    assert cache.entries()[0].size == 123
+    (cache.entry_path(D1) / "image.json").write_text(json.dumps({**meta, "size": "big"}))
+    assert cache.entries()[0].size == counted
 
 
 def test_evict_removes_leftovers_of_dead_writers(tmp_path):
