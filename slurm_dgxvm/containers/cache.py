@@ -547,7 +547,8 @@ class ImageCache:
 
     def evict(self, *, max_bytes: int | None = None, max_age_s: float | None = None,
               keep: Iterable[str] = (), now: float | None = None, dry_run: bool = False,
-              report: Callable[[EntryUsage], None] | None = None) -> list[str]:
+              report: Callable[[EntryUsage], None] | None = None,
+              skip_if_busy: bool = False) -> list[str]:
         """Remove entries unused for ``max_age_s``, then least recently used ones until the
         cache fits in ``max_bytes`` (:func:`plan_eviction`); digests in ``keep`` stay. An entry
         in use (:meth:`in_use`: a run holds it) is never removed, nor chosen in its stead: the
@@ -556,38 +557,46 @@ class ImageCache:
         exclusively and its pull lock is held (it vanishes at once for readers), then deleted;
         leftovers of dead writers of digests it can lock go too, and refs/ that point at no
         entry. One eviction at a time (``locks/evict.lock``; a second waits up to
-        :attr:`lock_timeout_s`). ``report`` is called with each entry removed; with
+        :attr:`lock_timeout_s`, or with ``skip_if_busy`` returns [] at once: the one running
+        does the work, as a run's own eviction wants). ``report`` is called with each entry removed; with
         ``dry_run`` nothing is removed and the entries that would be are reported. Returns the
         digests removed (or that would be)."""
         self._ensure_dirs()
         lock = self.root / "locks" / "evict.lock"
+        if skip_if_busy:
+            with self._try_lock_file(lock) as held:
+                return self._evict(max_bytes, max_age_s, keep, now, dry_run, report) if held else []
         with fsutil.locked(lock, timeout=self.lock_timeout_s, mode=0o600,
                            timed_out=lambda: ContainerCacheError(
                                path=str(lock), reason=f"another eviction held it for more "
                                f"than {self.lock_timeout_s:g}s"),
                            failed=lambda e: ContainerCacheError(path=str(lock),
                                                                 reason=e.strerror or str(e))):
-            now = time.time() if now is None else now
-            entries = self.entries()
-            busy = {e.digest for e in entries if self.is_in_use(e.digest)}
-            by_digest = {e.digest: e for e in entries}
-            removed = []
-            for digest in plan_eviction(entries, max_bytes=max_bytes, max_age_s=max_age_s,
-                                        now=now, keep={*keep, *busy}):
-                if self._evict_one(digest, dry_run):
-                    removed.append(digest)
-                    if report is not None:
-                        report(by_digest[digest])
-            if dry_run:
-                return removed
-            for p in (self.root / "tmp").iterdir():
-                hex_ = p.name.split(".")[0]
-                digest = f"sha{'512' if len(hex_) == 128 else '256'}:{hex_}"
-                if DIGEST.fullmatch(digest):
-                    with self._try_lock(digest) as held:
-                        if held:
-                            self._clean_leftovers(digest)
-            self._prune_refs()
+            return self._evict(max_bytes, max_age_s, keep, now, dry_run, report)
+
+    def _evict(self, max_bytes, max_age_s, keep, now, dry_run, report) -> list[str]:
+        """:meth:`evict` under ``locks/evict.lock``."""
+        now = time.time() if now is None else now
+        entries = self.entries()
+        busy = {e.digest for e in entries if self.is_in_use(e.digest)}
+        by_digest = {e.digest: e for e in entries}
+        removed = []
+        for digest in plan_eviction(entries, max_bytes=max_bytes, max_age_s=max_age_s,
+                                    now=now, keep={*keep, *busy}):
+            if self._evict_one(digest, dry_run):
+                removed.append(digest)
+                if report is not None:
+                    report(by_digest[digest])
+        if dry_run:
+            return removed
+        for p in (self.root / "tmp").iterdir():
+            hex_ = p.name.split(".")[0]
+            digest = f"sha{'512' if len(hex_) == 128 else '256'}:{hex_}"
+            if DIGEST.fullmatch(digest):
+                with self._try_lock(digest) as held:
+                    if held:
+                        self._clean_leftovers(digest)
+        self._prune_refs()
         return removed
 
     def _evict_one(self, digest: str, dry_run: bool) -> bool:
@@ -610,12 +619,16 @@ class ImageCache:
                 remove_tree(grave)             # (and a get of it waits for this pull lock)
                 return True
 
-    @contextlib.contextmanager
     def _try_lock(self, digest: str):
         """Yields whether the digest's lock was free (and is now held for the block)."""
+        return self._try_lock_file(self._lock_path(digest))
+
+    @contextlib.contextmanager
+    def _try_lock_file(self, path: Path):
+        """Yields whether the lock file ``path`` was free (and is now held for the block)."""
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(fsutil.locked(self._lock_path(digest), timeout=0, mode=0o600,
+            stack.enter_context(fsutil.locked(path, timeout=0, mode=0o600,
                                               timed_out=TimeoutError, failed=lambda e: e))
             held = True
         except (TimeoutError, OSError):

@@ -466,6 +466,29 @@ def test_entries_take_the_size_recorded_at_pull_and_count_one_without(tmp_path):
     assert cache.entries()[0].size == counted
 
 
+def test_one_eviction_at_a_time_and_a_runs_own_skips_when_another_is_running(tmp_path):
+    cache = ImageCache(tmp_path, lock_timeout_s=0.3)
+    cache._ensure_dirs()
+    _entry(cache, D1, 1000, 1)
+    lock = tmp_path / "locks" / "evict.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import filelock, sys, time; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
+        "print('held', flush=True); time.sleep(30)"), str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        assert cache.evict(max_bytes=0, skip_if_busy=True) == []
+        assert time.monotonic() - t0 < 0.3
+        with pytest.raises(ContainerCacheError, match=rf"^container cache {lock}: another "
+                           r"eviction held it for more than 0\.3s$"):
+            cache.evict(max_bytes=0)
+        assert cache.entry_path(D1).is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cache.evict(max_bytes=0, skip_if_busy=True) == [D1]
+
+
 def test_evict_removes_leftovers_of_dead_writers(tmp_path):
     cache = ImageCache(tmp_path)
     cache._ensure_dirs()
