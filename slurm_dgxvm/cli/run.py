@@ -8,6 +8,7 @@ guest's "cannot execute" and "not found" (README "Exit status of dgxvm run").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -71,11 +72,14 @@ def _container_options(f):
 
 def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool, *,
                terminal: bool = False) -> Request:
-    """The request of ``request``'s command in ``flags.image``'s container."""
+    """The request of ``request``'s command in ``flags.image``'s container. The image is held
+    in use until the command ends (the click context closes after session.run): no eviction
+    removes it under the running container."""
     from ..containers.cache import ImageCache
     from ..containers.ref import parse
     from ..containers.registry import Registry
     from ..images.profile import runtime_of
+    from .image_cache import evict_for_run
     if flags.writable:
         raise BadInput("--container-writable: this VM's runtime (runc) runs the image "
                        "read-only from the node's image cache; write to the work dir or /tmp",
@@ -95,7 +99,10 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
                        "cache_dir is empty or [vm] share is none)", value=target.job_id)
     cache = ImageCache(Path(target.image_cache),
                        Registry.for_user(insecure=cfg.containers.insecure_registries))
-    image = cache.get(ref, progress=lambda line: click.echo(f"dgxvm: {line}", err=True))
+    hold = click.get_current_context().with_resource(contextlib.ExitStack())
+    image = cache.get_held(ref, hold,
+                           progress=lambda line: click.echo(f"dgxvm: {line}", err=True))
+    evict_for_run(cache, cfg.containers, keep={image.digest}, quiet=quiet)
     # for the job's record in Slurm's accounting (the Epilog reads it): which exact image
     ranlog.append(Path(target.key).parent, image.digest, str(ref))
     n = len(target.gpus) if gpu_devices == "nvidia" else 0
