@@ -100,7 +100,8 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
     cache = ImageCache(Path(target.image_cache),
                        Registry.for_user(insecure=cfg.containers.insecure_registries))
     hold = click.get_current_context().with_resource(contextlib.ExitStack())
-    image = cache.get_held(ref, hold,
+    # skopeo's progress bars only on a terminal (stderr), one line per stage in a batch log
+    image = cache.get_held(ref, hold, live=None if quiet else sys.stderr,
                            progress=lambda line: click.echo(f"dgxvm: {line}", err=True))
     evict_for_run(cache, cfg.containers, keep={image.digest}, quiet=quiet)
     # for the job's record in Slurm's accounting (the Epilog reads it): which exact image

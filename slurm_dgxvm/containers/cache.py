@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import IO
 
 from .. import fsutil
 from ..errors import (ContainerCacheError, ContainerDiskFull, ContainerImageError,
@@ -356,7 +357,8 @@ class ImageCache:
 
     # -- get --------------------------------------------------------------------------------
     def get(self, ref: ImageRef, *, auth: Path | str | None = None,
-            progress: Progress | None = None, offline_ok: bool = False) -> CachedImage:
+            progress: Progress | None = None, offline_ok: bool = False,
+            live: IO | int | None = None) -> CachedImage:
         """The cached image of ``ref``, pulled and unpacked first if needed.
 
         A tag is always resolved to its digest with one registry request (a moved tag is seen
@@ -364,7 +366,9 @@ class ImageCache:
         the tag resolved to last time, if that entry is here. A digest reference already here
         needs no network at all. ``auth`` (a Docker config.json) replaces the registry's
         credentials file for this call. ``progress`` gets one line per stage: resolving, pulling,
-        unpacking, done (or cached).
+        unpacking, done (or cached). ``live``: a terminal (file or descriptor) where skopeo shows
+        the pull's progress bars between "pulling" and "unpacking"; not a terminal, or None, and
+        nothing but the stage lines is said (:meth:`Registry.pull`).
 
         Ten processes getting one new image make one pull: the first takes the digest's lock
         and pulls, the others wait for it and find the entry. Raises the registry's errors
@@ -390,13 +394,14 @@ class ImageCache:
             raise
         digest = resolved.digest
         if (image := self.lookup(digest, ref)) is None:
-            image = self._fill(registry, ref, digest, say)
+            image = self._fill(registry, ref, digest, say, live)
         else:
             say(f"done: {ref} is cached ({digest})")
         self._remember(ref, digest)
         return self._used(image)
 
-    def _fill(self, registry: Registry, ref: ImageRef, digest: str, say: Progress) -> CachedImage:
+    def _fill(self, registry: Registry, ref: ImageRef, digest: str, say: Progress,
+              live: IO | int | None = None) -> CachedImage:
         """Pull and unpack ``digest`` under its lock, unless another process did meanwhile."""
         lock = self._lock_path(digest)
         with fsutil.locked(lock, timeout=self.lock_timeout_s, mode=0o600,
@@ -411,7 +416,7 @@ class ImageCache:
                 return image
             work = self.root / "tmp" / f"{digest.split(':', 1)[1]}.{os.getpid()}.{secrets.token_hex(4)}"
             try:
-                self._build(registry, ref, digest, work, say)
+                self._build(registry, ref, digest, work, say, live)
                 self._publish(work, digest, ref)
             finally:
                 remove_tree(work)
@@ -423,7 +428,7 @@ class ImageCache:
         return image
 
     def _build(self, registry: Registry, ref: ImageRef, digest: str, work: Path,
-               say: Progress) -> None:
+               say: Progress, live: IO | int | None = None) -> None:
         try:
             work.mkdir(mode=0o700)
             (work / "skopeo-tmp").mkdir(mode=0o700)
@@ -431,7 +436,7 @@ class ImageCache:
             raise self._os_error(ref, work, e) from None
         say(f"pulling {ref} ({digest})")
         oci_digest = registry.pull(ref, digest, work / "oci", OCI_TAG,
-                                        tmpdir=work / "skopeo-tmp")
+                                   tmpdir=work / "skopeo-tmp", progress_to=live)
         say(f"unpacking {ref}")
 
         def unpack_error(reason: str) -> ContainerImageError:

@@ -1,6 +1,7 @@
 """containers.registry and containers.cache, the parts that need no registry: what skopeo's
 failures mean, choosing linux/amd64 from an index, where credentials are, the cache's layout,
-what eviction picks and what it leaves alone. Pulls are in tests/integration/test_container_pull.py."""
+what eviction picks and what it leaves alone, where a pull's progress goes (a stand-in skopeo
+that talks as skopeo 1.9 does). Pulls are in tests/integration/test_container_pull.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pty
 import subprocess
 import sys
 import time
@@ -522,3 +524,129 @@ def test_a_registry_that_never_answers_is_unreachable_once_skopeo_is_killed(tmp_
     with pytest.raises(ContainerImageError, match=r"no-such-skopeo not found \(Debian package "
                        r"skopeo\)"):
         Registry(skopeo=str(tmp_path / "no-such-skopeo")).resolve(REF)
+
+
+# -- a pull's progress: bars on a terminal, nothing but the stage lines in a batch log -------------
+# skopeo 1.9's copy report, as it writes it to its stdout: on a terminal, bars redrawn in place
+# (cursor up, erase; seen on a pty); to anything else one line per blob. Errors go to stderr.
+FAKE_SKOPEO = """#!{python}
+import json, os, shutil, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as f:
+    f.write(json.dumps(args) + "\\n")
+if "inspect" in args:
+    sys.stdout.write(open({manifest!r}).read())
+    sys.exit(0)
+if {fail!r}:
+    sys.stderr.write('time="t" level=fatal msg="initializing source docker://r/x@sha256:0: '
+                     'reading manifest sha256:0 in r/x: manifest unknown: manifest unknown"\\n')
+    sys.exit(1)
+if "--quiet" not in args:
+    if os.isatty(1):
+        sys.stdout.write("Getting image source signatures\\nCopying blob b83ec68765a5 [=====>    ] "
+                         "0.5MiB / 1.0MiB\\r\\n\\x1b[1A\\x1b[JCopying blob b83ec68765a5 done\\r\\n")
+    else:
+        sys.stdout.write("Getting image source signatures\\nCopying blob sha256:b83e\\n")
+dest = args[-1].split(":")[1]
+shutil.copytree({layout!r}, dest)
+digestfile = [a.split("=", 1)[1] for a in args if a.startswith("--digestfile=")][0]
+open(digestfile, "w").write({digest!r})
+"""
+
+
+@pytest.fixture
+def fake_pull(tmp_path):
+    """``(cache, calls, fail)``: a cache whose skopeo and umoci are stand-ins; ``calls()`` the
+    argv of each skopeo run; ``fail()`` makes the next copy fail as skopeo does."""
+    layout = _layout(tmp_path / "layout", {"Cmd": ["sh"]})
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_bytes((layout / "blobs" / "sha256" / digest.split(":")[1]).read_bytes())
+    log = tmp_path / "skopeo.log"
+
+    def write(fail: bool) -> Path:
+        skopeo = tmp_path / "skopeo"
+        skopeo.write_text(FAKE_SKOPEO.format(python=sys.executable, log=str(log), layout=str(layout),
+                                             manifest=str(manifest), digest=digest, fail=fail))
+        skopeo.chmod(0o755)
+        return skopeo
+    umoci = tmp_path / "umoci"
+    umoci.write_text('#!/bin/sh\nfor last; do :; done\nmkdir -p "$last/rootfs"\n')
+    umoci.chmod(0o755)
+    cache = ImageCache(tmp_path / "cache", Registry(skopeo=str(write(False))), umoci=str(umoci))
+
+    def calls():
+        return [json.loads(line) for line in log.read_text().splitlines()]
+    return cache, calls, lambda: write(True)
+
+
+def _pty():
+    """A terminal: (master, slave as a file), 100 columns like a user's."""
+    import fcntl
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    return master, os.fdopen(slave, "w")
+
+
+def _drain(master: int) -> bytes:
+    os.set_blocking(master, False)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except (BlockingIOError, OSError):
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_a_pull_in_a_batch_log_says_one_line_per_stage_and_skopeo_runs_quiet(fake_pull, tmp_path):
+    cache, calls, _ = fake_pull
+    log = tmp_path / "slurm-7.err"
+    with open(log, "w") as err:              # sbatch's stderr: a file, not a terminal
+        image = cache.get(REF, live=err, progress=lambda line: print(f"dgxvm: {line}", file=err))
+    assert image.config == {"Cmd": ["sh"]}
+    text = log.read_text()
+    assert [line.split()[1] for line in text.splitlines()] == ["resolving", "pulling",
+                                                               "unpacking", "done:"]
+    assert "\r" not in text and "\x1b" not in text and "Copying" not in text
+    copy = [c for c in calls() if "copy" in c]
+    assert len(copy) == 1 and "--quiet" in copy[0]
+
+
+def test_a_pull_on_a_terminal_shows_skopeos_bars_there(fake_pull):
+    cache, calls, _ = fake_pull
+    master, term = _pty()
+    lines: list[str] = []
+    try:
+        with term:
+            cache.get(REF, live=term, progress=lines.append)
+        shown = _drain(master)
+    finally:
+        os.close(master)
+    assert b"Copying blob b83ec68765a5 [=====>" in shown and b"\x1b[1A\x1b[J" in shown
+    assert [line.split()[0] for line in lines] == ["resolving", "pulling", "unpacking", "done:"]
+    assert "--quiet" not in [c for c in calls() if "copy" in c][0]
+
+
+def test_a_failed_pull_on_a_terminal_is_the_same_clear_error(fake_pull, tmp_path):
+    cache, _, fail = fake_pull
+    fail()
+    master, term = _pty()
+    errors = []
+    try:
+        with term, open(tmp_path / "batch.err", "w") as batch:
+            for live in (term, batch, None):
+                with pytest.raises(ContainerImageNotFound) as exc:
+                    cache.get(REF, live=live)
+                errors.append(str(exc.value))
+    finally:
+        os.close(master)
+    assert errors == [f"container image {REF}: no tag '1' in {REF.name}: initializing source "
+                      f"docker://r/x@sha256:0: reading manifest sha256:0 in r/x: manifest "
+                      f"unknown: manifest unknown"] * 3
+    assert cache.entries() == [] and list((cache.root / "tmp").iterdir()) == []

@@ -238,6 +238,7 @@ def fake_run(tmp_path, monkeypatch):
     state = {"during": lambda: None}
 
     def get(self, ref, **kw):
+        state["get"] = kw
         if self.lookup(D3, ref) is None:
             entry(self, D3, 10, time.time(), str(ref))
         return self.lookup(D3, ref)
@@ -296,6 +297,15 @@ def test_dgxvm_run_quiet_evicts_silently_and_no_limit_evicts_nothing(fake_run, c
     assert capsys.readouterr().err == "" and digests(cache) == [D1, D3]
     assert run("[containers]\ncache_max_age_days = 1\n", "--quiet") == 0
     assert capsys.readouterr().err == "" and digests(cache) == [D3]
+
+
+def test_dgxvm_run_offers_its_stderr_for_skopeos_bars_unless_quiet(fake_run, capsys):
+    """The registry shows them only if that is a terminal (tests/unit/test_container_cache.py)."""
+    cache, state, run = fake_run
+    assert run("") == 0
+    assert state["get"]["live"] is sys.stderr
+    assert run("", "-q") == 0
+    assert state["get"]["live"] is None
 
 
 def test_a_failed_eviction_never_fails_the_run(fake_run, capsys, monkeypatch):
