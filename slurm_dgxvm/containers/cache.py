@@ -563,9 +563,9 @@ class ImageCache:
         leftovers of dead writers of digests it can lock go too, and refs/ that point at no
         entry. One eviction at a time (``locks/evict.lock``; a second waits up to
         :attr:`lock_timeout_s`, or with ``skip_if_busy`` returns [] at once: the one running
-        does the work, as a run's own eviction wants). ``report`` is called with each entry removed; with
-        ``dry_run`` nothing is removed and the entries that would be are reported. Returns the
-        digests removed (or that would be)."""
+        does the work, as a run's own eviction wants). ``report`` is called with each entry
+        removed; with ``dry_run`` nothing is removed and the entries that would be are
+        reported. Returns the digests removed (or that would be)."""
         self._ensure_dirs()
         lock = self.root / "locks" / "evict.lock"
         if skip_if_busy:
