@@ -85,6 +85,7 @@ class ContainersConfig:
                                               # shared read-only into their VMs; "" = none
     insecure_registries: tuple[str, ...] = () # host[:port] reached over plain HTTP
     cache_max_gib: float = 0.0                # per user cache; 0 = no limit
+    cache_max_age_days: float = 0.0           # images unused longer are removed; 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -338,9 +339,10 @@ def _validate(cfg: Config, path: str) -> None:
         if not REGISTRY_HOST.fullmatch(reg):
             raise ConfigError(path=path, reason=f"containers.insecure_registries: {reg!r} is "
                                                 f"not a registry host[:port] (no scheme, no path)")
-    if c.cache_max_gib < 0:
-        raise ConfigError(path=path, reason=f"containers.cache_max_gib must be >= 0, "
-                                            f"not {c.cache_max_gib}")
+    for key in ("cache_max_gib", "cache_max_age_days"):
+        if getattr(c, key) < 0:
+            raise ConfigError(path=path, reason=f"containers.{key} must be >= 0, "
+                                                f"not {getattr(c, key)}")
     if cfg.fabric.timeout_s <= 0:
         raise ConfigError(path=path, reason=f"fabric.timeout_s must be > 0, not {cfg.fabric.timeout_s}")
     if cfg.slurm.command_timeout_s <= 0:

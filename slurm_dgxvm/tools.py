@@ -37,8 +37,12 @@ def output_tail(result: subprocess.CompletedProcess, limit: int = TAIL_CHARS) ->
 def run_tool(argv: Sequence[str], *, timeout: float, error: Callable[[str], Exception],
              what: str | None = None, hint: str = "", timeout_hint: str = "", check: bool = True,
              input: str | None = None, env: dict[str, str] | None = None,
-             limit: int = TAIL_CHARS) -> subprocess.CompletedProcess:
+             limit: int = TAIL_CHARS, stdout: int | None = None) -> subprocess.CompletedProcess:
     """Run ``argv`` and return its CompletedProcess (text stdout and stderr).
+
+    ``stdout``: a file descriptor the tool's stdout goes to as it writes it (a terminal the user
+    watches), instead of being captured (the result's ``stdout`` is then None); stderr is
+    captured all the same, so errors quote it.
 
     ``what`` names the run in messages (default: the command line). Raises ``error(reason)``
     when the program is missing (``"<prog> not found<hint>"``), not executable, does not finish
@@ -51,8 +55,8 @@ def run_tool(argv: Sequence[str], *, timeout: float, error: Callable[[str], Exce
     what = what or shlex.join(argv)
     run_env = {**(os.environ if env is None else env), "LC_ALL": "C"}
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                                input=input,
+        result = subprocess.run(argv, stdout=subprocess.PIPE if stdout is None else stdout,
+                                stderr=subprocess.PIPE, text=True, timeout=timeout, input=input,
                                 stdin=subprocess.DEVNULL if input is None else None,
                                 env=run_env)
     except FileNotFoundError:

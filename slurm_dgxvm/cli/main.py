@@ -24,6 +24,7 @@ from ..ledger import Ledger
 from ..placement import Policy, Request, place, templates
 from ..slurm.gres import gres_conf
 from . import render, run as run_cli, slurm as slurm_cli, vms
+from .image_cache import image_cache as image_cache_group
 from .images import image as image_group
 from .params import GIB, GPU_LIST, MIB, request_flags
 
@@ -188,6 +189,7 @@ def simulate(machine, out, missing, unknown_numa):
 for _command in vms.COMMANDS + slurm_cli.COMMANDS + run_cli.COMMANDS:
     cli.add_command(_command)
 cli.add_command(image_group)
+cli.add_command(image_cache_group)
 
 
 # -- shares ----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ guest's "cannot execute" and "not found" (README "Exit status of dgxvm run").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -75,11 +76,13 @@ def _container_options(f):
 def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool, *,
                terminal: bool = False) -> Request:
     """The request of ``request``'s command in ``flags.image``'s container (or the named
-    container's image)."""
+    container's image). The image is held in use until the command ends (the click context
+    closes after session.run): no eviction removes it under the running container."""
     from ..containers.cache import ImageCache
     from ..containers.ref import parse
     from ..containers.registry import Registry
     from ..images.profile import runtime_of
+    from .image_cache import evict_for_run
     flags.check()             # the flags' own checks first, before any pull
     name = flags.container_name
     kind, gpu_devices = runtime_of(cfg.images.store, target.image)
@@ -93,10 +96,12 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
     cache = ImageCache(Path(target.image_cache),
                        Registry.for_user(insecure=cfg.containers.insecure_registries))
     vmdir = Path(target.key).parent
+    hold = click.get_current_context().with_resource(contextlib.ExitStack())
     made = ranlog.named(vmdir, name) if name else None
     if made is not None:
         # pyxis's rule: a container that exists is used, and the image is not pulled again
         ref_text, digest = made
+        hold.enter_context(cache.in_use(digest))
         image = cache.lookup(digest, parse(ref_text))
         if image is None:
             raise BadInput(f"container {name} of job {target.job_id} was made from "
@@ -110,10 +115,13 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
                        f"--container-image REF --container-name {name}", value=name)
     else:
         ref = parse(flags.image)
-        image = cache.get(ref, progress=lambda line: click.echo(f"dgxvm: {line}", err=True))
+        # skopeo's progress bars only on a terminal (stderr), one line per stage in a batch log
+        image = cache.get_held(ref, hold, live=None if quiet else sys.stderr,
+                               progress=lambda line: click.echo(f"dgxvm: {line}", err=True))
         # for the job's record in Slurm's accounting (the Epilog reads it): which exact image;
         # and, for a named container, which image it is made from
         ranlog.append(vmdir, image.digest, str(ref), name)
+    evict_for_run(cache, cfg.containers, keep={image.digest}, quiet=quiet)
     n = len(target.gpus) if gpu_devices == "nvidia" else 0
     if target.gpus and not n and not quiet:
         click.echo(f"dgxvm: note: image {target.image} has no GPU devices for containers "

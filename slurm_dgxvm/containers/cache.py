@@ -16,7 +16,10 @@ Layout under ``root``::
     refs/<registry>/<repository>@<tag or digest>
                              the digest a reference resolved to last (JSON); a digest that names
                              an index maps to its linux/amd64 manifest for good
-    locks/<hex>.lock         per-digest lock (never removed: a waiter may hold its inode)
+    locks/<algo>-<hex>.lock  per-digest pull lock (never removed: a waiter may hold its inode)
+    locks/<algo>-<hex>.use   per-digest use lock: held shared by every run of the image, taken
+                             exclusively by evict (never removed either, for the same reason)
+    locks/evict.lock         one eviction at a time
     tmp/<hex>.<pid>.<rand>/  an entry being built, and what evict moves away before deleting
 
 Publishing: an entry is built in ``tmp/`` and renamed to ``sha256/<hex>`` as a whole, under the
@@ -24,12 +27,18 @@ digest's lock, only if no entry is there: a reader sees a complete entry or none
 dies (SIGKILL, the disk full, a crash) leaves only its ``tmp/<hex>.*`` directory, which nothing
 reads; the next get of that digest removes it under the lock (no other writer of that digest can
 be running then), and :meth:`ImageCache.evict` removes those of any digest it can lock.
+
+In use: a run holds its image's use lock shared (:meth:`ImageCache.in_use`, a ``flock`` held for
+as long as the run lasts and released by the kernel when the process dies, however it dies);
+:meth:`ImageCache.evict` removes an entry only while it holds that lock exclusively, and never
+one whose pull lock is held. :meth:`ImageCache.get_held` is a get whose entry is then held in use.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -40,6 +49,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import IO
 
 from .. import fsutil
 from ..errors import (ContainerCacheError, ContainerDiskFull, ContainerImageError,
@@ -50,6 +60,7 @@ from .registry import DIGEST, Registry
 
 OCI_TAG = "image"
 LOCK_TIMEOUT_S = 3600.0          # a waiter waits for a whole pull by another process
+LOCK_POLL_S = 0.05
 UNPACK_TIMEOUT_S = 3600.0
 CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User")
 
@@ -72,11 +83,13 @@ class CachedImage:
 
 @dataclass(frozen=True)
 class EntryUsage:
-    """What eviction knows of an entry: its digest, bytes on disk, last use (epoch seconds)."""
+    """What eviction knows of an entry: its digest, bytes on disk, last use (epoch seconds),
+    and the references the refs/ index says resolved to it (for messages)."""
 
     digest: str
     size: int
     last_used: float
+    refs: tuple[str, ...] = ()
 
 
 def plan_eviction(entries: Iterable[EntryUsage], *, max_bytes: int | None = None,
@@ -203,6 +216,10 @@ class ImageCache:
     def _lock_path(self, digest: str) -> Path:
         return self.root / "locks" / f"{digest.replace(':', '-')}.lock"
 
+    def _use_path(self, digest: str) -> Path:
+        self.entry_path(digest)               # a digest, or ValueError: it becomes a name
+        return self.root / "locks" / f"{digest.replace(':', '-')}.use"
+
     # -- reading ----------------------------------------------------------------------------
     def lookup(self, digest: str, ref: ImageRef) -> CachedImage | None:
         """The complete entry of ``digest``, or None. No network, no lock: an entry exists
@@ -240,9 +257,108 @@ class ImageCache:
             (image.path / "last-used").touch()
         return image
 
+    # -- in use -----------------------------------------------------------------------------
+    def _open_use(self, digest: str, *, create: bool) -> int | None:
+        """A descriptor of ``digest``'s use lock file (made 0600 with ``create``; None when it
+        is missing and not ``create``). Never through a symlink; anything but a regular file
+        there is refused."""
+        path = self._use_path(digest)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags | (os.O_CREAT if create else 0), 0o600)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return fd
+
+    @contextlib.contextmanager
+    def in_use(self, digest: str, *, timeout: float | None = None):
+        """Hold ``digest``'s use lock shared for the block: :meth:`evict` leaves the entry alone
+        while any process holds it. Many holders at once are fine (shared); the lock goes with
+        the process however it ends (the kernel drops a dead process's ``flock``). Waits (up to
+        ``timeout``, default :attr:`lock_timeout_s`) only while an eviction holds it
+        exclusively, which it does just long enough to move the entry away: the entry may then
+        be gone when the block starts (:meth:`get_held` gets it again). On the way out the
+        entry's last use is now, so an image a long job ran counts as used until its end.
+        ContainerCacheError naming the lock file when it cannot be opened or taken in time."""
+        path = self._use_path(digest)
+        timeout = self.lock_timeout_s if timeout is None else timeout
+        try:
+            fd = self._open_use(digest, create=True)
+        except OSError as e:
+            raise ContainerCacheError(path=str(path), reason=e.strerror or str(e)) from None
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise ContainerCacheError(path=str(path), reason=f"an eviction of "
+                                                  f"{digest} held it for more than "
+                                                  f"{timeout:g}s") from None
+                    time.sleep(LOCK_POLL_S)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    os.utime(self.entry_path(digest) / "last-used")
+        finally:
+            os.close(fd)
+
+    def is_in_use(self, digest: str) -> bool:
+        """Whether some process holds ``digest``'s use lock now (a probe: true at once may be
+        false a moment later, and the other way round)."""
+        with self._try_use(digest) as free:
+            return not free
+
+    @contextlib.contextmanager
+    def _try_use(self, digest: str):
+        """Yields whether nobody held ``digest``'s use lock, which is then held exclusively for
+        the block (True too when there is no lock file: nobody ever held it)."""
+        try:
+            fd = self._open_use(digest, create=False)
+        except OSError:
+            yield False                        # not a lock we can take: leave the entry be
+            return
+        if fd is None:
+            yield True
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                free = True
+            except BlockingIOError:
+                free = False
+            yield free
+        finally:
+            os.close(fd)
+
+    def get_held(self, ref: ImageRef, hold: contextlib.ExitStack, **kw) -> CachedImage:
+        """:meth:`get`, then :meth:`in_use` of its digest entered on ``hold`` (the caller's
+        stack, closed when the image is no longer used). An eviction that removed the entry
+        between the two (it held the use lock before this did) is met by getting it again:
+        once this returns, the entry is there and stays until ``hold`` closes."""
+        for _ in range(3):
+            image = self.get(ref, **kw)
+            with contextlib.ExitStack() as mine:
+                mine.enter_context(self.in_use(image.digest))
+                if self.lookup(image.digest, ref) is not None:
+                    hold.enter_context(mine.pop_all())
+                    return image
+        raise ContainerCacheError(path=str(self.entry_path(image.digest)),
+                                  reason="evicted again each time it was got (3 times); is "
+                                         "something pruning the cache in a loop?")
+
     # -- get --------------------------------------------------------------------------------
     def get(self, ref: ImageRef, *, auth: Path | str | None = None,
-            progress: Progress | None = None, offline_ok: bool = False) -> CachedImage:
+            progress: Progress | None = None, offline_ok: bool = False,
+            live: IO | int | None = None) -> CachedImage:
         """The cached image of ``ref``, pulled and unpacked first if needed.
 
         A tag is always resolved to its digest with one registry request (a moved tag is seen
@@ -250,7 +366,9 @@ class ImageCache:
         the tag resolved to last time, if that entry is here. A digest reference already here
         needs no network at all. ``auth`` (a Docker config.json) replaces the registry's
         credentials file for this call. ``progress`` gets one line per stage: resolving, pulling,
-        unpacking, done (or cached).
+        unpacking, done (or cached). ``live``: a terminal (file or descriptor) where skopeo shows
+        the pull's progress bars between "pulling" and "unpacking"; not a terminal, or None, and
+        nothing but the stage lines is said (:meth:`Registry.pull`).
 
         Ten processes getting one new image make one pull: the first takes the digest's lock
         and pulls, the others wait for it and find the entry. Raises the registry's errors
@@ -276,13 +394,14 @@ class ImageCache:
             raise
         digest = resolved.digest
         if (image := self.lookup(digest, ref)) is None:
-            image = self._fill(registry, ref, digest, say)
+            image = self._fill(registry, ref, digest, say, live)
         else:
             say(f"done: {ref} is cached ({digest})")
         self._remember(ref, digest)
         return self._used(image)
 
-    def _fill(self, registry: Registry, ref: ImageRef, digest: str, say: Progress) -> CachedImage:
+    def _fill(self, registry: Registry, ref: ImageRef, digest: str, say: Progress,
+              live: IO | int | None = None) -> CachedImage:
         """Pull and unpack ``digest`` under its lock, unless another process did meanwhile."""
         lock = self._lock_path(digest)
         with fsutil.locked(lock, timeout=self.lock_timeout_s, mode=0o600,
@@ -297,7 +416,7 @@ class ImageCache:
                 return image
             work = self.root / "tmp" / f"{digest.split(':', 1)[1]}.{os.getpid()}.{secrets.token_hex(4)}"
             try:
-                self._build(registry, ref, digest, work, say)
+                self._build(registry, ref, digest, work, say, live)
                 self._publish(work, digest, ref)
             finally:
                 remove_tree(work)
@@ -309,7 +428,7 @@ class ImageCache:
         return image
 
     def _build(self, registry: Registry, ref: ImageRef, digest: str, work: Path,
-               say: Progress) -> None:
+               say: Progress, live: IO | int | None = None) -> None:
         try:
             work.mkdir(mode=0o700)
             (work / "skopeo-tmp").mkdir(mode=0o700)
@@ -317,7 +436,7 @@ class ImageCache:
             raise self._os_error(ref, work, e) from None
         say(f"pulling {ref} ({digest})")
         oci_digest = registry.pull(ref, digest, work / "oci", OCI_TAG,
-                                        tmpdir=work / "skopeo-tmp")
+                                   tmpdir=work / "skopeo-tmp", progress_to=live)
         say(f"unpacking {ref}")
 
         def unpack_error(reason: str) -> ContainerImageError:
@@ -339,9 +458,11 @@ class ImageCache:
                                       f"config: {e}") from None
         try:
             remove_tree(work / "skopeo-tmp")
+            # an entry never changes once published: its size, counted once here, is what
+            # eviction adds up on every run without walking every image's tree
             fsutil.atomic_write_json(work / "image.json", {
                 "digest": digest, "oci_manifest_digest": oci_digest, "ref": str(ref),
-                "config": config, "pulled": int(time.time())})
+                "config": config, "pulled": int(time.time()), "size": tree_size(work)})
             (work / "last-used").touch()
         except OSError as e:
             raise self._os_error(ref, work, e) from None
@@ -384,49 +505,98 @@ class ImageCache:
 
     # -- eviction ---------------------------------------------------------------------------
     def entries(self) -> list[EntryUsage]:
-        """Every complete entry with its size and last use."""
+        """Every complete entry with its size (as recorded when it was pulled; counted for an
+        entry from before that), last use and the references that resolved to it. An entry
+        that vanishes while it is read (evicted) is left out."""
+        refs = self.refs()
         out = []
         for algo in ("sha256", "sha512"):
             base = self.root / algo
-            if not base.is_dir():
+            try:
+                names = sorted(os.listdir(base))
+            except OSError:
                 continue
-            for p in sorted(base.iterdir()):
-                digest = f"{algo}:{p.name}"
-                if not DIGEST.fullmatch(digest) or not (p / "image.json").is_file():
+            for name in names:
+                digest, p = f"{algo}:{name}", base / name
+                if not DIGEST.fullmatch(digest):
+                    continue
+                try:
+                    meta = _read_json(p / "image.json")
+                    meta_mtime = (p / "image.json").stat().st_mtime
+                except (OSError, ValueError):
                     continue
                 try:
                     last = (p / "last-used").stat().st_mtime
                 except OSError:
-                    last = (p / "image.json").stat().st_mtime
-                out.append(EntryUsage(digest=digest, size=tree_size(p), last_used=last))
+                    last = meta_mtime
+                size = meta.get("size")
+                if type(size) is not int or size < 0:
+                    size = tree_size(p)
+                out.append(EntryUsage(digest=digest, size=size, last_used=last,
+                                      refs=tuple(sorted(refs.get(digest, ())))))
+        return out
+
+    def refs(self) -> dict[str, list[str]]:
+        """``{digest: [reference, ...]}`` from the refs/ index: what each entry was asked for
+        as (the last time each reference was resolved)."""
+        out: dict[str, list[str]] = {}
+        for p in (self.root / "refs").rglob("*@*"):
+            try:
+                doc = _read_json(p)
+            except (OSError, ValueError):
+                continue
+            digest, ref = doc.get("digest"), doc.get("ref")
+            if isinstance(digest, str) and isinstance(ref, str):
+                out.setdefault(digest, []).append(ref)
         return out
 
     def evict(self, *, max_bytes: int | None = None, max_age_s: float | None = None,
-              keep: Iterable[str] = (), now: float | None = None) -> list[str]:
+              keep: Iterable[str] = (), now: float | None = None, dry_run: bool = False,
+              report: Callable[[EntryUsage], None] | None = None,
+              skip_if_busy: bool = False) -> list[str]:
         """Remove entries unused for ``max_age_s``, then least recently used ones until the
-        cache fits in ``max_bytes`` (:func:`plan_eviction`); digests in ``keep`` (the images
-        of running jobs: the caller knows them) stay. An entry whose lock is held (a get is
-        pulling or publishing it) is skipped. Each is first renamed into tmp/ under its lock
-        (it vanishes at once for readers), then deleted; leftovers of dead writers of digests
-        it can lock go too, and refs/ that point at no entry. Returns the digests removed."""
+        cache fits in ``max_bytes`` (:func:`plan_eviction`); digests in ``keep`` stay. An entry
+        in use (:meth:`in_use`: a run holds it) is never removed, nor chosen in its stead: the
+        plan is made of the others. An entry whose pull lock is held (a get is pulling or
+        publishing it) is skipped. Each is first renamed into tmp/ while its use lock is held
+        exclusively and its pull lock is held (it vanishes at once for readers), then deleted;
+        leftovers of dead writers of digests it can lock go too, and refs/ that point at no
+        entry. One eviction at a time (``locks/evict.lock``; a second waits up to
+        :attr:`lock_timeout_s`, or with ``skip_if_busy`` returns [] at once: the one running
+        does the work, as a run's own eviction wants). ``report`` is called with each entry
+        removed; with ``dry_run`` nothing is removed and the entries that would be are
+        reported. Returns the digests removed (or that would be)."""
         self._ensure_dirs()
+        lock = self.root / "locks" / "evict.lock"
+        if skip_if_busy:
+            with self._try_lock_file(lock) as held:
+                return self._evict(max_bytes, max_age_s, keep, now, dry_run, report) if held else []
+        with fsutil.locked(lock, timeout=self.lock_timeout_s, mode=0o600,
+                           timed_out=lambda: ContainerCacheError(
+                               path=str(lock), reason=f"another eviction held it for more "
+                               f"than {self.lock_timeout_s:g}s"),
+                           failed=lambda e: ContainerCacheError(path=str(lock),
+                                                                reason=e.strerror or str(e))):
+            return self._evict(max_bytes, max_age_s, keep, now, dry_run, report)
+
+    def _evict(self, max_bytes, max_age_s, keep, now, dry_run, report) -> list[str]:
+        """:meth:`evict` under ``locks/evict.lock``."""
         now = time.time() if now is None else now
+        entries = self.entries()
+        busy = {e.digest for e in entries if self.is_in_use(e.digest)}
+        by_digest = {e.digest: e for e in entries}
         removed = []
-        for digest in plan_eviction(self.entries(), max_bytes=max_bytes, max_age_s=max_age_s,
-                                    now=now, keep=keep):
-            with self._try_lock(digest) as held:
-                if not held:
-                    continue
-                path = self.entry_path(digest)
-                grave = self.root / "tmp" / f"{path.name}.evict.{secrets.token_hex(4)}"
-                try:
-                    os.rename(path, grave)
-                except FileNotFoundError:
-                    continue
-                remove_tree(grave)
+        for digest in plan_eviction(entries, max_bytes=max_bytes, max_age_s=max_age_s,
+                                    now=now, keep={*keep, *busy}):
+            if self._evict_one(digest, dry_run):
                 removed.append(digest)
+                if report is not None:
+                    report(by_digest[digest])
+        if dry_run:
+            return removed
         for p in (self.root / "tmp").iterdir():
-            digest = f"sha{'512' if len(p.name.split('.')[0]) == 128 else '256'}:{p.name.split('.')[0]}"
+            hex_ = p.name.split(".")[0]
+            digest = f"sha{'512' if len(hex_) == 128 else '256'}:{hex_}"
             if DIGEST.fullmatch(digest):
                 with self._try_lock(digest) as held:
                     if held:
@@ -434,12 +604,36 @@ class ImageCache:
         self._prune_refs()
         return removed
 
-    @contextlib.contextmanager
+    def _evict_one(self, digest: str, dry_run: bool) -> bool:
+        """Remove ``digest``'s entry if nobody uses it and no get holds its pull lock."""
+        with contextlib.ExitStack() as use:
+            if not use.enter_context(self._try_use(digest)):
+                return False
+            with self._try_lock(digest) as held:
+                if not held:
+                    return False
+                path = self.entry_path(digest)
+                if dry_run:
+                    return path.is_dir()
+                grave = self.root / "tmp" / f"{path.name}.evict.{secrets.token_hex(4)}"
+                try:
+                    os.rename(path, grave)
+                except FileNotFoundError:
+                    return False
+                use.close()        # gone for readers: a run waiting in in_use() may go on
+                remove_tree(grave)             # (and a get of it waits for this pull lock)
+                return True
+
     def _try_lock(self, digest: str):
         """Yields whether the digest's lock was free (and is now held for the block)."""
+        return self._try_lock_file(self._lock_path(digest))
+
+    @contextlib.contextmanager
+    def _try_lock_file(self, path: Path):
+        """Yields whether the lock file ``path`` was free (and is now held for the block)."""
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(fsutil.locked(self._lock_path(digest), timeout=0, mode=0o600,
+            stack.enter_context(fsutil.locked(path, timeout=0, mode=0o600,
                                               timed_out=TimeoutError, failed=lambda e: e))
             held = True
         except (TimeoutError, OSError):

@@ -8,6 +8,13 @@
   digest ``resolve`` returned (a tag moved in between cannot change what is pulled; skopeo
   verifies the bytes against it), with ``--override-os linux --override-arch amd64``.
 
+Progress: skopeo 1.9 writes its copy report to its stdout: on a terminal a progress bar per blob
+(redrawn in place with cursor-up and erase escapes), to a pipe or a file one ``Copying blob
+sha256:...`` line per blob and a few more lines; its errors go to stderr. A pull runs
+``--quiet`` (no report at all: a batch log gets the cache's one line per stage) unless it is
+given a terminal (:meth:`Registry.pull`'s ``progress_to``): then skopeo's stdout is that
+terminal, so the user watches the bars, and its stderr is still captured for :func:`classify`.
+
 Credentials: a Docker ``config.json`` (``auths``, as ``docker login`` writes it) passed to
 skopeo as ``--authfile``; :func:`default_authfile` finds the user's own
 (``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``). It is read by skopeo running as
@@ -35,6 +42,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from ..errors import (ContainerAuthError, ContainerDiskFull, ContainerImageError,
                       ContainerImageNotFound, ContainerRegistryUnreachable)
@@ -98,6 +106,18 @@ def authfile_has(authfile: Path | None, endpoint: str) -> bool | None:
     if endpoint == "registry-1.docker.io":
         aliases |= {"docker.io", "index.docker.io"}
     return bool(hosts & aliases) or bool(doc.get("credsStore"))
+
+
+def terminal_fd(out: IO | int | None) -> int | None:
+    """The file descriptor of ``out`` (a file or a descriptor) when it is a terminal, else
+    None (no descriptor, closed, a pipe, a file: a batch log)."""
+    if out is None:
+        return None
+    try:
+        fd = out if isinstance(out, int) else out.fileno()
+        return fd if os.isatty(fd) else None
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -224,7 +244,7 @@ class Registry:
         return f"docker://{ref.endpoint}/{ref.repository}{sep}{reference}"
 
     def _run(self, argv: list[str], ref: ImageRef, what: str, timeout: float,
-             env: Mapping[str, str] | None = None):
+             env: Mapping[str, str] | None = None, stdout: int | None = None):
         def error(reason: str) -> ContainerImageError:
             if reason.startswith(what):           # run_tool's time-out: skopeo was killed
                 return ContainerRegistryUnreachable(ref=str(ref), reason=f"registry "
@@ -233,7 +253,8 @@ class Registry:
         run_env = dict(os.environ if self.env is None else self.env)
         run_env.update(env or {})
         result = run_tool([self.skopeo, *argv], timeout=timeout, error=error, what=what,
-                          hint=" (Debian package skopeo)", check=False, env=run_env)
+                          hint=" (Debian package skopeo)", check=False, env=run_env,
+                          stdout=stdout)
         if result.returncode != 0:
             raise classify(output_tail(result, 4000), ref, authfile=self.authfile,
                            has_creds=authfile_has(self.authfile, ref.endpoint))
@@ -292,21 +313,27 @@ class Registry:
                                       f"{ref.name} (it has: {shown or 'no tags'})")
 
     def pull(self, ref: ImageRef, digest: str, oci_dir: Path, tag: str, *,
-             tmpdir: Path | None = None) -> str:
+             tmpdir: Path | None = None, progress_to: IO | int | None = None) -> str:
         """Copy the image manifest ``digest`` of ``ref``'s repository into the OCI layout
         ``oci_dir`` as ``tag``; returns the digest of the manifest written there (skopeo's
         ``--digestfile``; it differs from ``digest`` when a Docker manifest was converted to
-        OCI). ``tmpdir`` holds skopeo's temporary files (it defaults to /var/tmp)."""
+        OCI). ``tmpdir`` holds skopeo's temporary files (it defaults to /var/tmp).
+        ``progress_to`` (a file or descriptor): where skopeo's progress bars go when it is a
+        terminal; anything else, or None, and skopeo runs ``--quiet`` (the module docstring)."""
         if not DIGEST.fullmatch(digest):
             raise ContainerImageError(ref=str(ref), reason=f"bad digest {digest!r}")
         digestfile = oci_dir.parent / f".{oci_dir.name}.digest"
         argv = ["--override-os", PLATFORM_OS, "--override-arch", PLATFORM_ARCH]
         if tmpdir is not None:
             argv += ["--tmpdir", str(tmpdir)]
-        argv += ["copy", "--quiet", "--remove-signatures", *self._common(ref, "--src-tls-verify"),
-                 f"--digestfile={digestfile}", self._source(ref, digest), f"oci:{oci_dir}:{tag}"]
+        terminal = terminal_fd(progress_to)
+        argv += ["copy", *(["--quiet"] if terminal is None else []), "--remove-signatures",
+                 *self._common(ref, "--src-tls-verify"), f"--digestfile={digestfile}",
+                 self._source(ref, digest), f"oci:{oci_dir}:{tag}"]
         env = {"TMPDIR": str(tmpdir)} if tmpdir is not None else None
-        self._run(argv, ref, f"skopeo copy {ref}", self.pull_timeout_s, env=env)
+        if terminal is not None and hasattr(progress_to, "flush"):
+            progress_to.flush()                # our own lines first, then skopeo's bars
+        self._run(argv, ref, f"skopeo copy {ref}", self.pull_timeout_s, env=env, stdout=terminal)
         try:
             written = digestfile.read_text().strip()
             digestfile.unlink()
@@ -317,4 +344,5 @@ class Registry:
 
 
 __all__ = ["DIGEST", "PLATFORM_ARCH", "PLATFORM_OS", "Registry", "Resolved", "authfile_has",
-           "classify", "default_authfile", "manifest_digest", "select_platform", "skopeo_said"]
+           "classify", "default_authfile", "manifest_digest", "select_platform", "skopeo_said",
+           "terminal_fd"]

@@ -6,18 +6,26 @@ never-pulled image builds its own (a busybox image with its own /marker: ~0.2 s)
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import multiprocessing
 import os
+import pty
 import re
 import signal
+import struct
 import subprocess
+import termios
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from harness.registry import LocalRegistry, build_image, free_port, push_multiarch
-from slurm_dgxvm.containers.cache import ImageCache
+from slurm_dgxvm.cli import image_cache as cli_cache
+from slurm_dgxvm.config import ContainersConfig
+from slurm_dgxvm.containers.cache import ImageCache, tree_size
 from slurm_dgxvm.containers.ref import parse
 from slurm_dgxvm.containers.registry import Registry
 from slurm_dgxvm.errors import (ContainerAuthError, ContainerDiskFull, ContainerImageNotFound,
@@ -265,3 +273,119 @@ def test_eviction_drops_the_least_recently_used_image_and_a_later_get_pulls_it_a
     assert cache.get(parse(old_ref)).digest == old
     assert blob_gets(reg, "test/evict-old") == blobs + 2
     assert cache.evict(max_age_s=1800) == []              # both used just now
+
+
+def _hold(root, endpoint, ref, ready, stop):
+    """A dgxvm run of ``ref``, as far as the cache can tell: got and held until told to stop."""
+    with contextlib.ExitStack() as hold:
+        ImageCache(root, Registry(insecure=frozenset({endpoint}))).get_held(parse(ref), hold)
+        ready.set()
+        stop.wait(60)
+
+
+def test_a_configured_limit_evicts_real_images_but_never_one_a_run_holds(
+        cache, reg, work, monkeypatch, capsys):
+    """What dgxvm run does after its get (cli.image_cache.evict_for_run, as an ordinary user:
+    root never evicts in a user's cache), on images pulled for real: their recorded sizes add
+    up, the one another process holds stays, the others go, one line each."""
+    held_ref, held = fresh(reg, work, "limit-held")
+    old_ref, old = fresh(reg, work, "limit-old")
+    mine_ref, mine = fresh(reg, work, "limit-mine")
+    ctx = multiprocessing.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(cache.root, reg.endpoint, held_ref, ready, stop))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        cache.get(parse(old_ref))
+        cache.get(parse(mine_ref))
+        past = time.time() - 3 * 86400
+        for digest in (held, old):
+            os.utime(cache.entry_path(digest) / "last-used", (past, past))
+        sizes = {e.digest: e.size for e in cache.entries()}
+        for digest, size in sizes.items():         # recorded at pull: the tree, give or take
+            assert size <= tree_size(cache.entry_path(digest)) <= size + 16384   # image.json
+        monkeypatch.setattr(cli_cache.os, "geteuid", lambda: 1000)
+        limit = ContainersConfig(cache_max_gib=(sizes[mine] + 1) / 1024 ** 3)
+        cli_cache.evict_for_run(cache, limit, keep={mine}, quiet=False)
+        assert sorted(e.digest for e in cache.entries()) == sorted([held, mine])
+        err = capsys.readouterr().err
+        assert re.fullmatch(rf"dgxvm: evicted {re.escape(old_ref)}@{old} \(\d+\.\d [KM]iB, "
+                            rf"unused for 3\.0 days\) to keep the cache under [\d.e-]+ GiB\n", err)
+    finally:
+        stop.set()
+        holder.join(60)
+    assert holder.exitcode == 0
+    cli_cache.evict_for_run(cache, limit, keep={mine}, quiet=True)      # the run has ended
+    assert [e.digest for e in cache.entries()] == [mine]
+    assert capsys.readouterr().err == ""
+
+
+# -- progress ------------------------------------------------------------------------------------
+def _terminal():
+    """A pty as a user's terminal (100 columns; skopeo draws nothing in 0), its output read in
+    a thread as it comes: (terminal file, stop-and-return-what-it-showed)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    shown = bytearray()
+
+    def read():
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:                   # EIO: the slave side is closed
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    term = os.fdopen(slave, "w")
+
+    def close() -> bytes:
+        term.close()
+        reader.join(10)
+        os.close(master)
+        return bytes(shown)
+    return term, close
+
+
+def test_a_pull_on_a_terminal_shows_skopeos_progress_and_a_batch_log_only_the_stages(
+        cache, reg, work, tmp_path):
+    ref, digest = fresh(reg, work, "progress-tty")
+    term, close = _terminal()
+    lines: list[str] = []
+    try:
+        assert cache.get(parse(ref), live=term, progress=lines.append).digest == digest
+    finally:
+        shown = close()
+    assert [line.split()[0] for line in lines] == ["resolving", "pulling", "unpacking", "done:"]
+    assert re.search(rb"Copying blob [0-9a-f]{12} ", shown) and b"done" in shown
+    assert b"\x1b[" in shown                    # bars redrawn in place: a terminal's
+    batch_ref, _ = fresh(reg, work, "progress-batch")
+    log = tmp_path / "slurm-1.err"
+    with open(log, "w") as err:
+        cache.get(parse(batch_ref), live=err, progress=lambda line: print(f"dgxvm: {line}", file=err))
+    text = log.read_text()
+    assert len(text.splitlines()) == 4 and "\r" not in text and "\x1b" not in text
+    assert "Copying" not in text
+
+
+def test_a_failed_pull_on_a_terminal_says_the_same_clear_error(cache, reg, busybox, tmp_path):
+    """The copy itself fails (a digest the registry does not have): skopeo's stderr is still
+    what the error is made of, while its stdout was the terminal."""
+    ref = parse(f"{reg.endpoint}/test/busybox:1")
+    missing = "sha256:" + "0" * 64
+    said = []
+    term, close = _terminal()
+    try:
+        for live in (term, None):
+            with pytest.raises(ContainerImageNotFound) as exc:
+                cache.registry.pull(ref, missing, tmp_path / f"oci-{len(said)}", "image",
+                                    progress_to=live)
+            said.append(str(exc.value))
+    finally:
+        close()
+    assert said[0] == said[1]
+    assert said[0].startswith(f"container image {ref}: no tag '1' in {ref.name}: ")
+    assert "manifest unknown" in said[0] and "level=fatal" not in said[0]

@@ -94,7 +94,13 @@ lock_timeout_s = 5
     ("[containers]\ninsecure_registries = \"r:5000\"\n", "containers.insecure_registries"),
     ("[containers]\ninsecure_registries = [\"http://r:5000\"]\n", "'http://r:5000'"),
     ("[containers]\ninsecure_registries = [\"r:5000/x\"]\n", "'r:5000/x'"),
-    ("[containers]\ncache_max_gib = -1\n", "containers.cache_max_gib"),
+    ("[containers]\ncache_max_gib = -1\n", "containers.cache_max_gib must be >= 0, not -1.0"),
+    ("[containers]\ncache_max_gib = \"10G\"\n", "containers.cache_max_gib must be float, not '10G'"),
+    ("[containers]\ncache_max_age_days = -0.5\n",
+     "containers.cache_max_age_days must be >= 0, not -0.5"),
+    ("[containers]\ncache_max_age_days = nan\n", "containers.cache_max_age_days nan is out of range"),
+    ("[containers]\ncache_max_age_days = inf\n", "containers.cache_max_age_days inf is out of range"),
+    ("[containers]\ncache_max_age_days = true\n", "containers.cache_max_age_days must be float"),
     ("host = 3\n", "host must be a table"),
     ("[host\n", "not valid TOML"),
 ])
@@ -112,10 +118,11 @@ def test_the_containers_section_is_read(tmp_path):
     assert Config().containers.cache_dir == "/var/lib/dgxvm/containers"
     cfg = load(write(tmp_path, '[containers]\ncache_dir = "/srv/containers"\n'
                                'insecure_registries = ["registry.site:5000", "10.0.0.5:5000"]\n'
-                               'cache_max_gib = 200\n'))
+                               'cache_max_gib = 200\ncache_max_age_days = 7.5\n'))
     assert cfg.containers == config_mod.ContainersConfig(
         cache_dir="/srv/containers", insecure_registries=("registry.site:5000", "10.0.0.5:5000"),
-        cache_max_gib=200.0)
+        cache_max_gib=200.0, cache_max_age_days=7.5)
+    assert Config().containers.cache_max_age_days == 0.0      # no limit unless set
     assert load(write(tmp_path, '[containers]\ncache_dir = ""\n')).containers.cache_dir == ""
 
 

@@ -1,12 +1,15 @@
 """containers.registry and containers.cache, the parts that need no registry: what skopeo's
 failures mean, choosing linux/amd64 from an index, where credentials are, the cache's layout,
-what eviction picks and what it leaves alone. Pulls are in tests/integration/test_container_pull.py."""
+what eviction picks and what it leaves alone, where a pull's progress goes (a stand-in skopeo
+that talks as skopeo 1.9 does). Pulls are in tests/integration/test_container_pull.py."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pty
 import subprocess
 import sys
 import time
@@ -316,6 +319,178 @@ def test_evict_never_touches_an_entry_whose_lock_a_get_holds(tmp_path):
     assert cache.evict(max_bytes=0) == [D1]
 
 
+def _hold_in_use(root: Path, digest: str) -> subprocess.Popen:
+    """Another process that holds ``digest`` in use, as a running dgxvm run does, until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from slurm_dgxvm.containers.cache import ImageCache\n"
+        "with ImageCache(sys.argv[1]).in_use(sys.argv[2]):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(60)\n"), str(root), digest], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_an_image_another_process_uses_is_never_evicted_and_others_go_in_its_stead(tmp_path):
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 40_000, 1)              # the least recently used, but a run holds it
+    _entry(cache, D2, 40_000, 2)
+    _entry(cache, D3, 40_000, 3)
+    sizes = {e.digest: e.size for e in cache.entries()}
+    holder = _hold_in_use(tmp_path, D1)
+    try:
+        assert cache.is_in_use(D1) and not cache.is_in_use(D2)
+        # room for two: D1 stays, so the next least recently used goes instead
+        assert cache.evict(max_bytes=sizes[D1] + sizes[D3]) == [D2]
+        assert cache.evict(max_age_s=0) == [D3]
+        assert cache.evict(max_bytes=0) == []
+        assert cache.entry_path(D1).is_dir() and cache.lookup(D1, REF) is not None
+    finally:
+        holder.kill()                          # SIGKILL: the kernel drops its lock
+        holder.wait()
+    assert not cache.is_in_use(D1)
+    assert cache.evict(max_bytes=0) == [D1]
+    assert cache.entries() == [] and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_in_use_in_this_process_protects_too_and_many_may_hold_one_image(tmp_path):
+    """flock is per open file: evict's own open of the lock file conflicts with a holder's in
+    the same process (dgxvm run holds its image, then evicts), and holders share it."""
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 1000, 1)
+    _entry(cache, D2, 1000, 2)
+    with cache.in_use(D1), cache.in_use(D1):
+        assert cache.evict(max_bytes=0) == [D2]
+        assert cache.is_in_use(D1)
+    assert not cache.is_in_use(D1)
+    assert cache.evict(max_bytes=0) == [D1]
+
+
+def test_in_use_waits_for_an_eviction_holding_the_lock_then_says_so(tmp_path):
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 1000, 1)
+    with cache.in_use(D1):                     # a run that has ended
+        pass
+    with cache._try_use(D1) as free:           # what evict holds while it moves the entry
+        assert free
+        t0 = time.monotonic()
+        with pytest.raises(ContainerCacheError) as exc:
+            with cache.in_use(D1, timeout=0.3):
+                pass
+        assert time.monotonic() - t0 >= 0.3
+    assert str(exc.value) == (f"container cache {cache._use_path(D1)}: an eviction of {D1} "
+                              f"held it for more than 0.3s")
+    with cache.in_use(D1, timeout=0.3):        # free again
+        pass
+
+
+def test_the_use_lock_file_is_private_and_never_followed_through_a_symlink(tmp_path):
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 1000, 1)
+    _entry(cache, D2, 1000, 2)
+    with cache.in_use(D1):
+        assert oct(cache._use_path(D1).stat().st_mode & 0o777) == "0o600"
+    elsewhere = tmp_path / "elsewhere"
+    cache._use_path(D2).symlink_to(elsewhere)
+    with pytest.raises(ContainerCacheError, match=r"sha256-b+\.use: "):
+        with cache.in_use(D2):
+            pass
+    assert not elsewhere.exists()
+    assert cache.evict(max_bytes=0) == [D1]    # a lock it cannot take: that entry stays
+    assert cache.entry_path(D2).is_dir()
+
+
+def test_in_use_counts_as_a_use_until_it_ends(tmp_path):
+    """A week-long job's image is "unused" from the job's end, not from its start."""
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 1000, 1)
+    with cache.in_use(D1):
+        assert cache.entries()[0].last_used == 1
+    assert cache.entries()[0].last_used > time.time() - 60
+
+
+def test_get_held_gets_again_an_image_evicted_before_it_was_held(tmp_path, monkeypatch):
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    calls = []
+
+    def get(ref, **kw):
+        calls.append(kw)
+        if cache.lookup(D1, ref) is None:
+            _entry(cache, D1, 1000, time.time())      # pulled again
+        image = cache.lookup(D1, ref)
+        if len(calls) == 1:                            # an eviction right after the get
+            assert cache.evict(max_bytes=0) == [D1]
+        return image
+
+    monkeypatch.setattr(cache, "get", get)
+    with contextlib.ExitStack() as hold:
+        image = cache.get_held(REF, hold, progress=print)
+        assert len(calls) == 2 and calls[1] == {"progress": print}
+        assert image.digest == D1 and cache.lookup(D1, REF) is not None
+        assert cache.is_in_use(D1)
+        assert cache.evict(max_bytes=0) == []
+    assert not cache.is_in_use(D1)
+
+
+def test_evict_reports_what_it_removes_and_a_dry_run_removes_nothing(tmp_path):
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 1000, 1)
+    _entry(cache, D2, 1000, 2)
+    cache._remember(parse("r.io/a:1"), D1)
+    cache._remember(parse("r.io/b:2"), D1)
+    seen = []
+    assert cache.evict(max_bytes=0, dry_run=True, report=seen.append) == [D1, D2]
+    assert [e.digest for e in cache.entries()] == [D1, D2]
+    assert cache.ref_path(parse("r.io/a:1")).exists()
+    assert [(e.digest, e.refs) for e in seen] == [(D1, ("r.io/a:1", "r.io/b:2")), (D2, ())]
+    seen.clear()
+    assert cache.evict(max_age_s=50, now=100, report=seen.append) == [D1, D2]
+    assert [e.digest for e in seen] == [D1, D2] and cache.entries() == []
+
+
+def test_entries_take_the_size_recorded_at_pull_and_count_one_without(tmp_path):
+    cache = ImageCache(tmp_path)
+    cache._ensure_dirs()
+    _entry(cache, D1, 40_000, 1)
+    counted = cache.entries()[0].size
+    assert counted >= 40_000
+    meta = json.loads((cache.entry_path(D1) / "image.json").read_text())
+    (cache.entry_path(D1) / "image.json").write_text(json.dumps({**meta, "size": 123}))
+    assert cache.entries()[0].size == 123
+    (cache.entry_path(D1) / "image.json").write_text(json.dumps({**meta, "size": "big"}))
+    assert cache.entries()[0].size == counted
+
+
+def test_one_eviction_at_a_time_and_a_runs_own_skips_when_another_is_running(tmp_path):
+    cache = ImageCache(tmp_path, lock_timeout_s=0.3)
+    cache._ensure_dirs()
+    _entry(cache, D1, 1000, 1)
+    lock = tmp_path / "locks" / "evict.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import filelock, sys, time; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
+        "print('held', flush=True); time.sleep(30)"), str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        assert cache.evict(max_bytes=0, skip_if_busy=True) == []
+        assert time.monotonic() - t0 < 0.3
+        with pytest.raises(ContainerCacheError, match=rf"^container cache {lock}: another "
+                           r"eviction held it for more than 0\.3s$"):
+            cache.evict(max_bytes=0)
+        assert cache.entry_path(D1).is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cache.evict(max_bytes=0, skip_if_busy=True) == [D1]
+
+
 def test_evict_removes_leftovers_of_dead_writers(tmp_path):
     cache = ImageCache(tmp_path)
     cache._ensure_dirs()
@@ -349,3 +524,129 @@ def test_a_registry_that_never_answers_is_unreachable_once_skopeo_is_killed(tmp_
     with pytest.raises(ContainerImageError, match=r"no-such-skopeo not found \(Debian package "
                        r"skopeo\)"):
         Registry(skopeo=str(tmp_path / "no-such-skopeo")).resolve(REF)
+
+
+# -- a pull's progress: bars on a terminal, nothing but the stage lines in a batch log -------------
+# skopeo 1.9's copy report, as it writes it to its stdout: on a terminal, bars redrawn in place
+# (cursor up, erase; seen on a pty); to anything else one line per blob. Errors go to stderr.
+FAKE_SKOPEO = """#!{python}
+import json, os, shutil, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as f:
+    f.write(json.dumps(args) + "\\n")
+if "inspect" in args:
+    sys.stdout.write(open({manifest!r}).read())
+    sys.exit(0)
+if {fail!r}:
+    sys.stderr.write('time="t" level=fatal msg="initializing source docker://r/x@sha256:0: '
+                     'reading manifest sha256:0 in r/x: manifest unknown: manifest unknown"\\n')
+    sys.exit(1)
+if "--quiet" not in args:
+    if os.isatty(1):
+        sys.stdout.write("Getting image source signatures\\nCopying blob b83ec68765a5 [=====>    ] "
+                         "0.5MiB / 1.0MiB\\r\\n\\x1b[1A\\x1b[JCopying blob b83ec68765a5 done\\r\\n")
+    else:
+        sys.stdout.write("Getting image source signatures\\nCopying blob sha256:b83e\\n")
+dest = args[-1].split(":")[1]
+shutil.copytree({layout!r}, dest)
+digestfile = [a.split("=", 1)[1] for a in args if a.startswith("--digestfile=")][0]
+open(digestfile, "w").write({digest!r})
+"""
+
+
+@pytest.fixture
+def fake_pull(tmp_path):
+    """``(cache, calls, fail)``: a cache whose skopeo and umoci are stand-ins; ``calls()`` the
+    argv of each skopeo run; ``fail()`` makes the next copy fail as skopeo does."""
+    layout = _layout(tmp_path / "layout", {"Cmd": ["sh"]})
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_bytes((layout / "blobs" / "sha256" / digest.split(":")[1]).read_bytes())
+    log = tmp_path / "skopeo.log"
+
+    def write(fail: bool) -> Path:
+        skopeo = tmp_path / "skopeo"
+        skopeo.write_text(FAKE_SKOPEO.format(python=sys.executable, log=str(log), layout=str(layout),
+                                             manifest=str(manifest), digest=digest, fail=fail))
+        skopeo.chmod(0o755)
+        return skopeo
+    umoci = tmp_path / "umoci"
+    umoci.write_text('#!/bin/sh\nfor last; do :; done\nmkdir -p "$last/rootfs"\n')
+    umoci.chmod(0o755)
+    cache = ImageCache(tmp_path / "cache", Registry(skopeo=str(write(False))), umoci=str(umoci))
+
+    def calls():
+        return [json.loads(line) for line in log.read_text().splitlines()]
+    return cache, calls, lambda: write(True)
+
+
+def _pty():
+    """A terminal: (master, slave as a file), 100 columns like a user's."""
+    import fcntl
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    return master, os.fdopen(slave, "w")
+
+
+def _drain(master: int) -> bytes:
+    os.set_blocking(master, False)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except (BlockingIOError, OSError):
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_a_pull_in_a_batch_log_says_one_line_per_stage_and_skopeo_runs_quiet(fake_pull, tmp_path):
+    cache, calls, _ = fake_pull
+    log = tmp_path / "slurm-7.err"
+    with open(log, "w") as err:              # sbatch's stderr: a file, not a terminal
+        image = cache.get(REF, live=err, progress=lambda line: print(f"dgxvm: {line}", file=err))
+    assert image.config == {"Cmd": ["sh"]}
+    text = log.read_text()
+    assert [line.split()[1] for line in text.splitlines()] == ["resolving", "pulling",
+                                                               "unpacking", "done:"]
+    assert "\r" not in text and "\x1b" not in text and "Copying" not in text
+    copy = [c for c in calls() if "copy" in c]
+    assert len(copy) == 1 and "--quiet" in copy[0]
+
+
+def test_a_pull_on_a_terminal_shows_skopeos_bars_there(fake_pull):
+    cache, calls, _ = fake_pull
+    master, term = _pty()
+    lines: list[str] = []
+    try:
+        with term:
+            cache.get(REF, live=term, progress=lines.append)
+        shown = _drain(master)
+    finally:
+        os.close(master)
+    assert b"Copying blob b83ec68765a5 [=====>" in shown and b"\x1b[1A\x1b[J" in shown
+    assert [line.split()[0] for line in lines] == ["resolving", "pulling", "unpacking", "done:"]
+    assert "--quiet" not in [c for c in calls() if "copy" in c][0]
+
+
+def test_a_failed_pull_on_a_terminal_is_the_same_clear_error(fake_pull, tmp_path):
+    cache, _, fail = fake_pull
+    fail()
+    master, term = _pty()
+    errors = []
+    try:
+        with term, open(tmp_path / "batch.err", "w") as batch:
+            for live in (term, batch, None):
+                with pytest.raises(ContainerImageNotFound) as exc:
+                    cache.get(REF, live=live)
+                errors.append(str(exc.value))
+    finally:
+        os.close(master)
+    assert errors == [f"container image {REF}: no tag '1' in {REF.name}: initializing source "
+                      f"docker://r/x@sha256:0: reading manifest sha256:0 in r/x: manifest "
+                      f"unknown: manifest unknown"] * 3
+    assert cache.entries() == [] and list((cache.root / "tmp").iterdir()) == []

@@ -66,3 +66,14 @@ def test_tail_is_one_line_and_bounded():
 def test_a_silent_failure_says_so():
     with pytest.raises(ToolFailed, match=r"^false failed \(exit 1\): no output$"):
         run(["false"], what="false")
+
+
+def test_stdout_may_go_straight_to_a_descriptor_while_stderr_is_still_captured(tmp_path):
+    """What a pull on a terminal does: skopeo's bars go to the user, its errors to the error."""
+    out = tmp_path / "out"
+    with open(out, "w") as f:
+        r = run(["sh", "-c", "echo shown; echo said >&2"], stdout=f.fileno())
+        with pytest.raises(ToolFailed, match=r"failed \(exit 3\): bad$"):
+            run(["sh", "-c", "echo shown too; echo bad >&2; exit 3"], stdout=f.fileno())
+    assert r.stdout is None and r.stderr == "said\n"
+    assert out.read_text() == "shown\nshown too\n"
