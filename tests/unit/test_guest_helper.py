@@ -497,7 +497,7 @@ def _userns(shell, tmp_path, *args, extra_path: str = "") -> subprocess.Complete
 
 def test_userns_without_newuidmap_says_so_and_runs_nothing(shell, tmp_path):
     marker = tmp_path / "ran"
-    r = _userns(shell, tmp_path, "-", "touch", str(marker))
+    r = _userns(shell, tmp_path, "-", "-", "-", "-", "touch", str(marker))
     assert r.returncode == 125
     assert b"newuidmap is not installed" in r.stderr and b"--container-remap-root" in r.stderr
     assert not marker.exists()
@@ -514,15 +514,23 @@ def test_userns_without_a_subordinate_range_says_so_and_runs_nothing(shell, tmp_
     assert not any(line.split(":")[0] == user for line in subuid.splitlines()), \
         f"this test needs {user} without an /etc/subuid range"
     marker = tmp_path / "ran"
-    r = _userns(shell, tmp_path, "-", "touch", str(marker), extra_path=str(stubs))
+    r = _userns(shell, tmp_path, "-", "-", "-", "-", "touch", str(marker),
+                extra_path=str(stubs))
     assert r.returncode == 125
     assert f"no subordinate uid/gid range for {user}".encode() in r.stderr
     assert not marker.exists()
 
 
 def test_userns_refuses_a_gid_list_that_is_not_numbers(dash_shell, tmp_path):
-    r = _userns(dash_shell, tmp_path, "5000,x;rm", "true")
+    r = _userns(dash_shell, tmp_path, "5000,x;rm", "-", "-", "-", "true")
     assert r.returncode == 125 and b"bad gid 'x;rm'" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["../x", ".hidden", "a/b", "", "a b"])
+def test_userns_refuses_a_container_name_that_could_leave_its_directory(dash_shell, tmp_path,
+                                                                        name):
+    r = _userns(dash_shell, tmp_path, "-", "/lower", "/target", name, "true")
+    assert r.returncode == 125 and b"bad container name" in r.stderr
 
 
 # -- a container runtime's own errors ------------------------------------------------------------
