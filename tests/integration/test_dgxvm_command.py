@@ -136,7 +136,7 @@ def test_the_readme_demo_runs_and_leaves_nothing_behind():
     # job's plain `dgxvm run` saw in its VM
     uids = set(re.findall(r"inside: .*, uid (\d+),", out))
     assert len(uids) == 1 and uids != {"0"}, out[-3000:]
-    wrote = [line for line in out.splitlines()
-             if f"in container hello-1: uid {uids.pop()}," in line]
+    uid = uids.pop()
+    wrote = [line for line in out.splitlines() if f"in container hello-1: uid {uid}," in line]
     assert len(wrote) == 10, out[-3000:]
     assert {p.name for p in Path("/tmp").glob("dgxvm-demo.*")} == before
