@@ -285,7 +285,9 @@ def user_data(spec: SeedSpec) -> str:
               "disable_root: true",
               "ssh_pwauth: false",
               "ssh_deletekeys: true",
-              "ssh_genkeytypes: []",
+              # only the type the seed brings: nothing is generated (an empty list is
+              # against cloud-init 22.4's schema, which then warns the whole config invalid)
+              "ssh_genkeytypes: [ed25519]",
               "ssh_keys:",
               f"  ed25519_private: {_q(spec.host_key_private)}",
               f"  ed25519_public: {_q(spec.host_key_public)}",
