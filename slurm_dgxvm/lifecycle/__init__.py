@@ -7,17 +7,17 @@
 - :mod:`.inventory`: ``dgxvm list``'s rows.
 - :mod:`.libvirt_hook`: libvirt's qemu hook that keeps the ledger true outside dgxvm.
 
-Every name below is imported from its submodule on first use (PEP 562), not when the package is:
-``dgxvm run`` needs only :mod:`.env` and :mod:`.identity`, and runs once per task of a job, so
-it must not pay for libvirt, jinja2 and the designer that :mod:`.create` and :mod:`.delete` load.
+Every name below is imported from its submodule on first use (:mod:`slurm_dgxvm.lazy`), not
+when the package is: ``dgxvm run`` needs only :mod:`.env` and :mod:`.identity`, and runs once
+per task of a job, so it must not pay for libvirt, jinja2 and the designer that :mod:`.create`
+and :mod:`.delete` load.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .create import CreateRequest, check_share, create
@@ -31,44 +31,11 @@ __all__ = ["CreateRequest", "Env", "HOOK_OPS", "Progress", "VmRow", "account", "
            "create", "delete", "group_names", "hook", "hostname_for", "libvirt_hook_script",
            "list_vms", "quiet"]
 
-#: each exported name -> the submodule that defines it
-_EXPORTS = {
+__getattr__, __dir__ = lazy_exports(__name__, {
     "CreateRequest": "create", "check_share": "create", "create": "create",
     "delete": "delete",
     "Env": "env", "Progress": "env", "quiet": "env",
     "account": "identity", "group_names": "identity", "hostname_for": "identity",
     "VmRow": "inventory", "list_vms": "inventory",
     "HOOK_OPS": "libvirt_hook", "hook": "libvirt_hook", "libvirt_hook_script": "libvirt_hook",
-}
-#: exported functions named like the submodule that defines them
-_SHADOWED = ("create", "delete")
-
-
-def __getattr__(name: str):
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    setattr(sys.modules[__name__], name, value)    # once: later lookups find it here
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """Importing a submodule binds it on its package (the import system's setattr), so
-    ``import slurm_dgxvm.lifecycle.create`` would make ``lifecycle.create`` the module. Here
-    ``create`` and ``delete`` are the functions, as they were when this package imported them
-    eagerly; whichever comes first, the function is what stays bound."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if (name in _SHADOWED and isinstance(value, types.ModuleType)
-                and value.__name__ == f"{self.__name__}.{name}"):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+})
