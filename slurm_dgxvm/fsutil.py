@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterator
 
-import filelock
-
 PathLike = str | os.PathLike[str]
 
 
@@ -105,6 +103,7 @@ def locked(path: PathLike, *, timeout: float, timed_out: Callable[[], Exception]
     the caller's own errors, naming its lock. ``times`` (or the yielded object) gets the wait
     and the hold, measured with a monotonic clock.
     """
+    import filelock    # here, not at the top: a plain dgxvm run locks nothing; this import is slow
     times = times if times is not None else LockTimes()
     lock = filelock.FileLock(os.fspath(path), mode=mode)
     start = time.perf_counter()

@@ -4,9 +4,9 @@ eviction ``dgxvm run --container-image`` does after its get (:func:`evict_for_ru
 The cache is ``<[containers] cache_dir>/<uid>`` of the calling user (README "Container image
 cache"). Root is refused: the directory is the user's, and root must not walk a tree the user
 controls (a symlink the user swapped in would send root's deletions anywhere); root runs it as
-the user (``runuser -u NAME -- dgxvm image-cache prune``). Registered by the main CLI with
-``cli.add_command(image_cache)``; errors are DgxvmError, which ``main()`` turns into one line
-and the error's exit code.
+the user (``runuser -u NAME -- dgxvm image-cache prune``). Registered by the main CLI by name
+(``cli.main.LAZY_COMMANDS``, imported when looked up); errors are DgxvmError, which ``main()``
+turns into one line and the error's exit code.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """``dgxvm image show|install|remove|default``: the guest image store (after ``nvidia-vm image``).
 
-Registered by the main CLI with ``cli.add_command(image)``. The commands take the click object
+Registered by the main CLI by name (``cli.main.LAZY_COMMANDS``). The commands take the click object
 (``click.pass_obj``), which must offer:
 
 * ``config``: a :class:`slurm_dgxvm.config.Config` (``config.images.store`` is the store), and
 * ``image_users()``: ``{image name: [domain names]}`` of the VMs whose disks are backed by each
   image (libvirt's view), used by ``show`` and, as the refusal, by ``remove``.
 
-Not imported from ``cli.main`` (which imports this module): errors are raised as DgxvmError and
-``main()`` turns them into one line and an exit code, as for every other command.
+Not imported from ``cli.main`` (which imports this module when the command is looked up): errors
+are raised as DgxvmError and ``main()`` turns them into one line and an exit code, as for every
+other command.
 """
 
 from __future__ import annotations

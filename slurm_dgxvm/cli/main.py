@@ -2,31 +2,33 @@
 
 Errors: library code raises DgxvmError subclasses; this module is the one place (with the Slurm
 hooks, later) that turns them into one line on stderr and the error's exit code.
+
+Start-up: ``dgxvm run`` runs once per task of a job, so this module imports only what every
+command needs. The commands of the other cli modules are imported when they are looked up
+(:class:`LazyGroup`), and the commands defined here import their library code when they run.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
+import importlib
 import json
 import os
-import platform
 import sys
 import traceback
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .. import __version__
 from .. import config as config_mod
 from ..errors import DgxvmError, EXIT_BAD_INPUT, EXIT_INTERNAL
-from ..ledger import Ledger
-from ..placement import Policy, Request, place, templates
-from ..slurm.gres import gres_conf
-from . import render, run as run_cli, slurm as slurm_cli, vms
-from .image_cache import image_cache as image_cache_group
-from .images import image as image_group
 from .params import GIB, GPU_LIST, MIB, request_flags
+
+if TYPE_CHECKING:
+    from ..ledger import Ledger
+    from ..placement import Policy
 
 
 class Context:
@@ -75,8 +77,62 @@ pass_ctx = click.make_pass_decorator(Context)
 #: through (``dgxvm run``/``shell``: 125); None: each error's own code
 _failure_code: int | None = None
 
+#: the commands defined in the other cli modules: name -> "module:attribute", relative to this
+#: package, imported when click looks the name up (to run it, or for ``dgxvm --help``)
+LAZY_COMMANDS = {
+    "create": ".vms:create", "delete": ".vms:delete", "list": ".vms:list_cmd",
+    "hook": ".vms:hook",
+    "prolog": ".slurm:prolog", "epilog": ".slurm:epilog", "job": ".slurm:job",
+    "report": ".slurm:report",
+    "run": ".run:run", "shell": ".run:shell",
+    "image": ".images:image",
+    "image-cache": ".image_cache:image_cache",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+#: click >= 8.4's error for a mistyped command name (older click suggests no name)
+_NoSuchCommand = getattr(click.exceptions, "NoSuchCommand", None)
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands in other modules are imported on demand (click's documented
+    pattern, "Lazily Loading Subcommands"): ``dgxvm run`` imports the run verbs' module, not
+    the image store's, the ledger's or libvirt's. ``list_commands`` names them all, so help
+    lists each with its short help as an eagerly built group would."""
+
+    def __init__(self, *args, lazy_subcommands: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_subcommands = dict(lazy_subcommands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_subcommands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy_subcommands:
+            return self._load(cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:
+            if _NoSuchCommand is None or not isinstance(exc, _NoSuchCommand):
+                raise
+            # click suggests close names ("Did you mean 'run'?") from self.commands, which
+            # holds only the commands loaded so far: suggest from every name, as before
+            raise _NoSuchCommand(exc.command_name, possibilities=self.list_commands(ctx),
+                                 ctx=exc.ctx) from None
+
+    def _load(self, cmd_name: str) -> click.Command:
+        module_name, attr = self.lazy_subcommands[cmd_name].split(":")
+        command = getattr(importlib.import_module(module_name, __package__), attr)
+        if not isinstance(command, click.Command) or command.name != cmd_name:
+            raise TypeError(f"{module_name}:{attr} is not the command {cmd_name!r}")
+        return command
+
+
+@click.group(cls=LazyGroup, lazy_subcommands=LAZY_COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", envvar=config_mod.ENV_CONFIG, metavar="FILE",
               help=f"Config file (TOML). [env {config_mod.ENV_CONFIG}; "
                    f"default {config_mod.DEFAULT_CONFIG_PATH}]")
@@ -91,9 +147,11 @@ def cli(ctx, config_path, sysfs_root, state_dir):
     """Topology-aligned GPU virtual machines for Slurm jobs on DGX-class servers."""
     global _failure_code
     ctx.obj = Context(config_path, sysfs_root, state_dir)
-    if ctx.invoked_subcommand in run_cli.VERBS:
-        # dgxvm run's own status is the command's: dgxvm's failures must not look like one
-        _failure_code = run_cli.EXIT_RUN_FAILED
+    if LAZY_COMMANDS.get(ctx.invoked_subcommand or "", "").startswith(".run:"):
+        from . import run as run_cli   # imported already: click looks a command up first
+        if ctx.invoked_subcommand in run_cli.VERBS:
+            # dgxvm run's own status is the command's: dgxvm's failures must not look like one
+            _failure_code = run_cli.EXIT_RUN_FAILED
 
 
 # -- topology --------------------------------------------------------------------------------------
@@ -107,6 +165,8 @@ def topology():
 @pass_ctx
 def topology_show(c: Context, as_json):
     """Show the host: GPUs per baseboard and NUMA node, NVSwitches, VM sizes, holders."""
+    from ..placement import templates
+    from . import render
     host, state = c.host, c.ledger_state()
     if as_json:
         doc = host.to_json()
@@ -140,6 +200,8 @@ def topology_show(c: Context, as_json):
 @pass_ctx
 def plan(c: Context, gpu_count, gpu_index, slurm_gpus, vcpus, memory, disk_size, as_json):
     """Show where a VM would go, without taking anything."""
+    from ..placement import Request, place
+    from . import render
     if gpu_index is not None and slurm_gpus is not None:
         raise click.UsageError("--gpu-index and --slurm-gpus exclude each other")
     request = Request(count=gpu_count, gpu_index=gpu_index, slurm_gpus=slurm_gpus, vcpus=vcpus,
@@ -163,6 +225,7 @@ def plan(c: Context, gpu_count, gpu_index, slurm_gpus, vcpus, memory, disk_size,
 @pass_ctx
 def gres_conf_cmd(c: Context, dev_dir, node_name):
     """Print a gres.conf for this host (File= per VFIO group, Cores= per socket)."""
+    from ..slurm.gres import gres_conf
     click.echo(gres_conf(c.host, dev_dir=dev_dir, node_name=node_name), nl=False)
 
 
@@ -185,11 +248,7 @@ def simulate(machine, out, missing, unknown_numa):
     click.echo(f"simulated {machine} written to {root}; use: dgxvm --sysfs-root {root} topology show")
 
 
-# -- VMs and images: the nvidia-vm verbs ----------------------------------------------------------
-for _command in vms.COMMANDS + slurm_cli.COMMANDS + run_cli.COMMANDS:
-    cli.add_command(_command)
-cli.add_command(image_group)
-cli.add_command(image_cache_group)
+# -- VMs and images (the nvidia-vm verbs), the Slurm verbs, run and shell: LAZY_COMMANDS above ------
 
 
 # -- shares ----------------------------------------------------------------------------------------
@@ -229,6 +288,7 @@ def version():
 @click.option("--json", "as_json", is_flag=True)
 def version_show(as_json):
     """Show dgxvm's version (as `nvidia-vm version show`)."""
+    import platform
     doc = {"dgxvm": __version__, "python": platform.python_version(),
            "click": _dist_version("click")}
     try:
@@ -244,6 +304,7 @@ def version_show(as_json):
 
 def _dist_version(name: str) -> str | None:
     # click.__version__ is deprecated (a DeprecationWarning on every call, gone in click 9.1)
+    import importlib.metadata
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

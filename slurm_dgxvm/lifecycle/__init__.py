@@ -6,15 +6,36 @@
 - :mod:`.delete`: teardown, idempotent over whatever a crash left.
 - :mod:`.inventory`: ``dgxvm list``'s rows.
 - :mod:`.libvirt_hook`: libvirt's qemu hook that keeps the ledger true outside dgxvm.
+
+Every name below is imported from its submodule on first use (:mod:`slurm_dgxvm.lazy`), not
+when the package is: ``dgxvm run`` needs only :mod:`.env` and :mod:`.identity`, and runs once
+per task of a job, so it must not pay for libvirt, jinja2 and the designer that :mod:`.create`
+and :mod:`.delete` load.
 """
 
-from .create import CreateRequest, check_share, create
-from .delete import delete
-from .env import Env, Progress, quiet
-from .identity import account, group_names, hostname_for
-from .inventory import VmRow, list_vms
-from .libvirt_hook import HOOK_OPS, hook, libvirt_hook_script
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .create import CreateRequest, check_share, create
+    from .delete import delete
+    from .env import Env, Progress, quiet
+    from .identity import account, group_names, hostname_for
+    from .inventory import VmRow, list_vms
+    from .libvirt_hook import HOOK_OPS, hook, libvirt_hook_script
 
 __all__ = ["CreateRequest", "Env", "HOOK_OPS", "Progress", "VmRow", "account", "check_share",
            "create", "delete", "group_names", "hook", "hostname_for", "libvirt_hook_script",
            "list_vms", "quiet"]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "CreateRequest": "create", "check_share": "create", "create": "create",
+    "delete": "delete",
+    "Env": "env", "Progress": "env", "quiet": "env",
+    "account": "identity", "group_names": "identity", "hostname_for": "identity",
+    "VmRow": "inventory", "list_vms": "inventory",
+    "HOOK_OPS": "libvirt_hook", "hook": "libvirt_hook", "libvirt_hook_script": "libvirt_hook",
+})

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 from functools import cached_property
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from .. import hypervisor
 from ..config import Config
-from ..fabric import Fabric
-from ..images import ImageStore
-from ..ledger import Ledger
-from ..placement import Policy
 from ..records import VmStore
-from ..topology import SysfsRoot, discover
-from ..topology.nvml import query as nvml_query
+
+if TYPE_CHECKING:
+    from ..fabric import Fabric
+    from ..images import ImageStore
+    from ..ledger import Ledger
+    from ..placement import Policy
+
+# The rest is imported where it is used: dgxvm run, once per task of a job, needs only the
+# config and the VM records; topology discovery, the ledger, the image store, Fabric Manager
+# and libvirt are for the verbs that make and unmake VMs.
 
 Progress = Callable[[str], None]
 """Told the name of each stage as it begins (the CLI prints it, the Prolog logs it)."""
@@ -35,16 +39,20 @@ class Env:
 
     @cached_property
     def host(self):
+        from ..topology import SysfsRoot, discover
+        from ..topology.nvml import query as nvml_query
         c = self.cfg.host
         return discover(SysfsRoot(c.sysfs_root), machine=c.machine or None,
                         module_ids=c.module_ids or None, nvml=nvml_query)
 
     @cached_property
     def ledger(self) -> Ledger:
+        from ..ledger import Ledger
         return Ledger(self.cfg.host.state_dir, lock_timeout=self.cfg.ledger.lock_timeout_s)
 
     @cached_property
     def policy(self) -> Policy:
+        from ..placement import Policy
         return Policy.from_config(self.cfg)
 
     @cached_property
@@ -53,10 +61,12 @@ class Env:
 
     @cached_property
     def images(self) -> ImageStore:
+        from ..images import ImageStore
         return ImageStore(self.cfg.images.store)
 
     @cached_property
     def fabric(self) -> Fabric:
+        from ..fabric import Fabric
         return Fabric.from_config(self.cfg)
 
     @property
@@ -64,6 +74,7 @@ class Env:
         return self.cfg.libvirt.uri
 
     def connect(self):
+        from .. import hypervisor
         return hypervisor.connect(self.uri)
 
     def fit(self, host) -> bool:

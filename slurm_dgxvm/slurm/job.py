@@ -23,15 +23,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import (ImageError, JobInputError, JobRefused, NameError_, NoFit, QuantityNamed,
                       RequestError)
-from ..lifecycle import CreateRequest
 from ..names import image_name
 from ..placement import Request
 from ..ranges import format_index_list
 from . import jobinput
+
+if TYPE_CHECKING:
+    from ..lifecycle import CreateRequest
 
 COMMENT_PREFIX = "dgxvm:"
 COMMENT_KEYS = ("image",)
@@ -160,6 +163,8 @@ def create_request(cfg: Config, job: SlurmJob, images, home: str | None = None) 
                      else "the default image")
             raise ImageError(f"{where}: {exc}", name=part.image or None,
                              reason=exc.reason) from None
+    # here, not at the top: dgxvm run needs domain_for, and lifecycle.create loads libvirt
+    from ..lifecycle import CreateRequest
     n = len(job.gpus)
     data_disk = part.data_disk_gib if part.data_disk_gib >= 0 else None
     return CreateRequest(
