@@ -258,6 +258,44 @@ def agent_ping(dom) -> bool:
     return "return" in json.loads(reply or "{}")
 
 
+def agent_read_file(dom, path: str, max_bytes: int = 1 << 20) -> bytes | None:
+    """The content of ``path`` in the guest, read through the QEMU guest agent (guest-file-open,
+    -read, -close); None when the agent does not answer or the file cannot be opened (absent,
+    not readable). At most ``max_bytes``."""
+    import base64
+
+    import libvirt_qemu
+
+    def call(execute: str, **arguments):
+        reply = libvirt_qemu.qemuAgentCommand(
+            dom, json.dumps({"execute": execute, "arguments": arguments}), AGENT_TIMEOUT_S, 0)
+        return json.loads(reply or "{}").get("return")
+
+    try:
+        handle = call("guest-file-open", path=path, mode="r")
+    except (libvirt.libvirtError, ValueError):
+        return None
+    if handle is None:
+        return None
+    data = b""
+    try:
+        while len(data) < max_bytes:
+            chunk = call("guest-file-read", handle=handle, count=min(65536, max_bytes - len(data)))
+            if not chunk:
+                break
+            data += base64.b64decode(chunk.get("buf-b64", ""))
+            if chunk.get("eof") or not chunk.get("count"):
+                break
+    except (libvirt.libvirtError, ValueError):
+        return None
+    finally:
+        try:
+            call("guest-file-close", handle=handle)
+        except (libvirt.libvirtError, ValueError):
+            pass
+    return data
+
+
 SHUTDOWN_RETRY_S = 5.0
 
 
