@@ -404,12 +404,7 @@ class ImageCache:
               live: IO | int | None = None) -> CachedImage:
         """Pull and unpack ``digest`` under its lock, unless another process did meanwhile."""
         lock = self._lock_path(digest)
-        with fsutil.locked(lock, timeout=self.lock_timeout_s, mode=0o600,
-                           timed_out=lambda: ContainerCacheError(
-                               path=str(lock), reason=f"another pull of {ref} held the lock for "
-                               f"more than {self.lock_timeout_s:g}s"),
-                           failed=lambda e: ContainerCacheError(path=str(lock),
-                                                                reason=e.strerror or str(e))):
+        with self._locked(lock, f"another pull of {ref}"):
             self._clean_leftovers(digest)
             if (image := self.lookup(digest, ref)) is not None:
                 say(f"done: {ref} was pulled by another process ({digest})")
@@ -571,12 +566,7 @@ class ImageCache:
         if skip_if_busy:
             with self._try_lock_file(lock) as held:
                 return self._evict(max_bytes, max_age_s, keep, now, dry_run, report) if held else []
-        with fsutil.locked(lock, timeout=self.lock_timeout_s, mode=0o600,
-                           timed_out=lambda: ContainerCacheError(
-                               path=str(lock), reason=f"another eviction held it for more "
-                               f"than {self.lock_timeout_s:g}s"),
-                           failed=lambda e: ContainerCacheError(path=str(lock),
-                                                                reason=e.strerror or str(e))):
+        with self._locked(lock, "another eviction"):
             return self._evict(max_bytes, max_age_s, keep, now, dry_run, report)
 
     def _evict(self, max_bytes, max_age_s, keep, now, dry_run, report) -> list[str]:
@@ -623,6 +613,16 @@ class ImageCache:
                 use.close()        # gone for readers: a run waiting in in_use() may go on
                 remove_tree(grave)             # (and a get of it waits for this pull lock)
                 return True
+
+    def _locked(self, lock: Path, holder: str):
+        """``lock`` held for the block, waiting up to :attr:`lock_timeout_s`;
+        ContainerCacheError naming it (and ``holder``, who had it) otherwise."""
+        return fsutil.locked(lock, timeout=self.lock_timeout_s, mode=0o600,
+                             timed_out=lambda: ContainerCacheError(
+                                 path=str(lock), reason=f"{holder} held it for more than "
+                                 f"{self.lock_timeout_s:g}s"),
+                             failed=lambda e: ContainerCacheError(path=str(lock),
+                                                                  reason=e.strerror or str(e)))
 
     def _try_lock(self, digest: str):
         """Yields whether the digest's lock was free (and is now held for the block)."""
