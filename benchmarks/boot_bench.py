@@ -88,15 +88,17 @@ def main() -> int:
                     if label == "debian-cloud" and run == args.runs - 1:
                         conn = env.connect()
                         dom = conn.lookupByName(name)
-                        time.sleep(5)
+                        # systemd-analyze answers once the boot is over (cloud-init's config
+                        # and final stages run on after dgxvm's readiness)
+                        guest_exec(dom, "/bin/sh", "-c", "systemctl is-system-running --wait",
+                                   timeout=300)
                         breakdown = "\n".join(
-                            guest_exec(dom, "/bin/sh", "-c", cmd) for cmd in (
-                                "systemd-analyze time || true",
+                            guest_exec(dom, "/bin/sh", "-c", cmd + " 2>&1") for cmd in (
+                                "systemd-analyze time",
                                 "systemd-analyze critical-chain qemu-guest-agent.service "
                                 "--no-pager | tail -n +3",
-                                "cloud-init analyze show 2>/dev/null | grep -E "
-                                "'Finished stage|Total Time' || true",
-                                "cloud-init analyze blame 2>/dev/null | head -8 || true"))
+                                "cloud-init analyze show | grep -E 'Finished stage|Total Time'",
+                                "cloud-init analyze blame | head -8"))
                 finally:
                     lifecycle.delete(env, name)
     print()
