@@ -48,8 +48,16 @@ PACKAGES = (
     "linux-image-cloud-amd64",
     "extlinux",
 )
-# Debian's apt sources of the host (a local mirror, or the registry this machine may reach)
-SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
+# Debian's apt sources of the host (a local mirror, or the registry this machine may reach):
+# deb822 as Debian 12 installs it, else the one-line format (mmdebstrap reads either)
+SOURCES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
+
+
+def apt_sources() -> Path:
+    for path in SOURCES:
+        if path.is_file() and path.stat().st_size:
+            return path
+    raise BuildError(f"no Debian apt sources to build from ({', '.join(map(str, SOURCES))})")
 KERNEL_CMDLINE = f"root=LABEL={LABEL} rw console=ttyS0 quiet"
 FILES = HERE / "files"            # laid over the root file system (cloud.cfg.d, drop-ins)
 DISK_HEADROOM_MIB = 512           # free space in the image for containers' layers and logs
@@ -211,8 +219,7 @@ def build(out_root: Path, force: bool) -> Path:
                  "qemu-img"):
         if shutil.which(tool) is None:
             raise BuildError(f"{tool} not found in PATH (scripts/bootstrap installs it)")
-    if not SOURCES.is_file():
-        raise BuildError(f"{SOURCES}: no Debian apt sources to build from")
+    sources = apt_sources()
     t0 = time.monotonic()
     versions = closure()
     key = cache_key(versions)
@@ -232,7 +239,7 @@ def build(out_root: Path, force: bool) -> Path:
             log(f"mmdebstrap {SUITE}: {len(versions)} packages")
             run(["mmdebstrap", "--variant=apt", "--mode=root", "--format=directory",
                  "--aptopt=Acquire::Retries \"3\"", f"--include={','.join(PACKAGES)}",
-                 SUITE, str(root), str(SOURCES)])
+                 SUITE, str(root), str(sources)])
             installed = dict(line.split("\t", 1) for line in run(
                 ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W",
                  "-f", "${Package}\t${Version}\n"]).stdout.splitlines() if "\t" in line)
