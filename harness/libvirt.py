@@ -14,11 +14,15 @@ What it does (see harness/README.md for the why):
 * creates the network namespace ``netns`` and runs ``virtlogd`` and ``libvirtd`` in the
   foreground inside it (``ip netns exec NS ...``), as children of this process, so the bridges,
   dnsmasq, nftables rules and guest NICs of every libvirt network live in that namespace only;
+* gives libvirtd an empty ``/etc/libvirt/qemu`` of its own (``RUN_DIR/etc-libvirt-qemu``,
+  bound in its mount namespace): persistent definitions live and die with the stack, and what
+  an interrupted earlier run left in the host's directory is never loaded;
 * optionally installs a qemu hook script (``/etc/libvirt/hooks/qemu``) and a network hook
   script (``/etc/libvirt/hooks/network``) before libvirtd starts;
 * ``stop()`` destroys every running domain and active network, stops both daemons by PID, kills
   by PID any QEMU or dnsmasq of this stack that survived, deletes the namespace, restores the
-  hooks. Persistent domains and networks are NOT undefined: tests undefine what they define.
+  hooks. Persistent domains and networks are NOT undefined (tests undefine what they define);
+  their definitions stay in ``RUN_DIR/etc-libvirt-qemu``, never in the host's /etc.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ QEMU_PID_DIR = Path("/run/libvirt/qemu")
 DNSMASQ_PID_DIRS = (Path("/run/libvirt/network"), Path("/var/lib/libvirt/dnsmasq"))
 HOOK_PATH = Path("/etc/libvirt/hooks/qemu")
 NETWORK_HOOK_PATH = Path("/etc/libvirt/hooks/network")
+# The qemu driver's persistent domain and network definitions (libvirt 9.0, qemu:///system).
+QEMU_CONFIG_DIR = Path("/etc/libvirt/qemu")
 # Held (flock) for a stack's lifetime: two harness users cannot race on the namespace.
 LOCK_PATH = Path("/run/dgxvm-libvirt-harness.lock")
 KVM_DEVICE = Path("/dev/kvm")
@@ -173,9 +179,12 @@ class LibvirtStack:
             self._daemons.wait_for("virtlogd", lambda: _socket_answers(VIRTLOGD_SOCK),
                                    "virtlogd socket", self.start_timeout)
             # `ip netns exec` already gave the daemon a private (slave) mount namespace;
-            # the bind mount over /dev/kvm stays in it. `exec` keeps the Popen pid.
-            script = 'mount --bind "$1" /dev/kvm && exec libvirtd'
-            self._daemons.spawn("libvirtd", ["sh", "-c", script, "sh", str(self._kvm_node)])
+            # the bind mounts over /dev/kvm and /etc/libvirt/qemu stay in it. `exec` keeps
+            # the Popen pid.
+            config = self._make_config_dir()
+            script = ('mount --bind "$1" /dev/kvm && mount --bind "$2" "$3" && exec libvirtd')
+            self._daemons.spawn("libvirtd", ["sh", "-c", script, "sh", str(self._kvm_node),
+                                             str(config), str(QEMU_CONFIG_DIR)])
             self._daemons.wait_for("libvirtd", self._libvirt_answers, "qemu:///system",
                                    self.start_timeout)
             for name, daemon in self._daemons.items():
@@ -291,6 +300,19 @@ class LibvirtStack:
             # falls back to TCG: consistent, so the capability cache holds.
             os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(0, 0))
         self._kvm_node = node
+
+    def _make_config_dir(self) -> Path:
+        """An empty directory of this stack's own, bound over /etc/libvirt/qemu in libvirtd's
+        mount namespace: the domains and networks defined in this stack are written there and
+        go with run_dir, and what an interrupted earlier run (or anyone else) left in the
+        host's /etc/libvirt/qemu is never loaded. The stop of a run that was cut off (a machine
+        powered down mid-test) left a persistent domain there, which the next run's tests
+        then met as a stranger."""
+        QEMU_CONFIG_DIR.mkdir(parents=True, exist_ok=True)
+        config = self.run_dir / "etc-libvirt-qemu"
+        (config / "networks" / "autostart").mkdir(parents=True, exist_ok=True)
+        (config / "autostart").mkdir(exist_ok=True)
+        return config
 
     def _install_hook(self, path: Path, text: str) -> None:
         backup = None

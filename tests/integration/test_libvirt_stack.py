@@ -15,7 +15,7 @@ import time
 import libvirt
 import pytest
 
-from harness.libvirt import HOOK_PATH, LOCK_PATH, NETWORK_HOOK_PATH, LibvirtStack
+from harness.libvirt import HOOK_PATH, LOCK_PATH, NETWORK_HOOK_PATH, QEMU_CONFIG_DIR, LibvirtStack
 
 pytestmark = pytest.mark.integration
 
@@ -121,6 +121,33 @@ def test_stop_leaves_nothing_and_a_second_cycle_works(tmp_path, no_session_libvi
     net_hook_log = tmp_path / "net-hook.log"
     net_hook = f'#!/bin/sh\necho "$@" >> {net_hook_log}\n'
     timings = []
+    # what a run cut off without its stop() leaves in the host's /etc: never loaded
+    planted = QEMU_CONFIG_DIR / "dgxvmtest-planted.xml"
+    assert not planted.exists()
+    planted.write_text(tiny_domain("dgxvmtest-planted"))
+    try:
+        _cycles(tmp_path, netns, hook, net_hook, timings, alive)
+    finally:
+        planted.unlink()
+    assert (HOOK_PATH.read_bytes() if HOOK_PATH.exists() else None) == hook_before
+    assert (NETWORK_HOOK_PATH.read_bytes() if NETWORK_HOOK_PATH.exists()
+            else None) == net_hook_before
+    # the hook was installed before libvirtd started: it saw both domains being prepared
+    prepared = [line for line in hook_log.read_text().splitlines() if "prepare begin" in line]
+    assert [line.split()[0] for line in prepared] == ["dgxvmtest-cycle1", "dgxvmtest-cycle2"]
+    # and the network hook saw the network start (and stop) in both cycles
+    net_ops = [" ".join(line.split()[1:3]) for line in net_hook_log.read_text().splitlines()]
+    assert net_ops.count("started begin") == 2 and net_ops.count("stopped end") == 2, net_ops
+    for i, t in enumerate(timings, 1):
+        print(f"\ncycle {i}: start {t['start_s']:.2f} s, stop {t['stop_s']:.2f} s "
+              f"(destroy {t['stop_destroy_s']:.2f} s, daemons {t['stop_daemons_s']:.2f} s)")
+        assert t["start_s"] < 30
+
+
+def _cycles(tmp_path, netns, hook, net_hook, timings, alive):
+    hook_before = HOOK_PATH.read_bytes() if HOOK_PATH.exists() else None
+    net_hook_before = NETWORK_HOOK_PATH.read_bytes() if NETWORK_HOOK_PATH.exists() else None
+    host_config = sorted(p.name for p in QEMU_CONFIG_DIR.rglob("*"))
     for cycle in (1, 2):
         stack = LibvirtStack(tmp_path / f"run{cycle}", netns=netns, hook=hook,
                              network_hook=net_hook)
@@ -135,6 +162,9 @@ def test_stop_leaves_nothing_and_a_second_cycle_works(tmp_path, no_session_libvi
                 net.create()
                 net.undefine()  # stays active as a transient network: stop() must destroy it
                 assert link_in(netns, BRIDGE) and not link_in(None, BRIDGE)
+                # only this stack's own domains: none from the host's /etc or the last cycle
+                assert [d.name() for d in conn.listAllDomains()] == []
+                conn.defineXML(tiny_domain("dgxvmtest-persistent"))   # left defined on purpose
                 dom = conn.createXML(tiny_domain(f"dgxvmtest-cycle{cycle}", NET_NAME))
                 assert dom.isActive()
             finally:
@@ -157,17 +187,10 @@ def test_stop_leaves_nothing_and_a_second_cycle_works(tmp_path, no_session_libvi
         assert (NETWORK_HOOK_PATH.read_bytes() if NETWORK_HOOK_PATH.exists()
                 else None) == net_hook_before
         assert LOCK_PATH.read_text() == ""  # lock released
+        # the persistent definition stayed with the stack's run dir, not in the host's /etc
+        assert (stack.run_dir / "etc-libvirt-qemu" / "dgxvmtest-persistent.xml").exists()
+        assert sorted(p.name for p in QEMU_CONFIG_DIR.rglob("*")) == host_config
         stack.stop()  # idempotent
-    # the hook was installed before libvirtd started: it saw both domains being prepared
-    prepared = [line for line in hook_log.read_text().splitlines() if "prepare begin" in line]
-    assert [line.split()[0] for line in prepared] == ["dgxvmtest-cycle1", "dgxvmtest-cycle2"]
-    # and the network hook saw the network start (and stop) in both cycles
-    net_ops = [" ".join(line.split()[1:3]) for line in net_hook_log.read_text().splitlines()]
-    assert net_ops.count("started begin") == 2 and net_ops.count("stopped end") == 2, net_ops
-    for i, t in enumerate(timings, 1):
-        print(f"\ncycle {i}: start {t['start_s']:.2f} s, stop {t['stop_s']:.2f} s "
-              f"(destroy {t['stop_destroy_s']:.2f} s, daemons {t['stop_daemons_s']:.2f} s)")
-        assert t["start_s"] < 30
 
 
 @pytest.mark.libvirt_lifecycle
