@@ -2,8 +2,9 @@
 
 The image comes from the job's user's own cache on the host (containers.cache: pulled once per
 digest with the user's credentials, unpacked once), which the VM has at the same path (the image
-cache share). The guest image's profile says which runtime runs it; today's is rootless runc
-(containers.runtime).
+cache share). The guest image's profile says which runtime runs it: ``runc`` (rootless runc with
+an OCI config, containers.runtime: the test guest) or ``podman`` (containers.podman: the Debian
+cloud guest and images built like it), the same container either way.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from pathlib import Path
 
 from ..containers import accounts
 from ..containers import mounts as mounts_mod
-from ..containers import mountpoints, ranlog
+from ..containers import mountpoints, podman, ranlog
 from ..containers import runtime
 from ..errors import BadInput, ContainerMountError
 from ..lifecycle.identity import group_names
 from .request import Request, guest_cwd, is_name, quote
 from .target import GUEST_HELPER
 
-RUNTIMES = ("runc",)     # the runtimes dgxvm run can drive today
+RUNTIMES = ("runc", "podman")     # the image profiles' runtimes dgxvm run can drive
 
 
 OVERLAY_UNSAFE = (",", ":", "\\", "\n")    # what an overlayfs lowerdir= option cannot carry
@@ -101,10 +102,12 @@ def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapp
                       rootfs: str, image_config: Mapping, run_name: str,
                       groups: tuple[int, ...] = (), user: str = "", home: str = "/",
                       gpu_devices: int = 0, terminal: bool = False,
-                      prepare: bool = True) -> Request:
-    """The request that runs ``argv`` in the image's container under runc in the guest.
-    ``prepare``: make the mount points in the (read-only in the guest) rootfs first, as its
-    owner on the host."""
+                      prepare: bool = True, runtime_kind: str = "runc") -> Request:
+    """The request that runs ``argv`` in the image's container under ``runtime_kind`` (one of
+    RUNTIMES: the guest image's profile) in the guest. ``prepare``: make the mount points in
+    the (read-only in the guest) rootfs first, as its owner on the host."""
+    if runtime_kind not in RUNTIMES:
+        raise ValueError(f"no container runtime {runtime_kind!r}")
     mounts = check_mounts(flags.mounts, shared)
     etc_files = tuple(mountpoints.STANDARD_FILES)
     account_files = ("/etc/passwd", "/etc/group")
@@ -117,6 +120,8 @@ def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapp
         made = mountpoints.ensure(Path(rootfs), dirs, (*mountpoints.STANDARD_FILES,
                                                         *account_files))
         etc_files = tuple(f for f in made if f not in account_files)
+        if runtime_kind == "podman":
+            mountpoints.ensure_links(Path(rootfs), podman.ROOTFS_LINKS)
         if user and uid and gid and not flags.remap_root:
             # the user's own entries, so that whoami/getpwuid work (accounts)
             files = accounts.files(Path(rootfs), user=user, uid=uid, gid=gid, home=home,
@@ -135,6 +140,8 @@ def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapp
         writable=writable,
         gpu_devices=gpu_devices, terminal=terminal, etc_files=etc_files,
         run_files=run_files)
+    if runtime_kind == "podman":
+        return _podman_request(spec, argv, files, run_files, name)
     config = runtime.oci_config(spec)
     cname = f"dgxvm-{run_name}"
     # runc's state lives in the run's directory (removed with it); the cleanup script runs
@@ -146,10 +153,7 @@ def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapp
     if runtime.in_userns(spec):
         # runc in the namespace the guest helper makes (runtime._mappings), with the writable
         # layer mounted there first when there is one
-        gids = ",".join(map(str, runtime.supplementary(spec))) or "-"
-        layer = (quote(rootfs) + f' "$DGXVM_RUN_DIR/{runtime.ROOTFS_TARGET}" '.encode()
-                 + (name or "-").encode()) if writable else b"- - -"
-        command = f"{GUEST_HELPER} userns {gids} ".encode() + layer + b" " + command
+        command = _userns(spec, name) + b" " + command
     cleanup = f'd=$(dirname "$0"); runc --root "$d/runc" delete --force {cname}'.encode()
     return Request(argv=argv, env={}, cwd=None,
                    files={"config.json": json.dumps(config, indent=1).encode(),
@@ -157,3 +161,36 @@ def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapp
                              for f in run_files}},
                    command=command, cleanup=cleanup)
 
+
+
+def _userns(spec: runtime.ContainerSpec, name: str | None) -> bytes:
+    """The guest helper's ``userns`` words: the namespace where the user is 0 (and the
+    container's runtime its root), with the writable layer mounted on the bundle's rootfs first
+    when there is one."""
+    gids = ",".join(map(str, runtime.supplementary(spec))) or "-"
+    layer = (quote(spec.rootfs) + f' "$DGXVM_RUN_DIR/{runtime.ROOTFS_TARGET}" '.encode()
+             + (name or "-").encode()) if spec.writable else b"- - -"
+    return f"{GUEST_HELPER} userns {gids} ".encode() + layer
+
+
+def _podman_request(spec: runtime.ContainerSpec, argv: tuple[str, ...],
+                    files: dict[str, bytes], run_files: tuple[str, ...],
+                    name: str | None) -> Request:
+    """The podman profile (containers.podman): podman in the helper's namespace, its state in
+    the run's directory. A job of root's runs podman as the guest's root, with no namespace
+    of the helper's (root has no subordinate ids there)."""
+    env_text, passed = podman.env_file(spec)
+    # a name of the run's own: the run's directory name is its ID (16+ hex digits)
+    words = podman.command(spec, name=podman.Raw(b'"dgxvm-${DGXVM_RUN_DIR##*/}"'))
+    if spec.uid != 0 and spec.gid != 0:
+        command = (_userns(spec, name) + b" " + podman.sh(podman.rootless_env(spec)) + b" "
+                   + podman.sh(words))
+    elif spec.writable:
+        command = _userns(spec, name) + b" " + podman.sh(words)
+    else:
+        command = podman.sh(words)
+    return Request(argv=argv, env=passed, cwd=None,
+                   files={podman.ENV_FILE: env_text,
+                          **{posixpath.basename(f): files[posixpath.basename(f)]
+                             for f in run_files}},
+                   command=command, cleanup=podman.CLEANUP)

@@ -132,7 +132,7 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
                              groups=target.groups, user=target.user, home=_home(target),
                              rootfs=str(image.rootfs), image_config=image.config,
                              run_name=image.digest.split(":")[-1][:12], gpu_devices=n,
-                             terminal=terminal)
+                             terminal=terminal, runtime_kind=kind)
 
 
 def _home(target) -> str:

@@ -85,3 +85,25 @@ def ensure(rootfs: Path, dirs: Iterable[str] = (), files: Iterable[str] = ()) ->
     finally:
         os.close(root_fd)
     return made
+
+
+def ensure_links(rootfs: Path, links: dict[str, str]) -> list[str]:
+    """Make each symlink ``path -> target`` of ``links`` in ``rootfs`` where ``path`` does not
+    exist (one the image has, as anything, is left alone); returns those made. The parent is
+    walked as :func:`ensure` does, never following the image's symlinks."""
+    made: list[str] = []
+    root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for path, target in links.items():
+            parts = _components(path)
+            parent = _walk(root_fd, parts[:-1], path)
+            try:
+                os.symlink(target, parts[-1], dir_fd=parent)
+                made.append(path)
+            except FileExistsError:
+                pass
+            finally:
+                os.close(parent)
+    finally:
+        os.close(root_fd)
+    return made
