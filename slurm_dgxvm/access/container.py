@@ -183,8 +183,8 @@ def _podman_request(spec: runtime.ContainerSpec, argv: tuple[str, ...],
     # a name of the run's own: the run's directory name is its ID (16+ hex digits)
     words = podman.command(spec, name=podman.Raw(b'"dgxvm-${DGXVM_RUN_DIR##*/}"'))
     if spec.uid != 0 and spec.gid != 0:
-        command = (_userns(spec, name) + b" " + podman.sh(podman.rootless_env(spec)) + b" "
-                   + podman.sh(words))
+        command = (_userns(spec, name) + b" " + podman.sh(podman.private_storage()) + b" "
+                   + podman.sh(podman.rootless_env(spec)) + b" " + podman.sh(words))
     elif spec.writable:
         command = _userns(spec, name) + b" " + podman.sh(words)
     else:

@@ -17,9 +17,10 @@ flags, so the two profiles cannot drift apart in what a job sees:
   with ``--userns=keep-id`` (a supplementary group shows as ``nobody``), and leaves a pause
   process in the guest after every run; here none is left.
 - **Its state.** ``--root``, ``--runroot`` and ``--tmpdir`` in the run's directory, removed with
-  it: a run never touches the user's own podman storage, and two runs never share a container
-  name. ``--storage-driver vfs``: with ``--rootfs`` podman stores no image layers, and vfs
-  needs no probe of the kernel's overlay support.
+  it (``--root`` on a tmpfs of the helper's mount namespace: :func:`private_storage`): a run
+  never touches the user's own podman storage, and two runs never share a container name.
+  ``--storage-driver vfs``: with ``--rootfs`` podman stores no image layers, and vfs needs no
+  probe of the kernel's overlay support.
 - **The root.** ``--rootfs``: the image's unpacked rootfs in the user's cache share,
   ``--read-only`` (podman then mounts tmpfs on /tmp, /var/tmp and /run, as the runc profile
   does); or, writable (``--container-writable``, a named container), the overlay the helper
@@ -58,8 +59,10 @@ PODMAN = "podman"
 _VOLUME_UNSAFE = (":", ",", "\n")
 
 ENV_FILE = "podman.env"
-#: the run's podman state, in the run's directory (removed with it)
-STATE = "podman"
+#: the run's podman state, in the run's directory (removed with it). Short: podman refuses a
+#: runroot longer than 50 characters (its sockets' paths), and ``/tmp/.dgxvm-UID/RUNID/pm/run``
+#: is at most 46 for a 10-digit uid
+STATE = "pm"
 
 
 class Raw(bytes):
@@ -122,7 +125,7 @@ def _ids(spec: ContainerSpec) -> list[str | bytes]:
 
 
 def command(spec: ContainerSpec, *, name: str) -> list[str | bytes]:
-    """``podman [global flags] run ... -- ARGV`` (sh words; ``$DGXVM_RUN_DIR`` expands in the
+    """``podman [global flags] run ... --rootfs -- ROOT ARGV`` (sh words; ``$DGXVM_RUN_DIR`` expands in the
     guest). ``name``: the container's, unique to the run."""
     state = STATE
     words: list[str | bytes] = [
@@ -154,11 +157,21 @@ def command(spec: ContainerSpec, *, name: str) -> list[str | bytes]:
     if spec.gpu_devices:
         for dev in (*(f"/dev/nvidia{i}" for i in range(spec.gpu_devices)), *NVIDIA_DEVICES):
             words += ["--device", dev]
-    if spec.writable:
-        words += ["--rootfs", _in_run("rootfs")]
-    else:
-        words += ["--read-only", "--rootfs", spec.rootfs]
-    return [*words, "--", *spec.argv]
+    if not spec.writable:
+        words.append("--read-only")
+    # --rootfs is a switch: the first word after the options is the root's path (not an
+    # image), the command follows; "--" ends the options before either
+    root = _in_run("rootfs") if spec.writable else spec.rootfs
+    return [*words, "--rootfs", "--", root, *spec.argv]
+
+
+def private_storage() -> list[str | bytes]:
+    """Words that put podman's storage (``--root``) on a tmpfs of the helper's mount namespace
+    before podman runs. Podman makes its storage driver's directory owned by the container's
+    root (a subordinate uid), which the user cannot remove from the run's directory afterwards;
+    a tmpfs there goes with the namespace when its last process ends, even after a SIGKILL."""
+    return ["sh", "-c", 'mkdir -p "$0" && mount -t tmpfs -o mode=0700 dgxvm-podman "$0" '
+                        '&& exec "$@"', _in_run(f"{STATE}/storage")]
 
 
 def rootless_env(spec: ContainerSpec) -> list[str]:

@@ -177,8 +177,9 @@ subid() {
 # LOWER ("-" for none): a writable container root: an overlay of the image's read-only rootfs
 # LOWER on TARGET, its writable layer on the guest's disk under $layers: kept as
 # $layers/NAME for a named container (used by one run at a time, kept until the VM ends), or
-# made for this run (NAME "-") and removed when CMD ends.
-layers=/var/tmp/.dgxvm-$(id -u)
+# made for this run (NAME "-") and removed when CMD ends. $layers is named by the user's own
+# uid, taken here: inside the namespace `id -u` is 0 once mapped (65534 before), so
+# userns-inner gets it as an argument.
 cmd_userns() {
     gids=$1 lower=$2 target=$3 name=$4; shift 4
     set -f    # GIDS is split on commas, never globbed
@@ -220,12 +221,13 @@ cmd_userns() {
         # shellcheck disable=SC2086  # gmap: numbers only
         newuidmap "$me" 0 "$uid" 1 1 "$su" 1 && newgidmap "$me" $gmap || : > "$failed"
     ) < /dev/null > /dev/null &
-    exec unshare -U -m sh "$0" userns-inner "$failed" "$lower" "$target" "$name" "$@"
+    exec unshare -U -m sh "$0" userns-inner "$failed" "/var/tmp/.dgxvm-$uid" "$lower" "$target" \
+        "$name" "$@"
 }
 
 # the inside of userns: once mapped, the writable layer (if any), then CMD
 cmd_userns_inner() {
-    failed=$1 lower=$2 target=$3 name=$4; shift 4
+    failed=$1 layers=$2 lower=$3 target=$4 name=$5; shift 5
     n=0
     while [ "$(id -u)" != 0 ] || [ "$(id -g)" != 0 ]; do
         n=$((n + 1))

@@ -66,25 +66,30 @@ def test_remap_root_is_root_in_the_container_mapped_to_the_user():
 def test_podman_state_is_the_runs_and_the_image_is_read_only():
     argv = words(spec())
     assert argv[0] == "podman"
-    assert flag_values(argv, "--root") == ["/R/0123456789abcdef/podman/storage"]
-    assert flag_values(argv, "--runroot") == ["/R/0123456789abcdef/podman/run"]
-    assert flag_values(argv, "--tmpdir") == ["/R/0123456789abcdef/podman/tmp"]
+    assert flag_values(argv, "--root") == ["/R/0123456789abcdef/pm/storage"]
+    assert flag_values(argv, "--runroot") == ["/R/0123456789abcdef/pm/run"]
+    assert flag_values(argv, "--tmpdir") == ["/R/0123456789abcdef/pm/tmp"]
     assert flag_values(argv, "--name") == ["dgxvm-0123456789abcdef"]
+    # podman refuses a runroot over 50 characters: the longest the guest can have
+    longest = "/tmp/.dgxvm-4294967294/" + "f" * 16
+    assert len(flag_values(argv, "--runroot")[0].replace("/R/0123456789abcdef", longest)) <= 50
     assert "--rm" in argv and "--read-only" in argv and "--interactive" in argv
-    assert flag_values(argv, "--rootfs") == ["/cache/1000/sha256/ab/bundle/rootfs"]
+    # --rootfs is podman's switch: the root is the first word after "--", the command next
+    assert argv[argv.index("--rootfs") + 1:argv.index("--rootfs") + 3] == [
+        "--", "/cache/1000/sha256/ab/bundle/rootfs"]
     assert flag_values(argv, "--cgroups") == ["disabled"]
     assert flag_values(argv, "--network") == ["host"]
     assert "--init" in argv and "--passwd=false" in argv
     assert flag_values(argv, "--security-opt") == ["no-new-privileges"]
     assert "--tty" not in argv
     assert "--tty" in words(spec(terminal=True))
-    # the command after "--", each argument one word, as given
-    assert argv[argv.index("--") + 1:] == ["python", "train.py", "a b"]
+    # the command after the root, each argument one word, as given
+    assert argv[argv.index("--") + 2:] == ["python", "train.py", "a b"]
 
 
 def test_a_writable_root_is_the_helpers_overlay_on_the_runs_rootfs():
     argv = words(spec(writable=True))
-    assert flag_values(argv, "--rootfs") == ["/R/0123456789abcdef/rootfs"]
+    assert argv[argv.index("--") + 1] == "/R/0123456789abcdef/rootfs"
     assert "--read-only" not in argv
 
 
@@ -141,9 +146,13 @@ def test_the_request_runs_podman_in_the_helpers_namespace_told_it_is_rootless():
     r = container_request(ContainerFlags(image="x"), rootfs="/c/rootfs", groups=(5000,), **KW)
     cmd = shlex.split(r.command.decode().replace('"$DGXVM_RUN_DIR', '"/R'))
     assert cmd[:6] == ["/usr/lib/dgxvm/dgxvm-guest", "userns", "5000", "-", "-", "-"]
-    assert cmd[6:10] == ["env", "_CONTAINERS_USERNS_CONFIGURED=done",
-                         "_CONTAINERS_ROOTLESS_UID=1000", "_CONTAINERS_ROOTLESS_GID=1000"]
-    assert cmd[10] == "podman"
+    # podman's storage on a tmpfs of that namespace (what podman makes there is a
+    # subordinate uid's, which the user could not remove)
+    assert cmd[6:8] == ["sh", "-c"] and "mount -t tmpfs" in cmd[8]
+    assert cmd[9] == "/R/pm/storage"
+    assert cmd[10:14] == ["env", "_CONTAINERS_USERNS_CONFIGURED=done",
+                          "_CONTAINERS_ROOTLESS_UID=1000", "_CONTAINERS_ROOTLESS_GID=1000"]
+    assert cmd[14] == "podman"
     assert set(r.files) == {"podman.env"}
     assert r.env == {"ML": "x\ny"}          # podman's own environment: the one value by name
     assert r.cleanup == podman.CLEANUP
@@ -165,7 +174,7 @@ def test_the_cleanup_kills_the_containers_init_by_the_pid_podman_wrote(tmp_path)
     `sh RUN_DIR/cleanup`) SIGKILLs the container's PID 1 from podman's pidfile."""
     victim = subprocess.Popen(["sleep", "300"])
     try:
-        userdata = tmp_path / "podman" / "run" / "vfs-containers" / ("a" * 64) / "userdata"
+        userdata = tmp_path / "pm" / "run" / "vfs-containers" / ("a" * 64) / "userdata"
         userdata.mkdir(parents=True)
         (userdata / "pidfile").write_text(str(victim.pid))
         (tmp_path / "cleanup").write_bytes(podman.CLEANUP + b"\n")
