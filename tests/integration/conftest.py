@@ -108,6 +108,7 @@ def no_session_libvirt_stack():
 
 # -- the VM lifecycle's environment: a config, a built test guest, a user, libvirt with our hook -
 GUEST_BUILD = REPO / "guest-image" / "build"
+CLOUD_BUILD = REPO / "guest-image" / "debian-cloud" / "build"
 TEST_USER = "dgxvmtest"
 TEST_CIDR = "10.213.0.0/24"
 
@@ -198,6 +199,19 @@ def guest_manifest() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cloud_manifest() -> Path:
+    """The Debian 12 cloud guest (systemd, cloud-init, podman), built from Debian packages by
+    guest-image/debian-cloud/build (cached by versions)."""
+    t0 = time.monotonic()
+    r = subprocess.run([str(CLOUD_BUILD)], capture_output=True, text=True, timeout=1500)
+    if r.returncode != 0:
+        pytest.fail(f"guest-image/debian-cloud/build failed ({r.returncode}):\n"
+                    f"{r.stderr[-3000:]}")
+    print(f"\ndebian-cloud image: {time.monotonic() - t0:.1f}s ({r.stderr.strip()[-200:]})")
+    return Path(r.stdout.strip().splitlines()[-1]) / "manifest.json"
+
+
+@pytest.fixture(scope="session")
 def vm_base():
     """Config, directories, the simulated DGX-2 and the test user, made before libvirtd starts
     (its hook needs the config). Kept outside pytest's 0700 tmp tree: QEMU runs as libvirt-qemu
@@ -258,6 +272,9 @@ def slurm_node(vmenv):
     cluster = slurm_cluster(run_dir, netns=env.netns, dgxvm=DGXVM, config=env.config,
                             sysfs=env.sysfs,
                             extra_conf="PartitionName=broken Nodes=dgx01 MaxTime=INFINITE "
+                                       "State=UP\n"
+                                       # the Debian cloud guest's (test_slurm_cloud_guest)
+                                       "PartitionName=cloud Nodes=dgx01 MaxTime=INFINITE "
                                        "State=UP\n")
     try:
         cluster.start()

@@ -20,22 +20,9 @@ import pytest
 from harness.node import install_for_users
 from test_dgxvm_run import _dgxvm_pid
 
-REPO = Path(__file__).resolve().parents[2]
-BUILD = REPO / "guest-image" / "debian-cloud" / "build"
 JOB = 990101
 GROUP = 54322
 IMAGE = "debcloud"
-
-
-@pytest.fixture(scope="module")
-def cloud_manifest() -> Path:
-    t0 = time.monotonic()
-    r = subprocess.run([str(BUILD)], capture_output=True, text=True, timeout=1500)
-    if r.returncode != 0:
-        pytest.fail(f"guest-image/debian-cloud/build failed ({r.returncode}):\n"
-                    f"{r.stderr[-3000:]}")
-    print(f"\ndebian-cloud image: {time.monotonic() - t0:.1f}s ({r.stderr.strip()[-200:]})")
-    return Path(r.stdout.strip().splitlines()[-1]) / "manifest.json"
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +140,132 @@ def test_sigkill_of_dgxvm_run_leaves_nothing_running_in_a_systemd_guest(cloudvm)
         time.sleep(1)
     assert r.stdout.strip() == b"0", r.stdout
 
+
+
+# -- containers with podman, the image's runtime (containers.podman) -----------------------
+REGISTRY_PORT = 5000    # inside the libvirt stack's namespace (config: insecure_registries)
+
+
+@pytest.fixture(scope="module")
+def image(cloudvm, tmp_path_factory):
+    """A busybox image in Debian's docker-registry, on the namespace's loopback."""
+    from harness.registry import LocalRegistry, build_image
+    work = tmp_path_factory.mktemp("cloud-registry")
+    reg = LocalRegistry(work / "reg", port=REGISTRY_PORT, netns=cloudvm.vmenv.netns)
+    reg.start()
+    try:
+        build_image(reg, "test/busy", "1", work / "build", marker="busy-1")
+        yield f"{reg.endpoint}/test/busy:1"
+    finally:
+        reg.stop()
+
+
+def podman_run(vm, image_ref, *cmd, flags=(), input=b"", env=(), timeout=240):
+    argv = user_argv(vm, "run", "--container-image", image_ref, *flags, "--", *cmd)
+    i = argv.index(str(vm.exe))
+    argv[i:i] = list(env)
+    return subprocess.run(argv, input=input, capture_output=True, timeout=timeout,
+                          cwd=str(vm.work))
+
+
+def guest_leftovers(vm) -> list[str]:
+    """What a podman run could leave in the guest: podman, conmon or a pause process of the
+    user's, a container's process, the runs' state directories."""
+    r = dgxvm_run(vm, "sh", "-c",
+                  "ps -u \"$(id -u)\" -o args= | grep -E '^(podman|/usr/bin/podman|/usr/bin/conmon|"
+                  "conmon|catatonit|/run/podman-init|sleep 47)' ; "
+                  'ls "/tmp/.dgxvm-$(id -u)" | sed "s/^/dir /"; true')
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.decode().splitlines() if ln.strip()]
+    dirs = [ln for ln in lines if ln.startswith("dir ")]
+    assert len(dirs) >= 1, lines      # this check's own run directory is there
+    return [ln for ln in lines if not ln.startswith("dir ")] + dirs[1:]
+
+
+def test_podman_runs_the_container_as_the_user_with_groups_and_the_runc_profiles_maps(
+        cloudvm, image):
+    r = podman_run(cloudvm, image, "sh", "-c",
+                   'cat /marker; echo; id -u; id -g; id -G; whoami; id -gn; pwd; echo "$PATH"; '
+                   'echo "[$SPACED][$MULTI]"; cat /proc/self/uid_map; '
+                   "echo made > by-podman; touch /etc/x 2>/dev/null && echo rootfs-writable; "
+                   "echo err >&2; exit 4",
+                   env=("SPACED= a b ", "MULTI=one\ntwo"))
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.endswith(b"err\n"), r.stderr
+    out = r.stdout.decode().splitlines()
+    marker, uid, gid, groups, who, group, cwd, path = out[:8]
+    assert marker == "busy-1"
+    assert (int(uid), int(gid)) == (cloudvm.vmenv.uid, cloudvm.vmenv.gid)
+    assert set(map(int, groups.split())) == {cloudvm.vmenv.gid, GROUP}
+    assert (who, group) == (cloudvm.vmenv.user, cloudvm.vmenv.user)
+    assert cwd == str(cloudvm.work) and path == "/bin"
+    assert out[8:10] == ["[ a b ][one", "two]"]
+    maps = sorted(tuple(map(int, line.split())) for line in out[10:12])
+    assert maps == [(0, 1, 1), (cloudvm.vmenv.uid, 0, 1)]
+    assert "rootfs-writable" not in out
+    made = cloudvm.work / "by-podman"
+    assert made.read_text() == "made\n" and made.stat().st_uid == cloudvm.vmenv.uid
+    # podman's state went with the run: no podman, conmon or pause process, no run directory
+    assert guest_leftovers(cloudvm) == []
+
+
+def test_podman_streams_stdin_and_statuses(cloudvm, image):
+    data = bytes(range(256)) * 512
+    r = podman_run(cloudvm, image, "cat", input=data)
+    assert r.returncode == 0 and r.stdout == data, r.stderr
+    r = podman_run(cloudvm, image, "no-such-command-here")
+    assert r.returncode == 127 and b"no-such-command-here" in r.stderr
+    r = podman_run(cloudvm, image, "sh", "-c", "kill -USR2 $$")
+    assert r.returncode == 128 + signal.SIGUSR2, r.stderr
+
+
+def _start(vm, image_ref, script, flags=()):
+    p = subprocess.Popen(user_argv(vm, "run", "--container-image", image_ref, *flags, "--",
+                                   "sh", "-c", script),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=str(vm.work))
+    line = p.stdout.readline()
+    assert line == b"ready\n", (line, p.stderr.read() if p.poll() is not None else b"")
+    return p
+
+
+def test_signals_reach_the_podman_containers_command(cloudvm, image):
+    p = _start(cloudvm, image, "trap 'echo got USR1; exit 6' USR1; echo ready; "
+                               "while :; do sleep 0.2; done")
+    os.kill(_dgxvm_pid(p.pid), signal.SIGUSR1)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 6 and b"got USR1" in out, err
+    # no handler: podman's init is PID 1, so SIGTERM ends the command as it would outside
+    p = _start(cloudvm, image, "echo ready; sleep 4701")
+    os.kill(_dgxvm_pid(p.pid), signal.SIGTERM)
+    p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM
+
+
+def test_sigkill_of_dgxvm_run_leaves_no_podman_container_running(cloudvm, image):
+    p = _start(cloudvm, image, "trap '' TERM; echo ready; sleep 4702")
+    os.kill(_dgxvm_pid(p.pid), signal.SIGKILL)
+    p.wait(timeout=30)
+    deadline = time.monotonic() + 40
+    while (left := guest_leftovers(cloudvm)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert left == []
+
+
+def test_writable_and_named_podman_containers(cloudvm, image):
+    r = podman_run(cloudvm, image, "sh", "-c", "echo changed > /marker && cat /marker",
+                   flags=("--container-writable",))
+    assert r.returncode == 0 and r.stdout == b"changed\n", r.stderr
+    r = podman_run(cloudvm, image, "sh", "-c", "echo installed > /etc/tool",
+                   flags=("--container-name", "penv"))
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(user_argv(cloudvm, "run", "--container-name", "penv", "--", "sh", "-c",
+                                 "cat /etc/tool /marker; whoami"),
+                       input=b"", capture_output=True, timeout=240, cwd=str(cloudvm.work))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().split() == ["installed", "busy-1", cloudvm.vmenv.user]
+    r = podman_run(cloudvm, image, "sh", "-c", "id -u; echo x > by-root-podman",
+                   flags=("--container-remap-root",))
+    assert r.returncode == 0 and r.stdout == b"0\n", r.stderr
+    assert (cloudvm.work / "by-root-podman").stat().st_uid == cloudvm.vmenv.uid
+    assert guest_leftovers(cloudvm) == []

@@ -429,6 +429,9 @@ def test_a_named_container_keeps_its_changes_across_runs_of_the_job(runvm, image
     r = container_run(runvm, image.ref, "sh", "-c", "echo installed > /etc/tool",
                       flags=("--container-name", "env1"))
     assert r.returncode == 0, r.stderr
+    # its layer is where the helper looks for it on every run: under the user's own uid (it
+    # once took `id -u` inside the new namespace, 0 or 65534 depending on a race)
+    assert "env1" in guest_layers(runvm)
     # pyxis's way: later runs name it, with or without the image
     r = container_run_named(runvm, "env1", "sh", "-c", "cat /etc/tool; whoami")
     assert r.returncode == 0, r.stderr
