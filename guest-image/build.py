@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+from buildcache import prune  # noqa: E402
+
 DEFAULT_OUT = Path("/var/cache/dgxvm/test-guest")
 NAME = "dgxvm-test-guest"
 
@@ -518,6 +520,7 @@ def build(out_root: Path, force: bool) -> Path:
             os.rename(result, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        prune(out_root, final, log)
     log(f"built {final} in {time.monotonic() - t0:.1f}s")
     return final
 

@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from buildcache import prune  # noqa: E402
+
 DEFAULT_OUT = Path("/var/cache/dgxvm/debian-cloud")
 NAME = "dgxvm-debian-cloud"
 SUITE = "bookworm"
@@ -270,6 +273,7 @@ def build(out_root: Path, force: bool) -> Path:
             os.rename(result, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        prune(out_root, final, log)
     log(f"built {final} in {time.monotonic() - t0:.1f}s")
     return final
 
