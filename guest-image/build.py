@@ -506,6 +506,8 @@ def build(out_root: Path, force: bool) -> Path:
                 # image; the test machine's GPUs are simulated, no device reaches a container
                 "container_runtime": "runc",
                 "gpu_devices": "none",
+                # its own init applies the seed before it starts the guest agent
+                "readiness": "agent",
                 "kernel_release": moddirs[0].name,
                 "disk_size_mib": size,
                 "modules": [n for n, _, _ in modules],

@@ -57,9 +57,12 @@ def console_tail(path: str | Path, lines: int = TAIL_LINES) -> str:
     return "\n".join("  | " + line for line in tail) or "  | (empty)"
 
 
-def wait_ready(dom, *, name: str, timeout_s: float, console_log: str | Path) -> float:
+def wait_ready(dom, *, name: str, timeout_s: float, console_log: str | Path,
+               readiness: str = "auto") -> float:
     """Block until the guest agent of ``dom`` answers and, in a guest with cloud-init, its init
-    stages are done; return the seconds waited.
+    stages are done; return the seconds waited. ``readiness`` is the image profile's: ``auto``
+    (cloud-init's stages when the guest has cloud-init), ``agent`` (the agent alone),
+    ``cloud-init`` (its stages always: a guest without cloud-init never becomes ready).
 
     Raises GuestTimeout (with the console tail) when ``timeout_s`` passes, at once when the VM
     stops meanwhile (it crashed or powered off), and at once with cloud-init's own errors when
@@ -73,7 +76,11 @@ def wait_ready(dom, *, name: str, timeout_s: float, console_log: str | Path) -> 
                                reason="the VM stopped while booting",
                                tail=console_tail(console_log))
         if hypervisor.agent_ping(dom):
-            state, detail = _cloud_init(dom)
+            state, detail = ("none", "") if readiness == "agent" else _cloud_init(dom)
+            if state == "none" and readiness == "cloud-init":
+                state = "pending"
+                detail = f"the image's profile says cloud-init, but the guest has no {CLOUD_INIT}"
+
             if state in ("none", "done"):
                 return time.monotonic() - t0
             if state == "failed":

@@ -23,7 +23,7 @@ import click
 
 from ..errors import DgxvmError
 from ..images import Image, ImageStore, human_bytes
-from ..images.profile import CONTAINER_RUNTIMES, GPU_DEVICES
+from ..images.profile import CONTAINER_RUNTIMES, GPU_DEVICES, READINESS
 
 
 def _store(obj) -> ImageStore:
@@ -75,14 +75,14 @@ def image_show(obj, as_json):
         click.echo(f"no images in {store.root}; install one with: "
                    f"dgxvm image install SRC --default")
         return
-    header = ("  NAME", "FORMAT", "VIRTUAL", "ON DISK", "VERSION", "BOOT", "RUNTIME", "GPU DEVICES",
-              "INSTALLED", "USED BY")
+    header = ("  NAME", "FORMAT", "VIRTUAL", "ON DISK", "VERSION", "BOOT", "READY", "RUNTIME",
+              "GPU DEVICES", "INSTALLED", "USED BY")
     rows = [header]
     for img in images:
         u = used_by(img.name)
         rows.append((("* " if img.name == default else "  ") + img.name, img.format,
                      human_bytes(img.virtual_size), human_bytes(img.actual_size), img.version,
-                     img.boot, img.container_runtime, img.gpu_devices,
+                     img.boot, img.readiness, img.container_runtime, img.gpu_devices,
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(img.installed)),
                      "?" if u is None else (", ".join(u) or "-")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
@@ -135,13 +135,18 @@ class _Bar:
               help=f"The container runtime the image has, for `dgxvm run --container-image`: "
                    f"{', '.join(CONTAINER_RUNTIMES)} (none: refused). [default: the manifest's, "
                    f"else none]")
+@click.option("--readiness", metavar="WHEN",
+              help=f"When a VM of the image is ready: {', '.join(READINESS)} (agent: its QEMU "
+                   f"guest agent answers; cloud-init: and cloud-init's init stages are done; "
+                   f"auto: cloud-init's when the guest has it). [default: the manifest's, else "
+                   f"auto]")
 @click.option("--gpu-devices", metavar="KIND",
               help=f"How GPUs reach a container in the image: {', '.join(GPU_DEVICES)} "
                    f"(nvidia: the driver's /dev/nvidia*; cdi: an NVIDIA Container Toolkit CDI "
                    f"spec). [default: the manifest's, else none]")
 @click.pass_obj
 def image_install(obj, src, name, make_default, version, kernel, initrd, cmdline,
-                  container_runtime, gpu_devices):
+                  container_runtime, readiness, gpu_devices):
     """Install SRC: a qcow2 or raw disk image, or a builder manifest (manifest.json, or a
     directory holding one). The disk is copied into the store and checked."""
     bar = _Bar(f"installing {name or Path(src).name}") if sys.stderr.isatty() else None
@@ -149,7 +154,7 @@ def image_install(obj, src, name, make_default, version, kernel, initrd, cmdline
         img = _store(obj).install(src, name=name, default=make_default, version=version,
                                   kernel=kernel, initrd=initrd, cmdline=cmdline,
                                   container_runtime=container_runtime, gpu_devices=gpu_devices,
-                                  progress=bar)
+                                  readiness=readiness, progress=bar)
     finally:
         if bar is not None:
             bar.close()
@@ -159,8 +164,15 @@ def image_install(obj, src, name, make_default, version, kernel, initrd, cmdline
 def _line(img: Image) -> str:
     return (f"image {img.name}: {img.format}, {human_bytes(img.virtual_size)} virtual, "
             f"{human_bytes(img.actual_size)} on disk, version {img.version}, boots from "
-            f"{img.boot}, container runtime {img.container_runtime}, GPU devices "
-            f"{img.gpu_devices}, sha256 {img.sha256[:12]}")
+            f"{img.boot}, ready when {_ready_when(img.readiness)}, container runtime "
+            f"{img.container_runtime}, GPU devices {img.gpu_devices}, sha256 {img.sha256[:12]}")
+
+
+def _ready_when(readiness: str) -> str:
+    return {"agent": "its guest agent answers",
+            "cloud-init": "cloud-init applied the seed",
+            }.get(readiness, "its guest agent answers (and cloud-init applied the seed, if "
+                             "it has cloud-init)")
 
 
 # -- remove / default ------------------------------------------------------------------------------

@@ -44,6 +44,14 @@ CONTAINER_RUNTIMES = ("runc", "podman", "docker", "enroot", "none")
 # /dev/nvidia*), ``cdi`` (an NVIDIA Container Toolkit CDI spec), ``none`` (e.g. simulated GPUs).
 GPU_DEVICES = ("nvidia", "cdi", "none")
 NO_RUNTIME = "none"         # the default of both, and what a profile without the keys means
+# When a VM of the image is ready (guest.wait_ready): ``agent`` (its QEMU guest agent answers:
+# an image whose own init applies the seed before starting the agent, the test guest),
+# ``cloud-init`` (the agent answers and cloud-init's init stages, where the seed is applied,
+# finished without errors), ``auto`` (cloud-init's when /usr/bin/cloud-init is in the guest:
+# what a profile without the key means). Every VM is reached the same way: ssh as the job's
+# user with the job's key, the seed's pinned host key, through the guest helper.
+READINESS = ("auto", "agent", "cloud-init")
+AUTO_READINESS = "auto"
 
 DIR_MODE = 0o755
 FILE_MODE = 0o644
@@ -72,6 +80,7 @@ class Image:
     source: str               # what it was installed from
     container_runtime: str = NO_RUNTIME   # one of CONTAINER_RUNTIMES
     gpu_devices: str = NO_RUNTIME         # one of GPU_DEVICES
+    readiness: str = AUTO_READINESS       # one of READINESS
 
     @property
     def boot(self) -> str:
@@ -84,7 +93,8 @@ class Image:
                 "version": self.version, "sha256": self.sha256, "boot": self.boot,
                 "kernel": self.kernel, "initrd": self.initrd, "cmdline": self.cmdline,
                 "installed": self.installed, "source": self.source,
-                "container_runtime": self.container_runtime, "gpu_devices": self.gpu_devices}
+                "container_runtime": self.container_runtime, "gpu_devices": self.gpu_devices,
+                "readiness": self.readiness}
 
 
 @dataclass(frozen=True)
@@ -113,12 +123,15 @@ def check_choice(value, key: str, where: str, *, label: str | None = None) -> st
 
 def write(directory: Path, *, name: str, fmt: str, virtual_size: int, version: str,
           sha256: str, kernel_boot: bool, cmdline: str | None, source: str,
-          container_runtime: str = NO_RUNTIME, gpu_devices: str = NO_RUNTIME) -> None:
+          container_runtime: str = NO_RUNTIME, gpu_devices: str = NO_RUNTIME,
+          readiness: str = AUTO_READINESS) -> None:
     """Write ``directory``'s profile (atomically, 0644; this also makes the names of the files
     already copied into ``directory`` durable). The disk must be in place: its allocation is
-    recorded. ImageError for a ``container_runtime`` or ``gpu_devices`` that is not one."""
+    recorded. ImageError for a ``container_runtime``, ``gpu_devices`` or ``readiness`` that is
+    not one."""
     check_choice(container_runtime, "container_runtime", name)
     check_choice(gpu_devices, "gpu_devices", name)
+    check_choice(readiness, "readiness", name)
     doc = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "name": name,
         "disk": disk_file(fmt), "format": fmt, "virtual_size": virtual_size,
@@ -129,6 +142,7 @@ def write(directory: Path, *, name: str, fmt: str, virtual_size: int, version: s
         "cmdline": cmdline if kernel_boot else None,
         "installed": time.time(), "source": source,
         "container_runtime": container_runtime, "gpu_devices": gpu_devices,
+        "readiness": readiness,
     }
     atomic_write_json(directory / PROFILE_FILE, doc, mode=FILE_MODE, indent=2)
 
@@ -169,7 +183,8 @@ def load(directory: Path) -> Image:
                  cmdline=doc.get("cmdline") if doc["kernel"] else None,
                  installed=installed, source=doc["source"],
                  container_runtime=doc.get("container_runtime", NO_RUNTIME),
-                 gpu_devices=doc.get("gpu_devices", NO_RUNTIME))
+                 gpu_devices=doc.get("gpu_devices", NO_RUNTIME),
+                 readiness=doc.get("readiness", AUTO_READINESS))
 
 
 def runtime_of(store_root: str | os.PathLike, name: str) -> tuple[str, str]:
@@ -222,7 +237,8 @@ def _validate(doc, name: str) -> float:
     return float(doc["installed"])
 
 
-_CHOICES = {"container_runtime": CONTAINER_RUNTIMES, "gpu_devices": GPU_DEVICES}
+_CHOICES = {"container_runtime": CONTAINER_RUNTIMES, "gpu_devices": GPU_DEVICES,
+            "readiness": READINESS}
 
 
 def human_bytes(n: int) -> str:
@@ -233,6 +249,6 @@ def human_bytes(n: int) -> str:
     return f"{n / 1024 ** exp:.1f} {'KMGT'[exp - 1]}iB"
 
 
-__all__ = ["BrokenImage", "CONTAINER_RUNTIMES", "DIR_MODE", "FILE_MODE", "FORMATS", "GPU_DEVICES",
-           "INITRD_FILE", "Image", "KERNEL_FILE", "NO_RUNTIME", "PROFILE_FILE", "check_choice",
-           "disk_file", "human_bytes", "load", "runtime_of", "write"]
+__all__ = ["AUTO_READINESS", "BrokenImage", "CONTAINER_RUNTIMES", "DIR_MODE", "FILE_MODE", "FORMATS",
+           "GPU_DEVICES", "READINESS", "INITRD_FILE", "Image", "KERNEL_FILE", "NO_RUNTIME",
+           "PROFILE_FILE", "check_choice", "disk_file", "human_bytes", "load", "runtime_of", "write"]

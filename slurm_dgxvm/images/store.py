@@ -48,8 +48,8 @@ from .accept import check_qcow2, image_info
 from .copy import Progress, ReadError, copy_file
 from .manifest import (CMDLINE_LIMIT, VERSION_LIMIT, Source, one_line, resolve_source,
                        sibling_version)
-from .profile import (DIR_MODE, FILE_MODE, INITRD_FILE, KERNEL_FILE, NO_RUNTIME, BrokenImage,
-                      Image, check_choice, disk_file)
+from .profile import (AUTO_READINESS, DIR_MODE, FILE_MODE, INITRD_FILE, KERNEL_FILE, NO_RUNTIME,
+                      BrokenImage, Image, check_choice, disk_file)
 from .sniff import allocated, regular_readable
 
 log = logging.getLogger("dgxvm.images")
@@ -73,6 +73,7 @@ class _Plan:
     cmdline: str | None
     container_runtime: str    # one of profile.CONTAINER_RUNTIMES
     gpu_devices: str          # one of profile.GPU_DEVICES
+    readiness: str            # one of profile.READINESS
 
 
 class ImageStore:
@@ -169,7 +170,7 @@ class ImageStore:
                 version: str | None = None, kernel: str | os.PathLike | None = None,
                 initrd: str | os.PathLike | None = None, cmdline: str | None = None,
                 container_runtime: str | None = None, gpu_devices: str | None = None,
-                progress: Progress | None = None) -> Image:
+                readiness: str | None = None, progress: Progress | None = None) -> Image:
         """Install ``src`` as image ``name`` and return its profile.
 
         ``src`` is either a disk image file (qcow2, or raw: see :mod:`.accept`) or a builder
@@ -189,6 +190,8 @@ class ImageStore:
           and ``gpu_devices`` (``nvidia``, ``cdi``, ``none``): the guest image's container
           runtime and how GPUs reach its containers, recorded in the profile; else the
           manifest's; else ``none`` (``dgxvm run --container-image`` is then refused).
+        * ``readiness`` (``auto``, ``agent``, ``cloud-init``): when a VM of it is ready; else
+          the manifest's; else ``auto``.
         * ``default``: also make it the default image.
         * ``progress(done_bytes, total_bytes)`` is called while the disk is copied.
 
@@ -197,7 +200,7 @@ class ImageStore:
         """
         plan = self._plan(src, name=name, version=version, kernel=kernel, initrd=initrd,
                           cmdline=cmdline, container_runtime=container_runtime,
-                          gpu_devices=gpu_devices)
+                          gpu_devices=gpu_devices, readiness=readiness)
         info = self._check_source(plan)
         plan = _with_sibling_version(plan)
         self._ensure_root()
@@ -207,9 +210,9 @@ class ImageStore:
             self._check_copy(plan, info, partial)
             version = _write_profile(plan, info, partial, sha)
             self._publish(partial, plan.name)
-        log.info("installed image %s (%s, %s, container runtime %s, GPU devices %s) from %s",
-                 plan.name, info["format"], version, plan.container_runtime, plan.gpu_devices,
-                 _source_text(plan.source))
+        log.info("installed image %s (%s, %s, container runtime %s, GPU devices %s, readiness "
+                 "%s) from %s", plan.name, info["format"], version, plan.container_runtime,
+                 plan.gpu_devices, plan.readiness, _source_text(plan.source))
         if default:
             self._make_default_after_install(plan.name)
         return self._load(plan.name)
@@ -243,7 +246,7 @@ class ImageStore:
     def _plan(self, src: str | os.PathLike, *, name: str | None, version: str | None,
               kernel: str | os.PathLike | None, initrd: str | os.PathLike | None,
               cmdline: str | None, container_runtime: str | None = None,
-              gpu_devices: str | None = None) -> _Plan:
+              gpu_devices: str | None = None, readiness: str | None = None) -> _Plan:
         """Resolve the source and the options into a _Plan; ImageError (NameError_ for a bad
         name) for options that do not go together or a name that is taken."""
         source = resolve_source(src, kernel=kernel, initrd=initrd)
@@ -260,6 +263,9 @@ class ImageStore:
         if gpu_devices is not None:
             check_choice(gpu_devices, "gpu_devices", "--gpu-devices")
         gpu_devices = gpu_devices or source.gpu_devices or NO_RUNTIME
+        if readiness is not None:
+            check_choice(readiness, "readiness", "--readiness")
+        readiness = readiness or source.readiness or AUTO_READINESS
 
         name = name or source.name or source.disk.stem
         image_name(name)
@@ -276,7 +282,8 @@ class ImageStore:
             raise ImageError(name=name, reason=f"already installed; remove it first "
                                                f"(dgxvm image remove {name})")
         return _Plan(name=name, source=source, version=version, cmdline=cmdline,
-                     container_runtime=container_runtime, gpu_devices=gpu_devices)
+                     container_runtime=container_runtime, gpu_devices=gpu_devices,
+                     readiness=readiness)
 
     @staticmethod
     def _check_source(plan: _Plan) -> dict:
@@ -449,7 +456,7 @@ def _write_profile(plan: _Plan, info: dict, partial: Path, sha: str) -> str:
                   virtual_size=int(info["virtual-size"]), version=version, sha256=sha,
                   kernel_boot=plan.source.kernel is not None, cmdline=plan.cmdline,
                   source=_source_text(plan.source), container_runtime=plan.container_runtime,
-                  gpu_devices=plan.gpu_devices)
+                  gpu_devices=plan.gpu_devices, readiness=plan.readiness)
     return version
 
 

@@ -251,7 +251,7 @@ class _Creation:
     def wait_for_guest(self) -> None:
         self.progress("waiting for the guest")
         wait_ready(self.dom, name=self.name, timeout_s=self.cfg.libvirt.ready_timeout_s,
-                   console_log=self.vmdir / CONSOLE_LOG)
+                   console_log=self.vmdir / CONSOLE_LOG, readiness=self.image.readiness)
         self.record = self.record.with_(state="running", started=self.started,
                                         boot_s=round(time.monotonic() - self.t0, 3))
         self.env.vms.save(self.record)

@@ -96,3 +96,20 @@ def test_a_cloud_init_stage_that_never_finishes_times_out_saying_so(agent, tmp_p
     with pytest.raises(GuestTimeout) as e:
         guest.wait_ready(object(), name="vm", timeout_s=0.2, console_log=tmp_path / "c")
     assert "init stage not finished" in str(e.value)
+
+
+# -- the image profile's readiness ------------------------------------------------------------
+def test_readiness_agent_does_not_wait_for_cloud_init(agent, tmp_path):
+    a = agent({guest.CLOUD_INIT: b"\x7f", guest.CLOUD_INIT_STATUS: status(init=(None, []))})
+    guest.wait_ready(object(), name="vm", timeout_s=0.5, console_log=tmp_path / "c",
+                     readiness="agent")
+    assert a.reads == 0                  # cloud-init's status was never looked at
+
+
+def test_readiness_cloud_init_in_a_guest_without_it_never_becomes_ready_and_says_why(
+        agent, tmp_path):
+    agent({})
+    with pytest.raises(GuestTimeout) as e:
+        guest.wait_ready(object(), name="vm", timeout_s=0.2, console_log=tmp_path / "c",
+                         readiness="cloud-init")
+    assert "profile says cloud-init, but the guest has no /usr/bin/cloud-init" in str(e.value)

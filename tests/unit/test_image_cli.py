@@ -89,7 +89,7 @@ def test_install_then_show(run, qcow2, users):
     out = run("show").output
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "FORMAT", "VIRTUAL", "ON", "DISK", "VERSION", "BOOT",
-                                "RUNTIME", "GPU", "DEVICES", "INSTALLED", "USED", "BY"]
+                                "READY", "RUNTIME", "GPU", "DEVICES", "INSTALLED", "USED", "BY"]
     assert lines[1].startswith("* jammy ") and "22.04.4" in lines[1]
     assert lines[1].rstrip().endswith("build-vm, job-12")
     assert lines[2].startswith("  jammy-2 ") and lines[2].rstrip().endswith("-")
@@ -274,3 +274,38 @@ def test_install_help_lists_the_runtimes():
     assert "--container-runtime NAME" in out and "--gpu-devices KIND" in out
     for word in ("runc", "podman", "docker", "enroot", "nvidia", "cdi"):
         assert word in out
+
+
+# -- readiness: when a VM of the image is ready -------------------------------------------------
+def test_install_records_readiness_from_the_option_or_the_manifest(run, qcow2, tmp_path):
+    r = run("install", str(qcow2), "--readiness", "agent")
+    assert r.exit_code == 0, r.output
+    assert "ready when its guest agent answers" in r.output
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"name": "cloudy", "disk": str(qcow2),
+                                    "readiness": "cloud-init"}))
+    r = run("install", str(manifest))
+    assert r.exit_code == 0, r.output
+    assert "ready when cloud-init applied the seed" in r.output
+    assert run("install", str(qcow2), "--name", "plain").exit_code == 0
+    lines = run("show").output.splitlines()
+    col = lines[0].index("READY")
+    row = {ln.split()[0].lstrip("*"): ln for ln in lines[1:4]}
+    assert row["jammy"][col:].split()[0] == "agent"
+    assert row["cloudy"][col:].split()[0] == "cloud-init"
+    assert row["plain"][col:].split()[0] == "auto"       # detected in the guest
+    doc = json.loads(run("show", "--json").output)
+    assert {i["name"]: i["readiness"] for i in doc["images"]} == {
+        "jammy": "agent", "cloudy": "cloud-init", "plain": "auto"}
+
+
+def test_a_readiness_that_is_not_one_is_refused_naming_it(run, qcow2, tmp_path):
+    r = run("install", str(qcow2), "--readiness", "ssh")
+    assert r.exit_code != 0
+    assert "image --readiness: readiness 'ssh' is not one of auto, agent, cloud-init" in str(
+        r.exception)
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"disk": str(qcow2), "readiness": "whenever"}))
+    r = run("install", str(manifest))
+    assert r.exit_code != 0 and "manifest readiness 'whenever' is not one of" in str(r.exception)
+    assert not (tmp_path / "store" / "jammy").exists() and not (tmp_path / "store" / "m").exists()
