@@ -121,6 +121,7 @@ def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapp
                                                         *account_files))
         etc_files = tuple(f for f in made if f not in account_files)
         if runtime_kind == "podman":
+            mountpoints.ensure(Path(rootfs), (), podman.ROOTFS_FILES)
             mountpoints.ensure_links(Path(rootfs), podman.ROOTFS_LINKS)
         if user and uid and gid and not flags.remap_root:
             # the user's own entries, so that whoami/getpwuid work (accounts)

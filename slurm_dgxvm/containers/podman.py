@@ -25,8 +25,8 @@ flags, so the two profiles cannot drift apart in what a job sees:
   ``--read-only`` (podman then mounts tmpfs on /tmp, /var/tmp and /run, as the runc profile
   does); or, writable (``--container-writable``, a named container), the overlay the helper
   mounts on ``$DGXVM_RUN_DIR/rootfs`` as for runc. Podman makes /etc/mtab a symlink when the
-  image has none, which a read-only root cannot take: ``dgxvm run`` makes it on the host
-  (:data:`ROOTFS_LINKS`).
+  image has none, and binds its /etc/hostname over the image's, which a read-only root cannot
+  take: ``dgxvm run`` makes them on the host (:data:`ROOTFS_LINKS`, :data:`ROOTFS_FILES`).
 - **PID 1.** ``--init``: podman's init (catatonit) is PID 1 and passes signals on, so a command
   without a SIGTERM handler ends on SIGTERM as it would outside a container. ``podman run``
   passes the signals it gets to the container (``--sig-proxy``, its default).
@@ -51,6 +51,9 @@ from .runtime import NVIDIA_DEVICES, ContainerSpec, environment, own_uid, supple
 
 #: symlinks podman needs in a root it cannot write, made on the host (path -> target)
 ROOTFS_LINKS = {"/etc/mtab": "../proc/self/mounts"}
+#: files podman binds its own over (besides /etc/hosts and /etc/resolv.conf, which every
+#: profile binds): a read-only root must have them, empty, to mount on
+ROOTFS_FILES = ("/etc/hostname",)
 #: podman's env-file reader (bufio.Scanner) takes lines up to 64 KiB
 ENV_FILE_LINE_MAX = 60 * 1024
 #: the guest's ``podman`` (Debian's, on PATH)

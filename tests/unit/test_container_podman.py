@@ -202,3 +202,18 @@ def test_the_podman_profile_makes_the_mtab_link_a_read_only_root_needs(tmp_path)
     with pytest.raises(BadInput, match="symlink"):
         mountpoints.ensure_links(evil, podman.ROOTFS_LINKS)
     assert not (tmp_path / "outside").exists()
+
+
+def test_preparing_a_podman_run_makes_what_podman_mounts_on_in_a_read_only_root(tmp_path):
+    """Podman binds its own /etc/hostname and wants /etc/mtab: an image without them (busybox)
+    gets them made on the host, as the cache's owner, before the guest runs it read-only."""
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    container_request(ContainerFlags(image="x"), rootfs=str(root), **dict(KW, prepare=True))
+    assert (root / "etc" / "hostname").is_file() and (root / "etc" / "hosts").is_file()
+    assert os.readlink(root / "etc" / "mtab") == "../proc/self/mounts"
+    runc_root = tmp_path / "runc-rootfs"
+    runc_root.mkdir()
+    container_request(ContainerFlags(image="x"), rootfs=str(runc_root),
+                      **dict(KW, prepare=True, runtime_kind="runc"))
+    assert not (runc_root / "etc" / "hostname").exists()      # runc binds no hostname
