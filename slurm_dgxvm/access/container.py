@@ -194,4 +194,4 @@ def _podman_request(spec: runtime.ContainerSpec, argv: tuple[str, ...],
                    files={podman.ENV_FILE: env_text,
                           **{posixpath.basename(f): files[posixpath.basename(f)]
                              for f in run_files}},
-                   command=command, cleanup=podman.CLEANUP)
+                   command=command, cleanup=podman.cleanup(GUEST_HELPER))

@@ -27,9 +27,10 @@ flags, so the two profiles cannot drift apart in what a job sees:
   mounts on ``$DGXVM_RUN_DIR/rootfs`` as for runc. Podman makes /etc/mtab a symlink when the
   image has none, and binds its /etc/hostname over the image's, which a read-only root cannot
   take: ``dgxvm run`` makes them on the host (:data:`ROOTFS_LINKS`, :data:`ROOTFS_FILES`).
-- **PID 1.** ``--init``: podman's init (catatonit) is PID 1 and passes signals on, so a command
-  without a SIGTERM handler ends on SIGTERM as it would outside a container. ``podman run``
-  passes the signals it gets to the container (``--sig-proxy``, its default).
+- **PID 1** is the command, as in the runc profile (no ``--init``: with podman's init, a
+  command the image does not have ends with catatonit's status 1 instead of 127). ``podman
+  run`` passes the signals it gets to it (``--sig-proxy``, its default); a PID 1 that ignores
+  SIGTERM is stopped by the helper's KILL and :func:`cleanup` when ``dgxvm run`` ends or dies.
 - **The environment** goes in an ``--env-file`` (``NAME=value`` lines), except values podman's
   file reader cannot carry (a newline, a trailing carriage return, a line longer than its 64 KiB
   buffer): those are given to podman's own environment and named in the file without a value,
@@ -137,7 +138,7 @@ def command(spec: ContainerSpec, *, name: str) -> list[str | bytes]:
         "--tmpdir", _in_run(f"{state}/tmp"),
         "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "none",
         "--log-level", "error",
-        "run", "--rm", "--name", name, "--interactive", "--init",
+        "run", "--rm", "--name", name, "--interactive",
         "--cgroups", "disabled", "--network", "host", "--passwd=false",
         "--security-opt", "no-new-privileges",
         # /dev/shm as the runc profile has it: a tmpfs of the kernel's default size (half the
@@ -184,9 +185,15 @@ def rootless_env(spec: ContainerSpec) -> list[str]:
             f"_CONTAINERS_ROOTLESS_UID={spec.uid}", f"_CONTAINERS_ROOTLESS_GID={spec.gid}"]
 
 
-#: stops what a killed ``podman run`` left: the container's PID 1 (podman's init) by the pid
-#: podman wrote, which ends the container's pid namespace; conmon then exits by itself. Runs
-#: from the run's directory as ``sh cleanup`` (its ``$0``).
-CLEANUP = (b'd=$(dirname "$0"); for f in "$d"/' + STATE.encode()
-           + b'/run/*-containers/*/userdata/pidfile; do [ -s "$f" ] && '
-           b'kill -KILL "$(cat "$f")" 2>/dev/null; done; :')
+def cleanup(helper: str) -> bytes:
+    """What stops a ``podman run`` that was killed: the container's PID 1, by the pid podman
+    wrote (which ends the container's pid namespace; conmon then exits by itself), then
+    podman's state, removed in a namespace of the guest ``helper``'s own (what a killed podman
+    left there, its container's run data, belongs to the container's root, a subordinate uid
+    the user cannot remove). Runs from the run's directory as ``sh cleanup`` (its ``$0``)."""
+    state = STATE.encode()
+    return (b'd=$(dirname "$0"); for f in "$d"/' + state
+            + b'/run/*-containers/*/userdata/pidfile; do [ -s "$f" ] && '
+            b'kill -KILL "$(cat "$f")" 2>/dev/null; done; '
+            + b'[ ! -d "$d/' + state + b'" ] || ' + _quote(helper)
+            + b' userns - - - - rm -rf "$d/' + state + b'"; :')

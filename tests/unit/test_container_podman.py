@@ -79,7 +79,8 @@ def test_podman_state_is_the_runs_and_the_image_is_read_only():
         "--", "/cache/1000/sha256/ab/bundle/rootfs"]
     assert flag_values(argv, "--cgroups") == ["disabled"]
     assert flag_values(argv, "--network") == ["host"]
-    assert "--init" in argv and "--passwd=false" in argv
+    assert "--passwd=false" in argv
+    assert "--init" not in argv        # PID 1 is the command: not found stays 127
     assert flag_values(argv, "--security-opt") == ["no-new-privileges"]
     assert "--tty" not in argv
     assert "--tty" in words(spec(terminal=True))
@@ -155,7 +156,7 @@ def test_the_request_runs_podman_in_the_helpers_namespace_told_it_is_rootless():
     assert cmd[14] == "podman"
     assert set(r.files) == {"podman.env"}
     assert r.env == {"ML": "x\ny"}          # podman's own environment: the one value by name
-    assert r.cleanup == podman.CLEANUP
+    assert r.cleanup == podman.cleanup("/usr/lib/dgxvm/dgxvm-guest")
     # the writable layer: the helper mounts it, podman runs on it
     w = container_request(ContainerFlags(image="x", name="env1"), rootfs="/c/rootfs", **KW)
     cmd = shlex.split(w.command.decode().replace('"$DGXVM_RUN_DIR', '"/R'))
@@ -177,9 +178,14 @@ def test_the_cleanup_kills_the_containers_init_by_the_pid_podman_wrote(tmp_path)
         userdata = tmp_path / "pm" / "run" / "vfs-containers" / ("a" * 64) / "userdata"
         userdata.mkdir(parents=True)
         (userdata / "pidfile").write_text(str(victim.pid))
-        (tmp_path / "cleanup").write_bytes(podman.CLEANUP + b"\n")
+        helper = tmp_path / "helper"
+        helper.write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/helper.log"\n')
+        helper.chmod(0o755)
+        (tmp_path / "cleanup").write_bytes(podman.cleanup(str(helper)) + b"\n")
         subprocess.run(["sh", str(tmp_path / "cleanup")], check=True, timeout=10)
         assert victim.wait(timeout=10) == -9
+        # podman's state is removed in the helper's namespace (it has subordinate uids' files)
+        assert (tmp_path / "helper.log").read_text() == f"userns - - - - rm -rf {tmp_path}/pm\n"
     finally:
         if victim.poll() is None:
             victim.kill()
