@@ -185,15 +185,32 @@ def rootless_env(spec: ContainerSpec) -> list[str]:
             f"_CONTAINERS_ROOTLESS_UID={spec.uid}", f"_CONTAINERS_ROOTLESS_GID={spec.gid}"]
 
 
+_CLEANUP = b"""d=$(dirname "$0")
+for u in "$d"/@STATE@/run/*-containers/*/userdata; do
+  [ -d "$u" ] || continue
+  c=$(cat "$u/conmon.pid" 2>/dev/null); p=$(cat "$u/pidfile" 2>/dev/null)
+  ns=; [ -n "$c" ] && ns=$(readlink "/proc/$c/ns/user" 2>/dev/null)
+  [ -n "$c" ] && kill -KILL "$c" 2>/dev/null
+  [ -n "$p" ] && kill -KILL "$p" 2>/dev/null
+  [ -n "$ns" ] && for q in /proc/[0-9]*; do
+    [ "$(readlink "$q/ns/user" 2>/dev/null)" = "$ns" ] && kill -KILL "${q#/proc/}"
+  done 2>/dev/null
+done
+[ ! -d "$d/@STATE@" ] || @HELPER@ userns - - - - rm -rf "$d/@STATE@"
+:"""
+
+
 def cleanup(helper: str) -> bytes:
-    """What stops a ``podman run`` that was killed: the container's PID 1, by the pid podman
-    wrote (which ends the container's pid namespace; conmon then exits by itself), then
-    podman's state, removed in a namespace of the guest ``helper``'s own (what a killed podman
-    left there, its container's run data, belongs to the container's root, a subordinate uid
-    the user cannot remove). Runs from the run's directory as ``sh cleanup`` (its ``$0``)."""
+    """What the guest helper runs when the command has ended (and when ``dgxvm run`` died): it
+    stops what a killed ``podman run`` left, then removes podman's state. Idempotent: after a
+    run that ended by itself there is nothing left to stop.
+
+    By the pids podman wrote: conmon first (so that it starts no exit command, a ``podman
+    container cleanup`` that would hang on the state removed under it), the container's PID 1
+    (which ends its pid namespace), then every process left in conmon's user namespace (the
+    helper's: an exit command already started). The state goes in a namespace of the
+    ``helper``'s own: what a killed podman left there belongs to the container's root, a
+    subordinate uid the user cannot remove. Runs as ``sh RUN_DIR/cleanup`` (its ``$0``)."""
     state = STATE.encode()
-    return (b'd=$(dirname "$0"); for f in "$d"/' + state
-            + b'/run/*-containers/*/userdata/pidfile; do [ -s "$f" ] && '
-            b'kill -KILL "$(cat "$f")" 2>/dev/null; done; '
-            + b'[ ! -d "$d/' + state + b'" ] || ' + _quote(helper)
-            + b' userns - - - - rm -rf "$d/' + state + b'"; :')
+    script = _CLEANUP.replace(b"@STATE@", state).replace(b"@HELPER@", _quote(helper))
+    return script

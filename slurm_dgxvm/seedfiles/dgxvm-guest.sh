@@ -125,6 +125,9 @@ cmd_run() {
     rc=$?
     pid=$(cat "$d/pgid" 2>/dev/null)
     [ -n "$pid" ] && group_alive "$pid" && stop_group "$pid"
+    # the request's cleanup, always: a container runtime may leave processes in sessions of
+    # their own (podman's conmon and its exit command), which the group's end does not stop
+    [ -s "$d/cleanup" ] && sh "$d/cleanup" >/dev/null 2>&1
     [ -s "$d/runtime.log" ] && runtime_status
 
     echo "$rc" > "$d/status.tmp" && mv "$d/status.tmp" "$d/status"
