@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from slurm_dgxvm.slurm.accounting import PREFIX, decode, encode, failure_fields
+from slurm_dgxvm.slurm.accounting import (PREFIX, decode, encode, failure_fields, format_stages,
+                                          parse_stages)
 from slurm_dgxvm.slurm.report import render, summarize
 
 MANGLED_BY_SACCTMGR = "\"'"
@@ -42,6 +43,44 @@ def test_failure_fields():
                        slurm_gpus=(0, 1))
     assert decode(encode(f)) == {"state": "refused", "domain": "job-3", "slurm_gpus": "0-1",
                                  "ended": "refused at placing", "cause": "no fit"}
+
+
+def test_stages_are_one_compact_word_in_run_order_that_survives_sacctmgr():
+    stages = {"ready": 8.25, "placement": 0.0041, "seed": 1.5, "start": 2.0, "define": 0.1,
+              "disks": 0.5, "preflight": 0.0302}
+    text = encode({"state": "ended", "create_stages": format_stages(stages, "create"),
+                   "teardown_stages": format_stages({"release": 0.2, "shutdown": 5.0},
+                                                    "teardown")})
+    assert "create_stages=preflight:0.03,placement:0.004,seed:1.5,disks:0.5,define:0.1," \
+           "start:2,ready:8.25 teardown_stages=shutdown:5,release:0.2" in text
+    back = decode(text.lower())                       # as sacctmgr stores it
+    assert parse_stages(back["create_stages"]) == {
+        "preflight": 0.03, "placement": 0.004, "seed": 1.5, "disks": 0.5, "define": 0.1,
+        "start": 2.0, "ready": 8.25}
+    assert parse_stages(back["teardown_stages"]) == {"shutdown": 5.0, "release": 0.2}
+
+
+def test_no_stages_is_no_word_and_an_old_record_has_none():
+    assert format_stages({}, "create") is None
+    assert "stages" not in encode({"state": "ended", "create_stages": None})
+    old = decode("dgxvm/1 state=ended domain=job-13 gpus=0-3 boot_s=9.4 teardown_s=5.2")
+    assert parse_stages(old.get("create_stages")) == {} == parse_stages(old.get("teardown_stages"))
+
+
+@pytest.mark.parametrize("text, stages", [
+    ("placement:0.1,seed:x,ready:8", {"placement": 0.1, "ready": 8.0}),     # a damaged pair
+    ("placement,ready:8", {"ready": 8.0}),
+    (":1,ready:-1,start:inf,define:nan", {}),             # no name, negative, not finite
+    ("", {}),
+])
+def test_a_damaged_stages_word_loses_the_damaged_pairs_only(text, stages):
+    assert parse_stages(text) == stages
+
+
+def test_a_failure_record_keeps_the_stages_its_create_reached():
+    f = failure_fields(domain="job-3", state="failed", stage="waiting for the guest",
+                       cause="guest not ready", create_stages={"placement": 0.01, "ready": 300.0})
+    assert decode(encode(f))["create_stages"] == "placement:0.01,ready:300"
 
 
 def row(user, account, comment, elapsed="60"):
