@@ -10,7 +10,8 @@ create
     directory, SSH keys, the network and the address, the NoCloud seed), ``disks`` (the OS
     overlay and the data disk), ``define`` (design the domain, write the record, define it in
     libvirt), ``fm`` (activate the Fabric Manager partition: only on machines that have one,
-    absent elsewhere), ``start``, ``ready`` (waiting until the guest agent answers).
+    absent elsewhere), ``start``, ``ready`` (waiting until the guest is ready, as its image's
+    ``readiness`` says).
 teardown
     ``shutdown`` (the graceful, bounded shutdown), ``destroy`` (only when the guest did not stop
     within ``libvirt.shutdown_timeout_s``: absent otherwise), ``undefine``, ``reset`` (the GPU
