@@ -301,6 +301,15 @@ class RecordCorrupt(DgxvmError):
     exit_code = EXIT_STATE
 
 
+class OpStatsCorrupt(DgxvmError):
+    """``<state_dir>/opstats.json`` (the counters ``dgxvm metrics`` exports) does not parse.
+    The next create or delete moves it aside and starts the counters again."""
+
+    template = ("operation counters {path} are corrupt ({reason}); the next create or delete "
+                "moves the file aside and starts them again")
+    exit_code = EXIT_STATE
+
+
 class LedgerConflict(LedgerError):
     template = "ledger: cannot record {key}: {reason}"
 
@@ -366,3 +375,26 @@ class Interrupted(DgxvmError):
 
     template = "interrupted by signal {signal}"
     exit_code = EXIT_INTERNAL
+
+
+# -- how a failure is counted ----------------------------------------------------------------------
+#: The cause a failure is counted under (``dgxvm metrics``): one per exit code, and
+#: ``interrupted`` for a hook that slurmd stopped. Stable: dashboards select on them.
+CAUSES = {EXIT_INTERNAL: "internal", EXIT_BAD_INPUT: "bad_input", EXIT_HOST: "host",
+          EXIT_NO_FIT: "no_fit", EXIT_STATE: "state", EXIT_VM: "vm"}
+
+
+def cause_of(exc: BaseException) -> str:
+    """The cause ``exc`` is counted under: ``interrupted`` (a signal), one of :data:`CAUSES`
+    by its exit code, ``internal`` for anything that is not a :class:`DgxvmError` (a bug)."""
+    if isinstance(exc, Interrupted | KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, DgxvmError):
+        return CAUSES.get(exc.exit_code, "internal")
+    return "internal"
+
+
+def is_job_fault(exc: BaseException) -> bool:
+    """True when the job (or, for ``dgxvm create``, the request), not the node, is at fault:
+    the Prolog must not drain the node for it."""
+    return isinstance(exc, JobRefused | JobInputError | RequestError | NoFit)

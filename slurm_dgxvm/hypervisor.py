@@ -301,7 +301,18 @@ SHUTDOWN_RETRY_S = 5.0
 
 def shutdown(dom, timeout_s: float) -> str:
     """Stop ``dom`` gracefully within ``timeout_s``, then destroy it. Returns how it stopped:
-    ``already-off``, ``agent``, ``acpi`` or ``destroyed``.
+    ``already-off``, ``agent``, ``acpi`` or ``destroyed``."""
+    how = shutdown_gracefully(dom, timeout_s)
+    if how is None:
+        destroy(dom)
+        return "destroyed"
+    return how
+
+
+def shutdown_gracefully(dom, timeout_s: float) -> str | None:
+    """Ask ``dom`` to stop and wait at most ``timeout_s``. Returns how it stopped
+    (``already-off``, ``agent``, ``acpi``), or None when it still runs at the deadline (the
+    caller destroys it: a teardown times the two apart).
 
     The request (guest agent first, ACPI power button when the agent does not answer) is
     repeated every few seconds: a guest that is still booting has neither its agent nor its
@@ -325,8 +336,7 @@ def shutdown(dom, timeout_s: float) -> str:
                 except libvirt.libvirtError:
                     continue
         time.sleep(0.05)
-    destroy(dom)
-    return "destroyed"
+    return None
 
 
 def is_active(dom) -> bool:

@@ -79,6 +79,9 @@ class VmRecord:
                                         # this path (None: none; records before it had none)
     groups: tuple[int, ...] = ()        # the user's supplementary gids, as the guest has them
                                         # (records before it: none known)
+    # seconds per stage (slurm_dgxvm.stages), ms rounded; records before them: {}
+    create_stages: dict[str, float] = field(default_factory=dict)
+    teardown_stages: dict[str, float] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -98,6 +101,8 @@ class VmRecord:
         try:
             body["fitted"] = tuple(body.get("fitted", ()))
             body["groups"] = tuple(int(g) for g in body.get("groups", ()))
+            for key in ("create_stages", "teardown_stages"):
+                body[key] = _stage_times(body.get(key, {}))
             body["allocation"] = Allocation.from_json(body["allocation"])
             body["placement"] = Placement.from_json(body["placement"])
             return cls(**body)
@@ -108,6 +113,18 @@ class VmRecord:
 
     def with_(self, **changes) -> VmRecord:
         return replace(self, **changes)
+
+
+def _stage_times(doc: Any) -> dict[str, float]:
+    """A record's ``{stage: seconds}``; ValueError for anything else."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"stage times {doc!r} are not an object")
+    out = {}
+    for name, seconds in doc.items():
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise ValueError(f"stage {name!r}: {seconds!r} is not a number of seconds")
+        out[str(name)] = float(seconds)
+    return out
 
 
 def job_view(rec: VmRecord, vmdir: Path) -> dict:

@@ -87,6 +87,7 @@ LAZY_COMMANDS = {
     "run": ".run:run", "shell": ".run:shell",
     "image": ".images:image",
     "image-cache": ".image_cache:image_cache",
+    "metrics": ".metrics:metrics",
 }
 
 

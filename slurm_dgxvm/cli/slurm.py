@@ -17,7 +17,7 @@ from ..access.target import Target, job_from_env, view_for
 from ..slurm import hooks, log as hook_log
 from ..slurm.commands import Slurm
 from ..slurm.job import domain_for
-from ..slurm.report import render, summarize
+from ..slurm.report import render, summarize, summarize_stages
 
 
 def _interruptible() -> None:
@@ -101,14 +101,16 @@ def job(c, job_id, as_json, as_env):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def report(c, since, as_json):
-    """GPU-hours in VMs, jobs, median boot/teardown and failures per user and account (sacct)."""
+    """GPU-hours in VMs, jobs, median boot/teardown and failures per user and account, and
+    each create/teardown stage's median and p95 (sacct)."""
     rows = Slurm(c.config.slurm).sacct(since=since)
-    summaries = summarize(rows)
+    summaries, stages = summarize(rows), summarize_stages(rows)
     if as_json:
-        click.echo(json.dumps({"since": since, "users": [s.to_json() for s in summaries]},
+        click.echo(json.dumps({"since": since, "users": [s.to_json() for s in summaries],
+                               "stages": [s.to_json() for s in stages]},
                               indent=2, sort_keys=True))
     else:
-        sys.stdout.write(render(summaries, since))
+        sys.stdout.write(render(summaries, since, stages))
 
 
 COMMANDS = (prolog, epilog, job, report)

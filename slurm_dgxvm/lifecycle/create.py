@@ -3,7 +3,9 @@
 The steps, in order (each a method of :class:`_Creation`, named as the progress line it
 reports): place and record in the ledger -> the VM directory -> keys, address and seed -> disks
 -> design the domain (fit to this host) -> record -> define -> FM partition -> start -> wait
-until the guest agent answers -> record "running".
+until the guest agent answers -> record "running". Each is timed as one of the create stages
+of :mod:`slurm_dgxvm.stages` (:meth:`_Creation.steps` says which); the record keeps them, and
+every create, failed or not, is counted in :mod:`slurm_dgxvm.opstats`.
 
 One cleanup path: every step that takes something registers its undo on the one ExitStack; a
 failure anywhere unwinds exactly what was done, in reverse, and re-raises the first error.
@@ -15,17 +17,19 @@ import logging
 import os
 import time
 import uuid as uuid_mod
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import hypervisor, images as images_mod, seed as seed_mod
+from .. import hypervisor, images as images_mod, opstats, seed as seed_mod
 from ..config import Config
 from ..containers import ranlog
 from ..containers.cachedir import user_cache_dir
 from ..design import (RealHost, VmInputs, design, domain_xml, fit_to_host, image_cache_tag, mac_for,
                       share_tag)
-from ..errors import ContainerCacheError, DomainExists, HostError, HypervisorError, ShareRefused
+from ..errors import (ContainerCacheError, DomainExists, HostError, HypervisorError, ShareRefused,
+                      is_job_fault)
 from ..fsutil import atomic_write
 from ..guest import wait_ready
 from ..ledger import Allocation, domain_key, job_key
@@ -35,6 +39,7 @@ from ..records import (CONSOLE_LOG, DATA_DISK, DOMAIN_XML, HOST_KEY, IMAGE_CACHE
                        IMAGE_CACHE_WRAPPER, KNOWN_HOSTS, OS_DISK, SEED, SHARE_SPEC, SHARE_WRAPPER,
                        USER_KEY, VmRecord)
 from ..shares import policy as share_policy, virtiofsd as share_server
+from ..stages import StageTimer
 from .env import Env, Progress, quiet
 from .identity import group_names, hostname_for
 
@@ -60,21 +65,39 @@ class CreateRequest:
     alignment: str | None = None      # strict | prefer; None = [placement] alignment
 
 
-def create(env: Env, req: CreateRequest, progress: Progress = quiet) -> VmRecord:
-    """Create, start and wait for the VM ``req`` asks for; return its record (state running).
+def create(env: Env, req: CreateRequest, progress: Progress = quiet,
+           timer: StageTimer | None = None) -> VmRecord:
+    """Create, start and wait for the VM ``req`` asks for; return its record (state running,
+    ``create_stages`` the seconds of each stage).
+
+    ``timer`` (a new one by default) is told each stage as it runs: a caller that passes its
+    own still has the stages a failed create reached (the Prolog puts them in the job's
+    AdminComment). The create is counted in :mod:`slurm_dgxvm.opstats`, failed or not, unless
+    :meth:`_Creation.preflight` refused the request for its own fault (nothing was taken).
 
     Raises: NameError_ (bad name), DomainExists, ImageError, RequestError / NoFit (placement),
     ShareRefused, LedgerConflict / LedgerLockTimeout, SeedError, DiskError, FabricError,
     HypervisorError, GuestTimeout. On any of them nothing is left behind.
     """
+    timer = timer if timer is not None else StageTimer()
     c = _Creation(env, req, progress)
-    c.preflight()
-    with ExitStack() as undo:
-        c.undo = undo
-        for step in (c.place, c.make_dir, c.keys_address_seed, c.disks, c.design, c.define,
-                     c.activate_fabric, c.start, c.wait_for_guest):
-            step()
-        undo.pop_all()
+    try:
+        with timer.stage("preflight"):
+            c.preflight()
+        with ExitStack() as undo:
+            c.undo = undo
+            for stage, step in c.steps():
+                with timer.stage(stage):
+                    step()
+            c.finish(timer)
+            undo.pop_all()
+    except BaseException as exc:
+        # a request refused before anything was taken (a work dir that may not be shared)
+        # writes nothing on this node: Slurm's accounting has the refusal
+        if timer.failed != "preflight" or not is_job_fault(exc):
+            opstats.observe(env.cfg.host.state_dir, "create", timer, failure=exc)
+        raise
+    opstats.observe(env.cfg.host.state_dir, "create", timer)
     log.info("%s: running, GPUs %s, %s", c.name, list(c.placement.gpus), c.address)
     return c.record
 
@@ -114,6 +137,20 @@ class _Creation:
         self.image = env.images.get(self.req.image)
         self.share, self.share_refused = check_share(self.cfg, self.req)
         self.host = env.host
+
+    def steps(self) -> Iterator[tuple[str, Callable[[], None]]]:
+        """(stage, step) in the order they run, after :meth:`preflight`. Lazy: whether there
+        is an ``fm`` stage is known once :meth:`place` has run."""
+        yield "placement", self.place
+        yield "seed", self.make_dir
+        yield "seed", self.keys_address_seed
+        yield "disks", self.disks
+        yield "define", self.design
+        yield "define", self.define
+        if self.placement.fm_partition is not None:     # no Fabric Manager: no fm stage
+            yield "fm", self.activate_fabric
+        yield "start", self.start
+        yield "ready", self.wait_for_guest
 
     def place(self) -> None:
         self.progress("placing")
@@ -230,9 +267,7 @@ class _Creation:
         self.undo.callback(hypervisor.undefine, self.dom)
 
     def activate_fabric(self) -> None:
-        fm = self.placement.fm_partition
-        if fm is None:
-            return
+        fm = self.placement.fm_partition      # not None: steps() runs this only then
         self.progress(f"activating fabric manager partition {fm}")
         self.env.fabric.activate(fm)
         self.undo.callback(self.env.fabric.deactivate, fm)
@@ -252,8 +287,12 @@ class _Creation:
         self.progress("waiting for the guest")
         wait_ready(self.dom, name=self.name, timeout_s=self.cfg.libvirt.ready_timeout_s,
                    console_log=self.vmdir / CONSOLE_LOG, readiness=self.image.readiness)
+
+    def finish(self, timer: StageTimer) -> None:
+        """Record "running", with the boot time and the stages' times."""
         self.record = self.record.with_(state="running", started=self.started,
-                                        boot_s=round(time.monotonic() - self.t0, 3))
+                                        boot_s=round(time.monotonic() - self.t0, 3),
+                                        create_stages=timer.seconds())
         self.env.vms.save(self.record)
 
 

@@ -1,5 +1,8 @@
 """delete: graceful shutdown (bounded) -> destroy -> undefine -> FM partition off -> address ->
-VM directory -> ledger. Idempotent: whatever a failed create or a crash left is cleaned."""
+VM directory -> ledger. Idempotent: whatever a failed create or a crash left is cleaned.
+
+Timed as the teardown stages of :mod:`slurm_dgxvm.stages` (shutdown, destroy, undefine, release;
+reset is the GPU reset to come) and counted in :mod:`slurm_dgxvm.opstats`."""
 
 from __future__ import annotations
 
@@ -7,13 +10,14 @@ import logging
 import time
 import xml.etree.ElementTree as ET
 
-from .. import hypervisor
+from .. import hypervisor, opstats
 from ..design import mac_for
 from ..design.spec import XMLNS
 from ..errors import DomainNotFound, NotOurDomain
 from ..ledger import Allocation
 from ..names import domain_name
 from ..records import VmRecord
+from ..stages import StageTimer
 from .env import Env, Progress, quiet
 
 log = logging.getLogger("dgxvm.lifecycle")
@@ -32,6 +36,28 @@ def delete(env: Env, name: str, progress: Progress = quiet, *,
     """
     t0 = time.monotonic()
     name = domain_name(name)
+    timer = StageTimer()
+    try:
+        how, rec = _teardown(env, name, job_id, progress, timer)
+    except DomainNotFound:
+        raise                             # nothing to tear down (or not ours): not counted
+    except BaseException as exc:
+        opstats.observe(env.cfg.host.state_dir, "teardown", timer, failure=exc)
+        raise
+    teardown = round(time.monotonic() - t0, 3)
+    opstats.observe(env.cfg.host.state_dir, "teardown", timer)
+    log.info("%s: deleted (%s) in %.2fs", name, how, teardown)
+    if rec is None:
+        return None
+    return rec.with_(state="deleted", teardown_s=teardown, ended=f"deleted ({how})",
+                     held_s=round(time.time() - rec.created, 3) if rec.created else None,
+                     teardown_stages=timer.seconds())
+
+
+def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
+              timer: StageTimer) -> tuple[str, VmRecord | None]:
+    """:func:`delete` after the name: find what is left of the VM, then each step in its
+    stage. Returns how the VM stopped and its record (None: none was left)."""
     rec = env.vms.load(name)
     conn = env.connect()
     dom = hypervisor.lookup(conn, name)
@@ -47,25 +73,28 @@ def delete(env: Env, name: str, progress: Progress = quiet, *,
     how = "not running"
     if dom is not None:
         progress("shutting down")
-        how = hypervisor.shutdown(dom, env.cfg.libvirt.shutdown_timeout_s)
+        with timer.stage("shutdown"):
+            how = hypervisor.shutdown_gracefully(dom, env.cfg.libvirt.shutdown_timeout_s)
+        if how is None:                   # still running at the deadline
+            with timer.stage("destroy"):
+                hypervisor.destroy(dom)
+            how = "destroyed"
         progress("undefining")
-        with hypervisor.libvirt_errors(env.uri, f"undefine domain {name}"):
+        with timer.stage("undefine"), hypervisor.libvirt_errors(env.uri,
+                                                                f"undefine domain {name}"):
             hypervisor.undefine(dom)
+    # the "reset" stage goes here: the GPUs' reset and health check, once there is one
     progress("releasing")
-    fm = rec.allocation.fm_partition if rec else (held.fm_partition if held else None)
-    if fm is not None:
-        env.fabric.deactivate(fm)
-    hypervisor.release_address(conn, rec.network if rec else env.cfg.libvirt.network,
-                               env.cfg.host.state_dir, rec.mac if rec else mac_for(name))
-    env.vms.remove_dir(name)
-    if key is not None:
-        env.ledger.release(key)
-    teardown = round(time.monotonic() - t0, 3)
-    log.info("%s: deleted (%s) in %.2fs", name, how, teardown)
-    if rec is None:
-        return None
-    return rec.with_(state="deleted", teardown_s=teardown, ended=f"deleted ({how})",
-                     held_s=round(time.time() - rec.created, 3) if rec.created else None)
+    with timer.stage("release"):
+        fm = rec.allocation.fm_partition if rec else (held.fm_partition if held else None)
+        if fm is not None:
+            env.fabric.deactivate(fm)
+        hypervisor.release_address(conn, rec.network if rec else env.cfg.libvirt.network,
+                                   env.cfg.host.state_dir, rec.mac if rec else mac_for(name))
+        env.vms.remove_dir(name)
+        if key is not None:
+            env.ledger.release(key)
+    return how, rec
 
 
 def domain_job(dom) -> int | None:

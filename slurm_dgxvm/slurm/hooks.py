@@ -32,11 +32,12 @@ import os
 from pathlib import Path
 from collections.abc import Callable, Mapping
 
-from .. import lifecycle
+from .. import lifecycle, opstats
 from ..containers import ranlog
 from ..errors import DgxvmError, DomainNotFound, NoFit, SlurmCommandError
 from ..fsutil import atomic_write
 from ..ranges import format_index_list
+from ..stages import StageTimer
 from .accounting import encode, failure_fields, vm_fields
 from .commands import Slurm
 from . import jobinput
@@ -97,6 +98,8 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
     stage = _Stage("reading the job's environment")
     job_id: int | None = None
     job: SlurmJob | None = None
+    timer = StageTimer()               # the create's stages, kept when it fails
+    in_lifecycle = False               # from there on, the lifecycle counts its own failures
     try:
         job_id = jobinput.job_id(environ)         # NotAJob: no job to refuse, the node's fault
         if not (environ.get("SLURM_JOB_GPUS") or "").strip():
@@ -112,14 +115,20 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         # every value of the job is checked: only now are libvirt and the ledger touched
         name = req.name
         stage("clearing what an earlier run of this job left")
+        in_lifecycle = True
         try:
             lifecycle.delete(env, name, job_id=job.job_id)
             emit(f"{where}: removed {name} left by an earlier run of this job")
         except DomainNotFound:
             pass
-        rec = lifecycle.create(env, req, stage)
+        rec = lifecycle.create(env, req, stage, timer)
     except BaseException as exc:  # noqa: BLE001 - every failure is one line and an exit status
-        return _prolog_failed(env, job_id, job, stage.now, exc, slurm, emit)
+        # counted here: the node's faults before the lifecycle (a partition's image missing),
+        # and a domain of the job's name that delete refused as not dgxvm's. A job refused for
+        # its own values writes nothing on the node (its AdminComment says why)
+        if not is_job_fault(exc) and (not in_lifecycle or isinstance(exc, DomainNotFound)):
+            opstats.count_failure(env.cfg.host.state_dir, "prolog", exc)
+        return _prolog_failed(env, job_id, job, stage.now, exc, slurm, emit, timer.seconds())
     p = rec.placement
     how = "Slurm's block" if not p.remapped else \
         f"remapped from Slurm's {format_index_list(job.gpus)}"
@@ -137,7 +146,8 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
 
 
 def _prolog_failed(env: lifecycle.Env, job_id: int | None, job: SlurmJob | None, stage: str,
-                   exc: BaseException, slurm: Slurm, emit: Emit) -> int:
+                   exc: BaseException, slurm: Slurm, emit: Emit,
+                   create_stages: dict[str, float]) -> int:
     if job_id is None or (job is None and not is_job_fault(exc)):
         emit(f"dgxvm prolog: job {job_id if job_id is not None else '?'}: failed at {stage}: "
              f"{exc}; exit 1 drains the node")
@@ -155,7 +165,7 @@ def _prolog_failed(env: lifecycle.Env, job_id: int | None, job: SlurmJob | None,
             action, act = "cancelled", slurm.cancel
         emit(f"{where}: refused at {stage}: {cause}; job {action}, node stays in service")
         fields = failure_fields(domain=name, state=state, stage=stage, cause=cause,
-                                slurm_gpus=gpus)
+                                slurm_gpus=gpus, create_stages=create_stages)
         if env.cfg.slurm.accounting:
             _account(emit, where, lambda: slurm.set_admin_comment(job_id, encode(fields)))
         try:
@@ -174,7 +184,7 @@ def _prolog_failed(env: lifecycle.Env, job_id: int | None, job: SlurmJob | None,
     emit(f"{where}: failed at {stage}: {cause}; exit 1 drains the node, the job is requeued")
     if env.cfg.slurm.accounting:
         fields = failure_fields(domain=name, state="failed", stage=stage, cause=cause,
-                                slurm_gpus=gpus)
+                                slurm_gpus=gpus, create_stages=create_stages)
         _account(emit, where, lambda: slurm.set_admin_comment(job_id, encode(fields)))
     return EXIT_DRAIN
 
@@ -186,6 +196,7 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
     stage = _Stage("reading the job's environment")
     job_id: int | None = None
     where = "dgxvm epilog: job ?"
+    in_lifecycle = False               # from there on, delete counts its own failures
     try:
         job_id = jobinput.job_id(environ)
         where = f"dgxvm epilog: {_describe(environ, job_id)}"
@@ -193,11 +204,14 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         stage("reading the VM record")
         before = env.vms.load(name)
         ran = ranlog.read(env.vms.dir(name))   # the images the job ran: gone with the VM dir
+        in_lifecycle = True
         try:
             rec = lifecycle.delete(env, name, stage, job_id=job_id)
         except DomainNotFound:
             return EXIT_OK                 # no VM: no GPUs, or the Prolog refused the job
     except BaseException as exc:  # noqa: BLE001
+        if not in_lifecycle:
+            opstats.count_failure(env.cfg.host.state_dir, "epilog", exc)
         if job_id is None:
             emit(f"dgxvm epilog: job {environ.get('SLURM_JOB_ID', '?')!r}: failed at "
                  f"{stage.now}: {exc}; exit 1 drains the node")

@@ -26,8 +26,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..config import Config
-from ..errors import (ImageError, JobInputError, JobRefused, NameError_, NoFit, QuantityNamed,
-                      RequestError)
+from ..errors import ImageError, JobRefused, NameError_, QuantityNamed
+from ..errors import is_job_fault as is_job_fault   # where the hooks and their tests look
 from ..names import image_name
 from ..placement import Request
 from ..ranges import format_index_list
@@ -201,9 +201,3 @@ def sourced(cfg: Config, job: SlurmJob | None, exc: BaseException) -> BaseExcept
     per_gpu = getattr(cfg.partition(job.partition), key)
     n = len(job.gpus)
     return exc.naming(f"{exc.subject} ({table}.{key} {per_gpu} x {n} GPU{'s' if n != 1 else ''})")
-
-
-def is_job_fault(exc: BaseException) -> bool:
-    """True when the job, not the node, is at fault: the node must not be drained for it."""
-    return isinstance(exc, (JobRefused, JobInputError, RequestError, NoFit))
-

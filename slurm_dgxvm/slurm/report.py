@@ -3,7 +3,10 @@
 Input: sacct rows (``Slurm.sacct``) whose AdminComment is a dgxvm record. Output per (user,
 account): jobs that got a VM, GPU-hours in VMs (GPUs x the time the VM held them; for a VM still
 running, x the job's elapsed time so far), median boot and teardown overhead, and failures
-(jobs refused or failed at the Prolog).
+(jobs refused or failed at the Prolog). Across all of them, per create and teardown stage
+(:mod:`slurm_dgxvm.stages`): how many jobs' VMs have it, its median and its 95th percentile
+(nearest rank, :func:`percentile`). Only jobs that got a VM count there: a failed create's
+last stage ran for a time that says nothing about the stage.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from dataclasses import dataclass, field
 from statistics import median
 
 from ..ranges import parse_index_list
-from .accounting import decode
+from ..stages import STAGES
+from .accounting import decode, parse_stages
 
 
 @dataclass
@@ -33,6 +37,57 @@ class Summary:
                 "median_boot_s": round(median(self.boot_s), 2) if self.boot_s else None,
                 "median_teardown_s": round(median(self.teardown_s), 2) if self.teardown_s else None,
                 "failures": self.failures, "refused": self.refused}
+
+
+def percentile(values: list[float], p: int) -> float | None:
+    """The ``p``-th percentile (1 <= p <= 100) by nearest rank: the smallest value that at least
+    ``p`` % of ``values`` are less than or equal to, i.e. the ``ceil(p/100 * n)``-th smallest
+    (always one of the values, never interpolated). None for no values.
+
+    >>> percentile([float(v) for v in range(1, 21)], 95)     # rank ceil(0.95 * 20) = 19
+    19.0
+    """
+    if not values:
+        return None
+    if not 1 <= p <= 100:
+        raise ValueError(f"percentile {p} is not between 1 and 100")
+    rank = -(-p * len(values) // 100)                # ceil, in integers: exact
+    return sorted(values)[rank - 1]
+
+
+@dataclass
+class StageSummary:
+    """One stage across the jobs read: their seconds."""
+
+    op: str                             # create | teardown
+    stage: str
+    seconds: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        med, p95 = (median(self.seconds) if self.seconds else None,
+                    percentile(self.seconds, 95))
+        return {"op": self.op, "stage": self.stage, "jobs": len(self.seconds),
+                "median_s": round(med, 3) if med is not None else None,
+                "p95_s": round(p95, 3) if p95 is not None else None}
+
+
+def summarize_stages(rows: list[dict]) -> list[StageSummary]:
+    """Every stage of :data:`slurm_dgxvm.stages.STAGES`, in run order (``jobs`` 0 for one no
+    record has, e.g. ``fm`` on a DGX-2 or ``reset``), then stages this version does not know,
+    over the jobs that got a VM."""
+    out = {(op, stage): StageSummary(op, stage) for op, stages in STAGES.items()
+           for stage in stages}
+    extra: dict[tuple[str, str], StageSummary] = {}
+    for row in rows:
+        rec = decode(row.get("AdminComment"))
+        if rec is None or rec.get("state") in ("refused", "failed"):
+            continue
+        for op in STAGES:
+            for stage, seconds in parse_stages(rec.get(f"{op}_stages")).items():
+                key = (op, stage)
+                target = out.get(key) or extra.setdefault(key, StageSummary(op, stage))
+                target.seconds.append(seconds)
+    return [*out.values(), *(extra[k] for k in sorted(extra))]
 
 
 def _float(value) -> float | None:
@@ -71,7 +126,7 @@ def summarize(rows: list[dict]) -> list[Summary]:
     return sorted(out.values(), key=lambda s: (s.user, s.account))
 
 
-def render(summaries: list[Summary], since: str) -> str:
+def render(summaries: list[Summary], since: str, stages: list[StageSummary] = ()) -> str:
     if not summaries:
         return f"no dgxvm jobs in Slurm's accounting since {since}\n"
     lines = [f"dgxvm jobs since {since} (from sacct AdminComment records)",
@@ -84,4 +139,10 @@ def render(summaries: list[Summary], since: str) -> str:
         fails = f"{s.failures}" + (f" ({s.refused} refused)" if s.refused else "")
         lines.append(f"{s.user:<12} {s.account:<10} {s.jobs:>5} {s.vms:>4} "
                      f"{d['gpu_hours']:>10.3f} {boot:>10} {down:>14} {fails:>9}")
+    timed = [st.to_json() for st in stages if st.seconds]
+    if timed:
+        lines += ["", "stages, over the jobs that got a VM (p95: nearest rank)",
+                  f"{'OP':<9} {'STAGE':<10} {'JOBS':>5} {'MEDIAN':>10} {'P95':>10}"]
+        lines += [f"{d['op']:<9} {d['stage']:<10} {d['jobs']:>5} {d['median_s']:>9.3f}s "
+                  f"{d['p95_s']:>9.3f}s" for d in timed]
     return "\n".join(lines) + "\n"

@@ -98,3 +98,23 @@ def test_naming_keeps_the_fields_and_the_exit_code():
 def test_a_missing_field_falls_back_to_the_plain_template(cls):
     exc = cls(quantity="vcpus", value=5, reason="r", count=1)
     assert "r" in str(exc)
+
+
+# -- how a failure is counted (dgxvm metrics' cause label) -----------------------------------------
+@pytest.mark.parametrize("exc, cause", [
+    (errors.JobRefused(reason="bad comment"), "bad_input"),
+    (errors.FabricError(partition=3, reason="fmpm refused"), "host"),
+    (NoFit(count=4, reason="fragmented"), "no_fit"),
+    (errors.LedgerLockTimeout(path="/l", timeout=5), "state"),
+    (errors.GuestTimeout(name="job-1", timeout=300, reason="no agent", tail=""), "vm"),
+    (errors.Interrupted(signal="SIGTERM"), "interrupted"),
+    (KeyboardInterrupt(), "interrupted"),
+    (ZeroDivisionError("a bug"), "internal"),
+])
+def test_a_failure_is_counted_under_the_cause_of_its_exit_code(exc, cause):
+    assert errors.cause_of(exc) == cause
+
+
+def test_every_exit_code_but_success_has_a_cause():
+    assert set(errors.CAUSES) == docstring_codes()
+    assert len(set(errors.CAUSES.values())) == len(errors.CAUSES)

@@ -117,6 +117,32 @@ def test_the_image_cache_path_is_in_the_record_and_the_users_view(env):
     assert env.vms.load("a").image_cache is None
 
 
+def test_stage_times_are_in_the_record_and_an_older_record_has_none(env):
+    rec = make_vm(env, "a").with_(create_stages={"placement": 0.004, "ready": 8.25},
+                                  teardown_stages={"shutdown": 1.5})
+    env.vms.save(rec)
+    assert env.vms.load("a") == rec
+    path = env.vms.dir("a") / "record.json"
+    doc = json.loads(path.read_text())
+    assert doc["create_stages"] == {"placement": 0.004, "ready": 8.25}
+    del doc["create_stages"], doc["teardown_stages"]          # written before they existed
+    path.write_text(json.dumps(doc))
+    old = env.vms.load("a")
+    assert old.create_stages == {} and old.teardown_stages == {}
+
+
+@pytest.mark.parametrize("stages", [[1, 2], {"ready": "8s"}, {"ready": True}, "ready:8"])
+def test_damaged_stage_times_make_a_corrupt_record(env, stages):
+    make_vm(env, "a")
+    path = env.vms.dir("a") / "record.json"
+    doc = json.loads(path.read_text())
+    doc["create_stages"] = stages
+    path.write_text(json.dumps(doc))
+    with pytest.raises(RecordCorrupt) as info:
+        env.vms.load("a")
+    assert str(path) in str(info.value)
+
+
 def test_network_plan_keeps_reservations_apart_from_the_dynamic_range():
     lay = network_layout("10.213.0.0/24")
     assert lay["gateway"] == "10.213.0.1"

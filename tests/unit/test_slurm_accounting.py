@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, strategies as st
 
-from slurm_dgxvm.slurm.accounting import PREFIX, decode, encode, failure_fields
+from slurm_dgxvm.slurm.accounting import (PREFIX, decode, encode, failure_fields, format_stages,
+                                          parse_stages)
 from slurm_dgxvm.slurm.report import render, summarize
 
 MANGLED_BY_SACCTMGR = "\"'"
@@ -44,6 +47,44 @@ def test_failure_fields():
                                  "ended": "refused at placing", "cause": "no fit"}
 
 
+def test_stages_are_one_compact_word_in_run_order_that_survives_sacctmgr():
+    stages = {"ready": 8.25, "placement": 0.0041, "seed": 1.5, "start": 2.0, "define": 0.1,
+              "disks": 0.5, "preflight": 0.0302}
+    text = encode({"state": "ended", "create_stages": format_stages(stages, "create"),
+                   "teardown_stages": format_stages({"release": 0.2, "shutdown": 5.0},
+                                                    "teardown")})
+    assert "create_stages=preflight:0.03,placement:0.004,seed:1.5,disks:0.5,define:0.1," \
+           "start:2,ready:8.25 teardown_stages=shutdown:5,release:0.2" in text
+    back = decode(text.lower())                       # as sacctmgr stores it
+    assert parse_stages(back["create_stages"]) == {
+        "preflight": 0.03, "placement": 0.004, "seed": 1.5, "disks": 0.5, "define": 0.1,
+        "start": 2.0, "ready": 8.25}
+    assert parse_stages(back["teardown_stages"]) == {"shutdown": 5.0, "release": 0.2}
+
+
+def test_no_stages_is_no_word_and_an_old_record_has_none():
+    assert format_stages({}, "create") is None
+    assert "stages" not in encode({"state": "ended", "create_stages": None})
+    old = decode("dgxvm/1 state=ended domain=job-13 gpus=0-3 boot_s=9.4 teardown_s=5.2")
+    assert parse_stages(old.get("create_stages")) == {} == parse_stages(old.get("teardown_stages"))
+
+
+@pytest.mark.parametrize("text, stages", [
+    ("placement:0.1,seed:x,ready:8", {"placement": 0.1, "ready": 8.0}),     # a damaged pair
+    ("placement,ready:8", {"ready": 8.0}),
+    (":1,ready:-1,start:inf,define:nan", {}),             # no name, negative, not finite
+    ("", {}),
+])
+def test_a_damaged_stages_word_loses_the_damaged_pairs_only(text, stages):
+    assert parse_stages(text) == stages
+
+
+def test_a_failure_record_keeps_the_stages_its_create_reached():
+    f = failure_fields(domain="job-3", state="failed", stage="waiting for the guest",
+                       cause="guest not ready", create_stages={"placement": 0.01, "ready": 300.0})
+    assert decode(encode(f))["create_stages"] == "placement:0.01,ready:300"
+
+
 def row(user, account, comment, elapsed="60"):
     return {"JobID": "1", "User": user, "Account": account, "State": "COMPLETED",
             "ElapsedRaw": elapsed, "AdminComment": comment}
@@ -77,3 +118,96 @@ def test_report_sums_per_user_and_account():
 
 def test_report_of_nothing_says_so():
     assert render([], "2026-01-01") == "no dgxvm jobs in Slurm's accounting since 2026-01-01\n"
+
+
+# -- stages in dgxvm report ------------------------------------------------------------------------
+@pytest.mark.parametrize("values, p, expected", [
+    (list(range(1, 21)), 95, 19),           # rank ceil(0.95 * 20) = 19
+    (list(range(1, 101)), 95, 95),
+    (list(range(1, 11)), 95, 10),           # rank ceil(9.5) = 10: the largest
+    (list(range(1, 11)), 50, 5),            # nearest rank, not the interpolated 5.5
+    ([7.0], 95, 7.0),
+    ([3, 1, 2], 100, 3),                    # unsorted input
+    ([3, 1, 2], 1, 1),
+    ([], 95, None),
+])
+def test_percentile_is_nearest_rank(values, p, expected):
+    from slurm_dgxvm.slurm.report import percentile
+    assert percentile(values, p) == expected
+
+
+@pytest.mark.parametrize("p", [0, 101])
+def test_a_percentile_outside_1_to_100_is_refused(p):
+    from slurm_dgxvm.slurm.report import percentile
+    with pytest.raises(ValueError):
+        percentile([1.0], p)
+
+
+def stage_rows() -> list[dict]:
+    """20 ended jobs: placement 0.001 .. 0.020 s, ready 1 .. 20 s; teardown shutdown 2 s; one
+    job with a stage a later dgxvm added; a failed create (its stages do not count)."""
+    rows = [row("alice", "ml", encode({
+        "state": "ended", "gpus": "0", "held_s": 60,
+        "create_stages": f"placement:{i / 1000},ready:{i}",
+        "teardown_stages": "shutdown:2,release:0.1"})) for i in range(1, 21)]
+    rows.append(row("bob", "hpc", encode({"state": "running", "gpus": "1",
+                                          "create_stages": "placement:0.5,warp:3"})))
+    rows.append(row("bob", "hpc", encode({"state": "failed", "cause": "guest not ready",
+                                          "create_stages": "placement:0.1,ready:300"})))
+    rows.append(row("carol", "hpc", encode({"state": "ended", "gpus": "2", "boot_s": 9})))
+    return rows
+
+
+def test_report_gives_each_stage_its_median_and_p95_over_the_jobs_with_a_vm():
+    from slurm_dgxvm.slurm.report import summarize_stages
+    got = {(s["op"], s["stage"]): s for s in (x.to_json() for x in summarize_stages(stage_rows()))}
+    ready = got[("create", "ready")]
+    # 1..20 s: median 10.5, p95 the 19th smallest; the failed create's 300 s is not among them
+    assert (ready["jobs"], ready["median_s"], ready["p95_s"]) == (20, 10.5, 19.0)
+    placement = got[("create", "placement")]         # 0.001..0.020 and bob's running VM's 0.5
+    assert (placement["jobs"], placement["median_s"], placement["p95_s"]) == (21, 0.011, 0.02)
+    assert got[("teardown", "shutdown")] == {"op": "teardown", "stage": "shutdown",
+                                                  "jobs": 20, "median_s": 2.0, "p95_s": 2.0}
+    # a stage no record has is there with no numbers (stable shape); an unknown one follows
+    assert got[("teardown", "reset")] == {"op": "teardown", "stage": "reset", "jobs": 0,
+                                          "median_s": None, "p95_s": None}
+    assert got[("create", "warp")]["jobs"] == 1
+    order = [k for k in got]
+    assert order[:8] == [("create", s) for s in ("preflight", "placement", "seed", "disks",
+                                                 "define", "fm", "start", "ready")]
+    assert order[-1] == ("create", "warp")
+
+
+def test_report_text_has_a_stage_table_beside_the_medians():
+    from slurm_dgxvm.slurm.report import summarize_stages
+    rows = stage_rows()
+    text = render(summarize(rows), "now-7days", summarize_stages(rows))
+    lines = text.splitlines()
+    assert "stages, over the jobs that got a VM (p95: nearest rank)" in lines
+    assert "create    ready         20    10.500s    19.000s" in lines
+    assert "teardown  release       20     0.100s     0.100s" in lines
+    assert not any(line.startswith("teardown  reset") for line in lines)   # no data: no row
+    assert any(line.startswith("alice") for line in lines)                  # the users' table
+
+
+def test_report_json_has_users_and_stages(tmp_path, monkeypatch, capsys):
+    """The CLI through a stand-in sacct printing what sacct -P prints."""
+    from slurm_dgxvm.cli.main import main
+    from slurm_dgxvm.slurm.commands import Slurm
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    lines = ["|".join([r["JobID"], r["User"], r["Account"], "gpu", r["State"], "s", "e",
+                       r["ElapsedRaw"], "gres/gpu=1", r["AdminComment"]]) for r in stage_rows()]
+    (tmp_path / "sacct.out").write_text("\n".join(lines) + "\n")
+    (bindir / "sacct").write_text(f"#!/bin/sh\ncat {tmp_path / 'sacct.out'}\n")
+    (bindir / "sacct").chmod(0o755)
+    assert len(Slurm.SACCT_FIELDS) == 10          # the stand-in's lines have them all
+    cfg = tmp_path / "dgxvm.toml"
+    cfg.write_text(f'[slurm]\nbin_dir = "{bindir}"\n')
+    assert main(["--config", str(cfg), "report", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"since", "users", "stages"}
+    assert all(set(s) == {"op", "stage", "jobs", "median_s", "p95_s"} for s in doc["stages"])
+    ready = next(s for s in doc["stages"] if (s["op"], s["stage"]) == ("create", "ready"))
+    assert (ready["median_s"], ready["p95_s"]) == (10.5, 19.0)
+    assert {u["user"] for u in doc["users"]} == {"alice", "bob", "carol"}

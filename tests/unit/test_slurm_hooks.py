@@ -140,6 +140,30 @@ def test_a_size_placement_refuses_names_the_partition_key_not_a_flag(tmp_path, t
     assert w.env.ledger.read().allocations == {}
 
 
+def test_a_failed_create_leaves_the_stages_it_reached_in_the_admin_comment(world):
+    """For real: libvirt's test driver has no network dgxvm can use, so the create fails in
+    its seed stage (the node's fault) after placing the VM."""
+    from slurm_dgxvm import opstats
+    from slurm_dgxvm.slurm.accounting import parse_stages
+    assert world.prolog() == 1
+    rec = world.admin_comment()
+    assert rec["state"] == "failed" and rec["ended"] == "failed at keys, address and seed"
+    assert list(parse_stages(rec["create_stages"])) == ["preflight", "placement", "seed"]
+    counted = opstats.read(world.env.cfg.host.state_dir)
+    assert counted.failures == {("create", "node", "vm"): 1}      # counted once, by create
+
+
+def test_a_node_fault_before_the_lifecycle_is_counted_and_a_jobs_own_is_not(tmp_path, trees,
+                                                                           image_store):
+    from slurm_dgxvm import opstats
+    w = World(tmp_path, trees, image_store, partitions={"batch": {"image": "gone"}})
+    assert w.prolog() == 1                                   # the partition's image is missing
+    assert w.prolog(SLURM_JOB_COMMENT="dgxvm:imag=x") == 0   # the job's comment: refused
+    counted = opstats.read(w.env.cfg.host.state_dir)
+    assert counted.failures == {("prolog", "node", "bad_input"): 1}
+    assert counted.ops == {}                                 # no create was made
+
+
 def test_a_job_that_cannot_be_cancelled_drains(tmp_path, trees, image_store):
     w = World(tmp_path, trees, image_store, fail="scancel")
     assert w.prolog(SLURM_JOB_COMMENT="dgxvm:image=nope") == 1

@@ -1,0 +1,217 @@
+"""The stages a create and a teardown record, and what they count, without a hypervisor.
+
+The ledger, the VM directory, placement and the record are real (so is what a failure unwinds);
+the steps that need a booting guest (keys and seed, disks, design, define, start, the guest's
+readiness) are stand-ins that take a known time on the timer's clock. What the Prolog keeps of
+a failed create is in test_slurm_hooks.py."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from slurm_dgxvm import config as config_mod, hypervisor, opstats
+from slurm_dgxvm.errors import GuestTimeout
+from slurm_dgxvm.lifecycle import CreateRequest, Env, create, delete
+from slurm_dgxvm.lifecycle.create import _Creation
+from slurm_dgxvm.placement import Request
+from slurm_dgxvm.records import VmRecord
+from slurm_dgxvm.stages import StageTimer
+from test_slurm_hooks import image_store  # noqa: F401 - a fixture
+
+# seconds each stand-in step takes on the test's clock
+TAKES = {"keys_address_seed": 1.25, "disks": 0.5, "design": 0.125, "define": 0.0625,
+         "activate_fabric": 3.0, "start": 2.0, "wait_for_guest": 8.0}
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeDom:
+    """A libvirt domain that stops when asked (or never, ``stubborn``)."""
+
+    def __init__(self, stubborn: bool = False):
+        self.active, self.stubborn, self.calls = True, stubborn, []
+
+    def isActive(self):
+        return self.active
+
+    def shutdownFlags(self, _flags):
+        self.calls.append("shutdown")
+        self.active = self.stubborn
+
+    def destroy(self):
+        self.calls.append("destroy")
+        self.active = False
+
+    def undefineFlags(self, _flags):
+        self.calls.append("undefine")
+
+
+class FakeFabric:
+    def __init__(self):
+        self.active: set[int] = set()
+
+    def activate(self, fm):
+        self.active.add(fm)
+
+    def deactivate(self, fm):
+        self.active.discard(fm)
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """The steps that need a real guest, replaced; returns the clock they advance and a dict
+    ``fail`` ({step name: exception}) to make one of them fail."""
+    clock, fail = Clock(), {}
+
+    def step(name, body=lambda self: None):
+        def run(self):
+            clock.now += TAKES[name]
+            if name in fail:
+                raise fail[name]
+            body(self)
+        monkeypatch.setattr(_Creation, name, run)
+
+    def keys(self):
+        self.address, self.mac = "10.213.0.9", "52:54:00:00:00:09"
+
+    def design(self):
+        self.record = VmRecord(
+            name=self.name, uuid="u", state="creating", owner=self.req.owner,
+            ledger_key=self.key, job_id=self.req.job_id, user="u", uid=0, gid=0, workdir=None,
+            image=self.image.name, image_version=self.image.version, address=self.address,
+            mac=self.mac, network="dgxvm", allocation=self.alloc, placement=self.placement)
+        self.env.vms.save(self.record)
+
+    def define(self):
+        self.dom = FakeDom()
+
+    def start(self):
+        self.started = 1.0
+
+    step("keys_address_seed", keys)
+    step("disks")
+    step("design", design)
+    step("define", define)
+    step("start", start)
+    step("wait_for_guest")
+    real_fabric = _Creation.activate_fabric
+
+    def fabric(self):
+        clock.now += TAKES["activate_fabric"]
+        real_fabric(self)
+    monkeypatch.setattr(_Creation, "activate_fabric", fabric)
+    monkeypatch.setattr(hypervisor, "release_address", lambda *a, **k: None)
+    return clock, fail
+
+
+def make_env(tmp_path, trees, image_store, machine="dgx2", **libvirt) -> Env:  # noqa: F811
+    env = Env(config_mod.from_dict({
+        "host": {"sysfs_root": str(trees[machine]), "state_dir": str(tmp_path / "state")},
+        "libvirt": {"uri": "test:///default", **libvirt},
+        "images": {"store": str(image_store)}}))
+    env.__dict__["fabric"] = FakeFabric()
+    return env
+
+
+def request(count=4, name="t4") -> CreateRequest:
+    return CreateRequest(name=name, placement=Request(count=count))
+
+
+def test_a_create_records_each_stage_it_ran_in_order(tmp_path, trees, image_store, stand_ins):
+    clock, _ = stand_ins
+    env = make_env(tmp_path, trees, image_store)
+    rec = create(env, request(), timer=StageTimer(clock))
+    # a DGX-2 has no Fabric Manager: no fm stage (absent, not 0); preflight and placement are
+    # real and take no time on the test's clock
+    assert list(rec.create_stages.items()) == [
+        ("preflight", 0.0), ("placement", 0.0), ("seed", 1.25), ("disks", 0.5),
+        ("define", 0.188), ("start", 2.0), ("ready", 8.0)]
+    assert rec.state == "running"
+    assert env.vms.load("t4").create_stages == rec.create_stages      # the record on disk
+    counted = opstats.read(env.cfg.host.state_dir)
+    assert counted.ops == {("create", "ok"): 1} and counted.failures == {}
+    assert {stage for op, stage in counted.stages} == set(rec.create_stages)
+
+
+def test_a_machine_with_fabric_manager_has_an_fm_stage_before_start(tmp_path, trees, image_store,
+                                                                   stand_ins):
+    clock, _ = stand_ins
+    env = make_env(tmp_path, trees, image_store, machine="dgx-a100")
+    rec = create(env, request(count=2), timer=StageTimer(clock))
+    assert rec.placement.fm_partition is not None
+    assert list(rec.create_stages) == ["preflight", "placement", "seed", "disks", "define", "fm",
+                                       "start", "ready"]
+    assert rec.create_stages["fm"] == 3.0
+    assert env.fabric.active == {rec.placement.fm_partition}
+
+
+def test_a_failed_create_keeps_the_stages_it_reached_and_leaves_nothing(tmp_path, trees,
+                                                                        image_store, stand_ins):
+    clock, fail = stand_ins
+    fail["wait_for_guest"] = GuestTimeout(name="t4", timeout=300, reason="no agent", tail="")
+    env = make_env(tmp_path, trees, image_store)
+    timer = StageTimer(clock)
+    with pytest.raises(GuestTimeout):
+        create(env, request(), timer=timer)
+    assert timer.failed == "ready"
+    assert list(timer.seconds()) == ["preflight", "placement", "seed", "disks", "define", "start",
+                                     "ready"]
+    assert env.ledger.read().allocations == {} and not env.vms.exists("t4")
+    counted = opstats.read(env.cfg.host.state_dir)
+    assert counted.ops == {("create", "failed"): 1}
+    assert counted.failures == {("create", "node", "vm"): 1}
+    assert ("create", "ready") not in counted.stages           # it never finished
+    assert counted.stages[("create", "start")].count == 1
+
+
+def test_counters_that_cannot_be_written_do_not_fail_the_create(tmp_path, trees, image_store,
+                                                                stand_ins, caplog):
+    clock, _ = stand_ins
+    env = make_env(tmp_path, trees, image_store)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / opstats.FILE).mkdir()               # cannot be read nor replaced
+    with caplog.at_level(logging.WARNING, logger="dgxvm.opstats"):
+        rec = create(env, request(), timer=StageTimer(clock))
+    assert rec.state == "running" and env.vms.load("t4").state == "running"
+    assert "not updated (the VM is not affected)" in caplog.text
+
+
+@pytest.mark.parametrize("stubborn, stages, how", [
+    (False, ["shutdown", "undefine", "release"], "deleted (agent)"),
+    (True, ["shutdown", "destroy", "undefine", "release"], "deleted (destroyed)"),
+])
+def test_a_teardown_records_its_stages_and_destroy_only_when_the_guest_would_not_stop(
+        tmp_path, trees, image_store, stand_ins, monkeypatch, stubborn, stages, how):
+    clock, _ = stand_ins
+    env = make_env(tmp_path, trees, image_store, shutdown_timeout_s=0.2)
+    create(env, request(), timer=StageTimer(clock))
+    dom = FakeDom(stubborn=stubborn)
+    monkeypatch.setattr(hypervisor, "lookup", lambda conn, name: dom)
+    rec = delete(env, "t4")
+    assert list(rec.teardown_stages) == stages and rec.ended == how
+    assert "reset" not in rec.teardown_stages                # no GPU reset yet: never recorded
+    if stubborn:
+        assert rec.teardown_stages["shutdown"] >= 0.2         # it waited out the timeout
+    assert env.ledger.read().allocations == {} and not env.vms.exists("t4")
+    counted = opstats.read(env.cfg.host.state_dir)
+    assert counted.ops[("teardown", "ok")] == 1
+    assert {stage for op, stage in counted.stages if op == "teardown"} == set(stages)
+
+
+def test_a_teardown_of_what_a_crash_left_has_only_the_release(tmp_path, trees, image_store,
+                                                               stand_ins):
+    clock, _ = stand_ins
+    env = make_env(tmp_path, trees, image_store)
+    create(env, request(), timer=StageTimer(clock))
+    env.vms.remove_dir("t4")                       # a ledger entry without record or domain
+    assert delete(env, "t4") is None
+    counted = opstats.read(env.cfg.host.state_dir)
+    assert [stage for op, stage in counted.stages if op == "teardown"] == ["release"]
