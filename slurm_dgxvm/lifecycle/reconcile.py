@@ -25,6 +25,8 @@ What goes, each through the one idempotent way it is made undone:
   a name that has nothing else on the node;
 * ``deactivate-fm-partition``: a Fabric Manager partition that is active while no ledger
   allocation holds it;
+* ``sweep-image-cache``: the partial entries of a user's container image cache that pulls
+  which died left, and no pull holds now (:mod:`.cache_partials`, as the user);
 * ``rebuild-ledger``: a corrupt ledger, only when asked (:func:`rebuild`).
 
 Processes that ``dgxvm run`` started in a guest live and die with their VM: deleting the VM
@@ -42,11 +44,13 @@ from ..errors import EXIT_HOST, EXIT_STATE, DgxvmError, LedgerConflict
 from ..ledger import EMPTY_STATE, Allocation, LedgerState, LedgerTxn
 from ..names import domain_name
 from ..records import VmRecord
+from .cache_partials import CachePartials
 
 #: action -> the words a report line uses for it
 ACTIONS = {"delete-vm": "delete the VM", "release-address": "release the reservation",
            "deactivate-fm-partition": "deactivate the partition",
-           "rebuild-ledger": "rebuild the ledger", "none": "nothing"}
+           "rebuild-ledger": "rebuild the ledger",
+           "sweep-image-cache": "remove them with the cache's own sweep", "none": "nothing"}
 #: what became of a finding: repaired; would be (--dry-run); not now, and not a fault (in
 #: progress, changed meanwhile, Slurm not asked); left for an admin; tried and failed
 RESULTS = ("done", "would do", "skipped", "left", "failed")
@@ -152,6 +156,7 @@ class NodeFacts:
     fm_active: frozenset[int] | None = None      # None: this machine uses no Fabric Manager
     fm_error: str | None = None                  # Fabric Manager could not be asked: why
     busy: frozenset[str] = frozenset()           # every name whose lock is held
+    partials: tuple[CachePartials, ...] = ()     # users' image caches' dead pulls' leftovers
 
     def with_ledger(self, state: LedgerState) -> NodeFacts:
         """These facts with ``state`` as the ledger (what a rebuild would write)."""
@@ -256,6 +261,7 @@ def plan(facts: NodeFacts) -> list[Finding]:
             out.append(f)
     out.extend(_plan_reservations(facts))
     out.extend(_plan_fabric(facts))
+    out.extend(_plan_partials(facts))
     return out
 
 
@@ -331,6 +337,17 @@ def _plan_fabric(facts: NodeFacts) -> list[Finding]:
                     why="active in Fabric Manager, and no ledger allocation holds it",
                     action="deactivate-fm-partition", partition=p)
             for p in sorted(facts.fm_active - held)]
+
+
+def _plan_partials(facts: NodeFacts) -> list[Finding]:
+    out = []
+    for c in facts.partials:
+        n = len(c.names)
+        out.append(Finding("image-cache", c.path,
+                           why=f"{n} partial entr{'y' if n == 1 else 'ies'} in tmp/ of pulls "
+                               f"that died (no pull holds {'its' if n == 1 else 'their'} lock)",
+                           action="sweep-image-cache", details=c.names))
+    return out
 
 
 def _is_name(name: str | None) -> bool:

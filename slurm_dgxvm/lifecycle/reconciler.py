@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from .. import hypervisor
 from ..errors import DgxvmError, DomainNotFound, LedgerCorrupt, RecordCorrupt
 from ..ledger import Allocation, domain_key
-from . import vmlock
+from . import cache_partials, vmlock
 from .delete import delete, domain_owner
 from .env import Env
 from .reconcile import (IN_PROGRESS, DomainFact, Finding, JobsOnNode, NodeFacts, Outcome, VmFacts,
@@ -78,7 +78,7 @@ def collect(env: Env, jobs: JobsOnNode, conn) -> NodeFacts:
     return NodeFacts(jobs=jobs, vms=vms, ledger=ledger, ledger_error=ledger_error,
                      job_prefix=cfg.slurm.domain_prefix, network=cfg.libvirt.network,
                      reservations=reservations, fm_active=fm_active, fm_error=fm_error,
-                     busy=busy)
+                     busy=busy, partials=tuple(cache_partials.find(cfg)))
 
 
 def facts_of(env: Env, conn, name: str) -> VmFacts:
@@ -178,6 +178,7 @@ def _checked(facts: NodeFacts) -> dict:
                            else "ok" if facts.fm_error is None
                            else f"not asked: {facts.fm_error}"),
         "in_progress": sorted(facts.busy),
+        "image_cache_partials": sum(len(c.names) for c in facts.partials),
         "guest_processes": "end with their VM: nothing of them is kept on the host",
     }
 
@@ -216,6 +217,8 @@ def _act(env: Env, conn, facts: NodeFacts, f: Finding) -> Outcome:
             return _release(env, conn, facts, f)
         if f.action == "deactivate-fm-partition":
             return _deactivate(env, f)
+        if f.action == "sweep-image-cache":
+            return _sweep(facts, f)
     except DgxvmError as exc:
         return Outcome(f, "failed", str(exc))
     raise ValueError(f"no way to {f.action}")
@@ -253,6 +256,14 @@ def _release(env: Env, conn, facts: NodeFacts, f: Finding) -> Outcome:
             return Outcome(f, "done", "already gone")
         hypervisor.release_address(conn, cfg.libvirt.network, cfg.host.state_dir, f.mac)
     return Outcome(f, "done")
+
+
+def _sweep(facts: NodeFacts, f: Finding) -> Outcome:
+    [c] = [c for c in facts.partials if c.path == f.subject]
+    gone = cache_partials.sweep(c)
+    if not gone:
+        return Outcome(f, "skipped", "none went: a pull of each took it up meanwhile")
+    return Outcome(f, "done", f"removed {', '.join(gone)}")
 
 
 def _deactivate(env: Env, f: Finding) -> Outcome:

@@ -291,3 +291,13 @@ def test_a_line_says_what_why_action_and_result():
 
 def test_the_empty_ledger_state_is_a_consistent_start(host):
     assert plan(NodeFacts(jobs=jobs(), vms={}, ledger=EMPTY_STATE)) == []
+
+
+def test_partial_image_cache_entries_no_pull_holds_are_swept():
+    from slurm_dgxvm.lifecycle.cache_partials import CachePartials
+    c = CachePartials(path="/var/lib/dgxvm/containers/1000", uid=1000, gid=1000,
+                      names=("aa.1.x", "bb.2.y"))
+    [f] = plan(NodeFacts(jobs=jobs(), vms={}, partials=(c,)))
+    assert (f.what, f.subject, f.action, f.details) == (
+        "image-cache", c.path, "sweep-image-cache", ("aa.1.x", "bb.2.y"))
+    assert f.why.startswith("2 partial entries in tmp/ of pulls that died")

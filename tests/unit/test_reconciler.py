@@ -6,6 +6,7 @@ changes nothing, a corrupt ledger is rebuilt only when asked and kept aside."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -42,7 +43,8 @@ class Node:
             | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA))
         doc = {"host": {"sysfs_root": str(tree), "state_dir": str(tmp_path / "state")},
                "libvirt": {"uri": "test:///default", "shutdown_timeout_s": 0.1,
-                           **cfg.pop("libvirt", {})}, **cfg}
+                           **cfg.pop("libvirt", {})},
+               "containers": {"cache_dir": "", **cfg.pop("containers", {})}, **cfg}
         self.env = Env(config_mod.from_dict(doc))
         self.conn = libvirt.open("test:///default")
         self.made: list[str] = []
@@ -312,7 +314,7 @@ def test_the_command_prints_one_line_per_finding_and_exits_with_the_reports_code
     cfg.write_text(f'[host]\nsysfs_root = "{trees["dgx2"]}"\n'
                    f'state_dir = "{node.env.cfg.host.state_dir}"\n'
                    f'[libvirt]\nuri = "test:///default"\nshutdown_timeout_s = 0.1\n'
-                   f'[slurm]\nbin_dir = "{bindir}"\n')
+                   f'[slurm]\nbin_dir = "{bindir}"\n[containers]\ncache_dir = ""\n')
     monkeypatch.setenv("SLURMD_NODENAME", NODE)
     node.vm("job-7", job=7)
     node.vm("job-42", job=42, gpu_index=4)
@@ -339,3 +341,46 @@ def test_the_command_prints_one_line_per_finding_and_exits_with_the_reports_code
     assert doc["checked"]["slurm"].startswith("not asked: slurm: ")
     assert [f["what"] for f in doc["findings"]] == ["ledger", "slurm"]
     assert node.keys() == [job_key(7)]
+
+
+# -- the users' image caches -----------------------------------------------------------------------
+def test_partial_entries_of_dead_pulls_go_as_the_user_and_a_running_pulls_stays(
+        tmp_path, trees, monkeypatch, traversable_tmp):
+    """Swept by the cache's own sweep, run as the cache's owner (nobody here): root never walks
+    a directory a user controls."""
+    import fcntl
+    nobody = 65534
+    cache_dir = traversable_tmp / "containers"
+    cache_dir.mkdir(mode=0o711)
+    user = cache_dir / str(nobody)
+    dead, running = "a" * 64, "b" * 64
+    for sub in ("tmp", "locks", "sha256", "refs", f"tmp/{dead}.4242.0a0b",
+                f"tmp/{running}.4343.0c0d", f"tmp/{dead}.4242.0a0b/bundle"):
+        (user / sub).mkdir(parents=True)
+    (user / f"tmp/{dead}.4242.0a0b/bundle/layer").write_text("half a layer")
+    for p in [user, *user.rglob("*")]:
+        os.chown(p, nobody, nobody)
+    user.chmod(0o700)
+    node = Node(tmp_path, trees["dgx2"], monkeypatch, containers={"cache_dir": str(cache_dir)})
+    lock = user / "locks" / f"sha256-{running}.lock"
+    lock.touch()
+    os.chown(lock, nobody, nobody)                    # the user's, as the pull made it
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)                    # a pull of that digest is running
+    try:
+        before = node.snapshot()
+        dry = node.run(dry_run=True)
+        assert results(dry) == {str(user): ("sweep-image-cache", "would do")}
+        assert dry.outcomes[0].finding.details == (f"{dead}.4242.0a0b",)
+        assert node.snapshot() == before and (user / f"tmp/{dead}.4242.0a0b").exists()
+        report = node.run()
+        assert results(report) == {str(user): ("sweep-image-cache", "done")}
+        assert sorted(os.listdir(user / "tmp")) == [f"{running}.4343.0c0d"]
+        assert node.run().outcomes == []
+    finally:
+        os.close(fd)
+        node.close()
+    report = Node(tmp_path, trees["dgx2"], monkeypatch,
+                  containers={"cache_dir": str(cache_dir)}).run()
+    assert results(report) == {str(user): ("sweep-image-cache", "done")}   # its pull died
+    assert os.listdir(user / "tmp") == []
