@@ -224,10 +224,12 @@ def planned(f: Finding, *, dry_run: bool) -> Outcome | None:
 
 def exit_code(outcomes: list[Outcome]) -> int:
     """0 when the node is consistent or was repaired (a create or delete in progress is not a
-    fault); EXIT_STATE (5) when something was left for an admin or an action failed; else
-    EXIT_HOST (3) when Slurm or Fabric Manager could not be asked, so part of the node was not
-    checked."""
-    if any(o.result in ("left", "failed") for o in outcomes):
+    fault); EXIT_STATE (5) when something was left for an admin, an action failed or the
+    ledger is still corrupt (a rebuild waiting for a create in progress); else EXIT_HOST (3)
+    when Slurm or Fabric Manager could not be asked, so part of the node was not checked."""
+    if any(o.result in ("left", "failed")
+           or (o.finding.what == "ledger" and o.result not in ("done", "would do"))
+           for o in outcomes):
         return EXIT_STATE
     if any(o.finding.what in ("slurm", "fm") and o.finding.action == "none" for o in outcomes):
         return EXIT_HOST

@@ -146,7 +146,8 @@ def run(env: Env, jobs: JobsOnNode, *, dry_run: bool = False,
     facts = collect(env, jobs, conn)
     if facts.ledger_error is not None and rebuild_ledger:
         outcome, facts = _rebuild(env, jobs, conn, facts, dry_run)
-        report.outcomes.append(outcome)
+        if outcome is not None:
+            report.outcomes.append(outcome)
     report.checked = _checked(facts)
     if facts.ledger_error is not None:
         if not rebuild_ledger:
@@ -184,12 +185,12 @@ def _checked(facts: NodeFacts) -> dict:
 
 
 def _rebuild(env: Env, jobs: JobsOnNode, conn, facts: NodeFacts,
-             dry_run: bool) -> tuple[Outcome, NodeFacts]:
+             dry_run: bool) -> tuple[Outcome | None, NodeFacts]:
     """Rebuild a corrupt ledger (or, with ``dry_run``, say how); the facts with the ledger that
     results. The real one holds the ledger's lock, reads the node again under it (no create can
     place a VM meanwhile, and one that had placed its VM still holds its name's lock, which
     makes the rebuild wait for a later run), keeps the corrupt file aside and writes the new
-    one atomically."""
+    one atomically. No outcome when the ledger parses again by then (mended meanwhile)."""
     if dry_run:
         state, finding = rebuild(facts)
         if state is None:
@@ -198,9 +199,7 @@ def _rebuild(env: Env, jobs: JobsOnNode, conn, facts: NodeFacts,
     with env.ledger.locked():
         facts = collect(env, jobs, conn)
         if facts.ledger_error is None:
-            return Outcome(Finding("ledger", "ledger.json", why="was corrupt",
-                                   action="rebuild-ledger"),
-                           "skipped", "it parses again (mended meanwhile): not rebuilt"), facts
+            return None, facts
         state, finding = rebuild(facts)
         if state is None:
             return planned(finding, dry_run=False), facts

@@ -249,6 +249,7 @@ def test_a_rebuild_waits_for_a_create_in_progress(node):
         holder.kill()
     [o] = report.outcomes
     assert o.result == "skipped" and "in progress (job-9)" in o.detail
+    assert report.exit_code == 5                       # the ledger is still corrupt
     assert Path(node.env.ledger.path).read_bytes() == b""
 
 
