@@ -600,6 +600,61 @@ class Ledger:
         with self.transaction() as txn:
             return txn.release(key)
 
+    # a corrupt ledger ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the ledger's lock for the block without reading the ledger (it may be corrupt):
+        :meth:`replace_corrupt` is called inside it."""
+        self._ensure_dir()
+        with fsutil.locked(self.lock_path, timeout=self.lock_timeout, poll_s=LOCK_POLL_S,
+                           mode=FILE_MODE,
+                           timed_out=lambda: LedgerLockTimeout(path=self.lock_path,
+                                                               timeout=self.lock_timeout),
+                           failed=lambda e: LedgerError(path=self.lock_path,
+                                                        reason=f"cannot lock: {e.strerror or e}")):
+            yield
+
+    def replace_corrupt(self, state: LedgerState, *, now: float | None = None) -> str:
+        """Replace a corrupt ledger with ``state``; return where the corrupt file was kept.
+
+        Only inside :meth:`locked`, and only for a ledger that is corrupt now (LedgerError
+        otherwise: one that parses is never replaced). The corrupt file is first given a second
+        name, ``ledger.json.corrupt-<UTC time>`` (made durable), then the new document is
+        written atomically over ``ledger.json`` with the next generation the corrupt one
+        names, if any can be read. Never a reset by accident: ``dgxvm reconcile
+        --rebuild-ledger`` calls it, saying what it wrote.
+        """
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise LedgerError(path=self.path, reason="there is no ledger to replace") from None
+        except OSError as e:
+            raise LedgerError(path=self.path, reason=f"cannot read: {e.strerror or e}") from e
+        try:
+            parse_document(raw, self.path)
+        except LedgerCorrupt:
+            pass
+        else:
+            raise LedgerError(path=self.path, reason="it is not corrupt: not replaced")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+        aside = f"{self.path}.corrupt-{stamp}"
+        n = 1
+        while os.path.lexists(aside):
+            n += 1
+            aside = f"{self.path}.corrupt-{stamp}-{n}"
+        try:
+            os.link(self.path, aside)
+            fsutil.fsync_dir(self.state_dir)
+        except OSError as e:
+            raise LedgerError(path=aside, reason=f"cannot keep the corrupt ledger aside: "
+                                                 f"{e.strerror or e}") from e
+        self._write(LedgerState(generation=_salvaged_generation(raw) + 1,
+                                allocations=state.allocations))
+        log.warning("ledger %s was corrupt: rebuilt with %d allocation(s), the corrupt file "
+                    "kept as %s", self.path, len(state.allocations), aside)
+        return aside
+
     # internals ----------------------------------------------------------------------------------
     def _ensure_dir(self) -> None:
         if os.path.isdir(self.state_dir):
@@ -619,6 +674,15 @@ class Ledger:
             fsutil.atomic_write(self.path, data.encode("ascii"), mode=FILE_MODE)
         except OSError as e:
             raise LedgerError(path=self.path, reason=f"cannot write: {e.strerror or e}") from e
+
+
+def _salvaged_generation(raw: bytes) -> int:
+    """The generation a corrupt document still names, or 0."""
+    try:
+        gen = json.loads(raw.decode("utf-8")).get("generation")
+    except (ValueError, AttributeError, RecursionError):
+        return 0
+    return gen if _is_int(gen) and gen >= 0 else 0
 
 
 __all__ = [

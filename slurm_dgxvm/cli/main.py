@@ -88,6 +88,7 @@ LAZY_COMMANDS = {
     "image": ".images:image",
     "image-cache": ".image_cache:image_cache",
     "metrics": ".metrics:metrics",
+    "reconcile": ".reconcile:reconcile",
 }
 
 

@@ -6,6 +6,9 @@
 - :mod:`.delete`: teardown, idempotent over whatever a crash left.
 - :mod:`.inventory`: ``dgxvm list``'s rows.
 - :mod:`.libvirt_hook`: libvirt's qemu hook that keeps the ledger true outside dgxvm.
+- :mod:`.vmlock`: the per-VM-name lock create and delete hold, and reconcile only tries.
+- :mod:`.reconcile`: ``dgxvm reconcile``'s plan (pure: the node's facts in, findings out);
+  :mod:`.reconciler` reads the node and carries the plan out.
 
 Every name below is imported from its submodule on first use (:mod:`slurm_dgxvm.lazy`), not
 when the package is: ``dgxvm run`` needs only :mod:`.env` and :mod:`.identity`, and runs once

@@ -9,6 +9,10 @@ every create, failed or not, is counted in :mod:`slurm_dgxvm.opstats`.
 
 One cleanup path: every step that takes something registers its undo on the one ExitStack; a
 failure anywhere unwinds exactly what was done, in reverse, and re-raises the first error.
+
+The VM name's lock (:mod:`.vmlock`) is held from before the ledger is written until the create
+returns or its undo is done, so ``dgxvm reconcile`` never takes a create in progress for the
+leftovers of a killed one.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ..records import (CONSOLE_LOG, DATA_DISK, DOMAIN_XML, HOST_KEY, IMAGE_CACHE
                        USER_KEY, VmRecord)
 from ..shares import policy as share_policy, virtiofsd as share_server
 from ..stages import StageTimer
+from . import vmlock
 from .env import Env, Progress, quiet
 from .identity import group_names, hostname_for
 
@@ -77,26 +82,32 @@ def create(env: Env, req: CreateRequest, progress: Progress = quiet,
 
     Raises: NameError_ (bad name), DomainExists, ImageError, RequestError / NoFit (placement),
     ShareRefused, LedgerConflict / LedgerLockTimeout, SeedError, DiskError, FabricError,
-    HypervisorError, GuestTimeout. On any of them nothing is left behind.
+    HypervisorError, GuestTimeout, LockTimeout (another dgxvm kept the name's lock, see
+    :mod:`.vmlock`). On any of them nothing is left behind.
     """
     timer = timer if timer is not None else StageTimer()
     c = _Creation(env, req, progress)
-    try:
-        with timer.stage("preflight"):
-            c.preflight()
-        with ExitStack() as undo:
-            c.undo = undo
-            for stage, step in c.steps():
-                with timer.stage(stage):
-                    step()
-            c.finish(timer)
-            undo.pop_all()
-    except BaseException as exc:
-        # a request refused before anything was taken (a work dir that may not be shared)
-        # writes nothing on this node: Slurm's accounting has the refusal
-        if timer.failed != "preflight" or not is_job_fault(exc):
-            opstats.observe(env.cfg.host.state_dir, "create", timer, failure=exc)
-        raise
+    state_dir = env.cfg.host.state_dir
+    with ExitStack() as lock:
+        try:
+            with timer.stage("preflight"):
+                # the name's lock, before the ledger is written and until the undo is done:
+                # `dgxvm reconcile` leaves a VM alone while it is held (vmlock)
+                lock.enter_context(vmlock.held(state_dir, c.name, timeout=vmlock.wait_s(env.cfg)))
+                c.preflight()
+            with ExitStack() as undo:
+                c.undo = undo
+                for stage, step in c.steps():
+                    with timer.stage(stage):
+                        step()
+                c.finish(timer)
+                undo.pop_all()
+        except BaseException as exc:
+            # a request refused before anything was taken (a work dir that may not be shared)
+            # writes nothing on this node: Slurm's accounting has the refusal
+            if timer.failed != "preflight" or not is_job_fault(exc):
+                opstats.observe(state_dir, "create", timer, failure=exc)
+            raise
     opstats.observe(env.cfg.host.state_dir, "create", timer)
     log.info("%s: running, GPUs %s, %s", c.name, list(c.placement.gpus), c.address)
     return c.record

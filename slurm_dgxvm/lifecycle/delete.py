@@ -18,6 +18,7 @@ from ..ledger import Allocation
 from ..names import domain_name
 from ..records import VmRecord
 from ..stages import StageTimer
+from . import vmlock
 from .env import Env, Progress, quiet
 
 log = logging.getLogger("dgxvm.lifecycle")
@@ -33,12 +34,16 @@ def delete(env: Env, name: str, progress: Progress = quiet, *,
     domain that dgxvm did not make (NotOurDomain): one with no record and no ledger entry,
     unless ``job_id`` is given and the domain's dgxvm metadata names that job (the Epilog after
     a crash).
+
+    Holds the name's lock (:mod:`.vmlock`) throughout, waiting for a create or delete of the
+    same name to end first (LockTimeout past :func:`.vmlock.wait_s`).
     """
     t0 = time.monotonic()
     name = domain_name(name)
     timer = StageTimer()
     try:
-        how, rec = _teardown(env, name, job_id, progress, timer)
+        with vmlock.held(env.cfg.host.state_dir, name, timeout=vmlock.wait_s(env.cfg)):
+            how, rec = _teardown(env, name, job_id, progress, timer)
     except DomainNotFound:
         raise                             # nothing to tear down (or not ours): not counted
     except BaseException as exc:
@@ -99,13 +104,22 @@ def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
 
 def domain_job(dom) -> int | None:
     """The job id in a domain's dgxvm metadata (``<dgxvm:vm><dgxvm:job>``), or None."""
+    return domain_owner(dom)[1]
+
+
+def domain_owner(dom) -> tuple[str | None, int | None]:
+    """(owner, job id) from a domain's dgxvm metadata (``<dgxvm:vm><dgxvm:owner>``,
+    ``<dgxvm:job>``); owner None when it has no dgxvm metadata (dgxvm did not make it)."""
     try:
         root = ET.fromstring(dom.XMLDesc(0))
     except Exception:  # noqa: BLE001 - a domain that vanished (or is not XML) has no job
-        return None
-    job = root.find(f"metadata/{{{XMLNS}}}vm/{{{XMLNS}}}job")
-    text = (job.text or "").strip() if job is not None else ""
-    return int(text) if text.isascii() and text.isdigit() else None
+        return None, None
+    vm = root.find(f"metadata/{{{XMLNS}}}vm")
+    if vm is None:
+        return None, None
+    owner = (vm.findtext(f"{{{XMLNS}}}owner") or "").strip() or "domain"
+    text = (vm.findtext(f"{{{XMLNS}}}job") or "").strip()
+    return owner, int(text) if text.isascii() and text.isdigit() else None
 
 
 def _ledger_entry_of(env: Env, name: str) -> Allocation | None:

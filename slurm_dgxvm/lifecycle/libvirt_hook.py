@@ -4,6 +4,11 @@
 libvirt's qemu hook (etc/libvirt/hooks/qemu runs ``dgxvm hook qemu``): "release" gives the VM's
 GPUs, NVSwitches, CPUs, memory and FM partition back to the ledger and keeps its drives;
 "prepare" takes them again from the VM record, or refuses the start naming who holds them now.
+
+It never takes the VM's own lock (:mod:`.vmlock`): libvirtd runs it inside the start and the
+stop that ``create`` and ``delete`` wait for while they hold that lock, so waiting for it here
+would hold libvirtd up against them. It stands aside by the record's state instead, and takes
+only the ledger's lock, which neither holds while it calls libvirt.
 """
 
 from __future__ import annotations

@@ -52,6 +52,24 @@ class Slurm:
     def requeue(self, job_id: int) -> None:
         self.run("scontrol", "requeue", str(job_id))
 
+    # -- the jobs on a node (dgxvm reconcile) ---------------------------------------------------
+    def jobs_on_node(self, node: str) -> dict[int, str]:
+        """``{job id: state}`` of the jobs Slurm has allocated on ``node`` (``squeue -h -w
+        NODE -o %A|%T``: squeue's default states, those not finished; COMPLETING while an
+        Epilog runs, CONFIGURING while a Prolog does). Each array task and het job component
+        is its own job id, as SLURM_JOB_ID is in its Prolog. Raises SlurmCommandError when
+        squeue fails (slurmctld down, an unknown node) or prints something else."""
+        shown = f"{self.tool('squeue')} -h -w {node} -o %A|%T"
+        out = {}
+        for line in self.run("squeue", "-h", "-w", node, "-o", "%A|%T").splitlines():
+            if not line.strip():
+                continue
+            job, sep, state = line.strip().partition("|")
+            if not sep or not (job.isascii() and job.isdigit()) or not state:
+                raise SlurmCommandError(command=shown, reason=f"unexpected line {line!r}")
+            out[int(job)] = state.strip()
+        return out
+
     # -- reports -------------------------------------------------------------------------------
     SACCT_FIELDS = ("JobID", "User", "Account", "Partition", "State", "Start", "End",
                     "ElapsedRaw", "AllocTRES", "AdminComment")

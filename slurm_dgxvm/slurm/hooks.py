@@ -8,7 +8,11 @@ through the lifecycle (place in the ledger, carve, boot, wait for the guest), th
 record into the job's AdminComment. No Slurm command runs before the VM is ready.
 
 Epilog: delete the job's VM whatever state it is in (none, half made, crashed, only a ledger
-entry); idempotent. Then write the final record (teardown time, how it ended) with sacctmgr.
+entry, the job's ledger entry under another VM name); idempotent. Then write the final record
+(teardown time, how it ended) with sacctmgr. An inconsistency it met is one line naming it; the
+Epilog cleans only its own job's pieces and never runs a node-wide ``dgxvm reconcile``, which
+asks Slurm and libvirt about every VM and would hold the job in COMPLETING (README, "Making the
+node consistent").
 
 Exit status, on purpose (Slurm drains the node for any non-zero Prolog or Epilog status):
 
@@ -34,7 +38,7 @@ from collections.abc import Callable, Mapping
 
 from .. import lifecycle, opstats
 from ..containers import ranlog
-from ..errors import DgxvmError, DomainNotFound, NoFit, SlurmCommandError
+from ..errors import DgxvmError, DomainNotFound, NameError_, NoFit, SlurmCommandError
 from ..fsutil import atomic_write
 from ..ranges import format_index_list
 from ..stages import StageTimer
@@ -190,6 +194,29 @@ def _prolog_failed(env: lifecycle.Env, job_id: int | None, job: SlurmJob | None,
 
 
 # -- Epilog ----------------------------------------------------------------------------------------
+def _stray_entry(env: lifecycle.Env, job_id: int, name: str, stage: _Stage, emit: Emit,
+                 where: str) -> bool:
+    """After the job's VM is gone: a ledger entry of the job under another VM name (the
+    domain prefix changed since its Prolog, a hand edit) still holds its GPUs. Remove that VM
+    too, through delete, and say so in one line. True when there was one.
+
+    Only this job's pieces: a node-wide ``dgxvm reconcile`` is not run from here, as it asks
+    Slurm and libvirt about every VM and would hold up the job's completion (README, "Making
+    the node consistent")."""
+    from ..ledger import job_key
+    stray = env.ledger.read().allocations.get(job_key(job_id))
+    if stray is None or stray.domain == name:
+        return False
+    stage(f"removing the job's ledger entry under {stray.domain}")
+    try:
+        lifecycle.delete(env, stray.domain, job_id=job_id)
+    except (DomainNotFound, NameError_):          # not a name a VM can have: the entry alone
+        env.ledger.release(stray.key)
+    emit(f"{where}: inconsistent: its ledger entry {stray.key} named VM {stray.domain}, not "
+         f"{name}; removed it; `dgxvm reconcile` checks the rest of the node")
+    return True
+
+
 def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: Emit) -> int:
     """Only the job id is needed to clean up: a job whose other values the Prolog refused (or
     that changed since) still has whatever is left of its VM removed."""
@@ -208,7 +235,9 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         try:
             rec = lifecycle.delete(env, name, stage, job_id=job_id)
         except DomainNotFound:
+            _stray_entry(env, job_id, name, stage, emit, where)
             return EXIT_OK                 # no VM: no GPUs, or the Prolog refused the job
+        _stray_entry(env, job_id, name, stage, emit, where)
     except BaseException as exc:  # noqa: BLE001
         if not in_lifecycle:
             opstats.count_failure(env.cfg.host.state_dir, "epilog", exc)
@@ -220,7 +249,9 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         emit(f"{where}: teardown failed at {stage.now}: {cause}; exit 1 drains the node")
         return EXIT_DRAIN
     if rec is None:
-        emit(f"{where}: cleaned up what was left of {name} (no VM record)")
+        emit(f"{where}: cleaned up what was left of {name} (no VM record: a Prolog killed "
+             f"before it wrote one, or its directory removed by hand); `dgxvm reconcile` "
+             f"checks the rest of the node")
         return EXIT_OK
     if before is not None and before.state == "stopped":
         ended = f"the VM stopped before the job ended ({before.ended}); removed"

@@ -34,3 +34,24 @@ def test_a_network_lock_that_cannot_be_made_is_a_lock_error(tmp_path):
             hypervisor._network_lock(str(not_a_dir)):
         pass
     assert info.value.exit_code == EXIT_STATE
+
+
+def test_reservations_are_read_and_released_by_mac(tmp_path):
+    """What dgxvm reconcile compares: the network's <host> entries. libvirt's test driver has
+    "default" (and no inactive definition apart from the live one)."""
+    conn = libvirt.open("test:///default")
+    net = conn.networkLookupByName("default")
+    try:
+        assert hypervisor.reservations(conn, "no-such-network") is None
+        before = hypervisor.reservations(conn, "default")
+        net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+                   libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1,
+                   "<host mac='52:54:00:0a:0b:0c' name='ghost' ip='192.168.122.77'/>",
+                   libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG)
+        got = hypervisor.reservations(conn, "default")
+        assert got == {**before, "52:54:00:0a:0b:0c": ("192.168.122.77", "ghost")}
+        hypervisor.release_address(conn, "default", str(tmp_path), "52:54:00:0A:0B:0C")
+        assert hypervisor.reservations(conn, "default") == before
+        hypervisor.release_address(conn, "default", str(tmp_path), "52:54:00:0a:0b:0c")  # gone
+    finally:
+        conn.close()

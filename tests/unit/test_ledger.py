@@ -446,6 +446,59 @@ def test_hand_written_valid_document_is_accepted(ledger):
     assert ledger.read().generation == 42
 
 
+# -- replacing a corrupt ledger (dgxvm reconcile --rebuild-ledger) ---------------------------------
+def test_a_corrupt_ledger_is_replaced_and_kept_aside_byte_for_byte(ledger):
+    ledger.allocate(mk("job:1", [0]))
+    ledger.allocate(mk("job:2", [1]))
+    torn = raw(ledger)[:-40]                    # a power cut in the middle of a write
+    with open(ledger.path, "wb") as f:
+        f.write(torn)
+    with pytest.raises(LedgerCorrupt):
+        ledger.read()
+    kept = mk("job:2", [1])
+    with ledger.locked():
+        aside = ledger.replace_corrupt(LedgerState(allocations={"job:2": kept}),
+                                       now=1767225600.0)
+    assert aside == ledger.path + ".corrupt-20260101T000000Z"
+    with open(aside, "rb") as f:
+        assert f.read() == torn
+    state = ledger.read()
+    assert dict(state.allocations) == {"job:2": kept}
+    assert state.generation == 1                # nothing readable of the torn one's
+    with ledger.locked():                       # twice in one second: a second name
+        with open(ledger.path, "wb") as f:
+            f.write(b"")
+        again = ledger.replace_corrupt(LedgerState(), now=1767225600.0)
+    assert again == aside + "-2" and os.path.exists(aside)
+
+
+def test_a_hand_edit_keeps_its_generation_going(ledger):
+    doc = _valid_doc(ledger)
+    with open(ledger.path, "wb") as f:
+        f.write(_hand_edited_record(ledger, doc))
+    with ledger.locked():
+        ledger.replace_corrupt(LedgerState())
+    assert ledger.read().generation == doc["generation"] + 1
+
+
+def test_a_ledger_that_parses_is_never_replaced(ledger):
+    from slurm_dgxvm.errors import LedgerError
+    ledger.allocate(mk("job:1", [0]))
+    before = raw(ledger)
+    with ledger.locked(), pytest.raises(LedgerError, match="not corrupt"):
+        ledger.replace_corrupt(LedgerState())
+    assert raw(ledger) == before
+    assert sorted(os.listdir(ledger.state_dir)) == ["ledger.json", "ledger.lock"]
+
+
+def test_locked_holds_the_writers_off(ledger):
+    other = Ledger(ledger.state_dir, lock_timeout=0.05)
+    with ledger.locked():
+        with pytest.raises(LedgerLockTimeout):
+            other.allocate(mk("job:1", [0]))
+    other.allocate(mk("job:1", [0]))
+
+
 # -- locking ---------------------------------------------------------------------------------------
 def test_lock_timeout(tmp_path):
     ledger = Ledger(tmp_path / "state", lock_timeout=0.2)

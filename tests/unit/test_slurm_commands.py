@@ -42,3 +42,51 @@ def test_a_hanging_command_is_bounded_by_command_timeout_s(tmp_path):
     s = slurm_with(tmp_path, "#!/bin/sh\nexec sleep 30\n", timeout=0.3)
     with pytest.raises(SlurmCommandError, match=r"scancel did not finish in 0.3s"):
         s.cancel(7)
+
+
+# -- the jobs on a node (dgxvm reconcile) ----------------------------------------------------------
+def squeue(tmp_path, script: str) -> Slurm:
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    (bindir / "squeue").write_text(script)
+    (bindir / "squeue").chmod(0o755)
+    return Slurm(SlurmConfig(bin_dir=str(bindir), command_timeout_s=5))
+
+
+def test_the_jobs_on_a_node_come_from_squeue_with_their_states(tmp_path):
+    s = squeue(tmp_path, '#!/bin/sh\n[ "$*" = "-h -w dgx01 -o %A|%T" ] || exit 9\n'
+                         'printf "42|RUNNING\\n43|COMPLETING\\n\\n44|CONFIGURING\\n"\n')
+    assert s.jobs_on_node("dgx01") == {42: "RUNNING", 43: "COMPLETING", 44: "CONFIGURING"}
+
+
+@pytest.mark.parametrize("line", ["42 RUNNING", "x|RUNNING", "42|", "-1|RUNNING"])
+def test_squeue_output_that_is_not_a_job_and_state_is_an_error(tmp_path, line):
+    s = squeue(tmp_path, f"#!/bin/sh\necho '{line}'\n")
+    with pytest.raises(SlurmCommandError, match="unexpected line"):
+        s.jobs_on_node("dgx01")
+
+
+def test_slurm_that_cannot_be_asked_makes_no_job_live_nor_dead(tmp_path):
+    """reconcile then touches no job's VM: live is None, not empty."""
+    from slurm_dgxvm.slurm.liveness import jobs_on_node
+    s = squeue(tmp_path, "#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm "
+                         "controller' >&2\nexit 1\n")
+    jobs = jobs_on_node(s, "dgx01", now=123.0)
+    assert jobs.live is None and jobs.asked_at == 123.0
+    assert "Unable to contact slurm controller" in jobs.error
+
+
+def test_only_final_states_make_a_job_not_live(tmp_path):
+    from slurm_dgxvm.slurm.liveness import jobs_on_node
+    s = squeue(tmp_path, "#!/bin/sh\nprintf '1|RUNNING\\n2|COMPLETED\\n3|COMPLETING\\n"
+                         "4|CANCELLED\\n5|SUSPENDED\\n6|NODE_FAIL\\n7|NEW_STATE\\n'\n")
+    jobs = jobs_on_node(s, "dgx01")
+    assert jobs.live == {1, 3, 5, 7} and jobs.states[2] == "COMPLETED"
+
+
+def test_the_node_is_named_as_slurm_names_it():
+    import socket
+    from slurm_dgxvm.slurm.liveness import node_name
+    assert node_name({"SLURMD_NODENAME": "dgx07"}, "given") == "given"
+    assert node_name({"SLURMD_NODENAME": "dgx07"}) == "dgx07"
+    assert node_name({}) == socket.gethostname().split(".")[0]

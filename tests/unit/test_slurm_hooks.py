@@ -195,7 +195,24 @@ def test_epilog_releases_a_ledger_entry_without_a_vm(world):
     assert world.env.ledger.read().allocations == {}
     assert not world.env.vms.dir("job-42").exists()
     assert "cleaned up what was left of job-42" in world.lines[-1]
+    assert world.lines[-1].endswith("`dgxvm reconcile` checks the rest of the node")
     assert world.epilog() == 0                # twice is fine
+
+
+def test_epilog_removes_the_jobs_ledger_entry_under_another_vm_name_and_says_so(world):
+    """The domain prefix changed between the job's Prolog and its Epilog (or a hand edit):
+    the job's GPUs must not stay held by an entry nothing would ever release."""
+    p = place(world.env.host, EMPTY, Request(count=4), Policy())
+    world.env.ledger.allocate(Allocation.from_placement(job_key(42), p, owner="job", job_id=42,
+                                                        domain="old-42"))
+    world.env.vms.make_dir("old-42")
+    assert world.epilog() == 0
+    assert world.env.ledger.read().allocations == {}
+    assert not world.env.vms.dir("old-42").exists()
+    assert world.lines == ["dgxvm epilog: job 42 (user nobody, Slurm GPUs 0-3): inconsistent: "
+                           "its ledger entry job:42 named VM old-42, not job-42; removed it; "
+                           "`dgxvm reconcile` checks the rest of the node"]
+    assert world.epilog() == 0 and len(world.lines) == 1
 
 
 def test_epilog_leaves_other_jobs_alone(world):
