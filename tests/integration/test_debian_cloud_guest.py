@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from harness.node import install_for_users
-from test_dgxvm_run import _dgxvm_pid
+from test_dgxvm_run import PtyReader, _dgxvm_pid
 
 JOB = 990101
 GROUP = 54322
@@ -278,33 +278,20 @@ def test_writable_and_named_podman_containers(cloudvm, image):
 
 def test_dgxvm_shell_in_a_podman_container_under_a_terminal(cloudvm, image):
     import pty
-    import select
     pid, fd = pty.fork()
     if pid == 0:
         os.chdir(str(cloudvm.work))
         argv = user_argv(cloudvm, "shell", "--container-image", image)
         os.execvp(argv[0], argv)
-    buf = b""
     try:
-        def until(want: bytes, timeout: float = 120) -> None:
-            nonlocal buf
-            deadline = time.monotonic() + timeout
-            while want not in buf:
-                left = deadline - time.monotonic()
-                assert left > 0, f"no {want!r}; got {buf!r}"
-                ready, _, _ = select.select([fd], [], [], left)
-                if ready:
-                    try:
-                        buf += os.read(fd, 4096)
-                    except OSError as e:   # EIO: the other side is gone
-                        raise AssertionError(f"the shell ended; it said {buf!r}") from e
-
+        reader = PtyReader(fd, timeout=120)
+        until = reader.until
         os.write(fd, b"tty >/dev/null && echo TTY-$((6*7)); cat /marker; echo; whoami\n")
         until(b"TTY-42")
         until(b"busy-1")
         until(cloudvm.vmenv.user.encode())
         os.write(fd, b"exit 3\n")
         _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 3, buf
+        assert os.waitstatus_to_exitcode(status) == 3, reader.buf
     finally:
         os.close(fd)

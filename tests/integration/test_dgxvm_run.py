@@ -249,6 +249,26 @@ def test_outside_a_job_is_a_clear_125(runvm):
 
 
 # -- the shell -----------------------------------------------------------------------------
+class PtyReader:
+    """What a program under a pseudo-terminal said so far (``buf``); :meth:`until` reads until
+    ``want`` is in it, failing after ``timeout`` or when the program ends first."""
+
+    def __init__(self, fd: int, timeout: float = 60):
+        self.fd, self.timeout, self.buf = fd, timeout, b""
+
+    def until(self, want: bytes) -> None:
+        deadline = time.monotonic() + self.timeout
+        while want not in self.buf:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {want!r}; got {self.buf!r}"
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    self.buf += os.read(self.fd, 4096)
+                except OSError as e:   # EIO: the other side is gone
+                    raise AssertionError(f"the shell ended; it said {self.buf!r}") from e
+
+
 def test_dgxvm_shell_under_a_terminal(runvm):
     pid, fd = pty.fork()
     if pid == 0:
@@ -256,21 +276,8 @@ def test_dgxvm_shell_under_a_terminal(runvm):
         argv = user_argv(runvm, "shell")
         os.execvp(argv[0], argv)
     try:
-        buf = b""
-
-        def until(want: bytes, timeout: float = 60) -> None:
-            nonlocal buf
-            deadline = time.monotonic() + timeout
-            while want not in buf:
-                left = deadline - time.monotonic()
-                assert left > 0, f"no {want!r}; got {buf!r}"
-                ready, _, _ = select.select([fd], [], [], left)
-                if ready:
-                    try:
-                        buf += os.read(fd, 4096)
-                    except OSError as e:   # EIO: the other side is gone
-                        raise AssertionError(f"the shell ended; it said {buf!r}") from e
-
+        reader = PtyReader(fd)
+        until = reader.until
         os.write(fd, b"tty >/dev/null && echo TTY-$((6*7)); pwd\n")
         until(b"TTY-42")
         until(str(runvm.work).encode())
@@ -281,7 +288,7 @@ def test_dgxvm_shell_under_a_terminal(runvm):
         until(b"still-2")
         os.write(fd, b"exit 5\n")
         _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 5, buf
+        assert os.waitstatus_to_exitcode(status) == 5, reader.buf
     finally:
         os.close(fd)
 
