@@ -275,7 +275,10 @@ cmd_userns_inner() {
     "$@"
     rc=$?
     umount "$target" 2>/dev/null
-    rm -rf "$layer"
+    # in a child sh, not this one: this shell was exec'd before its namespace was mapped, so
+    # it has no capabilities there, and busybox runs rm inside the shell (a NOFORK applet);
+    # overlayfs's work/work is mode 000, which only a process with them can remove
+    sh -c 'rm -rf "$1"' dgxvm-guest "$layer"
     exit "$rc"
 }
 

@@ -424,7 +424,8 @@ def test_a_writable_container_changes_its_root_and_the_change_goes_with_the_run(
                       flags=("--container-writable",))
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"changed\n"
-    assert not any(n.startswith("run-") for n in guest_layers(runvm))   # removed with the run
+    layers = guest_layers(runvm)
+    assert not any(n.startswith("run-") for n in layers), (layers, r.stderr)   # went with the run
     r = container_run(runvm, image.ref, "sh", "-c", "cat /marker; ls -d /opt/new")
     assert r.stdout.startswith(b"busy-1") and r.returncode != 0     # the image is untouched
     r = container_run(runvm, image.ref, "sh", "-c", "id -u; echo x > /etc/by-root",
