@@ -117,11 +117,12 @@ def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapp
         dirs = [*mountpoints.STANDARD_DIRS, *shared, *(m.target for m in mounts)]
         if flags.workdir:
             dirs.append(flags.workdir)
+        # podman binds its own /etc/hostname: a mount point it needs besides runc's
+        runtime_files = podman.ROOTFS_FILES if runtime_kind == "podman" else ()
         made = mountpoints.ensure(Path(rootfs), dirs, (*mountpoints.STANDARD_FILES,
-                                                        *account_files))
-        etc_files = tuple(f for f in made if f not in account_files)
+                                                        *runtime_files, *account_files))
+        etc_files = tuple(f for f in made if f not in (*account_files, *runtime_files))
         if runtime_kind == "podman":
-            mountpoints.ensure(Path(rootfs), (), podman.ROOTFS_FILES)
             mountpoints.ensure_links(Path(rootfs), podman.ROOTFS_LINKS)
         if user and uid and gid and not flags.remap_root:
             # the user's own entries, so that whoami/getpwuid work (accounts)
