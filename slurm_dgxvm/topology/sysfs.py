@@ -28,6 +28,18 @@ NODE_HUGEPAGES = NODE_DIR + "/hugepages"         # hugepages-<size>kB/{nr,free}_
 CPU_ONLINE = "sys/devices/system/cpu/online"
 CPU_TOPOLOGY = "sys/devices/system/cpu/cpu{cpu}/topology"
 IOMMU_GROUPS = "sys/kernel/iommu_groups"
+# A device's health signals and its reset (what the host can see of a GPU bound to vfio-pci).
+# config: the config space (vendor id at offset 0, all ones when the device has fallen off the
+# bus); reset: write "1" for a function-level or bus reset; reset_method: the methods the kernel
+# will try, space separated ("flr bus"); aer_dev_*: AER counters, one "NAME COUNT" per line
+# ending with TOTAL_ERR_COR / TOTAL_ERR_NONFATAL / TOTAL_ERR_FATAL (kernel
+# Documentation/ABI/testing/sysfs-bus-pci-devices-aer_stats).
+PCI_CONFIG = PCI_DEVICE + "/config"
+PCI_RESET = PCI_DEVICE + "/reset"
+PCI_RESET_METHOD = PCI_DEVICE + "/reset_method"
+PCI_AER_CORRECTABLE = PCI_DEVICE + "/aer_dev_correctable"
+PCI_AER_NONFATAL = PCI_DEVICE + "/aer_dev_nonfatal"
+PCI_AER_FATAL = PCI_DEVICE + "/aer_dev_fatal"
 # Written by `dgxvm simulate` beside sys/, never present on a real host: says which machine the
 # tree imitates, so every output can declare that it is simulated.
 SIMULATED_MARKER = ".dgxvm-simulated"
