@@ -31,13 +31,15 @@ HUGEPAGE_SHARE = 0.90
 
 @dataclass(frozen=True)
 class PciId:
-    """What a device reports in config space (``vendor``, ``device``, subsystem ids, ``class``)."""
+    """What a device reports in config space (``vendor``, ``device``, subsystem ids, ``class``,
+    ``revision``)."""
 
     vendor: int
     device: int
     subsystem_vendor: int
     subsystem_device: int
     class_code: int
+    revision: int = 0x00              # [INF: invented for the fixture] where a PciId gives none
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class PciDevice:
     children: tuple[PciDevice, ...] = ()
     label: str = ""                   # human name: ``GPU0``, ``mlx5_0`` (empty when unknown)
     role: str = ""                    # NICs: ``compute`` | ``storage`` | ``ethernet``
+    revision: int = 0x00              # config space offset 8 (sysfs ``revision``)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -220,7 +223,7 @@ def _dev(bus: int, dev: int, fn: int, ids: PciId, kind: str, numa: int, *childre
     return PciDevice(bdf=_bdf(bus, dev, fn), vendor=ids.vendor, device=ids.device,
                      subsystem_vendor=ids.subsystem_vendor, subsystem_device=ids.subsystem_device,
                      class_code=ids.class_code, kind=kind, numa_node=numa, children=children,
-                     label=label, role=role)
+                     label=label, role=role, revision=ids.revision)
 
 
 def _br(bus: int, dev: int, ids: PciId, numa: int, *children: PciDevice) -> PciDevice:
@@ -241,10 +244,12 @@ ETH_CLASS = 0x020000              # Ethernet controller (standard class code)
 # ================================================================================================
 # DGX-2: 16x V100-SXM3-32GB, 12x NVSwitch gen1, 2 baseboards (notes §1)
 # ================================================================================================
-V100_SXM3 = PciId(0x10de, 0x1db8, 0x10de, 0x12ab, 0x030200)  # [REAL/DOC] GDS nvidia-smi --query-gpu on "dgx2>"
+V100_SXM3 = PciId(0x10de, 0x1db8, 0x10de, 0x12ab, 0x030200,  # [REAL/DOC] GDS nvidia-smi --query-gpu on "dgx2>"
+                  0xa1)                                       # revision [INF] as the A100/H100's
 NVSWITCH1 = PciId(0x10de, 0x1ac2,                             # [DOC/REAL] FMG, GDS lspci -tv
                   0x10de, 0x1ac2,                             # subsystem [INF: invented for the fixture]
-                  0x068000)                                   # "Bridge" 0x0680xx; low byte [INF: invented for the fixture]
+                  0x068000,                                   # "Bridge" 0x0680xx; low byte [INF: invented for the fixture]
+                  0xa1)                                       # [DOC/REAL] lspci "Device 1ac2 (rev a1)"
 CX5_IB = PciId(0x15b3, 0x1017,                                # CX-5 [INF] from the DGX-2 spec (EDR/100GbE)
                0x15b3, 0x0007, IB_CLASS)                      # subsystem [INF: invented for the fixture]
 CX5_ETH = PciId(0x15b3, 0x1017, 0x15b3, 0x0008, ETH_CLASS)    # [INF: invented for the fixture]
@@ -340,10 +345,12 @@ DGX2 = Machine(
 # ================================================================================================
 # DGX A100: 8x A100-SXM4-80GB, 6x NVSwitch gen2, 1 baseboard (notes §2)
 # ================================================================================================
-A100_SXM4_80 = PciId(0x10de, 0x20b2, 0x10de, 0x1463, 0x030200)  # [REAL/DOC] GDS lstopo "0302 [10de:20b2] [10de:1463]"
+A100_SXM4_80 = PciId(0x10de, 0x20b2, 0x10de, 0x1463, 0x030200,  # [REAL/DOC] GDS lstopo "0302 [10de:20b2] [10de:1463]
+                     0xa1)                                      # a1" [REAL/DOC] same lstopo pci_type
 NVSWITCH2 = PciId(0x10de, 0x1af1,                               # [DOC/REAL] FMG lspci, nccl#1505
                   0x10de, 0x1af1,                               # subsystem [INF: invented for the fixture]
-                  0x068000)                                     # [REAL] nccl#1505 tclass="0x068000"
+                  0x068000,                                     # [REAL] nccl#1505 tclass="0x068000"
+                  0xa1)                                         # revision [INF] as gen1's
 CX6_COMPUTE = PciId(0x15b3, 0x101b, 0x15b3, 0x0007, IB_CLASS)   # [REAL] nccl#1505, GDS lstopo
 CX6_STORAGE = PciId(0x15b3, 0x101b, 0x15b3, 0x0009, IB_CLASS)   # [REAL] nccl#1505 (subsys 0009, numaid 0)
 PM173X = PciId(0x144d, 0xa824, 0x144d, 0xa801, NVME_CLASS)      # [REAL] GDS lstopo (Samsung PM173x)
@@ -431,10 +438,12 @@ DGX_A100 = Machine(
 # ================================================================================================
 # DGX H100: 8x H100-SXM5-80GB, 4x NVSwitch gen3, 1 baseboard (notes §3)
 # ================================================================================================
-H100_SXM5 = PciId(0x10de, 0x2330, 0x10de, 0x16c1, 0x030200)   # [REAL] FMG lspci, config hexdump (landontclipp.github.io)
+H100_SXM5 = PciId(0x10de, 0x2330, 0x10de, 0x16c1, 0x030200,   # [REAL] FMG lspci, config hexdump (landontclipp.github.io)
+                  0xa1)                                        # [REAL] same hexdump "00a1 0302"
 NVSWITCH3 = PciId(0x10de, 0x22a3,                              # [DOC] FMG lspci
                   0x10de, 0x22a3,                              # subsystem [INF: invented for the fixture]
-                  0x068000)                                    # "Bridge" 0x0680xx; low byte [INF: invented for the fixture]
+                  0x068000,                                    # "Bridge" 0x0680xx; low byte [INF: invented for the fixture]
+                  0xa1)                                        # revision [INF] as gen1's
 CX7_COMPUTE = PciId(0x15b3, 0x1021,                            # [INF] nccl-tests#213 (HGX H800); MT4129 [REAL] on DGX H100
                     0x15b3, 0x0023, IB_CLASS)                  # subsys [REAL, other box] nccl-tests#213
 CX7_STORAGE_IB = PciId(0x15b3, 0x1021, 0x15b3, 0x0023, IB_CLASS)    # port 1 ibpNNs0f0 [DOC H100UG]; ids [INF]

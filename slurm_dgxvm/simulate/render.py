@@ -1,8 +1,10 @@
 """Render a machine description as a fake sysfs tree that SysfsRoot reads like a real host.
 
 Shapes are those of :mod:`slurm_dgxvm.topology.sysfs`. Every symlink is relative, so the tree can
-be moved. The output directory is only ever replaced when it holds our marker
-(``SIMULATED_MARKER``): a user's non-empty directory is refused, never overwritten.
+be moved. Every PCI device also gets the health signals of :mod:`.signals` (config space, AER
+counters; GPUs and NVSwitches a ``reset`` and ``reset_method``), all healthy. The output
+directory is only ever replaced when it holds our marker (``SIMULATED_MARKER``): a user's
+non-empty directory is refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import SimulateError
 from ..ranges import format_index_list
 from ..topology import sysfs as S
+from . import signals as SIG
 from .machines import HUGEPAGE_2M_KIB, MACHINES, Machine, PciDevice
 
 NOTE = "simulated by dgxvm simulate; not a real host"
@@ -120,6 +124,11 @@ class _Writer:
         with open(os.path.join(self.root, rel), "w", encoding="ascii") as f:
             f.write(text + "\n")
 
+    def binary(self, rel: str, data: bytes) -> None:
+        self.mkdir(os.path.dirname(rel))
+        with open(os.path.join(self.root, rel), "wb") as f:
+            f.write(data)
+
     def link(self, rel: str, target_rel: str) -> None:
         """Relative symlink ``rel`` -> ``target_rel`` (both relative to the root)."""
         parent = os.path.dirname(rel)
@@ -195,12 +204,15 @@ def _write_pci(w: _Writer, m: Machine, missing: set[str], unknown: set[str]) -> 
     w.mkdir(S.PCI_DEVICES)
     w.mkdir(S.IOMMU_GROUPS)
     placed.sort(key=lambda item: item[0].bdf)
+    functions = Counter(dev.bdf[:-2] for dev, _ in placed)       # "0000:61:00" -> how many functions
     for group, (dev, d) in enumerate(placed):          # one group per device, in bus order
         w.file(f"{d}/vendor", f"0x{dev.vendor:04x}")
         w.file(f"{d}/device", f"0x{dev.device:04x}")
         w.file(f"{d}/subsystem_vendor", f"0x{dev.subsystem_vendor:04x}")
         w.file(f"{d}/subsystem_device", f"0x{dev.subsystem_device:04x}")
         w.file(f"{d}/class", f"0x{dev.class_code:06x}")
+        w.file(f"{d}/revision", f"0x{dev.revision:02x}")
+        _write_signals(w, dev, d, multifunction=functions[dev.bdf[:-2]] > 1)
         w.file(f"{d}/numa_node", "-1" if dev.bdf in unknown else str(dev.numa_node))
         w.file(f"{d}/local_cpulist", m.node(dev.numa_node).cpulist)
         group_dir = f"{S.IOMMU_GROUPS}/{group}"
@@ -210,3 +222,17 @@ def _write_pci(w: _Writer, m: Machine, missing: set[str], unknown: set[str]) -> 
         w.link(f"{d}/driver", driver_dir)
         w.link(f"{driver_dir}/{dev.bdf}", d)
         w.link(S.PCI_DEVICE.format(bdf=dev.bdf), d)
+
+
+def _write_signals(w: _Writer, dev: PciDevice, d: str, *, multifunction: bool) -> None:
+    """A healthy device's config space, AER counters and (GPUs, NVSwitches) reset files."""
+    w.binary(f"{d}/{SIG.CONFIG}", SIG.config_space(
+        vendor=dev.vendor, device=dev.device, revision=dev.revision, class_code=dev.class_code,
+        subsystem_vendor=dev.subsystem_vendor, subsystem_device=dev.subsystem_device,
+        multifunction=multifunction))
+    for name in SIG.AER_FILES:
+        w.file(f"{d}/{name}", SIG.aer_text(name).rstrip("\n"))
+    method = SIG.RESET_METHODS.get(dev.kind)
+    if method is not None:
+        w.binary(f"{d}/{SIG.RESET}", b"")
+        w.file(f"{d}/{SIG.RESET_METHOD}", method)
