@@ -22,6 +22,7 @@ from ..errors import SimulateError
 from ..ranges import format_index_list
 from ..topology import sysfs as S
 from . import signals as SIG
+from .faults import check_kind, inject_all
 from .machines import HUGEPAGE_2M_KIB, MACHINES, Machine, PciDevice
 
 NOTE = "simulated by dgxvm simulate; not a real host"
@@ -31,19 +32,23 @@ _SHORT_BDF_RE = re.compile(r"^[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
 
 def render(machine: str | Machine, out: str | os.PathLike, *, missing_gpus: Iterable[str] = (),
-           unknown_numa: Iterable[str] = ()) -> Path:
+           unknown_numa: Iterable[str] = (),
+           faults: Iterable[tuple[str | int, str]] = ()) -> Path:
     """Write ``machine``'s sysfs tree under ``out`` and return ``out`` as a Path.
 
     ``missing_gpus``: GPU addresses left out entirely (failed to enumerate). ``unknown_numa``:
-    device addresses whose ``numa_node`` reads ``-1`` (BIOS quirk). Raises SimulateError for an
-    unknown machine, an address that is not a GPU / device of the machine, or an ``out`` that is
-    non-empty and was not written by us.
+    device addresses whose ``numa_node`` reads ``-1`` (BIOS quirk). ``faults``: ``(gpu, kind)``
+    pairs applied in order to the fresh tree by :func:`.faults.inject_all` (GPU indices count
+    the GPUs rendered, after ``missing_gpus``, before any fault). Raises SimulateError for an
+    unknown machine, an address that is not a GPU / device of the machine, a bad fault, or an
+    ``out`` that is non-empty and was not written by us; ``out`` is then left as it was.
     """
     m = _machine(machine)
     by_bdf = {d.bdf: d for _, _, d in m.walk()}
     missing = _bdfs(missing_gpus, "missing_gpus", m,
                     lambda b: b in by_bdf and by_bdf[b].kind == "gpu", "a GPU")
     unknown = _bdfs(unknown_numa, "unknown_numa", m, lambda b: b in by_bdf, "a PCI device")
+    faults = _faults(faults, m, missing)
 
     out = Path(out)
     _check_out(out)
@@ -52,6 +57,7 @@ def render(machine: str | Machine, out: str | os.PathLike, *, missing_gpus: Iter
     try:
         tmp.chmod(0o755)                               # mkdtemp makes it 0700
         _write_tree(m, tmp, missing, unknown)
+        inject_all(tmp, faults)
         _swap(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,6 +87,24 @@ def _bdfs(values: Iterable[str], option: str, m: Machine, ok, what: str) -> tupl
             raise SimulateError(reason=f"{option}: {value!r} is not {what} of {m.key}", value=value)
         result.add(bdf)
     return tuple(sorted(result))
+
+
+def _faults(faults: Iterable[tuple[str | int, str]], m: Machine,
+            missing: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(gpu, kind)`` -> ``(bdf, kind)``, every index counted among the GPUs rendered."""
+    gpus = [g.bdf for g in m.gpus if g.bdf not in missing]
+    result = []
+    for gpu, kind in faults:
+        check_kind(kind)
+        text = str(gpu).strip().lower()
+        bdf = gpus[int(text)] if text.isdigit() and int(text) < len(gpus) else (
+            "0000:" + text if _SHORT_BDF_RE.match(text) else text)
+        if bdf not in gpus:
+            listing = ", ".join(f"{i}={b}" for i, b in enumerate(gpus))
+            raise SimulateError(reason=f"faults: unknown GPU {gpu!r} of {m.key} (GPUs by index or "
+                                       f"PCI address: {listing})", value=gpu)
+        result.append((bdf, kind))
+    return result
 
 
 def _check_out(out: Path) -> None:
