@@ -233,21 +233,75 @@ def gres_conf_cmd(c: Context, dev_dir, node_name):
 
 # -- simulate --------------------------------------------------------------------------------------
 @cli.command()
-@click.argument("machine", metavar="MACHINE")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory to write the sysfs tree into (empty, or an earlier simulation).")
+@click.argument("machine", metavar="[MACHINE]", required=False)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Directory to write MACHINE's sysfs tree into (empty, or an earlier simulation).")
 @click.option("--missing-gpu", "missing", multiple=True, metavar="PCI",
               help="Leave this GPU off the bus (a GPU that failed to enumerate). Repeatable.")
 @click.option("--unknown-numa", "unknown_numa", multiple=True, metavar="PCI",
               help="Make this device's numa_node read -1 (a BIOS quirk). Repeatable.")
-def simulate(machine, out, missing, unknown_numa):
-    """Write the sysfs tree of a known machine (dgx2, dgx-a100, dgx-h100) for --sysfs-root."""
-    from ..simulate import MACHINES, render as render_tree
-    if machine not in MACHINES:
-        raise click.BadParameter(f"{machine!r} is not a known machine "
-                                 f"(known: {', '.join(MACHINES)})", param_hint="MACHINE")
-    root = render_tree(machine, out, missing_gpus=missing, unknown_numa=unknown_numa)
-    click.echo(f"simulated {machine} written to {root}; use: dgxvm --sysfs-root {root} topology show")
+@click.option("--fault", "fault_specs", multiple=True, metavar="GPU:KIND",
+              help="Inject a fault into GPU (an index or a PCI address): with MACHINE into the "
+                   "new tree, without it into the tree of --into. Repeatable; GPU indices count "
+                   "the GPUs on the bus before the first fault.")
+@click.option("--into", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="An existing simulated tree to inject the --fault's into (no MACHINE): "
+                   "nothing is re-rendered, earlier faults and AER counts stay.")
+def simulate(machine, out, missing, unknown_numa, fault_specs, into):
+    """Write the sysfs tree of a known machine (dgx2, dgx-a100, dgx-h100), or inject GPU faults.
+
+    \b
+    dgxvm simulate MACHINE --out DIR [--fault GPU:KIND]...
+    dgxvm simulate --fault GPU:KIND [--fault GPU:KIND]... --into DIR
+
+    The tree is for --sysfs-root. A fault changes the files a real host shows changed for a GPU
+    bound to vfio-pci, and the tree's simulation marker records it. KIND:
+
+    \b
+      fell-off-bus     config reads all ones (vendor 0xffff): the GPU fell off the bus (Xid 79)
+      aer-fatal        aer_dev_fatal: MalfTLP and TOTAL_ERR_FATAL + 1
+      aer-nonfatal     aer_dev_nonfatal: CmpltTO and TOTAL_ERR_NONFATAL + 1
+      aer-correctable  aer_dev_correctable: RxErr and TOTAL_ERR_COR + 1 (alone, no cause to quarantine)
+      reset-fail       writing 1 to reset fails (OSError, EISDIR): the kernel refuses the reset
+      reset-hang       opening reset for writing blocks: a reset that never returns
+      missing          the GPU leaves the bus (sys/bus/pci/devices/<pci> goes)
+      clear            undo every fault on the GPU (AER counters stay, as on a real host)
+    """
+    from ..simulate import FAULT_KINDS, MACHINES, inject_all, parse_fault, render as render_tree
+    from ..topology.sysfs import SIMULATED_MARKER
+    if machine is not None and into is not None:
+        raise click.UsageError("MACHINE writes a new tree (--out DIR); --into DIR injects faults "
+                               "into an existing one: give one of them")
+    if machine is None and (out is not None or missing or unknown_numa):
+        raise click.UsageError("missing MACHINE: --out, --missing-gpu and --unknown-numa write "
+                               "a new tree")
+    if machine is None and into is None:
+        raise click.UsageError("give MACHINE --out DIR, or --fault GPU:KIND --into DIR")
+    if machine is not None and out is None:
+        raise click.UsageError("MACHINE needs --out DIR")
+    if into is not None and not fault_specs:
+        raise click.UsageError("--into DIR needs at least one --fault GPU:KIND "
+                               f"(kinds: {', '.join(FAULT_KINDS)})")
+    faults = []
+    for spec in fault_specs:
+        try:
+            faults.append(parse_fault(spec))
+        except DgxvmError as exc:
+            raise click.BadParameter(exc.reason, param_hint="--fault") from None
+    if into is not None:
+        root, records = into, inject_all(into, faults)
+    else:
+        if machine not in MACHINES:
+            raise click.BadParameter(f"{machine!r} is not a known machine "
+                                     f"(known: {', '.join(MACHINES)})", param_hint="MACHINE")
+        root = render_tree(machine, out, missing_gpus=missing, unknown_numa=unknown_numa,
+                           faults=faults)
+        records = json.loads((root / SIMULATED_MARKER).read_text()).get("faults", [])
+        click.echo(f"simulated {machine} written to {root}; use: dgxvm --sysfs-root {root} "
+                   "topology show")
+    for r in records:
+        click.echo(f"fault {r['kind']} on GPU {r['gpu']} (simulated), recorded in "
+                   f"{root / SIMULATED_MARKER}")
 
 
 # -- VMs and images (the nvidia-vm verbs), the Slurm verbs, run and shell: LAZY_COMMANDS above ------

@@ -13,7 +13,9 @@ import threading
 from datetime import datetime
 
 import pytest
+from click.testing import CliRunner
 
+from slurm_dgxvm.cli.main import cli, main
 from slurm_dgxvm.errors import SimulateError
 from slurm_dgxvm.simulate import FAULT_KINDS, MACHINES, inject, inject_all, parse_fault, render
 from slurm_dgxvm.topology.discover import discover
@@ -359,3 +361,94 @@ def test_parse_fault_refuses_naming_the_text(text, match):
     with pytest.raises(SimulateError, match=match) as exc:
         parse_fault(text)
     assert exc.value.value == text
+
+
+# -- the command line ------------------------------------------------------------------------------
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dgxvm: error: "), err
+    return lines[0]
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_cli_renders_a_machine_with_faults_and_says_they_are_simulated(tmp_path):
+    out = tmp_path / "sim"
+    result = CliRunner().invoke(cli, ["simulate", "dgx-h100", "--out", str(out),
+                                      "--fault", "1:missing", "--fault", "0000:52:00.0:aer-fatal"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith(f"simulated dgx-h100 written to {out}")
+    assert lines[1:] == [f"fault {k} on GPU {g} (simulated), recorded in {out / SIMULATED_MARKER}"
+                         for g, k in [(GPU, "missing"), ("0000:52:00.0", "aer-fatal")]]
+    root = SysfsRoot(out)
+    assert faults(root) == [(GPU, "missing"), ("0000:52:00.0", "aer-fatal")]
+    topo = CliRunner().invoke(cli, ["--sysfs-root", str(out), "--state-dir", str(tmp_path / "s"),
+                                    "topology", "show", "--json"])
+    assert [g["pci"] for g in json.loads(topo.output)["gpus"] if g.get("missing")] == [GPU]
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_cli_injects_into_an_existing_tree_keeping_earlier_faults_and_counts(tmp_path):
+    out = tmp_path / "sim"
+    render("dgx-h100", out, faults=[(1, "aer-fatal"), (0, "fell-off-bus")])
+    config_before = SysfsRoot(out).path(PCI_CONFIG, bdf="0000:1b:00.0").read_bytes()
+    result = CliRunner().invoke(cli, ["simulate", "--fault", "43:00.0:aer-fatal",
+                                      "--fault", "7:reset-fail", "--into", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "(simulated)" in result.output and "simulated dgx-h100 written" not in result.output
+    root = SysfsRoot(out)
+    assert faults(root) == [(GPU, "aer-fatal"), ("0000:1b:00.0", "fell-off-bus"),
+                            (GPU, "aer-fatal"), ("0000:df:00.0", "reset-fail")]
+    assert aer(root, PCI_AER_FATAL)["TOTAL_ERR_FATAL"] == 2
+    assert root.path(PCI_CONFIG, bdf="0000:1b:00.0").read_bytes() == config_before == b"\xff" * 256
+    assert root.path(PCI_RESET, bdf="0000:df:00.0").is_dir()
+
+
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize("args,rc,words", [
+    (["--fault", "0:melt"], 2, ["--fault", "'melt'", "fell-off-bus"]),
+    (["--fault", "melt"], 2, ["--fault", "'melt'", "GPU:KIND"]),
+    (["--fault", "8:clear"], 3, ["unknown GPU '8'", "0=0000:1b:00.0"]),
+    (["--fault", "0000:18:00.0:clear"], 3, ["'0000:18:00.0'"]),
+])
+def test_cli_bad_faults_fail_naming_the_value(tmp_path, capsys, args, rc, words):
+    out = tmp_path / "sim"
+    render("dgx-h100", out)
+    assert main(["simulate", *args, "--into", str(out)]) == rc
+    line = error_line(capsys)
+    for w in words:
+        assert w in line
+    assert "faults" not in SysfsRoot(out).simulated()
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_cli_refuses_to_inject_into_a_tree_that_is_not_simulated(tmp_path, capsys):
+    (tmp_path / "sys").mkdir()
+    assert main(["simulate", "--fault", "0:fell-off-bus", "--into", str(tmp_path)]) == 3
+    line = error_line(capsys)
+    assert str(tmp_path) in line and "not a simulated tree" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["sys"]
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_cli_a_bad_fault_at_render_time_leaves_no_tree(tmp_path, capsys):
+    assert main(["simulate", "dgx2", "--out", str(tmp_path / "sim"), "--fault", "16:missing"]) == 3
+    assert "unknown GPU '16' of dgx2" in error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize("args,words", [
+    ([], "give MACHINE --out DIR, or --fault GPU:KIND --into DIR"),
+    (["dgx2"], "MACHINE needs --out DIR"),
+    (["--out", "X"], "missing MACHINE"),
+    (["--into", "X"], "--into DIR needs at least one --fault"),
+    (["dgx2", "--out", "X", "--into", "X", "--fault", "0:clear"], "give one of them"),
+    (["--missing-gpu", "34:00.0", "--into", "X", "--fault", "0:clear"], "missing MACHINE"),
+])
+def test_cli_usage_errors_say_what_is_missing(tmp_path, capsys, args, words):
+    args = [str(tmp_path / "x") if a == "X" else a for a in args]
+    assert main(["simulate", *args]) == 2
+    assert words in error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
