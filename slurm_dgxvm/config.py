@@ -95,6 +95,17 @@ class FabricConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    reset: bool = True                        # reset a VM's GPUs (and NVSwitches) after it ends
+    reset_timeout_s: float = 30.0             # bound on the parallel reset; past it: quarantined
+    check_before_launch: bool = True          # check the chosen GPUs before a VM starts
+    min_block_gpus: int = 1                   # `dgxvm health` drains the node when quarantine
+                                              # leaves no VM this large possible
+    diag_command: str = ""                    # the admin's diagnostics after a VM ("" = none)
+    diag_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
 class SlurmConfig:
     bin_dir: str = ""                         # where scontrol/sacctmgr/sacct/scancel are; "" = PATH
     command_timeout_s: float = 10.0           # bound on every Slurm command dgxvm runs
@@ -129,6 +140,7 @@ class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     containers: ContainersConfig = field(default_factory=ContainersConfig)
     fabric: FabricConfig = field(default_factory=FabricConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     partitions: dict[str, PartitionConfig] = field(default_factory=dict)
     path: str | None = None                   # the file it came from, for messages
@@ -160,7 +172,8 @@ class Config:
 
 _SECTIONS = {"host": HostConfig, "placement": PlacementConfig, "ledger": LedgerConfig,
              "libvirt": LibvirtConfig, "images": ImagesConfig, "vm": VmConfig,
-             "containers": ContainersConfig, "fabric": FabricConfig, "slurm": SlurmConfig}
+             "containers": ContainersConfig, "fabric": FabricConfig, "health": HealthConfig,
+             "slurm": SlurmConfig}
 
 DOMAIN_TYPES = ("kvm", "qemu")
 FIT_MODES = ("auto", "always", "never")
@@ -345,6 +358,15 @@ def _validate(cfg: Config, path: str) -> None:
                                                 f"not {getattr(c, key)}")
     if cfg.fabric.timeout_s <= 0:
         raise ConfigError(path=path, reason=f"fabric.timeout_s must be > 0, not {cfg.fabric.timeout_s}")
+    if cfg.health.min_block_gpus < 0:
+        raise ConfigError(path=path, reason=f"health.min_block_gpus must be >= 0, "
+                                            f"not {cfg.health.min_block_gpus}")
+    if cfg.health.diag_timeout_s <= 0:
+        raise ConfigError(path=path, reason=f"health.diag_timeout_s must be > 0, "
+                                            f"not {cfg.health.diag_timeout_s}")
+    if cfg.health.reset_timeout_s <= 0:
+        raise ConfigError(path=path, reason=f"health.reset_timeout_s must be > 0, "
+                                            f"not {cfg.health.reset_timeout_s}")
     if cfg.slurm.command_timeout_s <= 0:
         raise ConfigError(path=path, reason=f"slurm.command_timeout_s must be > 0, "
                                             f"not {cfg.slurm.command_timeout_s}")

@@ -237,6 +237,13 @@ class FirewallError(HostError):
     template = "network {network}: firewall: {reason}"
 
 
+class HealthStoreError(HostError):
+    """``<state_dir>/gpu-health.json`` (quarantined GPUs and their history) cannot be read or
+    written. A node that cannot tell which GPUs are quarantined gives out none: a node fault."""
+
+    template = "GPU health record {path}: {reason}"
+
+
 class SlurmCommandError(HostError):
     """A Slurm command (scontrol, sacctmgr, scancel, sacct) is missing, hung or refused."""
 
@@ -291,6 +298,15 @@ class LedgerError(DgxvmError):
 
 class LedgerCorrupt(LedgerError):
     template = "ledger {path} is corrupt ({reason}); it was left as it is for an admin to inspect"
+
+
+class DeviceUnknown(BadInput):
+    template = "{pci!r} is not a GPU or NVSwitch of this host{hint}"
+
+
+class NotQuarantined(DgxvmError):
+    template = "{pci} is not quarantined; nothing to clear"
+    exit_code = EXIT_STATE
 
 
 class RecordCorrupt(DgxvmError):

@@ -68,6 +68,15 @@ class SysfsRoot:
         except (OSError, UnicodeDecodeError) as exc:
             raise SysfsError(path=str(p), reason=_reason(exc)) from exc
 
+    def read_bytes(self, shape: str, size: int, **fields) -> bytes:
+        """The first ``size`` bytes of a binary attribute (a device's ``config``)."""
+        p = self.path(shape, **fields)
+        try:
+            with open(p, "rb") as f:
+                return f.read(size)
+        except OSError as exc:
+            raise SysfsError(path=str(p), reason=_reason(exc)) from exc
+
     def read_optional(self, shape: str, **fields) -> str | None:
         """Like read(), but a file that does not exist is None (other errors still raise)."""
         p = self.path(shape, **fields)
