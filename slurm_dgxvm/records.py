@@ -82,6 +82,10 @@ class VmRecord:
     # seconds per stage (slurm_dgxvm.stages), ms rounded; records before them: {}
     create_stages: dict[str, float] = field(default_factory=dict)
     teardown_stages: dict[str, float] = field(default_factory=dict)
+    # the teardown's GPU (and NVSwitch) resets: PCI address -> seconds; and the devices the
+    # check after it quarantined: PCI address -> reason (slurm_dgxvm.health)
+    gpu_resets: dict[str, float] = field(default_factory=dict)
+    quarantined: dict[str, str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -101,8 +105,9 @@ class VmRecord:
         try:
             body["fitted"] = tuple(body.get("fitted", ()))
             body["groups"] = tuple(int(g) for g in body.get("groups", ()))
-            for key in ("create_stages", "teardown_stages"):
+            for key in ("create_stages", "teardown_stages", "gpu_resets"):
                 body[key] = _stage_times(body.get(key, {}))
+            body["quarantined"] = {str(k): str(v) for k, v in body.get("quarantined", {}).items()}
             body["allocation"] = Allocation.from_json(body["allocation"])
             body["placement"] = Placement.from_json(body["placement"])
             return cls(**body)
@@ -129,7 +134,8 @@ def _stage_times(doc: Any) -> dict[str, float]:
 
 def job_view(rec: VmRecord, vmdir: Path) -> dict:
     """What the VM's own user may read about it: how to reach it, nothing of the host's."""
-    return {"name": rec.name, "state": rec.state, "job_id": rec.job_id, "user": rec.user,
+    return {"name": rec.name, "state": rec.state, "ended": rec.ended, "job_id": rec.job_id,
+            "user": rec.user,
             "uid": rec.uid, "gid": rec.gid, "groups": list(rec.groups),
             "address": rec.address, "image": rec.image,
             "image_version": rec.image_version, "workdir": rec.workdir,

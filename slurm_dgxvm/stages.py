@@ -14,9 +14,11 @@ create
     ``readiness`` says).
 teardown
     ``shutdown`` (the graceful, bounded shutdown), ``destroy`` (only when the guest did not stop
-    within ``libvirt.shutdown_timeout_s``: absent otherwise), ``undefine``, ``reset`` (the GPU
-    reset after a VM: not done yet, so never recorded; the name is kept for it), ``release``
-    (Fabric Manager partition, address, VM directory, ledger).
+    within ``libvirt.shutdown_timeout_s``: absent otherwise), ``undefine``, ``reset`` (the
+    Fabric Manager partition deactivated, then the VM's GPUs and, in full passthrough, its
+    NVSwitches reset in parallel and checked, a failing one quarantined:
+    :mod:`slurm_dgxvm.health`; absent for a VM without GPUs), ``release`` (address, VM
+    directory, ledger).
 
 A stage that is not run is absent, never 0.
 """

@@ -26,19 +26,19 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import hypervisor, images as images_mod, opstats, seed as seed_mod
+from .. import failpoints, hypervisor, images as images_mod, opstats, seed as seed_mod
 from ..config import Config
 from ..containers import ranlog
 from ..containers.cachedir import user_cache_dir
 from ..design import (RealHost, VmInputs, design, domain_xml, fit_to_host, image_cache_tag, mac_for,
                       share_tag)
-from ..errors import (ContainerCacheError, DomainExists, HostError, HypervisorError, ShareRefused,
-                      is_job_fault)
+from ..errors import (ContainerCacheError, DomainExists, HostError, HypervisorError, NoFit,
+                      ShareRefused, is_job_fault)
 from ..fsutil import atomic_write
 from ..guest import wait_ready
 from ..ledger import Allocation, domain_key, job_key
 from ..names import domain_name
-from ..placement import Placement, Request, place
+from ..placement import Occupancy, Placement, Request, place
 from ..records import (CONSOLE_LOG, DATA_DISK, DOMAIN_XML, HOST_KEY, IMAGE_CACHE_SPEC,
                        IMAGE_CACHE_WRAPPER, KNOWN_HOSTS, OS_DISK, SEED, SHARE_SPEC, SHARE_WRAPPER,
                        USER_KEY, VmRecord)
@@ -100,6 +100,7 @@ def create(env: Env, req: CreateRequest, progress: Progress = quiet,
                 for stage, step in c.steps():
                     with timer.stage(stage):
                         step()
+                    failpoints.hit(state_dir, f"after:{step.__name__}", c.name)
                 c.finish(timer)
                 undo.pop_all()
         except BaseException as exc:
@@ -158,24 +159,72 @@ class _Creation:
         yield "disks", self.disks
         yield "define", self.design
         yield "define", self.define
+        yield "define", self.arm_reset
         if self.placement.fm_partition is not None:     # no Fabric Manager: no fm stage
             yield "fm", self.activate_fabric
         yield "start", self.start
         yield "ready", self.wait_for_guest
 
     def place(self) -> None:
+        """Place and record in the ledger, leaving quarantined devices out; then check the
+        devices chosen (``[health] check_before_launch``): one that fails is quarantined and
+        the placement made again without it."""
         self.progress("placing")
         env, req = self.env, self.req
         policy = env.policy
         if req.alignment and req.alignment != policy.alignment:
             policy = replace(policy, alignment=req.alignment)
+        for _attempt in range(len(self.host.gpus) + len(self.host.nvswitches) + 1):
+            self._place_once(policy)
+            bad = self._check_chosen()
+            if not bad:
+                return
+            env.ledger.release(self.key)
+            for v in bad:
+                log.warning("%s: %s failed its check before launch and is quarantined: %s",
+                            self.name, v.pci, v.reason)
+        # each round quarantines at least one more device: placement runs out before this
+        raise HostError("placement kept choosing devices that fail their check before launch")
+
+    def _place_once(self, policy) -> None:
+        env, req = self.env, self.req
         with env.ledger.transaction() as txn:
-            self.placement = place(self.host, txn.occupancy(), req.placement, policy)
+            # read inside the ledger's lock: a teardown quarantines before it releases
+            quarantined = env.health.quarantined()
+            taken = txn.occupancy()
+            if quarantined:
+                taken = Occupancy.union([taken, quarantine_occupancy(self.host, quarantined)])
+            try:
+                self.placement = place(self.host, taken, req.placement, policy)
+            except NoFit as exc:
+                if quarantined:
+                    exc.message = (f"{exc.message}; quarantined (`dgxvm gpu show`): "
+                                   + ", ".join(sorted(quarantined)))
+                    exc.args = (exc.message,)
+                raise
             self.alloc = txn.allocate(Allocation.from_placement(
                 self.key, self.placement, owner=req.owner, job_id=req.job_id, domain=self.name,
                 user=req.user))
         self.lock_s = env.ledger.last_held_s
-        self.undo.callback(env.ledger.release, self.key)
+
+    def _check_chosen(self):
+        """The chosen devices' check before launch; the ones that failed (now quarantined)."""
+        h = self.cfg.health
+        if not h.check_before_launch:
+            self.undo.callback(self.env.ledger.release, self.key)
+            return ()
+        from ..health import check
+        devices = tuple(self.alloc.gpu_pcis) + tuple(self.alloc.nvswitches)
+        who = f"create of {self.name}" + (f" (job {self.req.job_id})" if self.req.job_id else "")
+        try:
+            bad = check(self.env.sysfs, self.env.health, devices, by=who, job=self.req.job_id,
+                        vm=self.name).bad
+        except BaseException:
+            self.env.ledger.release(self.key)
+            raise
+        if not bad:
+            self.undo.callback(self.env.ledger.release, self.key)
+        return bad
 
     def make_dir(self) -> None:
         vms = self.env.vms
@@ -277,6 +326,18 @@ class _Creation:
             self.dom = self.conn.defineXML(self.xml)
         self.undo.callback(hypervisor.undefine, self.dom)
 
+    def arm_reset(self) -> None:
+        """Undone after destroy and the FM partition's deactivation, before undefine: a VM
+        that was started had the devices; they are reset and checked as after any VM."""
+        self.undo.callback(self._check_after_failed_start)
+
+    def _check_after_failed_start(self) -> None:
+        if getattr(self, "started", None) is None:
+            return
+        from .delete import check_devices
+        check_devices(self.env, self.name,
+                      tuple(self.alloc.gpu_pcis) + tuple(self.alloc.nvswitches), self.req.job_id)
+
     def activate_fabric(self) -> None:
         fm = self.placement.fm_partition      # not None: steps() runs this only then
         self.progress(f"activating fabric manager partition {fm}")
@@ -305,6 +366,13 @@ class _Creation:
                                         boot_s=round(time.monotonic() - self.t0, 3),
                                         create_stages=timer.seconds())
         self.env.vms.save(self.record)
+
+
+def quarantine_occupancy(host, quarantined) -> Occupancy:
+    """Quarantined devices (PCI addresses) as an occupancy placement must leave alone."""
+    switches = {s.pci for s in host.nvswitches}
+    return Occupancy(gpus=frozenset(p for p in quarantined if p not in switches),
+                     nvswitches=frozenset(p for p in quarantined if p in switches))
 
 
 def check_share(cfg: Config,

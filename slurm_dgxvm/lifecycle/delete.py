@@ -1,8 +1,10 @@
-"""delete: graceful shutdown (bounded) -> destroy -> undefine -> FM partition off -> address ->
-VM directory -> ledger. Idempotent: whatever a failed create or a crash left is cleaned.
+"""delete: graceful shutdown (bounded) -> destroy -> undefine -> FM partition off -> GPU (and
+NVSwitch) reset and check, quarantining a device that fails (:mod:`slurm_dgxvm.health`) ->
+address -> VM directory -> ledger. Idempotent: whatever a failed create or a crash left is
+cleaned.
 
-Timed as the teardown stages of :mod:`slurm_dgxvm.stages` (shutdown, destroy, undefine, release;
-reset is the GPU reset to come) and counted in :mod:`slurm_dgxvm.opstats`."""
+Timed as the teardown stages of :mod:`slurm_dgxvm.stages` (shutdown, destroy, undefine, reset,
+release) and counted in :mod:`slurm_dgxvm.opstats`."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import logging
 import time
 import xml.etree.ElementTree as ET
 
-from .. import hypervisor, opstats
+from .. import failpoints, hypervisor, opstats
 from ..design import mac_for
 from ..design.spec import XMLNS
 from ..errors import DomainNotFound, NotOurDomain
@@ -80,6 +82,7 @@ def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
         progress("shutting down")
         with timer.stage("shutdown"):
             how = hypervisor.shutdown_gracefully(dom, env.cfg.libvirt.shutdown_timeout_s)
+        failpoints.hit(env.cfg.host.state_dir, "after:shutdown", name)
         if how is None:                   # still running at the deadline
             with timer.stage("destroy"):
                 hypervisor.destroy(dom)
@@ -88,18 +91,49 @@ def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
         with timer.stage("undefine"), hypervisor.libvirt_errors(env.uri,
                                                                 f"undefine domain {name}"):
             hypervisor.undefine(dom)
-    # the "reset" stage goes here: the GPUs' reset and health check, once there is one
+        failpoints.hit(env.cfg.host.state_dir, "after:undefine", name)
+    fm = rec.allocation.fm_partition if rec else (held.fm_partition if held else None)
+    alloc = rec.allocation if rec else held
+    devices = (tuple(alloc.gpu_pcis) + tuple(alloc.nvswitches)) if alloc else ()
+    checked = None
+    if fm is not None or devices:
+        progress("resetting GPUs")
+        with timer.stage("reset"):
+            # the FM partition is deactivated before its GPUs are reset (Fabric Manager user
+            # guide, shared NVSwitch model); devices are quarantined before the ledger gives
+            # them out again (health.store)
+            if fm is not None:
+                env.fabric.deactivate(fm)
+            checked = check_devices(env, name, devices, rec.job_id if rec else job_id)
+        failpoints.hit(env.cfg.host.state_dir, "after:reset", name)
     progress("releasing")
     with timer.stage("release"):
-        fm = rec.allocation.fm_partition if rec else (held.fm_partition if held else None)
-        if fm is not None:
-            env.fabric.deactivate(fm)
         hypervisor.release_address(conn, rec.network if rec else env.cfg.libvirt.network,
                                    env.cfg.host.state_dir, rec.mac if rec else mac_for(name))
         env.vms.remove_dir(name)
         if key is not None:
             env.ledger.release(key)
+    failpoints.hit(env.cfg.host.state_dir, "after:release", name)
+    if rec is not None and checked is not None:
+        rec = rec.with_(gpu_resets=checked.reset_s,
+                        quarantined={v.pci: v.reason for v in checked.bad})
     return how, rec
+
+
+def check_devices(env: Env, name: str, devices: tuple[str, ...], job_id: int | None):
+    """Reset ``devices`` (unless ``[health] reset`` is off) and check them; a device that
+    fails is quarantined. None when there are none."""
+    if not devices:
+        return None
+    from ..health import check
+    h = env.cfg.health
+    result = check(env.sysfs, env.health, devices,
+                   by=f"teardown of {name}" + (f" (job {job_id})" if job_id else ""),
+                   job=job_id, vm=name, reset=h.reset, reset_timeout_s=h.reset_timeout_s,
+                   diag_command=h.diag_command, diag_timeout_s=h.diag_timeout_s)
+    for v in result.bad:
+        log.warning("%s: %s quarantined: %s", name, v.pci, v.reason)
+    return result
 
 
 def domain_job(dom) -> int | None:

@@ -1,6 +1,6 @@
 """What the lifecycle works with: the config and, built from it once and lazily, the host's
-topology, the ledger, the placement policy, the VM records, the image store, Fabric Manager and
-the libvirt connection."""
+topology, the ledger, the GPU health record, the placement policy, the VM records, the image
+store, Fabric Manager and the libvirt connection."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ..records import VmStore
 
 if TYPE_CHECKING:
     from ..fabric import Fabric
+    from ..health import HealthStore
     from ..images import ImageStore
     from ..ledger import Ledger
     from ..placement import Policy
@@ -38,12 +39,22 @@ class Env:
             self.__dict__["host"] = host
 
     @cached_property
+    def sysfs(self):
+        from ..topology import SysfsRoot
+        return SysfsRoot(self.cfg.host.sysfs_root)
+
+    @cached_property
     def host(self):
-        from ..topology import SysfsRoot, discover
+        from ..topology import discover
         from ..topology.nvml import query as nvml_query
         c = self.cfg.host
-        return discover(SysfsRoot(c.sysfs_root), machine=c.machine or None,
+        return discover(self.sysfs, machine=c.machine or None,
                         module_ids=c.module_ids or None, nvml=nvml_query)
+
+    @cached_property
+    def health(self) -> HealthStore:
+        from ..health import HealthStore
+        return HealthStore(self.cfg.host.state_dir)
 
     @cached_property
     def ledger(self) -> Ledger:

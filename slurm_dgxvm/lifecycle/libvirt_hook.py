@@ -1,8 +1,9 @@
 """libvirt's qemu hook: keeps the ledger true when a domain starts or stops outside dgxvm.
 
 ``virsh shutdown`` / ``virsh start`` (and a guest that powers itself off or crashes) go through
-libvirt's qemu hook (etc/libvirt/hooks/qemu runs ``dgxvm hook qemu``): "release" gives the VM's
-GPUs, NVSwitches, CPUs, memory and FM partition back to the ledger and keeps its drives;
+libvirt's qemu hook (etc/libvirt/hooks/qemu runs ``dgxvm hook qemu``): "release" resets and checks the VM's
+GPUs and NVSwitches (:mod:`slurm_dgxvm.health`: a failing one is quarantined) and gives them,
+its CPUs, memory and FM partition back to the ledger, keeping its drives;
 "prepare" takes them again from the VM record, or refuses the start naming who holds them now.
 
 It never takes the VM's own lock (:mod:`.vmlock`): libvirtd runs it inside the start and the
@@ -62,9 +63,20 @@ def hook(env: Env, name: str, op: str, sub_op: str) -> str | None:
     if op == "release" and sub_op == "end":
         if fm is not None:
             env.fabric.deactivate(fm)
+        # the guest had the devices until now (it may have crashed with them in any state):
+        # reset and check them before the ledger gives them out, as after every VM
+        from .delete import check_devices
+        checked = check_devices(env, name, (*alloc.gpu_pcis, *alloc.nvswitches), rec.job_id)
         env.ledger.release(rec.ledger_key)
-        env.vms.save(rec.with_(state="stopped", started=None, ended="stopped outside dgxvm"))
-        return f"{name}: stopped; its GPUs, CPUs and memory are free, its drives are kept"
+        quarantined = {v.pci: v.reason for v in checked.bad} if checked else {}
+        env.vms.save(rec.with_(state="stopped", started=None,
+                               ended="stopped outside dgxvm (its guest powered off or crashed, "
+                                     "or virsh destroyed it)",
+                               gpu_resets=checked.reset_s if checked else {},
+                               quarantined=quarantined))
+        return (f"{name}: stopped; its GPUs were reset"
+                + (f" ({len(quarantined)} quarantined)" if quarantined else "")
+                + "; its GPUs, CPUs and memory are free, its drives are kept")
     return None
 
 

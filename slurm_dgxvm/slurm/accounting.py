@@ -17,6 +17,10 @@ The stages' times (:mod:`slurm_dgxvm.stages`) are two words, ``create_stages`` a
 seconds to the ms without trailing zeros (``placement:0.004,seed:1.52,...``): about 110 and
 45 characters, nothing to escape. Records written before them have neither;
 :func:`parse_stages` reads a missing or damaged word as no stages.
+
+After the teardown's GPU reset (:mod:`slurm_dgxvm.health`): ``reset_max_s``, the slowest
+device's reset, and ``quarantined``, the devices the check after it quarantined with the reason
+(``0000:34:00.0 (reset failed: ...)``): the job that was on a GPU that failed says so.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ def _escape(value: str) -> str:
 # Order of the keys in the line (readability in sacct); unknown keys follow.
 KEYS = ("state", "domain", "gpus", "slurm_gpus", "aligned", "remapped", "nvswitches", "fm",
         "image", "vcpus", "memory_mib", "numa", "address", "boot_s", "lock_s", "teardown_s",
-        "held_s", "create_stages", "teardown_stages", "ended", "fitted", "cause", "containers")
+        "held_s", "create_stages", "teardown_stages", "reset_max_s", "quarantined", "ended",
+        "fitted", "cause", "containers")
 
 
 def encode(fields: dict) -> str:
@@ -115,6 +120,10 @@ def vm_fields(rec: VmRecord, *, state: str) -> dict:
         "held_s": rec.held_s, "ended": rec.ended,
         "create_stages": format_stages(rec.create_stages, "create"),
         "teardown_stages": format_stages(rec.teardown_stages, "teardown"),
+        # the slowest of the teardown's GPU/NVSwitch resets (they run in parallel), and the
+        # devices its check quarantined, each with why: "pci (reason); ..."
+        "reset_max_s": max(rec.gpu_resets.values()) if rec.gpu_resets else None,
+        "quarantined": "; ".join(f"{p} ({r})" for p, r in rec.quarantined.items()) or None,
         "fitted": bool(rec.fitted) or None,
     }
 

@@ -260,7 +260,12 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
     else:
         ended = f"job ended; {rec.ended}"
     rec = rec.with_(ended=ended)
-    emit(f"{where}: VM {name} removed in {rec.teardown_s:.2f}s ({ended})")
+    quarantined = ""
+    if rec.quarantined:
+        quarantined = ("; quarantined " + "; ".join(f"{p} ({r})" for p, r in
+                                                    rec.quarantined.items())
+                       + ": the node serves VMs from its healthy GPUs (`dgxvm gpu show`)")
+    emit(f"{where}: VM {name} removed in {rec.teardown_s:.2f}s ({ended}){quarantined}")
     if env.cfg.slurm.accounting:
         _account(emit, where, lambda: slurm.set_admin_comment_after_end(
             job_id, encode(vm_fields(rec, state="ended") | {"containers": ranlog.field(ran)})))

@@ -48,8 +48,30 @@ def test_release_gives_resources_back_and_keeps_the_drives(env):
     assert "drives are kept" in line
     assert env.ledger.read().allocations == {}
     rec = env.vms.load("a")
-    assert rec.state == "stopped" and rec.ended == "stopped outside dgxvm"
+    assert rec.state == "stopped" and rec.ended.startswith("stopped outside dgxvm")
     assert (env.vms.dir("a") / "os.qcow2").exists()
+    assert set(rec.gpu_resets) == {*rec.allocation.gpu_pcis, *rec.allocation.nvswitches}
+
+
+def test_a_crashed_vms_gpu_that_fails_its_reset_is_quarantined_before_it_is_released(
+        tmp_path, monkeypatch):
+    from slurm_dgxvm.simulate import render
+    from slurm_dgxvm.simulate.faults import inject
+    root = render("dgx2", tmp_path / "sys")
+    env = Env(config_mod.from_dict({"host": {"sysfs_root": str(root),
+                                             "state_dir": str(tmp_path / "state")}}))
+    rec = make_vm(env, "a")
+    bad = rec.allocation.gpu_pcis[1]
+    inject(root, bad, "reset-fail")
+    seen = {}
+    real = env.ledger.release
+    monkeypatch.setattr(env.ledger, "release",
+                        lambda key: (seen.setdefault("q", set(env.health.quarantined())),
+                                     real(key))[1])
+    line = hook(env, "a", "release", "end")
+    assert "(1 quarantined)" in line and seen["q"] == {bad}
+    assert list(env.vms.load("a").quarantined) == [bad]
+    assert env.ledger.read().allocations == {}
 
 
 def test_prepare_takes_the_same_resources_again(env):

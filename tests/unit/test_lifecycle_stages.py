@@ -185,8 +185,8 @@ def test_counters_that_cannot_be_written_do_not_fail_the_create(tmp_path, trees,
 
 
 @pytest.mark.parametrize("stubborn, stages, how", [
-    (False, ["shutdown", "undefine", "release"], "deleted (agent)"),
-    (True, ["shutdown", "destroy", "undefine", "release"], "deleted (destroyed)"),
+    (False, ["shutdown", "undefine", "reset", "release"], "deleted (agent)"),
+    (True, ["shutdown", "destroy", "undefine", "reset", "release"], "deleted (destroyed)"),
 ])
 def test_a_teardown_records_its_stages_and_destroy_only_when_the_guest_would_not_stop(
         tmp_path, trees, image_store, stand_ins, monkeypatch, stubborn, stages, how):
@@ -197,7 +197,7 @@ def test_a_teardown_records_its_stages_and_destroy_only_when_the_guest_would_not
     monkeypatch.setattr(hypervisor, "lookup", lambda conn, name: dom)
     rec = delete(env, "t4")
     assert list(rec.teardown_stages) == stages and rec.ended == how
-    assert "reset" not in rec.teardown_stages                # no GPU reset yet: never recorded
+    assert set(rec.gpu_resets) == {*rec.allocation.gpu_pcis, *rec.allocation.nvswitches}
     if stubborn:
         assert rec.teardown_stages["shutdown"] >= 0.2         # it waited out the timeout
     assert env.ledger.read().allocations == {} and not env.vms.exists("t4")
@@ -206,12 +206,13 @@ def test_a_teardown_records_its_stages_and_destroy_only_when_the_guest_would_not
     assert {stage for op, stage in counted.stages if op == "teardown"} == set(stages)
 
 
-def test_a_teardown_of_what_a_crash_left_has_only_the_release(tmp_path, trees, image_store,
-                                                               stand_ins):
+def test_a_teardown_of_what_a_crash_left_resets_what_the_ledger_held_and_releases(
+        tmp_path, trees, image_store, stand_ins):
     clock, _ = stand_ins
     env = make_env(tmp_path, trees, image_store)
     create(env, request(), timer=StageTimer(clock))
     env.vms.remove_dir("t4")                       # a ledger entry without record or domain
     assert delete(env, "t4") is None
     counted = opstats.read(env.cfg.host.state_dir)
-    assert [stage for op, stage in counted.stages if op == "teardown"] == ["release"]
+    # the ledger entry still names the GPUs: they are reset and checked before release
+    assert {stage for op, stage in counted.stages if op == "teardown"} == {"reset", "release"}
