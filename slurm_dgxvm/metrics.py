@@ -15,7 +15,7 @@ counters (:mod:`slurm_dgxvm.opstats`). The families, all ``dgxvm_``:
                                               a crash), ``corrupt`` (a record that does not
                                               parse)
 ``dgxvm_gpus``                     gauge      GPUs by ``state``: held (by the ledger), free,
-                                              quarantined (always 0: no quarantine yet),
+                                              quarantined (dgxvm gpu show),
                                               missing (not on the bus, or not usable)
 ``dgxvm_stage_duration_seconds``   histogram  per ``op`` (create, teardown) and ``stage``:
                                               the stages that finished
@@ -87,19 +87,29 @@ def vm_states(vms: VmStore, ledger_state) -> dict[str, int]:
     return counts
 
 
-def gpu_states(host, ledger_state) -> dict[str, int]:
-    """GPUs by state. ``free`` is what placement may give (healthy, not held); ``missing`` the
-    GPUs the machine should have but that are not on the bus, or present and not usable."""
+def gpu_states(host, ledger_state, quarantined=frozenset()) -> dict[str, int]:
+    """GPUs by state. ``free`` is what placement may give (healthy, not held, not
+    quarantined); ``quarantined`` the GPUs the health record keeps out (``dgxvm gpu show``;
+    one still held by a VM counts as held); ``missing`` the GPUs the machine should have but
+    that are not on the bus, or present and not usable."""
     held = {pci for a in ledger_state.allocations.values() for pci in a.gpu_pcis}
-    return {"held": len(held),
-            "free": sum(1 for g in host.gpus if g.healthy and g.pci not in held),
-            "quarantined": 0,
-            "missing": len(host.missing_gpus)
-            + sum(1 for g in host.gpus if not g.healthy and g.pci not in held)}
+    out = {"held": 0, "free": 0, "quarantined": 0, "missing": len(host.missing_gpus)}
+    for g in host.gpus:
+        if g.pci in held:
+            out["held"] += 1
+        elif g.pci in quarantined:
+            out["quarantined"] += 1
+        elif g.healthy:
+            out["free"] += 1
+        else:
+            out["missing"] += 1
+    return out
 
 
-def collect(host, ledger_state, vms: VmStore, stats: OpStats) -> list[Family]:
-    """The families of this node (see the module); ``ledger_state`` is a LedgerState."""
+def collect(host, ledger_state, vms: VmStore, stats: OpStats,
+            quarantined=frozenset()) -> list[Family]:
+    """The families of this node (see the module); ``ledger_state`` is a LedgerState,
+    ``quarantined`` the PCI addresses the GPU health record keeps out."""
     def gauge_by(name, label, counts, help_):
         return Family(PREFIX + name, "gauge", help_,
                       tuple(Sample(PREFIX + name, ((label, k),), v) for k, v in counts.items()))
@@ -122,9 +132,9 @@ def collect(host, ledger_state, vms: VmStore, stats: OpStats) -> list[Family]:
         gauge_by("vms", "state", vm_states(vms, ledger_state),
                  "dgxvm's VMs by the state their record says (no-record: a ledger entry or VM "
                  "directory without a record; corrupt: a record that does not parse)."),
-        gauge_by("gpus", "state", gpu_states(host, ledger_state),
-                 "GPUs: held by the ledger, free for placement, quarantined (always 0: there is "
-                 "no quarantine yet), missing (not on the bus or not usable)."),
+        gauge_by("gpus", "state", gpu_states(host, ledger_state, quarantined),
+                 "GPUs: held by the ledger, free for placement, quarantined (failed a health "
+                 "check: dgxvm gpu show), missing (not on the bus or not usable)."),
         Family(PREFIX + "stage_duration_seconds", "histogram",
                "Seconds each stage of a create or teardown took (stages that finished).",
                tuple(stage_samples)),

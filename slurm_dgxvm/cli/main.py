@@ -89,6 +89,7 @@ LAZY_COMMANDS = {
     "image-cache": ".image_cache:image_cache",
     "metrics": ".metrics:metrics",
     "reconcile": ".reconcile:reconcile",
+    "gpu": ".gpu:gpu", "health": ".gpu:health",
 }
 
 
@@ -170,20 +171,24 @@ def topology_show(c: Context, as_json):
     from ..placement import templates
     from . import render
     host, state = c.host, c.ledger_state()
+    quarantined = {p: d.reason or "" for p, d in c.env.health.quarantined().items()}
     if as_json:
         doc = host.to_json()
         holders = render.holders(state)
         for g in doc["gpus"]:
             g["held_by"] = holders.get(g["pci"])
+            g["quarantined"] = quarantined.get(g["pci"])
         for s in doc["nvswitches"]:
             s["held_by"] = holders.get(s["pci"])
+            s["quarantined"] = quarantined.get(s["pci"])
+        doc["degraded"] = bool(quarantined or host.missing_gpus)
         doc["allocations"] = {k: a.to_json() for k, a in state.allocations.items()}
         doc["vm_sizes"] = [t.__dict__ | {"numa_nodes": list(t.numa_nodes)}
                            for t in templates(host, c.policy)]
         _emit_json(doc)
         return
     click.echo(render.topology_picture(host, state, templates(host, c.policy),
-                                       color=sys.stdout.isatty()))
+                                       color=sys.stdout.isatty(), quarantined=quarantined))
 
 
 # -- plan ------------------------------------------------------------------------------------------

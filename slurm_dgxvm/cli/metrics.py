@@ -24,11 +24,12 @@ def _textfile(_ctx, _param, value: str) -> str:
                    "node_exporter's --collector.textfile.directory. '-': standard output.")
 @click.pass_obj
 def metrics(c, textfile):
-    """This node for Prometheus: VMs by state, GPUs held/free, stage times, failures."""
+    """This node for Prometheus: VMs by state, GPUs held/free/quarantined, stage times, failures."""
     env = c.env
     host = env.host
     text = metrics_mod.render(
-        metrics_mod.collect(host, env.ledger.read(), env.vms, opstats.read(env.cfg.host.state_dir)),
+        metrics_mod.collect(host, env.ledger.read(), env.vms, opstats.read(env.cfg.host.state_dir),
+                            quarantined=frozenset(env.health.quarantined())),
         simulated=host.simulated)
     if textfile == "-":
         sys.stdout.write(text)

@@ -31,12 +31,18 @@ def _short(pci: str) -> str:
     return pci[5:] if pci.startswith("0000:") else pci
 
 
-def topology_picture(host: Host, state, sizes, *, color: bool = False) -> str:
+def topology_picture(host: Host, state, sizes, *, color: bool = False,
+                     quarantined: dict[str, str] | None = None) -> str:
+    """``quarantined``: PCI address -> reason (the GPU health record), marked ``Q``."""
     held = holders(state)
+    quarantined = quarantined or {}
     keys = sorted(set(held.values()))
     letter = {k: string.ascii_uppercase[i % 26] for i, k in enumerate(keys)}
 
     def mark(pci: str, width: int) -> str:
+        if pci in quarantined and pci not in held:
+            text = "Q".center(width)
+            return click.style(text, fg="red", bold=True) if color else text
         k = held.get(pci)
         text = (letter[k] if k else ".").center(width)
         if k and color:
@@ -54,6 +60,11 @@ def topology_picture(host: Host, state, sizes, *, color: bool = False) -> str:
     out.append(f"  GPUs           {len(host.gpus)} present"
                + (f", {len(host.missing_gpus)} MISSING" if host.missing_gpus else "")
                + f"; VM sizes {', '.join(map(str, host.block_sizes))}")
+    if quarantined or host.missing_gpus:
+        out.append(f"  DEGRADED       {len(quarantined)} device(s) quarantined (Q), "
+                   f"{len(host.missing_gpus)} missing: VMs are made from the healthy GPUs")
+        for pci, reason in sorted(quarantined.items()):
+            out.append(f"    Q {pci}: {reason}  (`dgxvm gpu show`, `dgxvm gpu clear`)")
     out.append("")
 
     boards = sorted({g.board for g in host.gpus} | {m.board for m in host.missing_gpus}

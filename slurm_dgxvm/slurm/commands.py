@@ -9,6 +9,7 @@ write accounting and, when a job is refused, to cancel or requeue it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from ..config import SlurmConfig
@@ -69,6 +70,26 @@ class Slurm:
                 raise SlurmCommandError(command=shown, reason=f"unexpected line {line!r}")
             out[int(job)] = state.strip()
         return out
+
+    # -- node state (dgxvm health, the HealthCheckProgram) ---------------------------------------
+    def drain(self, node: str, reason: str) -> None:
+        self.run("scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason}")
+
+    def resume(self, node: str) -> None:
+        self.run("scontrol", "update", f"NodeName={node}", "State=RESUME")
+
+    def node_state(self, node: str) -> tuple[str, str]:
+        """(State, Reason) of ``node`` as ``scontrol show node -o`` prints them ("" when it
+        has no reason). Raises SlurmCommandError when scontrol fails."""
+        line = self.run("scontrol", "show", "node", "-o", node)
+        state = reason = ""
+        m = re.search(r"(?:^|\s)State=(\S+)", line)
+        if m:
+            state = m.group(1)
+        m = re.search(r"(?:^|\s)Reason=(.*?)(?:\s+\[[^\]]*\]|\s+\w+=|$)", line.strip())
+        if m:
+            reason = m.group(1).strip()
+        return state, reason
 
     # -- reports -------------------------------------------------------------------------------
     SACCT_FIELDS = ("JobID", "User", "Account", "Partition", "State", "Start", "End",

@@ -123,7 +123,8 @@ def add_vm(env, name, state, *, hold=True, record=True, count=4):
 
 def scrape(env) -> dict:
     text = metrics.render(metrics.collect(env.host, env.ledger.read(), env.vms,
-                                          opstats.read(env.cfg.host.state_dir)),
+                                          opstats.read(env.cfg.host.state_dir),
+                                          quarantined=frozenset(env.health.quarantined())),
                           simulated=env.host.simulated)
     return parse(text)
 
@@ -151,7 +152,17 @@ def test_gpus_held_free_and_quarantined(env):
     assert value(m, "dgxvm_gpus", state="free") == 10
     assert value(m, "dgxvm_gpus", state="quarantined") == 0
     assert value(m, "dgxvm_gpus", state="missing") == 0
-    assert "always 0" in m["dgxvm_gpus"]["help"]    # says there is no quarantine yet
+    # one free GPU and one held GPU quarantined: the free one leaves "free"; the held one
+    # stays held until its VM ends
+    held = next(iter(env.ledger.read().allocations.values())).gpu_pcis[0]
+    free = next(g.pci for g in env.host.gpus
+                if g.pci not in env.ledger.read().occupancy().gpus)
+    env.health.quarantine(held, "x", by="t")
+    env.health.quarantine(free, "y", by="t")
+    m = scrape(env)
+    assert value(m, "dgxvm_gpus", state="held") == 6
+    assert value(m, "dgxvm_gpus", state="free") == 9
+    assert value(m, "dgxvm_gpus", state="quarantined") == 1
 
 
 def test_a_gpu_missing_from_the_bus_is_missing_not_free(tmp_path, trees):

@@ -1,0 +1,149 @@
+"""Can this host serve GPU VMs now? The facts ``dgxvm health`` (Slurm's HealthCheckProgram)
+reports, one finding per check, each with the fix an admin applies.
+
+Checks, in order: the host's topology reads; libvirtd answers; the image store opens and holds
+the default image and every partition's; the ledger is not corrupt; the GPU health record reads;
+every GPU and NVSwitch no VM holds passes its check (:mod:`slurm_dgxvm.health`: the check at
+host start and between jobs — a failing one is quarantined here); and the quarantined and
+missing devices still leave a VM of ``[health] min_block_gpus`` GPUs possible.
+
+A failure here is the node's, never a job's: the caller drains the node with the first one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import DgxvmError
+from ..topology.model import FULL_PASSTHROUGH
+from .env import Env
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+    def to_json(self) -> dict:
+        return {"check": self.check, "ok": self.ok, "detail": self.detail, "fix": self.fix}
+
+
+@dataclass(frozen=True)
+class HostHealth:
+    findings: tuple[Finding, ...]
+    quarantined: dict[str, str] = field(default_factory=dict)   # pci -> reason
+    largest_block: int | None = None                             # GPUs; None: unknown
+    simulated: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ok for f in self.findings)
+
+    @property
+    def failed(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if not f.ok)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "findings": [f.to_json() for f in self.findings],
+                "quarantined": self.quarantined, "largest_block_gpus": self.largest_block,
+                "simulated": self.simulated}
+
+
+def largest_block(host, unusable: set[str]) -> int:
+    """GPUs in the largest legal block none of whose GPUs or NVSwitches is ``unusable``
+    (host.blocks already leaves out blocks with a missing GPU)."""
+    sizes = [b.size for b in host.blocks
+             if not any(host.gpu(i).pci in unusable for i in b.gpus)
+             and not any(s in unusable for s in b.nvswitches)]
+    return max(sizes, default=0)
+
+
+def check_host(env: Env, *, check_gpus: bool = True) -> HostHealth:
+    findings: list[Finding] = []
+
+    def step(check: str, fix: str, fn):
+        try:
+            detail = fn()
+        except DgxvmError as exc:
+            findings.append(Finding(check, False, str(exc), fix))
+            return False
+        findings.append(Finding(check, True, detail or "ok"))
+        return True
+
+    host_ok = step("topology", "check the host's PCI devices and host.sysfs_root in the config",
+                   lambda: f"{len(env.host.gpus)} GPU(s), {len(env.host.nvswitches)} "
+                           f"NVSwitch(es)" + (f", {len(env.host.missing_gpus)} missing"
+                                              if env.host.missing_gpus else ""))
+    step("libvirt", "start libvirtd (systemctl start libvirtd) and check libvirt.uri",
+         lambda: _libvirt(env))
+    step("images", "install the image with `dgxvm image install` or fix the partition's image",
+         lambda: _images(env))
+    ledger_ok = step("ledger", "run `dgxvm reconcile --rebuild-ledger` (README \"Making the node "
+                               "consistent\")", lambda: _ledger(env))
+    health_ok = step("gpu-health-record", "inspect the file; move it aside only once every "
+                                          "quarantined GPU is known (`dgxvm gpu show`)",
+                     lambda: f"{len(env.health.quarantined())} device(s) quarantined")
+    quarantined: dict[str, str] = {}
+    biggest = None
+    if host_ok and health_ok:
+        if check_gpus and ledger_ok:
+            step("gpus", "see `dgxvm gpu show`; clear a repaired GPU with `dgxvm gpu clear`",
+                 lambda: _free_devices(env))
+        try:
+            quarantined = {p: d.reason or "" for p, d in env.health.quarantined().items()}
+        except DgxvmError:
+            pass
+        biggest = largest_block(env.host, set(quarantined))
+        need = env.cfg.health.min_block_gpus
+        unusable = len(quarantined) + len(env.host.missing_gpus)
+        detail = (f"largest VM possible: {biggest} GPU(s) (needed: {need}); "
+                  f"{len(quarantined)} quarantined, {len(env.host.missing_gpus)} missing")
+        if need and biggest < need:
+            which = ", ".join(sorted(quarantined)) or "missing GPUs"
+            findings.append(Finding("capacity", False,
+                                    f"{unusable} GPU(s)/NVSwitch(es) quarantined or missing "
+                                    f"leave no {need}-GPU VM possible ({which})",
+                                    "repair the device, then `dgxvm gpu clear ID`"))
+        else:
+            findings.append(Finding("capacity", True,
+                                    ("DEGRADED: " if unusable else "") + detail))
+    return HostHealth(tuple(findings), quarantined, biggest,
+                      env.host.simulated if host_ok else None)
+
+
+def _libvirt(env: Env) -> str:
+    conn = env.connect()
+    try:
+        return f"libvirtd answers at {env.uri}"
+    finally:
+        conn.close()
+
+
+def _images(env: Env) -> str:
+    names = {None} | {p.image or None for p in env.cfg.partitions.values()}
+    found = []
+    for name in sorted(names, key=lambda n: n or ""):
+        found.append(env.images.get(name).name)
+    return "images present: " + ", ".join(sorted(set(found)))
+
+
+def _ledger(env: Env) -> str:
+    return f"{len(env.ledger.read().allocations)} VM(s) hold resources"
+
+
+def _free_devices(env: Env) -> str:
+    from ..health import check
+    state = env.ledger.read()
+    held = {p for a in state.allocations.values() for p in (*a.gpu_pcis, *a.nvswitches)}
+    quarantined = set(env.health.quarantined())
+    host = env.host
+    devices = [g.pci for g in host.gpus] + [s.pci for s in host.nvswitches
+                                             if host.nvswitch_model == FULL_PASSTHROUGH]
+    free = [p for p in devices if p not in held and p not in quarantined]
+    result = check(env.sysfs, env.health, free, by="dgxvm health")
+    if result.newly:       # degraded, not failed: the capacity check decides about draining
+        return (f"{len(free)} free device(s) checked; newly quarantined: "
+                + "; ".join(f"{v.pci} ({v.reason})" for v in result.newly.values()))
+    return f"{len(free)} free device(s) checked, all pass"
