@@ -20,7 +20,7 @@ from ..access.container import RUNTIMES, ContainerFlags, container_request
 from ..access.request import Request, guest_cwd, guest_environment
 from ..access.target import job_from_env, target_for
 from ..containers import ranlog
-from ..errors import BadInput
+from ..errors import BadInput, TransportLost
 
 #: the exit status of ``dgxvm run``/``shell`` when dgxvm itself failed
 EXIT_RUN_FAILED = 125
@@ -173,7 +173,29 @@ def run(c, job_id, container_image, container_mounts, container_workdir, contain
                                name=container_name, remap_root=container_remap_root,
                                writable=container_writable)
         request = _container(target, flags, request, env.cfg, quiet)
-    raise click.exceptions.Exit(session.run(target, request))
+    with _why_lost(env, target):
+        status = session.run(target, request)
+    raise click.exceptions.Exit(status)
+
+
+@contextlib.contextmanager
+def _why_lost(env, target):
+    """A connection lost because the VM itself stopped (its guest crashed or powered off, or it
+    was destroyed: the libvirt hook recorded it) says so, instead of only "connection lost"."""
+    from ..access.target import view_for
+    try:
+        yield
+    except TransportLost as exc:
+        try:
+            view = view_for(env, target.job_id)
+        except Exception:  # noqa: BLE001 - the original error is what matters then
+            raise exc from None
+        if view.get("state") != "running":
+            raise TransportLost(job=target.job_id, domain=target.domain,
+                                reason=f"the VM stopped ({view.get('ended') or view.get('state')})"
+                                       f": its guest crashed or powered off, or it was destroyed; "
+                                       f"{exc.reason}") from None
+        raise
 
 
 def _no_stray_container_flags(container: object, given: dict) -> None:
