@@ -92,9 +92,11 @@ def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
                                                                 f"undefine domain {name}"):
             hypervisor.undefine(dom)
         failpoints.hit(env.cfg.host.state_dir, "after:undefine", name)
-    fm = rec.allocation.fm_partition if rec else (held.fm_partition if held else None)
-    alloc = rec.allocation if rec else held
-    devices = (tuple(alloc.gpu_pcis) + tuple(alloc.nvswitches)) if alloc else ()
+    # only what the ledger still holds for this VM: a VM stopped outside dgxvm (a crash) gave
+    # its devices back through the hook, which reset them then; another VM may hold them now
+    held_now = env.ledger.read().allocations.get(key) if key is not None else None
+    fm = held_now.fm_partition if held_now else None
+    devices = (tuple(held_now.gpu_pcis) + tuple(held_now.nvswitches)) if held_now else ()
     checked = None
     if fm is not None or devices:
         progress("resetting GPUs")

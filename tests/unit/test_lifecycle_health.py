@@ -144,3 +144,26 @@ def test_with_reset_off_the_teardown_still_checks(tmp_path, own_tree, image_stor
     _undo_dom(monkeypatch, "t1")
     done = delete(env, "t1")
     assert done.gpu_resets == {} and list(done.quarantined) == [rec.allocation.gpu_pcis[0]]
+
+
+def test_deleting_a_crashed_vm_never_resets_gpus_another_vm_took_since(
+        tmp_path, own_tree, image_store, stand_ins, monkeypatch):
+    """The libvirt hook reset a crashed VM's GPUs and gave them back; a new VM took them. The
+    crashed VM's later delete (its job's Epilog) must neither reset them nor switch their
+    Fabric Manager partition off under the new VM."""
+    from slurm_dgxvm.lifecycle import hook
+    clock, _ = stand_ins
+    env = make_env(tmp_path, own_tree("dgx-a100"), image_store, machine="dgx-a100",
+                   shutdown_timeout_s=0.2)
+    crashed = create(env, request(count=2, name="c2"), timer=StageTimer(clock))
+    hook(env, "c2", "release", "end")                         # the guest crashed
+    again = create(env, request(count=2, name="n2"), timer=StageTimer(clock))
+    assert again.allocation.gpu_pcis == crashed.allocation.gpu_pcis   # the same GPUs
+    resets = {p: env.health.read()[p].resets for p in again.allocation.gpu_pcis}
+    monkeypatch.setattr("slurm_dgxvm.hypervisor.lookup", lambda conn, n: None)
+    done = delete(env, "c2")
+    assert "reset" not in done.teardown_stages
+    assert set(done.gpu_resets) == set(crashed.allocation.gpu_pcis)   # the hook's, recorded
+    assert {p: env.health.read()[p].resets for p in again.allocation.gpu_pcis} == resets
+    assert env.fabric.active == {again.placement.fm_partition}
+    assert set(env.ledger.read().allocations) == {again.ledger_key}
