@@ -309,6 +309,11 @@ class NotQuarantined(DgxvmError):
     exit_code = EXIT_STATE
 
 
+class DeviceStillFailing(DgxvmError):
+    template = "{pci} still fails its check: {reason}; repair it first (or --force)"
+    exit_code = EXIT_STATE
+
+
 class RecordCorrupt(DgxvmError):
     """A VM's record.json (or its user's job.json) that does not parse as one."""
 

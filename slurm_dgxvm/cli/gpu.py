@@ -12,7 +12,7 @@ import time
 
 import click
 
-from ..errors import DeviceUnknown, DgxvmError, SlurmCommandError
+from ..errors import DeviceStillFailing, DeviceUnknown, DgxvmError, SlurmCommandError
 from ..lifecycle.hostcheck import check_host
 from ..slurm import liveness
 from ..slurm.commands import Slurm
@@ -169,8 +169,7 @@ def gpu_clear(c, device, note, force):
     facts = probe(env.sysfs, pci)
     verdict = judge(facts, baseline=facts.aer)
     if not verdict.ok and not force:
-        raise click.ClickException(f"{pci} still fails its check: {verdict.reason}; repair it "
-                                   f"first (or --force)")
+        raise DeviceStillFailing(pci=pci, reason=verdict.reason)
     d = env.health.clear(pci, by=f"admin {_admin()}", facts=facts, note=note)
     click.echo(f"{pci}: cleared (resets so far: {d.resets}); it is offered to VMs again")
 
