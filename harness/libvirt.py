@@ -181,12 +181,7 @@ class LibvirtStack:
             # `ip netns exec` already gave the daemon a private (slave) mount namespace;
             # the bind mounts over /dev/kvm and /etc/libvirt/qemu stay in it. `exec` keeps
             # the Popen pid.
-            config = self._make_config_dir()
-            script = ('mount --bind "$1" /dev/kvm && mount --bind "$2" "$3" && exec libvirtd')
-            self._daemons.spawn("libvirtd", ["sh", "-c", script, "sh", str(self._kvm_node),
-                                             str(config), str(QEMU_CONFIG_DIR)])
-            self._daemons.wait_for("libvirtd", self._libvirt_answers, "qemu:///system",
-                                   self.start_timeout)
+            self._spawn_libvirtd()
             for name, daemon in self._daemons.items():
                 exe = _exe(daemon.pid)
                 if os.path.basename(exe) != name:
@@ -230,6 +225,25 @@ class LibvirtStack:
         self.stop_problems = problems
         if problems:
             raise RuntimeError("LibvirtStack.stop: " + "; ".join(problems))
+
+    def _spawn_libvirtd(self) -> None:
+        config = self._make_config_dir()
+        script = ('mount --bind "$1" /dev/kvm && mount --bind "$2" "$3" && exec libvirtd')
+        self._daemons.spawn("libvirtd", ["sh", "-c", script, "sh", str(self._kvm_node),
+                                         str(config), str(QEMU_CONFIG_DIR)])
+        self._daemons.wait_for("libvirtd", self._libvirt_answers, "qemu:///system",
+                               self.start_timeout)
+
+    def restart_libvirtd(self) -> None:
+        """Stop libvirtd by its pid (SIGTERM, as `systemctl restart libvirtd` does) and start
+        it again as :meth:`start` does, while domains run: QEMU runs on without it (libvirtd
+        daemonizes it) and the new libvirtd reconnects to it from /run/libvirt/qemu. The
+        fault-injection tests restart it under running VMs."""
+        problems: list[str] = []
+        self._daemons.stop("libvirtd", STOP_TIMEOUT_S, problems)
+        if problems:
+            raise RuntimeError("LibvirtStack.restart_libvirtd: " + "; ".join(problems))
+        self._spawn_libvirtd()
 
     def pids(self) -> dict[str, int]:
         """``{"virtlogd": pid, "libvirtd": pid}`` of the daemons this stack started and that

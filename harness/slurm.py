@@ -412,6 +412,22 @@ class SlurmCluster:
                                    f"{state}")
             time.sleep(0.1)
 
+    def restart_slurmd(self, timeout: float = 60) -> None:
+        """Stop slurmd by its pid (SIGTERM, SIGKILL after SLURMD_KILL_AFTER_S: it can ignore
+        SIGTERM for minutes) and start it again, while jobs run: their slurmstepd processes are
+        not slurmd's and carry on. Returns once the new slurmd has logged its start."""
+        started = self.slurmd_log.read_text(errors="replace").count(" started on ")
+        problems: list[str] = []
+        self._daemons.stop("slurmd", SLURMD_KILL_AFTER_S, problems)
+        self._spawn("slurmd", ["slurmd", "-D", "-N", self.node_name, "-f", str(self.slurm_conf)],
+                    self.slurmd_log)
+        deadline = time.monotonic() + timeout
+        while self.slurmd_log.read_text(errors="replace").count(" started on ") <= started:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"slurmd not started again after {timeout:.0f} s")
+            time.sleep(0.2)
+        self.stop_notes += problems        # a SIGKILLed slurmd is expected here, not an error
+
     def resume_node(self) -> None:
         self.run(["scontrol", "update", f"nodename={self.node_name}", "state=resume"])
 
