@@ -35,7 +35,8 @@ Decisions that live here:
   nothing.
 * **The critical section is measured.** Each transaction records the time spent waiting for the
   lock and the time the lock was held on the :class:`Ledger` (``last_lock_wait_s``,
-  ``last_held_s``) so benchmarks can check the < 10 ms target (DESIGN.md, targets).
+  ``last_held_s``) so benchmarks can check the < 10 ms target (DESIGN.md, targets), and where
+  the hold went (``last_times``: read, the caller's block, encoding, write, fsyncs).
 
 No module-level state: everything hangs off a :class:`Ledger` instance.
 """
@@ -515,6 +516,21 @@ class LedgerTxn:
 LOCK_POLL_S = 0.002
 
 
+@dataclass
+class TxnTimes:
+    """Where one transaction's time went (seconds), for benchmarks: the lock's wait and hold,
+    and inside the hold: reading the document (``parsed``: whether it had to be parsed then),
+    the caller's block, encoding the new document, and its write (``write``: None when nothing
+    was written). The rest of the hold is bookkeeping and the lock's release."""
+
+    lock: fsutil.LockTimes = field(default_factory=fsutil.LockTimes)
+    read_s: float | None = None
+    parsed: bool | None = None
+    body_s: float | None = None
+    encode_s: float | None = None
+    write: fsutil.WriteTimes | None = None
+
+
 class Ledger:
     """The ledger in ``state_dir``. Cheap to construct; touches the disk only when used.
 
@@ -532,7 +548,7 @@ class Ledger:
         self.path = os.path.join(self.state_dir, LEDGER_FILE)
         self.lock_path = os.path.join(self.state_dir, LOCK_FILE)
         self.lock_timeout = float(lock_timeout)
-        self._lock_times = fsutil.LockTimes()      # of the last transaction
+        self._times = TxnTimes()                   # of the last transaction
 
     def __repr__(self) -> str:
         return f"Ledger({self.state_dir!r}, lock_timeout={self.lock_timeout})"
@@ -559,22 +575,27 @@ class Ledger:
         :class:`LedgerCorrupt` before the block runs.
         """
         self._ensure_dir()
-        self._lock_times = fsutil.LockTimes()
+        self._times = times = TxnTimes()
+        clock = time.perf_counter
         txn: LedgerTxn | None = None
         # filelock polls; its default 50 ms poll would make 16 concurrent prologs queue for up to
         # a second behind critical sections of ~2 ms each.
         with fsutil.locked(self.lock_path, timeout=self.lock_timeout, poll_s=LOCK_POLL_S,
-                           mode=FILE_MODE, times=self._lock_times,
+                           mode=FILE_MODE, times=times.lock,
                            timed_out=lambda: LedgerLockTimeout(path=self.lock_path,
                                                                timeout=self.lock_timeout),
                            failed=lambda e: LedgerError(path=self.lock_path,
                                                         reason=f"cannot lock: {e.strerror or e}")):
             try:
+                t0 = clock()
                 txn = LedgerTxn(self.read())
+                times.read_s, times.parsed = clock() - t0, True
+                t0 = clock()
                 yield txn
+                times.body_s = clock() - t0
                 txn._open = False
                 if txn.changed:
-                    self._write(txn._result())
+                    self._write(txn._result(), times)
             finally:
                 if txn is not None:
                     txn._open = False
@@ -582,13 +603,19 @@ class Ledger:
     @property
     def last_lock_wait_s(self) -> float | None:
         """Seconds the last transaction waited for the lock (None before the first)."""
-        return self._lock_times.waited_s
+        return self._times.lock.waited_s
 
     @property
     def last_held_s(self) -> float | None:
         """Seconds the last transaction held the lock, acquired -> released (None before the
         first, during one, and after a lock time-out)."""
-        return self._lock_times.held_s
+        return self._times.lock.held_s
+
+    @property
+    def last_times(self) -> TxnTimes:
+        """Where the last transaction's time went (:class:`TxnTimes`; all None before the
+        first)."""
+        return self._times
 
     def allocate(self, allocation: Allocation) -> Allocation:
         """Record one allocation in its own transaction (see :meth:`LedgerTxn.allocate`)."""
@@ -666,12 +693,17 @@ class Ledger:
             raise LedgerError(path=self.state_dir,
                               reason=f"cannot create state dir: {e.strerror or e}") from e
 
-    def _write(self, state: LedgerState) -> None:
+    def _write(self, state: LedgerState, times: TxnTimes | None = None) -> None:
         """Atomically replace the ledger file with ``state`` (:func:`fsutil.atomic_write`)."""
-        data = json.dumps(state.to_json(), indent=2, sort_keys=True, ensure_ascii=True,
-                          allow_nan=False) + "\n"
+        t0 = time.perf_counter()
+        data = (json.dumps(state.to_json(), indent=2, sort_keys=True, ensure_ascii=True,
+                           allow_nan=False) + "\n").encode("ascii")
+        if times is not None:
+            times.encode_s = time.perf_counter() - t0
+            times.write = fsutil.WriteTimes()
         try:
-            fsutil.atomic_write(self.path, data.encode("ascii"), mode=FILE_MODE)
+            fsutil.atomic_write(self.path, data, mode=FILE_MODE,
+                                times=times.write if times is not None else None)
         except OSError as e:
             raise LedgerError(path=self.path, reason=f"cannot write: {e.strerror or e}") from e
 
@@ -686,6 +718,6 @@ def _salvaged_generation(raw: bytes) -> int:
 
 
 __all__ = [
-    "Allocation", "Ledger", "LedgerState", "LedgerTxn", "EMPTY_STATE", "FORMAT", "VERSION",
-    "canonical_json", "checksum_of", "domain_key", "job_key", "parse_document",
+    "Allocation", "Ledger", "LedgerState", "LedgerTxn", "TxnTimes", "EMPTY_STATE", "FORMAT",
+    "VERSION", "canonical_json", "checksum_of", "domain_key", "job_key", "parse_document",
 ]
