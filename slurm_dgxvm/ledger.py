@@ -19,6 +19,11 @@ Decisions that live here:
   checksum (sha256 of the canonical JSON of ``allocations``) catches everything else: a hand
   edit, a partial copy back from a backup, a filesystem that lost data. A ledger that lies is
   worse than no ledger — it would hand one GPU to two VMs — so a mismatch is corruption.
+* **One serialisation per record.** The file holds the document one allocation per line, each
+  record in exactly the canonical JSON the checksum is computed over, so a record is serialised
+  once for both, and a record a transaction keeps is not serialised again (its text, from the
+  parse or the write that made it, is reused). Any JSON layout of the same document reads the
+  same (a hand-written ``indent=2`` file is fine).
 * **Corruption stops the node, it is never "repaired".** Invalid JSON, a wrong format or version,
   a checksum mismatch, a malformed record, one resource held twice inside the file, or an empty
   (0-byte) file (a torn write by something that did not use this module) raise
@@ -84,15 +89,31 @@ def domain_key(domain: str) -> str:
 
 
 # -- canonical form and checksum -------------------------------------------------------------------
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                              allow_nan=False)   # what json.dumps would build at every call
+
+
 def canonical_json(value: Any) -> str:
     """The one serialisation the checksum is computed over: sorted keys, no whitespace, ASCII."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False)
+    return _CANONICAL.encode(value)
 
 
 def checksum_of(allocations_json: Mapping[str, Any]) -> str:
     """``sha256:<hex>`` of the canonical JSON of the ``allocations`` object."""
     digest = hashlib.sha256(canonical_json(allocations_json).encode("ascii")).hexdigest()
+    return f"sha256:{digest}"
+
+
+def _member(key: str, record_text: str) -> str:
+    """One ``"key":{record}`` member of the canonical ``allocations`` object."""
+    return f"{canonical_json(key)}:{record_text}"
+
+
+def _checksum_of_members(members: list[str]) -> str:
+    """:func:`checksum_of` from the canonical members in key order, without serialising the
+    records again: the canonical JSON of an object is its members, sorted by key, joined by
+    commas inside braces."""
+    digest = hashlib.sha256(("{" + ",".join(members) + "}").encode("ascii")).hexdigest()
     return f"sha256:{digest}"
 
 
@@ -341,9 +362,44 @@ class LedgerState:
     def __post_init__(self):
         object.__setattr__(self, "allocations",
                            MappingProxyType(dict(sorted(self.allocations.items()))))
+        # key -> the canonical JSON text of its record: computed once per record (when it is
+        # parsed or first written) and reused by every later version that keeps the record.
+        # A cache, not state: not a field, not compared.
+        object.__setattr__(self, "_texts", {})
 
     def __hash__(self):
         return hash((self.generation, tuple(self.allocations.items())))
+
+    def _keep_texts(self, base: LedgerState) -> None:
+        """Reuse ``base``'s record texts for the records this version holds unchanged (the very
+        same Allocation object)."""
+        texts = self._texts
+        for key, alloc in self.allocations.items():
+            text = base._texts.get(key)
+            if text is not None and base.allocations.get(key) is alloc:
+                texts[key] = text
+
+    def _members(self) -> list[str]:
+        """The canonical ``"key":{record}`` members of ``allocations``, in key order."""
+        texts = self._texts
+        out = []
+        for key, alloc in self.allocations.items():
+            text = texts.get(key)
+            if text is None:
+                text = texts[key] = canonical_json(alloc.to_json())
+            out.append(_member(key, text))
+        return out
+
+    def encode(self) -> bytes:
+        """The bytes of the ledger file: the document :meth:`to_json` describes, one allocation
+        per line, each record in the canonical form the checksum is computed over, so the
+        records are serialised once for both (and only the records this version changed)."""
+        members = self._members()
+        head = (f'{{"format":{canonical_json(FORMAT)},"version":{VERSION},'
+                f'"generation":{self.generation},"checksum":"{_checksum_of_members(members)}",\n'
+                f'"allocations":{{')
+        body = "\n" + ",\n".join(members) + "\n" if members else ""
+        return (head + body + "}}\n").encode("ascii")
 
     def occupancy(self) -> Occupancy:
         """Everything held by anyone: the union of all allocations."""
@@ -410,9 +466,10 @@ def parse_document(raw: bytes, path: str) -> LedgerState:
         raise corrupt(f"allocations is {type(allocations_json).__name__}, not an object")
     recorded = doc["checksum"]
     try:
-        computed = checksum_of(allocations_json)
+        texts = {key: canonical_json(record) for key, record in allocations_json.items()}
     except ValueError:  # NaN / Infinity smuggled in: not canonical JSON
         raise corrupt("allocations hold a non-finite number") from None
+    computed = _checksum_of_members([_member(key, texts[key]) for key in sorted(texts)])
     if recorded != computed:
         raise corrupt("checksum mismatch", recorded=recorded, computed=computed)
 
@@ -432,7 +489,10 @@ def parse_document(raw: bytes, path: str) -> LedgerState:
                 raise corrupt(f"{kind} {ident} is held by both {other} and {key}")
             holders[resource] = key
         allocations[key] = alloc
-    return LedgerState(generation=generation, allocations=allocations)
+    state = LedgerState(generation=generation, allocations=allocations)
+    # an unchanged record is written back as it was read: the same JSON value, the same text
+    state._texts.update(texts)
+    return state
 
 
 # -- a transaction ---------------------------------------------------------------------------------
@@ -509,7 +569,9 @@ class LedgerTxn:
         return alloc
 
     def _result(self) -> LedgerState:
-        return LedgerState(generation=self._base.generation + 1, allocations=self._allocs)
+        state = LedgerState(generation=self._base.generation + 1, allocations=self._allocs)
+        state._keep_texts(self._base)
+        return state
 
 
 # -- the ledger ------------------------------------------------------------------------------------
@@ -696,8 +758,7 @@ class Ledger:
     def _write(self, state: LedgerState, times: TxnTimes | None = None) -> None:
         """Atomically replace the ledger file with ``state`` (:func:`fsutil.atomic_write`)."""
         t0 = time.perf_counter()
-        data = (json.dumps(state.to_json(), indent=2, sort_keys=True, ensure_ascii=True,
-                           allow_nan=False) + "\n").encode("ascii")
+        data = state.encode()
         if times is not None:
             times.encode_s = time.perf_counter() - t0
             times.write = fsutil.WriteTimes()
