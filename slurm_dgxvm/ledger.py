@@ -427,8 +427,14 @@ class LedgerState:
 EMPTY_STATE = LedgerState()
 
 
-def parse_document(raw: bytes, path: str) -> LedgerState:
-    """Parse and verify the bytes of a ledger file; any defect raises :class:`LedgerCorrupt`."""
+def parse_document(raw: bytes, path: str, *, known: LedgerState | None = None) -> LedgerState:
+    """Parse and verify the bytes of a ledger file; any defect raises :class:`LedgerCorrupt`.
+
+    ``known``: a state parsed (or written) before. A record whose canonical text is the one
+    ``known`` holds for its key is the same JSON value, so its :class:`Allocation` is taken from
+    ``known`` instead of being built and checked again. Every check on the whole document (JSON,
+    format, checksum, keys, nothing held twice) runs all the same.
+    """
 
     def corrupt(reason: str, **extra) -> LedgerCorrupt:
         return LedgerCorrupt(path=path, reason=reason, **extra)
@@ -475,11 +481,15 @@ def parse_document(raw: bytes, path: str) -> LedgerState:
 
     allocations: dict[str, Allocation] = {}
     holders: dict[tuple[str, Any], str] = {}
+    known_texts = known._texts if known is not None else {}
     for key, record in allocations_json.items():
-        try:
-            alloc = Allocation.from_json(record)
-        except (ValueError, TypeError) as e:
-            raise corrupt(f"allocation {key!r}: {e}") from None
+        if known_texts.get(key) == texts[key]:
+            alloc = known.allocations[key]
+        else:
+            try:
+                alloc = Allocation.from_json(record)
+            except (ValueError, TypeError) as e:
+                raise corrupt(f"allocation {key!r}: {e}") from None
         if alloc.key != key:
             raise corrupt(f"allocation {key!r} records key {alloc.key!r}")
         for resource in _exclusive(alloc):
@@ -611,6 +621,8 @@ class Ledger:
         self.lock_path = os.path.join(self.state_dir, LOCK_FILE)
         self.lock_timeout = float(lock_timeout)
         self._times = TxnTimes()                   # of the last transaction
+        # the bytes of the last document this instance read or wrote, and what they say
+        self._known: tuple[bytes, LedgerState] | None = None
 
     def __repr__(self) -> str:
         return f"Ledger({self.state_dir!r}, lock_timeout={self.lock_timeout})"
@@ -618,15 +630,28 @@ class Ledger:
     # reading ------------------------------------------------------------------------------------
     def read(self) -> LedgerState:
         """The current ledger, without taking the lock (writes are atomic renames, so the file
-        opened is always one complete version). A missing file is an empty ledger."""
+        opened is always one complete version). A missing file is an empty ledger.
+
+        The file is read every time; only its parse is reused, when its bytes are exactly those
+        this instance last read or wrote (the state is a pure function of the bytes)."""
+        return self._load()[0]
+
+    def _load(self) -> tuple[LedgerState, bool]:
+        """The current ledger, and whether its bytes had to be parsed (False: a missing file, or
+        the bytes of the last document this instance read or wrote)."""
         try:
             with open(self.path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return EMPTY_STATE
+            return EMPTY_STATE, False
         except OSError as e:
             raise LedgerError(path=self.path, reason=f"cannot read: {e.strerror or e}") from e
-        return parse_document(raw, self.path)
+        known = self._known
+        if known is not None and known[0] == raw:
+            return known[1], False
+        state = parse_document(raw, self.path, known=known[1] if known is not None else None)
+        self._known = (raw, state)
+        return state, True
 
     # writing ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -640,6 +665,12 @@ class Ledger:
         self._times = times = TxnTimes()
         clock = time.perf_counter
         txn: LedgerTxn | None = None
+        # Parse the document now, before the lock: under it, the same bytes are only compared
+        # (and when another writer got in first, its records that this parse already checked
+        # are not built again). What counts is still what is read under the lock; a corrupt or
+        # unreadable ledger is reported there.
+        with contextlib.suppress(LedgerError):
+            self._load()
         # filelock polls; its default 50 ms poll would make 16 concurrent prologs queue for up to
         # a second behind critical sections of ~2 ms each.
         with fsutil.locked(self.lock_path, timeout=self.lock_timeout, poll_s=LOCK_POLL_S,
@@ -650,8 +681,9 @@ class Ledger:
                                                         reason=f"cannot lock: {e.strerror or e}")):
             try:
                 t0 = clock()
-                txn = LedgerTxn(self.read())
-                times.read_s, times.parsed = clock() - t0, True
+                base, times.parsed = self._load()
+                txn = LedgerTxn(base)
+                times.read_s = clock() - t0
                 t0 = clock()
                 yield txn
                 times.body_s = clock() - t0
@@ -767,6 +799,7 @@ class Ledger:
                                 times=times.write if times is not None else None)
         except OSError as e:
             raise LedgerError(path=self.path, reason=f"cannot write: {e.strerror or e}") from e
+        self._known = (data, state)
 
 
 def _salvaged_generation(raw: bytes) -> int:

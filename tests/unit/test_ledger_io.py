@@ -1,13 +1,20 @@
 """How the ledger writes and reads its file cheaply without losing a guarantee: the records are
-serialised once for both the checksum and the file, and an unchanged record keeps its text."""
+serialised once for both the checksum and the file, an unchanged record keeps its text, and a
+parse is reused only for exactly the bytes it was made from (another writer, a hand edit, even
+one that keeps the size, inode and mtime, is always seen)."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slurm_dgxvm import fsutil
+from slurm_dgxvm.errors import LedgerConflict, LedgerCorrupt
 from slurm_dgxvm.ledger import Allocation, Ledger, LedgerState, checksum_of, parse_document
 from test_ledger import gpu_pci, mk, on_disk, raw, write_doc
 
@@ -78,3 +85,113 @@ def test_encode_is_the_canonical_document(entries, generation):
     again = parse_document(data, "x")
     assert again == state
     assert again.encode() == data
+
+
+# -- the parse reused ------------------------------------------------------------------------------
+def test_a_transaction_after_its_own_write_parses_nothing_under_the_lock(tmp_path):
+    ledger = Ledger(tmp_path / "state")
+    ledger.allocate(mk("job:1", [0]))
+    first = ledger.read()
+    with ledger.transaction() as txn:
+        txn.allocate(mk("job:2", [1]))
+    assert ledger.last_times.parsed is False
+    assert ledger.read().allocations["job:1"] is first.allocations["job:1"]
+    assert dict(Ledger(ledger.state_dir).read().allocations) == dict(ledger.read().allocations)
+
+
+def _allocate_in_another_process(state_dir, key, gpu):
+    Ledger(state_dir).allocate(mk(key, [gpu]))
+
+
+def test_a_cached_parse_is_invalidated_when_another_process_writes(tmp_path):
+    ledger = Ledger(tmp_path / "state")
+    ledger.allocate(mk("job:1", [0]))
+    assert set(ledger.read().allocations) == {"job:1"}
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_allocate_in_another_process, args=(ledger.state_dir, "job:2", 1))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    state = ledger.read()
+    assert set(state.allocations) == {"job:1", "job:2"} and state.generation == 2
+    with pytest.raises(LedgerConflict, match="is held by job:2"):
+        ledger.allocate(mk("job:3", [1]))
+    ledger.allocate(mk("job:3", [2]))
+    assert Ledger(ledger.state_dir).read().generation == 3
+
+
+def test_a_write_between_the_parse_before_the_lock_and_the_lock_is_seen(tmp_path, monkeypatch):
+    """The parse made before the lock is stale when another writer gets the lock first: what the
+    transaction sees is what is read under the lock."""
+    ledger = Ledger(tmp_path / "state")
+    ledger.allocate(mk("job:1", [0]))
+    before = ledger.read()
+    real_locked = fsutil.locked
+    other_wrote = []
+
+    def another_writer_first(*args, **kwargs):
+        if not other_wrote:
+            other_wrote.append(True)
+            Ledger(ledger.state_dir).allocate(mk("job:2", [1]))
+        return real_locked(*args, **kwargs)
+
+    monkeypatch.setattr(fsutil, "locked", another_writer_first)
+    with pytest.raises(LedgerConflict, match="is held by job:2"):
+        with ledger.transaction() as txn:
+            assert set(txn.allocations) == {"job:1", "job:2"} and txn.generation == 2
+            txn.allocate(mk("job:3", [1]))
+    assert ledger.last_times.parsed is True
+    # the record both versions hold was not built again
+    assert ledger.read().allocations["job:1"] is before.allocations["job:1"]
+    assert set(Ledger(ledger.state_dir).read().allocations) == {"job:1", "job:2"}
+
+
+def test_a_hand_edit_that_keeps_size_inode_and_mtime_is_still_caught(tmp_path):
+    """The parse is keyed by the bytes, not by stat(): an in-place edit of one digit, with the
+    mtime put back, is a checksum mismatch on the next read and transaction."""
+    ledger = Ledger(tmp_path / "state")
+    ledger.allocate(mk("job:1", [0], cpus=[4]))
+    ledger.allocate(mk("job:2", [1], cpus=[5]))
+    ledger.read()
+    st_before = os.stat(ledger.path)
+    data = raw(ledger)
+    edited = data.replace(b'"cpus":[5]', b'"cpus":[4]')
+    assert edited != data and len(edited) == len(data)
+    with open(ledger.path, "r+b") as f:
+        f.write(edited)
+    os.utime(ledger.path, ns=(st_before.st_atime_ns, st_before.st_mtime_ns))
+    st_after = os.stat(ledger.path)
+    assert (st_after.st_ino, st_after.st_size, st_after.st_mtime_ns) == \
+        (st_before.st_ino, st_before.st_size, st_before.st_mtime_ns)
+    with pytest.raises(LedgerCorrupt, match="checksum mismatch"):
+        ledger.read()
+    with pytest.raises(LedgerCorrupt, match="checksum mismatch"):
+        with ledger.transaction():
+            pytest.fail("a corrupt ledger must not reach the block")
+    assert raw(ledger) == edited
+
+
+def test_a_known_record_whose_text_changed_is_checked_again(tmp_path):
+    """Only a record with exactly the known text is reused: a changed record (here a valid
+    checksum over a bad value) is built and checked, and refused."""
+    ledger = Ledger(tmp_path / "state")
+    ledger.allocate(mk("job:1", [0]))
+    ledger.read()
+    doc = on_disk(ledger)
+    doc["allocations"]["job:1"]["cpus"] = "0-1"
+    write_doc(ledger, doc)
+    with pytest.raises(LedgerCorrupt, match="allocation 'job:1': cpus must be a list"):
+        ledger.read()
+
+
+def test_parse_document_reuses_only_identical_records():
+    a, b = mk("job:1", [0]), mk("job:2", [1])
+    old = parse_document(LedgerState(generation=1, allocations={"job:1": a, "job:2": b}).encode(),
+                         "x")
+    b2 = mk("job:2", [2])
+    new = parse_document(LedgerState(generation=2, allocations={"job:1": a, "job:2": b2}).encode(),
+                         "x", known=old)
+    assert new.allocations["job:1"] is old.allocations["job:1"]
+    assert new.allocations["job:2"] == b2 and new.allocations["job:2"] is not old.allocations["job:2"]
+    assert new == parse_document(LedgerState(generation=2,
+                                             allocations={"job:1": a, "job:2": b2}).encode(), "x")
