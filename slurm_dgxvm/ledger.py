@@ -671,8 +671,8 @@ class Ledger:
         # unreadable ledger is reported there.
         with contextlib.suppress(LedgerError):
             self._load()
-        # filelock polls; its default 50 ms poll would make 16 concurrent prologs queue for up to
-        # a second behind critical sections of ~2 ms each.
+        # fsutil.locked polls; its default 50 ms poll would make 16 concurrent prologs queue for
+        # up to a second behind critical sections of ~2 ms each.
         with fsutil.locked(self.lock_path, timeout=self.lock_timeout, poll_s=LOCK_POLL_S,
                            mode=FILE_MODE, times=times.lock,
                            timed_out=lambda: LedgerLockTimeout(path=self.lock_path,
