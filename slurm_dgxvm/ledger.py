@@ -351,6 +351,25 @@ _RESOURCE_NAMES = {"GPU": "gpu", "NVSwitch": "nvswitch", "CPU": "cpu",
                    "FM partition": "fm_partition"}
 
 
+def _occupancy_of(allocations) -> Occupancy:
+    """``Occupancy.union(a.occupancy() for a in allocations)``, without building an Occupancy
+    per allocation first (it is computed inside the lock, by every Prolog)."""
+    gpus: set[str] = set()
+    sws: set[str] = set()
+    cpus: set[int] = set()
+    fms: set[int] = set()
+    mem: dict[int, int] = {}
+    for a in allocations:
+        gpus.update(a.gpu_pcis)
+        sws.update(a.nvswitches)
+        cpus.update(a.cpus)
+        if a.fm_partition is not None:
+            fms.add(a.fm_partition)
+        for node, mib in a.memory_mib.items():
+            mem[node] = mem.get(node, 0) + mib
+    return Occupancy(frozenset(gpus), frozenset(sws), frozenset(cpus), mem, frozenset(fms))
+
+
 # -- a version of the ledger -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class LedgerState:
@@ -403,7 +422,7 @@ class LedgerState:
 
     def occupancy(self) -> Occupancy:
         """Everything held by anyone: the union of all allocations."""
-        return Occupancy.union(a.occupancy() for a in self.allocations.values())
+        return _occupancy_of(self.allocations.values())
 
     def holder_of_gpu(self, pci: str) -> str | None:
         """The key holding the GPU at PCI address ``pci``, or None when it is free."""
@@ -537,7 +556,7 @@ class LedgerTxn:
 
     def occupancy(self) -> Occupancy:
         """Everything held right now, this transaction's changes included."""
-        return Occupancy.union(a.occupancy() for a in self._allocs.values())
+        return _occupancy_of(self._allocs.values())
 
     def holder_of_gpu(self, pci: str) -> str | None:
         return self._holders.get(("GPU", pci))

@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 
 from slurm_dgxvm import fsutil
 from slurm_dgxvm.errors import LedgerConflict, LedgerCorrupt
-from slurm_dgxvm.ledger import Allocation, Ledger, LedgerState, checksum_of, parse_document
-from test_ledger import gpu_pci, mk, on_disk, raw, write_doc
+from slurm_dgxvm.ledger import (Allocation, Ledger, LedgerState, LedgerTxn, checksum_of,
+                                parse_document)
+from slurm_dgxvm.placement.model import Occupancy
+from test_ledger import gpu_pci, mk, on_disk, raw, resource_sets, write_doc
 
 
 # -- one serialisation -----------------------------------------------------------------------------
@@ -195,3 +197,17 @@ def test_parse_document_reuses_only_identical_records():
     assert new.allocations["job:2"] == b2 and new.allocations["job:2"] is not old.allocations["job:2"]
     assert new == parse_document(LedgerState(generation=2,
                                              allocations={"job:1": a, "job:2": b2}).encode(), "x")
+
+
+# -- occupancy -------------------------------------------------------------------------------------
+@settings(max_examples=80, deadline=None)
+@given(st.lists(resource_sets, max_size=5))
+def test_occupancy_is_the_union_of_the_allocations(sets):
+    allocs = {f"job:{i}": mk(f"job:{i}", sorted(r["gpus"]), nvswitches=sorted(r["nvswitches"]),
+                             cpus=sorted(r["cpus"]), fm=r["fm"], memory=r["memory"])
+              for i, r in enumerate(sets)}
+    union = Occupancy.union(a.occupancy() for a in allocs.values())
+    state = LedgerState(generation=1, allocations=allocs)
+    assert state.occupancy() == union
+    assert dict(state.occupancy().memory_mib) == dict(union.memory_mib)
+    assert LedgerTxn(state).occupancy() == union
