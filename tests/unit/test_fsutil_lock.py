@@ -133,3 +133,35 @@ def test_no_descriptor_is_left_open(tmp_path):
         with lock(tmp_path / "file" / "x.lock", 0):
             pass
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# -- pending_write: atomic_write in two halves ------------------------------------------------------
+def test_a_pending_write_is_made_before_and_put_in_place_by_commit(tmp_path):
+    target = tmp_path / "ledger.json"
+    fsutil.atomic_write(target, b"old\n")
+    with fsutil.pending_write(target, mode=0o640) as pending:
+        made = [p for p in tmp_path.iterdir() if p != target]
+        assert len(made) == 1 and made[0].name.startswith(".ledger.json.")
+        assert stat.S_IMODE(made[0].stat().st_mode) == 0o640 and made[0].read_bytes() == b""
+        assert target.read_bytes() == b"old\n"
+        times = fsutil.WriteTimes()
+        pending.commit(b"new\n", times=times)
+        with pytest.raises(RuntimeError):
+            pending.commit(b"again\n")
+    assert target.read_bytes() == b"new\n" and list(tmp_path.iterdir()) == [target]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert times.fsync_s > 0 and times.fsync_dir_s > 0
+
+
+def test_a_pending_write_not_committed_leaves_nothing(tmp_path):
+    target = tmp_path / "ledger.json"
+    fsutil.atomic_write(target, b"old\n")
+    with fsutil.pending_write(target):
+        pass
+    with pytest.raises(ValueError):
+        with fsutil.pending_write(target) as pending:
+            raise ValueError
+    with pytest.raises(TypeError):
+        with fsutil.pending_write(target) as pending:
+            pending.commit(12345)                   # not bytes: fails before anything is renamed
+    assert target.read_bytes() == b"old\n" and list(tmp_path.iterdir()) == [target]

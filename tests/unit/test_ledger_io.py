@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slurm_dgxvm import fsutil
-from slurm_dgxvm.errors import LedgerConflict, LedgerCorrupt
+from slurm_dgxvm.errors import LedgerConflict, LedgerCorrupt, LedgerLockTimeout
 from slurm_dgxvm.ledger import (Allocation, Ledger, LedgerState, LedgerTxn, checksum_of,
                                 parse_document)
 from slurm_dgxvm.placement.model import Occupancy
@@ -211,3 +211,44 @@ def test_occupancy_is_the_union_of_the_allocations(sets):
     assert state.occupancy() == union
     assert dict(state.occupancy().memory_mib) == dict(union.memory_mib)
     assert LedgerTxn(state).occupancy() == union
+
+
+# -- the temp file made before the lock ------------------------------------------------------------
+def test_the_temp_file_is_made_before_the_lock_and_never_left(tmp_path, monkeypatch):
+    ledger = Ledger(tmp_path / "state", lock_timeout=0.1)
+    ledger.allocate(mk("job:1", [0]))
+    seen = []
+    real_locked = fsutil.locked
+
+    def look_then_lock(*args, **kwargs):
+        seen.append(sorted(os.listdir(ledger.state_dir)))
+        return real_locked(*args, **kwargs)
+
+    monkeypatch.setattr(fsutil, "locked", look_then_lock)
+    ledger.release("job:9")                             # writes nothing
+    ledger.allocate(mk("job:2", [1]))                   # writes
+    assert [len(names) for names in seen] == [3, 3]    # ledger.json, ledger.lock, the temp file
+    assert all(any(n.startswith(".ledger.json.") for n in names) for names in seen)
+    assert sorted(os.listdir(ledger.state_dir)) == ["ledger.json", "ledger.lock"]
+    with real_locked(ledger.lock_path, timeout=1, timed_out=RuntimeError, failed=RuntimeError):
+        with pytest.raises(LedgerLockTimeout):
+            ledger.allocate(mk("job:3", [2]))
+    assert sorted(os.listdir(ledger.state_dir)) == ["ledger.json", "ledger.lock"]
+    assert set(ledger.read().allocations) == {"job:1", "job:2"}
+
+
+def test_a_transaction_works_when_the_temp_file_cannot_be_made_early(tmp_path, monkeypatch):
+    """pending_write failing (a read-only state dir, say) is not an error by itself: a
+    transaction that writes nothing goes through, one that writes uses atomic_write."""
+    ledger = Ledger(tmp_path / "state")
+    ledger.allocate(mk("job:1", [0]))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fsutil, "pending_write", refuse)
+    assert ledger.release("job:9") is None
+    ledger.allocate(mk("job:2", [1]))
+    assert ledger.last_times.write.fsync_s > 0
+    assert set(Ledger(ledger.state_dir).read().allocations) == {"job:1", "job:2"}
+    assert sorted(os.listdir(ledger.state_dir)) == ["ledger.json", "ledger.lock"]
