@@ -6,7 +6,9 @@
 Prints p50/p99 of ``place()`` over every request shape (1/2/4/8/16 GPUs; no Slurm choice, Slurm's
 aligned choice, Slurm's scattered choice, --gpu-index) on random occupancies of the host, and the
 time the ledger lock is held by a real allocate transaction (load, place, write+fsync+rename,
-release), each beside its target. Figures depend on the machine; run it, do not trust old numbers.
+release), each beside its target, and where that time went (the ledger's own breakdown of each
+hold: reading the document, the caller's block, encoding, writing, the two fsyncs, the rest).
+Figures depend on the machine; run it, do not trust old numbers.
 """
 
 from __future__ import annotations
@@ -82,8 +84,34 @@ def bench_placement(host, samples, rng, policy):
     return placed, refused
 
 
+PHASES = (
+    ("read", "read the document"),
+    ("body", "caller's block (occupancy, place)"),
+    ("encode", "encode the new document"),
+    ("write", "create + write the temp file"),
+    ("fsync", "fsync the temp file"),
+    ("rename", "rename over ledger.json"),
+    ("fsync_dir", "fsync the directory"),
+    ("rest", "the rest (bookkeeping, unlock)"),
+)
+
+
+def phases_ms(ledger) -> dict:
+    """The last transaction's lock hold, split into PHASES (ms), and whether it parsed."""
+    t = ledger.last_times
+    w = t.write
+    out = {"read": t.read_s, "body": t.body_s, "encode": t.encode_s or 0.0,
+           "write": w.write_s if w else 0.0, "fsync": w.fsync_s if w else 0.0,
+           "rename": w.rename_s if w else 0.0, "fsync_dir": w.fsync_dir_s if w else 0.0}
+    out = {k: v * 1000 for k, v in out.items()}
+    out["rest"] = t.lock.held_s * 1000 - sum(out.values())
+    out["held"] = t.lock.held_s * 1000
+    out["parsed"] = bool(t.parsed)
+    return out
+
+
 def bench_ledger(host, rounds, rng, policy):
-    held, waits = [], []
+    held, waits, phases = [], [], []
     with tempfile.TemporaryDirectory(prefix="dgxvm-bench-") as d:
         ledger = Ledger(d)
         job = 0
@@ -101,10 +129,11 @@ def bench_ledger(host, rounds, rng, policy):
             else:
                 held.append(ledger.last_held_s * 1000)
                 waits.append(ledger.last_lock_wait_s * 1000)
+                phases.append(phases_ms(ledger))
             state = ledger.read()
             if state.allocations and rng.random() < 0.5:
                 ledger.release(rng.choice(sorted(state.allocations)))
-    return held, waits
+    return held, waits, phases
 
 
 def _one_prolog(args):
@@ -117,7 +146,7 @@ def _one_prolog(args):
         p = place(host, txn.occupancy(), Request(count=1), Policy())
         txn.allocate(Allocation.from_placement(f"job:{job}", p, owner="job", job_id=job,
                                                domain=f"dgxvm-job-{job}"))
-    return (time.perf_counter() - t0) * 1000, ledger.last_held_s * 1000
+    return (time.perf_counter() - t0) * 1000, ledger.last_held_s * 1000, phases_ms(ledger)
 
 
 def bench_concurrent(n: int = 16):
@@ -131,7 +160,22 @@ def bench_concurrent(n: int = 16):
                 res = pool.map(_one_prolog, [(str(Path(d) / "state"), sysfs, j, barrier)
                                              for j in range(1, n + 1)])
         allocations = len(Ledger(Path(d) / "state").read().allocations)
-    return [r[0] for r in res], [r[1] for r in res], allocations
+    return [r[0] for r in res], [r[1] for r in res], [r[2] for r in res], allocations
+
+
+def print_breakdown(seq, conc):
+    """Where the lock hold went: per phase, p50 of the sequential transactions, p50 and max of
+    the concurrent ones, and the longest concurrent hold phase by phase."""
+    print(f"  where the lock hold went (ms){'':<13}{'seq p50':>9}{'conc p50':>9}{'conc max':>9}")
+    for key, label in PHASES:
+        s50 = pct([p[key] for p in seq], 50)
+        c = [p[key] for p in conc]
+        print(f"    {label:<38}{s50:>9.3f}{pct(c, 50):>9.3f}{max(c):>9.3f}")
+    worst = max(conc, key=lambda p: p["held"])
+    print(f"  longest concurrent hold {worst['held']:.3f} ms = "
+          + " + ".join(f"{key} {worst[key]:.3f}" for key, _ in PHASES))
+    print(f"  document parsed under the lock: {sum(p['parsed'] for p in seq)} of {len(seq)} "
+          f"sequential, {sum(p['parsed'] for p in conc)} of {len(conc)} concurrent transactions")
 
 
 def main():
@@ -148,8 +192,8 @@ def main():
     for _ in range(50):  # warm caches (host lookups are cached properties)
         place(host, Occupancy(), Request(count=4), policy)
     placed, refused = bench_placement(host, args.samples, rng, policy)
-    held, waits = bench_ledger(host, args.rounds, rng, policy)
-    through, held16, n_alloc = bench_concurrent(16)
+    held, waits, seq_phases = bench_ledger(host, args.rounds, rng, policy)
+    through, held16, conc_phases, n_alloc = bench_concurrent(16)
 
     print(f"dgxvm placement benchmark: simulated {host.display_name}, {len(host.gpus)} GPUs, "
           f"seed {args.seed}")
@@ -176,6 +220,7 @@ def main():
     print(f"  ({len(shapes(host, rng))} request shapes: 1/2/4/8/16 GPUs x no Slurm choice, Slurm "
           f"aligned, Slurm scattered, --gpu-index; {args.samples} random occupancies)")
     print(f"  (16 concurrent prologs left {n_alloc} allocations in the ledger; expected 16)")
+    print_breakdown(seq_phases, conc_phases)
     ok &= n_alloc == 16
     return 0 if ok else 1
 

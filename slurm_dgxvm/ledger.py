@@ -15,10 +15,21 @@ Decisions that live here:
   ``os.replace``'d over ``ledger.json`` and the directory fsync'ed. A crash (or a killed Prolog)
   therefore leaves either the old or the new document, never a mix, and readers
   (``Ledger.read``) need no lock: a rename is atomic, so any open() sees one complete version.
+  A transaction makes (and fsyncs) its temp file before it takes the lock
+  (:func:`fsutil.pending_write`), so that under the lock its fsyncs carry its own change and not
+  what the rest of the node left pending in the filesystem's journal; the temp file of a
+  transaction that writes nothing is removed. (So a process SIGKILLed while it waits for the
+  lock leaves an empty ``.ledger.json.*.tmp`` behind, as one killed mid-write always could; no
+  reader opens those names.)
 * **A checksum over the allocations.** The rename protects against torn writes by *us*; the
   checksum (sha256 of the canonical JSON of ``allocations``) catches everything else: a hand
   edit, a partial copy back from a backup, a filesystem that lost data. A ledger that lies is
   worse than no ledger — it would hand one GPU to two VMs — so a mismatch is corruption.
+* **One serialisation per record.** The file holds the document one allocation per line, each
+  record in exactly the canonical JSON the checksum is computed over, so a record is serialised
+  once for both, and a record a transaction keeps is not serialised again (its text, from the
+  parse or the write that made it, is reused). Any JSON layout of the same document reads the
+  same (a hand-written ``indent=2`` file is fine).
 * **Corruption stops the node, it is never "repaired".** Invalid JSON, a wrong format or version,
   a checksum mismatch, a malformed record, one resource held twice inside the file, or an empty
   (0-byte) file (a torn write by something that did not use this module) raise
@@ -35,7 +46,8 @@ Decisions that live here:
   nothing.
 * **The critical section is measured.** Each transaction records the time spent waiting for the
   lock and the time the lock was held on the :class:`Ledger` (``last_lock_wait_s``,
-  ``last_held_s``) so benchmarks can check the < 10 ms target (DESIGN.md, targets).
+  ``last_held_s``) so benchmarks can check the < 10 ms target (DESIGN.md, targets), and where
+  the hold went (``last_times``: read, the caller's block, encoding, write, fsyncs).
 
 No module-level state: everything hangs off a :class:`Ledger` instance.
 """
@@ -83,15 +95,31 @@ def domain_key(domain: str) -> str:
 
 
 # -- canonical form and checksum -------------------------------------------------------------------
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                              allow_nan=False)   # what json.dumps would build at every call
+
+
 def canonical_json(value: Any) -> str:
     """The one serialisation the checksum is computed over: sorted keys, no whitespace, ASCII."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False)
+    return _CANONICAL.encode(value)
 
 
 def checksum_of(allocations_json: Mapping[str, Any]) -> str:
     """``sha256:<hex>`` of the canonical JSON of the ``allocations`` object."""
     digest = hashlib.sha256(canonical_json(allocations_json).encode("ascii")).hexdigest()
+    return f"sha256:{digest}"
+
+
+def _member(key: str, record_text: str) -> str:
+    """One ``"key":{record}`` member of the canonical ``allocations`` object."""
+    return f"{canonical_json(key)}:{record_text}"
+
+
+def _checksum_of_members(members: list[str]) -> str:
+    """:func:`checksum_of` from the canonical members in key order, without serialising the
+    records again: the canonical JSON of an object is its members, sorted by key, joined by
+    commas inside braces."""
+    digest = hashlib.sha256(("{" + ",".join(members) + "}").encode("ascii")).hexdigest()
     return f"sha256:{digest}"
 
 
@@ -329,6 +357,25 @@ _RESOURCE_NAMES = {"GPU": "gpu", "NVSwitch": "nvswitch", "CPU": "cpu",
                    "FM partition": "fm_partition"}
 
 
+def _occupancy_of(allocations) -> Occupancy:
+    """``Occupancy.union(a.occupancy() for a in allocations)``, without building an Occupancy
+    per allocation first (it is computed inside the lock, by every Prolog)."""
+    gpus: set[str] = set()
+    sws: set[str] = set()
+    cpus: set[int] = set()
+    fms: set[int] = set()
+    mem: dict[int, int] = {}
+    for a in allocations:
+        gpus.update(a.gpu_pcis)
+        sws.update(a.nvswitches)
+        cpus.update(a.cpus)
+        if a.fm_partition is not None:
+            fms.add(a.fm_partition)
+        for node, mib in a.memory_mib.items():
+            mem[node] = mem.get(node, 0) + mib
+    return Occupancy(frozenset(gpus), frozenset(sws), frozenset(cpus), mem, frozenset(fms))
+
+
 # -- a version of the ledger -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class LedgerState:
@@ -340,13 +387,48 @@ class LedgerState:
     def __post_init__(self):
         object.__setattr__(self, "allocations",
                            MappingProxyType(dict(sorted(self.allocations.items()))))
+        # key -> the canonical JSON text of its record: computed once per record (when it is
+        # parsed or first written) and reused by every later version that keeps the record.
+        # A cache, not state: not a field, not compared.
+        object.__setattr__(self, "_texts", {})
 
     def __hash__(self):
         return hash((self.generation, tuple(self.allocations.items())))
 
+    def _keep_texts(self, base: LedgerState) -> None:
+        """Reuse ``base``'s record texts for the records this version holds unchanged (the very
+        same Allocation object)."""
+        texts = self._texts
+        for key, alloc in self.allocations.items():
+            text = base._texts.get(key)
+            if text is not None and base.allocations.get(key) is alloc:
+                texts[key] = text
+
+    def _members(self) -> list[str]:
+        """The canonical ``"key":{record}`` members of ``allocations``, in key order."""
+        texts = self._texts
+        out = []
+        for key, alloc in self.allocations.items():
+            text = texts.get(key)
+            if text is None:
+                text = texts[key] = canonical_json(alloc.to_json())
+            out.append(_member(key, text))
+        return out
+
+    def encode(self) -> bytes:
+        """The bytes of the ledger file: the document :meth:`to_json` describes, one allocation
+        per line, each record in the canonical form the checksum is computed over, so the
+        records are serialised once for both (and only the records this version changed)."""
+        members = self._members()
+        head = (f'{{"format":{canonical_json(FORMAT)},"version":{VERSION},'
+                f'"generation":{self.generation},"checksum":"{_checksum_of_members(members)}",\n'
+                f'"allocations":{{')
+        body = "\n" + ",\n".join(members) + "\n" if members else ""
+        return (head + body + "}}\n").encode("ascii")
+
     def occupancy(self) -> Occupancy:
         """Everything held by anyone: the union of all allocations."""
-        return Occupancy.union(a.occupancy() for a in self.allocations.values())
+        return _occupancy_of(self.allocations.values())
 
     def holder_of_gpu(self, pci: str) -> str | None:
         """The key holding the GPU at PCI address ``pci``, or None when it is free."""
@@ -370,8 +452,14 @@ class LedgerState:
 EMPTY_STATE = LedgerState()
 
 
-def parse_document(raw: bytes, path: str) -> LedgerState:
-    """Parse and verify the bytes of a ledger file; any defect raises :class:`LedgerCorrupt`."""
+def parse_document(raw: bytes, path: str, *, known: LedgerState | None = None) -> LedgerState:
+    """Parse and verify the bytes of a ledger file; any defect raises :class:`LedgerCorrupt`.
+
+    ``known``: a state parsed (or written) before. A record whose canonical text is the one
+    ``known`` holds for its key is the same JSON value, so its :class:`Allocation` is taken from
+    ``known`` instead of being built and checked again. Every check on the whole document (JSON,
+    format, checksum, keys, nothing held twice) runs all the same.
+    """
 
     def corrupt(reason: str, **extra) -> LedgerCorrupt:
         return LedgerCorrupt(path=path, reason=reason, **extra)
@@ -409,19 +497,24 @@ def parse_document(raw: bytes, path: str) -> LedgerState:
         raise corrupt(f"allocations is {type(allocations_json).__name__}, not an object")
     recorded = doc["checksum"]
     try:
-        computed = checksum_of(allocations_json)
+        texts = {key: canonical_json(record) for key, record in allocations_json.items()}
     except ValueError:  # NaN / Infinity smuggled in: not canonical JSON
         raise corrupt("allocations hold a non-finite number") from None
+    computed = _checksum_of_members([_member(key, texts[key]) for key in sorted(texts)])
     if recorded != computed:
         raise corrupt("checksum mismatch", recorded=recorded, computed=computed)
 
     allocations: dict[str, Allocation] = {}
     holders: dict[tuple[str, Any], str] = {}
+    known_texts = known._texts if known is not None else {}
     for key, record in allocations_json.items():
-        try:
-            alloc = Allocation.from_json(record)
-        except (ValueError, TypeError) as e:
-            raise corrupt(f"allocation {key!r}: {e}") from None
+        if known_texts.get(key) == texts[key]:
+            alloc = known.allocations[key]
+        else:
+            try:
+                alloc = Allocation.from_json(record)
+            except (ValueError, TypeError) as e:
+                raise corrupt(f"allocation {key!r}: {e}") from None
         if alloc.key != key:
             raise corrupt(f"allocation {key!r} records key {alloc.key!r}")
         for resource in _exclusive(alloc):
@@ -431,7 +524,10 @@ def parse_document(raw: bytes, path: str) -> LedgerState:
                 raise corrupt(f"{kind} {ident} is held by both {other} and {key}")
             holders[resource] = key
         allocations[key] = alloc
-    return LedgerState(generation=generation, allocations=allocations)
+    state = LedgerState(generation=generation, allocations=allocations)
+    # an unchanged record is written back as it was read: the same JSON value, the same text
+    state._texts.update(texts)
+    return state
 
 
 # -- a transaction ---------------------------------------------------------------------------------
@@ -466,7 +562,7 @@ class LedgerTxn:
 
     def occupancy(self) -> Occupancy:
         """Everything held right now, this transaction's changes included."""
-        return Occupancy.union(a.occupancy() for a in self._allocs.values())
+        return _occupancy_of(self._allocs.values())
 
     def holder_of_gpu(self, pci: str) -> str | None:
         return self._holders.get(("GPU", pci))
@@ -508,11 +604,28 @@ class LedgerTxn:
         return alloc
 
     def _result(self) -> LedgerState:
-        return LedgerState(generation=self._base.generation + 1, allocations=self._allocs)
+        state = LedgerState(generation=self._base.generation + 1, allocations=self._allocs)
+        state._keep_texts(self._base)
+        return state
 
 
 # -- the ledger ------------------------------------------------------------------------------------
 LOCK_POLL_S = 0.002
+
+
+@dataclass
+class TxnTimes:
+    """Where one transaction's time went (seconds), for benchmarks: the lock's wait and hold,
+    and inside the hold: reading the document (``parsed``: whether it had to be parsed then),
+    the caller's block, encoding the new document, and its write (``write``: None when nothing
+    was written). The rest of the hold is bookkeeping and the lock's release."""
+
+    lock: fsutil.LockTimes = field(default_factory=fsutil.LockTimes)
+    read_s: float | None = None
+    parsed: bool | None = None
+    body_s: float | None = None
+    encode_s: float | None = None
+    write: fsutil.WriteTimes | None = None
 
 
 class Ledger:
@@ -532,7 +645,9 @@ class Ledger:
         self.path = os.path.join(self.state_dir, LEDGER_FILE)
         self.lock_path = os.path.join(self.state_dir, LOCK_FILE)
         self.lock_timeout = float(lock_timeout)
-        self._lock_times = fsutil.LockTimes()      # of the last transaction
+        self._times = TxnTimes()                   # of the last transaction
+        # the bytes of the last document this instance read or wrote, and what they say
+        self._known: tuple[bytes, LedgerState] | None = None
 
     def __repr__(self) -> str:
         return f"Ledger({self.state_dir!r}, lock_timeout={self.lock_timeout})"
@@ -540,15 +655,28 @@ class Ledger:
     # reading ------------------------------------------------------------------------------------
     def read(self) -> LedgerState:
         """The current ledger, without taking the lock (writes are atomic renames, so the file
-        opened is always one complete version). A missing file is an empty ledger."""
+        opened is always one complete version). A missing file is an empty ledger.
+
+        The file is read every time; only its parse is reused, when its bytes are exactly those
+        this instance last read or wrote (the state is a pure function of the bytes)."""
+        return self._load()[0]
+
+    def _load(self) -> tuple[LedgerState, bool]:
+        """The current ledger, and whether its bytes had to be parsed (False: a missing file, or
+        the bytes of the last document this instance read or wrote)."""
         try:
             with open(self.path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return EMPTY_STATE
+            return EMPTY_STATE, False
         except OSError as e:
             raise LedgerError(path=self.path, reason=f"cannot read: {e.strerror or e}") from e
-        return parse_document(raw, self.path)
+        known = self._known
+        if known is not None and known[0] == raw:
+            return known[1], False
+        state = parse_document(raw, self.path, known=known[1] if known is not None else None)
+        self._known = (raw, state)
+        return state, True
 
     # writing ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -559,22 +687,44 @@ class Ledger:
         :class:`LedgerCorrupt` before the block runs.
         """
         self._ensure_dir()
-        self._lock_times = fsutil.LockTimes()
+        self._times = times = TxnTimes()
+        clock = time.perf_counter
         txn: LedgerTxn | None = None
-        # filelock polls; its default 50 ms poll would make 16 concurrent prologs queue for up to
-        # a second behind critical sections of ~2 ms each.
-        with fsutil.locked(self.lock_path, timeout=self.lock_timeout, poll_s=LOCK_POLL_S,
-                           mode=FILE_MODE, times=self._lock_times,
-                           timed_out=lambda: LedgerLockTimeout(path=self.lock_path,
-                                                               timeout=self.lock_timeout),
-                           failed=lambda e: LedgerError(path=self.lock_path,
-                                                        reason=f"cannot lock: {e.strerror or e}")):
+        # Parse the document now, before the lock: under it, the same bytes are only compared
+        # (and when another writer got in first, its records that this parse already checked
+        # are not built again). What counts is still what is read under the lock; a corrupt or
+        # unreadable ledger is reported there.
+        with contextlib.suppress(LedgerError):
+            self._load()
+        with contextlib.ExitStack() as stack:
+            # The temp file of the write, made and fsynced before the lock: that fsync commits
+            # what the filesystem had pending from everyone else, which the write's own fsync
+            # would otherwise wait for under the lock (fsutil.pending_write). Not possible here
+            # (a read-only state dir): the write, if any, makes its own, as before.
             try:
-                txn = LedgerTxn(self.read())
+                pending = stack.enter_context(fsutil.pending_write(self.path, mode=FILE_MODE))
+            except OSError:
+                pending = None
+            # fsutil.locked polls; its default 50 ms poll would make 16 concurrent prologs queue
+            # for up to a second behind critical sections of ~2 ms each.
+            stack.enter_context(fsutil.locked(
+                self.lock_path, timeout=self.lock_timeout, poll_s=LOCK_POLL_S, mode=FILE_MODE,
+                times=times.lock,
+                timed_out=lambda: LedgerLockTimeout(path=self.lock_path,
+                                                    timeout=self.lock_timeout),
+                failed=lambda e: LedgerError(path=self.lock_path,
+                                             reason=f"cannot lock: {e.strerror or e}")))
+            try:
+                t0 = clock()
+                base, times.parsed = self._load()
+                txn = LedgerTxn(base)
+                times.read_s = clock() - t0
+                t0 = clock()
                 yield txn
+                times.body_s = clock() - t0
                 txn._open = False
                 if txn.changed:
-                    self._write(txn._result())
+                    self._write(txn._result(), times, pending)
             finally:
                 if txn is not None:
                     txn._open = False
@@ -582,13 +732,19 @@ class Ledger:
     @property
     def last_lock_wait_s(self) -> float | None:
         """Seconds the last transaction waited for the lock (None before the first)."""
-        return self._lock_times.waited_s
+        return self._times.lock.waited_s
 
     @property
     def last_held_s(self) -> float | None:
         """Seconds the last transaction held the lock, acquired -> released (None before the
         first, during one, and after a lock time-out)."""
-        return self._lock_times.held_s
+        return self._times.lock.held_s
+
+    @property
+    def last_times(self) -> TxnTimes:
+        """Where the last transaction's time went (:class:`TxnTimes`; all None before the
+        first)."""
+        return self._times
 
     def allocate(self, allocation: Allocation) -> Allocation:
         """Record one allocation in its own transaction (see :meth:`LedgerTxn.allocate`)."""
@@ -666,14 +822,24 @@ class Ledger:
             raise LedgerError(path=self.state_dir,
                               reason=f"cannot create state dir: {e.strerror or e}") from e
 
-    def _write(self, state: LedgerState) -> None:
-        """Atomically replace the ledger file with ``state`` (:func:`fsutil.atomic_write`)."""
-        data = json.dumps(state.to_json(), indent=2, sort_keys=True, ensure_ascii=True,
-                          allow_nan=False) + "\n"
+    def _write(self, state: LedgerState, times: TxnTimes | None = None,
+               pending: fsutil.PendingWrite | None = None) -> None:
+        """Atomically replace the ledger file with ``state`` (:func:`fsutil.atomic_write`, or
+        the ``pending`` one's commit)."""
+        t0 = time.perf_counter()
+        data = state.encode()
+        write_times = None
+        if times is not None:
+            times.encode_s = time.perf_counter() - t0
+            times.write = write_times = fsutil.WriteTimes()
         try:
-            fsutil.atomic_write(self.path, data.encode("ascii"), mode=FILE_MODE)
+            if pending is not None:
+                pending.commit(data, times=write_times)
+            else:
+                fsutil.atomic_write(self.path, data, mode=FILE_MODE, times=write_times)
         except OSError as e:
             raise LedgerError(path=self.path, reason=f"cannot write: {e.strerror or e}") from e
+        self._known = (data, state)
 
 
 def _salvaged_generation(raw: bytes) -> int:
@@ -686,6 +852,6 @@ def _salvaged_generation(raw: bytes) -> int:
 
 
 __all__ = [
-    "Allocation", "Ledger", "LedgerState", "LedgerTxn", "EMPTY_STATE", "FORMAT", "VERSION",
-    "canonical_json", "checksum_of", "domain_key", "job_key", "parse_document",
+    "Allocation", "Ledger", "LedgerState", "LedgerTxn", "TxnTimes", "EMPTY_STATE", "FORMAT",
+    "VERSION", "canonical_json", "checksum_of", "domain_key", "job_key", "parse_document",
 ]
