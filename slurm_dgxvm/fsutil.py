@@ -124,7 +124,9 @@ def _pending_write(path: PathLike, *, mode: int = 0o600, uid: int | None = None,
     extra fsync; the two that make the write durable are still commit()'s.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the writer's pid in the name: sweep_dead_temps() removes what a killed writer left
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
     pending = PendingWrite(path, fd, tmp)
     try:
         os.fchmod(fd, mode)
@@ -138,6 +140,37 @@ def _pending_write(path: PathLike, *, mode: int = 0o600, uid: int | None = None,
 
 
 pending_write = _pending_write    # atomic_write uses the one behind the public name
+
+
+def sweep_dead_temps(path: PathLike) -> int:
+    """Remove the temp files of :func:`pending_write` for ``path`` whose writer is dead (a
+    process SIGKILLed between making its temp file and committing it: a Prolog killed while
+    it waited for the ledger's lock). A temp file of a live process, or one whose name has no
+    pid, is left alone. Returns how many were removed."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    removed = 0
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return 0
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid = name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                      # alive (or not ours to signal): its file
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.parent / name)
+            removed += 1
+    return removed
 
 
 def atomic_write_json(path: PathLike, doc, *, mode: int = 0o600, uid: int | None = None,
@@ -267,4 +300,4 @@ def _acquire(path: str, mode: int, deadline: float | None, poll_s: float) -> int
 
 
 __all__ = ["LockTimes", "PendingWrite", "WriteTimes", "atomic_write", "atomic_write_json",
-           "fsync_dir", "link_into_place", "locked", "pending_write"]
+           "fsync_dir", "link_into_place", "locked", "pending_write", "sweep_dead_temps"]

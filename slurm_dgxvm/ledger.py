@@ -18,9 +18,10 @@ Decisions that live here:
   A transaction makes (and fsyncs) its temp file before it takes the lock
   (:func:`fsutil.pending_write`), so that under the lock its fsyncs carry its own change and not
   what the rest of the node left pending in the filesystem's journal; the temp file of a
-  transaction that writes nothing is removed. (So a process SIGKILLed while it waits for the
-  lock leaves an empty ``.ledger.json.*.tmp`` behind, as one killed mid-write always could; no
-  reader opens those names.)
+  transaction that writes nothing is removed. A process SIGKILLed while it waits for the lock
+  leaves its empty ``.ledger.json.<pid>.*.tmp`` behind: the next transaction removes the temp
+  files of writers that are dead (:func:`fsutil.sweep_dead_temps`); no reader opens those
+  names.
 * **A checksum over the allocations.** The rename protects against torn writes by *us*; the
   checksum (sha256 of the canonical JSON of ``allocations``) catches everything else: a hand
   edit, a partial copy back from a backup, a filesystem that lost data. A ledger that lies is
@@ -696,6 +697,7 @@ class Ledger:
         # unreadable ledger is reported there.
         with contextlib.suppress(LedgerError):
             self._load()
+        fsutil.sweep_dead_temps(self.path)
         with contextlib.ExitStack() as stack:
             # The temp file of the write, made and fsynced before the lock: that fsync commits
             # what the filesystem had pending from everyone else, which the write's own fsync

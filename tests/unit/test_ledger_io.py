@@ -252,3 +252,35 @@ def test_a_transaction_works_when_the_temp_file_cannot_be_made_early(tmp_path, m
     assert ledger.last_times.write.fsync_s > 0
     assert set(Ledger(ledger.state_dir).read().allocations) == {"job:1", "job:2"}
     assert sorted(os.listdir(ledger.state_dir)) == ["ledger.json", "ledger.lock"]
+
+
+def test_a_writer_killed_while_it_waits_for_the_lock_leaves_no_temp_file_for_long(tmp_path):
+    """Its empty temp file is made before the lock; the next transaction removes it (its pid
+    is dead), and never one of a live writer."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from slurm_dgxvm import fsutil
+    from slurm_dgxvm.ledger import LOCK_FILE, Ledger
+    ledger = Ledger(tmp_path)
+    with ledger.transaction():
+        pass                                               # the state dir and the lock file
+    waiter = ("import sys; from slurm_dgxvm.ledger import Ledger\n"
+              "with Ledger(sys.argv[1], lock_timeout=60).transaction(): pass\n")
+    with fsutil.locked(tmp_path / LOCK_FILE, timeout=5, timed_out=RuntimeError,
+                       failed=RuntimeError):
+        proc = subprocess.Popen([sys.executable, "-c", waiter, str(tmp_path)])
+        deadline = time.monotonic() + 30
+        while not list(tmp_path.glob(".ledger.json.*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p.name.split(".")[3] for p in tmp_path.glob(".ledger.json.*.tmp")] == \
+            [str(proc.pid)]
+        live = tmp_path / f".ledger.json.{os.getpid()}.x.tmp"     # a live writer's: kept
+        live.write_text("")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with ledger.transaction():
+        pass
+    assert [p.name for p in tmp_path.glob(".ledger.json.*.tmp")] == [live.name]
