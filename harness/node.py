@@ -39,7 +39,7 @@ def default_dgxvm() -> Path:
 
 
 # What `dgxvm` needs at run time, copied from this checkout's environment for job users.
-_RUNTIME = ("click", "jinja2", "markupsafe", "filelock", "libvirt.py", "libvirt_qemu.py",
+_RUNTIME = ("click", "jinja2", "markupsafe", "libvirt.py", "libvirt_qemu.py",
             "libvirt_lxc.py", "libvirtaio.py", "libvirtmod*.so")
 
 
