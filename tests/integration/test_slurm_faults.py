@@ -32,7 +32,6 @@ from test_slurm_reconcile import _domain_running
 
 pytestmark = pytest.mark.integration
 
-HOLD = "#!/bin/sh\nsleep 3600\n"
 # the batch script starts only once the Prolog is done (squeue says RUNNING while it runs)
 STARTED = "#!/bin/sh\ntouch started-$SLURM_JOB_ID\n"
 
@@ -150,10 +149,11 @@ def admin_comment(node, job: int) -> dict:
 @pytest.fixture(scope="module")
 def bystanders(slurm_node):
     node = slurm_node
-    jobs = [node.jobs.sbatch(HOLD, gpus=1), node.jobs.sbatch(HOLD, gpus=2)]
+    jobs = []
     try:
-        for job in jobs:
-            wait_job_state(node, job, ("RUNNING",), timeout=300)
+        # their Prologs done (a create in progress would hold reconcile's ledger rebuild off)
+        jobs += [started_job(node, "sleep 3600\n", gpus=1),
+                 started_job(node, "sleep 3600\n", gpus=2)]
         seen = {}
         for job in jobs:
             name = f"job-{job}"
