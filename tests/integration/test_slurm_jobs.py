@@ -203,7 +203,8 @@ def test_a_job_cancelled_while_its_vm_boots_is_cleaned_up(slurm_node):
     job = node.jobs.sbatch(JOB_SCRIPT.format(hold=30), gpus=4)
     vmdir = node.env.state_dir / "vms" / f"job-{job}"
     deadline = time.monotonic() + 120
-    while not (vmdir / "domain.xml").exists():
+    # the record is written just after the domain XML (lifecycle.create's design): wait for both
+    while not ((vmdir / "domain.xml").exists() and (vmdir / "record.json").exists()):
         assert time.monotonic() < deadline, "the VM never started to be made"
         time.sleep(0.1)
     rec = json.loads((vmdir / "record.json").read_text())
