@@ -239,6 +239,35 @@ def test_a_running_network_without_its_firewall_is_refused_with_the_fix(tmp_path
         conn.close()
 
 
+def test_a_ready_network_is_served_without_its_lock(tmp_path, monkeypatch):
+    """Every create checks the network; only making it takes network.lock. 16 Prologs at once
+    on a fresh node queued past the lock's timeout when each check took it (load bench), and
+    exit 1 drains the node."""
+    import filelock
+    import libvirt
+    from slurm_dgxvm import hypervisor
+    from slurm_dgxvm.errors import LockTimeout
+    monkeypatch.setenv("DGXVM_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr(hypervisor, "NETWORK_LOCK_TIMEOUT_S", 0.2)
+    conn = libvirt.open("test:///default")
+    try:
+        with filelock.FileLock(str(tmp_path / "network.lock")):     # a Prolog reserving
+            with pytest.raises(LockTimeout):                          # no marker: the locked path
+                hypervisor.ensure_network(conn, "default", "192.168.122.0/24", str(tmp_path))
+            _hook_marks(conn, "default")
+            net = hypervisor.ensure_network(conn, "default", "192.168.122.0/24", str(tmp_path))
+            assert net.name() == "default"
+            net.destroy()                                             # stopped: made under it
+            try:
+                with pytest.raises(LockTimeout):
+                    hypervisor.ensure_network(conn, "default", "192.168.122.0/24",
+                                              str(tmp_path))
+            finally:
+                net.create()        # the test driver's state is the process's, shared
+    finally:
+        conn.close()
+
+
 def test_a_domain_that_went_away_since_its_lookup_is_undefined():
     """`dgxvm list` while a VM is being deleted: the domain it looked up vanishes before its
     state is read (this made `dgxvm list` fail with an internal error in the demo)."""
