@@ -20,6 +20,7 @@ Processes are found and signalled by pid (a pidfd), never by name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from slurm_dgxvm.ranges import parse_index_list
 from slurm_dgxvm.slurm.accounting import decode, parse_stages
 
 from .node import default_dgxvm
+from .slurm import ensure_user
 
 #: the PATH slurmd gives a Prolog (harness/README.md, measured)
 SLURMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -156,6 +158,22 @@ class Node:
         """A copy of the node's config for Prologs run without Slurm (same state dir)."""
         path.write_text(self.config.read_text() + HOOKS_WITHOUT_SLURM)
         return path
+
+
+@contextlib.contextmanager
+def ordinary_user(name: str) -> Iterator[pwd.struct_passwd]:
+    """The user ``name`` (created when missing, and then removed at the end)."""
+    try:
+        pwd.getpwnam(name)
+        made = False
+    except KeyError:
+        made = True
+    ensure_user(name)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        if made:
+            subprocess.run(["userdel", "--remove", name], capture_output=True, timeout=60)
 
 
 # -- the node's truth --------------------------------------------------------------------------------
