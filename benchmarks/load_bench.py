@@ -10,10 +10,11 @@ slurmctld's scheduling loop's. Printed, each beside its target: every VM ready, 
 each domain's XML), ledger = libvirt, the longest ledger lock hold (each VM record's lock_s;
 target < 10 ms), the wall time, and where the Prologs' time went (the guest's boot, stage
 `ready`, against the rest); then the Epilogs, and nothing left (domains, QEMU, VM dirs,
-ledger entries, DHCP reservations).
+ledger entries, DHCP reservations). --warm runs one Prolog and Epilog first, so the burst meets
+a node that has run a job (its libvirt network defined and started) instead of a fresh one.
 
 Run as root, with no libvirtd running (it starts its own in a network namespace):
-    flock /tmp/dgxvm-libvirt.lock .venv/bin/python benchmarks/load_bench.py [--count 16]
+    flock /tmp/dgxvm-libvirt.lock .venv/bin/python benchmarks/load_bench.py [--count 16] [--warm]
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def main() -> int:
                     help="Prologs at once, 1..16 (one GPU each; default 16)")
     ap.add_argument("--deadline", type=float, default=1200.0,
                     help="seconds by which every Prolog (and every Epilog) must have ended")
+    ap.add_argument("--warm", action="store_true",
+                    help="one Prolog and Epilog before the burst (a node that has run a job: "
+                         "its network up), instead of a fresh node")
     ap.add_argument("--ready-timeout", type=float, default=900.0,
                     help="the Prologs' [libvirt] ready_timeout_s (16 TCG guests booting at once "
                          "on 2 CPUs take longer than the usual 300 s)")
@@ -64,7 +68,8 @@ def main() -> int:
         print(f"node up in {time.monotonic() - t_all:.1f}s (libvirt only; "
               f"`[slurm] accounting = false`)", flush=True)
         checks, fig = load(node, args.count, config=config, first_job=FIRST_JOB,
-                           deadline_s=args.deadline, say=lambda s: print(s, flush=True))
+                           deadline_s=args.deadline, warm=args.warm,
+                           say=lambda s: print(s, flush=True))
     ok = print_checks(f"{args.count} Prologs at once on a simulated DGX-2 (TCG guests, "
                       f"{os.cpu_count()} host CPUs)", checks)
     if fig["boot_s"]:

@@ -97,6 +97,16 @@ def quantiles(values: Iterable[float]) -> str:
             f"max {v[-1]:.3f}s  (n={len(v)})")
 
 
+def stage_checks(boots: list[float], stages: Iterable[dict[str, float]]) -> list[Check]:
+    """The Prolog's time (boot_s) and each create stage's, as min/p50/p95/max lines."""
+    by_stage: dict[str, list[float]] = {}
+    for one in stages:
+        for stage, s in one.items():
+            by_stage.setdefault(stage, []).append(s)
+    return [Check("Prolog time (boot_s)", bool(boots), quantiles(boots)),
+            *(Check(f"  create stage {stage}", True, quantiles(v)) for stage, v in by_stage.items())]
+
+
 # -- the node ----------------------------------------------------------------------------------------
 @dataclass
 class Node:
@@ -465,11 +475,20 @@ def hooks_at_once(node: Node, verb: str, environs: dict[int, dict[str, str]],
 
 
 def load(node: Node, count: int, *, config: Path, first_job: int, deadline_s: float,
-         say: Say = print) -> tuple[list[Check], dict]:
+         warm: bool = False, say: Say = print) -> tuple[list[Check], dict]:
     """``count`` Prologs of 1-GPU jobs at once (job ids ``first_job``..., each with its own
     Slurm GPU index), the checks on what they made, then ``count`` Epilogs at once and the check
     that nothing is left. ``config``: the node's config with accounting off
-    (:meth:`Node.hooks_config`). Returns the checks and the figures."""
+    (:meth:`Node.hooks_config`). ``warm``: one Prolog and Epilog (job ``first_job - 1``) first,
+    so that the burst meets a node that has run a job (its network defined and started) rather
+    than a fresh one. Returns the checks and the figures."""
+    if warm:
+        for verb in ("prolog", "epilog"):
+            [run], _ = hooks_at_once(node, verb, {first_job - 1: job_environ(
+                node, first_job - 1, "0", config)}, deadline_s)
+            if run.rc != 0:
+                raise RuntimeError(f"warm-up {verb}: exit {run.rc}: {run.out.strip()[-600:]}")
+        say(f"warm: job {first_job - 1}'s Prolog and Epilog ran first")
     jobs = range(first_job, first_job + count)
     say(f"{count} Prologs at once (jobs {first_job}-{first_job + count - 1}, 1 GPU each)")
     prologs, p_wall = hooks_at_once(node, "prolog", {j: job_environ(node, j, str(i % 16), config)
@@ -522,6 +541,7 @@ def load(node: Node, count: int, *, config: Path, first_job: int, deadline_s: fl
         Check("Epilogs: exit 0, all ended", all(r.rc == 0 for r in epilogs),
               f"{sum(r.rc == 0 for r in epilogs)}/{count} in {e_wall:.1f}s", f"< {deadline_s:.0f}s"),
         Check("nothing left after the Epilogs", not left, "; ".join(left) or "nothing"),
+        *stage_checks(boot, (r["create_stages"] for r in recs.values() if r.get("create_stages"))),
     ]
     figures = {"prolog_wall_s": p_wall, "epilog_wall_s": e_wall, "lock_s": locks,
                "boot_s": boot, "guest_ready_s": guest,
@@ -839,7 +859,7 @@ class Soak:
         state = node.cluster.node_state()
         left = leftovers(node)
         wrong = []
-        boots, stages = [], {}
+        boots, stages = [], []
         for jid, job in sorted(self.jobs.items()):
             why = self.sacct_problem(job, rows.get(jid))
             if why:
@@ -847,8 +867,7 @@ class Soak:
             rec = decode(rows.get(jid, {}).get("AdminComment"))
             if rec and rec.get("boot_s"):
                 boots.append(float(rec["boot_s"]))
-                for stage, s in parse_stages(rec.get("create_stages")).items():
-                    stages.setdefault(stage, []).append(s)
+                stages.append(parse_stages(rec.get("create_stages")))
         quarantine = self.quarantine_problems()
         flat = self.flatness()
         n_faults = sum(1 for j in self.jobs.values() if j.fault)
@@ -884,11 +903,8 @@ class Soak:
                   self.not_responding()),
             *flat,
         ]
-        self.figures = {"boot_s": boots, "stages": stages, "rows": rows}
-        checks.append(Check("Prolog time (AdminComment boot_s)", bool(boots), quantiles(boots)))
-        for stage, values in stages.items():
-            checks.append(Check(f"  create stage {stage}", True, quantiles(values)))
-        return checks
+        self.figures = {"boot_s": boots, "rows": rows}
+        return checks + stage_checks(boots, stages)   # from each job's AdminComment
 
     def not_responding(self) -> str:
         try:
