@@ -44,6 +44,7 @@ from slurm_dgxvm.design.spec import XMLNS
 from slurm_dgxvm.ledger import Ledger, job_key
 from slurm_dgxvm.ranges import parse_index_list
 from slurm_dgxvm.slurm.accounting import decode, parse_stages
+from slurm_dgxvm.stages import ordered
 
 from .node import default_dgxvm
 from .slurm import ensure_user
@@ -104,7 +105,8 @@ def stage_checks(boots: list[float], stages: Iterable[dict[str, float]]) -> list
         for stage, s in one.items():
             by_stage.setdefault(stage, []).append(s)
     return [Check("Prolog time (boot_s)", bool(boots), quantiles(boots)),
-            *(Check(f"  create stage {stage}", True, quantiles(v)) for stage, v in by_stage.items())]
+            *(Check(f"  create stage {stage}", True, quantiles(v))
+              for stage, v in ordered(by_stage, "create"))]
 
 
 # -- the node ----------------------------------------------------------------------------------------
@@ -612,6 +614,7 @@ class Soak:
         self.quarantines: list[dict] = []   # {"pci", "job", "since", "cleared"}
         self.problems: list[str] = []      # a fault not recovered as documented
         self.stuck_jobs: list[str] = []    # a job past the job timeout, or not ended
+        self.unplanned: list[str] = []     # a drain no fault of ours caused
         self._first_seen: dict[int, float] = {}
 
     # -- helpers -------------------------------------------------------------------------------
@@ -796,6 +799,7 @@ class Soak:
                     next_sample += self.sample_every
                 self.clear_quarantines()
                 self.stuck(queued)
+                self.unplanned_drain(queued)
                 if k < len(self.plan) and len(queued) < self.queue:
                     gpus, kind = self.plan[k]
                     k += 1
@@ -821,6 +825,24 @@ class Soak:
         self.wall_s = time.monotonic() - t0
         self.sample_usage("end")
         return self.checks()
+
+    def unplanned_drain(self, queued: dict[int, dict]) -> None:
+        """A drain that no injected fault caused (a guest that never became ready, ...): it is
+        recorded, with what slurmd logged of the held jobs, then undone as an admin would
+        (resume the node, release the held jobs), so the soak goes on."""
+        drained = self.drained()
+        if not drained:
+            return
+        held = [jid for jid, q in queued.items() if "held" in q["reason"].lower()]
+        why = [ln.strip()[:300] for ln in self.node.cluster.slurmd_log.read_text(
+            errors="replace").splitlines() if "dgxvm" in ln and any(
+            f"job {j} " in ln for j in held)]
+        self.unplanned.append(f"node {drained[0]} ({drained[1]}), held jobs {held}: "
+                              + " | ".join(why[-3:]))
+        self.say(f"  [{time.strftime('%H:%M:%S')}] UNPLANNED: {self.unplanned[-1]}")
+        self.node.cluster.resume_node()
+        for jid in held:
+            self.node.cluster.run(["scontrol", "release", str(jid)], check=False)
 
     def stuck(self, queued: dict[int, dict]) -> None:
         """A job queued or running past the job timeout: the soak stops (FaultStuck)."""
@@ -882,6 +904,9 @@ class Soak:
                   f"{n_faults} of {want_faults}: " + ", ".join(
                       f"{j.id}={j.fault}" for j in self.jobs.values() if j.fault)
                   + ("; " + "; ".join(self.problems) if self.problems else "")),
+            Check("no drain but the injected faults' (an unplanned one is undone, to go on)",
+                  not self.unplanned,
+                  "; ".join(self.unplanned) or "none"),
             Check("leaks (domains, QEMU, VM dirs, ledger, DHCP, fault points)", not left,
                   "; ".join(left) or "0"),
             Check("double assignments (records every 0.5 s)", not self.sampler.problems,
