@@ -253,7 +253,6 @@ class Domain:
     gpu_pcis: tuple[str, ...]
     cpus: tuple[int, ...]
     live_pins: tuple[int, ...]
-    fitted: bool
 
 
 _DROPPED = re.compile(r"dropped PCI passthrough of \d+ GPU\(s\) (.*?)(?: and \d+ NVSwitch| \(not)")
@@ -287,7 +286,7 @@ def domains(uri: str) -> dict[str, Domain]:
                 designed = sorted(parse_index_list(m.group(1)))
         out[name] = Domain(name=name, gpus=tuple(parse_index_list(gpus_text)) if gpus_text
                            else (), gpu_pcis=tuple(pcis), cpus=tuple(designed),
-                           live_pins=tuple(live), fitted=bool(fitted))
+                           live_pins=tuple(live))
     return out
 
 
@@ -367,12 +366,12 @@ def usage(pid: int) -> tuple[int, int, int] | None:
     return kib.get("VmRSS", 0), kib.get("VmHWM", 0), fds
 
 
-def hook_verb(pid: int) -> str | None:
-    """``prolog``/``epilog``/``hook`` for a dgxvm hook process (``.../dgxvm prolog``)."""
+def hook_verb(pid: int, dgxvm: Path) -> str | None:
+    """``prolog``/``epilog``/``hook`` for a hook process of this node's ``dgxvm`` (``python3
+    .../dgxvm prolog``): another checkout's, on this shared machine, is not counted."""
     argv = cmdline(pid)
     for i, a in enumerate(argv[:3]):
-        if os.path.basename(a) == "dgxvm" and i + 1 < len(argv) and \
-                argv[i + 1] in ("prolog", "epilog", "hook"):
+        if a == str(dgxvm) and i + 1 < len(argv) and argv[i + 1] in ("prolog", "epilog", "hook"):
             return argv[i + 1]
     return None
 
@@ -387,7 +386,8 @@ class Sampler(threading.Thread):
         self.node, self.period, self.stop_evt = node, period, threading.Event()
         self.snapshots, self.max_vms = 0, 0
         self.problems: list[str] = []
-        self.placed: dict[str, tuple[float, tuple[str, ...]]] = {}   # name -> (placed, PCIs)
+        # "NAME@placed" -> (when placed, its GPUs' PCI addresses): every VM seen
+        self.placed: dict[str, tuple[float, tuple[str, ...]]] = {}
         self.hook_hwm: dict[str, int] = {}                          # verb -> KiB
         self.hook_pids: set[int] = set()
 
@@ -412,7 +412,7 @@ class Sampler(threading.Thread):
             a = r["allocation"]
             self.placed.setdefault(f"{n}@{a['created']}", (a["created"], tuple(a["gpu_pcis"])))
         for d in Path("/proc").iterdir():
-            if d.name.isdigit() and (verb := hook_verb(int(d.name))):
+            if d.name.isdigit() and (verb := hook_verb(int(d.name), self.node.dgxvm)):
                 u = usage(int(d.name))
                 if u:
                     self.hook_hwm[verb] = max(self.hook_hwm.get(verb, 0), u[1])
@@ -524,14 +524,16 @@ def load(node: Node, count: int, *, config: Path, first_job: int, deadline_s: fl
         Check("no deadlock: every Prolog ended", all(r.rc is not None for r in prologs),
               f"last one after {p_wall:.1f}s", f"< {deadline_s:.0f}s"),
         Check("distinct GPUs (ledger)", len(gpus) == len(set(gpus)) == count,
-              f"{len(set(gpus))} distinct of {len(gpus)}: {sorted(gpus)}", f"{count}"),
-        Check("disjoint core sets (ledger)", not shared and len(allocs) == count,
-              "; ".join(shared) or f"{sum(len(a.cpus) for a in allocs.values())} CPUs, "
-                                   f"none shared"),
-        Check("disjoint core sets (domain XML, designed vcpupin)",
-              not shared_xml and len(doms) == count,
-              "; ".join(shared_xml) or f"{sum(len(d.cpus) for d in doms.values())} CPUs, none "
-                                       f"shared (live pins, fitted to this host: "
+              f"{len(set(gpus))} distinct of {len(gpus)} held by {len(allocs)} VMs: "
+              f"{sorted(gpus)}", f"{count}"),
+        # whether every VM was made is the first check's; these judge the VMs there are
+        Check("disjoint core sets (ledger)", not shared,
+              "; ".join(shared) or f"{sum(len(a.cpus) for a in allocs.values())} CPUs of "
+                                   f"{len(allocs)} VMs, none shared"),
+        Check("disjoint core sets (domain XML, designed vcpupin)", not shared_xml,
+              "; ".join(shared_xml) or f"{sum(len(d.cpus) for d in doms.values())} CPUs of "
+                                       f"{len(doms)} domains, none shared (live pins, fitted "
+                                       f"to this host: "
                                        f"{sorted({c for d in doms.values() for c in d.live_pins})})"),
         Check("ledger = libvirt (GPUs, PCI, vCPUs; no extra entries)", not mismatch,
               "; ".join(mismatch) or f"{len(doms)} domains = {len(allocs)} entries"),
@@ -831,16 +833,19 @@ class Soak:
         recorded, with what slurmd logged of the held jobs, then undone as an admin would
         (resume the node, release the held jobs), so the soak goes on."""
         drained = self.drained()
-        if not drained:
-            return
+        # no fault is being handled here, so no job of ours is held on purpose; a held job may
+        # also be seen only after the drain was undone (Slurm requeues it a moment later)
         held = [jid for jid, q in queued.items() if "held" in q["reason"].lower()]
+        if not drained and not held:
+            return
         why = [ln.strip()[:300] for ln in self.node.cluster.slurmd_log.read_text(
             errors="replace").splitlines() if "dgxvm" in ln and any(
             f"job {j} " in ln for j in held)]
-        self.unplanned.append(f"node {drained[0]} ({drained[1]}), held jobs {held}: "
+        self.unplanned.append(f"node {drained or 'not drained'}, held jobs {held}: "
                               + " | ".join(why[-3:]))
         self.say(f"  [{time.strftime('%H:%M:%S')}] UNPLANNED: {self.unplanned[-1]}")
-        self.node.cluster.resume_node()
+        if drained:
+            self.node.cluster.resume_node()
         for jid in held:
             self.node.cluster.run(["scontrol", "release", str(jid)], check=False)
 
@@ -942,7 +947,7 @@ class Soak:
     def sacct_problem(self, job: SoakJob, row: dict | None) -> str | None:
         """What is wrong with a job's sacct row, or None. Every job, faulted or not, ends
         COMPLETED (see each fault for why) with a record of its VM whose GPU count is its
-        --gres; a faulted one says what happened to its VM."""
+        --gres, and its batch script saw that VM; a faulted one says what happened to it."""
         if row is None:
             return "no sacct row"
         if row["State"] != "COMPLETED":
@@ -954,6 +959,12 @@ class Soak:
             return f"record state {rec.get('state')}"
         if len(parse_index_list(rec.get("gpus", ""))) != job.gpus:
             return f"record gpus {rec.get('gpus')!r}, --gres gpu:{job.gpus}"
+        try:            # what the batch script saw: `dgxvm job --json`, run once its VM was up
+            seen = json.loads((self.node.workdir / f"soak-{job.id}.json").read_text())
+        except (OSError, ValueError) as exc:
+            return f"the batch script's `dgxvm job --json`: {exc}"
+        if seen.get("name") != f"job-{job.id}" or len(seen.get("gpus", ())) != job.gpus:
+            return f"the batch script saw {seen.get('name')} with GPUs {seen.get('gpus')}"
         if job.fault == "gpu:reset-fail" and job.pci not in rec.get("quarantined", ""):
             return f"record does not name the quarantined {job.pci}: {rec.get('quarantined')!r}"
         if job.fault == "guest:crash" and "stopped before the job ended" not in rec.get("ended", ""):
