@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _node import BenchNode, guest_image  # noqa: E402
 
-from harness.soak import Node, load, ordinary_user, print_checks  # noqa: E402
+from harness.soak import Node, exit_on_sigterm, load, ordinary_user, print_checks  # noqa: E402
 
 USER = "dgxvmload"
 NETWORK, CIDR = "dgxvmload", "10.213.88.0/24"
@@ -51,6 +51,7 @@ def main() -> int:
     args = ap.parse_args()
     if os.geteuid():
         raise SystemExit("load_bench: run as root (it starts libvirtd)")
+    exit_on_sigterm()
     t_all = time.monotonic()
     image_dir, _ = guest_image()
     # as the local node's config (harness/node.py): the work dir shared, 1 vCPU and 384 MiB

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from harness.node import LocalNode  # noqa: E402
-from harness.soak import Node, Soak, print_checks  # noqa: E402
+from harness.soak import Node, Soak, exit_on_sigterm, print_checks  # noqa: E402
 
 
 def main() -> int:
@@ -52,6 +52,7 @@ def main() -> int:
     args = ap.parse_args()
     if os.geteuid():
         raise SystemExit("soak_bench: run as root (it starts libvirtd and Slurm)")
+    exit_on_sigterm()
     t0 = time.monotonic()
     say = lambda s: print(s, flush=True)   # noqa: E731
     with LocalNode(netns="dgxvm-soak", user="dgxvmsoak", network="dgxvmsoak",

@@ -30,6 +30,7 @@ import re
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -170,6 +171,12 @@ class Node:
         """A copy of the node's config for Prologs run without Slurm (same state dir)."""
         path.write_text(self.config.read_text() + HOOKS_WITHOUT_SLURM)
         return path
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM ends the bench as Ctrl-C would (SystemExit in the main thread), so its node's
+    ``with`` block stops every daemon it started; Python's default would leave them running."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 @contextlib.contextmanager
