@@ -9,7 +9,7 @@ Slurm 22.05, libvirt, TCG guests, a simulated DGX-2) with a fault every --fault-
   for the job again (root, SLURM_JOB_ID) and resumes the node;
 * a GPU of a running job whose reset fails (`dgxvm simulate --fault PCI:reset-fail`): it must
   be quarantined at the job's end and given to no VM until cleared (`--fault PCI:clear` and
-  `dgxvm gpu clear`, --fault-every/2 jobs later);
+  `dgxvm gpu clear`, once --fault-every/2 VMs were placed during the quarantine);
 * a guest crash: a running job's QEMU SIGKILLed by pid.
 
 Checks, printed with their figures, pass/fail each (exit 1 when one fails): every job ended,
