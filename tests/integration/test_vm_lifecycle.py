@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -321,6 +322,31 @@ def test_a_partition_fabric_manager_refuses_leaves_nothing(vmenv, h100):
     assert not Ledger(h100.state).read().allocations
     assert fm_active(h100) == {**{p: False for p in fm_active(h100)}, 0: True}
     assert_nothing_left(vmenv, ["tf"], state_dir=h100.state)
+
+
+def test_a_create_killed_with_its_partition_active_is_undone_by_its_delete(vmenv, h100):
+    """The Prolog SIGKILLed just after Fabric Manager activated its partition (before the
+    start; the Slurm cluster's DGX-2 passes its NVSwitches through, so this step runs here):
+    the partition, the ledger entry and the defined domain are left; `dgxvm delete`, what the
+    Epilog runs, deactivates the partition and removes the rest."""
+    h100.state.mkdir(mode=0o755, exist_ok=True)
+    points = h100.state / "failpoints"
+    points.write_text("after:activate_fabric tk kill\n")
+    points.chmod(0o600)
+    try:
+        r = vmenv.dgxvm("create", "--gpu-count", "2", "--domain", "tk", "--user", vmenv.user,
+                        config=h100.config)
+        assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+        assert points.read_text() == ""                     # fired, once
+        [alloc] = Ledger(h100.state).read().allocations.values()
+        assert alloc.fm_partition is not None
+        assert [p for p, on in fm_active(h100).items() if on] == [alloc.fm_partition]
+        assert vmenv.virsh("domstate", "tk").stdout.strip() == "shut off"
+    finally:
+        r = vmenv.dgxvm("delete", "--domain", "tk", config=h100.config)
+    assert r.returncode == 0, r.stderr
+    assert not any(fm_active(h100).values())
+    assert_nothing_left(vmenv, ["tk"], state_dir=h100.state)
 
 
 def test_john_doe_and_a_work_dir_with_a_space_reach_the_guest_unchanged(vmenv):
