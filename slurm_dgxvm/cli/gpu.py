@@ -199,7 +199,10 @@ def health(c, node, no_drain, no_gpu_check, as_json):
         sim = " (SIMULATED host)" if hh.simulated else ""
         if hh.ok:
             cap = next((f.detail for f in hh.findings if f.check == "capacity"), "")
-            click.echo(f"{REASON_PREFIX} {node} OK{sim}: {cap}"
+            # what works but is not whole (a VM whose partition Fabric Manager lost) is said too
+            more = "".join(f"; {f.check}: {f.detail}" for f in hh.findings
+                           if f.check != "capacity" and f.detail.startswith("DEGRADED"))
+            click.echo(f"{REASON_PREFIX} {node} OK{sim}: {cap}{more}"
                        + (f"; {slurm_note}" if slurm_note else ""))
         else:
             f = hh.failed[0]

@@ -4,10 +4,17 @@ reports, one finding per check, each with the fix an admin applies.
 Checks, in order: the host's topology reads; libvirtd answers; the image store opens and holds
 the default image and every partition's; the ledger is not corrupt; the GPU health record reads;
 every GPU and NVSwitch no VM holds passes its check (:mod:`slurm_dgxvm.health`: the check at
-host start and between jobs — a failing one is quarantined here); and the quarantined and
-missing devices still leave a VM of ``[health] min_block_gpus`` GPUs possible.
+host start and between jobs — a failing one is quarantined here); on a shared-NVSwitch machine
+(DGX A100/H100), Fabric Manager answers; and the quarantined and missing devices still leave a
+VM of ``[health] min_block_gpus`` GPUs possible.
 
 A failure here is the node's, never a job's: the caller drains the node with the first one.
+
+A running VM whose Fabric Manager partition is no longer active (Fabric Manager restarted
+without its resiliency mode, or someone deactivated the partition) is DEGRADED, not a failure:
+that one VM's GPUs have lost NVLink, but the node makes new VMs as before (each activates its
+own partition), so it is said in the ``fabric-manager`` finding and never drains the node.
+Fabric Manager not answering is a failure: every new VM's ``fm`` stage would fail.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import DgxvmError
-from ..topology.model import FULL_PASSTHROUGH
+from ..topology.model import FULL_PASSTHROUGH, SHARED_NVSWITCH
 from .env import Env
 
 
@@ -76,8 +83,8 @@ def check_host(env: Env, *, check_gpus: bool = True) -> HostHealth:
                    lambda: f"{len(env.host.gpus)} GPU(s), {len(env.host.nvswitches)} "
                            f"NVSwitch(es)" + (f", {len(env.host.missing_gpus)} missing"
                                               if env.host.missing_gpus else ""))
-    step("libvirt", "start libvirtd (systemctl start libvirtd) and check libvirt.uri",
-         lambda: _libvirt(env))
+    libvirt_ok = step("libvirt", "start libvirtd (systemctl start libvirtd) and check "
+                                 "libvirt.uri", lambda: _libvirt(env))
     step("images", "install the image with `dgxvm image install` or fix the partition's image",
          lambda: _images(env))
     ledger_ok = step("ledger", "run `dgxvm reconcile --rebuild-ledger` (README \"Making the node "
@@ -85,6 +92,10 @@ def check_host(env: Env, *, check_gpus: bool = True) -> HostHealth:
     health_ok = step("gpu-health-record", "inspect the file; move it aside only once every "
                                           "quarantined GPU is known (`dgxvm gpu show`)",
                      lambda: f"{len(env.health.quarantined())} device(s) quarantined")
+    if host_ok and env.host.nvswitch_model == SHARED_NVSWITCH:
+        step("fabric-manager", "start Fabric Manager (systemctl start nvidia-fabricmanager) and "
+                               "check fabric.fmpm in the config",
+             lambda: _fabric(env, with_vms=ledger_ok and libvirt_ok))
     quarantined: dict[str, str] = {}
     biggest = None
     if host_ok and health_ok:
@@ -127,6 +138,40 @@ def _images(env: Env) -> str:
     for name in sorted(names, key=lambda n: n or ""):
         found.append(env.images.get(name).name)
     return "images present: " + ", ".join(sorted(set(found)))
+
+
+def _fabric(env: Env, *, with_vms: bool) -> str:
+    """Fabric Manager answers; and, when the ledger and libvirt can be read, which running VMs
+    hold a partition it has not active (DEGRADED: those VMs' GPUs have no NVLink)."""
+    from . import vmlock
+    from ..hypervisor import is_active, lookup
+    active = {p for p, on in env.fabric.list().items() if on}
+    said = f"Fabric Manager answers: {len(active)} partition(s) active"
+    if not with_vms:
+        return said
+    held = {a.fm_partition: a.domain for a in env.ledger.read().allocations.values()
+            if a.fm_partition is not None and a.fm_partition not in active}
+    if not held:
+        return said
+    lost = {}
+    conn = env.connect()
+    try:
+        for p, name in sorted(held.items()):
+            dom = lookup(conn, name)
+            if dom is not None and is_active(dom) \
+                    and not vmlock.is_held(env.cfg.host.state_dir, name):
+                lost[p] = name
+    finally:
+        conn.close()
+    if lost:                  # asked again: a create activates its partition before its start
+        again = {p for p, on in env.fabric.list().items() if on}
+        lost = {p: n for p, n in lost.items() if p not in again}
+    if not lost:
+        return said
+    return ("DEGRADED: " + "; ".join(f"partition {p} held by VM {n}" for p, n in lost.items())
+            + " not active in Fabric Manager (it restarted, or someone deactivated it): "
+              "those VMs' GPUs have no NVLink until they are recreated; new VMs are not "
+              "affected (see `dgxvm reconcile`)")
 
 
 def _ledger(env: Env) -> str:

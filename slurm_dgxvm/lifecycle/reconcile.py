@@ -29,6 +29,15 @@ What goes, each through the one idempotent way it is made undone:
   which died left, and no pull holds now (:mod:`.cache_partials`, as the user);
 * ``rebuild-ledger``: a corrupt ledger, only when asked (:func:`rebuild`).
 
+What is only reported (``left``, exit 5), never acted on:
+
+* a running VM whose ledger allocation holds a Fabric Manager partition that Fabric Manager says
+  is inactive (:func:`partitions_off_under_running_vms`): Fabric Manager was restarted without
+  its resiliency mode (it comes back with every partition inactive) or someone deactivated it.
+  The guest's GPUs have no NVLink until the VM is made again, but nothing is done here: the VM
+  is live, and a partition is activated before its VM starts (Fabric Manager's order), never
+  under a running guest.
+
 Processes that ``dgxvm run`` started in a guest live and die with their VM: deleting the VM
 ends them, and nothing of them is left on the host to compare.
 """
@@ -155,6 +164,10 @@ class NodeFacts:
     reservations: Mapping[str, tuple[str, str]] | None = None   # mac -> (ip, name); None: none
     fm_active: frozenset[int] | None = None      # None: this machine uses no Fabric Manager
     fm_error: str | None = None                  # Fabric Manager could not be asked: why
+    # Fabric Manager's active partitions asked again after libvirt's domains were read, only
+    # when a running VM's partition was inactive in ``fm_active`` (a create that activated it
+    # meanwhile is not taken for a lost partition); None: not asked again
+    fm_active_late: frozenset[int] | None = None
     busy: frozenset[str] = frozenset()           # every name whose lock is held
     partials: tuple[CachePartials, ...] = ()     # users' image caches' dead pulls' leftovers
 
@@ -261,8 +274,9 @@ def plan(facts: NodeFacts) -> list[Finding]:
         f = _plan_vm(facts.vms[name], jobs, facts.job_prefix)
         if f is not None:
             out.append(f)
+    going = frozenset(f.name for f in out if f.action == "delete-vm" and f.name is not None)
     out.extend(_plan_reservations(facts))
-    out.extend(_plan_fabric(facts))
+    out.extend(_plan_fabric(facts, going))
     out.extend(_plan_partials(facts))
     return out
 
@@ -327,7 +341,15 @@ def _plan_reservations(facts: NodeFacts) -> list[Finding]:
     return out
 
 
-def _plan_fabric(facts: NodeFacts) -> list[Finding]:
+#: what is done about a running VM whose partition Fabric Manager has not active (README
+#: "Making the node consistent")
+FM_LOST_LEFT = ("report only: a live VM is never touched, and a partition is activated before its "
+                "VM starts, never under a running guest; recreate the VM (a job's: requeue or end "
+                "the job; an admin's: `virsh shutdown` and `virsh start` it, or `dgxvm delete` "
+                "and `dgxvm create`)")
+
+
+def _plan_fabric(facts: NodeFacts, going: frozenset[str] = frozenset()) -> list[Finding]:
     if facts.fm_error is not None:
         return [Finding("fm", "Fabric Manager", why=f"could not be asked ({facts.fm_error})",
                         hold="active partitions not checked")]
@@ -335,10 +357,41 @@ def _plan_fabric(facts: NodeFacts) -> list[Finding]:
         return []
     held = {a.fm_partition for a in facts.ledger.allocations.values()
             if a.fm_partition is not None}
-    return [Finding("fm", f"partition {p}",
-                    why="active in Fabric Manager, and no ledger allocation holds it",
-                    action="deactivate-fm-partition", partition=p)
-            for p in sorted(facts.fm_active - held)]
+    out = [Finding("fm", f"partition {p}",
+                   why="active in Fabric Manager, and no ledger allocation holds it",
+                   action="deactivate-fm-partition", partition=p)
+           for p in sorted(facts.fm_active - held)]
+    for p, v in partitions_off_under_running_vms(facts, skip=going):
+        out.append(Finding("fm", f"partition {p}",
+                           why=f"held by VM {v.name} but not active in Fabric Manager: Fabric "
+                               f"Manager restarted or someone deactivated it; its GPUs have no "
+                               f"NVLink until the VM is recreated",
+                           name=v.name, job_id=v.owner(facts.job_prefix)[1], partition=p,
+                           left=FM_LOST_LEFT))
+    return out
+
+
+def partitions_off_under_running_vms(facts: NodeFacts, *,
+                                     skip: frozenset[str] | set[str] = frozenset()
+                                     ) -> list[tuple[int, VmFacts]]:
+    """(partition, VM) of each running VM (its libvirt domain active) whose ledger allocation
+    holds a Fabric Manager partition that Fabric Manager did not list as active, in the first
+    read nor (when made) the one after libvirt's domains. A VM whose lock is held (a create
+    before its ``fm`` stage, a delete after it) and the names in ``skip`` (deleted by this
+    plan anyway) are not judged."""
+    if facts.fm_active is None:
+        return []
+    late = facts.fm_active_late if facts.fm_active_late is not None else facts.fm_active
+    out = []
+    for name in sorted(facts.vms):
+        v = facts.vms[name]
+        if v.busy or name in skip or v.domain is None or not v.domain.active:
+            continue
+        p = v.entry.fm_partition if v.entry is not None else None
+        if p is None or p in facts.fm_active or p in late:
+            continue
+        out.append((p, v))
+    return out
 
 
 def _plan_partials(facts: NodeFacts) -> list[Finding]:
@@ -426,5 +479,6 @@ def _holds(v: VmFacts, jobs: JobsOnNode) -> tuple[bool, str]:
     return False, "an admin VM without a domain: removed next"
 
 
-__all__ = ["ACTIONS", "DomainFact", "Finding", "JobsOnNode", "NodeFacts", "Outcome", "RESULTS",
-           "VmFacts", "exit_code", "plan", "planned", "rebuild"]
+__all__ = ["ACTIONS", "DomainFact", "FM_LOST_LEFT", "Finding", "JobsOnNode", "NodeFacts", "Outcome",
+           "RESULTS", "VmFacts", "exit_code", "partitions_off_under_running_vms", "plan", "planned",
+           "rebuild"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .. import hypervisor
 from ..errors import DgxvmError, DomainNotFound, LedgerCorrupt, RecordCorrupt
@@ -27,7 +27,7 @@ from . import cache_partials, vmlock
 from .delete import delete, domain_owner
 from .env import Env
 from .reconcile import (IN_PROGRESS, DomainFact, Finding, JobsOnNode, NodeFacts, Outcome, VmFacts,
-                        exit_code, plan, planned, rebuild)
+                        exit_code, partitions_off_under_running_vms, plan, planned, rebuild)
 
 log = logging.getLogger("dgxvm.reconcile")
 
@@ -59,7 +59,9 @@ class Report:
 def collect(env: Env, jobs: JobsOnNode, conn) -> NodeFacts:
     """The node as it is now. Read in this order, so that what a create makes first (ledger
     entry, directory, reservation, domain) is seen whenever what it makes later is: Fabric
-    Manager, reservations, locks, ledger, VM directories and records, libvirt's domains."""
+    Manager, reservations, locks, ledger, VM directories and records, libvirt's domains; and
+    Fabric Manager once more when a running VM's partition was not active (a create activates
+    it before its domain starts, so only a read after the domains' says it is lost)."""
     cfg = env.cfg
     fm_active, fm_error = _fabric(env)
     reservations = hypervisor.reservations(conn, cfg.libvirt.network)
@@ -75,10 +77,16 @@ def collect(env: Env, jobs: JobsOnNode, conn) -> NodeFacts:
     for name in sorted(dirs | set(entries) | set(domains)):
         vms[name] = _vm(env, name, domains.get(name), entries.get(name), name in dirs,
                         name in busy)
-    return NodeFacts(jobs=jobs, vms=vms, ledger=ledger, ledger_error=ledger_error,
-                     job_prefix=cfg.slurm.domain_prefix, network=cfg.libvirt.network,
-                     reservations=reservations, fm_active=fm_active, fm_error=fm_error,
-                     busy=busy, partials=tuple(cache_partials.find(cfg)))
+    facts = NodeFacts(jobs=jobs, vms=vms, ledger=ledger, ledger_error=ledger_error,
+                      job_prefix=cfg.slurm.domain_prefix, network=cfg.libvirt.network,
+                      reservations=reservations, fm_active=fm_active, fm_error=fm_error,
+                      busy=busy, partials=tuple(cache_partials.find(cfg)))
+    if partitions_off_under_running_vms(facts):
+        # a running VM's partition was not active when Fabric Manager was asked, before its
+        # domain was seen: ask again (a create may have activated it and started the VM since)
+        late, late_error = _fabric(env)
+        facts = replace(facts, fm_active_late=late, fm_error=late_error)
+    return facts
 
 
 def facts_of(env: Env, conn, name: str) -> VmFacts:

@@ -291,7 +291,11 @@ def fm_active(h100) -> dict[int, bool]:
     return {p["partitionId"]: p["isActive"] for p in doc["partitionInfo"]}
 
 
-def test_shared_nvswitch_vm_activates_its_fabric_manager_partition(vmenv, h100):
+def test_shared_nvswitch_vm_activates_its_fabric_manager_partition(vmenv, h100, tmp_path):
+    """The VM's partition is active while it runs and inactive after its delete. Between the
+    two, Fabric Manager restarts without its resiliency mode (the stand-in's --standin-restart):
+    every partition is inactive under the running VM; `dgxvm reconcile` says so and changes
+    nothing (exit 5, left for an admin), and the delete still succeeds and leaves nothing."""
     r = vmenv.dgxvm("create", "--gpu-count", "4", "--domain", "th", "--user", vmenv.user,
                     config=h100.config)
     assert r.returncode == 0, r.stderr
@@ -304,6 +308,30 @@ def test_shared_nvswitch_vm_activates_its_fabric_manager_partition(vmenv, h100):
         r2 = vmenv.dgxvm("create", "--gpu-count", "4", "--gpu-index", str(rec["placement"]["gpus"][0]),
                          "--domain", "th2", "--user", vmenv.user, config=h100.config)
         assert r2.returncode == 4, r2.stderr
+        # Fabric Manager restarts without resiliency mode: th runs on, its partition inactive
+        subprocess.run([*shlex.split(h100.fmpm), "--standin-restart"], check=True,
+                       capture_output=True)
+        assert not any(fm_active(h100).values())
+        bindir = tmp_path / "bin"                # Slurm (not running here) has no jobs
+        bindir.mkdir()
+        (bindir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+        (bindir / "squeue").chmod(0o755)
+        cfg = tmp_path / "dgxvm.toml"
+        cfg.write_text(h100.config.read_text() + f'\n[slurm]\nbin_dir = "{bindir}"\n')
+        ledger_before = Ledger(h100.state).read().allocations
+        r = vmenv.dgxvm("reconcile", "--dry-run", "--json", "--node", "dgx01", config=cfg)
+        doc = json.loads(r.stdout)
+        [f] = [f for f in doc["findings"] if f["what"] == "fm"]
+        assert (f["subject"], f["name"], f["action"], f["result"]) == \
+            (f"partition {part}", "th", "none", "left")
+        assert f["why"] == ("held by VM th but not active in Fabric Manager: Fabric Manager "
+                            "restarted or someone deactivated it; its GPUs have no NVLink "
+                            "until the VM is recreated")
+        assert r.returncode == 5 and doc["exit_code"] == 5, r.stderr
+        # nothing was done: th runs, no partition was activated under it, the ledger is as it was
+        assert vmenv.virsh("domstate", "th").stdout.strip() == "running"
+        assert not any(fm_active(h100).values())
+        assert Ledger(h100.state).read().allocations == ledger_before
     finally:
         r = vmenv.dgxvm("delete", "--domain", "th", config=h100.config)
     assert r.returncode == 0, r.stderr

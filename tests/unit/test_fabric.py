@@ -201,3 +201,19 @@ def test_concurrent_activations_take_the_lock(fabric, state):
     assert sum(wins) == 1
     active = {p for p, a in fabric.list().items() if a}
     assert len(active) == 1 and active <= {1, 3}
+
+
+def test_the_standins_simulated_restart_leaves_every_partition_inactive(fabric):
+    """--standin-restart (a stand-in feature, not NVIDIA's): what Fabric Manager does on a
+    restart without its resiliency mode. Deactivating afterwards is still fine for dgxvm."""
+    fabric.activate(3)
+    fabric.activate(2)
+    r = standin("--standin-restart")
+    assert r.returncode == 0 and "was active: 2, 3" in r.stderr and "STAND-IN" in r.stderr
+    assert not any(fabric.list().values())
+    assert standin("-d", "3").returncode == 252          # FM_ST_UNINITIALIZED, as FM says
+    fabric.deactivate(3)                                  # dgxvm: inactive is done
+    assert standin("--standin-restart").returncode == 0   # nothing active: a no-op
+    fabric.activate(3)                                    # and partitions work on as before
+    assert fabric.list()[3] is True
+    assert "--standin-restart" in standin("-h").stdout

@@ -5,6 +5,8 @@ keeps the node's state in files (what it was asked is what the test checks)."""
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +154,80 @@ def test_health_reports_a_corrupt_ledger_with_its_fix_and_no_drain_only_reports(
     assert line.startswith("dgxvm health: ledger: ledger ")
     assert "fix: run `dgxvm reconcile --rebuild-ledger`" in line
     assert node.calls() == []                                 # --no-drain: Slurm not asked
+
+
+# -- a shared-NVSwitch machine: Fabric Manager ----------------------------------------------------
+STANDIN = Path(__file__).resolve().parents[2] / "tools" / "fmpm-standin" / "fmpm"
+
+
+@pytest.fixture
+def h100(node, tmp_path, image_store, monkeypatch):  # noqa: F811
+    """``node`` made a simulated DGX H100 whose Fabric Manager is the fmpm stand-in, with a
+    running VM ``vm1`` (a libvirt test-driver domain) holding its partition in the ledger."""
+    import libvirt
+
+    from slurm_dgxvm import config as config_mod
+    from slurm_dgxvm.ledger import Allocation, domain_key
+    from slurm_dgxvm.lifecycle import Env
+    from slurm_dgxvm.placement import Policy, Request, place
+    monkeypatch.setenv("FMPM_STANDIN_STATE", str(tmp_path / "fm.json"))
+    monkeypatch.delenv("FMPM_STANDIN_PARTITIONS", raising=False)
+    root = render("dgx-h100", tmp_path / "sys-h100")
+    cfg = tmp_path / "dgxvm.toml"
+    text = (f'[host]\nsysfs_root = "{root}"\nstate_dir = "{tmp_path / "state"}"\n'
+            f'[libvirt]\nuri = "test:///default"\n[images]\nstore = "{image_store}"\n'
+            f'[slurm]\nbin_dir = "{node.bin}"\n[fabric]\nfmpm = "{STANDIN}"\n')
+    cfg.write_text(text)
+    env = Env(config_mod.load(cfg))
+    p = place(env.host, env.ledger.read().occupancy(), Request(count=2), Policy())
+    a = Allocation.from_placement(domain_key("vm1"), p, owner="domain", job_id=None,
+                                  domain="vm1", user="u", now=1000.0)
+    env.ledger.allocate(a)
+    env.fabric.activate(a.fm_partition)
+    conn = libvirt.open("test:///default")
+    dom = conn.defineXML("<domain type='test'><name>vm1</name><memory>1024</memory>"
+                         "<os><type>hvm</type></os></domain>")
+    dom.create()
+    node.fm_partition, node.fabric = a.fm_partition, env.fabric
+    try:
+        yield node
+    finally:
+        dom.destroy()
+        dom.undefine()
+        conn.close()
+
+
+def test_health_on_a_fabric_manager_machine_says_fabric_manager_answers(h100, capsys):
+    assert h100.dgxvm("health", "--node", "dgx01", "--no-gpu-check", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    [f] = [f for f in doc["findings"] if f["check"] == "fabric-manager"]
+    assert f == {"check": "fabric-manager", "ok": True, "fix": None,
+                 "detail": "Fabric Manager answers: 1 partition(s) active"}
+
+
+def test_health_says_a_vm_whose_partition_fabric_manager_lost_is_degraded_and_never_drains(
+        h100, capsys):
+    """Fabric Manager restarted without resiliency mode: vm1's GPUs lost NVLink, but the node
+    makes new VMs as before. DEGRADED in the line and the JSON; exit 0; no drain."""
+    subprocess.run([str(STANDIN), "--standin-restart"], check=True, capture_output=True)
+    assert h100.dgxvm("health", "--node", "dgx01", "--no-gpu-check") == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("dgxvm health: dgx01 OK (SIMULATED host): largest VM possible: ")
+    assert (f"; fabric-manager: DEGRADED: partition {h100.fm_partition} held by VM vm1 not "
+            f"active in Fabric Manager (it restarted, or someone deactivated it)") in line
+    assert not any("update" in c for c in h100.calls())
+    assert h100.dgxvm("health", "--node", "dgx01", "--no-gpu-check", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    [f] = [f for f in doc["findings"] if f["check"] == "fabric-manager"]
+    assert doc["ok"] is True and f["ok"] is True and f["detail"].startswith("DEGRADED: ")
+    assert not any(h100.fabric.list().values())          # reported only: nothing activated
+
+
+def test_health_fails_when_fabric_manager_does_not_answer(h100, capsys, monkeypatch, tmp_path):
+    """No new VM can start without its partition: the node is drained, with the fix."""
+    (tmp_path / "fm.json").write_text("{not json")
+    assert h100.dgxvm("health", "--node", "dgx01", "--no-gpu-check") == 1
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("dgxvm health: fabric-manager: ")
+    assert "fix: start Fabric Manager" in line and line.endswith("; node drained")
+    assert h100.state()[1].startswith("dgxvm health: fabric-manager:")

@@ -8,9 +8,13 @@ test_lifecycle_stages.py."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from slurm_dgxvm.errors import GuestTimeout, NoFit
+from slurm_dgxvm.fabric import Fabric
 from slurm_dgxvm.health import checks as health_checks
 from slurm_dgxvm.lifecycle import create, delete
 from slurm_dgxvm.simulate import render
@@ -115,6 +119,34 @@ def test_on_a_fabric_manager_machine_the_partition_is_off_before_the_reset(
     assert order == [("fm off", rec.placement.fm_partition),
                      ("reset", tuple(rec.allocation.gpu_pcis))]   # NVSwitches stay with FM
     assert "reset" in done.teardown_stages and fabric.active == set()
+
+
+def test_a_vm_whose_partition_fabric_manager_lost_is_torn_down_entirely(
+        tmp_path, own_tree, image_store, stand_ins, monkeypatch):
+    """Fabric Manager restarted (no resiliency mode) under a running VM: its partition is
+    inactive when the VM is deleted. The teardown takes that as done (no `fmpm -d` of an
+    inactive partition, which FM refuses), resets the GPUs and releases everything."""
+    standin = Path(__file__).resolve().parents[2] / "tools" / "fmpm-standin" / "fmpm"
+    monkeypatch.setenv("FMPM_STANDIN_STATE", str(tmp_path / "fm.json"))
+    monkeypatch.delenv("FMPM_STANDIN_PARTITIONS", raising=False)
+    clock, _ = stand_ins
+    env = make_env(tmp_path, own_tree("dgx-h100"), image_store, machine="dgx-h100",
+                   shutdown_timeout_s=0.2)
+    env.__dict__["fabric"] = Fabric(str(standin), timeout_s=30)
+    rec = create(env, request(count=2, name="h2"), timer=StageTimer(clock))
+    fm = rec.placement.fm_partition
+    assert env.fabric.list()[fm] is True
+    subprocess.run([str(standin), "--standin-restart"], check=True, capture_output=True)
+    ran = []
+    real_run = env.fabric._run
+    monkeypatch.setattr(env.fabric, "_run", lambda args, *a, **k: (ran.append(args[0]),
+                                                                    real_run(args, *a, **k))[1])
+    _undo_dom(monkeypatch, "h2")
+    done = delete(env, "h2")
+    assert "-d" not in ran and "reset" in done.teardown_stages
+    assert set(done.gpu_resets) == set(rec.allocation.gpu_pcis)
+    assert env.ledger.read().allocations == {} and not env.vms.dir("h2").exists()
+    assert not any(env.fabric.list().values())
 
 
 def test_a_create_that_fails_after_start_resets_the_devices_the_guest_had(

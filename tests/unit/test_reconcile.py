@@ -208,6 +208,72 @@ def test_fabric_manager_that_cannot_be_asked_is_said_and_not_acted_on(host, mach
     assert exit_code([planned(f, dry_run=False)]) == 3
 
 
+LOST = ("held by VM {} but not active in Fabric Manager: Fabric Manager restarted or someone "
+        "deactivated it; its GPUs have no NVLink until the VM is recreated")
+
+
+@pytest.mark.parametrize("machine", ["dgx-a100", "dgx-h100"])
+@pytest.mark.parametrize("who", ["job", "admin"])
+def test_a_running_vm_whose_partition_fabric_manager_lost_is_reported_never_acted_on(host, machine,
+                                                                                     who):
+    """Fabric Manager restarted without its resiliency mode: every partition is inactive while
+    the VMs run on. Said, with the VM and what it means; nothing is done (a live VM, and a
+    partition is activated before its VM starts, never under it): exit 5, left for an admin."""
+    if who == "job":
+        v, slurm = vm(host, "job-7", job=7, domain="running"), jobs({7: "RUNNING"})
+    else:
+        v, slurm = vm(host, "vm1", domain="running"), jobs()
+    p = v.entry.fm_partition
+    for late in (None, frozenset()):             # asked once, or again after the domains
+        [f] = plan(facts(v, slurm=slurm, fm_active=frozenset(), fm_active_late=late))
+        assert (f.what, f.subject, f.partition, f.name) == ("fm", f"partition {p}", p, v.name)
+        assert f.job_id == (7 if who == "job" else None)
+        assert f.why == LOST.format(v.name) and f.action == "none"
+        assert f.left.startswith("report only: a live VM is never touched")
+        for dry_run in (True, False):
+            out = planned(f, dry_run=dry_run)
+            assert out.result == "left" and exit_code([out]) == 5
+            assert out.line() == (f"fm partition {p}: {LOST.format(v.name)} -> nothing: left: "
+                                  f"{f.left}")
+            assert out.to_json()["what"] == "fm" and out.to_json()["result"] == "left"
+
+
+@pytest.mark.parametrize("machine", ["dgx-a100"])
+@pytest.mark.parametrize("case", ["active", "activated-meanwhile", "busy", "domain-off",
+                                  "no-domain-yet", "job-gone", "no-fabric-manager"])
+def test_a_partition_is_not_taken_for_lost_while_its_vm_has_it_or_is_not_running(host, machine,
+                                                                                  case):
+    """Its partition active (in the first read, or only in the read after the domains: a create
+    activated it and started its VM between the two), a create or delete in progress (its lock),
+    a guest that is off or not defined yet, a VM this plan deletes anyway (its teardown
+    deactivates the partition, idempotently), a machine without Fabric Manager."""
+    v = vm(host, "job-7", job=7, domain="running", busy=case == "busy")
+    if case == "domain-off":
+        v = vm(host, "job-7", job=7, domain="off")
+    if case == "no-domain-yet":
+        v = vm(host, "job-7", job=7, domain=None, record="creating")
+    p = v.entry.fm_partition
+    fm = dict(fm_active=frozenset({p}) if case == "active" else frozenset())
+    if case == "activated-meanwhile":
+        fm["fm_active_late"] = frozenset({p})
+    if case == "no-fabric-manager":
+        fm = dict(fm_active=None)
+    slurm = jobs() if case == "job-gone" else jobs({7: "RUNNING"})
+    findings = plan(facts(v, slurm=slurm, **fm))
+    assert not [f for f in findings if f.what == "fm"]
+    if case == "job-gone":
+        assert [(f.what, f.action) for f in findings] == [("vm", "delete-vm")]
+
+
+@pytest.mark.parametrize("machine", ["dgx-h100"])
+def test_a_lost_partition_and_one_nobody_holds_are_two_findings(host, machine):
+    lost = vm(host, "vm1", domain="running", gpu_index=0)
+    f = plan(facts(lost, fm_active=frozenset({99})))
+    assert [(x.partition, x.action, x.left is not None) for x in f] == [
+        (99, "deactivate-fm-partition", False), (lost.entry.fm_partition, "none", True)]
+    assert exit_code([planned(x, dry_run=True) for x in f]) == 5
+
+
 # -- the ledger ------------------------------------------------------------------------------------
 def test_a_corrupt_ledger_is_the_one_finding_and_nothing_is_acted_on(host):
     f = facts(vm(host, "job-42", job=42, domain=None), ledger=None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -296,6 +297,60 @@ def test_an_active_partition_no_vm_holds_is_deactivated(tmp_path, trees, monkeyp
         assert node.keys() == [job_key(7)]                   # its hold is gone again
         assert report.to_json()["checked"]["fabric_manager"] == "ok"
         assert node.run(live={7}).outcomes == []
+    finally:
+        node.close()
+
+
+def test_a_running_vm_whose_partition_fabric_manager_lost_is_reported_and_left_alone(
+        tmp_path, trees, monkeypatch):
+    """The stand-in's simulated restart of Fabric Manager (no resiliency mode): every partition
+    inactive under running VMs. reconcile says so, changes nothing (dry run or not: no
+    partition activated, no domain, file or ledger entry touched), exits 5; once the job is
+    gone its VM is deleted as any other, and the inactive partition does not stop it."""
+    from slurm_dgxvm.fabric import Fabric
+    monkeypatch.setenv("FMPM_STANDIN_STATE", str(tmp_path / "fm.json"))
+    monkeypatch.delenv("FMPM_STANDIN_PARTITIONS", raising=False)
+    node = Node(tmp_path, trees["dgx-h100"], monkeypatch, fabric={"fmpm": str(STANDIN)})
+    try:
+        held = node.vm("job-7", job=7, gpu_index=0)
+        fm = Fabric(str(STANDIN))
+        fm.activate(held.fm_partition)
+        r = subprocess.run([str(STANDIN), "--standin-restart"], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0 and "every partition is inactive" in r.stderr
+        assert not any(fm.list().values())
+        before = node.snapshot()
+        for dry_run in (True, False):
+            report = node.run(live={7}, dry_run=dry_run)
+            assert results(report) == {f"partition {held.fm_partition}": ("none", "left")}
+            assert report.exit_code == 5
+            doc = report.to_json()
+            [f] = doc["findings"]
+            assert f["name"] == "job-7" and f["job_id"] == 7
+            assert f["why"].startswith("held by VM job-7 but not active in Fabric Manager")
+            assert doc["checked"]["fabric_manager"] == "ok"
+            assert node.snapshot() == before and not any(fm.list().values())
+        report = node.run(live=())                   # the job ended: its VM goes
+        assert results(report) == {"job-7": ("delete-vm", "done")}
+        assert node.keys() == [] and node.domain("job-7") is None
+        assert not any(fm.list().values())
+        assert node.run(live=()).outcomes == []
+    finally:
+        node.close()
+
+
+def test_a_partition_activated_between_the_two_reads_is_not_taken_for_lost(tmp_path, trees,
+                                                                            monkeypatch):
+    """A create activates its partition before it starts its domain: reconcile's first read of
+    Fabric Manager (before the domains) may miss it. It asks again, and only a partition
+    inactive both times is said."""
+    node = Node(tmp_path, trees["dgx-a100"], monkeypatch)
+    try:
+        held = node.vm("vm1", gpu_index=4)
+        answers = [{held.fm_partition: False}, {held.fm_partition: True}]
+        monkeypatch.setattr(type(node.env.fabric), "list", lambda self: answers.pop(0))
+        report = node.run()
+        assert report.outcomes == [] and answers == []
     finally:
         node.close()
 
