@@ -396,8 +396,10 @@ class SlurmCluster:
         out = self.run(["sinfo", "-h", "-N", "-n", self.node_name, "-o", "%T"], timeout=10)
         return _one_state(out.stdout)
 
-    def wait_idle(self, timeout: float = 60) -> None:
-        """Wait until the node is idle again; raises TimeoutError with the last state seen."""
+    def wait_idle(self, timeout: float = 60, *, drained_fails: bool = False) -> None:
+        """Wait until the node is idle again; raises TimeoutError with the last state seen.
+        ``drained_fails``: a drained or draining node raises RuntimeError at once (a check that
+        the node stayed in service: "completing" while an Epilog runs is waited out)."""
         deadline = time.monotonic() + timeout
         state = "?"
         while True:
@@ -407,6 +409,8 @@ class SlurmCluster:
                 state = f"(sinfo failed: {exc})"
             if state == "idle":
                 return
+            if drained_fails and "drain" in state:
+                raise RuntimeError(f"node {self.node_name} is {state}, not in service")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"node {self.node_name} not idle after {timeout:.0f} s: "
                                    f"{state}")

@@ -34,16 +34,6 @@ sleep {hold}
 """
 
 
-def in_service(node, timeout: float = 120) -> None:
-    """The node ends idle, never drained: "completing" while the refused job's Epilog runs is
-    expected (CI saw it right after sacct said CANCELLED); a drain fails at once."""
-    deadline = time.monotonic() + timeout
-    while (state := node.cluster.node_state()) != "idle":
-        assert "drain" not in state, state
-        assert time.monotonic() < deadline, f"node not idle after {timeout:.0f} s: {state}"
-        time.sleep(0.2)
-
-
 def nothing_left(node):
     env = node.env
     conn = libvirt.open(env.uri)
@@ -158,7 +148,7 @@ def test_a_mix_of_gpu_jobs_each_in_its_own_aligned_vm(slurm_node):
         assert rec["vcpus"] and rec["memory_mib"] and rec["numa"]
         assert any("VM job-" in line and "ready in" in line for line in slurmd_lines(node, job))
     nothing_left(node)
-    in_service(node)
+    node.cluster.wait_idle(timeout=120, drained_fails=True)    # in service
 
     r = node.cluster.run(["env", f"DGXVM_CONFIG={node.env.config}", node.jobs.dgxvm, "report",
                           "--json", "--since", since], user=node.env.user)
@@ -180,7 +170,7 @@ def test_a_missing_image_in_the_comment_cancels_the_job_and_the_node_stays(slurm
     [line] = [ln for ln in slurmd_lines(node, job) if "refused" in ln]
     assert "refused at reading the request" in line and "job cancelled, node stays in service" in line
     assert not (node.jobs.workdir / f"ran-{job}").exists(), "the batch script ran without a VM"
-    in_service(node)
+    node.cluster.wait_idle(timeout=120, drained_fails=True)    # in service
     nothing_left(node)
 
 

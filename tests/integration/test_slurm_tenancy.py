@@ -22,7 +22,7 @@ from harness.guest_agent import domain, guest_exec
 from harness.slurm import SLURMD_PORT
 from slurm_dgxvm.slurm.accounting import decode
 
-from test_slurm_jobs import in_service, nothing_left, slurmd_lines
+from test_slurm_jobs import nothing_left, slurmd_lines
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ def refused(node, job, fragment):
     [line] = [ln for ln in slurmd_lines(node, job) if "refused" in ln]
     assert fragment in line and "job cancelled, node stays in service" in line
     assert not (node.jobs.workdir / f"ran-{job}").exists(), "the batch script ran"
-    in_service(node)
+    node.cluster.wait_idle(timeout=120, drained_fails=True)    # in service
 
 
 
@@ -161,5 +161,5 @@ def test_legitimate_names_and_paths_get_their_vm_and_another_user_sees_nothing(
         node.jobs.wait_done([a, b], timeout=300)
     for job in (a, b):
         assert not [ln for ln in slurmd_lines(node, job) if "failed" in ln]
-    in_service(node)
+    node.cluster.wait_idle(timeout=120, drained_fails=True)    # in service
     nothing_left(node)
