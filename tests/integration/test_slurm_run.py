@@ -1,7 +1,8 @@
 """`srun dgxvm run` in real Slurm jobs: the batch script's step enters the job's VM, its output
-streams into slurm-<id>.out while it runs, stderr lands apart, the command's exit status is
-the step's in sacct, Slurm's signals (scancel -s USR1, scancel) reach the command in the guest,
-and the Epilog still leaves nothing behind. Three jobs run at once (one VM each) to keep the
+streams into slurm-<id>.out while it runs (also from a container, over 20 s), stderr lands
+apart, the command's exit status is the step's in sacct (a death by signal too), Slurm's
+signals (scancel -s USR1 to a handler in a container, scancel) reach the command in the guest,
+and the Epilog still leaves nothing behind. Four jobs run at once (one VM each) to keep the
 suite's time down."""
 
 from __future__ import annotations
@@ -20,13 +21,18 @@ srun dgxvm run -- sh -c 'for i in 1 2 3 4 5 6 7 8; do echo "line $i"; echo "err 
 sleep 1.5; done; exit 3'
 """
 
+# the handler runs in the container: it names the image's marker file
 USR1 = """#!/bin/sh
-srun dgxvm run -- sh -c 'trap "echo got USR1; exit 0" USR1; echo ready; \
-while :; do sleep 0.2; done'
+srun dgxvm run --container-image {ref} -- sh -c 'trap "echo got USR1 in \\$(cat /marker); \
+exit 0" USR1; echo ready; while :; do sleep 0.2; done'
 """
 
+# a container that prints a line every 2.5 s for 20 s, then exits 5; then a command killed by
+# SIGKILL (in the guest: a container's PID 1 cannot be SIGKILLed from inside its namespace)
 CONTAINER = """#!/bin/sh
-srun dgxvm run --container-image {ref} -- sh -c 'echo "in $(cat /marker)"; exit 5'
+srun dgxvm run --container-image {ref} -- sh -c 'for i in 1 2 3 4 5 6 7 8; do \
+echo "$i in $(cat /marker)"; sleep 2.5; done; exit 5'
+srun dgxvm run -- sh -c 'kill -KILL $$'
 """
 
 CANCEL = """#!/bin/sh
@@ -74,9 +80,9 @@ def test_srun_dgxvm_run_streams_keeps_stderr_apart_passes_status_and_signals(slu
     node = slurm_node
     work = node.jobs.workdir
     stream = node.jobs.sbatch(STREAM, gpus=1, extra=(f"--error={work}/slurm-%j.err",))
-    usr1 = node.jobs.sbatch(USR1, gpus=1)
-    cancel = node.jobs.sbatch(CANCEL, gpus=1)
     ref, digest = registry
+    usr1 = node.jobs.sbatch(USR1.format(ref=ref), gpus=1)
+    cancel = node.jobs.sbatch(CANCEL, gpus=1)
     contained = node.jobs.sbatch(CONTAINER.format(ref=ref), gpus=2)
     out = work / f"slurm-{stream}.out"
 
@@ -89,10 +95,16 @@ def test_srun_dgxvm_run_streams_keeps_stderr_apart_passes_status_and_signals(slu
     # Slurm's signals reach the command in the guest
     _wait_for(work / f"slurm-{usr1}.out", "ready")
     node.cluster.run(["scancel", "-s", "USR1", str(usr1)])
-    _wait_for(work / f"slurm-{usr1}.out", "got USR1", timeout=60)
+    _wait_for(work / f"slurm-{usr1}.out", "got USR1 in slurm-busy", timeout=60)
     _wait_for(work / f"slurm-{cancel}.out", "ready")
     node.cluster.run(["scancel", str(cancel)])
     _wait_for(work / f"term-{cancel}", "got TERM", timeout=60)
+
+    # the container's lines stream too: line 2 is there while the job still runs
+    _wait_for(work / f"slurm-{contained}.out", "2 in slurm-busy")
+    state = wait_job_state(node, contained, ("RUNNING", "COMPLETING", "COMPLETED", "FAILED"))
+    assert state.startswith("RUNNING"), f"the container's line 2 arrived only at the end: {state}"
+    assert "8 in slurm-busy" not in (work / f"slurm-{contained}.out").read_text()
 
     node.jobs.wait_done([stream, usr1, cancel, contained], timeout=300)
     assert out.read_text() == "".join(f"line {i}\n" for i in range(1, 9))
@@ -106,10 +118,14 @@ def test_srun_dgxvm_run_streams_keeps_stderr_apart_passes_status_and_signals(slu
     steps = _step_rows(node, usr1)
     assert steps[f"{usr1}.0"]["ExitCode"] == "0:0", steps
 
-    # the container job: its output, its status, and sacct says which exact image it ran
-    assert "in slurm-busy\n" in (work / f"slurm-{contained}.out").read_text()
+    # the container job: its output, its status, a death by SIGKILL as 128+9, and sacct says
+    # which exact image it ran
+    text = (work / f"slurm-{contained}.out").read_text()
+    assert "".join(f"{i} in slurm-busy\n" for i in range(1, 9)) in text, text
     steps = _step_rows(node, contained)
     assert steps[f"{contained}.0"]["ExitCode"] == "5:0", steps
+    assert steps[f"{contained}.1"]["ExitCode"] == "137:0", steps
+    assert steps[f"{contained}.1"]["State"] == "FAILED", steps
     rec = decode(node.jobs.sacct([contained])[contained]["AdminComment"])
     assert rec["containers"] == f"{ref}@{digest}", rec
     node.cluster.wait_idle(timeout=120)
