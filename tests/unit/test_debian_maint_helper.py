@@ -1,0 +1,66 @@
+"""debian/maint-helper: what the package's prerm asks before a removal (which dgxvm VMs still run)
+and writes down for postrm purge (which directories go). Pure parts; the packaged helper runs for
+real in tests/integration/test_debian_package.py."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+HELPER = runpy.run_path(str(Path(__file__).resolve().parents[2] / "debian/maint-helper"))
+live_vms, removable, purge_plan = HELPER["live_vms"], HELPER["removable"], HELPER["purge_plan"]
+
+
+def test_a_vm_with_a_qemu_process_is_live_whatever_else_it_is():
+    rows = [{"name": "job-1", "state": "running"}, {"name": "vm2", "state": "paused"},
+            {"name": "vm3", "state": "crashed"}, {"name": "vm4", "state": "unknown"},
+            {"name": "job-5", "state": "shut-off"}, {"name": "vm6", "state": "undefined"},
+            {"name": "vm7", "state": "no-record"}, {"name": "vm8", "state": "shutting-down"}]
+    assert live_vms(rows) == ["job-1", "vm2", "vm3", "vm4", "vm8"]
+    assert live_vms([]) == []
+
+
+@pytest.mark.parametrize("path, why", [
+    ("/", "the root"),
+    ("/var", "a top-level directory"),
+    ("/var/lib", "a system directory two levels down"),
+    ("/usr/local", "a system directory two levels down"),
+    ("/home", "every user's files"),
+    ("var/lib/dgxvm", "relative: depends on the cwd of dpkg"),
+    ("", "empty"),
+    ("/var/lib/../etc", "climbs out"),
+    ("/var/lib/dgxvm/..", "climbs out"),
+])
+def test_purge_never_removes(path, why):
+    assert not removable(path), why
+
+
+@pytest.mark.parametrize("path", ["/var/lib/dgxvm", "/var/lib/dgxvm/", "/srv/dgxvm",
+                                  "/data/node 1/dgxvm"])
+def test_purge_removes_a_state_dir_below_a_top_level_directory(path):
+    assert removable(path)
+
+
+def test_the_default_layout_goes_in_one_piece():
+    plan = purge_plan("/var/lib/dgxvm", "/var/lib/dgxvm/images", "/var/lib/dgxvm/containers",
+                      "dgxvm", "qemu:///system")
+    assert plan == {"DGXVM_REMOVE": "/var/lib/dgxvm", "DGXVM_KEEP": "", "DGXVM_NETWORK": "dgxvm",
+                    "DGXVM_URI": "qemu:///system", "DGXVM_RUN_DIR": "/run/dgxvm"}
+
+
+def test_an_image_store_or_cache_elsewhere_is_kept_and_named():
+    """It may be an NFS store shared by every node, or hold a site's own files."""
+    plan = purge_plan("/var/lib/dgxvm", "/nfs/images", "/scratch/dgxvm-cache", "dgxvm", "u")
+    assert plan["DGXVM_REMOVE"] == "/var/lib/dgxvm"
+    assert plan["DGXVM_KEEP"].splitlines() == [
+        "/nfs/images: [images] store is outside the state dir /var/lib/dgxvm (kept)",
+        "/scratch/dgxvm-cache: [containers] cache_dir is outside the state dir /var/lib/dgxvm "
+        "(kept)"]
+
+
+def test_a_state_dir_purge_may_not_remove_is_kept_with_everything_in_it():
+    plan = purge_plan("/var/lib", "/var/lib/images", "", "dgxvm", "u")
+    assert plan["DGXVM_REMOVE"] == ""
+    assert plan["DGXVM_KEEP"] == "/var/lib: [host] state_dir is not a directory purge may remove (kept)"
