@@ -64,3 +64,10 @@ def test_a_state_dir_purge_may_not_remove_is_kept_with_everything_in_it():
     plan = purge_plan("/var/lib", "/var/lib/images", "", "dgxvm", "u")
     assert plan["DGXVM_REMOVE"] == ""
     assert plan["DGXVM_KEEP"] == "/var/lib: [host] state_dir is not a directory purge may remove (kept)"
+
+
+def test_postrm_knows_dgxvm_domains_by_the_metadata_namespace_dgxvm_writes():
+    """postrm purge runs when Python may be gone, so it carries the namespace as text."""
+    from slurm_dgxvm.design.spec import XMLNS
+    postrm = (Path(__file__).resolve().parents[2] / "debian/postrm").read_text()
+    assert f"\nXMLNS={XMLNS}\n" in postrm
