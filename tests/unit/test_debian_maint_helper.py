@@ -71,3 +71,60 @@ def test_postrm_knows_dgxvm_domains_by_the_metadata_namespace_dgxvm_writes():
     from slurm_dgxvm.design.spec import XMLNS
     postrm = (Path(__file__).resolve().parents[2] / "debian/postrm").read_text()
     assert f"\nXMLNS={XMLNS}\n" in postrm
+
+
+def _prerm(tmp_path, helper_exit: int, helper_out: str, env: dict | None = None,
+           action: str = "remove"):
+    """debian/prerm with its helper and plan dir in tmp_path, and stand-ins for the helper and
+    virsh that record how they were called."""
+    import subprocess
+    repo = Path(__file__).resolve().parents[2]
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(exist_ok=True)
+    calls = tmp_path / "calls"
+    helper = bin_ / "maint-helper"
+    helper.write_text(f'#!/bin/sh\necho "helper $*" >> {calls}\n'
+                      f'if [ "$1" = purge-plan ]; then echo DGXVM_NETWORK=gpunet; '
+                      f'echo DGXVM_URI=qemu:///system; exit 0; fi\n'
+                      f"printf '%s' '{helper_out}'\nexit {helper_exit}\n")
+    (bin_ / "virsh").write_text(f'#!/bin/sh\necho "virsh $*" >> {calls}\nexit 0\n')
+    for f in (helper, bin_ / "virsh"):
+        f.chmod(0o755)
+    text = (repo / "debian/prerm").read_text()
+    text = text.replace("HELPER=/usr/lib/slurm-dgxvm/maint-helper", f"HELPER={helper}")
+    text = text.replace("PLAN_DIR=/var/lib/slurm-dgxvm", f"PLAN_DIR={tmp_path / 'plan'}")
+    script = tmp_path / "prerm"
+    script.write_text(text)
+    r = subprocess.run(["sh", str(script), action], capture_output=True, text=True, timeout=60,
+                       env={"PATH": f"{bin_}:/usr/bin:/bin", **(env or {})})
+    return r, (calls.read_text() if calls.exists() else "")
+
+
+def test_a_removal_is_refused_while_dgxvm_vms_run_and_names_them(tmp_path):
+    r, calls = _prerm(tmp_path, 1, "job-42\nvm1\n")
+    assert r.returncode == 1
+    assert "not removed: dgxvm VMs are running: job-42 vm1" in r.stderr
+    assert "DGXVM_REMOVE_WITH_VMS=1" in r.stderr
+    assert calls == "helper live-vms\n"              # nothing changed: no plan, no virsh
+    assert not (tmp_path / "plan").exists()
+
+
+def test_a_forced_removal_leaves_the_vms_running_and_says_so(tmp_path):
+    r, calls = _prerm(tmp_path, 1, "job-42\n", env={"DGXVM_REMOVE_WITH_VMS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "removing while dgxvm VMs run (DGXVM_REMOVE_WITH_VMS=1): job-42: they keep" in r.stderr
+    assert "virsh -q -c qemu:///system net-autostart gpunet --disable" in calls
+    assert "DGXVM_NETWORK=gpunet" in (tmp_path / "plan/purge-plan").read_text()
+
+
+def test_a_removal_that_cannot_ask_goes_on_and_says_why(tmp_path):
+    r, calls = _prerm(tmp_path, 2, "dgxvm list failed: cannot connect to qemu:///system")
+    assert r.returncode == 0, r.stderr
+    assert ("cannot tell whether dgxvm VMs run (dgxvm list failed: cannot connect to "
+            "qemu:///system)") in r.stderr
+    assert "slurm.conf still names /usr/lib/slurm-dgxvm/dgxvm-prolog" in r.stderr
+
+
+def test_an_upgrade_asks_nothing_and_changes_nothing(tmp_path):
+    r, calls = _prerm(tmp_path, 1, "job-42\n", action="upgrade")
+    assert (r.returncode, r.stderr, calls) == (0, "", "")
