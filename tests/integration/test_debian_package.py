@@ -193,6 +193,26 @@ def test_the_purge_plan_follows_the_configuration(built, tmp_path):
         "gpunet", "qemu:///system", "/run/dgxvm"]
 
 
+def test_the_packaged_dgxvm_runs_on_debians_python(built, tmp_path):
+    """/usr/bin/python3 with the package's dist-packages only (-P: not this checkout): the
+    commands, and the templates found where the wheel put them."""
+    site = built["root"] / "usr/lib/python3/dist-packages"
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    dgxvm = ["/usr/bin/python3", "-P", str(built["root"] / "usr/bin/dgxvm")]
+    r = run(*dgxvm, "version", "show", "--json", env=env)
+    assert r.returncode == 0 and '"dgxvm": "' in r.stdout, r.stderr
+    r = run(*dgxvm, "simulate", "dgx2", "--out", str(tmp_path / "sys"), env=env)
+    assert r.returncode == 0, r.stderr
+    r = run(*dgxvm, "--config", "/dev/null", "--sysfs-root", str(tmp_path / "sys"),
+            "--state-dir", str(tmp_path / "state"), "plan", "--gpu-count", "4", "--json", env=env)
+    assert r.returncode == 0 and '"aligned": true' in r.stdout, r.stderr
+    r = run("/usr/bin/python3", "-P", "-c",
+            "from slurm_dgxvm.design.render import render_template as r; import sys; "
+            "sys.stdout.write(r('network.xml.j2', name='n', gateway='10.0.0.1', "
+            "netmask='255.255.255.0', range_start='10.0.0.2', range_end='10.0.0.9'))", env=env)
+    assert r.returncode == 0 and "<name>n</name>" in r.stdout, r.stderr
+
+
 def test_bash_completes_dgxvm_through_dgxvm_itself(built):
     r = run("bash", "-c", f"source {built['root'] / COMPLETION}; complete -p dgxvm")
     assert r.returncode == 0 and "_dgxvm_completion dgxvm" in r.stdout, r.stdout + r.stderr
