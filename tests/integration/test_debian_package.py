@@ -123,6 +123,26 @@ def test_the_hooks_are_the_ones_dgxvm_writes_for_usr_bin_dgxvm(built, path):
                for line in packaged)        # its comment says where it is and why
 
 
+@pytest.mark.parametrize("path, args", [
+    ("etc/libvirt/hooks/qemu.d/slurm-dgxvm", ["vm1", "prepare", "begin", "-"]),
+    ("etc/libvirt/hooks/network.d/slurm-dgxvm", ["dgxvm", "start", "begin", "-"]),
+])
+def test_a_hook_left_by_a_removal_lets_every_start_go_on(built, path, args, tmp_path):
+    """The hooks are conffiles, so `apt-get remove` leaves them while /usr/bin/dgxvm goes: run
+    with dgxvm absent (its path pointed at nothing), each exits 0, and libvirt starts the domain
+    or network; with a dgxvm that fails, the failure is passed on (libvirt refuses the start)."""
+    text = (built["root"] / path).read_text()
+    assert "[ -x /usr/bin/dgxvm ] || exit 0\n" in text
+    absent = tmp_path / "absent"
+    hook = tmp_path / "hook"
+    hook.write_text(text.replace("/usr/bin/dgxvm", str(absent)))
+    r = run("sh", str(hook), *args, input="")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    absent.write_text("#!/bin/sh\nexit 3\n")
+    absent.chmod(0o755)
+    assert run("sh", str(hook), *args, input="").returncode == 3
+
+
 @pytest.mark.parametrize("path, verb", [(PROLOG, "prolog"), (EPILOG, "epilog")])
 def test_the_slurm_scripts_exec_usr_bin_dgxvm(built, path, verb, tmp_path):
     """Run for real with DGXVM pointing at a stand-in: the verb and stdin it gets."""
