@@ -5,6 +5,7 @@ real with nft inside a throw-away network namespace (``unshare -n``), never the 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,13 @@ from slurm_dgxvm import config as config_mod
 from slurm_dgxvm.errors import ConfigError
 from slurm_dgxvm.netfilter import (HostService, network_info, parse_service, removal, ruleset)
 
-DGXVM = Path(sys.executable).with_name("dgxvm")
+# The dgxvm of this checkout as a shell command: a venv's entry point, or, under Debian's
+# /usr/bin/python3 (CI's unit run, on Debian's python3-* packages), the module itself: the
+# /usr/bin/dgxvm beside that interpreter is an installed package, not this checkout.
+REPO = Path(__file__).resolve().parents[2]
+DGXVM = (shlex.quote(str(Path(sys.executable).with_name("dgxvm"))) if sys.prefix != sys.base_prefix
+         else f"PYTHONPATH={shlex.quote(str(REPO))} {shlex.quote(sys.executable)} "
+              f"-m slurm_dgxvm.cli.main")
 
 
 @pytest.mark.parametrize("text, want", [

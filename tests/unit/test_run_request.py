@@ -71,8 +71,9 @@ def test_quote_is_one_single_quoted_word():
 
 @pytest.mark.parametrize("shell", SHELLS, ids=SHELL_IDS)
 @settings(max_examples=40, deadline=None)
-@given(values=st.lists(st.text(st.characters(exclude_categories=("Cs",),
-                                             exclude_characters="\x00")) |
+# text()'s own alphabet has no surrogates (Cs), in Debian 12's Hypothesis (6.67) and in today's;
+# characters(exclude_categories=...) is newer than 6.67, which spells it blacklist_categories
+@given(values=st.lists(st.text().filter(lambda s: "\x00" not in s) |
                        st.binary().filter(lambda b: b"\x00" not in b), max_size=6))
 def test_quote_round_trips_anything(shell, values):
     script = b"set -- " + b" ".join(quote(v) for v in values) + b'; printf "%s\\0" "$#" "$@"'
