@@ -202,10 +202,15 @@ def test_virtiofsd_runs_as_the_user_confined(base):
          f"--fd={fd}", "-o", f"source={wd},xattr"],
         pass_fds=[fd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
+        # exe names virtiofsd as soon as its execve begins; its argv is readable a moment
+        # later (an empty cmdline until then, seen under load), so wait for both
         deadline = time.monotonic() + 20
+        cmdline = []
         while time.monotonic() < deadline and proc.poll() is None:
             if os.readlink(f"/proc/{proc.pid}/exe") == virtiofsd.VIRTIOFSD:
-                break
+                cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+                if cmdline[0]:
+                    break
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read().decode()
         status = dict(line.split(":\t", 1)
@@ -216,7 +221,6 @@ def test_virtiofsd_runs_as_the_user_confined(base):
         caps = int(status["CapEff"], 16)
         assert caps == sum(1 << userns.CAPS[c] for c in virtiofsd.KEEP_CAPS)
         assert not caps & (1 << userns.CAPS["sys_admin"]) and not caps & (1 << userns.CAPS["mknod"])
-        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         assert any(a.startswith(b"source=/proc/self/fd/") and b"sandbox=chroot" in a
                    for a in cmdline)
     finally:
