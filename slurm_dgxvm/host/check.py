@@ -131,9 +131,9 @@ def hugepage_need(host: Host, cfg: Config) -> dict[int, tuple[int, int, str]]:
         if not host.gpus_by_node.get(node.id):
             continue
         if per_gpu:
-            mib, how = per_gpu * gpus_on(host, node.id), (
+            how = (
                 f"{gpus_on(host, node.id)} GPU(s) x memory_mib_per_gpu {per_gpu} MiB")
-            pages = -(-mib * 1024 // size)
+            pages = gpus_on(host, node.id) * -(-per_gpu * 1024 // size)   # whole pages a VM
         else:
             mib, how = node.memory_mib - reserve, (
                 f"node memory {node.memory_mib} MiB less reserved_memory_mib_per_node {reserve}")
