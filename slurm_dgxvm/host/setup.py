@@ -298,7 +298,8 @@ def _revert_one(roots: HostRoots, binder, pages, e: dict, dry_run: bool) -> str 
         if now == e["before"]:
             return None
         if now != e["after"]:
-            return f"left {e['bdf']}: bound to {now} since setup (setup bound it to {e['after']})"
+            return (f"left {e['bdf']}: bound to {now or 'no driver'} since setup (setup bound it "
+                    f"to {e['after']})")
         if not dry_run:
             binder.bind(e["bdf"], e["before"])
         return f"bind {e['bdf']} to {e['before'] or 'no driver'} again"
