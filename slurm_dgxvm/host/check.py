@@ -91,13 +91,14 @@ class Probes:
     @classmethod
     def real(cls, cfg: Config) -> Probes:
         from ..lifecycle import Env
-        from ..lifecycle.hostcheck import _images, _libvirt
+        from ..lifecycle.hostcheck import libvirt_answers, partition_images
         env = Env(cfg)
 
         def fabric() -> str:
             active = sum(env.fabric.list().values())
             return f"Fabric Manager answers: {active} partition(s) active"
-        return cls(libvirtd=lambda: _libvirt(env), fabric=fabric, images=lambda: _images(env))
+        return cls(libvirtd=lambda: libvirt_answers(env), fabric=fabric,
+                   images=lambda: partition_images(env))
 
 
 # -- what the host must provide -------------------------------------------------------------------
@@ -171,23 +172,30 @@ def check_host(roots: HostRoots, cfg: Config, probes: Probes, *,
                             module_ids=cfg.host.module_ids or None)
         except DgxvmError as exc:
             add("topology", FAIL, str(exc), "check the host's PCI devices and host.sysfs_root")
-    _iommu(roots, add)
+    def guard(check, fn, *args):
+        """A check that cannot read what it reads FAILs with the unreadable file, alone."""
+        try:
+            fn(*args, add)
+        except DgxvmError as exc:
+            add(check, FAIL, str(exc), "see the file named; on a simulated host, render it again")
+
+    guard("iommu", _iommu, roots)
     if host is not None:
         devices = passthrough_devices(host)
-        _groups(sysfs, devices, add)
-        _modules(sysfs, add)
-        _binding(sysfs, devices, add)
-        _at_boot(roots, host, devices, add)
-        _hugepages(sysfs, host, cfg, add)
-    _kvm(roots, add)
+        guard("iommu-groups", _groups, sysfs, devices)
+        guard("vfio-modules", _modules, sysfs)
+        guard("vfio-binding", _binding, sysfs, devices)
+        guard("vfio-at-boot", _at_boot, roots, host, devices)
+        guard("hugepages", _hugepages, sysfs, host, cfg)
+    guard("kvm", _kvm, roots)
     run("libvirtd", "start libvirtd (systemctl start libvirtd) and check [libvirt] uri",
         probes.libvirtd)
-    _hook(roots, add)
+    guard("libvirt-hook", _hook, roots)
     if host is not None and host.nvswitch_model == SHARED_NVSWITCH:
-        _fabric(cfg, probes, add)
-    _slurm_hooks(roots, add)
+        guard("fabric-manager", _fabric, cfg, probes)
+    guard("slurm-hooks", _slurm_hooks, roots)
     if host is not None:
-        _gres(roots, host, add)
+        guard("gres-conf", _gres, roots, host)
     run("images", "install the image with `dgxvm image install`, or fix the partition's image "
                   "in the config", probes.images)
     return HostReport(tuple(out), roots.simulated)

@@ -119,6 +119,11 @@ def _group_shared_with_nic(root, host):
                root / S.IOMMU_GROUPS / group / "devices" / nic)
 
 
+def _group_dir_gone(root, host):
+    group = os.readlink(root / S.PCI_DEVICE.format(bdf=host.gpus[0].pci) / "iommu_group")
+    shutil.rmtree(root / S.IOMMU_GROUPS / group.rsplit("/", 1)[-1])
+
+
 def _no_vfio_pci_module(root, host):
     (root / S.MODULE.format(name="vfio_pci")).rmdir()
 
@@ -190,6 +195,8 @@ CASES = [
     ("no iommu=pt", _cmdline_without_pt, {}, MACHINES, {"iommu": WARN}, ["iommu=pt"]),
     ("a GPU's group holds a NIC", _group_shared_with_nic, {}, MACHINES,
      {"iommu-groups": FAIL}, ["also holds", "ACS"]),
+    ("a GPU's group unreadable", _group_dir_gone, {}, MACHINES,
+     {"iommu-groups": FAIL}, ["cannot read", "/devices"]),
     ("vfio_pci not loaded", _no_vfio_pci_module, {}, MACHINES,
      {"vfio-modules": FAIL}, ["vfio_pci", "modprobe vfio-pci"]),
     ("a GPU on nvidia", _gpu_on_nvidia, {}, MACHINES,
