@@ -267,3 +267,33 @@ def test_a_record_this_dgxvm_did_not_write_is_refused(tmp_path, trees):
     b.roots.record_path.write_text('{"version": 99, "changes": []}')
     with pytest.raises(HostError, match="not one this dgxvm wrote"):
         b.revert()
+
+
+# -- the real sysfs writes (the kernel's files; a plain tree does not react, so the read-back
+#    after the writes shows the device still on its driver) -----------------------------------
+def test_the_real_binder_writes_override_unbind_and_probe_then_checks_the_result(tmp_path):
+    from slurm_dgxvm.host.kernel import SysfsBinder
+    bdf = "0000:1b:00.0"
+    dev = tmp_path / "sys/devices/pci0000:00" / bdf
+    dev.mkdir(parents=True)
+    for d in ("nvidia", "vfio-pci"):
+        (tmp_path / "sys/bus/pci/drivers" / d).mkdir(parents=True)
+    (tmp_path / "sys/bus/pci/devices").mkdir()
+    os.symlink(dev, tmp_path / "sys/bus/pci/devices" / bdf)
+    os.symlink(tmp_path / "sys/bus/pci/drivers/nvidia", dev / "driver")
+    with pytest.raises(HostError, match="is bound to nvidia after binding it to vfio-pci"):
+        SysfsBinder(tmp_path).bind(bdf, "vfio-pci")
+    assert (dev / "driver_override").read_text() == "vfio-pci\n"
+    assert (tmp_path / "sys/bus/pci/drivers/nvidia/unbind").read_text() == bdf
+    assert (tmp_path / "sys/bus/pci/drivers_probe").read_text() == bdf
+
+
+def test_the_real_pool_writes_nr_hugepages_and_reads_back_what_the_kernel_gave(tmp_path):
+    from slurm_dgxvm.host.kernel import SysfsHugepages
+    d = tmp_path / "sys/devices/system/node/node1/hugepages/hugepages-1048576kB"
+    d.mkdir(parents=True)
+    (d / "nr_hugepages").write_text("0\n")
+    assert SysfsHugepages(tmp_path).set(1, 1048576, 120) == 120
+    assert (d / "nr_hugepages").read_text() == "120\n"
+    with pytest.raises(HostError, match="cannot read"):
+        SysfsHugepages(tmp_path).get(0, 1048576)
