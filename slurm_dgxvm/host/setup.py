@@ -73,7 +73,12 @@ def plan_setup(roots: HostRoots, cfg: Config, host: Host, binder, pages, *,
     """What setup would change on this host now (nothing when it is set up already)."""
     plan = Plan()
     devices = passthrough_devices(host)
-    for bdf in devices:
+    groups = roots.sysfs.path(S.IOMMU_GROUPS)
+    iommu_on = groups.is_dir() and any(groups.iterdir())
+    if not iommu_on:
+        plan.manual.append("the IOMMU is off: vfio-pci cannot take a device without an IOMMU "
+                           "group, so nothing is bound now; run setup again after the reboot")
+    for bdf in devices if iommu_on else ():
         drv = binder.driver(bdf)
         if drv != VFIO_DRIVER:
             plan.changes.append(Change(f"bind {bdf} to vfio-pci (now on {drv or 'no driver'})",
@@ -258,7 +263,8 @@ def apply(plan: Plan, roots: HostRoots, binder, pages,
                 p.unlink(missing_ok=True)
                 os.symlink(e["target"], p)
         except (OSError, DgxvmError) as exc:
-            raise HostError(reason=f"{change.text}: {exc}") from None
+            raise HostError(reason=f"{change.text}: {exc} (what was done is recorded in "
+                                   f"{record.path}: `dgxvm host revert` undoes it)") from None
         say(change.text)
     return record
 

@@ -297,3 +297,16 @@ def test_the_real_pool_writes_nr_hugepages_and_reads_back_what_the_kernel_gave(t
     assert (d / "nr_hugepages").read_text() == "120\n"
     with pytest.raises(HostError, match="cannot read"):
         SysfsHugepages(tmp_path).get(0, 1048576)
+
+
+@pytest.mark.parametrize("machine", ["dgx-a100"])
+def test_with_the_iommu_off_setup_binds_nothing_and_prints_the_kernel_command_line(bare):
+    import shutil
+    shutil.rmtree(bare.root / "sys/kernel/iommu_groups")
+    (bare.root / "sys/kernel/iommu_groups").mkdir()
+    plan = bare.plan()
+    assert not [c for c in plan.changes if c.entry["kind"] == "bind"]
+    said = "\n".join(plan.manual)
+    assert "the IOMMU is off" in said
+    assert "add amd_iommu=on iommu=pt to GRUB_CMDLINE_LINUX" in said      # an AMD EPYC host
+    assert (bare.root / "proc/cmdline").read_text().count("iommu") == 2   # printed, not edited
