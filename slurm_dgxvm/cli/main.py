@@ -90,6 +90,7 @@ LAZY_COMMANDS = {
     "metrics": ".metrics:metrics",
     "reconcile": ".reconcile:reconcile",
     "gpu": ".gpu:gpu", "health": ".gpu:health",
+    "host": ".host:host",
 }
 
 

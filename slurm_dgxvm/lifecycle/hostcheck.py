@@ -84,9 +84,9 @@ def check_host(env: Env, *, check_gpus: bool = True) -> HostHealth:
                            f"NVSwitch(es)" + (f", {len(env.host.missing_gpus)} missing"
                                               if env.host.missing_gpus else ""))
     libvirt_ok = step("libvirt", "start libvirtd (systemctl start libvirtd) and check "
-                                 "libvirt.uri", lambda: _libvirt(env))
+                                 "libvirt.uri", lambda: libvirt_answers(env))
     step("images", "install the image with `dgxvm image install` or fix the partition's image",
-         lambda: _images(env))
+         lambda: partition_images(env))
     ledger_ok = step("ledger", "run `dgxvm reconcile --rebuild-ledger` (README \"Making the node "
                                "consistent\")", lambda: _ledger(env))
     health_ok = step("gpu-health-record", "inspect the file; move it aside only once every "
@@ -124,7 +124,8 @@ def check_host(env: Env, *, check_gpus: bool = True) -> HostHealth:
                       env.host.simulated if host_ok else None)
 
 
-def _libvirt(env: Env) -> str:
+def libvirt_answers(env: Env) -> str:
+    """libvirtd answers at the configured URI (raises DgxvmError when it does not)."""
     conn = env.connect()
     try:
         return f"libvirtd answers at {env.uri}"
@@ -132,7 +133,8 @@ def _libvirt(env: Env) -> str:
         conn.close()
 
 
-def _images(env: Env) -> str:
+def partition_images(env: Env) -> str:
+    """The store holds the default image and every partition's (raises ImageError)."""
     names = {None} | {p.image or None for p in env.cfg.partitions.values()}
     found = []
     for name in sorted(names, key=lambda n: n or ""):

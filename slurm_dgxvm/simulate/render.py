@@ -29,6 +29,13 @@ NOTE = "simulated by dgxvm simulate; not a real host"
 # Memory the OS itself uses on each node, outside the hugepage pools. [INF: invented for the fixture]
 _OS_USED_KIB = 2 * 1024 * 1024
 _SHORT_BDF_RE = re.compile(r"^[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+# Beside sys/, the few files of a prepared VM host that `dgxvm host check` reads elsewhere: the
+# kernel command line and CPU vendor (proc/), the KVM device (dev/kvm), and the modules a VM
+# host has loaded (sys/module/). [INF: the host setup for VMs]
+PROC_CMDLINE = "proc/cmdline"
+PROC_CPUINFO = "proc/cpuinfo"
+DEV_KVM = "dev/kvm"
+_VM_HOST_MODULES = ("vfio", "vfio_pci", "vfio_iommu_type1", "kvm")
 
 
 def render(machine: str | Machine, out: str | os.PathLike, *, missing_gpus: Iterable[str] = (),
@@ -167,9 +174,22 @@ def _write_tree(m: Machine, root: Path, missing: tuple[str, ...], unknown: tuple
     _write_nodes(w, m)
     _write_cpus(w, m)
     _write_pci(w, m, set(missing), set(unknown))
+    _write_host(w, m)
     marker = {"machine": m.key, "product_name": m.product_name, "missing_gpus": list(missing),
               "unknown_numa": list(unknown), "note": NOTE}
     (root / S.SIMULATED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _write_host(w: _Writer, m: Machine) -> None:
+    intel = "intel" in m.cpu_model.lower()
+    vendor, iommu, kvm = (("GenuineIntel", "intel_iommu=on", "kvm_intel") if intel
+                          else ("AuthenticAMD", "amd_iommu=on", "kvm_amd"))
+    w.file(PROC_CMDLINE, f"BOOT_IMAGE=/boot/vmlinuz root=/dev/md0 ro {iommu} iommu=pt")
+    w.file(PROC_CPUINFO, f"processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: {m.cpu_model}")
+    w.binary(DEV_KVM, b"")
+    os.chmod(os.path.join(w.root, DEV_KVM), 0o666)
+    for name in (*_VM_HOST_MODULES, kvm):
+        w.mkdir(S.MODULE.format(name=name))
 
 
 def _write_nodes(w: _Writer, m: Machine) -> None:
