@@ -38,7 +38,7 @@ from ..config import Config
 from ..errors import DgxvmError
 from ..placement.sizing import gpus_on
 from ..topology import sysfs as S
-from ..topology.model import FULL_PASSTHROUGH, SHARED_NVSWITCH, Host
+from ..topology.model import SHARED_NVSWITCH, Host
 from . import roots as R
 from .roots import HostRoots
 
@@ -102,16 +102,6 @@ class Probes:
 
 
 # -- what the host must provide -------------------------------------------------------------------
-def passthrough_devices(host: Host) -> list[str]:
-    """The PCI addresses dgxvm gives to VMs: every GPU, and the NVSwitches where they go with
-    their GPUs (DGX-2); on shared-NVSwitch machines Fabric Manager keeps the switches on the
-    host's driver."""
-    devs = [g.pci for g in host.gpus]
-    if host.nvswitch_model == FULL_PASSTHROUGH:
-        devs += [s.pci for s in host.nvswitches]
-    return devs
-
-
 def hugepage_need(host: Host, cfg: Config) -> dict[int, tuple[int, int, str]]:
     """``{node: (page size kB, pages, how derived)}`` for every NUMA node with GPUs; ``{}`` when
     ``[placement] hugepage_size = "none"``.
@@ -181,7 +171,7 @@ def check_host(roots: HostRoots, cfg: Config, probes: Probes, *,
 
     guard("iommu", _iommu, roots)
     if host is not None:
-        devices = passthrough_devices(host)
+        devices = list(host.passthrough_pcis)
         guard("iommu-groups", _groups, sysfs, devices)
         guard("vfio-modules", _modules, sysfs)
         guard("vfio-binding", _binding, sysfs, devices)

@@ -44,7 +44,7 @@ from ..topology import sysfs as S
 from ..topology.model import Host
 from . import roots as R
 from .check import (VFIO_DRIVER, gres_lines, hook_installed, hugepage_need, kernel_iommu_args,
-                    modprobe_ids, passthrough_devices)
+                    modprobe_ids)
 from .record import SetupRecord, decode, encode
 from .roots import HostRoots
 
@@ -72,7 +72,7 @@ def plan_setup(roots: HostRoots, cfg: Config, host: Host, binder, pages, *,
                dgxvm_path: str | None = None, hook_source: Path | None = None) -> Plan:
     """What setup would change on this host now (nothing when it is set up already)."""
     plan = Plan()
-    devices = passthrough_devices(host)
+    devices = list(host.passthrough_pcis)
     groups = roots.sysfs.path(S.IOMMU_GROUPS)
     iommu_on = groups.is_dir() and any(groups.iterdir())
     if not iommu_on:

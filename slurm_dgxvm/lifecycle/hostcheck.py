@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import DgxvmError
-from ..topology.model import FULL_PASSTHROUGH, SHARED_NVSWITCH
+from ..topology.model import SHARED_NVSWITCH
 from .env import Env
 
 
@@ -185,10 +185,7 @@ def _free_devices(env: Env) -> str:
     state = env.ledger.read()
     held = {p for a in state.allocations.values() for p in (*a.gpu_pcis, *a.nvswitches)}
     quarantined = set(env.health.quarantined())
-    host = env.host
-    devices = [g.pci for g in host.gpus] + [s.pci for s in host.nvswitches
-                                             if host.nvswitch_model == FULL_PASSTHROUGH]
-    free = [p for p in devices if p not in held and p not in quarantined]
+    free = [p for p in env.host.passthrough_pcis if p not in held and p not in quarantined]
     result = check(env.sysfs, env.health, free, by="dgxvm health")
     if result.newly:       # degraded, not failed: the capacity check decides about draining
         return (f"{len(free)} free device(s) checked; newly quarantined: "

@@ -158,6 +158,16 @@ class Host:
         return {k: tuple(v) for k, v in sorted(out.items())}
 
     @cached_property
+    def passthrough_pcis(self) -> tuple[str, ...]:
+        """PCI addresses of the devices dgxvm gives to VMs, GPUs first: every GPU, and the
+        NVSwitches where they go with their GPUs (full passthrough, DGX-2); on shared-NVSwitch
+        machines Fabric Manager keeps the switches on the host's driver."""
+        out = [g.pci for g in self.gpus]
+        if self.nvswitch_model == FULL_PASSTHROUGH:
+            out += [s.pci for s in self.nvswitches]
+        return tuple(out)
+
+    @cached_property
     def blocks_by_size(self) -> dict[int, tuple[GpuBlock, ...]]:
         out: dict[int, list[GpuBlock]] = {}
         for b in self.blocks:
