@@ -199,6 +199,20 @@ class HostError(DgxvmError):
     exit_code = EXIT_HOST
 
 
+# the Debian package of each optional Python module a command may need
+MODULE_PACKAGES = {"libvirt": "python3-libvirt", "libvirt_qemu": "python3-libvirt",
+                   "pynvml": "python3-pynvml", "yaml": "python3-yaml"}
+
+
+class ModuleMissing(HostError):
+    """A command needs a Python module this host lacks: an installation fault, named."""
+    template = "this command needs the Python module {module!r}, which is not installed " \
+               "(apt-get install {package})"
+
+    def __init__(self, module: str):
+        super().__init__(module=module, package=MODULE_PACKAGES.get(module, f"python3-{module}"))
+
+
 class SysfsError(HostError):
     """A sysfs file that should be readable is not, or holds something unexpected."""
 

@@ -23,7 +23,7 @@ import click
 
 from .. import __version__
 from .. import config as config_mod
-from ..errors import DgxvmError, EXIT_BAD_INPUT, EXIT_INTERNAL
+from ..errors import DgxvmError, EXIT_BAD_INPUT, EXIT_INTERNAL, ModuleMissing
 from .params import GIB, GPU_LIST, MIB, request_flags
 
 if TYPE_CHECKING:
@@ -411,6 +411,13 @@ def _main(argv) -> tuple[int, bool]:
     except Exception as exc:  # a bug: still one line (Slurm logs), the traceback on request
         if os.environ.get("DGXVM_DEBUG"):
             traceback.print_exc()
+        if isinstance(exc, ModuleNotFoundError) and \
+                (exc.name or "").split(".")[0] not in ("", "slurm_dgxvm"):
+            # a host missing python3-libvirt (say): an installation fault, named with its
+            # package; our own module missing stays a bug
+            err = ModuleMissing(exc.name)
+            click.echo(f"dgxvm: error: {err}", err=True)
+            return err.exit_code, True
         click.echo(f"dgxvm: error: internal error: {type(exc).__name__}: {exc} "
                    f"(DGXVM_DEBUG=1 shows the traceback)", err=True)
         return EXIT_INTERNAL, True

@@ -5,6 +5,7 @@ Checks, in order (a check that cannot apply, e.g. Fabric Manager on a DGX-2, is 
 =================  =======================================================================
 iommu              the IOMMU is on: ``sys/kernel/iommu_groups`` has groups (and the kernel
                    command line asks for it; ``iommu=pt`` missing is a WARN)
+devices            the host has GPUs to give to VMs (none: the device checks are left out)
 iommu-groups       every GPU (and, where they go into VMs, NVSwitch) has an IOMMU group whose
                    other members are devices dgxvm passes too, or PCI bridges: vfio takes a
                    group whole
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import Config
-from ..errors import DgxvmError
+from ..errors import DgxvmError, ModuleMissing
 from ..placement.sizing import gpus_on
 from ..topology import sysfs as S
 from ..topology.model import SHARED_NVSWITCH, Host
@@ -90,8 +91,14 @@ class Probes:
 
     @classmethod
     def real(cls, cfg: Config) -> Probes:
-        from ..lifecycle import Env
-        from ..lifecycle.hostcheck import libvirt_answers, partition_images
+        try:
+            import libvirt  # noqa: F401  (the lifecycle imports it only when it connects)
+
+            from ..lifecycle import Env
+            from ..lifecycle.hostcheck import libvirt_answers, partition_images
+        except ImportError as exc:
+            # a host without python3-libvirt: these three checks fail with that, the rest run
+            return cls.without(exc.name or str(exc))
         env = Env(cfg)
 
         def fabric() -> str:
@@ -99,6 +106,14 @@ class Probes:
             return f"Fabric Manager answers: {active} partition(s) active"
         return cls(libvirtd=lambda: libvirt_answers(env), fabric=fabric,
                    images=lambda: partition_images(env))
+
+    @classmethod
+    def without(cls, module: str) -> Probes:
+        """Probes for a host missing the Python module ``module`` (libvirt's bindings): each
+        one fails naming it and the Debian package that has it."""
+        def missing() -> str:
+            raise ModuleMissing(module)
+        return cls(libvirtd=missing, fabric=missing, images=missing)
 
 
 # -- what the host must provide -------------------------------------------------------------------
@@ -170,7 +185,12 @@ def check_host(roots: HostRoots, cfg: Config, probes: Probes, *,
             add(check, FAIL, str(exc), "see the file named; on a simulated host, render it again")
 
     guard("iommu", _iommu, roots)
-    if host is not None:
+    if host is not None and not host.passthrough_pcis:
+        add("devices", FAIL, "no NVIDIA GPU on the PCI bus (sys/bus/pci/devices): nothing to "
+                             "give to VMs",
+            "check that the GPUs are seen at all (lspci -d 10de:; dmesg); a GPU bound to no "
+            "driver is still listed")
+    elif host is not None:
         devices = list(host.passthrough_pcis)
         guard("iommu-groups", _groups, sysfs, devices)
         guard("vfio-modules", _modules, sysfs)

@@ -95,8 +95,12 @@ def plan_setup(roots: HostRoots, cfg: Config, host: Host, binder, pages, *,
                 {"kind": "hugepages", "node": node, "size_kib": size, "before": have,
                  "after": want}))
     ids = modprobe_ids(host, devices)
-    _file(plan, roots, R.MODPROBE_CONF, _modprobe_text(ids), 0o644,
-          f"bind {','.join(ids)} to vfio-pci at boot")
+    if ids:
+        _file(plan, roots, R.MODPROBE_CONF, _modprobe_text(ids), 0o644,
+              f"bind {','.join(ids)} to vfio-pci at boot")
+    else:
+        plan.manual.append("no NVIDIA GPU on the PCI bus: nothing to bind to vfio-pci "
+                           "(check lspci -d 10de:)")
     _file(plan, roots, R.MODULES_LOAD_CONF, f"# {MARK}\nvfio-pci\n", 0o644,
           "load vfio-pci at boot")
     if targets:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -273,6 +274,59 @@ def test_a_bare_metal_host_fails_binding_and_huge_pages_and_names_every_gpu(tree
     assert "8 of 8 device(s)" in report.get("vfio-binding").detail
     assert report.get("hugepages").status == FAIL
     assert not report.ok
+
+
+def _without_nvidia_devices(root):
+    """The host's NVIDIA functions gone from the PCI bus, as on a node whose GPUs fell off it."""
+    for bdf in os.listdir(root / S.PCI_DEVICES):
+        dev = root / S.PCI_DEVICE.format(bdf=bdf)
+        if (dev / "vendor").read_text().strip() == "0x10de":
+            (root / S.PCI_DEVICES / bdf).unlink()
+
+
+@pytest.mark.parametrize("machine", ["dgx-h100"])
+def test_a_host_with_no_gpu_fails_devices_and_setup_binds_nothing(ready, machine):
+    root = ready.sysfs.root
+    (root / "etc/modprobe.d/dgxvm-vfio.conf").unlink()
+    _without_nvidia_devices(root)
+    host = discover(ready.sysfs)
+    assert host.passthrough_pcis == ()
+    report = run_check(ready)
+    f = report.get("devices")
+    assert f.status == FAIL and "no NVIDIA GPU" in f.detail and "lspci -d 10de:" in f.fix
+    # the per-device checks have nothing to say about no devices: left out, not OK
+    assert not {"iommu-groups", "vfio-binding", "vfio-at-boot", "hugepages"} & \
+        set(statuses(report))
+    binder, pages = for_roots(ready)
+    plan = plan_setup(ready, Config(), host, binder, pages, dgxvm_path="/usr/bin/dgxvm")
+    assert not any("vfio-pci at boot" in c.text for c in plan.changes), plan.changes
+    assert any("nothing to bind" in m for m in plan.manual)
+
+
+@pytest.mark.parametrize("machine", ["dgx2"])
+def test_a_host_without_python3_libvirt_fails_its_daemon_checks_naming_the_package(ready):
+    report = run_check(ready, probes=Probes.without("libvirt"))
+    for name in ("libvirtd", "images"):
+        f = report.get(name)
+        assert f.status == FAIL and "apt-get install python3-libvirt" in f.detail, f
+    assert report.get("kvm").status == OK
+
+
+def test_a_command_on_a_host_without_python3_libvirt_names_the_package(tmp_path):
+    """`dgxvm host check` runs its other checks; `dgxvm list` fails in one line naming the
+    package, exit 3 (the host's fault), not an internal error."""
+    block = ("import sys; sys.modules['libvirt'] = None; "
+             "from slurm_dgxvm.cli.main import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "DGXVM_STATE_DIR": str(tmp_path / "state")}
+    r = subprocess.run([sys.executable, "-c", block, "list"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 3, r
+    assert r.stderr.strip() == ("dgxvm: error: this command needs the Python module 'libvirt',"
+                                " which is not installed (apt-get install python3-libvirt)")
+    r = subprocess.run([sys.executable, "-c", block, "host", "check"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert "FAIL libvirtd: this command needs the Python module 'libvirt'" in r.stdout, r
+    assert "internal error" not in r.stdout + r.stderr
 
 
 # -- how the huge pages needed are derived ---------------------------------------------------------
