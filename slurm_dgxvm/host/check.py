@@ -325,6 +325,14 @@ def _hugepages(sysfs, host: Host, cfg: Config, add) -> None:
     if not need:
         add("hugepages", OK, "[placement] hugepage_size = \"none\": VMs use ordinary pages")
         return
+    empty = [f"node {node}: {how}" for node, (_, pages, how) in sorted(need.items())
+             if pages == 0]
+    if empty:
+        # no pool can help: the node has no memory to give VMs at all
+        add("hugepages", FAIL, "no memory is left for VMs on " + "; ".join(empty),
+            "lower [placement] reserved_memory_mib_per_node (or a partition's "
+            "memory_mib_per_gpu), or give the node more memory")
+        return
     short, low, have = [], [], []
     for node, (size, pages, how) in sorted(need.items()):
         nr = sysfs.node_hugepages(node).get(size, (0, 0))[0]

@@ -87,6 +87,8 @@ def plan_setup(roots: HostRoots, cfg: Config, host: Host, binder, pages, *,
     need = hugepage_need(host, cfg)
     targets = {}
     for node, (size, want, how) in sorted(need.items()):
+        if want == 0:
+            continue   # no memory for VMs there: host check says so, a pool of 0 is no fix
         have = pages.get(node, size)
         targets[node] = (size, max(have, want))
         if have < want:

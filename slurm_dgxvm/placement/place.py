@@ -208,6 +208,11 @@ def _build(host: Host, taken: Occupancy, r: Request, policy: Policy, gpus: tuple
             raise NoFit(count=r.count, resource="cores",
                         reason=f"GPUs {format_index_list(gpus)} need {want} free core(s) on NUMA "
                                f"node {node}, {len(free)} are free")
+        if mem_wanted[node] < 1:
+            n = host.node(node)
+            raise NoFit(count=r.count, resource="memory",
+                        reason=f"NUMA node {node} has no memory for VMs: "
+                               f"{_budget_words(n, policy)}")
         budget = memory_budget_mib(host.node(node), policy) - taken.memory_mib.get(node, 0)
         if mem_wanted[node] > budget:
             raise NoFit(count=r.count, resource="memory",
@@ -270,6 +275,15 @@ def _split_cores(vcpus, nodes, per_node, host, policy, count) -> dict[int, int]:
                                reason=f"is more than NUMA node(s) {format_index_list(nodes)} "
                                       f"can give a {count}-GPU VM ({most} vCPUs at most)")
     return out
+
+
+def _budget_words(node, policy: Policy) -> str:
+    """Why ``node``'s memory for VMs is what it is, in the words of the config."""
+    size = hugepages_for(node, policy)
+    if size is not None:
+        return f"its {size} kB huge page pool holds {memory_budget_mib(node, policy)} MiB"
+    return (f"{node.memory_mib} MiB, of which reserved_memory_mib_per_node keeps "
+            f"{policy.reserved_memory_mib_per_node} MiB for the host")
 
 
 def _split_memory(memory_mib, nodes, per_node, host, policy, count) -> dict[int, int]:

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -340,6 +341,19 @@ def test_huge_pages_needed_per_gpu_node_are_its_memory_less_the_reserve(host, ma
         assert "reserved_memory_mib_per_node" in how
 
 
+@pytest.mark.parametrize("machine", ["dgx-h100"])
+def test_a_node_with_no_memory_beyond_the_reserve_fails_and_setup_reserves_no_pool(ready):
+    host = discover(ready.sysfs)
+    cfg = Config()
+    cfg = replace(cfg, placement=replace(cfg.placement, reserved_memory_mib_per_node=10**9))
+    f = run_check(ready, cfg=cfg).get("hugepages")
+    assert f.status == FAIL and f.detail.startswith("no memory is left for VMs on node 0: ")
+    assert "reserved_memory_mib_per_node" in f.fix
+    binder, pages = for_roots(ready)
+    plan = plan_setup(ready, cfg, host, binder, pages, dgxvm_path="/usr/bin/dgxvm")
+    assert not any(c.entry["kind"] == "hugepages" for c in plan.changes)
+
+
 def test_a_partitions_memory_per_gpu_sets_the_huge_pages_needed(host):
     cfg = Config(partitions={"a": PartitionConfig(memory_mib_per_gpu=40960),
                              "b": PartitionConfig(memory_mib_per_gpu=65536 + 1)})
@@ -348,7 +362,6 @@ def test_a_partitions_memory_per_gpu_sets_the_huge_pages_needed(host):
 
 
 def test_no_huge_pages_are_needed_when_vms_use_ordinary_pages(host):
-    from dataclasses import replace
     cfg = Config()
     cfg = replace(cfg, placement=replace(cfg.placement, hugepage_size="none"))
     assert hugepage_need(host, cfg) == {}

@@ -328,6 +328,19 @@ def test_without_hugepages_memory_leaves_the_host_reserve(host):
     assert p.memory_mib == host.node(0).memory_mib - policy.reserved_memory_mib_per_node
 
 
+def test_a_node_whose_memory_is_all_reserved_for_the_host_is_no_fit_saying_so(host):
+    """A small host (an H100 cloud VM has 4 GiB) below reserved_memory_mib_per_node: no
+    VM of 0 MiB, but a no-fit that names the node and the reserve."""
+    policy = Policy(hugepage_kib=None,
+                    reserved_memory_mib_per_node=host.node(0).memory_mib + 1)
+    with pytest.raises(NoFit) as info:
+        place(host, EMPTY, Request(count=1, gpu_index=0), policy)
+    assert info.value.resource == "memory"
+    assert (f"NUMA node 0 has no memory for VMs: {host.node(0).memory_mib} MiB, of which "
+            f"reserved_memory_mib_per_node keeps {host.node(0).memory_mib + 1} MiB") \
+        in str(info.value)
+
+
 def test_memory_already_taken_on_a_node_is_no_fit(host):
     pool_mib = host.node(0).hugepage_pool(ONE_GIB_KIB).total * 1024
     taken = Occupancy(memory_mib={0: pool_mib - 1024})
