@@ -39,6 +39,7 @@ break the document's structure. Commands are argv lists, never a shell line with
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import re
@@ -321,8 +322,9 @@ def _plain_files(spec: SeedSpec) -> dict[str, tuple[str, int]]:
     }
 
 
+@functools.cache
 def guest_helper() -> str:
-    """The text of the guest side of ``dgxvm run``."""
+    """The text of the guest side of ``dgxvm run`` (read once per process)."""
     return GUEST_HELPER_SOURCE.read_text(encoding="utf-8")
 
 

@@ -94,6 +94,13 @@ LAZY_COMMANDS = {
 }
 
 
+#: Commands that change a node's VMs and run for seconds to minutes (the Prolog's boot wait): they
+#: read the whole package before they begin, so that a package upgrade cannot mix two versions
+#: into one of them (slurm_dgxvm/preload.py). ``dgxvm run`` is left lazy: it starts on every
+#: srun, where its start time is the job's (its lost-transport path still imports late).
+PRELOADED = frozenset({"prolog", "epilog", "create", "delete", "reconcile"})
+
+
 #: click >= 8.4's error for a mistyped command name (older click suggests no name)
 _NoSuchCommand = getattr(click.exceptions, "NoSuchCommand", None)
 
@@ -151,6 +158,9 @@ def cli(ctx, config_path, sysfs_root, state_dir):
     """Topology-aligned GPU virtual machines for Slurm jobs on DGX-class servers."""
     global _failure_code
     ctx.obj = Context(config_path, sysfs_root, state_dir)
+    if ctx.invoked_subcommand in PRELOADED and not ctx.resilient_parsing:
+        from ..preload import preload
+        preload()
     if LAZY_COMMANDS.get(ctx.invoked_subcommand or "", "").startswith(".run:"):
         from . import run as run_cli   # imported already: click looks a command up first
         if ctx.invoked_subcommand in run_cli.VERBS:

@@ -21,9 +21,19 @@ def _env() -> jinja2.Environment:
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
+        # a template is read once per process: an upgrade's new one is not mixed into a
+        # command that began with the old (slurm_dgxvm/preload.py)
+        auto_reload=False,
     )
     env.filters["cpuset"] = lambda values: format_index_list(values)
     return env
+
+
+def load_templates() -> None:
+    """Read every template now (jinja2 keeps them for the process's life)."""
+    env = _env()
+    for name in env.list_templates():
+        env.get_template(name)
 
 
 def domain_xml(spec: DomainSpec) -> str:
