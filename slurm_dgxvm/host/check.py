@@ -16,6 +16,8 @@ hugepages          each NUMA node with GPUs has its huge page pool (:func:`hugep
 kvm                /dev/kvm exists and can be opened read-write
 libvirtd           libvirtd answers at ``[libvirt] uri``
 libvirt-hook       the qemu hook that keeps the ledger true is installed
+apparmor           where AppArmor confines libvirtd (Debian's default), its profile lets it
+                   run each VM's virtiofsd script (:mod:`slurm_dgxvm.host.apparmor`)
 fabric-manager     shared-NVSwitch machines: ``fmpm`` runs and Fabric Manager answers
 slurm-hooks        slurm.conf has dgxvm's Prolog and Epilog and ``PrologFlags=Alloc``
 gres-conf          gres.conf's GPU lines are those of ``dgxvm gres-conf``
@@ -40,6 +42,7 @@ from ..errors import DgxvmError, ModuleMissing
 from ..placement.sizing import gpus_on
 from ..topology import sysfs as S
 from ..topology.model import SHARED_NVSWITCH, Host
+from . import apparmor as AA
 from . import roots as R
 from .roots import HostRoots
 
@@ -201,6 +204,7 @@ def check_host(roots: HostRoots, cfg: Config, probes: Probes, *,
     run("libvirtd", "start libvirtd (systemctl start libvirtd) and check [libvirt] uri",
         probes.libvirtd)
     guard("libvirt-hook", _hook, roots)
+    guard("apparmor", _apparmor, roots)
     if host is not None and host.nvswitch_model == SHARED_NVSWITCH:
         guard("fabric-manager", _fabric, cfg, probes)
     guard("slurm-hooks", _slurm_hooks, roots)
@@ -388,6 +392,25 @@ def _hook(roots: HostRoots, add) -> None:
                                   f"{roots.etc_path(R.QEMU_HOOK_DIR)}/* runs `dgxvm hook qemu`",
             f"{_SETUP} (installs {roots.etc_path(R.QEMU_HOOK_DGXVM)}), then systemctl restart "
             "libvirtd")
+
+
+def _apparmor(roots: HostRoots, add) -> None:
+    mode = AA.libvirtd_mode(roots)
+    if mode is None:
+        add("apparmor", OK, "AppArmor does not confine libvirtd")
+        return
+    local = roots.etc_path(AA.LOCAL)
+    if AA.has_rule(AA.local_text(roots), roots.state_dir):
+        add("apparmor", OK, f"libvirtd ({mode}) may run the VMs' virtiofsd scripts ({local})")
+        return
+    fix = (f"{_SETUP} (adds `{AA.rule(roots.state_dir)}` to {local}), then apparmor_parser -r "
+           f"{roots.etc_path(AA.PROFILE)}")
+    detail = (f"libvirtd's AppArmor profile ({mode}) does not let it run the VMs' virtiofsd "
+              f"scripts under {roots.state_dir}/vms/")
+    if mode == "enforce":
+        add("apparmor", FAIL, detail + ": a VM with a work dir share does not start", fix)
+    else:
+        add("apparmor", WARN, detail + ": AppArmor only logs it now", fix)
 
 
 def _fabric(cfg: Config, probes: Probes, add) -> None:

@@ -42,6 +42,7 @@ from ..errors import DgxvmError, HostError
 from ..fsutil import atomic_write
 from ..topology import sysfs as S
 from ..topology.model import Host
+from . import apparmor as AA
 from . import roots as R
 from .check import (VFIO_DRIVER, gres_lines, hook_installed, hugepage_need, kernel_iommu_args,
                     modprobe_ids)
@@ -121,6 +122,13 @@ def plan_setup(roots: HostRoots, cfg: Config, host: Host, binder, pages, *,
         else:
             _file(plan, roots, R.QEMU_HOOK_DGXVM, _hook_text(text, dgxvm_path), 0o755,
                   "install the libvirt qemu hook")
+    if AA.libvirtd_mode(roots) is not None:
+        local = AA.local_text(roots)
+        if not AA.has_rule(local, roots.state_dir):
+            path = roots.etc_path(AA.LOCAL)
+            mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644
+            _file(plan, roots, AA.LOCAL, AA.with_rule(local, roots.state_dir), mode,
+                  "let libvirtd run each VM's virtiofsd script under AppArmor")
     from ..slurm.gres import gres_conf
     gres_path = roots.etc_path(R.GRES_CONF)
     try:
@@ -229,6 +237,9 @@ def _manual(plan: Plan, roots: HostRoots, need, changes: list[Change]) -> None:
                            f"the kernel command line, hugepagesz={size // 1024 // 1024 or 2}"
                            f"{'G' if size >= 1048576 else 'M'} hugepages={per_node} (Linux >= "
                            "5.16), instead of dgxvm-hugepages.service")
+    if AA.LOCAL in paths:
+        plan.manual.append(f"apparmor_parser -r {roots.etc_path(AA.PROFILE)} (libvirtd's "
+                           "profile takes the new rule; running guests are not touched)")
     if R.MODPROBE_CONF in paths:
         plan.manual.append("update-initramfs -u (where the initramfs loads nvidia, so that "
                            "vfio-pci claims the GPUs there too)")

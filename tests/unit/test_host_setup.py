@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import stat
 import subprocess
 
@@ -14,8 +16,9 @@ import pytest
 
 from slurm_dgxvm.config import Config
 from slurm_dgxvm.errors import HostError
+from slurm_dgxvm.host import apparmor as AA
 from slurm_dgxvm.host import roots as R
-from slurm_dgxvm.host.check import FAIL, OK, Probes, check_host
+from slurm_dgxvm.host.check import FAIL, OK, WARN, Probes, check_host
 from slurm_dgxvm.host.kernel import for_roots
 from slurm_dgxvm.host.roots import HostRoots
 from slurm_dgxvm.host.setup import MARK, apply, plan_setup, revert
@@ -310,3 +313,106 @@ def test_with_the_iommu_off_setup_binds_nothing_and_prints_the_kernel_command_li
     assert "the IOMMU is off" in said
     assert "add amd_iommu=on iommu=pt to GRUB_CMDLINE_LINUX" in said      # an AMD EPYC host
     assert (bare.root / "proc/cmdline").read_text().count("iommu") == 2   # printed, not edited
+
+
+# -- AppArmor: libvirtd's profile and the VMs' virtiofsd scripts ----------------------------------
+LOCAL_AS_LIBVIRT_MAKES_IT = "# Site-specific additions and overrides for usr.sbin.libvirtd\n"
+
+
+def _apparmor_on(root, mode="enforce"):
+    """AppArmor on, libvirtd confined in ``mode`` (as /sys says on a stock Debian 12 host), and
+    the site file libvirt's postinst leaves."""
+    for rel, text in ((AA.ENABLED, "Y\n"),
+                      (AA.PROFILES, f"/usr/sbin/virtlogd (enforce)\nlibvirtd ({mode})\n"
+                                    "libvirtd//qemu_bridge_helper (enforce)\n"),
+                      (f"etc/{AA.LOCAL}", LOCAL_AS_LIBVIRT_MAKES_IT)):
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+
+@pytest.mark.parametrize("machine", ["dgx-h100"])
+@pytest.mark.parametrize("mode, status", [("enforce", FAIL), ("complain", WARN)])
+def test_a_confined_libvirtd_is_named_with_its_rule_and_setup_adds_it_and_revert_takes_it_out(
+        bare, machine, mode, status):
+    bare.setup()
+    _apparmor_on(bare.root, mode)
+    before = snapshot(bare.root)
+    f = check_host(bare.roots, Config(), probes()).get("apparmor")
+    assert f.status == status, f
+    assert f"under {bare.roots.state_dir}/vms/" in f.detail
+    assert AA.rule(bare.roots.state_dir) in f.fix and "apparmor_parser -r" in f.fix
+    plan = bare.plan()
+    assert [c.entry["path"] for c in plan.changes] == [AA.LOCAL]
+    assert any(m.startswith("apparmor_parser -r ") for m in plan.manual)
+    bare.setup()
+    local = (bare.root / "etc" / AA.LOCAL).read_text()
+    assert local.startswith(LOCAL_AS_LIBVIRT_MAKES_IT)          # the site's lines stay first
+    assert local.endswith(AA.rule(bare.roots.state_dir) + "\n")
+    assert check_host(bare.roots, Config(), probes()).get("apparmor").status == OK
+    assert bare.plan().changes == []                            # setup twice is setup once
+    assert bare.revert().done
+    after = snapshot(bare.root)
+    assert after[f"etc/{AA.LOCAL}"] == before[f"etc/{AA.LOCAL}"]
+
+
+@pytest.mark.parametrize("machine", ["dgx2"])
+def test_without_apparmor_or_without_a_libvirtd_profile_nothing_is_added(bare, machine):
+    _apparmor_on(bare.root)
+    (bare.root / AA.ENABLED).write_text("N\n")
+    assert check_host(bare.roots, Config(), probes()).get("apparmor").status == OK
+    _apparmor_on(bare.root)
+    (bare.root / AA.PROFILES).write_text("/usr/sbin/virtlogd (enforce)\n")
+    assert check_host(bare.roots, Config(), probes()).get("apparmor").status == OK
+    assert not any(c.entry.get("path") == AA.LOCAL for c in bare.plan().changes)
+
+
+def _aa_glob(pattern: str) -> re.Pattern:
+    """AppArmor's globbing as far as the rule uses it: `*` within one path component and
+    `{a,b}` alternatives (apparmor.d(5), Globbing)."""
+    out, i = "", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            out += "[^/]*"
+        elif c == "{":
+            j = pattern.index("}", i)
+            out += "(?:" + "|".join(map(re.escape, pattern[i + 1:j].split(","))) + ")"
+            i = j
+        else:
+            out += re.escape(c)
+        i += 1
+    return re.compile(out + r"\Z")
+
+
+def test_the_rule_covers_both_share_scripts_of_every_vm_and_nothing_beside_them(tmp_path):
+    from slurm_dgxvm.records import IMAGE_CACHE_WRAPPER, SHARE_WRAPPER, VmStore
+    state = tmp_path / "state"
+    path = AA.rule(state).split()[0]
+    match = _aa_glob(path)
+    vmdir = VmStore(state).dir("dgxvm-job-42")
+    for name in (SHARE_WRAPPER, IMAGE_CACHE_WRAPPER):
+        assert match.match(str(vmdir / name)), (path, vmdir / name)
+    for other in (vmdir / "share.json", vmdir / "disk.qcow2", state / "vms" / "virtiofsd",
+                  vmdir / "sub" / SHARE_WRAPPER, state / "ledger.json"):
+        assert not match.match(str(other)), other
+
+
+def test_debians_apparmor_parser_takes_libvirtds_profile_with_the_rule(tmp_path):
+    """The real profile (libvirt-daemon-system) with the rule in its local file, compiled by
+    the real parser without loading it (-Q); a rule with a typo is refused (the control)."""
+    assert os.path.isfile("/etc/apparmor.d/usr.sbin.libvirtd"), "libvirt-daemon-system's profile"
+    assert shutil.which("apparmor_parser"), "scripts/bootstrap installs apparmor"
+    base = tmp_path / "apparmor.d"
+    shutil.copytree("/etc/apparmor.d", base, symlinks=True)
+    local = base / "local" / "usr.sbin.libvirtd"
+    site = local.read_text() if local.is_file() else ""
+
+    def parse(text):
+        local.write_text(text)
+        return subprocess.run(["apparmor_parser", "-Q", "-K", "-b", str(base),
+                               str(base / "usr.sbin.libvirtd")],
+                              capture_output=True, text=True, timeout=120)
+    r = parse(AA.with_rule(site, "/var/lib/dgxvm"))
+    assert r.returncode == 0, r.stderr
+    assert parse(AA.with_rule(site, "/var/lib/dgxvm").rstrip(",\n") + "\n").returncode != 0
