@@ -97,7 +97,7 @@ LAZY_COMMANDS = {
 #: Commands that change a node's VMs and run for seconds to minutes (the Prolog's boot wait): they
 #: read the whole package before they begin, so that a package upgrade cannot mix two versions
 #: into one of them (slurm_dgxvm/preload.py). ``dgxvm run`` is left lazy: it starts on every
-#: srun, where its start time is the job's (its lost-transport path still imports late).
+#: srun, where its start time is the job's.
 PRELOADED = frozenset({"prolog", "epilog", "create", "delete", "reconcile"})
 
 
