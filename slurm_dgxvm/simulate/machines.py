@@ -111,9 +111,16 @@ class Machine:
     threads_per_core: int
     nodes: tuple[NumaNode, ...]
     pci_roots: tuple[PciRoot, ...]
+    # the driver the NVSwitches are bound to on a VM host: vfio-pci where they go into VMs
+    # (DGX-2), nvidia-nvswitch where Fabric Manager drives them from the host (A100, H100)
+    nvswitch_driver: str = "vfio-pci"
 
     def __post_init__(self):
         self._check()
+
+    def driver(self, dev: PciDevice) -> str:
+        """The driver ``dev`` is bound to on this machine as a VM host."""
+        return self.nvswitch_driver if dev.kind == "nvswitch" else dev.driver
 
     # -- CPUs -------------------------------------------------------------------------------------
     @property
@@ -408,6 +415,7 @@ def _a100_pair(root: int, numa: int, gpu_a: int, gpu_b: int, nic_a: int, nic_b: 
 
 DGX_A100 = Machine(
     key="dgx-a100",
+    nvswitch_driver="nvidia-nvswitch",   # [INF: FMG Shared NVSwitch mode, dgxvm's on this machine]
     sys_vendor="NVIDIA",                          # [REAL] dmidecode (notes §2.1)
     product_name="DGXA100 920-23687-2531-001",    # [REAL] dmidecode (notes §2.1)
     cpu_model="AMD EPYC 7742",                    # [INF] public spec; Rome per nccl#1505 XML [REAL]
@@ -478,6 +486,7 @@ def _h100_storage(bus: int, numa: int, labels: tuple[str, str]) -> PciRoot:
 
 DGX_H100 = Machine(
     key="dgx-h100",
+    nvswitch_driver="nvidia-nvswitch",   # [INF: FMG Shared NVSwitch mode, dgxvm's on this machine]
     sys_vendor="NVIDIA",                  # [INF] consistent with DGX-2/A100
     product_name="DGXH100",               # [INF] UNVERIFIED: Redfish model in a DGX H100 simulator; no real dmidecode found
     cpu_model="Intel Xeon Platinum 8480C",  # [REAL] /proc/cpuinfo on a DGX OS host (notes §3.2)

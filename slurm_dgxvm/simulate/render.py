@@ -243,7 +243,7 @@ def _write_pci(w: _Writer, m: Machine, missing: set[str], unknown: set[str]) -> 
         for port in pci_root.ports:
             rec(port, f"sys/devices/{pci_root.dirname}")
 
-    for driver in sorted({dev.driver for dev, _ in placed}):
+    for driver in sorted({m.driver(dev) for dev, _ in placed}):
         w.mkdir(f"sys/bus/pci/drivers/{driver}")
     w.mkdir(S.PCI_DEVICES)
     w.mkdir(S.IOMMU_GROUPS)
@@ -262,7 +262,7 @@ def _write_pci(w: _Writer, m: Machine, missing: set[str], unknown: set[str]) -> 
         group_dir = f"{S.IOMMU_GROUPS}/{group}"
         w.link(f"{d}/iommu_group", group_dir)
         w.link(f"{group_dir}/devices/{dev.bdf}", d)
-        driver_dir = f"sys/bus/pci/drivers/{dev.driver}"
+        driver_dir = f"sys/bus/pci/drivers/{m.driver(dev)}"
         w.link(f"{d}/driver", driver_dir)
         w.link(f"{driver_dir}/{dev.bdf}", d)
         w.link(S.PCI_DEVICE.format(bdf=dev.bdf), d)

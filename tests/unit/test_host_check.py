@@ -259,12 +259,24 @@ def test_a_dgx2_nvswitch_on_the_host_driver_fails_but_an_a100_one_is_fabric_mana
     for machine, status in (("dgx2", FAIL), ("dgx-a100", OK)):
         roots = ready_host(trees[machine], tmp_path / machine)
         host = discover(roots.sysfs)
-        (roots.sysfs.root / "sys/bus/pci/drivers/nvidia-nvswitch").mkdir()
+        (roots.sysfs.root / "sys/bus/pci/drivers/nvidia-nvswitch").mkdir(exist_ok=True)
         SimulatedBinder(roots.sysfs.root).bind(host.nvswitches[0].pci, "nvidia-nvswitch")
         f = run_check(roots).get("vfio-binding")
         assert f.status == status, (machine, f)
         if status == FAIL:
             assert host.nvswitches[0].pci in f.detail and "nvidia-nvswitch" in f.detail
+
+
+@pytest.mark.parametrize("machine", ["dgx2", "dgx-a100", "dgx-h100"])
+def test_a_rendered_vm_host_gives_dgx2_nvswitches_to_vfio_and_leaves_fabric_managers(
+        trees, host, machine):
+    """As each machine runs under dgxvm: a DGX-2's NVSwitches pass into VMs (vfio-pci); an A100's
+    or H100's stay with Fabric Manager on the host (nvidia-nvswitch, Shared NVSwitch mode)."""
+    sysfs = SysfsRoot(trees[machine])
+    want = "vfio-pci" if machine == "dgx2" else "nvidia-nvswitch"
+    assert host.nvswitches
+    assert {sysfs.pci_link_name(s.pci, "driver") for s in host.nvswitches} == {want}
+    assert {g.driver for g in host.gpus} == {"vfio-pci"}
 
 
 def test_a_bare_metal_host_fails_binding_and_huge_pages_and_names_every_gpu(trees, tmp_path):

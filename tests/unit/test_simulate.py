@@ -101,7 +101,9 @@ def test_nvswitches_appear_as_pci_endpoints(rendered):
     switches = _of_class(root, "0x0680")
     assert switches == NVSWITCHES[key]
     assert {root.pci_attr(b, "device") for b in switches} == {NVSWITCH_DEVICE[key]}
-    assert {root.pci_link_name(b, "driver") for b in switches} == {"vfio-pci"}
+    # a DGX-2's go into VMs; an A100's or H100's stay with Fabric Manager on the host
+    want = "vfio-pci" if key == "dgx2" else "nvidia-nvswitch"
+    assert {root.pci_link_name(b, "driver") for b in switches} == {want}
 
 
 def test_numa_nodes_have_the_sourced_cpulists_memory_and_hugepage_pools(rendered):
@@ -179,11 +181,12 @@ def test_each_device_has_its_own_iommu_group_numbered_in_bus_order(rendered):
 
 
 def test_bridges_use_pcieport_and_storage_devices_their_drivers(rendered):
-    _, root = rendered
+    key, root = rendered
+    nvswitch = "vfio-pci" if key == "dgx2" else "nvidia-nvswitch"
     for bdf in root.pci_addresses():
         cls = root.pci_attr(bdf, "class")
         expected = {"0x0604": "pcieport", "0x0108": "nvme", "0x0200": "mlx5_core",
-                    "0x0207": "mlx5_core"}.get(cls[:6], "vfio-pci")
+                    "0x0207": "mlx5_core", "0x0680": nvswitch}.get(cls[:6], "vfio-pci")
         assert root.pci_link_name(bdf, "driver") == expected
         assert root.path(f"sys/bus/pci/drivers/{expected}").is_dir()
 
