@@ -103,9 +103,9 @@ def main() -> int:
                     assert n == size, n
                     rows[f"{args.mib} MiB of stdout (MiB/s)"][i].append(args.mib / secs)
             # containers: as the user (the cache is theirs), first pull then cached
-            from harness.node import install_for_users
+            from harness.node import dgxvm_for_users
             from harness.registry import LocalRegistry, build_image
-            exe = install_for_users(node.base / "dgxvm-for-users")
+            exe = dgxvm_for_users(node.base / "dgxvm-for-users")
             urun = [*ns, "runuser", "-u", USER, "--", "env", f"DGXVM_CONFIG={node.config}",
                     str(exe), "run", "-q", "--job", str(JOB), "--"]
             reg = LocalRegistry(node.base / "registry", port=5000, netns=f"dgxvm-{node.name}")

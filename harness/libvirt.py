@@ -17,6 +17,8 @@ What it does (see harness/README.md for the why):
 * gives libvirtd an empty ``/etc/libvirt/qemu`` of its own (``RUN_DIR/etc-libvirt-qemu``,
   bound in its mount namespace): persistent definitions live and die with the stack, and what
   an interrupted earlier run left in the host's directory is never loaded;
+* hides the host's ``/etc/libvirt/hooks/qemu.d`` and ``network.d`` (an installed
+  slurm-dgxvm's hooks) from its libvirtd behind an empty directory;
 * optionally installs a qemu hook script (``/etc/libvirt/hooks/qemu``) and a network hook
   script (``/etc/libvirt/hooks/network``) before libvirtd starts;
 * ``stop()`` destroys every running domain and active network, stops both daemons by PID, kills
@@ -228,9 +230,17 @@ class LibvirtStack:
 
     def _spawn_libvirtd(self) -> None:
         config = self._make_config_dir()
-        script = ('mount --bind "$1" /dev/kvm && mount --bind "$2" "$3" && exec libvirtd')
+        # The host's hook directories (an installed slurm-dgxvm's qemu.d/ and network.d/ hooks,
+        # which act with the host's /etc/dgxvm config) are hidden behind an empty directory:
+        # this stack's domains and networks run only the hooks the stack installs.
+        empty = self.run_dir / "no-host-hooks"
+        empty.mkdir(mode=0o755, exist_ok=True)
+        script = ('mount --bind "$1" /dev/kvm && mount --bind "$2" "$3" && '
+                  'for d in "$5"/qemu.d "$5"/network.d; do '
+                  '[ ! -d "$d" ] || mount --bind "$4" "$d" || exit 1; done && exec libvirtd')
         self._daemons.spawn("libvirtd", ["sh", "-c", script, "sh", str(self._kvm_node),
-                                         str(config), str(QEMU_CONFIG_DIR)])
+                                         str(config), str(QEMU_CONFIG_DIR), str(empty),
+                                         str(HOOK_PATH.parent)])
         self._daemons.wait_for("libvirtd", self._libvirt_answers, "qemu:///system",
                                self.start_timeout)
 

@@ -32,10 +32,54 @@ NODE_NAME = "dgx01"
 GUEST_BUILD = REPO / "guest-image" / "build"
 
 
+#: The dgxvm under test, when set: an installed package's (CI installs the .deb and sets
+#: DGXVM_UNDER_TEST=/usr/bin/dgxvm), which admins, the Prolog/Epilog (the package's own, beside
+#: it in ../lib/slurm-dgxvm/) and job users all run as installed. Unset: this checkout's .venv.
+UNDER_TEST = "DGXVM_UNDER_TEST"
+
+
+def installed_dgxvm() -> Path | None:
+    """``$DGXVM_UNDER_TEST`` checked (an absolute path to an executable), or None."""
+    value = os.environ.get(UNDER_TEST)
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_absolute() or not path.is_file() or not os.access(path, os.X_OK):
+        raise RuntimeError(f"{UNDER_TEST}={value!r}: not the absolute path of an executable "
+                           "dgxvm (an installed package's is /usr/bin/dgxvm)")
+    return path
+
+
 def default_dgxvm() -> Path:
-    """The dgxvm of this checkout's virtual environment (or beside this Python)."""
+    """The dgxvm under test: ``$DGXVM_UNDER_TEST``, else this checkout's virtual environment's
+    (or the one beside this Python)."""
+    installed = installed_dgxvm()
+    if installed is not None:
+        return installed
     venv = REPO / ".venv" / "bin" / "dgxvm"
     return venv if venv.exists() else Path(sys.executable).with_name("dgxvm")
+
+
+def slurm_scripts() -> tuple[Path, Path]:
+    """The Prolog and Epilog slurm.conf names: an installed package's (``/usr/lib/slurm-dgxvm``
+    beside ``/usr/bin/dgxvm``) when one is under test, else this checkout's."""
+    installed = installed_dgxvm()
+    if installed is None:
+        return REPO / "prolog" / "dgxvm-prolog", REPO / "epilog" / "dgxvm-epilog"
+    lib = installed.parent.parent / "lib" / "slurm-dgxvm"
+    scripts = lib / "dgxvm-prolog", lib / "dgxvm-epilog"
+    for script in scripts:
+        if not os.access(script, os.X_OK):
+            raise RuntimeError(f"{UNDER_TEST}={installed}: no executable {script} beside it")
+    return scripts
+
+
+def dgxvm_for_users(dest: Path) -> Path:
+    """The dgxvm job users run: an installed package's as it is (``/usr/bin/dgxvm`` runs on
+    Debian's python3 for every user); else this checkout's, copied for them under ``dest``
+    (:func:`install_for_users`)."""
+    installed = installed_dgxvm()
+    return installed if installed is not None else install_for_users(dest)
 
 
 # What `dgxvm` needs at run time, copied from this checkout's environment for job users.
@@ -75,18 +119,19 @@ def install_for_users(dest: Path) -> Path:
 
 def hook_wrappers(run_dir: Path, dgxvm: Path, config: Path,
                   noop_comment: str | None = None) -> tuple[Path, Path]:
-    """prolog/epilog scripts for slurm.conf that run this checkout's prolog/dgxvm-prolog and
-    epilog/dgxvm-epilog with ``dgxvm`` and ``config`` (slurmd gives hooks only Slurm's
-    environment, so the wrapper names them). ``noop_comment``: jobs whose comment holds it get
-    a hook that does nothing (the benchmark's baseline)."""
+    """prolog/epilog scripts for slurm.conf that run the Prolog and Epilog under test
+    (:func:`slurm_scripts`: the package's or this checkout's) with ``dgxvm`` and ``config``
+    (slurmd gives hooks only Slurm's environment, so the wrapper names them).
+    ``noop_comment``: jobs whose comment holds it get a hook that does nothing (the benchmark's
+    baseline)."""
     out = []
     run_dir.mkdir(parents=True, exist_ok=True)
     gate = (f'case "$SLURM_JOB_COMMENT" in *{noop_comment}*) exit 0;; esac\n'
             if noop_comment else "")
-    for which in ("prolog", "epilog"):
+    for which, script in zip(("prolog", "epilog"), slurm_scripts()):
         path = run_dir / f"dgxvm-{which}-wrapper"
         path.write_text(f"#!/bin/sh\n{gate}DGXVM={dgxvm} DGXVM_CONFIG={config}\n"
-                        f"export DGXVM DGXVM_CONFIG\nexec {REPO}/{which}/dgxvm-{which}\n")
+                        f"export DGXVM DGXVM_CONFIG\nexec {script}\n")
         path.chmod(0o755)
         out.append(path)
     return out[0], out[1]
@@ -214,7 +259,7 @@ class LocalNode:
             self.cluster.add_user(self.user)
             self.jobs = Jobs(self.cluster, user=self.user, workdir=self.workdir,
                              config=self.config,
-                             dgxvm=install_for_users(self.base / "dgxvm-for-users"))
+                             dgxvm=dgxvm_for_users(self.base / "dgxvm-for-users"))
         except BaseException:
             self.stop()
             raise

@@ -26,8 +26,9 @@ if str(REPO) not in sys.path:  # `harness` lives at the repo root, outside the p
     sys.path.insert(0, str(REPO))
 
 from harness.libvirt import LibvirtStack  # noqa: E402
+from harness.node import default_dgxvm  # noqa: E402
 
-DGXVM = Path(sys.executable).with_name("dgxvm")
+DGXVM = default_dgxvm()   # $DGXVM_UNDER_TEST (CI: the installed package), else .venv's
 
 _ACTIVE: dict[str, LibvirtStack] = {}
 
@@ -36,13 +37,16 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "libvirt_lifecycle: starts and stops libvirt stacks of its own; run before "
         "the session's shared libvirt_stack starts")
+    config.addinivalue_line(
+        "markers", "package_lifecycle: upgrades and purges the installed slurm-dgxvm "
+        "(DGXVM_UNDER_TEST); run after every other test")
 
 
 def pytest_collection_modifyitems(session, config, items):
     first = [i for i in items if i.get_closest_marker("libvirt_lifecycle")]
-    if first:
-        rest = [i for i in items if not i.get_closest_marker("libvirt_lifecycle")]
-        items[:] = first + rest
+    last = [i for i in items if i.get_closest_marker("package_lifecycle")]
+    rest = [i for i in items if i not in first and i not in last]
+    items[:] = first + rest + last
 
 
 @pytest.fixture(scope="session")
@@ -261,7 +265,7 @@ def slurm_node(vmenv):
     stack's namespace, Prolog/Epilog = this checkout's prolog/ and epilog/ with the VM tests'
     config. Partition ``batch`` (default) uses the default image; partition ``broken`` names an
     image that is not installed (a misconfigured node). Stopped by PID at the end."""
-    from harness.node import Jobs, install_for_users, slurm_cluster
+    from harness.node import Jobs, dgxvm_for_users, slurm_cluster
     env = vmenv
     env.config.write_text(env.config_text + '\n[partitions.broken]\nimage = "gone"\n')
     run_dir = Path(tempfile.mkdtemp(prefix="dgxvm-slurm-", dir="/var/tmp"))
@@ -282,7 +286,7 @@ def slurm_node(vmenv):
         yield SimpleNamespace(env=env, cluster=cluster,
                               jobs=Jobs(cluster, user=TEST_USER, workdir=jobs_dir,
                                         config=env.config,
-                                        dgxvm=install_for_users(run_dir / "dgxvm-for-users")))
+                                        dgxvm=dgxvm_for_users(run_dir / "dgxvm-for-users")))
     finally:
         try:
             cluster.stop()

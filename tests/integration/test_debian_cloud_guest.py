@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.node import install_for_users
+from harness.node import dgxvm_for_users
 from test_dgxvm_run import PtyReader, _dgxvm_pid
 
 JOB = 990101
@@ -43,7 +43,7 @@ def cloudvm(vmenv, cloud_manifest):
     work = vmenv.workdir / "cloud"
     work.mkdir(exist_ok=True)
     os.chown(work, vmenv.uid, vmenv.gid)
-    exe = install_for_users(Path(str(vmenv.base)) / "dgxvm-for-users")
+    exe = dgxvm_for_users(Path(str(vmenv.base)) / "dgxvm-for-users")
     req = lifecycle.CreateRequest(
         name=name, placement=Request(count=2), owner="job", job_id=JOB, user=vmenv.user,
         uid=vmenv.uid, gid=vmenv.gid, groups=(GROUP,), home=f"/home/{vmenv.user}",

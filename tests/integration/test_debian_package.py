@@ -1,12 +1,13 @@
 """The Debian package, built from this tree with Debian's own tools (scripts/build-deb:
 dpkg-buildpackage, debhelper, dh-python/pybuild) and inspected without installing it: lintian,
 what lands where, the conffiles, the maintainer scripts, the unit (systemd-analyze verify).
-Installing, upgrading and purging it on a node is not done here (this host runs other tests).
-~1 minute, most of it the build.
+Installed, upgraded and purged on this host: test_package_lifecycle.py. ~1 minute with the
+build, which tests/run does once for both (DGXVM_TEST_DEB).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -36,12 +37,17 @@ def run(*cmd, **kw) -> subprocess.CompletedProcess:
 def built(tmp_path_factory):
     """The .deb (and its build log and lintian output) from scripts/build-deb, and its
     contents unpacked: files under ``root``, control files under ``control``."""
-    out = tmp_path_factory.mktemp("deb")
-    r = run("bash", str(REPO / "scripts/build-deb"), str(out), timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    if os.environ.get("DGXVM_TEST_DEB"):
+        # tests/run built it (scripts/build-deb) and installed it: the same files, once
+        out = Path(os.environ["DGXVM_TEST_DEB"]).parent
+    else:
+        out = tmp_path_factory.mktemp("deb")
+        r = run("bash", str(REPO / "scripts/build-deb"), str(out), timeout=600)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     debs = sorted(out.glob("slurm-dgxvm_*_all.deb"))
     assert len(debs) == 1, sorted(p.name for p in out.iterdir())
-    root, control = out / "root", out / "control"
+    unpacked = tmp_path_factory.mktemp("unpacked")
+    root, control = unpacked / "root", unpacked / "control"
     assert run("dpkg-deb", "-x", str(debs[0]), str(root)).returncode == 0
     assert run("dpkg-deb", "-e", str(debs[0]), str(control)).returncode == 0
     return {"deb": debs[0], "out": out, "root": root, "control": control}
@@ -183,10 +189,10 @@ def test_the_maintainer_scripts_are_posix_sh_and_shellcheck_clean(built):
     scripts = [built["control"] / s for s in ("postinst", "prerm", "postrm")]
     for s in scripts:
         assert run("sh", "-n", str(s)).returncode == 0, s.name
-    if shutil.which("shellcheck"):
-        # SC2317: debhelper's generated snippets after our `exit 1` branches
-        r = run("shellcheck", "-s", "sh", "-e", "SC2317", *map(str, scripts))
-        assert r.returncode == 0, r.stdout
+    assert shutil.which("shellcheck"), "scripts/bootstrap installs shellcheck"
+    # SC2317: debhelper's generated snippets after our `exit 1` branches
+    r = run("shellcheck", "-s", "sh", "-e", "SC2317", *map(str, scripts))
+    assert r.returncode == 0, r.stdout
 
 
 def test_the_purge_plan_follows_the_configuration(built, tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.node import default_dgxvm
 from slurm_dgxvm.ledger import Allocation, Ledger
 from slurm_dgxvm.placement import Request, place
 from slurm_dgxvm.topology import SysfsRoot, discover
@@ -23,7 +24,7 @@ from slurm_dgxvm.topology import SysfsRoot, discover
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-DGXVM = Path(sys.executable).with_name("dgxvm")
+DGXVM = default_dgxvm()
 
 
 def run(*args, env=None, check=True):
@@ -37,8 +38,7 @@ def run(*args, env=None, check=True):
 @pytest.fixture(scope="module")
 def dgx2(tmp_path_factory):
     if not DGXVM.exists():
-        pytest.fail(f"the dgxvm console script is not installed beside {sys.executable}: "
-                    "run `bash tests/run`, which installs the package")
+        pytest.fail(f"no dgxvm at {DGXVM}: run `bash tests/run`, which installs the package")
     root = tmp_path_factory.mktemp("int") / "dgx2"
     out = run("simulate", "dgx2", "--out", str(root)).stdout
     assert str(root) in out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.node import install_for_users
+from harness.node import dgxvm_for_users
 from harness.ssh import ssh_argv
 
 JOB = 990001
@@ -36,7 +36,7 @@ def runvm(vmenv, tmp_path_factory):
     work.mkdir(exist_ok=True)
     os.chown(work, vmenv.uid, vmenv.gid)
     dest = Path(str(vmenv.base)) / "dgxvm-for-users"
-    exe = install_for_users(dest)
+    exe = dgxvm_for_users(dest)
     req = lifecycle.CreateRequest(
         name=name, placement=Request(count=2), owner="job", job_id=JOB, user=vmenv.user,
         uid=vmenv.uid, gid=vmenv.gid, groups=(GROUP,), home=f"/home/{vmenv.user}",

@@ -10,18 +10,18 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from harness.node import default_dgxvm
 from harness.slurm import NodeShape, SlurmCluster, ensure_user, expand_brackets, gres_files
 
 pytestmark = pytest.mark.integration
 
-DGXVM = Path(sys.executable).with_name("dgxvm")
+DGXVM = default_dgxvm()
 NETNS = "dgxvm-slurmtest"
 USER = "dgxvmslurm"
 SHAPE = NodeShape(cpus=96, sockets=2, cores_per_socket=24, threads_per_core=2,
