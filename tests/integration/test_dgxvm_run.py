@@ -209,7 +209,12 @@ def _dgxvm_pid(top: int, timeout: float = 10) -> int:
                 ppid = int((child / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-            if b"slurm_dgxvm.cli.main" in cmdline and _descends(ppid, top):
+            # the harness's copy runs `python3 -c '...slurm_dgxvm.cli.main...'`, the package's
+            # `/usr/bin/python3 /usr/bin/dgxvm`
+            argv = cmdline.split(b"\0")
+            is_dgxvm = b"slurm_dgxvm.cli.main" in cmdline or \
+                any(a.endswith(b"/dgxvm") for a in argv[:2])
+            if is_dgxvm and _descends(ppid, top):
                 return int(child.name)
         time.sleep(0.05)
     raise AssertionError(f"no dgxvm process below {top}")
