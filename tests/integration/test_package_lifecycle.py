@@ -73,11 +73,22 @@ def later_version(deb: Path, dest: Path) -> tuple[Path, str]:
     return out, new
 
 
+@pytest.fixture(scope="module")
+def later(deb, tmp_path_factory) -> tuple[Path, str]:
+    return later_version(deb, tmp_path_factory.mktemp("later"))
+
+
+def back_to(deb: Path, version: str) -> None:
+    """The build under test again, as the next tests find it."""
+    r = apt("install", "--allow-downgrades", str(deb))
+    assert r.returncode == 0 and installed_version() == version, r.stdout + r.stderr
+
+
 def test_an_upgrade_while_a_vm_is_created_and_runs_keeps_it_and_the_admins_config(
-        deb, vmenv, tmp_path):
+        deb, later, vmenv):
     v1 = installed_version()
     assert v1 is not None, "tests/run installs the package first"
-    v2_deb, v2 = later_version(deb, tmp_path)
+    v2_deb, v2 = later
     original = CONF.read_text()
     CONF.write_text(original + "\n# an admin's edit, kept across upgrades\n")
     env = {**os.environ, "DGXVM_CONFIG": str(vmenv.config)}
@@ -112,9 +123,57 @@ def test_an_upgrade_while_a_vm_is_created_and_runs_keeps_it_and_the_admins_confi
             create.wait()
         vmenv.dgxvm("delete", "--domain", "upg")
         CONF.write_text(original)
-        # back to the build under test, as the next tests find it
-        r = apt("install", "--allow-downgrades", str(deb))
-        assert r.returncode == 0 and installed_version() == v1, r.stdout + r.stderr
+        back_to(deb, v1)
+
+
+def cmdlines() -> list[bytes]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out.append((entry / "cmdline").read_bytes())
+            except OSError:
+                pass
+    return out
+
+
+UPGRADED_JOB = """#!/bin/sh
+set -e
+srun dgxvm run -- sh -c 'echo "before: $(hostname)"'
+sleep 2
+srun dgxvm run -- sh -c 'echo "after: $(hostname)"'
+"""
+
+
+def test_an_upgrade_under_a_slurm_job_whose_prolog_is_booting_its_vm_lets_it_finish(
+        deb, later, slurm_node):
+    """The packaged Prolog is replaced while it waits for the job's VM; the job's steps then
+    run the new dgxvm against the VM the old one made, and the new Epilog tears it down."""
+    node = slurm_node
+    v1 = installed_version()
+    v2_deb, v2 = later
+    job = node.jobs.sbatch(UPGRADED_JOB, gpus=2)
+    try:
+        deadline = time.monotonic() + 300
+        while node.env.virsh("domstate", f"job-{job}", check=False).stdout.strip() \
+                != "running":
+            assert time.monotonic() < deadline, "the job's VM never started"
+            time.sleep(0.5)
+        prolog_running = any(b"/dgxvm\0prolog" in cmdline for cmdline in cmdlines())
+        r = apt("install", str(v2_deb))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert installed_version() == v2
+        assert prolog_running, "the Prolog ended before the upgrade began"
+        node.jobs.wait_done([job], timeout=600)
+        row = node.jobs.sacct([job])[job]
+        assert row["State"] == "COMPLETED", row
+        out = (node.jobs.workdir / f"slurm-{job}.out").read_text()
+        assert f"before: job-{job}" in out and f"after: job-{job}" in out, out
+        assert "dgxvm/1 state=ended" in row["AdminComment"], row
+        assert json.loads(sh("/usr/bin/dgxvm", "list", "--json",
+                             env={**PLAIN, "DGXVM_CONFIG": str(node.env.config)}).stdout) == []
+    finally:
+        back_to(deb, v1)
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
