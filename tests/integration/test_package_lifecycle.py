@@ -176,6 +176,27 @@ def test_an_upgrade_under_a_slurm_job_whose_prolog_is_booting_its_vm_lets_it_fin
         back_to(deb, v1)
 
 
+def test_a_removal_while_a_vm_runs_is_refused_naming_it_and_leaves_dpkg_sound(deb, vmenv):
+    """prerm asks the installed dgxvm which VMs run (here those of the tests' configuration,
+    which the maintainer scripts get from apt's environment as an admin's shell would give
+    it): a running one stops the removal, named; the package stays configured, the VM runs."""
+    v1 = installed_version()
+    r = vmenv.dgxvm("create", "--gpu-count", "1", "--domain", "held", "--user", vmenv.user)
+    assert r.returncode == 0, r.stderr
+    try:
+        r = sh("apt-get", "-y", "-q", "remove", PACKAGE,
+               env={**APT_ENV, "DGXVM_CONFIG": str(vmenv.config)}, timeout=600, check=False)
+        said = r.stdout + r.stderr
+        assert r.returncode != 0, said
+        assert "slurm-dgxvm: not removed: dgxvm VMs are running: held" in said, said
+        assert "DGXVM_REMOVE_WITH_VMS=1" in said
+        assert installed_version() == v1                 # still "ii": prerm's refusal undone
+        assert sh("dpkg", "--audit").stdout.strip() == ""  # nothing half-installed or wedged
+        assert vmenv.virsh("domstate", "held").stdout.strip() == "running"
+    finally:
+        vmenv.dgxvm("delete", "--domain", "held")
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every path under ``root``: (kind, mode, bytes or link target)."""
     out = {}
