@@ -135,9 +135,12 @@ def machine_for(machine: str, policy: Policy):
                 pool = self.host.node(node).hugepage_pool(1048576)
                 assert mib <= pool.total * 1024
 
+    # data_too_large: 40 steps, each drawing up to 16 GPU indices, now and then overrun the
+    # example buffer of Debian's Hypothesis (6.67); those examples are dropped, not failed, and
+    # the health check failed the test for it (about 1 run in 40; invariants unchanged)
     AllocateRelease.TestCase.settings = settings(
         max_examples=25, stateful_step_count=40, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow])
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     return AllocateRelease
 
 
