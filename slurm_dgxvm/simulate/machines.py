@@ -113,7 +113,7 @@ class Machine:
     pci_roots: tuple[PciRoot, ...]
     # the driver the NVSwitches are bound to on a VM host: vfio-pci where they go into VMs
     # (DGX-2), nvidia-nvswitch where Fabric Manager drives them from the host (A100, H100)
-    nvswitch_driver: str = "vfio-pci"
+    nvswitch_driver: str = DRIVERS["nvswitch"]
 
     def __post_init__(self):
         self._check()
