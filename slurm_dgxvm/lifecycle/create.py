@@ -265,7 +265,7 @@ class _Creation:
             self.image_cache.save(vmdir / IMAGE_CACHE_SPEC)
             atomic_write(vmdir / IMAGE_CACHE_WRAPPER, share_server.wrapper_script(
                 vmdir / IMAGE_CACHE_SPEC, virtiofsd=cfg.vm.virtiofsd,
-                what="The container image cache share"), mode=0o700)
+                what="The container image cache share", read_only=True), mode=0o700)
             mounts += (seed_mod.Mount(tag=image_cache_tag(cache), path=cache,
                                       fstype=cfg.vm.share, read_only=True),)
         home = req.home or (f"/home/{req.user}" if req.uid else "/root")

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 CLONE_NEWUSER = 0x10000000
+CLONE_NEWNS = 0x00020000
 PR_SET_KEEPCAPS = 8
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
@@ -46,10 +47,13 @@ def id_map(ids: Iterable[int]) -> str:
     return "".join(f"{i} {i} 1\n" for i in sorted(set(ids)))
 
 
-def enter(uid: int, gid: int, groups: Sequence[int], keep_caps: Sequence[str]) -> None:
+def enter(uid: int, gid: int, groups: Sequence[int], keep_caps: Sequence[str], *,
+          mount_ns: bool = False) -> None:
     """Move this (single-threaded) process into a new user namespace as ``uid``/``gid`` with
     ``groups``, holding ``keep_caps`` (names from CAPS) as ambient capabilities of that namespace,
-    so that they survive the execve that follows.
+    so that they survive the execve that follows. With ``mount_ns``, into a new mount namespace
+    too, owned by the new user namespace: the kernel locks the flags of the mounts it copies
+    there (a read-only mount stays read-only, :mod:`.readonly`).
 
     Must be called as root. A process cannot write an arbitrary id map for itself once it is in
     the new namespace, so a forked helper that stays outside writes it.
@@ -82,7 +86,8 @@ def enter(uid: int, gid: int, groups: Sequence[int], keep_caps: Sequence[str]) -
     os.close(go_r)
     os.close(done_w)
     try:
-        _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+        flags = CLONE_NEWUSER | (CLONE_NEWNS if mount_ns else 0)
+        _check(_libc.unshare(flags), "unshare(CLONE_NEWUSER)")
         os.write(go_w, b"u")
         ok = os.read(done_r, 1) == b"\1"
     finally:

@@ -9,6 +9,9 @@ Steps, as root, then as the job's user:
 2. raise RLIMIT_NOFILE for virtiofsd while still root (it cannot raise a hard limit later);
 3. enter a user namespace holding only the user's uid and groups, as that user, with
    ``KEEP_CAPS`` there (virtiofsd's chroot sandbox and its per-request credential switch);
+   for a read-only share (``--read-only`` before SPEC: the container image cache), first
+   attach a read-only bind of the directory in a private mount namespace and enter a mount
+   namespace of the user namespace's with it, which locks it read-only (:mod:`.readonly`);
 4. install the seccomp filter against setuid/setgid bits;
 5. exec virtiofsd with ``source=/proc/self/fd/N`` and ``sandbox=chroot`` (libvirt's
    ``--fd`` and other options kept).
@@ -28,7 +31,7 @@ import sys
 from pathlib import Path
 
 from ..errors import DgxvmError, ShareRefused
-from . import seccomp, userns
+from . import readonly, seccomp, userns
 from .policy import ShareSpec, open_as_user
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -107,20 +110,33 @@ def prepare(spec: ShareSpec) -> int:
     return fd
 
 
+READ_ONLY = "--read-only"            # the wrapper's first argument for a read-only share
+MOUNT_POINT_SUFFIX = ".ro"           # image-cache.json -> image-cache.ro: where it is mounted
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    read_only = bool(args) and args[0] == READ_ONLY
+    args = args[1:] if read_only else args
     if not args:
-        print("usage: python -m slurm_dgxvm.shares.virtiofsd SPEC [virtiofsd args]",
-              file=sys.stderr)
+        print(f"usage: python -m slurm_dgxvm.shares.virtiofsd [{READ_ONLY}] SPEC "
+              "[virtiofsd args]", file=sys.stderr)
         return 2
     spec_path = Path(args[0])
     error_file = error_file_of(spec_path)
     try:
         spec = ShareSpec.load(spec_path)
         fd = prepare(spec)
-        argv2 = rewrite_args(args[1:], f"/proc/self/fd/{fd}/")  # "/": virtiofsd lstat()s it
         _raise_nofile()
-        userns.enter(spec.uid, spec.gid, spec.groups, KEEP_CAPS)
+        if read_only:
+            point = spec_path.with_suffix(MOUNT_POINT_SUFFIX)
+            readonly.mount_read_only(fd, point)
+            os.close(fd)
+            userns.enter(spec.uid, spec.gid, spec.groups, KEEP_CAPS, mount_ns=True)
+            fd = readonly.open_read_only(point, spec.dev, spec.ino)
+        else:
+            userns.enter(spec.uid, spec.gid, spec.groups, KEEP_CAPS)
+        argv2 = rewrite_args(args[1:], f"/proc/self/fd/{fd}/")  # "/": virtiofsd lstat()s it
         seccomp.install_no_setid()
         binary = os.environ.get("DGXVM_VIRTIOFSD", VIRTIOFSD)
         os.execv(binary, [binary, *argv2])
@@ -142,15 +158,18 @@ def error_file_of(spec_path: Path) -> Path:
 
 
 def wrapper_script(spec_path: Path, *, virtiofsd: str = VIRTIOFSD,
-                   python: str | None = None, what: str = "The work dir share") -> str:
+                   python: str | None = None, what: str = "The work dir share",
+                   read_only: bool = False) -> str:
     """The per-VM script libvirt runs as the share's virtiofsd: this interpreter, this copy of
-    the package (libvirtd starts it with an environment of its own), the VM's spec."""
+    the package (libvirtd starts it with an environment of its own), the VM's spec; with
+    ``read_only``, served from a locked read-only mount (:mod:`.readonly`)."""
     py = shlex.quote(python or sys.executable)
     package_parent = shlex.quote(str(Path(__file__).resolve().parents[2]))
     return ("#!/bin/sh\n"
             f"# {what} of this VM, served as the job's user (slurm_dgxvm.shares).\n"
             f"PYTHONPATH={package_parent} DGXVM_VIRTIOFSD={shlex.quote(virtiofsd)} "
-            f"exec {py} -m slurm_dgxvm.shares.virtiofsd {shlex.quote(str(spec_path))} \"$@\"\n")
+            f"exec {py} -m slurm_dgxvm.shares.virtiofsd {READ_ONLY + ' ' if read_only else ''}"
+            f"{shlex.quote(str(spec_path))} \"$@\"\n")
 
 
 if __name__ == "__main__":
