@@ -22,6 +22,10 @@ fabric-manager     shared-NVSwitch machines: ``fmpm`` runs and Fabric Manager an
 slurm-hooks        slurm.conf has dgxvm's Prolog and Epilog and ``PrologFlags=Alloc``
 gres-conf          gres.conf's GPU lines are those of ``dgxvm gres-conf``
 images             the image store holds the default image and every partition's
+user-storage       what users write on the node (their container image caches) cannot fill the
+                   filesystem of the VMs' disks: ``[containers] cache_dir`` is on a filesystem
+                   other than the state dir's, or that filesystem has user quotas (WARN
+                   otherwise)
 =================  =======================================================================
 
 Status: OK, WARN (works, but not as it should be: said, never a failure) or FAIL. The probes
@@ -36,6 +40,7 @@ import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import Config
 from ..errors import DgxvmError, ModuleMissing
@@ -212,6 +217,7 @@ def check_host(roots: HostRoots, cfg: Config, probes: Probes, *,
         guard("gres-conf", _gres, roots, host)
     run("images", "install the image with `dgxvm image install`, or fix the partition's image "
                   "in the config", probes.images)
+    guard("user-storage", _user_storage, roots, cfg)
     return HostReport(tuple(out), roots.simulated)
 
 
@@ -491,3 +497,70 @@ def _gres(roots: HostRoots, host: Host, add) -> None:
         diff = next((f"line {i + 1}: {a!r}, want {b!r}" for i, (a, b) in enumerate(zip(have, want))
                      if a != b), f"{len(have)} GPU line(s), want {len(want)}")
         add("gres-conf", FAIL, f"{path} differs from `dgxvm gres-conf`: {diff}", fix)
+
+
+QUOTA_OPTIONS = ("usrquota", "usrjquota", "quota", "prjquota", "uquota", "pquota", "uqnoenforce",
+                 "pqnoenforce", "prjjquota")
+
+
+def _nearest(path: Path) -> Path:
+    """``path`` or its nearest parent that exists (what a directory not made yet will be on)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def mount_of(roots: HostRoots, dev: int) -> tuple[str, set[str]] | None:
+    """(mount point, its mount and superblock options) of the filesystem ``dev`` from
+    ``<proc>/self/mountinfo``, or None when it cannot be told."""
+    try:
+        text = (roots.proc / "self/mountinfo").read_text()
+    except OSError:
+        return None
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    for line in text.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields = head.split()
+        if not sep or len(fields) < 6 or fields[2] != want:
+            continue
+        opts = set(fields[5].split(","))
+        rest = tail.split()
+        if len(rest) >= 3:
+            opts |= set(rest[2].split(","))
+        return fields[4], {o.split("=", 1)[0] for o in opts}
+    return None
+
+
+def _user_storage(roots: HostRoots, cfg: Config, add) -> None:
+    cache = cfg.containers.cache_dir
+    if not cache:
+        add("user-storage", OK, "no container image cache ([containers] cache_dir is empty): "
+                                "users write nothing on the node's state filesystem")
+        return
+    state = _nearest(roots.state_dir)
+    where = _nearest(Path(cache))
+    try:
+        s_dev, c_dev = state.stat().st_dev, where.stat().st_dev
+    except OSError as exc:
+        add("user-storage", FAIL, f"cannot stat {exc.filename}: {exc.strerror}",
+            "check host.state_dir and containers.cache_dir")
+        return
+    mount = mount_of(roots, c_dev)
+    mount_point = mount[0] if mount else where
+    if s_dev != c_dev:
+        add("user-storage", OK, f"the users' image caches ({cache}) are on a filesystem of their "
+                                f"own ({mount_point}), not the VMs' disks' ({roots.state_dir})")
+        return
+    quota = sorted(mount[1] & set(QUOTA_OPTIONS)) if mount else []
+    if quota:
+        add("user-storage", OK, f"the users' image caches ({cache}) share the VMs' disks' "
+                                f"filesystem ({mount_point}), which has quotas "
+                                f"({', '.join(quota)})")
+        return
+    add("user-storage", WARN,
+        f"the users' image caches ({cache}) are on the filesystem of the VMs' disks "
+        f"({mount_point}, with {roots.state_dir}) with no quota: a user's pulls can fill it, "
+        f"and then every VM's overlay writes fail (QEMU pauses the VM)",
+        f"mount a filesystem of its own at {cache}, or enable user quotas there (ext4 "
+        f"usrquota / usrjquota=, xfs uquota) and give each user a limit (setquota); "
+        f"[containers] cache_max_gib bounds what dgxvm run keeps, not what a user writes")

@@ -68,8 +68,14 @@ def ready_host(tree, dest):
     return roots
 
 
+# the users' image caches on a filesystem of their own (tmpfs), as a prepared node has them
+OWN_FS_CACHE = "/dev/shm/dgxvm-test-cache"
+
+
 def run_check(roots, probes=None, cfg=None):
-    return check_host(roots, cfg or Config(), probes or stub_probes())
+    cfg = cfg or Config()
+    cfg = replace(cfg, containers=replace(cfg.containers, cache_dir=OWN_FS_CACHE))
+    return check_host(roots, cfg, probes or stub_probes())
 
 
 def statuses(report) -> dict[str, str]:
@@ -398,14 +404,18 @@ def test_gres_lines_ignore_comments_nodename_and_spacing():
 
 # -- the command -----------------------------------------------------------------------------------
 @pytest.fixture
-def cli(monkeypatch):
-    """``dgxvm`` with the daemon probes stubbed (no libvirtd, no Fabric Manager here)."""
+def cli(monkeypatch, tmp_path):
+    """``dgxvm`` with the daemon probes stubbed (no libvirtd, no Fabric Manager here), the
+    users' image caches on a filesystem of their own."""
     from slurm_dgxvm.cli.main import main
     probes = {}
     monkeypatch.setattr(Probes, "real", classmethod(lambda cls, cfg: stub_probes(**probes)))
+    config = tmp_path / "dgxvm.toml"
+    config.write_text(f'[containers]\ncache_dir = "{OWN_FS_CACHE}"\n')
 
     def dgxvm(root, *args):
-        return main(["--sysfs-root", str(root), "--state-dir", str(root / "state"), *args])
+        return main(["--config", str(config), "--sysfs-root", str(root), "--state-dir",
+                     str(root / "state"), *args])
     dgxvm.probes = probes
     return dgxvm
 
@@ -437,3 +447,54 @@ def test_check_json_has_stable_keys_and_the_failed_checks(ready, cli, capsys):
 def test_check_of_a_sysfs_root_that_is_not_a_directory_is_bad_input(cli, tmp_path, capsys):
     rc = cli(tmp_path / "absent", "host", "check")
     assert rc != 0 and "not a directory" in capsys.readouterr().err
+
+
+# -- what users write on the node ------------------------------------------------------------------
+def _storage(tmp_path, cache_dir, mountinfo=None):
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    proc = tmp_path / "proc"
+    if mountinfo is not None:
+        (proc / "self").mkdir(parents=True, exist_ok=True)
+        (proc / "self/mountinfo").write_text(mountinfo)
+    roots = HostRoots(sysfs=SysfsRoot(tmp_path), proc=proc, dev=tmp_path / "dev",
+                      etc=tmp_path / "etc", state_dir=state, simulated=None)
+    cfg = Config()
+    cfg = replace(cfg, containers=replace(cfg.containers, cache_dir=cache_dir))
+    found = []
+    C._user_storage(roots, cfg, lambda *a: found.append(C.Finding(*a)))
+    [finding] = found
+    return finding
+
+
+def _mountinfo_line(path, opts, super_opts):
+    dev = os.stat(path).st_dev
+    return (f"36 25 {os.major(dev)}:{os.minor(dev)} / /srv rw,{opts} shared:1 - ext4 "
+            f"/dev/vdb rw,{super_opts}\n")
+
+
+def test_caches_on_the_state_filesystem_without_quotas_warn_with_the_fix(tmp_path):
+    f = _storage(tmp_path, str(tmp_path / "state/containers"),
+                 _mountinfo_line(tmp_path, "relatime", "errors=remount-ro"))
+    assert f.status == WARN and "no quota" in f.detail and "(/srv, with " in f.detail
+    assert "a filesystem of its own" in f.fix and "usrquota" in f.fix
+
+
+@pytest.mark.parametrize("opts, super_opts", [("relatime", "usrquota"),
+                                              ("relatime,usrjquota=aquota.user", "x"),
+                                              ("prjquota", "x")])
+def test_caches_on_the_state_filesystem_with_quotas_pass(tmp_path, opts, super_opts):
+    f = _storage(tmp_path, str(tmp_path / "state/containers"),
+                 _mountinfo_line(tmp_path, opts, super_opts))
+    assert f.status == OK and "which has quotas" in f.detail
+
+
+def test_caches_on_a_filesystem_of_their_own_pass(tmp_path):
+    assert os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev
+    f = _storage(tmp_path, OWN_FS_CACHE)
+    assert f.status == OK and "a filesystem of their own" in f.detail
+
+
+def test_no_image_cache_means_nothing_for_users_to_fill(tmp_path):
+    f = _storage(tmp_path, "")
+    assert f.status == OK and "cache_dir is empty" in f.detail
