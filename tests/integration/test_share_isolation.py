@@ -54,6 +54,13 @@ def host_entries(wd: Path) -> dict[str, os.stat_result]:
     return {p.name: p.lstat() for p in wd.iterdir()}
 
 
+def _listing(d: Path) -> dict[str, tuple]:
+    """name -> (mode, owner, size, mtime): what a write would change (not the atime a read
+    does)."""
+    return {n: (st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns)
+            for n, st in host_entries(d).items()}
+
+
 def virtiofsd_pids() -> list[Path]:
     return [p for p in Path("/proc").iterdir() if p.name.isdigit()
             and _exe(p) == share_server.VIRTIOFSD]
@@ -114,6 +121,29 @@ def test_the_users_files_are_the_users_and_setid_bits_are_refused(vm):
     assert (st.st_uid, st.st_gid) == (vm.env.uid, vm.env.gid)
     assert not st.st_mode & stat.S_ISUID
     assert (vm.wd / "made-in-guest").read_text() == "hi\n"
+
+
+def test_guest_root_cannot_write_the_image_cache_even_remounted_read_write(vm):
+    """The cache is read-only on the host's side (shares.readonly): what the guest's mount
+    option says does not matter, so guest root cannot fill the state filesystem through it."""
+    cache = vm.env.containers / str(vm.env.uid)
+    (cache / "pulled").write_text("an image the user pulled\n")
+    os.chown(cache / "pulled", vm.env.uid, vm.env.gid)
+    before = _listing(cache)
+    c = f"'{cache}'"
+    r = as_root(vm, f"grep ' {cache} ' /proc/mounts; mount -o remount,rw {c}; "
+                    f"echo remount=$?; echo x > {c}/by-guest-root; echo write=$?; "
+                    f"dd if=/dev/zero of={c}/fill bs=1M count=4; echo fill=$?; "
+                    f"echo more >> {c}/pulled; echo append=$?; rm {c}/pulled; echo rm=$?; "
+                    f"cat {c}/pulled")
+    assert "virtiofs" in r.out, r.out                    # it is the share, mounted
+    for step in ("write", "fill", "append", "rm"):
+        assert f"{step}=0" not in r.out, r.out
+    assert "an image the user pulled" in r.out           # and still readable
+    out = ssh(vm.env, "shr", f"touch {c}/by-user; echo touch=$?")
+    assert "touch=0" not in out.stdout, out.stdout
+    assert _listing(cache) == before
+    assert (cache / "pulled").read_text() == "an image the user pulled\n"
 
 
 def test_a_work_dir_outside_the_share_roots_is_refused_before_anything_is_taken(vmenv):
