@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
 
-from . import seccomp, userns
+from . import readonly, seccomp, userns
 
 PROBE_UID = PROBE_GID = 65534          # nobody: any uid works, the kernel only sees numbers
 
@@ -40,6 +42,17 @@ def _in_child(fn) -> str | None:
     return out.decode() or None
 
 
+def _read_only_mount(base: Path) -> None:
+    """What the image cache share's virtiofsd does (:mod:`.readonly`), with directory ``base``
+    as the share; raises when a step fails or the result is not read-only. In a child: the
+    mount goes with its namespace."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    st = os.fstat(fd)
+    readonly.mount_read_only(fd, base / "ro")
+    userns.enter(PROBE_UID, PROBE_GID, [PROBE_GID], ("sys_chroot", "setpcap"), mount_ns=True)
+    os.close(readonly.open_read_only(base / "ro", st.st_dev, st.st_ino))
+
+
 def findings(virtiofsd: str, share_roots: Sequence[str]) -> list[Finding]:
     """The checks, in order; meant to run as root on the node."""
     out = []
@@ -57,6 +70,18 @@ def findings(virtiofsd: str, share_roots: Sequence[str]) -> list[Finding]:
     err = _in_child(seccomp.install_no_setid)
     out.append(Finding("seccomp", err is None, "the setuid/setgid filter installs"
                        if err is None else f"{err}; the kernel needs CONFIG_SECCOMP_FILTER"))
+    err = None if os.geteuid() == 0 else "run this check as root"
+    if err is None:
+        base = Path(tempfile.mkdtemp(prefix="dgxvm-share-check-"))
+        os.chown(base, PROBE_UID, PROBE_GID)    # as a user's cache: theirs, 0700
+        try:
+            err = _in_child(lambda: _read_only_mount(base))
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+    out.append(Finding("read-only mounts", err is None, "a locked read-only bind serves the "
+                       "image cache share" if err is None else
+                       f"{err}; the image cache share needs Linux 5.12 or later (open_tree, "
+                       f"move_mount, mount_setattr)"))
     for root in share_roots:
         ok = Path(root).is_dir() and not any(
             Path(*Path(root).parts[:i + 1]).is_symlink() for i in range(len(Path(root).parts)))

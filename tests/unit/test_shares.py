@@ -244,13 +244,14 @@ def test_share_check_does_the_real_thing_and_names_what_fails(base, tmp_path):
     from slurm_dgxvm.shares.check import findings
     rows = {r.check: r for r in findings(virtiofsd.VIRTIOFSD, [str(base)])}
     assert all(r.ok for r in rows.values()), rows
-    assert set(rows) == {"virtiofsd", "user namespaces", "seccomp", f"share root {base}"}
+    assert set(rows) == {"virtiofsd", "user namespaces", "seccomp", "read-only mounts",
+                         f"share root {base}"}
     (base / "link").symlink_to(base)
     rows = {r.check: r for r in findings(str(tmp_path / "no-virtiofsd"),
                                          [str(base / "link"), str(base / "gone")])}
     assert not rows["virtiofsd"].ok and "qemu-system-common" in rows["virtiofsd"].detail
     assert not rows[f"share root {base}/link"].ok and not rows[f"share root {base}/gone"].ok
-    assert rows["user namespaces"].ok and rows["seccomp"].ok
+    assert rows["user namespaces"].ok and rows["seccomp"].ok and rows["read-only mounts"].ok
 
 
 def test_dgxvm_share_check_exits_3_when_the_node_cannot_share(base, tmp_path):
