@@ -157,6 +157,47 @@ class ShareRefused(JobInputError):
     template = "work dir {value!r} is not shared into the VM: {reason}"
 
 
+class ShareTimeout(ShareRefused):
+    """A share's directory that the job's user's files did not let dgxvm open within
+    ``timeout`` seconds (a FIFO, a stopped FUSE daemon, a process of theirs stopped): refused
+    like any other (:class:`UserTreeTimeout` says why this is the job's fault)."""
+
+
+class ImageCacheRefused(ShareRefused):
+    """The job's user's own container image cache (``<cache_dir>/<uid>``) that the user has
+    made unusable for its share (``chmod 000``, a FIFO or a stopped process in the way, changed
+    between the Prolog's check and the VM's start): the job's fault, handled like a work dir
+    that may not be shared (``[vm] share_refused``)."""
+
+    template = "container image cache {value!r} is not shared into the VM: {reason}"
+
+
+class UserTreeRefused(JobInputError):
+    """Something in a tree the job's user controls on the host (their container image cache,
+    their work dir), which dgxvm touches only as that user (:mod:`slurm_dgxvm.shares.asuser`),
+    and would not use: a FIFO, socket, device or symbolic link where a file or directory
+    belongs, a directory the user shut themselves out of, the user's process that read it
+    killed. Always the job's fault, never the node's. ``value`` is the path, ``reason`` why."""
+
+    template = "{value!r}: {reason}"
+
+
+class UserTreeTimeout(UserTreeRefused):
+    """The job's user's files did not answer within ``timeout`` seconds (a FIFO where a file
+    belongs, a stopped FUSE daemon, ``kill -STOP`` of the process reading them as the user):
+    that process was killed, nothing waits for it. ``doing`` says what it was doing."""
+
+    def __init__(self, message: str | None = None, **fields):
+        if "reason" not in fields:
+            timeout = fields.get("timeout")
+            doing = fields.get("doing")
+            fields["reason"] = (f"the job's user's files did not answer within "
+                                f"{timeout:g}s" if isinstance(timeout, int | float)
+                                else "the job's user's files did not answer in time") \
+                + (f" ({doing})" if doing else "")
+        super().__init__(message, **fields)
+
+
 class ContainerRefError(BadInput):
     """A ``--container-image`` reference that is not one (pyxis/enroot syntax, or Docker's)."""
 

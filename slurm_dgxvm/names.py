@@ -124,3 +124,38 @@ def path_problem(value: object, *, max_bytes: int = PATH_MAX) -> str | None:
     if any(len(p.encode()) > NAME_MAX for p in parts):
         return f"a component is longer than {NAME_MAX} bytes"
     return None
+
+
+# -- names from a tree a user controls, shown by dgxvm ---------------------------------------------
+_SHOWN_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
+
+
+def shown(value: object) -> str:
+    """``value`` as dgxvm prints it when a user chose it (a file name in their image cache, a
+    reference in its index): every character that is not printable escaped as Python's repr
+    writes it, without the quotes (``\\n``, ``\\t``, ``\\x1b``, ``\\u202e``), a byte that was
+    not UTF-8 (a lone surrogate from ``os.listdir``) as ``\\xNN`` of that byte, and ``\\``
+    itself as ``\\\\``, so a name can neither end a line, nor move the cursor, colour or
+    overwrite what a terminal shows, nor pass for an escape it does not hold. Printable text
+    (spaces, quotes, non-ASCII letters) is kept as it is.
+
+    Example: ``shown("a\\nb\\x1b[2J")`` is ``a\\nb\\x1b[2J`` (12 printable characters)."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for c in text:
+        n = ord(c)
+        if c in _SHOWN_ESCAPES:
+            out.append(_SHOWN_ESCAPES[c])
+        elif 0xdc80 <= n <= 0xdcff:                   # surrogateescape: the byte it was
+            out.append(f"\\x{n - 0xdc00:02x}")
+        elif c.isprintable():
+            out.append(c)
+        elif n < 0x100:
+            out.append(f"\\x{n:02x}")
+        elif n < 0x10000:
+            out.append(f"\\u{n:04x}")
+        else:
+            out.append(f"\\U{n:08x}")
+    return "".join(out)

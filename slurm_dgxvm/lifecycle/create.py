@@ -32,8 +32,8 @@ from ..containers import ranlog
 from ..containers.cachedir import user_cache_dir
 from ..design import (RealHost, VmInputs, design, domain_xml, fit_to_host, image_cache_tag, mac_for,
                       share_tag)
-from ..errors import (ContainerCacheError, DomainExists, HostError, HypervisorError, NoFit,
-                      ShareRefused, is_job_fault)
+from ..errors import (ContainerCacheError, DomainExists, HostError, HypervisorError,
+                      ImageCacheRefused, NoFit, ShareRefused, ShareTimeout, is_job_fault)
 from ..fsutil import atomic_write
 from ..guest import wait_ready
 from ..ledger import Allocation, domain_key, job_key
@@ -81,9 +81,11 @@ def create(env: Env, req: CreateRequest, progress: Progress = quiet,
     :meth:`_Creation.preflight` refused the request for its own fault (nothing was taken).
 
     Raises: NameError_ (bad name), DomainExists, ImageError, RequestError / NoFit (placement),
-    ShareRefused, LedgerConflict / LedgerLockTimeout, SeedError, DiskError, FabricError,
-    HypervisorError, GuestTimeout, LockTimeout (another dgxvm kept the name's lock, see
-    :mod:`.vmlock`). On any of them nothing is left behind.
+    ShareRefused (the work dir; ImageCacheRefused: the user's image cache, ShareTimeout: the
+    user's files did not answer in time), ContainerCacheError (``<cache_dir>`` itself),
+    LedgerConflict / LedgerLockTimeout, SeedError, DiskError, FabricError, HypervisorError,
+    GuestTimeout, LockTimeout (another dgxvm kept the name's lock, see :mod:`.vmlock`). On any
+    of them nothing is left behind.
     """
     timer = timer if timer is not None else StageTimer()
     c = _Creation(env, req, progress)
@@ -129,6 +131,7 @@ class _Creation:
     share: share_policy.ShareSpec | None = None
     share_refused: str | None = None
     image_cache: share_policy.ShareSpec | None = None
+    image_cache_refused: str | None = None
     data_gib: int = 0
     fitted: tuple[str, ...] = ()
 
@@ -139,7 +142,8 @@ class _Creation:
         self.key = job_key(req.job_id) if req.owner == "job" else domain_key(self.name)
 
     def preflight(self) -> None:
-        """What can be refused before anything is taken: the name, the image, the share."""
+        """What can be refused before anything is taken: the name, the image, the shares (the
+        work dir, and the user's image cache, each opened and pinned as the user)."""
         env, name = self.env, self.name
         self.conn = env.connect()
         if hypervisor.lookup(self.conn, name) is not None:
@@ -147,7 +151,11 @@ class _Creation:
         if env.vms.exists(name):
             raise DomainExists(name=name, where=f" ({env.vms.dir(name)})")
         self.image = env.images.get(self.req.image)
+        if self.req.uid:
+            self.progress("checking the shares as the job's user")
         self.share, self.share_refused = check_share(self.cfg, self.req)
+        self.image_cache, self.image_cache_refused = check_image_cache(self.cfg, self.req,
+                                                                       self.share)
         self.host = env.host
 
     def steps(self) -> Iterator[tuple[str, Callable[[], None]]]:
@@ -259,7 +267,6 @@ class _Creation:
                 vmdir / SHARE_SPEC, virtiofsd=cfg.vm.virtiofsd), mode=0o700)
             mounts = (seed_mod.Mount(tag=share_tag(self.share.path), path=self.share.path,
                                      fstype=cfg.vm.share),)
-        self.image_cache = image_cache_share(cfg, req, self.share)
         if self.image_cache is not None:
             cache = self.image_cache.path
             self.image_cache.save(vmdir / IMAGE_CACHE_SPEC)
@@ -317,7 +324,8 @@ class _Creation:
             fitted=self.fitted, created=time.time(),
             lock_s=round(self.lock_s, 6) if self.lock_s is not None else None,
             image_cache=cache.path if cache else None, groups=tuple(req.groups),
-            extra={"share_refused": self.share_refused} if self.share_refused else {})
+            extra={k: v for k, v in (("share_refused", self.share_refused),
+                                     ("image_cache_refused", self.image_cache_refused)) if v})
         self.env.vms.save(self.record)
 
     def define(self) -> None:
@@ -350,7 +358,8 @@ class _Creation:
             with hypervisor.libvirt_errors(self.env.uri, f"start domain {self.name}"):
                 self.dom.create()
         except HypervisorError:
-            _share_refusal(self.vmdir)  # the job's fault: its work dir changed since the check
+            # the job's fault: its work dir or its image cache changed since the check
+            _share_refusal(self.vmdir, self.image_cache.path if self.image_cache else None)
             raise
         self.undo.callback(hypervisor.destroy, self.dom)
         self.started = time.time()
@@ -397,6 +406,23 @@ def check_share(cfg: Config,
         return None, str(exc)
 
 
+def check_image_cache(cfg: Config, req: CreateRequest, share: share_policy.ShareSpec | None
+                      ) -> tuple[share_policy.ShareSpec | None, str | None]:
+    """(the image cache share, why the VM gets none) for ``req``, before anything is taken:
+    :func:`image_cache_share` under the work dir's policy. Raises ImageCacheRefused when the
+    job's user has made their cache unusable and ``vm.share_refused`` is "refuse"; with
+    "no-share" the VM boots without it and the reason is returned (logged, and kept in the VM
+    record as ``image_cache_refused``)."""
+    try:
+        return image_cache_share(cfg, req, share), None
+    except ImageCacheRefused as exc:
+        if cfg.vm.share_refused == "refuse":
+            raise
+        log.warning("%s: %s; the VM boots without it (vm.share_refused = no-share)",
+                    req.name, exc)
+        return None, str(exc)
+
+
 def image_cache_share(cfg: Config, req: CreateRequest,
                       share: share_policy.ShareSpec | None) -> share_policy.ShareSpec | None:
     """The user's container image cache (``<cache_dir>/<uid>``, made if missing), pinned for
@@ -404,8 +430,12 @@ def image_cache_share(cfg: Config, req: CreateRequest,
     ``containers.cache_dir``, ``vm.share`` other than "virtiofs", or a work dir share that is
     that very directory (already shared, read-write).
 
-    Nothing of it is the job's to fix (only root makes entries in ``<cache_dir>``), so every
-    failure is ContainerCacheError naming the path: the node's fault.
+    Two owners, two faults. ``<cache_dir>``, the path to it and the entry ``<uid>`` in it are
+    root's to make (:func:`user_cache_dir`): anything wrong there (a symlink, an entry of
+    another uid, a parent the user cannot traverse) is ContainerCacheError, the node's fault.
+    The directory itself is the user's: one they made unusable for its share as themselves
+    (``chmod 000``; a stopped process or FUSE mount of theirs in the way: opened as the user
+    with a deadline) is ImageCacheRefused, the job's fault.
     """
     if req.uid == 0 or not cfg.containers.cache_dir or cfg.vm.share != "virtiofs":
         return None
@@ -414,25 +444,38 @@ def image_cache_share(cfg: Config, req: CreateRequest,
         return None
     try:
         return share_policy.pin(path, req.uid, req.gid, (req.gid, *req.groups))
+    except ShareTimeout as exc:
+        raise ImageCacheRefused(value=path, reason=exc.reason) from None
     except ShareRefused as exc:
-        raise ContainerCacheError(path=path, reason=f"the job's user cannot open it "
-                                                    f"({getattr(exc, 'reason', exc)}); "
-                                                    f"containers.cache_dir "
-                                                    f"must be reachable by every user") from None
+        at = exc.fields.get("at")
+        if at is not None and at != path:     # above the user's own directory: root's path
+            raise ContainerCacheError(path=path, reason=f"the job's user cannot open it "
+                                                        f"({exc.reason}); containers.cache_dir "
+                                                        f"must be reachable by every user"
+                                      ) from None
+        raise ImageCacheRefused(value=path, reason=f"the job's user cannot open it as "
+                                                   f"themselves: {exc.reason}") from None
 
 
-def _share_refusal(vmdir: Path) -> None:
+def _share_refusal(vmdir: Path, image_cache: str | None = None) -> None:
     """Why a share's virtiofsd stopped the start: ShareRefused when the work dir's refused its
-    directory (the job's fault), HostError when the node could not serve a share (the image
-    cache's every failure: the node's); nothing when none said anything (then libvirt's own
-    error stands)."""
+    directory, ImageCacheRefused when the image cache's did (the job's fault, both: the user
+    changed or shut out the directory since the check), HostError when the node could not
+    serve a share; nothing when none said anything (then libvirt's own error stands)."""
     line = _read_line(vmdir / share_server.ERROR_FILE)
     if line is None:
         line = _read_line(share_server.error_file_of(vmdir / IMAGE_CACHE_SPEC))
-        if line is not None:
-            raise HostError(reason=f"the container image cache share could not be served: "
-                                   f"{line}")
-        return
+        if line is None:
+            return
+        if line.startswith(share_server.REFUSED_PREFIX):
+            said = line[len(share_server.REFUSED_PREFIX):]
+            path = image_cache or "(the image cache)"
+            # its virtiofsd says it as ShareRefused does, of a work dir: keep the reason
+            prefix = str(ShareRefused(value=path, reason=""))
+            raise ImageCacheRefused(value=path, reason=f"when the VM started: "
+                                                       f"{said.removeprefix(prefix)}")
+        raise HostError(reason=f"the container image cache share could not be served: "
+                               f"{line}")
     if line.startswith(share_server.REFUSED_PREFIX):
         raise ShareRefused(line[len(share_server.REFUSED_PREFIX):])
     raise HostError(reason=f"the work dir share could not be served: {line} "

@@ -7,6 +7,10 @@ own shell) without following a symbolic link, and the directory itself must be r
 searchable. The result pins the directory by device and inode (:class:`ShareSpec`); the share's
 virtiofsd opens it again the same way when the VM starts and serves it only if it is the same
 directory, so nothing swapped in between (a symlink, a rename) is ever served.
+
+The walk runs in a child that has become the user (:mod:`.asuser`: no root descriptor in it,
+killed at a deadline), so a FIFO, a stopped FUSE mount or a ``kill -STOP`` of that child by the
+user makes a refusal in a few seconds (ShareTimeout), never a Prolog that waits for ever.
 """
 
 from __future__ import annotations
@@ -14,14 +18,15 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from collections.abc import Sequence
 
-from ..errors import ShareRefused
+from ..errors import ShareRefused, ShareTimeout, UserTreeRefused, UserTreeTimeout
 from ..fsutil import atomic_write_json
+from ..names import shown
+from . import asuser
 
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -96,48 +101,28 @@ def pin(path: str, uid: int, gid: int, groups: Sequence[int]) -> ShareSpec:
                      dev=st.st_dev, ino=st.st_ino)
 
 
-def open_as_user(path: str, uid: int, gid: int, groups: Sequence[int]) -> int:
+def open_as_user(path: str, uid: int, gid: int, groups: Sequence[int], *,
+                 timeout_s: float | None = None) -> int:
     """Open directory ``path`` (O_RDONLY) with the credentials of ``uid``/``gid``/``groups``,
     following no symlink; returns the descriptor. Raises ShareRefused naming the component
-    that stopped it. The walk runs in a forked child that drops to the user; the descriptor
-    comes back over a socket (SCM_RIGHTS).
+    that stopped it (its path is the error's ``at``), ShareTimeout when the user's files did
+    not let it finish within ``timeout_s`` seconds (:data:`.asuser.DEADLINE_S` when None: a
+    stopped FUSE daemon, the walk's process stopped by the user): both the job's fault. The
+    walk runs as the user through :func:`.asuser.run` (a forked child holding none of root's
+    descriptors, killed at the deadline); the descriptor comes back over a socket
+    (SCM_RIGHTS).
     """
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            parent.close()
-            os.setgroups(list(groups))
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            try:
-                fd = _walk(path)
-            except _Refused as exc:
-                child.sendall(json.dumps({"reason": str(exc)}).encode())
-            else:
-                socket.send_fds(child, [b"{}"], [fd])
-        except BaseException:  # noqa: BLE001 - reported as "no answer" below
-            code = 1
-        finally:
-            os._exit(code)
-    child.close()
     try:
-        msg, fds, _flags, _addr = socket.recv_fds(parent, 65536, 1)
-    finally:
-        parent.close()
-        os.waitpid(pid, 0)
-    if fds:
-        return fds[0]
-    try:
-        reason = json.loads(msg.decode() or "{}").get("reason")
-    except ValueError:
-        reason = None
-    raise ShareRefused(value=path, reason=reason or f"it could not be opened as uid {uid}")
-
-
-class _Refused(Exception):
-    pass
+        answer = asuser.run(lambda: asuser.Answer(fds=(_walk(path),)), uid=uid, gid=gid,
+                            groups=groups, subject=path, timeout_s=timeout_s,
+                            doing=f"opening {path} as uid {uid}")
+    except UserTreeTimeout as exc:
+        raise ShareTimeout(value=path, reason=exc.reason, timeout=exc.fields.get("timeout")) \
+            from None
+    except UserTreeRefused as exc:
+        raise ShareRefused(value=path, reason=exc.reason, at=exc.fields.get("at")) from None
+    [fd] = answer.fds
+    return fd
 
 
 def _walk(path: str) -> int:
@@ -148,21 +133,24 @@ def _walk(path: str) -> int:
         try:
             nfd = os.open(part, _DIR_PATH, dir_fd=fd)
         except OSError as exc:
-            raise _Refused(_why(fd, part, here, exc)) from None
+            raise asuser.Refused(_why(fd, part, here, exc), at=here) from None
         os.close(fd)
         fd, done = nfd, here
         if not stat.S_ISDIR(os.fstat(fd).st_mode):   # O_PATH|O_NOFOLLOW may open a link
-            raise _Refused(f"{here} is a symbolic link (share the real path)")
+            raise asuser.Refused(f"{shown(here)} is a symbolic link (share the real path)",
+                                 at=here)
     try:
         rd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
     except OSError as exc:
-        raise _Refused(f"the job's user cannot read {done or '/'} ({exc.strerror})") from None
+        raise asuser.Refused(f"the job's user cannot read {shown(done or '/')} "
+                             f"({exc.strerror})", at=done or "/") from None
     finally:
         os.close(fd)
     return rd
 
 
 def _why(parent_fd: int, part: str, here: str, exc: OSError) -> str:
+    here = shown(here)
     try:
         st = os.lstat(part, dir_fd=parent_fd)
     except OSError:
@@ -172,7 +160,8 @@ def _why(parent_fd: int, part: str, here: str, exc: OSError) -> str:
     if exc.errno == errno.ENOENT:
         return f"{here} does not exist"
     if exc.errno == errno.ENOTDIR:
-        return f"{here} is not a directory"
+        what = f" ({asuser.kind(st.st_mode)})" if st is not None else ""
+        return f"{here} is not a directory{what}"
     if exc.errno == errno.EACCES:
         return f"the job's user cannot reach {here} (permission denied)"
     return f"{here}: {exc.strerror}"

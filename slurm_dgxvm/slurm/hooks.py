@@ -142,7 +142,9 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
          f"{format_index_list(p.gpus)} ({how}), NUMA {format_index_list(p.numa_nodes)}, "
          f"{rec.address}"
          + (f"; work dir NOT shared: {rec.extra['share_refused']}"
-            if rec.extra.get("share_refused") else ""))
+            if rec.extra.get("share_refused") else "")
+         + (f"; image cache NOT shared: {rec.extra['image_cache_refused']}"
+            if rec.extra.get("image_cache_refused") else ""))
     if env.cfg.slurm.accounting:
         _account(emit, where, lambda: slurm.set_admin_comment(
             job.job_id, encode(vm_fields(rec, state="running"))))
@@ -267,6 +269,8 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
                        + ": the node serves VMs from its healthy GPUs (`dgxvm gpu show`)")
     emit(f"{where}: VM {name} removed in {rec.teardown_s:.2f}s ({ended}){quarantined}")
     if env.cfg.slurm.accounting:
+        # the log is the user's file: only images their cache holds are recorded
+        ran = ranlog.in_cache(ran, rec.image_cache, rec.uid, rec.gid, rec.groups)
         _account(emit, where, lambda: slurm.set_admin_comment_after_end(
             job_id, encode(vm_fields(rec, state="ended") | {"containers": ranlog.field(ran)})))
     return EXIT_OK

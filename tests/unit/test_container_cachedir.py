@@ -191,20 +191,86 @@ def test_a_cache_the_user_cannot_reach_is_the_nodes_fault_naming_it(base):
     assert "cannot reach" in str(info.value) and info.value.exit_code == 5
 
 
-def test_a_failed_cache_share_virtiofsd_is_the_nodes_fault(tmp_path):
-    from slurm_dgxvm.errors import HostError, ShareRefused
+def test_a_cache_the_user_shut_themselves_out_of_is_the_jobs_fault_naming_it(base):
+    """chmod 000 of their own <cache_dir>/<uid>, as the user may: the job is refused (a job
+    fault: the Prolog cancels it and the node stays in service), never ContainerCacheError."""
+    from slurm_dgxvm.errors import ImageCacheRefused, is_job_fault
+    from slurm_dgxvm.lifecycle.create import image_cache_share
+    root = base / "containers"
+    path = user_cache_dir(cfg_for(root), UID, GID)
+    os.chmod(path, 0o000)
+    with pytest.raises(ImageCacheRefused) as info:
+        image_cache_share(cfg_for(root), request(), None)
+    assert is_job_fault(info.value) and info.value.exit_code == 2
+    assert str(info.value).startswith(f"container image cache '{path}' is not shared into the "
+                                      f"VM: the job's user cannot open it as themselves: the "
+                                      f"job's user cannot read {path} (Permission denied)")
+
+
+def test_share_refused_no_share_boots_without_the_cache_and_says_why(base):
+    from slurm_dgxvm.errors import ImageCacheRefused
+    from slurm_dgxvm.lifecycle.create import check_image_cache
+    root = base / "containers"
+    path = user_cache_dir(cfg_for(root), UID, GID)
+    os.chmod(path, 0o000)
+    no_share = config_mod.from_dict({"containers": {"cache_dir": str(root)},
+                                     "vm": {"share_refused": "no-share"}})
+    spec, why = check_image_cache(no_share, request(), None)
+    assert spec is None and f"container image cache '{path}'" in why and "cannot read" in why
+    with pytest.raises(ImageCacheRefused):
+        check_image_cache(cfg_for(root), request(), None)            # "refuse", the default
+    os.chmod(path, 0o700)
+    spec, why = check_image_cache(no_share, request(), None)
+    assert why is None and spec.ino == path.stat().st_ino
+
+
+def test_a_cache_whose_pin_does_not_answer_is_refused_in_seconds(base, monkeypatch):
+    """The user's files stall the pin (a FUSE mount or a process of theirs stopped): after the
+    deadline the job is refused, the node's fault it is not."""
+    import signal
+    import time
+    from slurm_dgxvm.errors import ImageCacheRefused, is_job_fault
+    from slurm_dgxvm.lifecycle.create import image_cache_share
+    from slurm_dgxvm.shares import asuser
+    root = base / "containers"
+    path = user_cache_dir(cfg_for(root), UID, GID)
+    real_walk = policy._walk
+    monkeypatch.setattr(asuser, "DEADLINE_S", 0.5)
+    monkeypatch.setattr(policy, "_walk",
+                        lambda p: (os.kill(os.getpid(), signal.SIGSTOP), real_walk(p))[1])
+    t0 = time.monotonic()
+    with pytest.raises(ImageCacheRefused) as info:
+        image_cache_share(cfg_for(root), request(), None)
+    assert time.monotonic() - t0 < 0.5 + 2.0
+    assert is_job_fault(info.value)
+    assert f"'{path}'" in str(info.value) and "did not answer within 0.5s" in str(info.value)
+
+
+def test_a_cache_share_virtiofsd_that_refused_its_directory_is_the_jobs_fault(tmp_path):
+    """Its virtiofsd refuses a directory the user changed since the Prolog's pin (the job's
+    fault, like the work dir's); any other failure to serve it is the node's."""
+    from slurm_dgxvm.errors import HostError, ImageCacheRefused, ShareRefused, is_job_fault
     from slurm_dgxvm.lifecycle.create import _share_refusal
     from slurm_dgxvm.records import IMAGE_CACHE_SPEC
     from slurm_dgxvm.shares import virtiofsd
     assert virtiofsd.error_file_of(tmp_path / IMAGE_CACHE_SPEC) == tmp_path / "image-cache.error"
     assert virtiofsd.error_file_of(tmp_path / "share.json") == tmp_path / virtiofsd.ERROR_FILE
     _share_refusal(tmp_path)                                      # nothing said: nothing raised
-    (tmp_path / "image-cache.error").write_text("refused: it is no longer the directory\n")
+    cache = "/var/lib/dgxvm/containers/1000"
+    said = str(ShareRefused(value=cache, reason="it is no longer the directory that was checked"))
+    (tmp_path / "image-cache.error").write_text(f"refused: {said}\n")
+    with pytest.raises(ImageCacheRefused) as info:
+        _share_refusal(tmp_path, cache)
+    assert is_job_fault(info.value)
+    assert str(info.value) == (f"container image cache '{cache}' is not shared into the VM: "
+                               f"when the VM started: it is no longer the directory that was "
+                               f"checked")
+    (tmp_path / "image-cache.error").write_text("virtiofsd as the job's user: OSError: x\n")
     with pytest.raises(HostError, match="container image cache share could not be served"):
-        _share_refusal(tmp_path)
+        _share_refusal(tmp_path, cache)
     (tmp_path / virtiofsd.ERROR_FILE).write_text("refused: swapped\n")
     with pytest.raises(ShareRefused):                             # the work dir's: the job's
-        _share_refusal(tmp_path)
+        _share_refusal(tmp_path, cache)
 
 
 def test_the_virtiofsd_writes_its_error_beside_its_own_spec(tmp_path):
