@@ -19,8 +19,10 @@ from pathlib import Path
 from ..containers import accounts
 from ..containers import mounts as mounts_mod
 from ..containers import mountpoints, podman, ranlog
+from ..containers import ref as ref_mod
 from ..containers import runtime
-from ..errors import BadInput, ContainerMountError
+from ..containers.ref import ImageRef
+from ..errors import BadInput, ContainerMountError, ContainerRefError
 from ..lifecycle.identity import group_names
 from .request import Request, guest_cwd, is_name, quote
 from .target import GUEST_HELPER
@@ -33,7 +35,10 @@ OVERLAY_UNSAFE = (",", ":", "\\", "\n")    # what an overlayfs lowerdir= option 
 
 @dataclass(frozen=True)
 class ContainerFlags:
-    """pyxis's flags, as given."""
+    """pyxis's flags, as given (``None``: not given; ``mounts`` and ``env`` are every
+    occurrence joined with ``,``, as pyxis adds them up). :meth:`check` is every check the
+    flags alone allow; what needs the VM (a mount source the VM does not have, a named
+    container the job has) is checked by ``dgxvm run`` before it pulls anything."""
     image: str | None
     mounts: str | None = None
     workdir: str | None = None
@@ -57,10 +62,29 @@ class ContainerFlags:
                            "'_', '.' or '-', starting with a letter or digit", value=self.name)
         return name
 
+    def image_ref(self) -> ImageRef | None:
+        """``--container-image`` parsed (None when not given); ContainerRefError naming the
+        flag and the value."""
+        if self.image is None:
+            return None
+        try:
+            return ref_mod.parse(self.image)
+        except ContainerRefError as e:
+            raise ContainerRefError(f"--container-image {self.image!r}: {e.reason}",
+                                    value=self.image, reason=e.reason) from None
+
     def check(self) -> None:
-        """BadInput for flags that cannot go together or a bad name."""
-        if self.rootfs_writable:
-            self.container_name   # noqa: B018 - the name's own check
+        """Every check the flags alone allow (BadInput naming the flag and the bad value):
+        the image reference, the mounts' syntax, the working directory, the variable names,
+        the container's name, and a named container made read-only. Reads nothing, runs
+        nothing."""
+        self.image_ref()
+        if self.mounts is not None:
+            parse_mounts(self.mounts)
+        check_workdir(self.workdir)
+        env_names(self.env)
+        self.container_name     # noqa: B018 - the name's own check
+        self.rootfs_writable    # noqa: B018 - a named container cannot be read-only
 
     @property
     def rootfs_writable(self) -> bool:
@@ -72,13 +96,20 @@ class ContainerFlags:
         return bool(self.writable) or self.name is not None
 
 
+def parse_mounts(text: str | None) -> tuple[mounts_mod.Mount, ...]:
+    """``--container-mounts``'s syntax (containers.mounts): () when not given; an empty value
+    is refused, as pyxis does."""
+    if text is None:
+        return ()
+    return mounts_mod.parse(text)
+
+
 def check_mounts(text: str | None, shared: tuple[str, ...]) -> tuple[mounts_mod.Mount, ...]:
     """``--container-mounts``, each source a path the VM has: under a share, or a path that
     is not the host's (then it is the guest's own, checked there by the runtime). A host
-    path the VM does not have is refused naming it: it would silently be another directory."""
-    if not text:
-        return ()
-    out = mounts_mod.parse(text)
+    path the VM does not have is refused naming it: it would silently be another directory.
+    Call it as the job's user: whether a host path exists is theirs to know, not root's."""
+    out = parse_mounts(text)
     for m in out:
         if guest_cwd(m.source, shared) is None and os.path.lexists(m.source):
             raise ContainerMountError(
@@ -87,14 +118,42 @@ def check_mounts(text: str | None, shared: tuple[str, ...]) -> tuple[mounts_mod.
     return out
 
 
-def env_names(text: str | None) -> tuple[str, ...]:
+def check_workdir(text: str | None) -> str | None:
+    """``--container-workdir``: None when not given; else an absolute path without ``.`` or
+    ``..`` components or control characters (the runtime's cwd, and a mount point dgxvm makes
+    in the image), returned as given."""
+    if text is None:
+        return None
+
+    def bad(reason: str) -> BadInput:
+        return BadInput(f"--container-workdir {text!r}: {reason}", value=text)
     if not text:
+        raise bad("an argument is required (an absolute path in the container)")
+    if not text.startswith("/"):
+        raise bad("not an absolute path")
+    if any(not c.isprintable() for c in text):
+        raise bad("has control characters")
+    if any(p in (".", "..") for p in text.split("/")):
+        raise bad("has a '.' or '..' component")
+    return text
+
+
+def env_names(text: str | None) -> tuple[str, ...]:
+    """``--container-env NAME[,NAME...]``: () when not given; an empty value, an empty entry
+    (``FOO,``) or a name sh cannot export is refused naming it, as pyxis does."""
+    if text is None:
         return ()
-    names = tuple(n for n in text.split(",") if n)
+    if not text:
+        raise BadInput("--container-env '': an argument is required (NAME[,NAME...])",
+                       value=text)
+    names = text.split(",")
+    if "" in names:
+        raise BadInput(f"--container-env {text!r}: an empty name (NAME[,NAME...], no empty "
+                       "entries)", value=text)
     for n in names:
         if not is_name(n):
-            raise BadInput(f"--container-env: {n!r} is not a variable name", value=n)
-    return names
+            raise BadInput(f"--container-env {text!r}: {n!r} is not a variable name", value=n)
+    return tuple(dict.fromkeys(names))
 
 
 def container_request(flags: ContainerFlags, *, argv: tuple[str, ...], env: Mapping[str, str],

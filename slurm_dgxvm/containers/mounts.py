@@ -10,7 +10,7 @@ What dgxvm accepts, each refusal naming the entry:
 - FLAGS: ``ro`` / ``rw`` and the propagation flags (``rprivate``, ``private``, ``rslave``,
   ``slave``). Nothing that would weaken the mount (``suid``, ``dev``, ``exec`` overrides) or
   is unknown: a container's mounts stay ``nosuid,nodev``.
-- No two mounts on the same DST.
+- No two mounts on the same DST (the same mount given twice counts once, as in pyxis).
 
 Whether SRC exists in the VM (a share or a path of the guest) is decided where the VM is known;
 this module is pure.
@@ -79,14 +79,15 @@ def parse(text: str) -> tuple[Mount, ...]:
     entry."""
     if not text:
         raise ContainerMountError(value=text, reason="an argument is required")
-    mounts = tuple(parse_one(entry) for entry in text.split(","))
     seen: dict[str, Mount] = {}
-    for m in mounts:
+    for m in (parse_one(entry) for entry in text.split(",")):
+        if seen.get(m.target) == m:
+            continue                 # the same mount again (pyxis adds it once)
         if m.target in seen:
             raise ContainerMountError(value=str(m), reason=f"{m.target} is already the "
                                                            f"destination of {seen[m.target]}")
         seen[m.target] = m
-    return mounts
+    return tuple(seen.values())
 
 
 __all__ = ["ALLOWED_FLAGS", "Mount", "parse", "parse_one"]
