@@ -4,15 +4,21 @@ caller may see of it, and the one ssh command line that reaches it.
 The caller may see a VM's job view (records.job_view) when it is the VM's user (through the
 job.json that belongs to them) or root (every record). Another user's job reads as "no VM of
 yours": nothing tells a user whether someone else's job has a VM here.
+
+Root reaching a user's job (``dgxvm run --job N``) becomes that user for good once the target is
+known (:func:`become_job_user`): everything after it (the user's image cache, their registry
+credentials, the mount points made in an image, ssh with the job's key) is done as the user,
+never by root in a tree the user controls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
-from ..errors import BadInput
+from ..errors import BadInput, HostError
 from ..lifecycle.env import Env
 from ..records import JOB_VIEW, job_view
 from ..slurm.job import domain_for
@@ -132,3 +138,118 @@ def target_for(env: Env, job_id: int) -> Target:
 def remote(verb: str, run_id: str, helper: str = GUEST_HELPER) -> Sequence[str]:
     """The remote command line for one session (words ssh joins with spaces: only safe ones)."""
     return (helper, verb, run_id)
+
+
+#: What root's environment must not hand on once the process is the job's user's: root's
+#: credentials and root's own per-user places (registry logins, the container tools'
+#: configuration and auth.json under XDG_RUNTIME_DIR, Kerberos, the ssh agent, temporary
+#: directories). HOME, USER, LOGNAME and SHELL become the user's.
+ROOT_ONLY_ENV = frozenset({"DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "REGISTRIES_CONFIG_PATH",
+                           "KRB5CCNAME", "SSH_AUTH_SOCK", "SSH_AGENT_PID", "GNUPGHOME",
+                           "TMPDIR", "TMP", "TEMP", "MAIL"})
+ROOT_ONLY_PREFIXES = ("XDG_", "CONTAINERS_")
+
+
+def must_become_user(target: Target) -> bool:
+    """Whether this process (root) must become ``target``'s user before it goes on: root
+    reaching the job of a user who is not root."""
+    return os.geteuid() == 0 and target.uid != 0
+
+
+def become_job_user(target: Target, environ: MutableMapping[str, str] | None = None) -> None:
+    """Make this root process ``target``'s job user for good: every descriptor beyond stdio
+    closed (what root opened: records, a libvirt connection, whatever root's caller passed),
+    the user's groups (the node's account database, as a login gets them) with the job's gid,
+    the real, effective and saved uid and gid the user's, then checked: the ids are the
+    user's, no capability is left and root cannot be had back. ``environ`` (os.environ) gets
+    the user's HOME, USER, LOGNAME and SHELL, and loses root's credentials and places
+    (ROOT_ONLY_ENV). BadInput naming the user when they cannot be become (no such account on
+    this node, the uid is another name's now); HostError when the kernel did not drop (then
+    nothing more may run)."""
+    import pwd
+    import tempfile
+    environ = os.environ if environ is None else environ
+    uid, gid = target.uid, target.gid
+
+    def refuse(why: str) -> BadInput:
+        return BadInput(f"job {target.job_id}'s user {target.user} (uid {uid}) {why}: root's "
+                        f"dgxvm run/shell runs as the job's user", value=target.user)
+    if uid <= 0 or gid < 0:
+        raise refuse("is not an ordinary user")
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        raise refuse("does not exist on this node") from None
+    if pw.pw_name != target.user:
+        raise refuse(f"is not the job's user: uid {uid} is {pw.pw_name} on this node now")
+    try:
+        groups = sorted(set(os.getgrouplist(pw.pw_name, gid)))
+    except OSError as e:
+        raise refuse(f"has no group list here ({e.strerror or e})") from None
+    close_descriptors()
+    try:
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as e:
+        raise HostError(f"cannot become job {target.job_id}'s user {target.user}: "
+                        f"{e.strerror or e}") from None
+    _check_dropped(target, groups)
+    for name in [k for k in environ if k in ROOT_ONLY_ENV or k.startswith(ROOT_ONLY_PREFIXES)]:
+        del environ[name]
+    environ.update({"HOME": pw.pw_dir or "/", "USER": pw.pw_name, "LOGNAME": pw.pw_name,
+                    "SHELL": pw.pw_shell or "/bin/sh"})
+    tempfile.tempdir = None            # chosen again, from the user's environment
+
+
+def close_descriptors() -> None:
+    """Close every descriptor of this process beyond 0, 1 and 2."""
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:                    # no /proc: every possible one
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        return
+    for fd in fds:
+        if fd > 2:
+            with contextlib.suppress(OSError):    # the listing's own, closed already
+                os.close(fd)
+
+
+def _check_dropped(target: Target, groups: list[int]) -> None:
+    """HostError unless this process is now ``target``'s user and nothing more."""
+    uid, gid = target.uid, target.gid
+    why = None
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        why = f"uids {os.getresuid()}, gids {os.getresgid()}"
+    elif sorted(set(os.getgroups())) != groups:
+        why = f"groups {os.getgroups()}"
+    else:
+        try:
+            caps = _capabilities()
+        except OSError as e:
+            caps = {"unknown": f"/proc/self/status: {e.strerror or e}"}
+        if any(caps.get(k, 1) for k in ("CapPrm", "CapEff", "CapAmb")):
+            why = f"capabilities left: {caps}"
+    if why is None:
+        for again in (lambda: os.setresuid(0, 0, 0), lambda: os.setresgid(0, 0, 0),
+                      lambda: os.setgroups([0])):
+            try:
+                again()
+            except PermissionError:
+                continue
+            why = "root could be had back"
+            break
+    if why is not None:
+        raise HostError(f"dropping to job {target.job_id}'s user {target.user} failed ({why}); "
+                        "nothing was done as them")
+
+
+def _capabilities() -> dict[str, int]:
+    """The capability sets of /proc/self/status (each as a number)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.startswith("Cap"):
+                out[key] = int(value.strip(), 16)
+    return out

@@ -4,6 +4,19 @@ Their exit status is the command's (0-255; 128+N when a signal N ended it). dgxv
 (no VM, bad flags, the VM unreachable, the connection lost) exit 125, the convention of
 ``docker run`` and ``podman run``, with one ``dgxvm: error:`` line on stderr; 126 and 127 are the
 guest's "cannot execute" and "not found" (README "Exit status of dgxvm run").
+
+The order of a run, so that a mistake costs nothing:
+
+1. every flag alone (:func:`_checked_flags`): the image reference parsed, the mounts' syntax, the
+   working directory, the variable names, the container's name, flags that contradict each
+   other or are given twice with different values (pyxis refuses these too) -- before the
+   config, the job's record, the cache or the VM are touched;
+2. the job's target; root reaching a user's job becomes that user for good here
+   (access.target.become_job_user): from now on nothing is done as root;
+3. what needs the VM's facts (:func:`_vm_checks`: the guest image's runtime, the cache share, a
+   mount source that is a host path the VM does not have, the named container) -- before any
+   pull;
+4. the image (pulled into the user's cache if needed), then the command in the VM.
 """
 
 from __future__ import annotations
@@ -16,9 +29,10 @@ from pathlib import Path
 import click
 
 from ..access import session
-from ..access.container import RUNTIMES, ContainerFlags, container_request
+from ..access.container import (OVERLAY_UNSAFE, RUNTIMES, ContainerFlags, check_mounts,
+                                container_request)
 from ..access.request import Request, guest_cwd, guest_environment
-from ..access.target import job_from_env, target_for
+from ..access.target import become_job_user, job_from_env, must_become_user, target_for
 from ..containers import ranlog
 from ..errors import BadInput, TransportLost
 
@@ -27,8 +41,10 @@ EXIT_RUN_FAILED = 125
 VERBS = ("run", "shell")
 
 _job_option = click.option("--job", "job_id", type=click.IntRange(min=1), metavar="ID",
-                           help="The job whose VM to enter (default: $SLURM_JOB_ID; root may "
-                                "name any job on this node).")
+                           multiple=True,
+                           help="The job whose VM to enter (default: $SLURM_JOB_ID). Root may "
+                                "name any job on this node, and then runs as the job's user: "
+                                "their image cache, their registry credentials, their key.")
 
 
 def _request(target, argv: tuple[str, ...], cfg) -> tuple[Request, str | None]:
@@ -45,32 +61,153 @@ def _request(target, argv: tuple[str, ...], cfg) -> tuple[Request, str | None]:
     return Request(argv=argv, env=env, cwd=where), note
 
 
-def _container_options(f):
-    for opt in reversed((
-        click.option("--container-image", metavar="REF",
-                     help="Run CMD in a container of this image: pyxis's syntax "
-                          "[USER@][REGISTRY#]IMAGE[:TAG|@DIGEST], or Docker's."),
-        click.option("--container-mounts", metavar="SRC[:DST[:FLAGS]],...",
-                     help="Bind mounts into the container (FLAGS: ro, rw, rprivate, private, "
-                          "rslave, slave, joined with '+'); SRC a path the VM has."),
-        click.option("--container-workdir", metavar="DIR",
-                     help="Working directory in the container (default: the current one "
-                          "when the VM has it, else the image's)."),
-        click.option("--container-env", metavar="NAME,...",
-                     help="Variables whose job value wins over the image's ENV."),
-        click.option("--container-name", metavar="NAME[:auto]",
-                     help="A named container: made on its first run, used again by later "
-                          "runs of the job (with or without --container-image), keeping what "
-                          "they change in it; one run at a time; gone when the job ends."),
-        click.option("--container-remap-root/--no-container-remap-root", default=False,
-                     help="Be root in the container (mapped to your own uid)."),
-        click.option("--container-writable/--container-readonly", default=None,
-                     help="A writable container root (a layer of its own over the image, "
-                          "removed when the run ends; a named container's is kept), or "
-                          "read-only (the default for an unnamed container)."),
-    )):
-        f = opt(f)
-    return f
+_OPTIONS = {
+    "image": click.option(
+        "--container-image", metavar="REF", multiple=True,
+        help="Run CMD in a container of this image: pyxis's syntax "
+             "[USER@][REGISTRY#]IMAGE[:TAG|@DIGEST], or Docker's."),
+    "shell_image": click.option(
+        "--container-image", metavar="REF", multiple=True,
+        help="A shell (/bin/sh) in a container of this image instead (as for dgxvm run)."),
+    "mounts": click.option(
+        "--container-mounts", metavar="SRC[:DST[:FLAGS]],...", multiple=True,
+        help="Bind mounts into the container (FLAGS: ro, rw, rprivate, private, rslave, slave, "
+             "joined with '+'); SRC a path the VM has. Given twice, both apply."),
+    "workdir": click.option(
+        "--container-workdir", metavar="DIR", multiple=True,
+        help="Working directory in the container, an absolute path (default: the current one "
+             "when the VM has it, else the image's)."),
+    "env": click.option(
+        "--container-env", metavar="NAME,...", multiple=True,
+        help="Variables whose job value wins over the image's ENV. Given twice, both apply."),
+    "name": click.option(
+        "--container-name", metavar="NAME[:auto]", multiple=True,
+        help="A named container: made on its first run, used again by later runs of the job "
+             "(with or without --container-image), keeping what they change in it; one run at "
+             "a time; gone when the job ends."),
+    "remap": click.option("--container-remap-root", is_flag=True,
+                          help="Be root in the container (mapped to your own uid)."),
+    "no_remap": click.option("--no-container-remap-root", is_flag=True,
+                             help="Be yourself in the container (the default)."),
+    "writable": click.option(
+        "--container-writable", is_flag=True,
+        help="A writable container root (a layer of its own over the image, removed when the "
+             "run ends; a named container's is kept)."),
+    "readonly": click.option(
+        "--container-readonly", is_flag=True,
+        help="A read-only container root (the default for an unnamed container)."),
+}
+
+
+def _container_options(*which: str):
+    """The container flags ``which`` (keys of _OPTIONS), in that order in --help."""
+    def decorate(f):
+        for key in reversed(which):
+            f = _OPTIONS[key](f)
+        return f
+    return decorate
+
+
+def _single(flag: str, values: tuple):
+    """The one value of an option given once or more (None when not given); given again with
+    another value it is refused, as pyxis refuses it: which one was meant?"""
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) > 1:
+        raise BadInput(f"{flag} given with different values ({', '.join(map(repr, distinct))}):"
+                       " give it once", value=distinct[-1])
+    return distinct[0] if distinct else None
+
+
+def _joined(flag: str, values: tuple[str, ...]) -> str | None:
+    """Every occurrence of a list option joined with ',' (None when not given); an empty one
+    is refused, as pyxis refuses it."""
+    for v in values:
+        if v == "":
+            raise BadInput(f"{flag} '': an argument is required", value=v)
+    return ",".join(values) if values else None
+
+
+def _pair(on_flag: str, on: bool, off_flag: str, off: bool) -> bool | None:
+    """A flag and its opposite: True, False, or None when neither; both is a contradiction."""
+    if on and off:
+        raise BadInput(f"both {on_flag} and {off_flag} were given: they contradict each other",
+                       value=f"{on_flag} {off_flag}")
+    return True if on else False if off else None
+
+
+def _checked_flags(opts: dict) -> ContainerFlags | None:
+    """The container flags of ``opts`` (click's values), every check the flags alone allow
+    done (BadInput naming the flag and the value): None when there is no container. Touches
+    nothing: no config, no record, no cache, no registry, no VM."""
+    image = _single("--container-image", opts.get("container_image", ()))
+    name = _single("--container-name", opts.get("container_name", ()))
+    if image == "":
+        raise BadInput("--container-image '': an argument is required (an image such as "
+                       "ubuntu:24.04 or nvcr.io#nvidia/pytorch:24.01-py3)", value=image)
+    if name == "":
+        raise BadInput("--container-name '': an argument is required (NAME[:auto])", value=name)
+    given = {
+        "--container-mounts": _joined("--container-mounts", opts.get("container_mounts", ())),
+        "--container-workdir": _single("--container-workdir", opts.get("container_workdir", ())),
+        "--container-env": _joined("--container-env", opts.get("container_env", ())),
+        "--container-remap-root": _pair(
+            "--container-remap-root", opts.get("container_remap_root", False),
+            "--no-container-remap-root", opts.get("no_container_remap_root", False)),
+        "--container-writable": _pair(
+            "--container-writable", opts.get("container_writable", False),
+            "--container-readonly", opts.get("container_readonly", False)),
+    }
+    flags = ContainerFlags(image=image, mounts=given["--container-mounts"],
+                           workdir=given["--container-workdir"], env=given["--container-env"],
+                           name=name, remap_root=bool(given["--container-remap-root"]),
+                           writable=given["--container-writable"])
+    flags.check()
+    if image is None and name is None:
+        # a flag that would change the container is a mistake without one (saying the
+        # default, --container-readonly or --no-container-remap-root, is not)
+        stray = [f for f, v in given.items() if v not in (None, False)]
+        if stray:
+            raise BadInput(f"{', '.join(stray)} without --container-image or --container-name: "
+                           "there is no container", value=stray[0])
+        return None
+    return flags
+
+
+def _target(env, job: int):
+    """Job ``job``'s VM as the caller may reach it; root reaching a user's job is that user
+    from here on (access.target.become_job_user), before anything of theirs is touched."""
+    target = target_for(env, job)
+    if must_become_user(target):
+        become_job_user(target)
+    return target
+
+
+def _vm_checks(target, flags: ContainerFlags, cfg) -> tuple[str, str, tuple[str, str] | None]:
+    """What needs the VM's facts, checked before any pull (as the job's user): the guest
+    image's container runtime, the image cache share, the mount sources (a host path the VM
+    does not have), a writable root the cache's path allows, and the named container (made
+    before, or an image to make it from). Returns (runtime, gpu devices, (ref, digest) of the
+    named container made before or None)."""
+    from ..images.profile import runtime_of
+    kind, gpu_devices = runtime_of(cfg.images.store, target.image)
+    if kind not in RUNTIMES:
+        raise BadInput(f"job {target.job_id}'s VM runs image {target.image}, whose container "
+                       f"runtime is {kind!r}: dgxvm run --container-image needs one of "
+                       f"{', '.join(RUNTIMES)}", value=target.image)
+    if not target.image_cache:
+        raise BadInput(f"job {target.job_id}'s VM has no image cache share ([containers] "
+                       "cache_dir is empty or [vm] share is none)", value=target.job_id)
+    check_mounts(flags.mounts, target.shared)
+    if flags.rootfs_writable and any(c in target.image_cache for c in OVERLAY_UNSAFE):
+        raise BadInput(f"--container-writable: the image cache {target.image_cache} has a "
+                       "character an overlay mount cannot take (',', ':', '\\'); the admin's "
+                       "[containers] cache_dir must avoid them", value=target.image_cache)
+    name = flags.container_name
+    made = ranlog.named(Path(target.key).parent, name) if name else None
+    if made is None and name and not flags.image:
+        raise BadInput(f"job {target.job_id} has no container named {name}: make it with "
+                       f"--container-image REF --container-name {name}", value=name)
+    return kind, gpu_devices, made
 
 
 def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool, *,
@@ -81,23 +218,14 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
     from ..containers.cache import ImageCache
     from ..containers.ref import parse
     from ..containers.registry import Registry
-    from ..images.profile import runtime_of
     from .image_cache import evict_for_run
-    flags.check()             # the flags' own checks first, before any pull
+    flags.check()             # the flags' own checks (done already by the verbs: idempotent)
+    kind, gpu_devices, made = _vm_checks(target, flags, cfg)     # before any pull
     name = flags.container_name
-    kind, gpu_devices = runtime_of(cfg.images.store, target.image)
-    if kind not in RUNTIMES:
-        raise BadInput(f"job {target.job_id}'s VM runs image {target.image}, whose container "
-                       f"runtime is {kind!r}: dgxvm run --container-image needs one of "
-                       f"{', '.join(RUNTIMES)}", value=target.image)
-    if not target.image_cache:
-        raise BadInput(f"job {target.job_id}'s VM has no image cache share ([containers] "
-                       "cache_dir is empty or [vm] share is none)", value=target.job_id)
     cache = ImageCache(Path(target.image_cache),
                        Registry.for_user(insecure=cfg.containers.insecure_registries))
     vmdir = Path(target.key).parent
     hold = click.get_current_context().with_resource(contextlib.ExitStack())
-    made = ranlog.named(vmdir, name) if name else None
     if made is not None:
         # pyxis's rule: a container that exists is used, and the image is not pulled again
         ref_text, digest = made
@@ -107,14 +235,11 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
             raise BadInput(f"container {name} of job {target.job_id} was made from "
                            f"{ref_text}@{digest}, which is no longer in your image cache",
                            value=name)
-        if flags.image and parse(flags.image) != parse(ref_text) and not quiet:
+        if flags.image and flags.image_ref() != parse(ref_text) and not quiet:
             click.echo(f"dgxvm: note: container {name} exists (made from {ref_text}); "
                        f"--container-image {flags.image} is not used", err=True)
-    elif not flags.image:
-        raise BadInput(f"job {target.job_id} has no container named {name}: make it with "
-                       f"--container-image REF --container-name {name}", value=name)
     else:
-        ref = parse(flags.image)
+        ref = flags.image_ref()
         # skopeo's progress bars only on a terminal (stderr), one line per stage in a batch log
         image = cache.get_held(ref, hold, live=None if quiet else sys.stderr,
                                progress=lambda line: click.echo(f"dgxvm: {line}", err=True))
@@ -144,34 +269,35 @@ def _home(target) -> str:
         return "/"
 
 
+_RUN_HELP = """Run CMD in the job's VM as the job's user, in the current directory when the VM has
+it (the shared work dir), with stdin, stdout and stderr streamed and the job's environment (GPU
+indices in the guest's numbering); with --container-image, in a container of that image.
+Its exit status is CMD's; TERM, INT, HUP, USR1, USR2 and QUIT reach CMD; if dgxvm run dies,
+CMD is stopped in the guest. Every flag is checked before anything is pulled or the VM is
+reached; dgxvm's own failures (a bad flag included) exit 125.
+
+Root may name any job (--job): the run is then the job's user's, exactly as if they ran it
+(root's privileges are dropped for good first; the user's cache and registry credentials,
+never root's)."""
+
+
 @click.command(context_settings={"ignore_unknown_options": False,
-                                 "allow_interspersed_args": False})
+                                 "allow_interspersed_args": False}, help=_RUN_HELP)
 @_job_option
-@_container_options
+@_container_options("image", "mounts", "workdir", "env", "name", "remap", "no_remap",
+                    "writable", "readonly")
 @click.option("--quiet", "-q", is_flag=True, help="No notes on stderr (cwd not shared, ...).")
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
 @click.pass_obj
-def run(c, job_id, container_image, container_mounts, container_workdir, container_env,
-        container_name, container_remap_root, container_writable, quiet, command):
-    """Run CMD in the job's VM as the job's user, in the current directory when the VM has it
-    (the shared work dir), with stdin, stdout and stderr streamed and the job's environment (GPU
-    indices in the guest's numbering); with --container-image, in a container of that image.
-    Its exit status is CMD's; TERM, INT, HUP, USR1, USR2 and QUIT reach CMD; if dgxvm run dies,
-    CMD is stopped in the guest. dgxvm's own failures exit 125."""
+def run(c, job_id, quiet, command, **opts):
+    flags = _checked_flags(opts)
+    job = job_from_env(_single("--job", job_id), os.environ)
     env = c.env
-    target = target_for(env, job_from_env(job_id, os.environ))
+    target = _target(env, job)
     request, note = _request(target, tuple(command), env.cfg)
-    if note and not quiet and not (container_image or container_name):
+    if note and not quiet and flags is None:
         click.echo(note, err=True)
-    _no_stray_container_flags(container_image or container_name, {
-        "--container-mounts": container_mounts, "--container-workdir": container_workdir,
-        "--container-env": container_env, "--container-remap-root": container_remap_root,
-        "--container-writable/--container-readonly": container_writable})
-    if container_image or container_name:
-        flags = ContainerFlags(image=container_image, mounts=container_mounts,
-                               workdir=container_workdir, env=container_env,
-                               name=container_name, remap_root=container_remap_root,
-                               writable=container_writable)
+    if flags is not None:
         request = _container(target, flags, request, env.cfg, quiet)
     with _why_lost(env, target):
         status = session.run(target, request)
@@ -198,43 +324,25 @@ def _why_lost(env, target):
         raise
 
 
-def _no_stray_container_flags(container: object, given: dict) -> None:
-    """A container flag without a container is a mistake the user should hear about."""
-    stray = [flag for flag, value in given.items() if value not in (None, False, "")]
-    if stray and not container:
-        raise BadInput(f"{', '.join(stray)} without --container-image or --container-name: "
-                       "there is no container", value=stray[0])
+_SHELL_HELP = """An interactive login shell in the job's VM (a terminal when stdin is one: window size,
+Ctrl-C, full-screen programs), in the current directory when the VM has it; with
+--container-image, /bin/sh in a container of that image. Flags are checked as for dgxvm run;
+root naming a user's job (--job) gets the job's user's shell, as for dgxvm run."""
 
 
-@click.command()
+@click.command(help=_SHELL_HELP)
 @_job_option
-@click.option("--container-image", metavar="REF",
-              help="A shell (/bin/sh) in a container of this image instead.")
-@click.option("--container-mounts", metavar="SRC[:DST[:FLAGS]],...",
-              help="Bind mounts into the container, as for dgxvm run.")
-@click.option("--container-name", metavar="NAME[:auto]",
-              help="A named container of the job, as for dgxvm run.")
-@click.option("--container-remap-root/--no-container-remap-root", default=False,
-              help="Be root in the container (mapped to your own uid).")
-@click.option("--container-writable/--container-readonly", default=None,
-              help="A writable container root, as for dgxvm run.")
+@_container_options("shell_image", "mounts", "name", "remap", "no_remap", "writable",
+                    "readonly")
 @click.pass_obj
-def shell(c, job_id, container_image, container_mounts, container_name, container_remap_root,
-          container_writable):
-    """An interactive login shell in the job's VM (a terminal when stdin is one: window size,
-    Ctrl-C, full-screen programs), in the current directory when the VM has it; with
-    --container-image, /bin/sh in a container of that image."""
+def shell(c, job_id, **opts):
+    flags = _checked_flags(opts)
+    job = job_from_env(_single("--job", job_id), os.environ)
     env = c.env
-    target = target_for(env, job_from_env(job_id, os.environ))
+    target = _target(env, job)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
-    _no_stray_container_flags(container_image or container_name, {
-        "--container-mounts": container_mounts, "--container-remap-root": container_remap_root,
-        "--container-writable/--container-readonly": container_writable})
-    if container_image or container_name:
+    if flags is not None:
         request, _ = _request(target, ("/bin/sh",), env.cfg)
-        flags = ContainerFlags(image=container_image, mounts=container_mounts,
-                               name=container_name, remap_root=container_remap_root,
-                               writable=container_writable)
         request = _container(target, flags, request, env.cfg, False, terminal=tty)
         raise click.exceptions.Exit(session.run(target, request, tty=tty))
     request, _ = _request(target, (), env.cfg)
