@@ -6,6 +6,7 @@ command's, signals reach it, and nothing is left running in the guest when dgxvm
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -482,3 +483,154 @@ def container_run_named(vm, name, *cmd, timeout=180):
     argv = user_argv(vm, "run", "--container-name", name, "--", *cmd)
     return subprocess.run(argv, input=b"", capture_output=True, timeout=timeout,
                           cwd=str(vm.work))
+
+
+# -- flags checked first; root's run is the job's user's (issue 23, items 6 and 3) -------------
+NO_REGISTRY = "127.0.0.1:5999/nowhere/image:1"     # nothing listens there, in the namespace
+
+
+@pytest.mark.parametrize("flags, said", [
+    (("--container-mounts=/tmp:",), "--container-mounts entry '/tmp:': destination '' is empty"),
+    (("--container-env", "FOO,"), "--container-env 'FOO,': an empty name"),
+    (("--container-readonly", "--container-writable"),
+     "both --container-writable and --container-readonly were given"),
+    # a fact of the VM's (its shares), still before the pull
+    (("--container-mounts", "/etc:/hostetc"), "/etc is a host path the VM does not have"),
+])
+def test_a_bad_flag_is_told_at_once_not_after_a_pull(runvm, flags, said):
+    t0 = time.monotonic()
+    r = container_run(runvm, NO_REGISTRY, "true", flags=flags, timeout=60)
+    took = time.monotonic() - t0
+    err = r.stderr.decode()
+    assert r.returncode == 125, err
+    assert err.startswith("dgxvm: error: ") and said in err and err.count("\n") == 1, err
+    assert "resolving" not in err and "reached" not in err     # no pull was begun
+    assert took < 20, took                                     # no registry time-out waited
+
+
+def root_run(vm, *args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """``dgxvm run --job JOB ARGS`` as root, with only ``env`` (root's own session)."""
+    argv = ["ip", "netns", "exec", vm.vmenv.netns, "env", "-i",
+            f"DGXVM_CONFIG={vm.vmenv.config}", "LANG=C.UTF-8",
+            *(f"{k}={v}" for k, v in env.items()), str(vm.exe), "run", "--job", str(JOB), *args]
+    return subprocess.run(argv, input=b"", capture_output=True, timeout=180, cwd=str(cwd))
+
+
+def etc_state() -> dict:
+    """Every path under /etc with its inode, mtime and ctime (nothing followed)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk("/etc"):
+        for name in [*dirnames, *filenames, None]:
+            p = dirpath if name is None else os.path.join(dirpath, name)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            out[p] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    return out
+
+
+@pytest.fixture
+def root_session(runvm, tmp_path_factory):
+    """Root's own session: a registry login of root's for the test registry in ~/.docker and
+    in $DOCKER_CONFIG (a fake credential), XDG_RUNTIME_DIR and TMPDIR of root's, and skopeo
+    found first as a wrapper that logs who ran it with which arguments."""
+    import shutil
+    base = Path(str(runvm.vmenv.base)) / "root-session"
+    shutil.rmtree(base, ignore_errors=True)
+    home, docker, bindir = base / "root-home", base / "root-docker", base / "bin"
+    for d in (home / ".docker", docker):
+        d.mkdir(parents=True, mode=0o700)
+    login = json.dumps({"auths": {f"127.0.0.1:{REGISTRY_PORT}": {"auth": "cm9vdDpzZWNyZXQ="}}})
+    for f in (home / ".docker" / "config.json", docker / "config.json"):
+        f.write_text(login)
+        f.chmod(0o600)
+    bindir.mkdir(parents=True)
+    base.chmod(0o755)
+    bindir.chmod(0o755)
+    log = base / "skopeo.log"
+    log.touch()
+    log.chmod(0o666)
+    wrapper = bindir / "skopeo"
+    wrapper.write_text(f'#!/bin/sh\nprintf \'%s %s\\n\' "$(id -u)" "$*" >> {log}\n'
+                       f'exec {shutil.which("skopeo")} "$@"\n')
+    wrapper.chmod(0o755)
+    env = {"PATH": f"{bindir}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(home),
+           "USER": "root", "DOCKER_CONFIG": str(docker), "XDG_RUNTIME_DIR": "/run/user/0",
+           "TMPDIR": str(home)}
+    try:
+        yield type("Root", (), {"env": env, "log": log})()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_roots_run_into_a_users_job_runs_and_pulls_as_the_user(runvm, image, root_session,
+                                                                tmp_path):
+    from harness.registry import build_image
+    uid = runvm.vmenv.uid
+    digest = build_image(image.registry, "test/busy", "root", tmp_path / "build",
+                         marker="busy-root")                   # not in the user's cache yet
+    ref = f"{image.registry.endpoint}/test/busy:root"
+    r = root_run(runvm, "--container-image", ref, "--", "sh", "-c", "id -u; cat /marker",
+                 env=root_session.env, cwd=runvm.work)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().split() == [str(uid), "busy-root"]
+    # pulled and unpacked by the user: every file of the new entry is theirs
+    entry = runvm.vmenv.containers / str(uid) / "sha256" / digest.split(":")[1]
+    owners = {os.lstat(os.path.join(d, n)).st_uid for d, ds, fs in os.walk(entry)
+              for n in [*ds, *fs]}
+    assert owners == {uid}, owners
+    # skopeo ran as the user, anonymously: root's login (in ~/.docker and $DOCKER_CONFIG) unused
+    runs = root_session.log.read_text().splitlines()
+    assert runs and all(line.split()[0] == str(uid) for line in runs), runs
+    assert all("no-creds" in line and "authfile" not in line for line in runs), runs
+
+
+def test_roots_run_follows_none_of_the_users_symlinks(runvm, image, root_session):
+    """The user plants symlinks in their own cache towards /etc; root's run (which is the
+    user's) writes nothing there. The same run as root would have created
+    /etc/dgxvm-probe-nologin (touching last-used), a lock file in /etc/dgxvm-probe-dir and the
+    JSON file /etc/sudoers.d/busy@1 (remembering the tag)."""
+    uid, gid = runvm.vmenv.uid, runvm.vmenv.gid
+    r = container_run(runvm, image.ref, "sh", "-c", "true")   # the image in the user's cache
+    assert r.returncode == 0, r.stderr
+    cache = runvm.vmenv.containers / str(uid)
+    entry = cache / "sha256" / image.digest.split(":")[1]
+    refs = cache / "refs" / f"127.0.0.1:{REGISTRY_PORT}" / "test"
+    nologin, probe_dir, sudoers = (Path("/etc/dgxvm-probe-nologin"), Path("/etc/dgxvm-probe-dir"),
+                                   Path("/etc/sudoers.d"))
+    assert not nologin.exists() and not probe_dir.exists()
+    made_sudoers = not sudoers.exists()
+    probe_dir.mkdir(mode=0o755)
+    sudoers.mkdir(mode=0o750, exist_ok=True)
+    planted = {entry / "last-used": nologin, cache / "locks": probe_dir, refs: sudoers}
+    try:
+        for link, to in planted.items():
+            os.rename(link, f"{link}.real")
+            os.symlink(to, link)
+            os.lchown(link, uid, gid)
+        before = etc_state()
+        r = root_run(runvm, "--container-image", image.ref, "--", "sh", "-c", "id -u",
+                     env=root_session.env, cwd=runvm.work)
+        after = etc_state()
+        changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+        assert {"nologin": nologin.exists(), "probe_dir": os.listdir(probe_dir),
+                "sudoers.d": os.listdir(sudoers), "busy@1": (sudoers / "busy@1").exists(),
+                "changed under /etc": changed} == {
+            "nologin": False, "probe_dir": [], "sudoers.d": [], "busy@1": False,
+            "changed under /etc": []}
+        # the user's own cache refuses the user (their locks are root's /etc dir)
+        assert r.returncode == 125, (r.stdout, r.stderr)
+        assert b"/locks/sha256-" in r.stderr and b"Permission denied" in r.stderr, r.stderr
+    finally:
+        for link in planted:
+            if link.is_symlink():
+                link.unlink()
+            os.rename(f"{link}.real", link)
+        for p in (nologin,):
+            if p.exists():
+                p.unlink()
+        for d in (probe_dir, *((sudoers,) if made_sudoers else ())):
+            for child in d.iterdir():
+                child.unlink()
+            d.rmdir()
