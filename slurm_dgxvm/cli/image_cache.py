@@ -25,6 +25,7 @@ from ..config import ContainersConfig
 from ..containers.cache import EntryUsage, ImageCache, plan_eviction
 from ..errors import BadInput, ContainerCacheError, DgxvmError
 from ..images import human_bytes
+from ..names import shown
 
 GIB = 1024 ** 3
 DAY_S = 86400.0
@@ -47,10 +48,12 @@ def _ago(seconds: float) -> str:
 
 
 def _label(e: EntryUsage) -> str:
-    """``REF@DIGEST`` (the first reference the refs/ index names; the digest alone without)."""
+    """``REF@DIGEST`` (the first reference the refs/ index names; the digest alone without).
+    The reference is shown escaped (:func:`~slurm_dgxvm.names.shown`): the index is a file in
+    the user's tree, and what it says must not write to the terminal."""
     if not e.refs:
         return e.digest
-    ref = e.refs[0]
+    ref = shown(e.refs[0])
     name = ref if ref.endswith(f"@{e.digest}") else f"{ref}@{e.digest}" if "@" not in ref \
         else f"{ref} ({e.digest})"
     return name + (f" (and {len(e.refs) - 1} more references)" if len(e.refs) > 1 else "")
@@ -178,7 +181,7 @@ def list_cmd(obj, as_json):
         table.append((e.digest[:19], human_bytes(e.size),
                       f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(e.last_used))} "
                       f"({_ago(now - e.last_used)} ago)", "yes" if used else "no",
-                      ", ".join(e.refs) or "-"))
+                      ", ".join(shown(r) for r in e.refs) or "-"))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     for r in table:
         click.echo("  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip())

@@ -11,6 +11,7 @@ import os
 import click
 
 from ..lifecycle import reconciler
+from ..names import shown
 from ..slurm import liveness
 from ..slurm.commands import Slurm
 
@@ -36,7 +37,7 @@ def reconcile(c, dry_run, as_json, rebuild_ledger, node):
         for out in report.outcomes:
             click.echo(out.line())
             for line in out.finding.details:
-                click.echo(f"  {line}")
+                click.echo(f"  {shown(line)}")     # names from a user's cache among them
         click.echo(summary(report))
     if report.exit_code:
         raise click.exceptions.Exit(report.exit_code)

@@ -54,6 +54,7 @@ from typing import IO
 from .. import fsutil
 from ..errors import (ContainerCacheError, ContainerDiskFull, ContainerImageError,
                       ContainerRegistryUnreachable)
+from ..shares.asuser import kind
 from ..tools import output_tail, run_tool, tail
 from .ref import ImageRef
 from .registry import DIGEST, Registry
@@ -139,8 +140,27 @@ def _blob(oci_dir: Path, digest) -> Path:
     return oci_dir / "blobs" / algo / hex_
 
 
+#: the most a JSON file of the cache (image.json, a refs/ entry, an OCI index or config) may hold
+JSON_MAX = 16 << 20
+
+
 def _read_json(path: Path) -> dict:
-    doc = json.loads(path.read_text())
+    """The JSON object in ``path``: a regular file, opened without following a symbolic link
+    and without blocking, and read only up to :data:`JSON_MAX` bytes. The cache is its user's
+    to change, and one read as root's sweep (``dgxvm reconcile``, as the user) must not wait
+    for ever on a FIFO put in its place nor read a device without end: anything but a regular
+    file is ValueError naming what it is (OSError passes)."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path.name} is {kind(st.st_mode)}, not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):       # swapped after the lstat
+            raise ValueError(f"{path.name} is not a regular file")
+        data = f.read(JSON_MAX + 1)
+    if len(data) > JSON_MAX:
+        raise ValueError(f"{path.name} is larger than {JSON_MAX} bytes")
+    doc = json.loads(data)
     if not isinstance(doc, dict):
         raise ValueError(f"{path.name} is not a JSON object")
     return doc
@@ -182,8 +202,16 @@ def remove_tree(path: Path) -> None:
             shutil.rmtree(p, onerror=fix)
         else:
             os.unlink(p)
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=fix)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        # a file, a symlink, a FIFO a user put there: unlinked, never opened (rmtree opens
+        # its top before it looks, and an open of a FIFO waits for a writer)
+        os.unlink(path)
+        return
+    shutil.rmtree(path, onerror=fix)
 
 
 class ImageCache:

@@ -26,7 +26,9 @@ What goes, each through the one idempotent way it is made undone:
 * ``deactivate-fm-partition``: a Fabric Manager partition that is active while no ledger
   allocation holds it;
 * ``sweep-image-cache``: the partial entries of a user's container image cache that pulls
-  which died left, and no pull holds now (:mod:`.cache_partials`, as the user);
+  which died left, and no pull holds now (:mod:`.cache_partials`, as the user). A cache that
+  refused or did not answer its user's read in time is skipped, naming it: a user's files are
+  the user's, not the node's state, so they never make reconcile fail;
 * ``rebuild-ledger``: a corrupt ledger, only when asked (:func:`rebuild`).
 
 What is only reported (``left``, exit 5), never acted on:
@@ -40,6 +42,9 @@ What is only reported (``left``, exit 5), never acted on:
 
 Processes that ``dgxvm run`` started in a guest live and die with their VM: deleting the VM
 ends them, and nothing of them is left on the host to compare.
+
+Every line (:meth:`Outcome.line`) is shown with :func:`~slurm_dgxvm.names.shown`: a name from
+a user's cache (a newline, a terminal escape in it) cannot forge or hide a line.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from dataclasses import dataclass, field, replace
 from ..design import mac_for
 from ..errors import EXIT_HOST, EXIT_STATE, DgxvmError, LedgerConflict
 from ..ledger import EMPTY_STATE, Allocation, LedgerState, LedgerTxn
-from ..names import domain_name
+from ..names import domain_name, shown
 from ..records import VmRecord
 from .cache_partials import CachePartials
 
@@ -211,9 +216,11 @@ class Outcome:
     detail: str | None = None
 
     def line(self) -> str:
+        """``WHAT SUBJECT: WHY -> ACTION: RESULT[: DETAIL]``, every character that is not
+        printable escaped (:func:`~slurm_dgxvm.names.shown`)."""
         f = self.finding
         text = f"{f.what} {f.subject}: {f.why} -> {ACTIONS[f.action]}: {self.result}"
-        return text + (f": {self.detail}" if self.detail else "")
+        return shown(text + (f": {self.detail}" if self.detail else ""))
 
     def to_json(self) -> dict:
         f = self.finding
@@ -394,9 +401,20 @@ def partitions_off_under_running_vms(facts: NodeFacts, *,
     return out
 
 
+#: why a user's cache that could not be read as its user is left (README "Making the node
+#: consistent")
+CACHE_UNREAD_HOLD = ("nothing in it was touched: a user's files are theirs, not the node's "
+                     "state; the next run tries again")
+
+
 def _plan_partials(facts: NodeFacts) -> list[Finding]:
     out = []
     for c in facts.partials:
+        if c.refused is not None:
+            out.append(Finding("image-cache", c.path,
+                               why=f"could not be read as uid {c.uid}: {c.refused}",
+                               hold=CACHE_UNREAD_HOLD))
+            continue
         n = len(c.names)
         out.append(Finding("image-cache", c.path,
                            why=f"{n} partial entr{'y' if n == 1 else 'ies'} in tmp/ of pulls "
@@ -479,6 +497,6 @@ def _holds(v: VmFacts, jobs: JobsOnNode) -> tuple[bool, str]:
     return False, "an admin VM without a domain: removed next"
 
 
-__all__ = ["ACTIONS", "DomainFact", "FM_LOST_LEFT", "Finding", "JobsOnNode", "NodeFacts", "Outcome",
-           "RESULTS", "VmFacts", "exit_code", "partitions_off_under_running_vms", "plan", "planned",
-           "rebuild"]
+__all__ = ["ACTIONS", "CACHE_UNREAD_HOLD", "DomainFact", "FM_LOST_LEFT", "Finding", "JobsOnNode",
+           "NodeFacts", "Outcome", "RESULTS", "VmFacts", "exit_code",
+           "partitions_off_under_running_vms", "plan", "planned", "rebuild"]

@@ -9,6 +9,9 @@ Safe while jobs start and end:
   the lock the name's facts are read again, and anything changed since the plan skips it.
 * The ledger's lock is taken only for the ledger: a rebuild, and for a moment to reserve a
   Fabric Manager partition before it is deactivated (so no VM can be placed on it meanwhile).
+  The users' image caches are read (as each user, with a deadline) after any rebuild, outside
+  every lock: a user's FIFO or ``kill -STOP`` costs this run seconds, never a Prolog its wait
+  for the ledger.
 * Every action is the idempotent one that undoes it everywhere else (:func:`.delete.delete`,
   ``release_address``, ``Fabric.deactivate``), so a second run finds nothing, and a run killed
   midway leaves what the next run repairs.
@@ -21,13 +24,14 @@ import logging
 from dataclasses import dataclass, field, replace
 
 from .. import hypervisor
-from ..errors import DgxvmError, DomainNotFound, LedgerCorrupt, RecordCorrupt
+from ..errors import DgxvmError, DomainNotFound, LedgerCorrupt, RecordCorrupt, UserTreeRefused
 from ..ledger import Allocation, domain_key
 from . import cache_partials, vmlock
 from .delete import delete, domain_owner
 from .env import Env
-from .reconcile import (IN_PROGRESS, DomainFact, Finding, JobsOnNode, NodeFacts, Outcome, VmFacts,
-                        exit_code, partitions_off_under_running_vms, plan, planned, rebuild)
+from .reconcile import (CACHE_UNREAD_HOLD, IN_PROGRESS, DomainFact, Finding, JobsOnNode,
+                        NodeFacts, Outcome, VmFacts, exit_code, partitions_off_under_running_vms,
+                        plan, planned, rebuild)
 
 log = logging.getLogger("dgxvm.reconcile")
 
@@ -61,7 +65,8 @@ def collect(env: Env, jobs: JobsOnNode, conn) -> NodeFacts:
     entry, directory, reservation, domain) is seen whenever what it makes later is: Fabric
     Manager, reservations, locks, ledger, VM directories and records, libvirt's domains; and
     Fabric Manager once more when a running VM's partition was not active (a create activates
-    it before its domain starts, so only a read after the domains' says it is lost)."""
+    it before its domain starts, so only a read after the domains' says it is lost). Not the
+    users' image caches (:func:`run` adds them, outside the ledger's lock)."""
     cfg = env.cfg
     fm_active, fm_error = _fabric(env)
     reservations = hypervisor.reservations(conn, cfg.libvirt.network)
@@ -80,7 +85,7 @@ def collect(env: Env, jobs: JobsOnNode, conn) -> NodeFacts:
     facts = NodeFacts(jobs=jobs, vms=vms, ledger=ledger, ledger_error=ledger_error,
                       job_prefix=cfg.slurm.domain_prefix, network=cfg.libvirt.network,
                       reservations=reservations, fm_active=fm_active, fm_error=fm_error,
-                      busy=busy, partials=tuple(cache_partials.find(cfg)))
+                      busy=busy)
     if partitions_off_under_running_vms(facts):
         # a running VM's partition was not active when Fabric Manager was asked, before its
         # domain was seen: ask again (a create may have activated it and started the VM since)
@@ -156,6 +161,9 @@ def run(env: Env, jobs: JobsOnNode, *, dry_run: bool = False,
         outcome, facts = _rebuild(env, jobs, conn, facts, dry_run)
         if outcome is not None:
             report.outcomes.append(outcome)
+    if facts.ledger_error is None:
+        # each user's cache read as that user, with a deadline: after the rebuild, under no lock
+        facts = replace(facts, partials=tuple(cache_partials.find(env.cfg)))
     report.checked = _checked(facts)
     if facts.ledger_error is not None:
         if not rebuild_ledger:
@@ -267,7 +275,10 @@ def _release(env: Env, conn, facts: NodeFacts, f: Finding) -> Outcome:
 
 def _sweep(facts: NodeFacts, f: Finding) -> Outcome:
     [c] = [c for c in facts.partials if c.path == f.subject]
-    gone = cache_partials.sweep(c)
+    try:
+        gone = cache_partials.sweep(c)
+    except UserTreeRefused as exc:                 # a UserTreeTimeout too: the user's files
+        return Outcome(f, "skipped", f"as uid {c.uid}: {exc.reason}; {CACHE_UNREAD_HOLD}")
     if not gone:
         return Outcome(f, "skipped", "none went: a pull of each took it up meanwhile")
     return Outcome(f, "done", f"removed {', '.join(gone)}")

@@ -353,9 +353,12 @@ def kind(mode: int) -> str:
 def open_dir(name: str, *, dir_fd: int | None = None, show: str | None = None) -> int:
     """Directory ``name`` (relative to ``dir_fd``) opened O_RDONLY without following a
     symbolic link or blocking; :class:`Refused` naming it (``show``, else ``name``) when it is
-    anything else or cannot be opened."""
+    anything else or cannot be opened. FileNotFoundError passes (the caller may expect an
+    absent directory)."""
     try:
         fd = os.open(name, _DIR, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
         raise _refusal(name, dir_fd, show, exc, "a directory") from None
     return _expect(fd, stat.S_ISDIR, "a directory", name, show)

@@ -261,6 +261,33 @@ def test_a_corrupt_entry_is_an_error_naming_it(tmp_path):
         cache.lookup(D1, REF)
 
 
+def test_what_is_not_a_regular_file_in_the_cache_is_refused_never_read(tmp_path):
+    """The cache is its user's to change: a FIFO at image.json (reading one waits for a writer
+    for ever), a symlink to a device, a refs/ entry that is a FIFO: refused or passed over at
+    once, and evict removes a FIFO in tmp/ without opening it."""
+    cache = ImageCache(tmp_path)
+    path = cache.entry_path(D1)
+    path.mkdir(parents=True)
+    os.mkfifo(path / "image.json")
+    t0 = time.monotonic()
+    with pytest.raises(ContainerCacheError, match=r"image\.json: unreadable entry \(image\.json "
+                                                  r"is a FIFO \(named pipe\), not a regular file"):
+        cache.lookup(D1, REF)
+    (path / "image.json").unlink()
+    (path / "image.json").symlink_to("/dev/zero")
+    with pytest.raises(ContainerCacheError, match="a symbolic link, not a regular file"):
+        cache.lookup(D1, REF)
+    assert cache.entries() == []
+    os.makedirs(tmp_path / "refs" / "r.example")
+    os.mkfifo(tmp_path / "refs" / "r.example" / "x@latest")
+    assert cache.refs() == {}
+    (tmp_path / "tmp").mkdir()
+    os.mkfifo(tmp_path / "tmp" / f"{'a' * 64}.1.fifo")
+    cache.evict(max_bytes=0)
+    assert os.listdir(tmp_path / "tmp") == []
+    assert time.monotonic() - t0 < 5.0
+
+
 # -- eviction -------------------------------------------------------------------------------------
 EVICTION = [
     # (entries (digest, size, last used), max_bytes, max_age_s, keep, evicted in order)

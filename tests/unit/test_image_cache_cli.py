@@ -153,6 +153,26 @@ def test_list_shows_each_image_its_refs_size_last_use_and_whether_a_run_uses_it(
     assert text[3] == f"2 images, 8.0 MiB in {cache.root} (no limit)"
 
 
+def test_a_reference_written_into_the_index_cannot_write_to_the_terminal(node):
+    """The refs/ index is a file in the user's tree (anyone who can write there, a script of
+    theirs, a shared account): what it says is shown escaped in list and prune lines."""
+    cfg, _, cache = node
+    entry(cache, D1, 1024, time.time() - 3 * DAY)
+    evil = "r.io/a:1\n\x1b[2Jevicted nothing\x1b[K"
+    index = cache.root / "refs" / "r.io" / "a@1"
+    index.parent.mkdir(parents=True)
+    index.write_text(json.dumps({"digest": D1, "ref": evil}))
+    give_to_nobody(cache)
+    listed = as_nobody(cfg, "list")
+    pruned = as_nobody(cfg, "prune", "--all", "--dry-run")
+    assert listed.returncode == 0 and pruned.returncode == 0, (listed.stderr, pruned.stderr)
+    for out in (listed.stdout, pruned.stdout):
+        assert "\x1b" not in out and "r.io/a:1\\n\\x1b[2Jevicted nothing\\x1b[K" in out
+    assert len(listed.stdout.splitlines()) == 3
+    assert pruned.stdout.splitlines()[0].startswith(
+        "would evict r.io/a:1\\n\\x1b[2Jevicted nothing\\x1b[K@" + D1)
+
+
 # -- prune -----------------------------------------------------------------------------------------
 def test_prune_removes_the_least_recently_used_never_one_in_use_and_says_which(node):
     cfg, _, cache = node

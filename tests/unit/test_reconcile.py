@@ -367,3 +367,21 @@ def test_partial_image_cache_entries_no_pull_holds_are_swept():
     assert (f.what, f.subject, f.action, f.details) == (
         "image-cache", c.path, "sweep-image-cache", ("aa.1.x", "bb.2.y"))
     assert f.why.startswith("2 partial entries in tmp/ of pulls that died")
+
+
+def test_a_users_cache_that_could_not_be_read_is_skipped_and_fails_nothing():
+    """A user's files are not the node's state: a cache that refused or stalled its user's
+    read is named and skipped, the exit status stays 0 (the node-start unit must not fail for
+    what a user did), and the line shows what the user named escaped."""
+    from slurm_dgxvm.lifecycle.cache_partials import CachePartials
+    c = CachePartials(path="/var/lib/dgxvm/containers/1000", uid=1000, gid=1000, names=(),
+                      refused="/var/lib/dgxvm/containers/1000/tmp/x\nreconcile: consistent")
+    [f] = plan(NodeFacts(jobs=jobs(), vms={}, partials=(c,)))
+    assert (f.what, f.subject, f.action) == ("image-cache", c.path, "none")
+    out = planned(f, dry_run=False)
+    assert out.result == "skipped" and exit_code([out]) == 0
+    assert out.line() == (
+        "image-cache /var/lib/dgxvm/containers/1000: could not be read as uid 1000: "
+        "/var/lib/dgxvm/containers/1000/tmp/x\\nreconcile: consistent -> nothing: skipped: "
+        "nothing in it was touched: a user's files are theirs, not the node's state; the next "
+        "run tries again")

@@ -440,3 +440,172 @@ def test_partial_entries_of_dead_pulls_go_as_the_user_and_a_running_pulls_stays(
                   containers={"cache_dir": str(cache_dir)}).run()
     assert results(report) == {str(user): ("sweep-image-cache", "done")}   # its pull died
     assert os.listdir(user / "tmp") == []
+
+
+# -- what a user does to their own cache never hangs, fails or forges reconcile ----------------------
+NOBODY = 65534
+DEAD = "d" * 64
+
+
+def users_cache(traversable_tmp: Path, *entries: tuple[str, str]) -> tuple[Path, Path]:
+    """``<cache_dir>/65534`` (nobody's, 0700) with ``entries``: (relative path, "dir" | "file"
+    | "fifo"), all nobody's as the user would have made them."""
+    cache_dir = traversable_tmp / "containers"
+    cache_dir.mkdir(mode=0o711, exist_ok=True)
+    user = cache_dir / str(NOBODY)
+    for sub in ("tmp", "locks", "sha256", "refs"):
+        (user / sub).mkdir(parents=True, exist_ok=True)
+    for rel, kind in entries:
+        p = user / rel
+        if kind == "dir":
+            p.mkdir()
+        elif kind == "file":
+            p.write_text("x")
+        else:
+            os.mkfifo(p)
+    for p in [user, *user.rglob("*")]:
+        os.lchown(p, NOBODY, NOBODY)
+    user.chmod(0o700)
+    return cache_dir, user
+
+
+def cache_node(tmp_path, trees, monkeypatch, cache_dir: Path) -> Node:
+    return Node(tmp_path, trees["dgx2"], monkeypatch, containers={"cache_dir": str(cache_dir)})
+
+
+def test_a_fifo_at_a_pull_lock_skips_that_cache_naming_it_and_reconcile_ends(
+        tmp_path, trees, monkeypatch, traversable_tmp):
+    """Before: the lock was opened without O_NONBLOCK, and reconcile waited on the FIFO for
+    ever. Now the cache is skipped with a line that names it and why; the exit status is 0 (a
+    user's files are not the node's state, and must not fail the node-start unit)."""
+    cache_dir, user = users_cache(traversable_tmp, (f"tmp/{DEAD}.1.aa", "dir"),
+                                  (f"locks/sha256-{DEAD}.lock", "fifo"))
+    node = cache_node(tmp_path, trees, monkeypatch, cache_dir)
+    try:
+        for dry_run in (True, False):
+            t0 = time.monotonic()
+            report = node.run(dry_run=dry_run)
+            assert time.monotonic() - t0 < 3.0
+            [o] = report.outcomes
+            assert (o.finding.what, o.finding.subject, o.result) == \
+                ("image-cache", str(user), "skipped")
+            assert o.line().startswith(
+                f"image-cache {user}: could not be read as uid {NOBODY}: {user}/locks/sha256-"
+                f"{DEAD}.lock is a FIFO (named pipe), not a regular file -> nothing: skipped: ")
+            assert report.exit_code == 0
+        assert (user / f"tmp/{DEAD}.1.aa").is_dir()                  # nothing touched
+    finally:
+        node.close()
+
+
+def test_a_user_stopping_the_reader_costs_reconcile_the_deadline_and_leaves_no_process(
+        tmp_path, trees, monkeypatch, traversable_tmp):
+    """kill -STOP of the process reading the cache as the user (here it stops itself, as the
+    user's kill would): reconcile goes on at the deadline, names the cache, and the stopped
+    process is gone (killed and reaped, not left stopped or a zombie)."""
+    from slurm_dgxvm.lifecycle import cache_partials
+    from slurm_dgxvm.shares import asuser
+    cache_dir, user = users_cache(traversable_tmp, (f"tmp/{DEAD}.1.aa", "dir"))
+    pids = traversable_tmp / "pids"
+    pids.mkdir(mode=0o777)
+    pids.chmod(0o777)
+
+    def stalled(path):
+        (pids / str(os.getpid())).touch()
+        os.kill(os.getpid(), 19)                    # SIGSTOP
+    monkeypatch.setattr(cache_partials, "_free_partials", stalled)
+    monkeypatch.setattr(asuser, "DEADLINE_S", 0.5)
+    node = cache_node(tmp_path, trees, monkeypatch, cache_dir)
+    try:
+        t0 = time.monotonic()
+        report = node.run()
+        assert time.monotonic() - t0 < 0.5 + 2.5
+    finally:
+        node.close()
+    [o] = report.outcomes
+    assert o.result == "skipped" and report.exit_code == 0
+    assert f"image-cache {user}: could not be read as uid {NOBODY}: the job's user's files did " \
+           f"not answer within 0.5s (listing its partial entries)" in o.line()
+    [pid] = [int(p.name) for p in pids.iterdir()]
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_rebuild_ledger_does_not_hold_the_ledger_lock_while_a_users_cache_stalls(
+        tmp_path, trees, monkeypatch, traversable_tmp):
+    """With --rebuild-ledger the node was read under the ledger's lock, the users' caches with
+    it: a user stopping that read held every Prolog at the ledger. Now the caches are read
+    after the rebuild, under no lock."""
+    from slurm_dgxvm import fsutil
+    from slurm_dgxvm.lifecycle import cache_partials
+    from slurm_dgxvm.shares import asuser
+    cache_dir, user = users_cache(traversable_tmp, (f"tmp/{DEAD}.1.aa", "dir"))
+    monkeypatch.setattr(cache_partials, "_free_partials", lambda p: os.kill(os.getpid(), 19))
+    monkeypatch.setattr(asuser, "DEADLINE_S", 0.5)
+    node = cache_node(tmp_path, trees, monkeypatch, cache_dir)
+    real_find, free = cache_partials.find, []
+
+    def find(cfg):
+        try:                                        # what a Prolog would meet meanwhile
+            with fsutil.locked(node.env.ledger.lock_path, timeout=0, timed_out=TimeoutError,
+                               failed=lambda e: e):
+                free.append(True)
+        except TimeoutError:
+            free.append(False)
+        return real_find(cfg)
+    monkeypatch.setattr(cache_partials, "find", find)
+    try:
+        node.vm("vm1", gpu_index=0)
+        Path(node.env.ledger.path).write_bytes(b"{")
+        report = node.run(rebuild_ledger=True)
+    finally:
+        node.close()
+    assert free == [True]
+    assert results(report) == {"ledger.json": ("rebuild-ledger", "done"),
+                               str(user): ("none", "skipped")}
+    assert report.exit_code == 0
+
+
+def test_a_fifo_among_the_partials_is_swept_not_waited_on(tmp_path, trees, monkeypatch,
+                                                          traversable_tmp):
+    """rmtree opens what it removes before it looks: a FIFO a user left in tmp/ made the sweep
+    wait for a writer. Now it is unlinked like any file."""
+    from slurm_dgxvm.lifecycle import cache_partials
+    monkeypatch.setattr(cache_partials, "SWEEP_DEADLINE_S", 3.0)
+    cache_dir, user = users_cache(traversable_tmp, (f"tmp/{DEAD}.1.aa", "fifo"),
+                                  (f"tmp/{'e' * 64}.2.bb", "dir"))
+    node = cache_node(tmp_path, trees, monkeypatch, cache_dir)
+    try:
+        report = node.run()
+    finally:
+        node.close()
+    [o] = report.outcomes
+    assert (o.finding.action, o.result) == ("sweep-image-cache", "done"), o.line()
+    assert os.listdir(user / "tmp") == []
+
+
+def test_names_in_a_users_cache_cannot_forge_reconciles_output(tmp_path, trees, monkeypatch,
+                                                               traversable_tmp, capsys):
+    from slurm_dgxvm.cli.main import main
+    evil = f"{DEAD}.1.\n\x1b[1Avm job-1: fake -> delete the VM: done\x1b[K"
+    cache_dir, user = users_cache(traversable_tmp, (f"tmp/{evil}", "dir"))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    (bindir / "squeue").chmod(0o755)
+    cfg = tmp_path / "dgxvm.toml"
+    cfg.write_text(f'[host]\nsysfs_root = "{trees["dgx2"]}"\n'
+                   f'state_dir = "{tmp_path / "state"}"\n'
+                   f'[libvirt]\nuri = "test:///default"\n'
+                   f'[slurm]\nbin_dir = "{bindir}"\n[containers]\ncache_dir = "{cache_dir}"\n')
+    assert main(["--config", str(cfg), "reconcile", "--dry-run", "--node", NODE]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert out.splitlines() == [
+        f"image-cache {user}: 1 partial entry in tmp/ of pulls that died (no pull holds its "
+        f"lock) -> remove them with the cache's own sweep: would do",
+        f"  {DEAD}.1.\\n\\x1b[1Avm job-1: fake -> delete the VM: done\\x1b[K",
+        f"reconcile {NODE} (dry run): 1 finding(s): 1 would do; exit 0"]
+    assert main(["--config", str(cfg), "reconcile", "--node", NODE]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "removed " + DEAD + ".1.\\n\\x1b[1Avm job-1" in out
+    assert os.listdir(user / "tmp") == []
