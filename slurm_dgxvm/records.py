@@ -145,7 +145,8 @@ def job_view(rec: VmRecord, vmdir: Path) -> dict:
                            else list(rec.placement.slurm_gpus)),
             "allocation": rec.allocation.to_json(),  # the VM's own GPUs, CPUs, memory, switches
             "key": str(vmdir / USER_KEY), "known_hosts": str(vmdir / KNOWN_HOSTS),
-            "share_refused": rec.extra.get("share_refused")}
+            "share_refused": rec.extra.get("share_refused"),
+            "image_cache_refused": rec.extra.get("image_cache_refused")}
 
 
 class VmStore:

@@ -91,8 +91,9 @@ def job(c, job_id, as_json, as_env):
         click.echo(f"job {job_id}: VM {name} ({view['state']}) at {view['address']}, GPUs "
                    f"{','.join(map(str, view.get('gpus') or []))}, image {view['image']}")
         click.echo(f"  {ssh}")
-        if view.get("share_refused"):
-            click.echo(f"  not shared: {view['share_refused']}")
+        for key in ("share_refused", "image_cache_refused"):
+            if view.get(key):
+                click.echo(f"  not shared: {view[key]}")
 
 
 @click.command()
