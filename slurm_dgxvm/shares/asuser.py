@@ -46,6 +46,7 @@ import select
 import signal
 import socket
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -61,10 +62,13 @@ from ..names import shown
 DEADLINE_S = 5.0
 #: Seconds to wait for a SIGKILLed child to be gone before a thread is left to reap it.
 REAP_S = 5.0
+#: Seconds a child that has answered gets to exit before it is killed (it has nothing left to do)
+EXIT_GRACE_S = 1.0
 MAX_ANSWER = 32 << 20         # bytes of JSON a child may send (a listing of many names)
 MAX_FDS = 8                   # descriptors a child may send
 NOFOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR = os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW
+_LEN = struct.Struct("!I")    # the answer: its length, then that many bytes of JSON
 
 _PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
@@ -131,8 +135,8 @@ def _wait(sock: socket.socket, pid: int, *, subject: str, timeout_s: float,
         with sock:
             poller = select.poll()
             poller.register(sock, select.POLLIN)
-            eof = False
-            while not eof:
+            whole = False               # the length the child sends first, then that much
+            while not whole:
                 left = deadline - time.monotonic()
                 if left <= 0 or not poller.poll(max(1, int(left * 1000) + 1)):
                     if time.monotonic() >= deadline:
@@ -144,10 +148,11 @@ def _wait(sock: socket.socket, pid: int, *, subject: str, timeout_s: float,
                     raise UserTreeRefused(value=subject, reason=f"the answer read as uid {uid} "
                                                                 f"was too large")
                 data += chunk
-                eof = not chunk
-        # the answer is whole (the child shut its end); None: it did not exit by the deadline
-        # (stopped after it answered): killed below, the answer stands
-        status = _reap(pid, pidfd, deadline)
+                whole = not chunk or (len(data) >= _LEN.size
+                                      and len(data) >= _LEN.size + _LEN.unpack_from(data)[0])
+        # read to the answer's end, or to EOF. None: the child did not exit within
+        # EXIT_GRACE_S (stopped after it answered): killed below, the answer stands
+        status = _reap(pid, pidfd, min(deadline, time.monotonic() + EXIT_GRACE_S))
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -158,8 +163,9 @@ def _wait(sock: socket.socket, pid: int, *, subject: str, timeout_s: float,
         if pidfd is not None:
             os.close(pidfd)
     try:
-        msg = json.loads(bytes(data)) if data else None
-    except ValueError:
+        size = _LEN.unpack_from(data)[0]
+        msg = json.loads(bytes(data[_LEN.size:])) if len(data) == _LEN.size + size else None
+    except (ValueError, struct.error):
         msg = None
     if isinstance(msg, dict) and "ok" in msg:
         return Answer(value=msg["ok"], fds=tuple(fds))
@@ -269,9 +275,8 @@ def _child(sock_fd: int, work: Callable[[], Any], uid: int, gid: int, groups: li
     code = 0
     try:
         gc.disable()             # no finaliser of a root object (a libvirt connection) runs here
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
-                    signal.SIGUSR2, signal.SIGALRM):
-            signal.signal(sig, signal.SIG_DFL)
+        # the parent's signal handlers stay: one that raises (the Prolog's SIGTERM) ends this
+        # child without an answer, which the parent reports; resetting them cost 0.1 ms a call
         try:
             _drop(sock_fd, uid, gid, groups, libc)
         except Exception as exc:  # noqa: BLE001 - the node's: reported as failed
@@ -289,11 +294,11 @@ def _child(sock_fd: int, work: Callable[[], Any], uid: int, gid: int, groups: li
             except Exception as exc:  # noqa: BLE001 - what the user's files did to the work
                 msg, fds = {"refused": f"{type(exc).__name__}: {shown(exc)}"}, ()
         sock = socket.socket(fileno=sock_fd)
-        data = json.dumps(msg).encode()
+        body = json.dumps(msg).encode()
+        data = _LEN.pack(len(body)) + body
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         sent = sock.sendmsg([data], anc)
         sock.sendall(data[sent:])
-        sock.shutdown(socket.SHUT_WR)            # the answer is whole: the parent reads EOF
     except BaseException:  # noqa: BLE001 - no answer: the parent says so
         code = 1
     finally:

@@ -324,3 +324,24 @@ def test_a_share_timeout_is_a_share_refusal_and_the_jobs_fault(home, monkeypatch
         policy.open_as_user(str(home), NOBODY, NOBODY, [NOBODY], timeout_s=0.3)
     assert isinstance(info.value, ShareRefused) and is_job_fault(info.value)
     assert "did not answer within 0.3s" in str(info.value) and str(home) in str(info.value)
+
+
+def test_a_child_stopped_after_its_answer_is_killed_and_its_answer_stands(home, monkeypatch):
+    """The user stops the child between its answer and its exit: the answer is used, the
+    child killed and reaped after a short grace, not after the whole deadline."""
+    pidfile = home / "pid"
+
+    def work():
+        pidfile.write_text(f"{os.getpid()}\n")
+        return "answered"
+    real_sendmsg = socket.socket.sendmsg
+
+    def send_then_stop(self, *a, **kw):        # in the child: send, then stopped by the user
+        n = real_sendmsg(self, *a, **kw)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return n
+    monkeypatch.setattr(socket.socket, "sendmsg", send_then_stop)
+    t0 = time.monotonic()
+    assert as_nobody(work, timeout_s=30).value == "answered"
+    assert time.monotonic() - t0 < asuser.EXIT_GRACE_S + SLACK_S
+    assert gone(int(pidfile.read_text()))
