@@ -10,11 +10,16 @@ What the file says is the job's own report (its user can write anything there), 
 trusts nothing: a line is ``<digest> <reference> [<container name>]`` with a digest of the
 registry's form and a reference ``containers.ref`` parses; anything else is skipped; the file
 is opened without following a symlink and read up to ``MAX_BYTES``; at most ``MAX_IMAGES``
-distinct digests are kept, in the order first run. Writing is best effort: a run never fails for its log.
+distinct digests are kept, in the order first run. Before the Epilog puts them in the job's
+record, :func:`in_cache` keeps only the digests the user's image cache holds as complete
+entries (read as the user, with a deadline): a line naming an image the user never pulled on
+this node, or a made-up digest, never reaches ``sacct``. Writing is best effort: a run never
+fails for its log.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -76,7 +81,9 @@ def _lines(vmdir: Path | str) -> list[tuple[str, str, str | None]]:
 
 
 def read(vmdir: Path | str) -> list[tuple[str, str]]:
-    """``[(reference, digest)]``: the valid lines, distinct digests, first run first."""
+    """``[(reference, digest)]``: the valid lines, distinct digests, first run first (all of
+    them: lines naming images that are not in the cache must not push real ones out before
+    :func:`in_cache` drops them; :func:`field` keeps ``MAX_IMAGES``)."""
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
     for ref, digest, _ in _lines(vmdir):
@@ -84,8 +91,6 @@ def read(vmdir: Path | str) -> list[tuple[str, str]]:
             continue
         seen.add(digest)
         out.append((ref, digest))
-        if len(out) == MAX_IMAGES:
-            break
     return out
 
 
@@ -98,6 +103,41 @@ def named(vmdir: Path | str, name: str) -> tuple[str, str] | None:
     return None
 
 
+def in_cache(images: list[tuple[str, str]], cache: str | None, uid: int, gid: int,
+             groups: tuple[int, ...] = ()) -> list[tuple[str, str]]:
+    """The ``images`` whose digest is a complete entry of the user's image cache ``cache``
+    (``sha256/<hex>/image.json`` a regular file naming that digest), read as the user with
+    :mod:`slurm_dgxvm.shares.asuser`'s deadline; none when the VM had no cache or the cache
+    did not answer (the record then names no image rather than an unchecked one)."""
+    if not images or not cache or uid <= 0:
+        return []
+    from ..errors import DgxvmError
+    from ..shares import asuser
+
+    def held() -> list[str]:
+        root = asuser.open_dir(cache)
+        found = []
+        for _, digest in images:
+            algo, hex_ = digest.split(":", 1)
+            try:
+                entry = asuser.open_dir(hex_, dir_fd=asuser.open_dir(algo, dir_fd=root))
+                meta = json.loads(asuser.read_file("image.json", dir_fd=entry))
+            except (asuser.Refused, OSError, ValueError):
+                continue
+            if isinstance(meta, dict) and meta.get("digest") == digest:
+                found.append(digest)
+        return found
+    try:
+        answer = asuser.run(held, uid=uid, gid=gid, groups=groups, subject=cache,
+                            doing="checking the images a job ran")
+    except DgxvmError:
+        return []
+    kept = set(answer.value or ())
+    return [(ref, digest) for ref, digest in images if digest in kept]
+
+
 def field(images: list[tuple[str, str]]) -> str | None:
-    """The AdminComment value: ``ref@digest`` joined with ``,`` (None when there are none)."""
-    return ",".join(f"{ref.split('@')[0]}@{digest}" for ref, digest in images) or None
+    """The AdminComment value: the first ``MAX_IMAGES`` as ``ref@digest`` joined with ``,``
+    (None when there are none)."""
+    return ",".join(f"{ref.split('@')[0]}@{digest}"
+                    for ref, digest in images[:MAX_IMAGES]) or None

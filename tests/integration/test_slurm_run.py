@@ -28,8 +28,13 @@ exit 0" USR1; echo ready; while :; do sleep 0.2; done'
 """
 
 # a container that prints a line every 2.5 s for 20 s, then exits 5; then a command killed by
-# SIGKILL (in the guest: a container's PID 1 cannot be SIGKILLed from inside its namespace)
+# SIGKILL (in the guest: a container's PID 1 cannot be SIGKILLed from inside its namespace).
+# First the user writes, in the log of what ran (their own file), nine images never pulled:
+# the record names only what their image cache holds, and those lines push nothing out.
 CONTAINER = """#!/bin/sh
+eval "$(dgxvm job --env)"
+log=$(dirname "$DGXVM_KEY")/containers.log
+printf 'sha256:%064d forged/never-pulled:1\\n' 1 2 3 4 5 6 7 8 9 >> "$log"
 srun dgxvm run --container-image {ref} -- sh -c 'for i in 1 2 3 4 5 6 7 8; do \
 echo "$i in $(cat /marker)"; sleep 2.5; done; exit 5'
 srun dgxvm run -- sh -c 'kill -KILL $$'

@@ -3,6 +3,7 @@ the job's accounting record. The reader trusts nothing the user wrote."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from slurm_dgxvm.containers import ranlog
@@ -69,7 +70,8 @@ def test_a_symlink_or_a_huge_file_is_not_followed_or_read_whole(tmp_path):
     lines = "".join(f"sha256:{i:064x} img/n{i}:1\n" for i in range(5000))
     (vm / ranlog.FILE).write_text(lines)
     got = ranlog.read(vm)
-    assert len(got) == ranlog.MAX_IMAGES
+    assert 0 < len(got) <= ranlog.MAX_BYTES // len(lines.splitlines()[0])   # the first 64 KiB
+    assert ranlog.field(got).count("@") == ranlog.MAX_IMAGES
     assert not ranlog.append(vm, D2, "x/y:1")        # full: a run does not grow it further
 
 
@@ -78,3 +80,64 @@ def test_no_log_is_no_images(tmp_path):
     assert ranlog.field([]) is None
     assert not ranlog.append(tmp_path, D1, "x/y:1")   # an older VM: nothing is created
     assert not (tmp_path / ranlog.FILE).exists()
+
+
+# -- what reaches the record: only images the user's cache holds --------------------------------
+UID, GID = 54341, 54342
+
+
+def _entry(cache, digest, meta=None):
+    algo, hex_ = digest.split(":")
+    d = cache / algo / hex_
+    d.mkdir(parents=True)
+    (d / "image.json").write_text(json.dumps(meta or {"digest": digest}))
+
+
+def _owned(cache):
+    for p in [cache, *cache.rglob("*")]:
+        os.lchown(p, UID, GID)
+
+
+def test_only_images_in_the_users_cache_reach_the_record(traversable_tmp):
+    cache = traversable_tmp / "cache"
+    cache.mkdir(mode=0o700)
+    d3, d4, d5 = ("sha256:" + c * 64 for c in "cde")
+    _entry(cache, D1)                                    # pulled: kept
+    _entry(cache, D2, {"digest": d3})                    # an entry that is another image
+    (cache / "sha256" / ("c" * 64)).mkdir()              # no image.json: a pull not finished
+    (cache / "sha256" / ("d" * 64)).symlink_to(cache / "sha256" / ("a" * 64))
+    os.mkfifo(cache / "sha256" / ("e" * 64))             # a FIFO where an entry would be
+    _owned(cache)
+    images = [("r/one:1", D1), ("r/two:1", D2), ("r/three:1", d3), ("r/four:1", d4),
+              ("r/five:1", d5), ("r/never:1", "sha256:" + "f" * 64)]
+    assert ranlog.in_cache(images, str(cache), UID, GID) == [("r/one:1", D1)]
+
+
+def test_a_cache_that_does_not_answer_or_is_absent_names_no_image(traversable_tmp):
+    cache = traversable_tmp / "cache"
+    cache.mkdir(mode=0o700)
+    _entry(cache, D1)
+    _owned(cache)
+    assert ranlog.in_cache([("r/one:1", D1)], None, UID, GID) == []
+    assert ranlog.in_cache([("r/one:1", D1)], str(cache), 0, 0) == []       # never as root
+    os.chmod(cache, 0)                                                     # the user's choice
+    assert ranlog.in_cache([("r/one:1", D1)], str(cache), UID, GID) == []
+    os.chmod(cache, 0o700)
+    os.chown(cache, UID + 1, GID)                                          # not the user's
+    assert ranlog.in_cache([("r/one:1", D1)], str(cache), UID, GID) == []
+
+
+def test_lines_naming_images_never_pulled_push_no_real_image_out(traversable_tmp):
+    cache = traversable_tmp / "cache"
+    cache.mkdir(mode=0o700)
+    _entry(cache, D2)
+    _owned(cache)
+    vmdir = traversable_tmp / "vm"
+    vmdir.mkdir()
+    (vmdir / ranlog.FILE).write_text("".join(f"sha256:{i:064d} forged/x:{i}\n"
+                                             for i in range(ranlog.MAX_IMAGES + 4)))
+    assert ranlog.append(vmdir, D2, "real/image:2")
+    kept = ranlog.in_cache(ranlog.read(vmdir), str(cache), UID, GID)
+    assert ranlog.field(kept) == f"docker.io/real/image:2@{D2}"
+    many = [(f"r/{i}:1", f"sha256:{i:064d}") for i in range(ranlog.MAX_IMAGES + 2)]
+    assert ranlog.field(many).count("@") == ranlog.MAX_IMAGES
