@@ -191,9 +191,9 @@ class UserTreeTimeout(UserTreeRefused):
         if "reason" not in fields:
             timeout = fields.get("timeout")
             doing = fields.get("doing")
-            fields["reason"] = (f"the job's user's files did not answer within "
+            fields["reason"] = (f"the user's files did not answer within "
                                 f"{timeout:g}s" if isinstance(timeout, int | float)
-                                else "the job's user's files did not answer in time") \
+                                else "the user's files did not answer in time") \
                 + (f" ({doing})" if doing else "")
         super().__init__(message, **fields)
 

@@ -109,7 +109,7 @@ def test_a_child_the_user_stops_is_killed_at_the_deadline_and_reaped(home):
     t.join()
     assert stopped["rc"] == 0, "the user could not stop their own process"
     assert 2.0 <= took < 2.0 + SLACK_S
-    assert str(info.value) == (f"{str(home)!r}: the job's user's files did not answer within "
+    assert str(info.value) == (f"{str(home)!r}: the user's files did not answer within "
                                f"2s (listing tmp/)")
     assert is_job_fault(info.value)
     assert gone(int(pidfile.read_text()))

@@ -524,7 +524,7 @@ def test_a_user_stopping_the_reader_costs_reconcile_the_deadline_and_leaves_no_p
         node.close()
     [o] = report.outcomes
     assert o.result == "skipped" and report.exit_code == 0
-    assert f"image-cache {user}: could not be read as uid {NOBODY}: the job's user's files did " \
+    assert f"image-cache {user}: could not be read as uid {NOBODY}: the user's files did " \
            f"not answer within 0.5s (listing its partial entries)" in o.line()
     [pid] = [int(p.name) for p in pids.iterdir()]
     assert not Path(f"/proc/{pid}").exists()
