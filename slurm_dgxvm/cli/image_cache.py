@@ -78,8 +78,9 @@ def evict_for_run(cache: ImageCache, cfg: ContainersConfig, keep: Iterable[str],
     ``cache_max_age_days`` (none when both are 0). One ``dgxvm: evicted ...`` line per image
     removed on stderr (none with ``quiet``). It never fails the run: any failure is one
     ``dgxvm: note:`` line instead. Skipped when another eviction of this cache is running, and
-    for root (``dgxvm run --job`` of another user's job): root must not delete in a tree the
-    user controls; the user's own next run evicts."""
+    for root: root must not delete in a tree the user controls (root's ``dgxvm run --job`` of
+    another user's job has become that user before it gets here, access.target; this guard
+    keeps any other path from evicting as root)."""
     max_bytes, max_age_s = limits(cfg.cache_max_gib, cfg.cache_max_age_days)
     if (max_bytes is None and max_age_s is None) or os.geteuid() == 0:
         return
