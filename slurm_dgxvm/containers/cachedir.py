@@ -18,13 +18,14 @@ its descriptor, which only root can open for reading), so the second finds the e
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
 from pathlib import Path
 
 from ..config import Config
-from ..errors import ContainerCacheError
+from ..errors import ContainerCacheError, ImageCacheRefused
 
 ROOT_MODE = 0o711
 USER_MODE = 0o700
@@ -35,7 +36,9 @@ def user_cache_dir(cfg: Config, uid: int, gid: int) -> Path:
     """``<cache_dir>/<uid>``, made (uid:gid, 0700) if missing, under ``<cache_dir>`` (made
     root:root 0711 if missing). Idempotent; as root. Raises ContainerCacheError naming the path
     when ``cache_dir`` is not set, or is not a real directory of root's that only root may
-    write, or when the entry is not a real directory owned by ``uid``."""
+    write, or when the entry is not a real directory owned by ``uid``; ImageCacheRefused (the
+    job is refused or its VM gets no cache, ``[vm] share_refused``; the node stays in service)
+    when the entry cannot be made because the filesystem is full or over quota."""
     if not cfg.containers.cache_dir:
         raise ContainerCacheError(path="(none)", reason="containers.cache_dir is not set")
     if type(uid) is not int or uid <= 0 or type(gid) is not int or gid < 0:
@@ -52,6 +55,12 @@ def user_cache_dir(cfg: Config, uid: int, gid: int) -> Path:
         except FileExistsError:
             made = False
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # what users pulled filled it (a quota, or a filesystem of the caches' own:
+                # `dgxvm host check`, user-storage): no reason to take the node out of service
+                raise ImageCacheRefused(value=str(path), reason=f"cannot create it: "
+                                        f"{exc.strerror} (the filesystem of "
+                                        f"{cfg.containers.cache_dir} is full)") from None
             raise ContainerCacheError(path=str(path),
                                       reason=f"cannot create it: {exc.strerror}") from None
         fd = _open_dir(str(uid), rfd, path)

@@ -280,3 +280,41 @@ def test_the_virtiofsd_writes_its_error_beside_its_own_spec(tmp_path):
     assert virtiofsd.main([str(spec)]) == 1
     assert (tmp_path / "image-cache.error").read_text().startswith("virtiofsd as the job's user")
     assert not (tmp_path / virtiofsd.ERROR_FILE).exists()
+
+
+@pytest.fixture
+def full_fs(base):
+    """A real filesystem with no room left (a tmpfs of 16 inodes, every one taken)."""
+    import subprocess
+    mnt = base / "full"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,nr_inodes=16,mode=0711", "tmpfs",
+                    str(mnt)], check=True)
+    try:
+        (mnt / "containers").mkdir(mode=0o711)
+        n = 0
+        while True:
+            try:
+                (mnt / f"pulled-{n}").touch()
+            except OSError:
+                break
+            n += 1
+        yield mnt / "containers"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_cache_dir_filled_by_users_pulls_refuses_the_job_not_the_node(full_fs):
+    """Another user's pulls filled the caches' filesystem: a new user's entry cannot be made.
+    That must not drain the node: the job is refused (or its VM gets no cache, no-share)."""
+    from slurm_dgxvm.errors import ImageCacheRefused, is_job_fault
+    from slurm_dgxvm.lifecycle.create import check_image_cache
+    with pytest.raises(ImageCacheRefused) as info:
+        check_image_cache(cfg_for(full_fs), request(), None)
+    assert is_job_fault(info.value)
+    assert f"'{full_fs}/{UID}'" in str(info.value) and "is full" in str(info.value)
+    no_share = config_mod.from_dict({"containers": {"cache_dir": str(full_fs)},
+                                     "vm": {"share_refused": "no-share"}})
+    spec, why = check_image_cache(no_share, request(), None)
+    assert spec is None and "No space left on device" in why
+    assert not (full_fs / str(UID)).exists()
