@@ -393,17 +393,13 @@ def check_share(cfg: Config,
     """
     if not req.workdir or cfg.vm.share == "none":
         return None, None
-    try:
+
+    def check() -> share_policy.ShareSpec:
         if req.uid == 0:
             raise ShareRefused(value=req.workdir, reason="a VM of root gets no share")
         return share_policy.check(req.workdir, cfg.vm.share_roots, req.uid, req.gid,
-                                  (req.gid, *req.groups)), None
-    except ShareRefused as exc:
-        if cfg.vm.share_refused == "refuse":
-            raise
-        log.warning("%s: %s; the VM boots without it (vm.share_refused = no-share)",
-                    req.name, exc)
-        return None, str(exc)
+                                  (req.gid, *req.groups))
+    return _under_share_policy(cfg, req, check, ShareRefused)
 
 
 def check_image_cache(cfg: Config, req: CreateRequest, share: share_policy.ShareSpec | None
@@ -413,9 +409,19 @@ def check_image_cache(cfg: Config, req: CreateRequest, share: share_policy.Share
     job's user has made their cache unusable and ``vm.share_refused`` is "refuse"; with
     "no-share" the VM boots without it and the reason is returned (logged, and kept in the VM
     record as ``image_cache_refused``)."""
+    return _under_share_policy(cfg, req, lambda: image_cache_share(cfg, req, share),
+                               ImageCacheRefused)
+
+
+def _under_share_policy(cfg: Config, req: CreateRequest,
+                        check: Callable[[], share_policy.ShareSpec | None],
+                        refusal: type[ShareRefused]
+                        ) -> tuple[share_policy.ShareSpec | None, str | None]:
+    """(``check()``, None), or when it raises ``refusal``: raised again under ``vm.share_refused
+    = "refuse"``; (None, why) under "no-share", the VM then booting without that share."""
     try:
-        return image_cache_share(cfg, req, share), None
-    except ImageCacheRefused as exc:
+        return check(), None
+    except refusal as exc:
         if cfg.vm.share_refused == "refuse":
             raise
         log.warning("%s: %s; the VM boots without it (vm.share_refused = no-share)",
