@@ -32,6 +32,18 @@ def cache(traversable_tmp):
     return d
 
 
+def in_child(fn) -> int:
+    """``fn()`` in a forked child (its mounts and namespaces die with it); its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = fn()
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
 def _host_mounts() -> str:
     return Path("/proc/self/mountinfo").read_text()
 
@@ -92,24 +104,21 @@ def test_the_users_namespace_cannot_write_the_share_or_make_it_writable(cache):
     st = cache.stat()
     before = _host_mounts()
     r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
-            readonly.mount_read_only(fd, point)
-            os.close(fd)
-            userns.enter(UID, GID, [GID], virtiofsd.KEEP_CAPS, mount_ns=True)
-            fd = readonly.open_read_only(point, st.st_dev, st.st_ino)
-            os.write(w, json.dumps(_attempts(point, fd)).encode())
-            code = 0
-        finally:
-            os._exit(code)
+
+    def child() -> int:
+        os.close(r)
+        fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
+        readonly.mount_read_only(fd, point)
+        os.close(fd)
+        userns.enter(UID, GID, [GID], virtiofsd.KEEP_CAPS, mount_ns=True)
+        fd = readonly.open_read_only(point, st.st_dev, st.st_ino)
+        os.write(w, json.dumps(_attempts(point, fd)).encode())
+        return 0
+    status = in_child(child)
     os.close(w)
     with os.fdopen(r) as f:
         got = json.loads(f.read() or "{}")
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, got
+    assert status == 0, got
     assert got.pop("read") == "{}\n"                        # it serves what is there
     assert "nested namespaces" not in got                   # the attack could be made
     assert got == {"create": errno.EROFS, "append": errno.EROFS, "mkdir": errno.EROFS,
@@ -143,32 +152,21 @@ def test_only_the_checked_directory_is_served_and_only_read_only(cache, traversa
         except OSError as exc:
             return 0 if "not mounted read-only" in str(exc) else 4
         return 5
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = child()
-        finally:
-            os._exit(code)
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert in_child(child) == 0
 
 
 def test_a_mount_point_that_is_not_roots_is_refused(cache, traversable_tmp):
     point = traversable_tmp / "users"
     point.mkdir()
     os.chown(point, UID, GID)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+    def child() -> int:
+        fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                readonly.mount_read_only(fd, point)
-            except OSError as exc:
-                code = 0 if "must be a directory of root's" in str(exc) else 2
-        finally:
-            os._exit(code)
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+            readonly.mount_read_only(fd, point)
+        except OSError as exc:
+            return 0 if "must be a directory of root's" in str(exc) else 2
+        return 1
+    assert in_child(child) == 0
 
 
 FAKE_VIRTIOFSD = """#!/bin/sh
