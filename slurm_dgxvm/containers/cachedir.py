@@ -8,9 +8,13 @@ as a read-only share at the same path, and ``dgxvm run`` (as the user) can fill 
     <cache_dir>/<uid>/    uid:gid 0700: the user's own images (slurm_dgxvm.containers.cache)
 
 Nothing here follows a symbolic link: ``<cache_dir>`` is opened with O_NOFOLLOW, the entry is
-made and opened relative to that descriptor with O_NOFOLLOW, and what was opened is checked by
-fstat. An entry that is there but is not a real directory of that uid (a symlink, a file, a
-directory of another owner) is refused, naming it: only root can put anything in
+made relative to that descriptor and looked at through an O_PATH descriptor that neither
+follows a link nor crosses a mount (``fsutil.open_here``), and what was opened is checked by
+fstat. Root never enters the user's entry: whatever the user mounted over it (FUSE, with its
+daemon stopped) is never asked anything, and is the job's refusal, not the node's fault; only
+an entry of root's (a creator killed before its chown) is opened, to give it to the user. An
+entry that is there but is not a real directory of that uid (a symlink, a file, a directory of
+another owner) is refused, naming it: only root can put anything in
 ``<cache_dir>``, so such an entry is the node's to fix, not something to serve or to repair
 silently. Two Prologs of one user at once serialise on a lock of ``<cache_dir>`` itself (flock on
 its descriptor, which only root can open for reading), so the second finds the entry complete.
@@ -24,6 +28,7 @@ import os
 import stat
 from pathlib import Path
 
+from .. import fsutil
 from ..config import Config
 from ..errors import ContainerCacheError, ImageCacheRefused
 
@@ -38,7 +43,8 @@ def user_cache_dir(cfg: Config, uid: int, gid: int) -> Path:
     when ``cache_dir`` is not set, or is not a real directory of root's that only root may
     write, or when the entry is not a real directory owned by ``uid``; ImageCacheRefused (the
     job is refused or its VM gets no cache, ``[vm] share_refused``; the node stays in service)
-    when the entry cannot be made because the filesystem is full or over quota."""
+    when the entry cannot be made because the filesystem is full or over quota, or when
+    something is mounted over it (only the user, FUSE, or an admin can)."""
     if not cfg.containers.cache_dir:
         raise ContainerCacheError(path="(none)", reason="containers.cache_dir is not set")
     if type(uid) is not int or uid <= 0 or type(gid) is not int or gid < 0:
@@ -63,24 +69,49 @@ def user_cache_dir(cfg: Config, uid: int, gid: int) -> Path:
                                         f"{cfg.containers.cache_dir} is full)") from None
             raise ContainerCacheError(path=str(path),
                                       reason=f"cannot create it: {exc.strerror}") from None
-        fd = _open_dir(str(uid), rfd, path)
         try:
-            st = os.fstat(fd)
-            if made or (st.st_uid == 0 and not os.listdir(fd)):
-                # ours, or an empty one a creator killed before this chown left (only root
-                # can make entries here): the user's
-                os.fchown(fd, uid, gid)
-                os.fchmod(fd, USER_MODE)       # whatever the umask left
-                st = os.fstat(fd)
+            here = fsutil.open_here(str(uid), rfd)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                # only the user (a FUSE mount of theirs) or an admin mounts over it: what is
+                # mounted there is never entered by root, not even to stat it
+                raise ImageCacheRefused(value=str(path), reason="something is mounted over it "
+                                        "(a FUSE mount of the user's?); root does not look "
+                                        "inside") from None
+            raise ContainerCacheError(path=str(path),
+                                      reason=f"cannot open it: {exc.strerror}") from None
+        try:
+            st = os.fstat(here)
+            if stat.S_ISLNK(st.st_mode):
+                raise ContainerCacheError(path=str(path), reason="it is a symbolic link (it "
+                                                                 "must be a real directory)")
+            if not stat.S_ISDIR(st.st_mode):
+                raise ContainerCacheError(path=str(path), reason="it is not a directory")
+            if made or st.st_uid == 0:
+                _give(here, path, uid, gid, made)
+                st = os.fstat(here)
             if st.st_uid != uid:
                 raise ContainerCacheError(path=str(path),
                                           reason=f"it is owned by uid {st.st_uid}, not by "
                                                  f"{uid} (remove it, or give it to {uid})")
         finally:
-            os.close(fd)
+            os.close(here)
     finally:
         os.close(rfd)
     return path
+
+
+def _give(here: int, path: Path, uid: int, gid: int, made: bool) -> None:
+    """Give the entry ``here`` (an O_PATH descriptor of a directory of root's) to the user:
+    one just made, or an empty one a creator killed before this chown left (only root makes
+    entries here). A non-empty one of root's stays root's (and is refused after)."""
+    fd = os.open(".", _DIR, dir_fd=here)
+    try:
+        if made or not os.listdir(fd):
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, USER_MODE)           # whatever the umask left
+    finally:
+        os.close(fd)
 
 
 def _open_root(root: Path) -> int:

@@ -318,3 +318,79 @@ def test_a_cache_dir_filled_by_users_pulls_refuses_the_job_not_the_node(full_fs)
     spec, why = check_image_cache(no_share, request(), None)
     assert spec is None and "No space left on device" in why
     assert not (full_fs / str(UID)).exists()
+
+
+# -- something mounted over the user's entry ------------------------------------------------------
+def test_a_mount_over_the_users_entry_is_never_entered_by_root(base):
+    """Only the user (FUSE) or an admin can mount over ``<cache_dir>/<uid>``: root sees that
+    something is there without entering it, and the job is refused, not the node drained."""
+    import subprocess
+    from slurm_dgxvm.errors import ImageCacheRefused, is_job_fault
+    root = base / "containers"
+    entry = user_cache_dir(cfg_for(root), UID, GID)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(entry)], check=True)
+    try:
+        with pytest.raises(ImageCacheRefused) as info:
+            user_cache_dir(cfg_for(root), UID, GID)
+        assert is_job_fault(info.value) and "something is mounted over it" in str(info.value)
+    finally:
+        subprocess.run(["umount", str(entry)], check=True)
+    assert user_cache_dir(cfg_for(root), UID, GID) == entry
+
+
+@pytest.fixture
+def users_fuse(base):
+    """The attack as a user makes it on a stock Debian node (fuse3: /dev/fuse 0666, the setuid
+    fusermount3): ``nobody`` mounts bindfs over their own cache entry, then stops its daemon.
+    Yields (cache_dir, entry); the mount is taken away after."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+    assert shutil.which("bindfs") and shutil.which("fusermount3"), "bootstrap installs bindfs"
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    os.chmod("/dev/fuse", 0o666)                         # Debian's own mode for it
+    root = base / "containers"
+    entry = user_cache_dir(cfg_for(root), 65534, 65534)
+    src = base / "fuse-src"
+    src.mkdir()
+    os.chown(src, 65534, 65534)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    subprocess.run([*as_nobody, "bindfs", "--no-allow-other", str(src), str(entry)],
+                   check=True, capture_output=True)
+    daemon = None
+    try:
+        deadline = time.monotonic() + 10
+        while daemon is None and time.monotonic() < deadline:
+            for p in Path("/proc").iterdir():
+                try:
+                    if p.name.isdigit() and str(entry) in (p / "cmdline").read_text() \
+                            and p.stat().st_uid == 65534:
+                        daemon = int(p.name)
+                except OSError:
+                    continue
+        assert daemon is not None, "bindfs is not running"
+        os.kill(daemon, signal.SIGSTOP)                  # the user stops their FUSE daemon
+        yield root, entry
+    finally:
+        if daemon is not None:
+            os.kill(daemon, signal.SIGCONT)
+        subprocess.run(["umount", "-l", str(entry)], capture_output=True)
+        os.chmod("/dev/fuse", mode)
+
+
+def test_a_stopped_fuse_mount_of_the_users_refuses_the_job_in_seconds(users_fuse, monkeypatch):
+    import time
+    from slurm_dgxvm.errors import ImageCacheRefused, is_job_fault
+    from slurm_dgxvm.lifecycle.create import check_image_cache, image_cache_share
+    root, entry = users_fuse
+    req = request(uid=65534, gid=65534, groups=(), user="nobody")
+    t0 = time.monotonic()
+    with pytest.raises(ImageCacheRefused) as info:
+        image_cache_share(cfg_for(root), req, None)
+    assert time.monotonic() - t0 < 2.0                   # root asked the daemon nothing
+    assert is_job_fault(info.value) and "mounted over it" in str(info.value)
+    no_share = config_mod.from_dict({"containers": {"cache_dir": str(root)},
+                                     "vm": {"share_refused": "no-share"}})
+    spec, why = check_image_cache(no_share, req, None)
+    assert spec is None and "mounted over it" in why
