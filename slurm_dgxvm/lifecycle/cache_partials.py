@@ -27,6 +27,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import fsutil
 from ..config import Config
 from ..errors import UserTreeRefused
 from ..shares import asuser
@@ -56,25 +57,33 @@ class CachePartials:
 
 def user_caches(cfg: Config) -> list[tuple[Path, int, int]]:
     """(path, uid, gid) of every user's cache under ``[containers] cache_dir`` (root's
-    ``<cache_dir>`` is listed, nothing below it)."""
+    ``<cache_dir>`` is listed; each entry is looked at through a descriptor that crosses no
+    mount and follows no link, so whatever a user mounted over their cache is never asked
+    anything by root; such a cache is left out)."""
     root = cfg.containers.cache_dir
     if not root:
         return []
     try:
-        names = sorted(os.listdir(root))
+        rfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return []
     out = []
-    for name in names:
-        if not (name.isascii() and name.isdigit()):
-            continue
-        path = Path(root) / name
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == int(name) and st.st_uid > 0:
-            out.append((path, st.st_uid, st.st_gid))
+    try:
+        for name in sorted(os.listdir(rfd)):
+            if not (name.isascii() and name.isdigit()):
+                continue
+            try:
+                fd = fsutil.open_here(name, rfd)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == int(name) and st.st_uid > 0:
+                out.append((Path(root) / name, st.st_uid, st.st_gid))
+    finally:
+        os.close(rfd)
     return out
 
 

@@ -609,3 +609,25 @@ def test_names_in_a_users_cache_cannot_forge_reconciles_output(tmp_path, trees, 
     out = capsys.readouterr().out
     assert "\x1b" not in out and "removed " + DEAD + ".1.\\n\\x1b[1Avm job-1" in out
     assert os.listdir(user / "tmp") == []
+
+
+def test_a_cache_something_is_mounted_over_is_left_out_without_root_entering_it(
+        traversable_tmp):
+    """A user's FUSE mount over their own cache (here a tmpfs stands for it): root lists
+    ``<cache_dir>`` and looks at each entry through a descriptor that crosses no mount, so a
+    stopped daemon is never asked anything; that cache is left out, the others are listed."""
+    from slurm_dgxvm.lifecycle import cache_partials
+    cache_dir, user = users_cache(traversable_tmp, (f"tmp/{DEAD}.1.aa", "dir"))
+    other = cache_dir / "54999"
+    other.mkdir(mode=0o700)
+    os.chown(other, 54999, 54999)
+    cfg = config_mod.from_dict({"containers": {"cache_dir": str(cache_dir)}})
+    assert [p for p, _, _ in cache_partials.user_caches(cfg)] == [other, user]
+    # the mount's root looks like the user's cache (their uid, 0700): only not entering it
+    # tells it apart
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=64k,uid={NOBODY},gid={NOBODY},"
+                    "mode=0700", "tmpfs", str(user)], check=True)
+    try:
+        assert cache_partials.user_caches(cfg) == [(other, 54999, 54999)]
+    finally:
+        subprocess.run(["umount", str(user)], check=True)
