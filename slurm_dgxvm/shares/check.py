@@ -48,9 +48,9 @@ def _read_only_mount(base: Path) -> None:
     mount goes with its namespace."""
     fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
     st = os.fstat(fd)
-    readonly.mount_read_only(fd, base / "ro")
-    userns.enter(PROBE_UID, PROBE_GID, [PROBE_GID], ("sys_chroot", "setpcap"), mount_ns=True)
-    os.close(readonly.open_read_only(base / "ro", st.st_dev, st.st_ino))
+    os.close(readonly.enter_read_only(fd, base / "ro", uid=PROBE_UID, gid=PROBE_GID,
+                                      groups=[PROBE_GID], keep_caps=("sys_chroot", "setpcap"),
+                                      dev=st.st_dev, ino=st.st_ino))
 
 
 def findings(virtiofsd: str, share_roots: Sequence[str]) -> list[Finding]:

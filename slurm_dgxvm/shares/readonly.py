@@ -31,8 +31,10 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
+from . import userns
 from .userns import CLONE_NEWNS, _libc
 
 # asm-generic/unistd.h: the same on x86_64 and arm64 (syscalls added since 5.1 share numbers)
@@ -117,4 +119,16 @@ def open_read_only(point: Path, dev: int, ino: int) -> int:
     return fd
 
 
-__all__ = ["mount_read_only", "open_read_only", "set_attr"]
+def enter_read_only(fd: int, point: Path, *, uid: int, gid: int, groups: Sequence[int],
+                    keep_caps: Sequence[str], dev: int, ino: int) -> int:
+    """Steps 1-3 of the module for the process that serves directory ``fd`` next (as root,
+    single-threaded): the locked read-only mount of it over ``point``, the user namespace of
+    ``uid``/``gid``/``groups`` holding ``keep_caps`` with a mount namespace of its own, and the
+    descriptor to serve (``fd`` is closed). OSError naming the step that failed."""
+    mount_read_only(fd, point)
+    os.close(fd)
+    userns.enter(uid, gid, groups, keep_caps, mount_ns=True)
+    return open_read_only(point, dev, ino)
+
+
+__all__ = ["enter_read_only", "mount_read_only", "open_read_only", "set_attr"]

@@ -129,11 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         fd = prepare(spec)
         _raise_nofile()
         if read_only:
-            point = spec_path.with_suffix(MOUNT_POINT_SUFFIX)
-            readonly.mount_read_only(fd, point)
-            os.close(fd)
-            userns.enter(spec.uid, spec.gid, spec.groups, KEEP_CAPS, mount_ns=True)
-            fd = readonly.open_read_only(point, spec.dev, spec.ino)
+            fd = readonly.enter_read_only(fd, spec_path.with_suffix(MOUNT_POINT_SUFFIX),
+                                          uid=spec.uid, gid=spec.gid, groups=spec.groups,
+                                          keep_caps=KEEP_CAPS, dev=spec.dev, ino=spec.ino)
         else:
             userns.enter(spec.uid, spec.gid, spec.groups, KEEP_CAPS)
         argv2 = rewrite_args(args[1:], f"/proc/self/fd/{fd}/")  # "/": virtiofsd lstat()s it

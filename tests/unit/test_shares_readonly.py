@@ -107,11 +107,10 @@ def test_the_users_namespace_cannot_write_the_share_or_make_it_writable(cache):
 
     def child() -> int:
         os.close(r)
-        fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
-        readonly.mount_read_only(fd, point)
-        os.close(fd)
-        userns.enter(UID, GID, [GID], virtiofsd.KEEP_CAPS, mount_ns=True)
-        fd = readonly.open_read_only(point, st.st_dev, st.st_ino)
+        fd = readonly.enter_read_only(os.open(cache, os.O_RDONLY | os.O_DIRECTORY), point,
+                                      uid=UID, gid=GID, groups=[GID],
+                                      keep_caps=virtiofsd.KEEP_CAPS, dev=st.st_dev,
+                                      ino=st.st_ino)
         os.write(w, json.dumps(_attempts(point, fd)).encode())
         return 0
     status = in_child(child)
