@@ -213,13 +213,13 @@ def _vm_checks(target, flags: ContainerFlags, cfg) -> tuple[str, str, tuple[str,
 def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool, *,
                terminal: bool = False) -> Request:
     """The request of ``request``'s command in ``flags.image``'s container (or the named
-    container's image). The image is held in use until the command ends (the click context
-    closes after session.run): no eviction removes it under the running container."""
+    container's image); ``flags`` come from :func:`_checked_flags`. The image is held in use
+    until the command ends (the click context closes after session.run): no eviction removes
+    it under the running container."""
     from ..containers.cache import ImageCache
     from ..containers.ref import parse
     from ..containers.registry import Registry
     from .image_cache import evict_for_run
-    flags.check()             # the flags' own checks (done already by the verbs: idempotent)
     kind, gpu_devices, made = _vm_checks(target, flags, cfg)     # before any pull
     name = flags.container_name
     cache = ImageCache(Path(target.image_cache),
