@@ -54,7 +54,7 @@ from typing import IO
 from .. import fsutil
 from ..errors import (ContainerCacheError, ContainerDiskFull, ContainerImageError,
                       ContainerRegistryUnreachable)
-from ..shares.asuser import kind
+from ..shares.asuser import Refused, read_file
 from ..tools import output_tail, run_tool, tail
 from .ref import ImageRef
 from .registry import DIGEST, Registry
@@ -148,18 +148,13 @@ def _read_json(path: Path) -> dict:
     """The JSON object in ``path``: a regular file, opened without following a symbolic link
     and without blocking, and read only up to :data:`JSON_MAX` bytes. The cache is its user's
     to change, and one read as root's sweep (``dgxvm reconcile``, as the user) must not wait
-    for ever on a FIFO put in its place nor read a device without end: anything but a regular
-    file is ValueError naming what it is (OSError passes)."""
-    st = os.lstat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{path.name} is {kind(st.st_mode)}, not a regular file")
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):       # swapped after the lstat
-            raise ValueError(f"{path.name} is not a regular file")
-        data = f.read(JSON_MAX + 1)
-    if len(data) > JSON_MAX:
-        raise ValueError(f"{path.name} is larger than {JSON_MAX} bytes")
+    for ever on a FIFO put in its place nor read a device without end. The read is
+    :func:`slurm_dgxvm.shares.asuser.read_file`'s: anything but a regular file, one that cannot
+    be opened or one too large is ValueError naming it (FileNotFoundError passes)."""
+    try:
+        data = read_file(str(path), limit=JSON_MAX, show=path.name)
+    except Refused as exc:
+        raise ValueError(str(exc)) from None
     doc = json.loads(data)
     if not isinstance(doc, dict):
         raise ValueError(f"{path.name} is not a JSON object")
