@@ -39,14 +39,27 @@ def pytest_configure(config):
         "the session's shared libvirt_stack starts")
     config.addinivalue_line(
         "markers", "package_lifecycle: upgrades and purges the installed slurm-dgxvm "
-        "(DGXVM_UNDER_TEST); run after every other test")
+        "(DGXVM_UNDER_TEST); runs in a pytest of its own (tests/run: `-m package_lifecycle`, "
+        "after the other integration tests, which run with `-m 'not package_lifecycle'`)")
 
 
+@pytest.hookimpl(trylast=True)   # after -k and -m have deselected what they deselect
 def pytest_collection_modifyitems(session, config, items):
     first = [i for i in items if i.get_closest_marker("libvirt_lifecycle")]
-    last = [i for i in items if i.get_closest_marker("package_lifecycle")]
-    rest = [i for i in items if i not in first and i not in last]
-    items[:] = first + rest + last
+    items[:] = first + [i for i in items if i not in first]
+    # The package's own life replaces and removes the package every other test runs: it is
+    # never part of their session (no order of one session makes that safe); in a pytest that
+    # selected both, it is left out and said so.
+    package = [i for i in items if i.get_closest_marker("package_lifecycle")]
+    if package and len(package) < len(items):
+        items[:] = [i for i in items if i not in package]
+        config.hook.pytest_deselected(items=package)
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"tests/integration: {len(package)} package_lifecycle test(s) deselected: they "
+                "run in a pytest of their own (-m package_lifecycle, as tests/run does)",
+                yellow=True)
 
 
 @pytest.fixture(scope="session")

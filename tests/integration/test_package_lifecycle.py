@@ -3,8 +3,9 @@ being created and runs, then ``apt-get purge`` (which undoes ``dgxvm host setup`
 purging dgx-kvm-sw returns a DGX to bare metal), then an install again.
 
 tests/run builds the package from this checkout, installs it (``apt-get install ./...deb``) and
-runs every integration test against ``/usr/bin/dgxvm`` (``DGXVM_UNDER_TEST``); these tests run
-last (marker ``package_lifecycle``) because they replace and remove it. The upgrade is to the
+runs every integration test against ``/usr/bin/dgxvm`` (``DGXVM_UNDER_TEST``); these tests
+(marker ``package_lifecycle``) replace and remove it, so they run in a pytest of their own, the
+last stage of tests/run, after the other integration tests (which run without them). The upgrade is to the
 same package with a later version (``dpkg-deb`` repacks it): dpkg runs the whole upgrade (old
 prerm upgrade, unpack with every file renamed over the old, conffile handling, new postinst).
 """
