@@ -89,6 +89,17 @@ def wait_gone(vm, marker: str, timeout: float = 20) -> str:
         time.sleep(0.5)
 
 
+def wait_running(vm, marker: str, timeout: float = 20) -> str:
+    """The guest's process list once ``marker`` is in it (AssertionError after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ps = guest_ps(vm)
+        if marker in ps:
+            return ps
+        assert time.monotonic() < deadline, f"no {marker!r} in the guest after {timeout}s:\n{ps}"
+        time.sleep(0.5)
+
+
 # -- bytes, arguments, streams, status ------------------------------------------------------
 def test_stdout_and_stderr_arrive_apart_and_the_exit_status_is_the_commands(runvm):
     r = dgxvm_run(runvm, "sh", "-c", "echo out; echo err >&2; echo out2; exit 7")
@@ -288,7 +299,7 @@ def test_dgxvm_shell_under_a_terminal(runvm):
         until(b"TTY-42")
         until(str(runvm.work).encode())
         os.write(fd, b"sleep 50; echo after\n")
-        time.sleep(1.5)
+        wait_running(runvm, "sleep 50", timeout=30)   # the sleep runs, then is interrupted
         os.write(fd, b"\x03")           # Ctrl-C interrupts the sleep, not the shell
         os.write(fd, b"echo still-$((1+1))\n")
         until(b"still-2")

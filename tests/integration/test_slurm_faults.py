@@ -23,6 +23,7 @@ import libvirt
 import pytest
 
 from conftest import DGXVM
+from harness.guest_agent import domain, guest_exec
 from slurm_dgxvm.errors import LedgerCorrupt
 from slurm_dgxvm.ledger import Ledger
 from slurm_dgxvm.ranges import parse_index_list
@@ -94,6 +95,21 @@ def qemu_pid(node, name: str) -> int | None:
         if any(a.startswith(f"guest={name},".encode()) for a in argv):
             return pid
     return None
+
+
+def guest_processes(node, name: str) -> str:
+    """The command lines of the processes running in VM ``name`` (ps as root in the guest,
+    through its QEMU guest agent)."""
+    try:
+        conn, dom = domain(node.env.uri, name)
+    except libvirt.libvirtError:
+        return ""
+    try:
+        return guest_exec(dom, "ps -o args 2>/dev/null || ps", timeout=30).out
+    except (libvirt.libvirtError, TimeoutError):   # the agent not answering yet: asked again
+        return ""
+    finally:
+        conn.close()
 
 
 def gone(node, job: int) -> bool:
@@ -267,7 +283,10 @@ def test_a_crashed_guest_ends_its_job_with_the_reason_and_its_gpus_are_reset(slu
         gpus = held_gpus(node, job)
         before = gpu_show(node)
         resets = {d["pci"]: d["resets"] for d in before["devices"]}
-        time.sleep(3)                                         # dgxvm run reached the guest
+        # dgxvm run reached the guest: its command runs there (seen by the guest's root,
+        # through its agent)
+        wait_for(f"sleep 3600 running in {name}",
+                 lambda: "sleep 3600" in guest_processes(node, name), timeout=120, step=1)
         os.kill(qemu_pid(node, name), signal.SIGKILL)
         try:
             node.jobs.wait_done([job], timeout=180)

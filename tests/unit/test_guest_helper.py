@@ -60,6 +60,40 @@ def wait_for(predicate, timeout: float = TIMEOUT, what: str = "condition") -> No
         time.sleep(0.01)
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def sleeping(pid: int) -> bool:
+    """Whether ``pid`` or a process below it is in a timed sleep (the kernel's nanosleep: the
+    helper's ``sleep``, whether a process of its own or, in busybox, run in the shell itself).
+    Where the helper's only sleep before an event is a poll for that event, this says it got
+    there."""
+    todo, seen = [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            if "nanosleep" in Path(f"/proc/{p}/wchan").read_text():
+                return True
+        except OSError:
+            continue
+        todo += _children(p)
+    return False
+
+
 def readline(stream, timeout: float = TIMEOUT) -> bytes:
     """One line from a pipe, without blocking past ``timeout`` (b"" at EOF)."""
     fd = stream.fileno()
@@ -216,7 +250,8 @@ def test_status_streams_and_stdin(guest, control_first):
         run = guest.run()
     else:   # run waits for its control session
         run = guest.run()
-        time.sleep(0.2)
+        # its only sleep before the control session attaches is the poll for it
+        wait_for(lambda: sleeping(run.pid), what="the run session to wait for its control")
         control = guest.control()
         send(control, request(argv))
     out, err = run.communicate(b"hello world\n", timeout=TIMEOUT)
@@ -318,7 +353,8 @@ def test_signal_sent_before_the_command_started_reaches_it(guest):
     (which has no trap yet, so TERM ends it)."""
     control = guest.control()
     send(control, request(["sleep", "30"]) + b"TERM\n")
-    time.sleep(0.2)
+    # its only sleep before a command starts is the TERM's wait for one
+    wait_for(lambda: sleeping(control.pid), what="the control session to hold the TERM")
     run = guest.run()
     run.communicate(timeout=TIMEOUT)
     assert run.returncode == 128 + signal.SIGTERM
