@@ -56,7 +56,7 @@ def open_as_user_before(path: str, uid: int, gid: int, groups: Sequence[int]) ->
                 child.sendall(json.dumps({"reason": str(exc)}).encode())
             else:
                 socket.send_fds(child, [b"{}"], [fd])
-        except BaseException:  # noqa: BLE001
+        except BaseException:  # noqa: BLE001 - the forked child's any failure is its exit 1
             code = 1
         finally:
             os._exit(code)
