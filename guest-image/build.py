@@ -21,8 +21,6 @@ into the image).
 
 from __future__ import annotations
 
-import argparse
-import fcntl
 import gzip
 import hashlib
 import io
@@ -35,12 +33,11 @@ import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-from buildcache import prune  # noqa: E402
+import buildcache  # noqa: E402
 
 DEFAULT_OUT = Path("/var/cache/dgxvm/test-guest")
 NAME = "dgxvm-test-guest"
@@ -214,7 +211,7 @@ def guest_files() -> list[Path]:
 
 def cache_key(packages: dict[str, dict[str, str]]) -> str:
     h = hashlib.sha256()
-    for path in [HERE / "build.py", HERE / "build", *guest_files()]:
+    for path in [HERE / "build.py", HERE / "build", HERE / "buildcache.py", *guest_files()]:
         rel = path.relative_to(HERE).as_posix()
         mode = "x" if os.access(path, os.X_OK) else "-"
         data = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
@@ -458,100 +455,61 @@ def build_disk(root: Path, work: Path, out: Path) -> int:
 
 # -- main --------------------------------------------------------------------------------------
 def build(out_root: Path, force: bool) -> Path:
-    if os.geteuid() != 0:
-        raise BuildError("must run as root (the image's files must be owned by root)")
-    for tool in ("apt-get", "apt-cache", "dpkg-deb", "mke2fs", "qemu-img"):
-        if shutil.which(tool) is None:
-            raise BuildError(f"{tool} not found in PATH")
+    buildcache.require(("apt-get", "apt-cache", "dpkg-deb", "mke2fs", "qemu-img"), BuildError,
+                       "the image's files must be owned by root")
     t0 = time.monotonic()
     packages, kernel_pkg = resolve_packages()
     key = cache_key(packages)
-    final = out_root / key
-    if (final / ".complete").is_file() and not force:
-        log(f"reusing {final}")
-        return final
-    out_root.mkdir(parents=True, exist_ok=True)
-    with open(out_root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / ".complete").is_file() and not force:
-            log(f"reusing {final} (built meanwhile)")
-            return final
+
+    def make(work: Path, result: Path) -> None:
         wanted = {n: f for n, f in packages.items() if n != KERNEL_META}
         debs = download(wanted, out_root / "debs")
-        work = Path(tempfile.mkdtemp(prefix=f".work-{key}-", dir=out_root))
-        try:
-            result = work / "out"
-            result.mkdir()
-            # kernel and modules
-            kroot = work / "kernel"
-            run(["dpkg-deb", "-x", str(debs[kernel_pkg]), str(kroot)])
-            vmlinuz = sorted((kroot / "boot").glob("vmlinuz-*"))
-            moddirs = sorted((kroot / "lib/modules").iterdir())
-            if len(vmlinuz) != 1 or len(moddirs) != 1:
-                raise BuildError(f"{kernel_pkg}: expected one vmlinuz and one module tree, "
-                                 f"found {vmlinuz} {moddirs}")
-            shutil.copyfile(vmlinuz[0], result / "vmlinuz")
-            modules = module_plan(moddirs[0])
-            log(f"kernel {moddirs[0].name}: {len(modules)} module(s) for the initramfs")
-            # root filesystem
-            root = work / "root"
-            root.mkdir()
-            build_rootfs({n: p for n, p in debs.items() if n != kernel_pkg}, root)
-            build_initrd(root / "bin/busybox", modules, result / "initrd.img")
-            shutil.rmtree(kroot)
-            size = build_disk(root, work, result / "disk.qcow2")
-            manifest = {
-                "name": NAME,
-                "version": key,
-                "kernel": "vmlinuz",
-                "initrd": "initrd.img",
-                "disk": "disk.qcow2",
-                "format": "qcow2",
-                "cmdline": CMDLINE,
-                # the profile dgxvm image install records: rootless runc (+ umoci) is in the
-                # image; the test machine's GPUs are simulated, no device reaches a container
-                "container_runtime": "runc",
-                "gpu_devices": "none",
-                # its own init applies the seed before it starts the guest agent
-                "readiness": "agent",
-                "kernel_release": moddirs[0].name,
-                "disk_size_mib": size,
-                "modules": [n for n, _, _ in modules],
-                "packages": {n: f["Version"] for n, f in packages.items()},
-            }
-            (result / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            for p in result.iterdir():
-                os.chmod(p, 0o644)
-            (result / ".complete").write_text(key + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(result, final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        prune(out_root, final, log)
-    log(f"built {final} in {time.monotonic() - t0:.1f}s")
-    return final
+        # kernel and modules
+        kroot = work / "kernel"
+        run(["dpkg-deb", "-x", str(debs[kernel_pkg]), str(kroot)])
+        vmlinuz = sorted((kroot / "boot").glob("vmlinuz-*"))
+        moddirs = sorted((kroot / "lib/modules").iterdir())
+        if len(vmlinuz) != 1 or len(moddirs) != 1:
+            raise BuildError(f"{kernel_pkg}: expected one vmlinuz and one module tree, "
+                             f"found {vmlinuz} {moddirs}")
+        shutil.copyfile(vmlinuz[0], result / "vmlinuz")
+        modules = module_plan(moddirs[0])
+        log(f"kernel {moddirs[0].name}: {len(modules)} module(s) for the initramfs")
+        # root filesystem
+        root = work / "root"
+        root.mkdir()
+        build_rootfs({n: p for n, p in debs.items() if n != kernel_pkg}, root)
+        build_initrd(root / "bin/busybox", modules, result / "initrd.img")
+        shutil.rmtree(kroot)
+        size = build_disk(root, work, result / "disk.qcow2")
+        manifest = {
+            "name": NAME,
+            "version": key,
+            "kernel": "vmlinuz",
+            "initrd": "initrd.img",
+            "disk": "disk.qcow2",
+            "format": "qcow2",
+            "cmdline": CMDLINE,
+            # the profile dgxvm image install records: rootless runc (+ umoci) is in the
+            # image; the test machine's GPUs are simulated, no device reaches a container
+            "container_runtime": "runc",
+            "gpu_devices": "none",
+            # its own init applies the seed before it starts the guest agent
+            "readiness": "agent",
+            "kernel_release": moddirs[0].name,
+            "disk_size_mib": size,
+            "modules": [n for n, _, _ in modules],
+            "packages": {n: f["Version"] for n, f in packages.items()},
+        }
+        (result / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    return buildcache.cached_build(out_root, key, make, log, force=force, started=t0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                    help=f"cache directory (default {DEFAULT_OUT})")
-    ap.add_argument("--force", action="store_true", help="rebuild even if a complete build "
-                    "with the same key exists")
-    ap.add_argument("--print-key", action="store_true",
-                    help="print the cache key for the current package versions and exit")
-    args = ap.parse_args(argv)
-    try:
-        if args.print_key:
-            print(cache_key(resolve_packages()[0]))
-            return 0
-        final = build(args.out.resolve(), args.force)
-    except BuildError as exc:
-        print(f"guest-image: ERROR {exc}", file=sys.stderr)
-        return 1
-    print(final)
-    return 0
+    return buildcache.main(argv, description=__doc__.split("\n")[0], default_out=DEFAULT_OUT,
+                           tag="guest-image", build=build, error=BuildError,
+                           print_key=lambda: cache_key(resolve_packages()[0]))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ last line of stdout is the output directory.
 
 from __future__ import annotations
 
-import argparse
-import fcntl
 import hashlib
 import json
 import os
@@ -28,13 +26,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from buildcache import prune  # noqa: E402
+import buildcache  # noqa: E402
 
 DEFAULT_OUT = Path("/var/cache/dgxvm/debian-cloud")
 NAME = "dgxvm-debian-cloud"
@@ -108,14 +105,14 @@ def closure(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 
 
 def guest_files() -> list[Path]:
-    return [HERE / "build.py", HERE / "build",
+    return [HERE / "build.py", HERE / "build", HERE.parent / "buildcache.py",
             *sorted(p for p in FILES.rglob("*") if p.is_file() or p.is_symlink())]
 
 
 def cache_key(versions: dict[str, str]) -> str:
     h = hashlib.sha256()
     for path in guest_files():
-        rel = path.relative_to(HERE).as_posix()
+        rel = Path(os.path.relpath(path, HERE)).as_posix()   # ../buildcache.py too
         data = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
         h.update(f"{rel}\0{len(data)}\0".encode() + data)
     for name, version in sorted(versions.items()):
@@ -216,87 +213,48 @@ def build_disk(root: Path, work: Path, out: Path) -> int:
 
 # -- main --------------------------------------------------------------------------------------
 def build(out_root: Path, force: bool) -> Path:
-    if os.geteuid() != 0:
-        raise BuildError("must run as root (mmdebstrap's root mode, a loop mount for extlinux)")
-    for tool in ("apt-get", "mmdebstrap", "mke2fs", "e2fsck", "extlinux", "losetup", "mount",
-                 "qemu-img"):
-        if shutil.which(tool) is None:
-            raise BuildError(f"{tool} not found in PATH (scripts/bootstrap installs it)")
+    buildcache.require(("apt-get", "mmdebstrap", "mke2fs", "e2fsck", "extlinux", "losetup",
+                        "mount", "qemu-img"), BuildError,
+                       "mmdebstrap's root mode, a loop mount for extlinux")
     sources = apt_sources()
     t0 = time.monotonic()
     versions = closure()
     key = cache_key(versions)
-    final = out_root / key
-    if (final / ".complete").is_file() and not force:
-        log(f"reusing {final} ({time.monotonic() - t0:.1f}s)")
-        return final
-    out_root.mkdir(parents=True, exist_ok=True)
-    with open(out_root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / ".complete").is_file() and not force:
-            log(f"reusing {final} (built meanwhile)")
-            return final
-        work = Path(tempfile.mkdtemp(prefix=f".work-{key}-", dir=out_root))
-        try:
-            root = work / "root"
-            log(f"mmdebstrap {SUITE}: {len(versions)} packages")
-            run(["mmdebstrap", "--variant=apt", "--mode=root", "--format=directory",
-                 "--aptopt=Acquire::Retries \"3\"", f"--include={','.join(PACKAGES)}",
-                 SUITE, str(root), str(sources)])
-            installed = dict(line.split("\t", 1) for line in run(
-                ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W",
-                 "-f", "${Package}\t${Version}\n"]).stdout.splitlines() if "\t" in line)
-            customize(root)
-            result = work / "out"
-            result.mkdir()
-            size = build_disk(root, work, result / "disk.qcow2")
-            manifest = {
-                "name": NAME,
-                "version": key,
-                "disk": "disk.qcow2",
-                "format": "qcow2",
-                "kernel": None,            # the firmware boots the disk (extlinux)
-                # the profile dgxvm image install records
-                "container_runtime": "podman",
-                "gpu_devices": "none",     # no NVIDIA driver in this image (simulated GPUs)
-                "readiness": "cloud-init",
-                "disk_size_mib": size,
-                "kernel_cmdline": KERNEL_CMDLINE,
-                "packages": dict(sorted(installed.items())),
-            }
-            (result / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            for p in result.iterdir():
-                os.chmod(p, 0o644)
-            (result / ".complete").write_text(key + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(result, final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        prune(out_root, final, log)
-    log(f"built {final} in {time.monotonic() - t0:.1f}s")
-    return final
+
+    def make(work: Path, result: Path) -> None:
+        root = work / "root"
+        log(f"mmdebstrap {SUITE}: {len(versions)} packages")
+        run(["mmdebstrap", "--variant=apt", "--mode=root", "--format=directory",
+             "--aptopt=Acquire::Retries \"3\"", f"--include={','.join(PACKAGES)}",
+             SUITE, str(root), str(sources)])
+        installed = dict(line.split("\t", 1) for line in run(
+            ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W",
+             "-f", "${Package}\t${Version}\n"]).stdout.splitlines() if "\t" in line)
+        customize(root)
+        size = build_disk(root, work, result / "disk.qcow2")
+        manifest = {
+            "name": NAME,
+            "version": key,
+            "disk": "disk.qcow2",
+            "format": "qcow2",
+            "kernel": None,            # the firmware boots the disk (extlinux)
+            # the profile dgxvm image install records
+            "container_runtime": "podman",
+            "gpu_devices": "none",     # no NVIDIA driver in this image (simulated GPUs)
+            "readiness": "cloud-init",
+            "disk_size_mib": size,
+            "kernel_cmdline": KERNEL_CMDLINE,
+            "packages": dict(sorted(installed.items())),
+        }
+        (result / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    return buildcache.cached_build(out_root, key, make, log, force=force, started=t0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                    help=f"cache directory (default {DEFAULT_OUT})")
-    ap.add_argument("--force", action="store_true", help="rebuild even if a complete build "
-                    "with the same key exists")
-    ap.add_argument("--print-key", action="store_true",
-                    help="print the cache key for the current package versions and exit")
-    args = ap.parse_args(argv)
-    try:
-        if args.print_key:
-            print(cache_key(closure()))
-            return 0
-        final = build(args.out.resolve(), args.force)
-    except BuildError as exc:
-        print(f"debian-cloud: ERROR {exc}", file=sys.stderr)
-        return 1
-    print(final)
-    return 0
+    return buildcache.main(argv, description=__doc__.split("\n")[0], default_out=DEFAULT_OUT,
+                           tag="debian-cloud", build=build, error=BuildError,
+                           print_key=lambda: cache_key(closure()))
 
 
 if __name__ == "__main__":
