@@ -4,8 +4,8 @@
 - every relative link points at a file of the repository (and, for a markdown file, at one of
   its headings or anchors), and no link or path leaves the repository;
 - every `dgxvm COMMAND [SUBCOMMAND] [--option]` the docs write in code exists in the click tree;
-- every config key they write (`section.key`, `[section] key`, `partitions.NAME.key`) exists in
-  the config dataclasses;
+- every config key they write (`section.key`, `[section] key`, `partitions.NAME.key`, and the
+  keys of a ```toml example) exists in the config dataclasses;
 - the keys docs/reference/json.md and the words docs/reference/admincomment.md list exist in
   the code.
 
@@ -297,8 +297,44 @@ def config_problems(path: Path) -> list[str]:
     return out
 
 
+def toml_blocks(text: str):
+    """(first line, text) of each ```toml block."""
+    block, start = None, 0
+    for n, line in enumerate(text.splitlines(), 1):
+        if block is None and re.match(r"\s*```toml\s*$", line):
+            block, start = [], n + 1
+        elif block is not None and FENCE.match(line):
+            yield start, "\n".join(block)
+            block = None
+        elif block is not None:
+            block.append(line)
+
+
+def toml_problems(path: Path) -> list[str]:
+    """Every key of a ```toml example that is dgxvm.toml's (its tables are dgxvm's sections)."""
+    import tomllib
+    out = []
+    for n, text in toml_blocks(path.read_text()):
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            out.append(f"{rel(path)}:{n}: a ```toml block that is not TOML: {exc}")
+            continue
+        tables = [(name, value) for name, value in doc.items() if name != "partitions"]
+        tables += [("partitions", t) for t in doc.get("partitions", {}).values()]
+        for section, table in tables:
+            if section not in config_keys() or not isinstance(table, dict):
+                out.append(f"{rel(path)}:{n}: ```toml block: no section [{section}] in "
+                           f"dgxvm.toml")
+                continue
+            for key in table:
+                if key not in config_keys()[section]:
+                    out.append(f"{rel(path)}:{n}: ```toml block: no key {key} in [{section}]")
+    return out
+
+
 def test_config_keys_the_docs_name_exist():
-    problems = [p for f in doc_files() for p in config_problems(f)]
+    problems = [p for f in doc_files() for p in config_problems(f) + toml_problems(f)]
     assert not problems, ("config keys the docs name that slurm_dgxvm/config.py does not "
                           "have:\n" + "\n".join(problems))
 
