@@ -91,6 +91,7 @@ def test_it_depends_on_debians_python_libraries_and_the_hypervisor(built):
     (UNIT, 0o644),
     (COMPLETION, 0o644),
     ("usr/share/man/man1/dgxvm.1.gz", 0o644),
+    ("usr/share/man/man5/dgxvm.toml.5.gz", 0o644),
     ("usr/lib/python3/dist-packages/slurm_dgxvm/design/templates/domain.xml.j2", 0o644),
     ("usr/lib/python3/dist-packages/slurm_dgxvm/seedfiles/dgxvm-guest.sh", 0o644),
 ])
@@ -98,6 +99,15 @@ def test_each_file_lands_where_the_readme_says_with_its_mode(built, path, mode):
     f = built["root"] / path
     assert f.is_file(), path
     assert f.stat().st_mode & 0o7777 == mode
+
+
+def test_the_documentation_lands_in_usr_share_doc(built):
+    """docs/ whole (dh_compress may have gzipped a page), README.md beside it."""
+    doc = built["root"] / "usr/share/doc/slurm-dgxvm"
+    assert (doc / "README.md").is_file() or (doc / "README.md.gz").is_file()
+    for page in (REPO / "docs").rglob("*.md"):
+        where = doc / page.relative_to(REPO)
+        assert where.is_file() or where.with_name(where.name + ".gz").is_file(), where
 
 
 def test_nothing_lands_in_usr_local_or_the_hooks_main_scripts(built):
