@@ -219,7 +219,7 @@ def _container(target, flags: ContainerFlags, request: Request, cfg, quiet: bool
     from ..containers.cache import ImageCache
     from ..containers.ref import parse
     from ..containers.registry import Registry
-    from .image_cache import evict_for_run
+    from ..containers.cache_admin import evict_for_run
     kind, gpu_devices, made = _vm_checks(target, flags, cfg)     # before any pull
     name = flags.container_name
     cache = ImageCache(Path(target.image_cache),

@@ -24,7 +24,7 @@ import pytest
 from slurm_dgxvm.access import session
 from slurm_dgxvm.access.request import Request
 from slurm_dgxvm.access.target import Target
-from slurm_dgxvm.cli import image_cache as cli_cache
+from slurm_dgxvm.containers import cache_admin
 from slurm_dgxvm.cli import main as cli_main
 from slurm_dgxvm.cli import run as run_cli
 from slurm_dgxvm.containers import ranlog
@@ -273,7 +273,7 @@ def accepted(job, monkeypatch):
         return Request(argv=kw["argv"], env={}, cwd=None)
     monkeypatch.setattr(ImageCache, "get_held", get_held)
     monkeypatch.setattr(ranlog, "append", lambda *a: None)
-    monkeypatch.setattr(cli_cache, "evict_for_run", lambda *a, **kw: None)
+    monkeypatch.setattr(cache_admin, "evict_for_run", lambda *a, **kw: None)
     monkeypatch.setattr(run_cli, "container_request", request)
     def session_run(target, request, **kw):
         seen["ran"] = request
@@ -348,7 +348,7 @@ from pathlib import Path
 from slurm_dgxvm.access import session
 from slurm_dgxvm.access.request import Request
 from slurm_dgxvm.access.target import Target
-from slurm_dgxvm.cli import image_cache as cli_cache
+from slurm_dgxvm.containers import cache_admin
 from slurm_dgxvm.cli import main as cli_main
 from slurm_dgxvm.cli import run as run_cli
 from slurm_dgxvm.containers import ranlog
