@@ -161,11 +161,11 @@ def cli(ctx, config_path, sysfs_root, state_dir):
     if ctx.invoked_subcommand in PRELOADED and not ctx.resilient_parsing:
         from ..preload import preload
         preload()
-    if LAZY_COMMANDS.get(ctx.invoked_subcommand or "", "").startswith(".run:"):
-        from . import run as run_cli   # imported already: click looks a command up first
-        if ctx.invoked_subcommand in run_cli.VERBS:
-            # dgxvm run's own status is the command's: dgxvm's failures must not look like one
-            _failure_code = run_cli.EXIT_RUN_FAILED
+    if ctx.invoked_subcommand:
+        # dgxvm run's own status is the command's: dgxvm's failures must not look like one
+        # (the command is loaded already: click looks a command up before this runs)
+        command = ctx.command.get_command(ctx, ctx.invoked_subcommand)
+        _failure_code = getattr(command, "failure_exit_code", None)
 
 
 # -- topology --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from slurm_dgxvm.access.request import Request
 from slurm_dgxvm.access.target import Target
 from slurm_dgxvm.containers import cache_admin
-from slurm_dgxvm.cli import run as run_cli
+from slurm_dgxvm.access import runner
 from slurm_dgxvm.cli.main import main
 from slurm_dgxvm.config import ContainersConfig
 from slurm_dgxvm.containers import ranlog
@@ -267,14 +267,14 @@ def fake_run(tmp_path, monkeypatch):
         state["during"]()
         return 0
 
-    monkeypatch.setattr(run_cli, "target_for", lambda env, job: target)
-    monkeypatch.setattr(run_cli, "_request", lambda t, argv, cfg: (Request(argv=argv, env={},
+    monkeypatch.setattr(runner, "target_for", lambda env, job: target)
+    monkeypatch.setattr(runner, "job_request", lambda t, argv, cfg: (Request(argv=argv, env={},
                                                                            cwd=None), None))
     monkeypatch.setattr(profile, "runtime_of", lambda store, name: ("runc", "none"))
     monkeypatch.setattr(ImageCache, "get", get)
     monkeypatch.setattr(ranlog, "append", lambda *a: None)
-    monkeypatch.setattr(run_cli, "container_request", lambda flags, **kw: kw)
-    monkeypatch.setattr(run_cli.session, "run", session_run)
+    monkeypatch.setattr(runner, "container_request", lambda flags, **kw: kw)
+    monkeypatch.setattr(runner.session, "run", session_run)
     monkeypatch.setattr(cache_admin.os, "geteuid", lambda: 1000)
 
     def run(config: str, *flags: str) -> int:
