@@ -6,6 +6,10 @@ hooks, later) that turns them into one line on stderr and the error's exit code.
 Start-up: ``dgxvm run`` runs once per task of a job, so this module imports only what every
 command needs. The commands of the other cli modules are imported when they are looked up
 (:class:`LazyGroup`), and the commands defined here import their library code when they run.
+
+The group's object (:class:`~.context.Context`) is made by :func:`main` and carries back the
+exit status of dgxvm's own failures for the command invoked (its ``failure_exit_code``:
+``dgxvm run``/``shell``, whose status is the command's).
 """
 
 from __future__ import annotations
@@ -15,67 +19,16 @@ import json
 import os
 import sys
 import traceback
-from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from .. import __version__
 from .. import config as config_mod
 from ..errors import DgxvmError, EXIT_BAD_INPUT, EXIT_INTERNAL, ModuleMissing
+from .context import Context, pass_ctx
 from .params import GIB, GPU_LIST, MIB, request_flags
 
-if TYPE_CHECKING:
-    from ..ledger import Ledger
-    from ..placement import Policy
-
-
-class Context:
-    """What every command needs, built lazily once: config, host model, ledger."""
-
-    def __init__(self, config_path: str | None, sysfs_root: str | None, state_dir: str | None):
-        self._config_path = config_path
-        self._sysfs_root = sysfs_root
-        self._state_dir = state_dir
-
-    @cached_property
-    def config(self) -> config_mod.Config:
-        return config_mod.load(self._config_path).with_overrides(
-            sysfs_root=self._sysfs_root, state_dir=self._state_dir)
-
-    @cached_property
-    def env(self):
-        """The library's environment on this config: host model, ledger, policy, and for the VM
-        verbs libvirt, images and VM records (all built lazily, once)."""
-        from ..lifecycle import Env
-        return Env(self.config)
-
-    @property
-    def host(self):
-        return self.env.host
-
-    @property
-    def ledger(self) -> Ledger:
-        return self.env.ledger
-
-    @property
-    def policy(self) -> Policy:
-        return self.env.policy
-
-    def ledger_state(self):
-        """The ledger for display; a state dir that does not exist yet is an empty ledger."""
-        return self.ledger.read()
-
-    def image_users(self) -> dict[str, list[str]]:
-        return self.env.image_users()
-
-
-pass_ctx = click.make_pass_decorator(Context)
-
-#: the exit status of every failure of dgxvm itself when the verb passes a command's status
-#: through (``dgxvm run``/``shell``: 125); None: each error's own code
-_failure_code: int | None = None
 
 #: the commands defined in the other cli modules: name -> "module:attribute", relative to this
 #: package, imported when click looks the name up (to run it, or for ``dgxvm --help``)
@@ -156,8 +109,7 @@ class LazyGroup(click.Group):
 @click.pass_context
 def cli(ctx, config_path, sysfs_root, state_dir):
     """Topology-aligned GPU virtual machines for Slurm jobs on DGX-class servers."""
-    global _failure_code
-    ctx.obj = Context(config_path, sysfs_root, state_dir)
+    c = ctx.ensure_object(Context).locate(config_path, sysfs_root, state_dir)
     if ctx.invoked_subcommand in PRELOADED and not ctx.resilient_parsing:
         from ..preload import preload
         preload()
@@ -165,7 +117,7 @@ def cli(ctx, config_path, sysfs_root, state_dir):
         # dgxvm run's own status is the command's: dgxvm's failures must not look like one
         # (the command is loaded already: click looks a command up before this runs)
         command = ctx.command.get_command(ctx, ctx.invoked_subcommand)
-        _failure_code = getattr(command, "failure_exit_code", None)
+        c.failure_code = getattr(command, "failure_exit_code", None)
 
 
 # -- topology --------------------------------------------------------------------------------------
@@ -391,16 +343,16 @@ def main(argv=None) -> int:
     """Entry point: run the CLI, turning our errors into one line and an exit code (for
     ``dgxvm run``/``shell``, every failure of dgxvm itself is 125: their status is the
     command's)."""
-    global _failure_code
-    _failure_code = None
-    rc, failed = _main(argv)
-    return _failure_code if failed and _failure_code is not None else rc
+    obj = Context()
+    rc, failed = _main(argv, obj)
+    return obj.failure_code if failed and obj.failure_code is not None else rc
 
 
-def _main(argv) -> tuple[int, bool]:
-    """(exit code, whether dgxvm itself failed)."""
+def _main(argv, obj: Context) -> tuple[int, bool]:
+    """(exit code, whether dgxvm itself failed; ``obj``: the group's object, which says the
+    exit status of dgxvm's own failures for the command invoked)."""
     try:
-        rv = cli.main(args=argv, prog_name="dgxvm", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="dgxvm", standalone_mode=False, obj=obj)
         if isinstance(rv, int):
             return rv, False  # click returns the code of a ctx.exit()/Exit without standalone_mode
     except DgxvmError as exc:
