@@ -268,6 +268,13 @@ class SimulateError(HostError):
     template = "simulate: {reason}"
 
 
+class SimulateUsage(BadInput):
+    """Arguments of ``dgxvm simulate`` that make neither of its forms (a new tree, faults
+    into an existing one); ``param`` names the argument at fault (None: the combination)."""
+
+    template = "{reason}"
+
+
 class SeedError(HostError):
     """Building a per-VM NoCloud seed or key failed (tool output attached)."""
 

@@ -7,7 +7,7 @@ import json
 
 import click
 
-from .main import pass_ctx
+from .context import pass_ctx
 
 _ROOTS = "dgxvm.host.roots"
 

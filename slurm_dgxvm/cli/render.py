@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import string
 
 import click
 
+from ..placement.report import holders
 from ..ranges import format_index_list
 from ..topology.model import FULL_PASSTHROUGH, SHARED_NVSWITCH, Host
 
@@ -16,15 +18,6 @@ _MODEL_TEXT = {
     "none": "none (PCIe GPUs only)",
 }
 _COLORS = ("cyan", "magenta", "yellow", "green", "blue", "red")
-
-
-def holders(state) -> dict[str, str]:
-    """PCI address -> ledger key of the allocation holding it."""
-    out = {}
-    for key, a in state.allocations.items():
-        for pci in (*a.gpu_pcis, *a.nvswitches):
-            out[pci] = key
-    return out
 
 
 def _short(pci: str) -> str:
@@ -153,3 +146,8 @@ def placement_text(host: Host, p) -> str:
     lines.append(f"  OS disk      {p.disk_gib} GiB")
     lines.append(f"  NICs         {', '.join(p.nics) or 'none near these GPUs'}")
     return "\n".join(lines)
+
+
+def emit_json(doc) -> None:
+    """``doc`` as the commands' ``--json`` print it: indented, keys sorted (stable)."""
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))

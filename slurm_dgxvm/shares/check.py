@@ -91,3 +91,9 @@ def findings(virtiofsd: str, share_roots: Sequence[str]) -> list[Finding]:
     if not share_roots:
         out.append(Finding("share roots", True, "[vm] share_roots is empty: nothing is shared"))
     return out
+
+
+def node_findings(vm) -> list[Finding]:
+    """The checks for this node's ``[vm]`` config (``dgxvm share check``): none when it shares
+    nothing (``share = "none"``)."""
+    return findings(vm.virtiofsd, vm.share_roots) if vm.share != "none" else []

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from harness.registry import LocalRegistry, build_image, free_port, push_multiarch
-from slurm_dgxvm.cli import image_cache as cli_cache
+from slurm_dgxvm.containers import cache_admin
 from slurm_dgxvm.config import ContainersConfig
 from slurm_dgxvm.containers.cache import ImageCache, tree_size
 from slurm_dgxvm.containers.ref import parse
@@ -285,7 +285,7 @@ def _hold(root, endpoint, ref, ready, stop):
 
 def test_a_configured_limit_evicts_real_images_but_never_one_a_run_holds(
         cache, reg, work, monkeypatch, capsys):
-    """What dgxvm run does after its get (cli.image_cache.evict_for_run, as an ordinary user:
+    """What dgxvm run does after its get (containers.cache_admin.evict_for_run, as an ordinary user:
     root never evicts in a user's cache), on images pulled for real: their recorded sizes add
     up, the one another process holds stays, the others go, one line each."""
     held_ref, held = fresh(reg, work, "limit-held")
@@ -305,9 +305,9 @@ def test_a_configured_limit_evicts_real_images_but_never_one_a_run_holds(
         sizes = {e.digest: e.size for e in cache.entries()}
         for digest, size in sizes.items():         # recorded at pull: the tree, give or take
             assert size <= tree_size(cache.entry_path(digest)) <= size + 16384   # image.json
-        monkeypatch.setattr(cli_cache.os, "geteuid", lambda: 1000)
+        monkeypatch.setattr(cache_admin.os, "geteuid", lambda: 1000)
         limit = ContainersConfig(cache_max_gib=(sizes[mine] + 1) / 1024 ** 3)
-        cli_cache.evict_for_run(cache, limit, keep={mine}, quiet=False)
+        cache_admin.evict_for_run(cache, limit, keep={mine}, quiet=False)
         assert sorted(e.digest for e in cache.entries()) == sorted([held, mine])
         err = capsys.readouterr().err
         assert re.fullmatch(rf"dgxvm: evicted {re.escape(old_ref)}@{old} \(\d+\.\d [KM]iB, "
@@ -316,7 +316,7 @@ def test_a_configured_limit_evicts_real_images_but_never_one_a_run_holds(
         stop.set()
         holder.join(60)
     assert holder.exitcode == 0
-    cli_cache.evict_for_run(cache, limit, keep={mine}, quiet=True)      # the run has ended
+    cache_admin.evict_for_run(cache, limit, keep={mine}, quiet=True)      # the run has ended
     assert [e.digest for e in cache.entries()] == [mine]
     assert capsys.readouterr().err == ""
 

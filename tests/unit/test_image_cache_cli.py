@@ -15,8 +15,8 @@ import pytest
 
 from slurm_dgxvm.access.request import Request
 from slurm_dgxvm.access.target import Target
-from slurm_dgxvm.cli import image_cache as cli_cache
-from slurm_dgxvm.cli import run as run_cli
+from slurm_dgxvm.containers import cache_admin
+from slurm_dgxvm.access import runner
 from slurm_dgxvm.cli.main import main
 from slurm_dgxvm.config import ContainersConfig
 from slurm_dgxvm.containers import ranlog
@@ -267,15 +267,15 @@ def fake_run(tmp_path, monkeypatch):
         state["during"]()
         return 0
 
-    monkeypatch.setattr(run_cli, "target_for", lambda env, job: target)
-    monkeypatch.setattr(run_cli, "_request", lambda t, argv, cfg: (Request(argv=argv, env={},
+    monkeypatch.setattr(runner, "target_for", lambda env, job: target)
+    monkeypatch.setattr(runner, "job_request", lambda t, argv, cfg: (Request(argv=argv, env={},
                                                                            cwd=None), None))
     monkeypatch.setattr(profile, "runtime_of", lambda store, name: ("runc", "none"))
     monkeypatch.setattr(ImageCache, "get", get)
     monkeypatch.setattr(ranlog, "append", lambda *a: None)
-    monkeypatch.setattr(run_cli, "container_request", lambda flags, **kw: kw)
-    monkeypatch.setattr(run_cli.session, "run", session_run)
-    monkeypatch.setattr(cli_cache.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(runner, "container_request", lambda flags, **kw: kw)
+    monkeypatch.setattr(runner.session, "run", session_run)
+    monkeypatch.setattr(cache_admin.os, "geteuid", lambda: 1000)
 
     def run(config: str, *flags: str) -> int:
         path = tmp_path / "dgxvm.toml"
@@ -346,10 +346,10 @@ def test_a_failed_eviction_never_fails_the_run(fake_run, capsys, monkeypatch):
 def test_root_never_evicts_in_a_users_cache(tmp_path, monkeypatch):
     cache = ImageCache(tmp_path)
     entry(cache, D1, 10, 1)
-    monkeypatch.setattr(cli_cache.os, "geteuid", lambda: 0)
-    cli_cache.evict_for_run(cache, ContainersConfig(cache_max_age_days=1), keep=(), quiet=False)
+    monkeypatch.setattr(cache_admin.os, "geteuid", lambda: 0)
+    cache_admin.evict_for_run(cache, ContainersConfig(cache_max_age_days=1), keep=(), quiet=False)
     assert digests(cache) == [D1]
-    monkeypatch.setattr(cli_cache.os, "geteuid", lambda: 1000)
-    cli_cache.evict_for_run(cache, ContainersConfig(cache_max_age_days=1), keep=(), quiet=False)
+    monkeypatch.setattr(cache_admin.os, "geteuid", lambda: 1000)
+    cache_admin.evict_for_run(cache, ContainersConfig(cache_max_age_days=1), keep=(), quiet=False)
     assert digests(cache) == []
 

@@ -24,9 +24,9 @@ import pytest
 from slurm_dgxvm.access import session
 from slurm_dgxvm.access.request import Request
 from slurm_dgxvm.access.target import Target
-from slurm_dgxvm.cli import image_cache as cli_cache
+from slurm_dgxvm.containers import cache_admin
 from slurm_dgxvm.cli import main as cli_main
-from slurm_dgxvm.cli import run as run_cli
+from slurm_dgxvm.access import runner
 from slurm_dgxvm.containers import ranlog
 from slurm_dgxvm.containers.cache import ImageCache
 from slurm_dgxvm.containers.registry import Registry
@@ -123,8 +123,8 @@ def tripwires(monkeypatch):
             raise Tripwire(name)
         return tripped
     monkeypatch.setattr(cli_main.Context, "env", property(wire("config/env")))
-    monkeypatch.setattr(run_cli, "target_for", wire("target_for"))
-    monkeypatch.setattr(run_cli, "become_job_user", wire("become_job_user"), raising=False)
+    monkeypatch.setattr(runner, "target_for", wire("target_for"))
+    monkeypatch.setattr(runner, "become_job_user", wire("become_job_user"), raising=False)
     for name in ("__init__", "get", "get_held", "lookup", "in_use"):
         monkeypatch.setattr(ImageCache, name, wire(f"ImageCache.{name}"))
     for name in ("resolve", "pull", "for_user"):
@@ -187,7 +187,7 @@ def job(tmp_path, monkeypatch):
                     image="noble", image_cache=str(tmp_path / "cache"))
     monkeypatch.setattr(cli_main.Context, "env",
                         property(lambda c: type("E", (), {"cfg": c.config})()))
-    monkeypatch.setattr(run_cli, "target_for", lambda env, job: target)
+    monkeypatch.setattr(runner, "target_for", lambda env, job: target)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setattr(profile, "runtime_of", lambda store, name: ("runc", "none"))
     monkeypatch.setenv("SLURM_JOB_ID", "7")
@@ -273,8 +273,8 @@ def accepted(job, monkeypatch):
         return Request(argv=kw["argv"], env={}, cwd=None)
     monkeypatch.setattr(ImageCache, "get_held", get_held)
     monkeypatch.setattr(ranlog, "append", lambda *a: None)
-    monkeypatch.setattr(cli_cache, "evict_for_run", lambda *a, **kw: None)
-    monkeypatch.setattr(run_cli, "container_request", request)
+    monkeypatch.setattr(cache_admin, "evict_for_run", lambda *a, **kw: None)
+    monkeypatch.setattr(runner, "container_request", request)
     def session_run(target, request, **kw):
         seen["ran"] = request
         return 0
@@ -329,7 +329,7 @@ def test_root_is_refused_when_the_jobs_user_cannot_be_become(job, capsys, monkey
     from slurm_dgxvm.access import target as target_mod
     uid = _free_uid() if uid is None else uid
     bad = Target(**{**job.__dict__, "uid": uid, "gid": uid, "user": user})
-    monkeypatch.setattr(run_cli, "target_for", lambda env, j: bad)
+    monkeypatch.setattr(runner, "target_for", lambda env, j: bad)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     dropped = []
     for name in ("setgroups", "setresgid", "setresuid"):
@@ -348,9 +348,9 @@ from pathlib import Path
 from slurm_dgxvm.access import session
 from slurm_dgxvm.access.request import Request
 from slurm_dgxvm.access.target import Target
-from slurm_dgxvm.cli import image_cache as cli_cache
+from slurm_dgxvm.containers import cache_admin
 from slurm_dgxvm.cli import main as cli_main
-from slurm_dgxvm.cli import run as run_cli
+from slurm_dgxvm.access import runner
 from slurm_dgxvm.containers import ranlog
 from slurm_dgxvm.containers.cache import ImageCache
 from slurm_dgxvm.containers.registry import Registry
@@ -363,7 +363,7 @@ target = Target(job_id=7, domain="job-7", address="10.0.0.2", user="nobody",
                 key=str(tmp / "vm" / "key"), known_hosts="kh", state="running", workdir=None,
                 gpus=(), slurm_gpus=(), uid=65534, gid=65534, image="noble",
                 image_cache=str(tmp / "cache"))
-run_cli.target_for = lambda env, job: target
+runner.target_for = lambda env, job: target
 cli_main.Context.env = property(lambda c: type("E", (), {"cfg": c.config})())
 profile.runtime_of = lambda store, name: ("runc", "none")
 
@@ -438,9 +438,9 @@ def test_roots_run_is_the_jobs_users_own_with_their_credentials_not_roots(traver
 @root_only
 def test_roots_run_of_roots_own_job_stays_root(job, capsys, monkeypatch):
     root_job = Target(**{**job.__dict__, "uid": 0, "gid": 0, "user": "root"})
-    monkeypatch.setattr(run_cli, "target_for", lambda env, j: root_job)
+    monkeypatch.setattr(runner, "target_for", lambda env, j: root_job)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(run_cli, "become_job_user",
+    monkeypatch.setattr(runner, "become_job_user",
                         lambda *a: pytest.fail("root's own job needs no drop"))
     monkeypatch.setattr(session, "run", lambda *a, **kw: 0)
     rc, err = dgxvm(capsys, "run", "--", "true")
