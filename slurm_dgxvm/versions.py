@@ -24,6 +24,6 @@ def versions() -> dict:
     try:
         import libvirt  # noqa: F401  (optional until the VM lifecycle lands)
         doc["libvirt_python"] = libvirt.getVersion()
-    except Exception:
+    except Exception:  # noqa: BLE001 - libvirt-python absent or broken: the version says null
         doc["libvirt_python"] = None
     return doc
