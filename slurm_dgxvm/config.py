@@ -13,9 +13,8 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .containers.ref import _HOST as REGISTRY_HOST   # what an image reference's registry is
 from .errors import ConfigError, NameError_
-from .names import image_name, path_problem
+from .names import REGISTRY_HOST, image_name, path_problem
 from .netfilter import HostService, parse_service, table_name
 
 DEFAULT_CONFIG_PATH = "/etc/dgxvm/dgxvm.toml"

@@ -14,6 +14,12 @@ from .errors import NameError_
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
+# What an image reference's registry is (distribution/reference's domain: DNS labels, an
+# optional port). Here, low, so that config (the [containers] registries) and containers.ref
+# (parsing a reference) share it without config importing the containers package.
+REGISTRY_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)"
+                           r"(?:\.(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?))*(?::[0-9]{1,5})?")
+
 
 def check_name(value: str, kind: str) -> str:
     """Return ``value`` if it is a safe name, else raise NameError_ naming ``kind`` and why."""
