@@ -28,8 +28,6 @@ from pathlib import Path
 
 from .. import failpoints, hypervisor, images as images_mod, opstats, seed as seed_mod
 from ..config import Config
-from ..containers import ranlog
-from ..containers.cachedir import user_cache_dir
 from ..design import (RealHost, VmInputs, design, domain_xml, fit_to_host, image_cache_tag, mac_for,
                       share_tag)
 from ..errors import (ContainerCacheError, DomainExists, HostError, HypervisorError,
@@ -40,11 +38,12 @@ from ..ledger import Allocation, domain_key, job_key
 from ..names import domain_name
 from ..placement import Occupancy, Placement, Request, place
 from ..records import (CONSOLE_LOG, DATA_DISK, DOMAIN_XML, HOST_KEY, IMAGE_CACHE_SPEC,
-                       IMAGE_CACHE_WRAPPER, KNOWN_HOSTS, OS_DISK, SEED, SHARE_SPEC, SHARE_WRAPPER,
-                       USER_KEY, VmRecord)
+                       IMAGE_CACHE_WRAPPER, KNOWN_HOSTS, OS_DISK, RANLOG, SEED, SHARE_SPEC,
+                       SHARE_WRAPPER, USER_KEY, VmRecord)
 from ..shares import policy as share_policy, virtiofsd as share_server
 from ..stages import StageTimer
 from . import vmlock
+from .cachedir import user_cache_dir
 from .env import Env, Progress, quiet
 from .identity import group_names, hostname_for
 
@@ -259,7 +258,7 @@ class _Creation:
         atomic_write(vmdir / KNOWN_HOSTS, f"{self.address} {host_pub}\n", mode=0o600,
                      uid=req.uid, gid=req.gid)
         # the images the job's dgxvm run ran (theirs to write; the Epilog reads it, checked)
-        atomic_write(vmdir / ranlog.FILE, "", mode=0o600, uid=req.uid, gid=req.gid)
+        atomic_write(vmdir / RANLOG, "", mode=0o600, uid=req.uid, gid=req.gid)
         mounts = ()
         if self.share is not None:
             self.share.save(vmdir / SHARE_SPEC)
