@@ -10,7 +10,7 @@ import os
 
 import click
 
-from ..lifecycle import reconciler
+from ..reconcile import apply as reconciler
 from ..names import shown
 from ..slurm import liveness
 from ..slurm.commands import Slurm

@@ -2,7 +2,7 @@
 
 ``dgxvm reconcile`` compares libvirt's domains, the ledger, the VM directories and records,
 dgxvm's DHCP reservations, Fabric Manager's active partitions and Slurm's jobs on this node
-(:class:`NodeFacts`, gathered by :mod:`.reconciler`), and :func:`plan` says, one
+(:class:`NodeFacts`, gathered by :mod:`.apply`), and :func:`plan` says, one
 :class:`Finding` each, what belongs to no live job or admin VM and how it goes. Nothing here
 touches the node: facts in, findings out, so every rule is tested with facts made by hand.
 

@@ -1,4 +1,4 @@
-"""reconcile, the run: read the node (:func:`collect`), plan (:mod:`.reconcile`), act.
+"""reconcile, the run: read the node (:func:`collect`), plan (:mod:`.plan`), act.
 
 Safe while jobs start and end:
 
@@ -26,10 +26,11 @@ from dataclasses import dataclass, field, replace
 from .. import hypervisor
 from ..errors import DgxvmError, DomainNotFound, LedgerCorrupt, RecordCorrupt, UserTreeRefused
 from ..ledger import Allocation, domain_key
-from . import cache_partials, vmlock
-from .delete import delete, domain_owner
-from .env import Env
-from .reconcile import (CACHE_UNREAD_HOLD, IN_PROGRESS, DomainFact, Finding, JobsOnNode,
+from ..lifecycle import vmlock
+from ..lifecycle.delete import delete, domain_owner
+from ..lifecycle.env import Env
+from . import cache_partials
+from .plan import (CACHE_UNREAD_HOLD, IN_PROGRESS, DomainFact, Finding, JobsOnNode,
                         NodeFacts, Outcome, VmFacts, exit_code, partitions_off_under_running_vms,
                         plan, planned, rebuild)
 
