@@ -243,7 +243,7 @@ def plan(c: Context, gpu_count, gpu_index, slurm_gpus, vcpus, memory, disk_size,
 @pass_ctx
 def gres_conf_cmd(c: Context, dev_dir, node_name):
     """Print a gres.conf for this host (File= per VFIO group, Cores= per socket)."""
-    from ..slurm.gres import gres_conf
+    from ..topology.gres import gres_conf
     click.echo(gres_conf(c.host, dev_dir=dev_dir, node_name=node_name), nl=False)
 
 
