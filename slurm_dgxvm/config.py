@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .errors import ConfigError, NameError_
+from .errors import BadName, ConfigError
 from .names import REGISTRY_HOST, image_name, path_problem
 from .netfilter import HostService, parse_service, table_name
 
@@ -387,7 +387,7 @@ def _validate(cfg: Config, path: str) -> None:
         for img in (part.image, *part.images):
             try:
                 img and image_name(img)
-            except NameError_ as exc:
+            except BadName as exc:
                 raise ConfigError(path=path, reason=f"{where}: {exc}") from None
     if cfg.ledger.lock_timeout_s <= 0:
         raise ConfigError(path=path, reason=f"ledger.lock_timeout_s must be > 0, "

@@ -79,7 +79,7 @@ def create(env: Env, req: CreateRequest, progress: Progress = quiet,
     AdminComment). The create is counted in :mod:`slurm_dgxvm.opstats`, failed or not, unless
     :meth:`_Creation.preflight` refused the request for its own fault (nothing was taken).
 
-    Raises: NameError_ (bad name), DomainExists, ImageError, RequestError / NoFit (placement),
+    Raises: BadName (bad name), DomainExists, ImageError, RequestError / NoFit (placement),
     ShareRefused (the work dir; ImageCacheRefused: the user's image cache, ShareTimeout: the
     user's files did not answer in time), ContainerCacheError (``<cache_dir>`` itself),
     LedgerConflict / LedgerLockTimeout, SeedError, DiskError, FabricError, HypervisorError,

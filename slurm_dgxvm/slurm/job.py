@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..config import Config
-from ..errors import ImageError, JobRefused, NameError_, QuantityNamed
+from ..errors import BadName, ImageError, JobRefused, QuantityNamed
 from ..errors import is_job_fault as is_job_fault   # where the hooks and their tests look
 from ..lifecycle.identity import domain_for as domain_for   # the job's VM is the lifecycle's
 from ..names import image_name
@@ -140,7 +140,7 @@ def create_request(cfg: Config, job: SlurmJob, images, home: str | None = None) 
     if chosen is not None:
         try:
             image_name(chosen)
-        except NameError_ as exc:
+        except BadName as exc:
             raise JobRefused(reason=f"job comment: {exc}") from None
         offered = offered_images(cfg, job.partition, images)
         if chosen not in offered:
