@@ -28,6 +28,8 @@ NODE_HUGEPAGES = NODE_DIR + "/hugepages"         # hugepages-<size>kB/{nr,free}_
 CPU_ONLINE = "sys/devices/system/cpu/online"
 CPU_TOPOLOGY = "sys/devices/system/cpu/cpu{cpu}/topology"
 IOMMU_GROUPS = "sys/kernel/iommu_groups"
+HUGEPAGES = "sys/kernel/mm/hugepages"            # the host's pools: hugepages-<size>kB/
+HUGEPAGES_FREE = HUGEPAGES + "/{size}/free_hugepages"
 MODULE = "sys/module/{name}"                     # a loaded (or built-in) kernel module
 # A device's health signals and its reset (what the host can see of a GPU bound to vfio-pci).
 # config: the config space (vendor id at offset 0, all ones when the device has fallen off the
