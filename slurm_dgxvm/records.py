@@ -80,7 +80,7 @@ class VmRecord:
                                         # this path (None: none; records before it had none)
     groups: tuple[int, ...] = ()        # the user's supplementary gids, as the guest has them
                                         # (records before it: none known)
-    # seconds per stage (slurm_dgxvm.stages), ms rounded; records before them: {}
+    # seconds per stage (slurm_dgxvm.observe.stages), ms rounded; records before them: {}
     create_stages: dict[str, float] = field(default_factory=dict)
     teardown_stages: dict[str, float] = field(default_factory=dict)
     # the teardown's GPU (and NVSwitch) resets: PCI address -> seconds; and the devices the

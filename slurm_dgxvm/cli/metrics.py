@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .. import metrics as metrics_mod, opstats
+from ..observe import metrics as metrics_mod, opstats
 
 
 def _textfile(_ctx, _param, value: str) -> str:

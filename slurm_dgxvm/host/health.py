@@ -146,7 +146,7 @@ def _fabric(env: Env, *, with_vms: bool) -> str:
     """Fabric Manager answers; and, when the ledger and libvirt can be read, which running VMs
     hold a partition it has not active (DEGRADED: those VMs' GPUs have no NVLink)."""
     from ..lifecycle import vmlock
-    from ..hypervisor import is_active, lookup
+    from ..virt.hypervisor import is_active, lookup
     active = {p for p, on in env.fabric.list().items() if on}
     said = f"Fabric Manager answers: {len(active)} partition(s) active"
     if not with_vms:

@@ -4,8 +4,8 @@ The steps, in order (each a method of :class:`_Creation`, named as the progress 
 reports): place and record in the ledger -> the VM directory -> keys, address and seed -> disks
 -> design the domain (fit to this host) -> record -> define -> FM partition -> start -> wait
 until the guest agent answers -> record "running". Each is timed as one of the create stages
-of :mod:`slurm_dgxvm.stages` (:meth:`_Creation.steps` says which); the record keeps them, and
-every create, failed or not, is counted in :mod:`slurm_dgxvm.opstats`.
+of :mod:`slurm_dgxvm.observe.stages` (:meth:`_Creation.steps` says which); the record keeps them, and
+every create, failed or not, is counted in :mod:`slurm_dgxvm.observe.opstats`.
 
 One cleanup path: every step that takes something registers its undo on the one ExitStack; a
 failure anywhere unwinds exactly what was done, in reverse, and re-raises the first error.
@@ -26,14 +26,16 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import failpoints, hypervisor, images as images_mod, opstats, seed as seed_mod
+from .. import failpoints, images as images_mod, seed as seed_mod
+from ..virt import hypervisor
+from ..observe import opstats
 from ..config import Config
 from ..design import (RealHost, VmInputs, design, domain_xml, fit_to_host, image_cache_tag, mac_for,
                       share_tag)
 from ..errors import (ContainerCacheError, DomainExists, HostError, HypervisorError,
                       ImageCacheRefused, NoFit, ShareRefused, ShareTimeout, is_job_fault)
 from ..fsutil import atomic_write
-from ..guest import wait_ready
+from ..virt.guest import wait_ready
 from ..ledger import Allocation, domain_key, job_key
 from ..names import domain_name
 from ..placement import Occupancy, Placement, Request, place
@@ -41,7 +43,7 @@ from ..records import (CONSOLE_LOG, DATA_DISK, DOMAIN_XML, HOST_KEY, IMAGE_CACHE
                        IMAGE_CACHE_WRAPPER, KNOWN_HOSTS, OS_DISK, RANLOG, SEED, SHARE_SPEC,
                        SHARE_WRAPPER, USER_KEY, VmRecord)
 from ..shares import policy as share_policy, virtiofsd as share_server
-from ..stages import StageTimer
+from ..observe.stages import StageTimer
 from . import vmlock
 from .cachedir import user_cache_dir
 from .env import Env, Progress, quiet
@@ -76,7 +78,7 @@ def create(env: Env, req: CreateRequest, progress: Progress = quiet,
 
     ``timer`` (a new one by default) is told each stage as it runs: a caller that passes its
     own still has the stages a failed create reached (the Prolog puts them in the job's
-    AdminComment). The create is counted in :mod:`slurm_dgxvm.opstats`, failed or not, unless
+    AdminComment). The create is counted in :mod:`slurm_dgxvm.observe.opstats`, failed or not, unless
     :meth:`_Creation.preflight` refused the request for its own fault (nothing was taken).
 
     Raises: BadName (bad name), DomainExists, ImageError, RequestError / NoFit (placement),

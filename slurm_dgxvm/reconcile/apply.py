@@ -23,7 +23,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 
-from .. import hypervisor
+from ..virt import hypervisor
 from ..errors import DgxvmError, DomainNotFound, LedgerCorrupt, RecordCorrupt, UserTreeRefused
 from ..ledger import Allocation, domain_key
 from ..lifecycle import vmlock

@@ -36,12 +36,13 @@ import os
 from pathlib import Path
 from collections.abc import Callable, Mapping
 
-from .. import lifecycle, opstats
+from .. import lifecycle
+from ..observe import opstats
 from ..containers import ranlog
 from ..errors import BadName, DgxvmError, DomainNotFound, NoFit, SlurmCommandError
 from ..fsutil import atomic_write
 from ..ranges import format_index_list
-from ..stages import StageTimer
+from ..observe.stages import StageTimer
 from .accounting import encode, failure_fields, vm_fields
 from .commands import Slurm
 from . import jobinput

@@ -20,10 +20,13 @@ Why the layers are cut where they are (the rest follows the imports the code nee
   lifecycle (under its locks) and sweeps the users' container image caches.
 * ``lifecycle`` never imports ``containers``: what a VM's create needs of the image cache (the
   user's cache directory, the ranlog's file name) is ``lifecycle.cachedir`` and ``records``.
-* ``health`` includes the checks ``dgxvm health`` runs (``health.hostcheck``), which ask libvirt
-  (``hypervisor``); ``hypervisor`` renders domains with ``design``.
-* ``metrics`` and ``preload`` are loaded only by verbs; ``netfilter`` sits at the bottom because
-  ``config`` parses its host service names.
+* ``health`` is the devices' health (probe, policy, reset, the quarantine record), which the
+  lifecycle runs after every VM. The node's checks ``dgxvm health`` runs read the node through
+  the lifecycle's ``Env`` and its VM locks, so they are ``host.health``, above the lifecycle.
+* ``virt`` (``hypervisor``, ``guest``) renders domains with ``design``; ``observe`` (stages,
+  opstats, metrics) is what the lifecycle and the Slurm side count and time with.
+* ``preload`` is loaded only by verbs; ``netfilter`` sits at the bottom because ``config`` parses
+  its host service names.
 """
 
 from __future__ import annotations
@@ -40,19 +43,19 @@ MAX_LINES = 700
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("cli",),
-    ("metrics", "preload"),
+    ("preload",),
     ("slurm",),
     ("access",),
     ("host",),
     ("reconcile",),
     ("lifecycle",),
     ("health",),
-    ("guest", "hypervisor"),
+    ("virt",),
     ("design",),
     ("containers",),
     ("shares",),
     ("placement", "topology", "simulate", "ledger", "records", "images", "seed", "fabric",
-     "opstats", "stages", "failpoints"),
+     "observe", "failpoints"),
     ("config", "errors", "fsutil", "tools", "names", "ranges", "netfilter", "lazy"),
 )
 LAYER_OF = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

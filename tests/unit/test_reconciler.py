@@ -14,7 +14,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from slurm_dgxvm import config as config_mod, hypervisor
+from slurm_dgxvm import config as config_mod
+from slurm_dgxvm.virt import hypervisor
 from slurm_dgxvm.design import mac_for
 from slurm_dgxvm.design.spec import XMLNS
 from slurm_dgxvm.ledger import Allocation, domain_key, job_key
