@@ -4,8 +4,8 @@ The steps, in order (each a method of :class:`_Creation`, named as the progress 
 reports): place and record in the ledger -> the VM directory -> keys, address and seed -> disks
 -> design the domain (fit to this host) -> record -> define -> FM partition -> start -> wait
 until the guest agent answers -> record "running". Each is timed as one of the create stages
-of :mod:`slurm_dgxvm.observe.stages` (:meth:`_Creation.steps` says which); the record keeps them, and
-every create, failed or not, is counted in :mod:`slurm_dgxvm.observe.opstats`.
+of :mod:`slurm_dgxvm.observe.stages` (:meth:`_Creation.steps` says which); the record keeps
+them, and every create, failed or not, is counted in :mod:`slurm_dgxvm.observe.opstats`.
 
 One cleanup path: every step that takes something registers its undo on the one ExitStack; a
 failure anywhere unwinds exactly what was done, in reverse, and re-raises the first error.
@@ -78,8 +78,8 @@ def create(env: Env, req: CreateRequest, progress: Progress = quiet,
 
     ``timer`` (a new one by default) is told each stage as it runs: a caller that passes its
     own still has the stages a failed create reached (the Prolog puts them in the job's
-    AdminComment). The create is counted in :mod:`slurm_dgxvm.observe.opstats`, failed or not, unless
-    :meth:`_Creation.preflight` refused the request for its own fault (nothing was taken).
+    AdminComment). The create is counted in :mod:`slurm_dgxvm.observe.opstats`, failed or not,
+    unless :meth:`_Creation.preflight` refused the request for its own fault (nothing was taken).
 
     Raises: BadName (bad name), DomainExists, ImageError, RequestError / NoFit (placement),
     ShareRefused (the work dir; ImageCacheRefused: the user's image cache, ShareTimeout: the

@@ -3,8 +3,8 @@ NVSwitch) reset and check, quarantining a device that fails (:mod:`slurm_dgxvm.h
 address -> VM directory -> ledger. Idempotent: whatever a failed create or a crash left is
 cleaned.
 
-Timed as the teardown stages of :mod:`slurm_dgxvm.observe.stages` (shutdown, destroy, undefine, reset,
-release) and counted in :mod:`slurm_dgxvm.observe.opstats`."""
+Timed as the teardown stages of :mod:`slurm_dgxvm.observe.stages` (shutdown, destroy, undefine,
+reset, release) and counted in :mod:`slurm_dgxvm.observe.opstats`."""
 
 from __future__ import annotations
 

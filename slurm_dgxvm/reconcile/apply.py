@@ -3,18 +3,19 @@
 Safe while jobs start and end:
 
 * Slurm is asked first (by the caller), the node read after, and a job VM made after Slurm
-  answered is left for the next run (:func:`.reconcile.plan`).
+  answered is left for the next run (:func:`.plan.plan`).
 * Every action on a VM name happens under that name's lock, tried without waiting
-  (:mod:`.vmlock`): a name whose lock is held is a create or delete in progress, skipped. Under
-  the lock the name's facts are read again, and anything changed since the plan skips it.
+  (:mod:`slurm_dgxvm.lifecycle.vmlock`): a name whose lock is held is a create or delete in
+  progress, skipped. Under the lock the name's facts are read again, and anything changed since
+  the plan skips it.
 * The ledger's lock is taken only for the ledger: a rebuild, and for a moment to reserve a
   Fabric Manager partition before it is deactivated (so no VM can be placed on it meanwhile).
   The users' image caches are read (as each user, with a deadline) after any rebuild, outside
   every lock: a user's FIFO or ``kill -STOP`` costs this run seconds, never a Prolog its wait
   for the ledger.
-* Every action is the idempotent one that undoes it everywhere else (:func:`.delete.delete`,
-  ``release_address``, ``Fabric.deactivate``), so a second run finds nothing, and a run killed
-  midway leaves what the next run repairs.
+* Every action is the idempotent one that undoes it everywhere else
+  (:func:`slurm_dgxvm.lifecycle.delete.delete`, ``release_address``, ``Fabric.deactivate``), so a
+  second run finds nothing, and a run killed midway leaves what the next run repairs.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def check(rc: int, what: str) -> None:
-    """Raise OSError (errno and its text, naming ``what``) for a libc call that returned non-zero."""
+    """Raise OSError (errno and its text, naming ``what``) for a libc call that did not
+    return 0."""
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
