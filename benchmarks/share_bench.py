@@ -30,7 +30,7 @@ from _node import DGXVM, BenchNode, guest_image
 from harness.guest_agent import guest_exec
 from harness.node import ensure_user
 from harness.ssh import ssh_argv
-from slurm_dgxvm import hypervisor
+from slurm_dgxvm.virt import hypervisor
 
 NETWORK, CIDR, USER = "dgxvmshare", "10.216.0.0/24", "dgxvmbench"
 NETNS = "dgxvm-sharebench"

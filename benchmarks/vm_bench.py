@@ -35,9 +35,10 @@ from pathlib import Path
 import libvirt
 from _node import REPO, BenchNode, guest_image, sh
 
-from slurm_dgxvm import hypervisor, seed
+from slurm_dgxvm.virt import hypervisor
+from slurm_dgxvm import seed
 from slurm_dgxvm.design.spec import XMLNS
-from slurm_dgxvm.guest import wait_ready
+from slurm_dgxvm.virt.guest import wait_ready
 from slurm_dgxvm.images import ImageStore, create_disk, create_overlay
 from slurm_dgxvm.records import CONSOLE_LOG, DATA_DISK, DOMAIN_XML, OS_DISK, SEED, VmStore
 

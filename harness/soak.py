@@ -45,7 +45,7 @@ from slurm_dgxvm.design.spec import XMLNS
 from slurm_dgxvm.ledger import Ledger, job_key
 from slurm_dgxvm.ranges import parse_index_list
 from slurm_dgxvm.slurm.accounting import decode, parse_stages
-from slurm_dgxvm.stages import ordered
+from slurm_dgxvm.observe.stages import ordered
 
 from .node import default_dgxvm
 from .slurm import ensure_user

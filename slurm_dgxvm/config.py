@@ -13,9 +13,8 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .containers.ref import _HOST as REGISTRY_HOST   # what an image reference's registry is
-from .errors import ConfigError, NameError_
-from .names import image_name, path_problem
+from .errors import BadName, ConfigError
+from .names import REGISTRY_HOST, image_name, path_problem
 from .netfilter import HostService, parse_service, table_name
 
 DEFAULT_CONFIG_PATH = "/etc/dgxvm/dgxvm.toml"
@@ -388,7 +387,7 @@ def _validate(cfg: Config, path: str) -> None:
         for img in (part.image, *part.images):
             try:
                 img and image_name(img)
-            except NameError_ as exc:
+            except BadName as exc:
                 raise ConfigError(path=path, reason=f"{where}: {exc}") from None
     if cfg.ledger.lock_timeout_s <= 0:
         raise ConfigError(path=path, reason=f"ledger.lock_timeout_s must be > 0, "

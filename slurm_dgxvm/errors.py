@@ -122,7 +122,7 @@ class RequestError(QuantityNamed, BadInput):
     template = "{reason}"
 
 
-class NameError_(BadInput):
+class BadName(BadInput):
     """A domain, image or other name given by a person that is not a safe identifier."""
 
     template = "bad {kind} name {value!r}: {reason}"

@@ -10,24 +10,30 @@ from __future__ import annotations
 
 import re
 
-from .errors import NameError_
+from .errors import BadName
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
+# What an image reference's registry is (distribution/reference's domain: DNS labels, an
+# optional port). Here, low, so that config (the [containers] registries) and containers.ref
+# (parsing a reference) share it without config importing the containers package.
+REGISTRY_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)"
+                           r"(?:\.(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?))*(?::[0-9]{1,5})?")
+
 
 def check_name(value: str, kind: str) -> str:
-    """Return ``value`` if it is a safe name, else raise NameError_ naming ``kind`` and why."""
+    """Return ``value`` if it is a safe name, else raise BadName naming ``kind`` and why."""
     if not isinstance(value, str) or not value:
-        raise NameError_(kind=kind, value=value, reason="empty")
+        raise BadName(kind=kind, value=value, reason="empty")
     if len(value) > 63:
         shown = value if len(value) <= 100 else f"{value[:64]}... ({len(value)} characters)"
-        raise NameError_(kind=kind, value=shown, reason="longer than 63 characters")
+        raise BadName(kind=kind, value=shown, reason="longer than 63 characters")
     if not _NAME.fullmatch(value):
-        raise NameError_(kind=kind, value=value,
+        raise BadName(kind=kind, value=value,
                          reason="use letters, digits, '.', '_' and '-', starting with a letter "
                                 "or digit")
     if ".." in value:
-        raise NameError_(kind=kind, value=value, reason="'..' is not allowed")
+        raise BadName(kind=kind, value=value, reason="'..' is not allowed")
     return value
 
 

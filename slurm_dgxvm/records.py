@@ -41,6 +41,7 @@ SHARE_WRAPPER = "virtiofsd"        # the script libvirt runs as the share's virt
 IMAGE_CACHE_SPEC = "image-cache.json"      # the user's container image cache share, root only
 IMAGE_CACHE_WRAPPER = "virtiofsd-images"   # its virtiofsd (read-only in the guest)
 JOB_VIEW = "job.json"              # what `dgxvm job` shows the VM's own user (owned by them)
+RANLOG = "containers.log"          # the images the job's dgxvm run ran (theirs; containers.ranlog)
 
 # Who may read what: the VM directory lets everyone through (QEMU, which runs as another user,
 # opens its disks by path) but lists nothing; record.json, the domain XML, the seed, the host key
@@ -79,7 +80,7 @@ class VmRecord:
                                         # this path (None: none; records before it had none)
     groups: tuple[int, ...] = ()        # the user's supplementary gids, as the guest has them
                                         # (records before it: none known)
-    # seconds per stage (slurm_dgxvm.stages), ms rounded; records before them: {}
+    # seconds per stage (slurm_dgxvm.observe.stages), ms rounded; records before them: {}
     create_stages: dict[str, float] = field(default_factory=dict)
     teardown_stages: dict[str, float] = field(default_factory=dict)
     # the teardown's GPU (and NVSwitch) resets: PCI address -> seconds; and the devices the

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from ..errors import BadInput, HostError
 from ..lifecycle.env import Env
+from ..lifecycle.identity import domain_for
 from ..records import JOB_VIEW, job_view
-from ..slurm.job import domain_for
 
 #: Where the seed puts the guest side of ``dgxvm run`` (slurm_dgxvm/access/dgxvm-guest.sh).
 GUEST_HELPER = "/usr/lib/dgxvm/dgxvm-guest"

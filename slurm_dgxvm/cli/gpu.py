@@ -13,7 +13,7 @@ import time
 import click
 
 from ..errors import DeviceStillFailing, DeviceUnknown, DgxvmError, SlurmCommandError
-from ..lifecycle.hostcheck import check_host
+from ..host.health import check_host
 from ..slurm import liveness
 from ..slurm.commands import Slurm
 from ..topology.model import FULL_PASSTHROUGH

@@ -1,5 +1,5 @@
 """``dgxvm metrics``: this node's VMs, GPUs, stage times and failures for Prometheus, as a
-textfile for node_exporter (:mod:`slurm_dgxvm.metrics`). Registered by name in
+textfile for node_exporter (:mod:`slurm_dgxvm.observe.metrics`). Registered by name in
 ``cli.main.LAZY_COMMANDS``."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .. import metrics as metrics_mod, opstats
+from ..observe import metrics as metrics_mod, opstats
 
 
 def _textfile(_ctx, _param, value: str) -> str:

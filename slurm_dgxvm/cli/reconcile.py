@@ -1,6 +1,6 @@
 """``dgxvm reconcile``: compare the node's pieces (libvirt, the ledger, the VM directories,
 DHCP reservations, Fabric Manager, Slurm's jobs here) and remove what belongs to no live job or
-admin VM (:mod:`slurm_dgxvm.lifecycle.reconcile` says what and why). Run at node start, by an
+admin VM (:mod:`slurm_dgxvm.reconcile.plan` says what and why). Run at node start, by an
 admin, and safe beside Prologs and Epilogs. Registered by name in ``cli.main.LAZY_COMMANDS``."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 
 import click
 
-from ..lifecycle import reconciler
+from ..reconcile import apply as reconciler
 from ..names import shown
 from ..slurm import liveness
 from ..slurm.commands import Slurm

@@ -1,6 +1,6 @@
 """``dgxvm topology show``, ``dgxvm plan`` and ``dgxvm gres-conf``: the host's GPUs, NVSwitches
 and NUMA nodes, who holds what, where a VM would go, and the gres.conf of the host
-(placement.report, placement, slurm.gres). Registered by name in ``cli.main.LAZY_COMMANDS``."""
+(placement.report, placement, topology.gres). Registered by name in ``cli.main.LAZY_COMMANDS``."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def plan(c: Context, gpu_count, gpu_index, slurm_gpus, vcpus, memory, disk_size,
 @pass_ctx
 def gres_conf_cmd(c: Context, dev_dir, node_name):
     """Print a gres.conf for this host (File= per VFIO group, Cores= per socket)."""
-    from ..slurm.gres import gres_conf
+    from ..topology.gres import gres_conf
     click.echo(gres_conf(c.host, dev_dir=dev_dir, node_name=node_name), nl=False)
 
 

@@ -26,9 +26,10 @@ import stat
 from pathlib import Path
 
 from ..errors import ContainerRefError
+from ..records import RANLOG
 from .ref import parse
 
-FILE = "containers.log"
+FILE = RANLOG          # the VM directory's file: records names them all, so create makes it
 MAX_BYTES = 64 * 1024
 MAX_IMAGES = 8
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")

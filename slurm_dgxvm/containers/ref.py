@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ContainerRefError
+from ..names import REGISTRY_HOST
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"    # where docker.io's API answers
@@ -33,8 +34,6 @@ DEFAULT_TAG = "latest"
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _DIGEST = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
-_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)"
-                   r"(?:\.(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?))*(?::[0-9]{1,5})?")
 _DIGEST_LIKE = re.compile(r"[a-z0-9]+:[0-9a-fA-F]+$")   # after '@': a digest, not an image
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 MAX_NAME = 255                                   # registry + repository, as Docker limits it
@@ -108,7 +107,7 @@ def parse(text: str) -> ImageRef:
             registry, path = first, remainder
         else:
             registry, path = DOCKER_HUB, rest
-    if not _HOST.fullmatch(registry):
+    if not REGISTRY_HOST.fullmatch(registry):
         raise bad(f"registry {registry!r} is not a host name (with an optional :port)")
     if registry in ("index.docker.io", "registry-1.docker.io"):
         registry = DOCKER_HUB

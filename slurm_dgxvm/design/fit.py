@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
+from ..errors import SysfsError
 from ..ranges import format_index_list, parse_index_list
+from ..topology.sysfs import HUGEPAGES, HUGEPAGES_FREE, NODE_ONLINE, SysfsRoot
 from .spec import DomainSpec, GuestCell, VcpuPin
 
 
@@ -26,20 +27,27 @@ class RealHost:
     hugepages_kib: tuple[int, ...]     # page sizes with free pages
 
     @classmethod
-    def probe(cls, sys_root: str = "/sys") -> RealHost:
-        """Read the real /sys (never the simulated tree): our CPUs, nodes, free hugepages."""
+    def probe(cls, sysfs: SysfsRoot | None = None) -> RealHost:
+        """Read the real /sys (never the simulated tree): our CPUs, nodes, free hugepages.
+        ``sysfs`` is the root to read below (the real ``/`` unless a test gives another)."""
+        sysfs = sysfs if sysfs is not None else SysfsRoot("/")
         cpus = tuple(sorted(os.sched_getaffinity(0)))
-        nodes_file = Path(sys_root, "devices/system/node/online")
         try:
-            nodes = tuple(parse_index_list(nodes_file.read_text().strip(), what="NUMA node"))
-        except OSError:
+            nodes = tuple(parse_index_list(sysfs.read(NODE_ONLINE), what="NUMA node"))
+        except SysfsError:
             nodes = (0,)
         pages = []
-        for d in sorted(Path(sys_root, "kernel/mm/hugepages").glob("hugepages-*kB")):
+        try:
+            sizes = sysfs.listdir(HUGEPAGES)
+        except SysfsError:
+            sizes = []
+        for d in sizes:
+            if not (d.startswith("hugepages-") and d.endswith("kB")):
+                continue
             try:
-                if int((d / "free_hugepages").read_text()) > 0:
-                    pages.append(int(d.name[len("hugepages-"):-2]))
-            except (OSError, ValueError):
+                if sysfs.read_int(HUGEPAGES_FREE, size=d) > 0:
+                    pages.append(int(d[len("hugepages-"):-2]))
+            except (SysfsError, ValueError):
                 continue
         return cls(cpus=cpus, numa_nodes=nodes, hugepages_kib=tuple(pages))
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import SysfsError
 from ..topology import sysfs as S
-from ..topology.sysfs import SysfsRoot, _reason
+from ..topology.sysfs import SysfsRoot, os_reason
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _reset_one(sysfs: SysfsRoot, pci: str) -> ResetResult:
             with open(path, "w") as f:
                 f.write("1")
         except OSError as exc:
-            error = f"writing {path}: {_reason(exc)}"
+            error = f"writing {path}: {os_reason(exc)}"
     return ResetResult(pci=pci, ok=error is None, seconds=round(time.monotonic() - t0, 3),
                        method=method, error=error)
 

@@ -103,7 +103,7 @@ class Probes:
             import libvirt  # noqa: F401  (the lifecycle imports it only when it connects)
 
             from ..lifecycle import Env
-            from ..lifecycle.hostcheck import libvirt_answers, partition_images
+            from .health import libvirt_answers, partition_images
         except ImportError as exc:
             # a host without python3-libvirt: these three checks fail with that, the rest run
             return cls.without(exc.name or str(exc))
@@ -478,7 +478,7 @@ def gres_lines(text: str) -> list[str]:
 
 
 def _gres(roots: HostRoots, host: Host, add) -> None:
-    from ..slurm.gres import gres_conf
+    from ..topology.gres import gres_conf
     path = roots.etc_path(R.GRES_CONF)
     fix = f"{_SETUP} (writes it), or `dgxvm gres-conf > {path}`; then scontrol reconfigure"
     try:

@@ -129,7 +129,7 @@ def plan_setup(roots: HostRoots, cfg: Config, host: Host, binder, pages, *,
             mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644
             _file(plan, roots, AA.LOCAL, AA.with_rule(local, roots.state_dir), mode,
                   "let libvirtd run each VM's virtiofsd script under AppArmor")
-    from ..slurm.gres import gres_conf
+    from ..topology.gres import gres_conf
     gres_path = roots.etc_path(R.GRES_CONF)
     try:
         want_gres = gres_conf(host)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ImageError, NameError_
+from ..errors import BadName, ImageError
 from ..fsutil import atomic_write_json
 from ..names import image_name
 from .sniff import allocated
@@ -196,7 +196,7 @@ def runtime_of(store_root: str | os.PathLike, name: str) -> tuple[str, str]:
     """
     try:
         image_name(name)
-    except NameError_ as e:
+    except BadName as e:
         raise ImageError(name=repr(name), reason=str(e)) from None
     directory = Path(store_root) / name
     try:

@@ -195,7 +195,7 @@ class ImageStore:
         * ``default``: also make it the default image.
         * ``progress(done_bytes, total_bytes)`` is called while the disk is copied.
 
-        Raises ImageError (a NameError_ for a bad name) and leaves nothing behind on failure,
+        Raises ImageError (a BadName for a bad name) and leaves nothing behind on failure,
         including ENOSPC ("no space left") and KeyboardInterrupt.
         """
         plan = self._plan(src, name=name, version=version, kernel=kernel, initrd=initrd,
@@ -247,7 +247,7 @@ class ImageStore:
               kernel: str | os.PathLike | None, initrd: str | os.PathLike | None,
               cmdline: str | None, container_runtime: str | None = None,
               gpu_devices: str | None = None, readiness: str | None = None) -> _Plan:
-        """Resolve the source and the options into a _Plan; ImageError (NameError_ for a bad
+        """Resolve the source and the options into a _Plan; ImageError (BadName for a bad
         name) for options that do not go together or a name that is taken."""
         source = resolve_source(src, kernel=kernel, initrd=initrd)
         if cmdline is not None:

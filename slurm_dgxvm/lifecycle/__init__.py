@@ -7,8 +7,10 @@
 - :mod:`.inventory`: ``dgxvm list``'s rows.
 - :mod:`.libvirt_hook`: libvirt's qemu hook that keeps the ledger true outside dgxvm.
 - :mod:`.vmlock`: the per-VM-name lock create and delete hold, and reconcile only tries.
-- :mod:`.reconcile`: ``dgxvm reconcile``'s plan (pure: the node's facts in, findings out);
-  :mod:`.reconciler` reads the node and carries the plan out.
+- :mod:`.cachedir`: the user's container image cache directory, made before the VM is defined.
+
+``dgxvm reconcile`` is :mod:`slurm_dgxvm.reconcile`, above this package: it sweeps the users'
+container image caches too, and the lifecycle never imports the containers package.
 
 Every name below is imported from its submodule on first use (:mod:`slurm_dgxvm.lazy`), not
 when the package is: ``dgxvm run`` needs only :mod:`.env` and :mod:`.identity`, and runs once

@@ -4,8 +4,8 @@ The steps, in order (each a method of :class:`_Creation`, named as the progress 
 reports): place and record in the ledger -> the VM directory -> keys, address and seed -> disks
 -> design the domain (fit to this host) -> record -> define -> FM partition -> start -> wait
 until the guest agent answers -> record "running". Each is timed as one of the create stages
-of :mod:`slurm_dgxvm.stages` (:meth:`_Creation.steps` says which); the record keeps them, and
-every create, failed or not, is counted in :mod:`slurm_dgxvm.opstats`.
+of :mod:`slurm_dgxvm.observe.stages` (:meth:`_Creation.steps` says which); the record keeps
+them, and every create, failed or not, is counted in :mod:`slurm_dgxvm.observe.opstats`.
 
 One cleanup path: every step that takes something registers its undo on the one ExitStack; a
 failure anywhere unwinds exactly what was done, in reverse, and re-raises the first error.
@@ -26,25 +26,26 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import failpoints, hypervisor, images as images_mod, opstats, seed as seed_mod
+from .. import failpoints, images as images_mod, seed as seed_mod
+from ..virt import hypervisor
+from ..observe import opstats
 from ..config import Config
-from ..containers import ranlog
-from ..containers.cachedir import user_cache_dir
 from ..design import (RealHost, VmInputs, design, domain_xml, fit_to_host, image_cache_tag, mac_for,
                       share_tag)
 from ..errors import (ContainerCacheError, DomainExists, HostError, HypervisorError,
                       ImageCacheRefused, NoFit, ShareRefused, ShareTimeout, is_job_fault)
 from ..fsutil import atomic_write
-from ..guest import wait_ready
+from ..virt.guest import wait_ready
 from ..ledger import Allocation, domain_key, job_key
 from ..names import domain_name
 from ..placement import Occupancy, Placement, Request, place
 from ..records import (CONSOLE_LOG, DATA_DISK, DOMAIN_XML, HOST_KEY, IMAGE_CACHE_SPEC,
-                       IMAGE_CACHE_WRAPPER, KNOWN_HOSTS, OS_DISK, SEED, SHARE_SPEC, SHARE_WRAPPER,
-                       USER_KEY, VmRecord)
+                       IMAGE_CACHE_WRAPPER, KNOWN_HOSTS, OS_DISK, RANLOG, SEED, SHARE_SPEC,
+                       SHARE_WRAPPER, USER_KEY, VmRecord)
 from ..shares import policy as share_policy, virtiofsd as share_server
-from ..stages import StageTimer
+from ..observe.stages import StageTimer
 from . import vmlock
+from .cachedir import user_cache_dir
 from .env import Env, Progress, quiet
 from .identity import group_names, hostname_for
 
@@ -77,10 +78,10 @@ def create(env: Env, req: CreateRequest, progress: Progress = quiet,
 
     ``timer`` (a new one by default) is told each stage as it runs: a caller that passes its
     own still has the stages a failed create reached (the Prolog puts them in the job's
-    AdminComment). The create is counted in :mod:`slurm_dgxvm.opstats`, failed or not, unless
-    :meth:`_Creation.preflight` refused the request for its own fault (nothing was taken).
+    AdminComment). The create is counted in :mod:`slurm_dgxvm.observe.opstats`, failed or not,
+    unless :meth:`_Creation.preflight` refused the request for its own fault (nothing was taken).
 
-    Raises: NameError_ (bad name), DomainExists, ImageError, RequestError / NoFit (placement),
+    Raises: BadName (bad name), DomainExists, ImageError, RequestError / NoFit (placement),
     ShareRefused (the work dir; ImageCacheRefused: the user's image cache, ShareTimeout: the
     user's files did not answer in time), ContainerCacheError (``<cache_dir>`` itself),
     LedgerConflict / LedgerLockTimeout, SeedError, DiskError, FabricError, HypervisorError,
@@ -259,7 +260,7 @@ class _Creation:
         atomic_write(vmdir / KNOWN_HOSTS, f"{self.address} {host_pub}\n", mode=0o600,
                      uid=req.uid, gid=req.gid)
         # the images the job's dgxvm run ran (theirs to write; the Epilog reads it, checked)
-        atomic_write(vmdir / ranlog.FILE, "", mode=0o600, uid=req.uid, gid=req.gid)
+        atomic_write(vmdir / RANLOG, "", mode=0o600, uid=req.uid, gid=req.gid)
         mounts = ()
         if self.share is not None:
             self.share.save(vmdir / SHARE_SPEC)

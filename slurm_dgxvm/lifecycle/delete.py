@@ -3,8 +3,8 @@ NVSwitch) reset and check, quarantining a device that fails (:mod:`slurm_dgxvm.h
 address -> VM directory -> ledger. Idempotent: whatever a failed create or a crash left is
 cleaned.
 
-Timed as the teardown stages of :mod:`slurm_dgxvm.stages` (shutdown, destroy, undefine, reset,
-release) and counted in :mod:`slurm_dgxvm.opstats`."""
+Timed as the teardown stages of :mod:`slurm_dgxvm.observe.stages` (shutdown, destroy, undefine,
+reset, release) and counted in :mod:`slurm_dgxvm.observe.opstats`."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ import logging
 import time
 import xml.etree.ElementTree as ET
 
-from .. import failpoints, hypervisor, opstats
+from .. import failpoints
+from ..virt import hypervisor
+from ..observe import opstats
 from ..design import mac_for
 from ..design.spec import XMLNS
 from ..errors import DomainNotFound, NotOurDomain
 from ..ledger import Allocation
 from ..names import domain_name
 from ..records import VmRecord
-from ..stages import StageTimer
+from ..observe.stages import StageTimer
 from . import vmlock
 from .env import Env, Progress, quiet
 

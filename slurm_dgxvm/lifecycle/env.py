@@ -85,7 +85,7 @@ class Env:
         return self.cfg.libvirt.uri
 
     def connect(self):
-        from .. import hypervisor
+        from ..virt import hypervisor
         return hypervisor.connect(self.uri)
 
     def fit(self, host) -> bool:

@@ -1,5 +1,6 @@
-"""Who a VM is for and what it is called inside: the host account it maps, the groups its
-guest account gets, its hostname."""
+"""Who a VM is for and what it is called: the host account it maps, the groups its guest account
+gets, its hostname, and a Slurm job's domain name (:func:`domain_for`, which the Prolog and
+``dgxvm run`` both need)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import pwd
 import re
 
+from ..config import Config
 from ..errors import RequestError
 from ..names import account_name_problem
 
@@ -43,3 +45,8 @@ def hostname_for(name: str) -> str:
     """The guest's hostname: the domain name as a DNS label (``job_42.a`` -> ``job-42-a``)."""
     label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")
     return label or "dgxvm"
+
+
+def domain_for(cfg: Config, job_id: int) -> str:
+    """The libvirt domain of job ``job_id``'s VM: ``[slurm] domain_prefix`` and the job id."""
+    return f"{cfg.slurm.domain_prefix}{job_id}"

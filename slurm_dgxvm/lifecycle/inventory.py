@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from .. import hypervisor
+from ..virt import hypervisor
 from ..ledger import Allocation
 from ..records import VmRecord
 from .env import Env

@@ -32,7 +32,7 @@ fork or the child could not become the user.
 
 Example: ``run(lambda: sorted(os.listdir(open_dir("tmp", dir_fd=...))), uid=1000, gid=1000,
 subject="/var/lib/dgxvm/containers/1000")``; see :mod:`.policy` (``open_as_user``) and
-:mod:`slurm_dgxvm.lifecycle.cache_partials`.
+:mod:`slurm_dgxvm.reconcile.cache_partials`.
 """
 
 from __future__ import annotations

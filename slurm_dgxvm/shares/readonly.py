@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import userns
-from .userns import CLONE_NEWNS, _libc
+from .userns import CLONE_NEWNS, libc
 
 # asm-generic/unistd.h: the same on x86_64 and arm64 (syscalls added since 5.1 share numbers)
 SYS_OPEN_TREE = 428
@@ -68,7 +68,7 @@ def _call(rc: int, what: str) -> int:
 def set_attr(fd: int, attr_set: int, attr_clr: int = 0) -> None:
     """``mount_setattr`` of the mount whose root ``fd`` is. OSError when refused."""
     attr = _MountAttr(attr_set, attr_clr, 0, 0)
-    _call(_libc.syscall(SYS_MOUNT_SETATTR, ctypes.c_int(fd), ctypes.c_char_p(b""),
+    _call(libc.syscall(SYS_MOUNT_SETATTR, ctypes.c_int(fd), ctypes.c_char_p(b""),
                         ctypes.c_uint(AT_EMPTY_PATH), ctypes.byref(attr),
                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")
 
@@ -78,15 +78,15 @@ def mount_read_only(fd: int, point: Path) -> None:
     nosuid, nodev bind of directory ``fd`` over ``point`` there (``point`` is made 0700 if
     missing; it must be a real directory of root's: the VM's own, never a user's path). The
     host's mounts are untouched. OSError naming the step that failed."""
-    tree = _call(_libc.syscall(SYS_OPEN_TREE, ctypes.c_int(fd), ctypes.c_char_p(b""),
+    tree = _call(libc.syscall(SYS_OPEN_TREE, ctypes.c_int(fd), ctypes.c_char_p(b""),
                                ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
                                              | AT_EMPTY_PATH)), "open_tree")
     try:
         # the clone is made in the host's namespace (open_tree clones only mounts of the
         # caller's), then attached in the private one
         set_attr(tree, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
-        _call(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-        _call(_libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None),
+        _call(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        _call(libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None),
               "make / private")
         try:
             os.mkdir(point, 0o700)
@@ -95,7 +95,7 @@ def mount_read_only(fd: int, point: Path) -> None:
         st = os.lstat(point)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
             raise OSError(f"{point} must be a directory of root's")
-        _call(_libc.syscall(SYS_MOVE_MOUNT, ctypes.c_int(tree), ctypes.c_char_p(b""),
+        _call(libc.syscall(SYS_MOVE_MOUNT, ctypes.c_int(tree), ctypes.c_char_p(b""),
                             ctypes.c_int(-100), ctypes.c_char_p(os.fsencode(point)),
                             ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), "move_mount")
     finally:

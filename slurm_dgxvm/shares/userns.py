@@ -24,10 +24,12 @@ CAPS = {"chown": 0, "dac_override": 1, "dac_read_search": 2, "fowner": 3, "fseti
         "kill": 5, "setgid": 6, "setuid": 7, "setpcap": 8, "sys_chroot": 18,
         "sys_admin": 21, "sys_resource": 24, "mknod": 27, "setfcap": 31}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def _check(rc: int, what: str) -> None:
+def check(rc: int, what: str) -> None:
+    """Raise OSError (errno and its text, naming ``what``) for a libc call that did not
+    return 0."""
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
@@ -87,7 +89,7 @@ def enter(uid: int, gid: int, groups: Sequence[int], keep_caps: Sequence[str], *
     os.close(done_w)
     try:
         flags = CLONE_NEWUSER | (CLONE_NEWNS if mount_ns else 0)
-        _check(_libc.unshare(flags), "unshare(CLONE_NEWUSER)")
+        check(libc.unshare(flags), "unshare(CLONE_NEWUSER)")
         os.write(go_w, b"u")
         ok = os.read(done_r, 1) == b"\1"
     finally:
@@ -96,7 +98,7 @@ def enter(uid: int, gid: int, groups: Sequence[int], keep_caps: Sequence[str], *
         os.waitpid(pid, 0)
     if not ok:
         raise OSError(f"cannot write the id maps of the user namespace (uid {uid}, gids {gids})")
-    _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+    check(libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
     os.setgroups(sorted(set(groups)))
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
@@ -105,7 +107,7 @@ def enter(uid: int, gid: int, groups: Sequence[int], keep_caps: Sequence[str], *
         mask |= 1 << CAPS[name]
     header = _CapHeader(_CAP_VERSION_3, 0)
     data = (_CapData * 2)(_CapData(mask, mask, mask), _CapData(0, 0, 0))
-    _check(_libc.capset(ctypes.byref(header), data), "capset")
+    check(libc.capset(ctypes.byref(header), data), "capset")
     for name in keep_caps:
-        _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAPS[name], 0, 0),
+        check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAPS[name], 0, 0),
                f"raise ambient capability {name}")

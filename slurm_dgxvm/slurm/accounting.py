@@ -12,7 +12,7 @@ both paths::
 ``sacct -j 42 -o JobID,AdminComment%600`` shows it; :func:`decode` reads it back (``dgxvm
 report``). Writing it is best effort: a failure is logged and never fails the job.
 
-The stages' times (:mod:`slurm_dgxvm.stages`) are two words, ``create_stages`` and
+The stages' times (:mod:`slurm_dgxvm.observe.stages`) are two words, ``create_stages`` and
 ``teardown_stages``, of ``stage:seconds`` pairs joined with ``,`` in the order they ran, the
 seconds to the ms without trailing zeros (``placement:0.004,seed:1.52,...``): about 110 and
 45 characters, nothing to escape. Records written before them have neither;
@@ -29,7 +29,7 @@ from urllib.parse import unquote
 
 from ..ranges import format_index_list
 from ..records import VmRecord
-from ..stages import ordered
+from ..observe.stages import ordered
 
 PREFIX = "dgxvm/1"
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._~:@+/,")   # everything else is %XX

@@ -36,12 +36,13 @@ import os
 from pathlib import Path
 from collections.abc import Callable, Mapping
 
-from .. import lifecycle, opstats
+from .. import lifecycle
+from ..observe import opstats
 from ..containers import ranlog
-from ..errors import DgxvmError, DomainNotFound, NameError_, NoFit, SlurmCommandError
+from ..errors import BadName, DgxvmError, DomainNotFound, NoFit, SlurmCommandError
 from ..fsutil import atomic_write
 from ..ranges import format_index_list
-from ..stages import StageTimer
+from ..observe.stages import StageTimer
 from .accounting import encode, failure_fields, vm_fields
 from .commands import Slurm
 from . import jobinput
@@ -212,7 +213,7 @@ def _stray_entry(env: lifecycle.Env, job_id: int, name: str, stage: _Stage, emit
     stage(f"removing the job's ledger entry under {stray.domain}")
     try:
         lifecycle.delete(env, stray.domain, job_id=job_id)
-    except (DomainNotFound, NameError_):          # not a name a VM can have: the entry alone
+    except (DomainNotFound, BadName):          # not a name a VM can have: the entry alone
         env.ledger.release(stray.key)
     emit(f"{where}: inconsistent: its ledger entry {stray.key} named VM {stray.domain}, not "
          f"{name}; removed it; `dgxvm reconcile` checks the rest of the node")

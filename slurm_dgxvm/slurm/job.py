@@ -26,8 +26,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..config import Config
-from ..errors import ImageError, JobRefused, NameError_, QuantityNamed
+from ..errors import BadName, ImageError, JobRefused, QuantityNamed
 from ..errors import is_job_fault as is_job_fault   # where the hooks and their tests look
+from ..lifecycle.identity import domain_for as domain_for   # the job's VM is the lifecycle's
 from ..names import image_name
 from ..placement import Request
 from ..ranges import format_index_list
@@ -111,10 +112,6 @@ def parse_comment(comment: str | None) -> dict[str, str]:
     return out
 
 
-def domain_for(cfg: Config, job_id: int) -> str:
-    return f"{cfg.slurm.domain_prefix}{job_id}"
-
-
 def offered_images(cfg: Config, partition: str | None, images) -> tuple[str, ...]:
     """The images a job of ``partition`` may boot: the partition's ``images`` list when it has
     one, else only its own image (``image``, or the store's default when that is "" too)."""
@@ -143,7 +140,7 @@ def create_request(cfg: Config, job: SlurmJob, images, home: str | None = None) 
     if chosen is not None:
         try:
             image_name(chosen)
-        except NameError_ as exc:
+        except BadName as exc:
             raise JobRefused(reason=f"job comment: {exc}") from None
         offered = offered_images(cfg, job.partition, images)
         if chosen not in offered:
@@ -163,7 +160,7 @@ def create_request(cfg: Config, job: SlurmJob, images, home: str | None = None) 
                      else "the default image")
             raise ImageError(f"{where}: {exc}", name=part.image or None,
                              reason=exc.reason) from None
-    # here, not at the top: dgxvm run needs domain_for, and lifecycle.create loads libvirt
+    # here, not at the top: lifecycle.create loads libvirt
     from ..lifecycle import CreateRequest
     n = len(job.gpus)
     data_disk = part.data_disk_gib if part.data_disk_gib >= 0 else None

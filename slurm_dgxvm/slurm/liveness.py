@@ -8,7 +8,7 @@ loses the job.
 
 Slurm is asked through the one adapter (:meth:`Slurm.jobs_on_node`, squeue). When it cannot be
 asked (slurmctld down, the node unknown to it, squeue missing), the answer says so and no job's
-VM is touched (:mod:`slurm_dgxvm.lifecycle.reconcile`). The node's name is Slurm's: ``--node``,
+VM is touched (:mod:`slurm_dgxvm.reconcile.plan`). The node's name is Slurm's: ``--node``,
 else ``SLURMD_NODENAME`` (slurmd sets it for the hooks), else the short host name, which is
 Slurm's own default NodeName.
 """
@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 
 from ..errors import SlurmCommandError
-from ..lifecycle.reconcile import JobsOnNode
+from ..reconcile.plan import JobsOnNode
 from .commands import Slurm
 
 #: job states after which a job holds nothing on a node (squeue's long names)

@@ -4,7 +4,7 @@ Input: sacct rows (``Slurm.sacct``) whose AdminComment is a dgxvm record. Output
 account): jobs that got a VM, GPU-hours in VMs (GPUs x the time the VM held them; for a VM still
 running, x the job's elapsed time so far), median boot and teardown overhead, and failures
 (jobs refused or failed at the Prolog). Across all of them, per create and teardown stage
-(:mod:`slurm_dgxvm.stages`): how many jobs' VMs have it, its median and its 95th percentile
+(:mod:`slurm_dgxvm.observe.stages`): how many jobs' VMs have it, its median and its 95th percentile
 (nearest rank, :func:`percentile`). Only jobs that got a VM count there: a failed create's
 last stage ran for a time that says nothing about the stage.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from statistics import median
 
 from ..ranges import parse_index_list
-from ..stages import STAGES
+from ..observe.stages import STAGES
 from .accounting import decode, parse_stages
 
 
@@ -72,7 +72,7 @@ class StageSummary:
 
 
 def summarize_stages(rows: list[dict]) -> list[StageSummary]:
-    """Every stage of :data:`slurm_dgxvm.stages.STAGES`, in run order (``jobs`` 0 for one no
+    """Every stage of :data:`slurm_dgxvm.observe.stages.STAGES`, in run order (``jobs`` 0 for one no
     record has, e.g. ``fm`` on a DGX-2 or ``reset``), then stages this version does not know,
     over the jobs that got a VM."""
     out = {(op, stage): StageSummary(op, stage) for op, stages in STAGES.items()

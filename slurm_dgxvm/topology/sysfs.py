@@ -28,6 +28,8 @@ NODE_HUGEPAGES = NODE_DIR + "/hugepages"         # hugepages-<size>kB/{nr,free}_
 CPU_ONLINE = "sys/devices/system/cpu/online"
 CPU_TOPOLOGY = "sys/devices/system/cpu/cpu{cpu}/topology"
 IOMMU_GROUPS = "sys/kernel/iommu_groups"
+HUGEPAGES = "sys/kernel/mm/hugepages"            # the host's pools: hugepages-<size>kB/
+HUGEPAGES_FREE = HUGEPAGES + "/{size}/free_hugepages"
 MODULE = "sys/module/{name}"                     # a loaded (or built-in) kernel module
 # A device's health signals and its reset (what the host can see of a GPU bound to vfio-pci).
 # config: the config space (vendor id at offset 0, all ones when the device has fallen off the
@@ -67,7 +69,7 @@ class SysfsRoot:
         try:
             return p.read_text(encoding="ascii", errors="strict").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise SysfsError(path=str(p), reason=_reason(exc)) from exc
+            raise SysfsError(path=str(p), reason=os_reason(exc)) from exc
 
     def read_bytes(self, shape: str, size: int, **fields) -> bytes:
         """The first ``size`` bytes of a binary attribute (a device's ``config``)."""
@@ -76,7 +78,7 @@ class SysfsRoot:
             with open(p, "rb") as f:
                 return f.read(size)
         except OSError as exc:
-            raise SysfsError(path=str(p), reason=_reason(exc)) from exc
+            raise SysfsError(path=str(p), reason=os_reason(exc)) from exc
 
     def read_optional(self, shape: str, **fields) -> str | None:
         """Like read(), but a file that does not exist is None (other errors still raise)."""
@@ -105,7 +107,7 @@ class SysfsRoot:
         try:
             return sorted(os.listdir(p))
         except OSError as exc:
-            raise SysfsError(path=str(p), reason=_reason(exc)) from exc
+            raise SysfsError(path=str(p), reason=os_reason(exc)) from exc
 
     def exists(self, shape: str, **fields) -> bool:
         return self.path(shape, **fields).exists()
@@ -119,7 +121,7 @@ class SysfsRoot:
         try:
             return json.loads(p.read_text())
         except (OSError, ValueError) as exc:
-            raise SysfsError(path=str(p), reason=_reason(exc)) from exc
+            raise SysfsError(path=str(p), reason=os_reason(exc)) from exc
 
     def pci_addresses(self) -> list[str]:
         return [a for a in self.listdir(PCI_DEVICES) if BDF_RE.match(a)]
@@ -140,7 +142,7 @@ class SysfsRoot:
         try:
             real = Path(os.path.realpath(p))
         except OSError as exc:
-            raise SysfsError(path=str(p), reason=_reason(exc)) from exc
+            raise SysfsError(path=str(p), reason=os_reason(exc)) from exc
         parts = [x for x in real.parts if BDF_RE.match(x)]
         if not parts or parts[-1] != bdf:
             raise SysfsError(path=str(p), reason=f"does not resolve into a PCI tree ({real})")
@@ -154,7 +156,7 @@ class SysfsRoot:
         try:
             return os.path.basename(os.readlink(p))
         except OSError as exc:
-            raise SysfsError(path=str(p), reason=_reason(exc)) from exc
+            raise SysfsError(path=str(p), reason=os_reason(exc)) from exc
 
     def node_ids(self) -> tuple[int, ...]:
         if not self.exists(NODE_ONLINE):
@@ -184,7 +186,9 @@ class SysfsRoot:
         return pools
 
 
-def _reason(exc: BaseException) -> str:
+def os_reason(exc: BaseException) -> str:
+    """What went wrong, in the words a SysfsError or a reset report shows: an OSError's own
+    strerror, lower case; else the exception's text or its type."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__

@@ -239,7 +239,7 @@ def test_rules_go_with_the_network_and_a_network_without_them_is_refused(vmenv, 
     # the next VM starts the network again, and the hook puts the table back
     conn = libvirt.open(vmenv.uri)
     try:
-        from slurm_dgxvm import hypervisor
+        from slurm_dgxvm.virt import hypervisor
         hypervisor.ensure_network(conn, vmenv.network, "10.213.0.0/24", str(vmenv.state_dir))
     finally:
         conn.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from slurm_dgxvm import config as config_mod
-from slurm_dgxvm.containers.cachedir import user_cache_dir
+from slurm_dgxvm.lifecycle.cachedir import user_cache_dir
 from slurm_dgxvm.shares.asuser import DEADLINE_S
 from slurm_dgxvm.slurm.accounting import decode
 

@@ -23,7 +23,7 @@ from slurm_dgxvm.cli.main import cli
 
 REPO = Path(__file__).resolve().parents[2]
 
-NOT_FOR_RUN = ("libvirt", "jinja2", "filelock", "slurm_dgxvm.design", "slurm_dgxvm.hypervisor",
+NOT_FOR_RUN = ("libvirt", "jinja2", "filelock", "slurm_dgxvm.design", "slurm_dgxvm.virt.hypervisor",
                "slurm_dgxvm.lifecycle.create", "slurm_dgxvm.lifecycle.delete",
                "slurm_dgxvm.placement.place", "slurm_dgxvm.topology", "slurm_dgxvm.images")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from slurm_dgxvm import config as config_mod
-from slurm_dgxvm.containers.cachedir import user_cache_dir
+from slurm_dgxvm.lifecycle.cachedir import user_cache_dir
 from slurm_dgxvm.errors import ContainerCacheError
 from slurm_dgxvm.shares import policy
 

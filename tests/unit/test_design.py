@@ -275,3 +275,17 @@ def test_fit_to_a_host_that_has_everything_changes_nothing(hosts):
     assert fitted.vcpupins == s.vcpupins and fitted.numa_nodes == s.numa_nodes
 
 
+
+
+def test_real_host_probe_reads_through_the_sysfs_root_it_is_given(tmp_path):
+    from slurm_dgxvm.topology.sysfs import SysfsRoot
+    pools = tmp_path / "sys/kernel/mm/hugepages"
+    for size, free in (("2048kB", "3"), ("1048576kB", "0")):
+        (pools / f"hugepages-{size}").mkdir(parents=True)
+        (pools / f"hugepages-{size}" / "free_hugepages").write_text(free + "\n")
+    (tmp_path / "sys/devices/system/node").mkdir(parents=True)
+    (tmp_path / "sys/devices/system/node/online").write_text("0-1\n")
+    real = RealHost.probe(SysfsRoot(tmp_path))
+    assert (real.numa_nodes, real.hugepages_kib) == ((0, 1), (2048,))
+    bare = RealHost.probe(SysfsRoot(tmp_path / "sys/kernel/mm/hugepages/hugepages-2048kB"))
+    assert (bare.numa_nodes, bare.hugepages_kib) == ((0,), ())    # nothing there: one node, none

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_dgxvm import opstats
+from slurm_dgxvm.observe import opstats
 from slurm_dgxvm.health.store import HealthStore
 from slurm_dgxvm.host.record import SetupRecord
 from slurm_dgxvm.ledger import Ledger

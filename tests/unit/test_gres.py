@@ -8,7 +8,7 @@ import re
 import pytest
 
 from slurm_dgxvm.errors import TopologyError
-from slurm_dgxvm.slurm.gres import gres_conf, slurm_core_ids
+from slurm_dgxvm.topology.gres import gres_conf, slurm_core_ids
 
 LINE = re.compile(r"^(?:NodeName=(\S+) )?Name=gpu File=(\S+)/(\d+)(?: Cores=(\S+))?$")
 

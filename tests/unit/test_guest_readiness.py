@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from slurm_dgxvm import guest
+from slurm_dgxvm.virt import guest
 from slurm_dgxvm.errors import GuestTimeout
 
 

@@ -10,7 +10,7 @@ import filelock
 import libvirt
 import pytest
 
-from slurm_dgxvm import hypervisor
+from slurm_dgxvm.virt import hypervisor
 from slurm_dgxvm.errors import EXIT_STATE, LockError, LockTimeout
 
 

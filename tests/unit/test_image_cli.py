@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from slurm_dgxvm.config import Config, ImagesConfig
-from slurm_dgxvm.errors import EXIT_BAD_INPUT, DgxvmError, HypervisorError, ImageInUse, NameError_
+from slurm_dgxvm.errors import EXIT_BAD_INPUT, BadName, DgxvmError, HypervisorError, ImageInUse
 from slurm_dgxvm.cli.images import _Bar, image
 from slurm_dgxvm.images import ImageStore
 
@@ -136,7 +136,7 @@ def test_install_errors_are_dgxvm_errors(run, tmp_path, qcow2):
     r = run("install", str(tmp_path / "missing.qcow2"))
     assert exit_code(r) == EXIT_BAD_INPUT and "no such file" in str(r.exception)
     r = run("install", str(qcow2), "--name", "../x")
-    assert isinstance(r.exception, NameError_) and exit_code(r) == EXIT_BAD_INPUT
+    assert isinstance(r.exception, BadName) and exit_code(r) == EXIT_BAD_INPUT
     r = run("install", str(qcow2), "--cmdline", "quiet")
     assert "needs a kernel" in str(r.exception)
 

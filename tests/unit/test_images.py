@@ -21,7 +21,7 @@ import pytest
 
 from slurm_dgxvm import images
 from slurm_dgxvm.errors import (DiskError, EXIT_BAD_INPUT, EXIT_HOST, ImageError, ImageInUse,
-                                NameError_)
+                                BadName)
 from slurm_dgxvm.images import (Image, ImageStore, create_disk, create_overlay, image_info)
 from slurm_dgxvm.images.profile import runtime_of
 
@@ -215,7 +215,7 @@ def test_an_installed_name_is_refused(store, qcow2):
 @pytest.mark.parametrize("name", ["../x", "a/b", "/abs", ".hidden", "..", "a b", "x" * 64, "a..b"])
 def test_bad_names_are_refused_and_nothing_is_written(store, qcow2, tmp_path, name):
     before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(NameError_) as exc:
+    with pytest.raises(BadName) as exc:
         store.install(qcow2, name=name)
     assert exc.value.exit_code == EXIT_BAD_INPUT
     assert sorted(p.name for p in tmp_path.iterdir()) == before
@@ -230,7 +230,7 @@ def test_the_name_default_is_reserved(store, qcow2):
 def test_a_file_stem_that_is_not_a_name_is_refused(store, tmp_path, qcow2):
     bad = tmp_path / "my image.qcow2"
     os.rename(qcow2, bad)
-    with pytest.raises(NameError_):
+    with pytest.raises(BadName):
         store.install(bad)
     assert store.install(bad, name="my-image").name == "my-image"
 
@@ -527,7 +527,7 @@ def test_remove_deletes_everything(store, qcow2, tmp_path):
 def test_remove_unknown_and_bad_names(store):
     with pytest.raises(ImageError, match="no image named x"):
         store.remove("x")
-    with pytest.raises(NameError_):
+    with pytest.raises(BadName):
         store.remove("../etc")
 
 

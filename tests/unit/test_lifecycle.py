@@ -11,7 +11,7 @@ import pytest
 
 from slurm_dgxvm import config as config_mod
 from slurm_dgxvm.errors import LedgerConflict, RecordCorrupt
-from slurm_dgxvm.hypervisor import network_layout
+from slurm_dgxvm.virt.hypervisor import network_layout
 from slurm_dgxvm.ledger import Allocation, domain_key
 from slurm_dgxvm.lifecycle import Env, hook, libvirt_hook_script
 from slurm_dgxvm.placement import EMPTY, Placement, Policy, Request, place
@@ -190,7 +190,7 @@ def test_a_network_of_that_name_on_another_subnet_is_refused(tmp_path, monkeypat
     192.168.122.0/24."""
     import libvirt
     from slurm_dgxvm.errors import HypervisorError
-    from slurm_dgxvm.hypervisor import ensure_network
+    from slurm_dgxvm.virt.hypervisor import ensure_network
     monkeypatch.setenv("DGXVM_RUN_DIR", str(tmp_path / "run"))
     conn = libvirt.open("test:///default")
     try:
@@ -222,7 +222,7 @@ def test_a_running_network_without_its_firewall_is_refused_with_the_fix(tmp_path
     network (a stale one): a node fault naming the fix, never a VM on a flat network."""
     import libvirt
     from slurm_dgxvm.errors import HypervisorError
-    from slurm_dgxvm.hypervisor import ensure_network
+    from slurm_dgxvm.virt.hypervisor import ensure_network
     conn = libvirt.open("test:///default")
     try:
         with pytest.raises(HypervisorError) as exc:
@@ -245,7 +245,7 @@ def test_a_ready_network_is_served_without_its_lock(tmp_path, monkeypatch):
     exit 1 drains the node."""
     import filelock
     import libvirt
-    from slurm_dgxvm import hypervisor
+    from slurm_dgxvm.virt import hypervisor
     from slurm_dgxvm.errors import LockTimeout
     monkeypatch.setenv("DGXVM_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setattr(hypervisor, "NETWORK_LOCK_TIMEOUT_S", 0.2)
@@ -272,7 +272,7 @@ def test_a_domain_that_went_away_since_its_lookup_is_undefined():
     """`dgxvm list` while a VM is being deleted: the domain it looked up vanishes before its
     state is read (this made `dgxvm list` fail with an internal error in the demo)."""
     import libvirt
-    from slurm_dgxvm.hypervisor import state_name
+    from slurm_dgxvm.virt.hypervisor import state_name
     conn = libvirt.open("test:///default")
     try:
         dom = conn.defineXML("<domain type='test'><name>gone</name><memory>1024</memory>"

@@ -19,7 +19,7 @@ from slurm_dgxvm.health import checks as health_checks
 from slurm_dgxvm.lifecycle import create, delete
 from slurm_dgxvm.simulate import render
 from slurm_dgxvm.simulate.faults import inject
-from slurm_dgxvm.stages import StageTimer
+from slurm_dgxvm.observe.stages import StageTimer
 from test_lifecycle_stages import FakeDom, make_env, request, stand_ins  # noqa: F401
 from test_slurm_hooks import image_store  # noqa: F401 - a fixture
 
@@ -34,7 +34,7 @@ def own_tree(tmp_path):
 
 def _undo_dom(monkeypatch, name):
     """libvirt's view: ``name`` is a running domain (that stops when asked), nothing else."""
-    from slurm_dgxvm import hypervisor
+    from slurm_dgxvm.virt import hypervisor
     monkeypatch.setattr(hypervisor, "lookup", lambda conn, n: FakeDom() if n == name else None)
 
 
@@ -192,7 +192,7 @@ def test_deleting_a_crashed_vm_never_resets_gpus_another_vm_took_since(
     again = create(env, request(count=2, name="n2"), timer=StageTimer(clock))
     assert again.allocation.gpu_pcis == crashed.allocation.gpu_pcis   # the same GPUs
     resets = {p: env.health.read()[p].resets for p in again.allocation.gpu_pcis}
-    monkeypatch.setattr("slurm_dgxvm.hypervisor.lookup", lambda conn, n: None)
+    monkeypatch.setattr("slurm_dgxvm.virt.hypervisor.lookup", lambda conn, n: None)
     done = delete(env, "c2")
     assert "reset" not in done.teardown_stages
     assert set(done.gpu_resets) == set(crashed.allocation.gpu_pcis)   # the hook's, recorded

@@ -11,13 +11,15 @@ import logging
 
 import pytest
 
-from slurm_dgxvm import config as config_mod, hypervisor, opstats
+from slurm_dgxvm import config as config_mod
+from slurm_dgxvm.virt import hypervisor
+from slurm_dgxvm.observe import opstats
 from slurm_dgxvm.errors import GuestTimeout
 from slurm_dgxvm.lifecycle import CreateRequest, Env, create, delete
 from slurm_dgxvm.lifecycle.create import _Creation
 from slurm_dgxvm.placement import Request
 from slurm_dgxvm.records import VmRecord
-from slurm_dgxvm.stages import StageTimer
+from slurm_dgxvm.observe.stages import StageTimer
 from test_slurm_hooks import image_store  # noqa: F401 - a fixture
 
 # seconds each stand-in step takes on the test's clock

@@ -11,14 +11,15 @@ import re
 
 import pytest
 
-from slurm_dgxvm import config as config_mod, metrics, opstats
+from slurm_dgxvm import config as config_mod
+from slurm_dgxvm.observe import metrics, opstats
 from slurm_dgxvm.cli.main import main
 from slurm_dgxvm.errors import FabricError, GuestTimeout, HostError, NoFit
 from slurm_dgxvm.ledger import Allocation, domain_key
 from slurm_dgxvm.lifecycle import Env
 from slurm_dgxvm.placement import Policy, Request, place
 from slurm_dgxvm.records import VmRecord
-from slurm_dgxvm.stages import StageTimer
+from slurm_dgxvm.observe.stages import StageTimer
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 

@@ -10,9 +10,9 @@ import math
 import filelock
 import pytest
 
-from slurm_dgxvm import opstats
+from slurm_dgxvm.observe import opstats
 from slurm_dgxvm.errors import FabricError, GuestTimeout, NoFit, OpStatsCorrupt
-from slurm_dgxvm.stages import StageTimer
+from slurm_dgxvm.observe.stages import StageTimer
 
 
 def timer_of(stages: dict[str, float], failed: str | None = None) -> StageTimer:

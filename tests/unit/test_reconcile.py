@@ -1,4 +1,4 @@
-"""dgxvm reconcile's plan (lifecycle/reconcile.py): the node's facts in, findings out. Pure, so
+"""dgxvm reconcile's plan (reconcile/plan.py): the node's facts in, findings out. Pure, so
 every rule an admin relies on is a table of facts made by hand: what is live is never in the
 plan, what belongs to nothing live is, and why."""
 
@@ -8,7 +8,7 @@ import pytest
 
 from slurm_dgxvm.design import mac_for
 from slurm_dgxvm.ledger import EMPTY_STATE, Allocation, LedgerState, domain_key, job_key
-from slurm_dgxvm.lifecycle.reconcile import (DomainFact, Finding, JobsOnNode, NodeFacts, Outcome,
+from slurm_dgxvm.reconcile.plan import (DomainFact, Finding, JobsOnNode, NodeFacts, Outcome,
                                              VmFacts, exit_code, plan, planned, rebuild)
 from slurm_dgxvm.placement import EMPTY, Policy, Request, place
 from slurm_dgxvm.records import VmRecord
@@ -360,7 +360,7 @@ def test_the_empty_ledger_state_is_a_consistent_start(host):
 
 
 def test_partial_image_cache_entries_no_pull_holds_are_swept():
-    from slurm_dgxvm.lifecycle.cache_partials import CachePartials
+    from slurm_dgxvm.reconcile.cache_partials import CachePartials
     c = CachePartials(path="/var/lib/dgxvm/containers/1000", uid=1000, gid=1000,
                       names=("aa.1.x", "bb.2.y"))
     [f] = plan(NodeFacts(jobs=jobs(), vms={}, partials=(c,)))
@@ -373,7 +373,7 @@ def test_a_users_cache_that_could_not_be_read_is_skipped_and_fails_nothing():
     """A user's files are not the node's state: a cache that refused or stalled its user's
     read is named and skipped, the exit status stays 0 (the node-start unit must not fail for
     what a user did), and the line shows what the user named escaped."""
-    from slurm_dgxvm.lifecycle.cache_partials import CachePartials
+    from slurm_dgxvm.reconcile.cache_partials import CachePartials
     c = CachePartials(path="/var/lib/dgxvm/containers/1000", uid=1000, gid=1000, names=(),
                       refused="/var/lib/dgxvm/containers/1000/tmp/x\nreconcile: consistent")
     [f] = plan(NodeFacts(jobs=jobs(), vms={}, partials=(c,)))

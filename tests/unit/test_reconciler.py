@@ -14,13 +14,14 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from slurm_dgxvm import config as config_mod, hypervisor
+from slurm_dgxvm import config as config_mod
+from slurm_dgxvm.virt import hypervisor
 from slurm_dgxvm.design import mac_for
 from slurm_dgxvm.design.spec import XMLNS
 from slurm_dgxvm.ledger import Allocation, domain_key, job_key
 from slurm_dgxvm.lifecycle import Env
-from slurm_dgxvm.lifecycle import reconciler
-from slurm_dgxvm.lifecycle.reconcile import JobsOnNode
+from slurm_dgxvm.reconcile import apply as reconciler
+from slurm_dgxvm.reconcile.plan import JobsOnNode
 from slurm_dgxvm.placement import Policy, Request, place
 from slurm_dgxvm.records import VmRecord
 
@@ -503,7 +504,7 @@ def test_a_user_stopping_the_reader_costs_reconcile_the_deadline_and_leaves_no_p
     """kill -STOP of the process reading the cache as the user (here it stops itself, as the
     user's kill would): reconcile goes on at the deadline, names the cache, and the stopped
     process is gone (killed and reaped, not left stopped or a zombie)."""
-    from slurm_dgxvm.lifecycle import cache_partials
+    from slurm_dgxvm.reconcile import cache_partials
     from slurm_dgxvm.shares import asuser
     cache_dir, user = users_cache(traversable_tmp, (f"tmp/{DEAD}.1.aa", "dir"))
     pids = traversable_tmp / "pids"
@@ -536,7 +537,7 @@ def test_rebuild_ledger_does_not_hold_the_ledger_lock_while_a_users_cache_stalls
     it: a user stopping that read held every Prolog at the ledger. Now the caches are read
     after the rebuild, under no lock."""
     from slurm_dgxvm import fsutil
-    from slurm_dgxvm.lifecycle import cache_partials
+    from slurm_dgxvm.reconcile import cache_partials
     from slurm_dgxvm.shares import asuser
     cache_dir, user = users_cache(traversable_tmp, (f"tmp/{DEAD}.1.aa", "dir"))
     monkeypatch.setattr(cache_partials, "_free_partials", lambda p: os.kill(os.getpid(), 19))
@@ -569,7 +570,7 @@ def test_a_fifo_among_the_partials_is_swept_not_waited_on(tmp_path, trees, monke
                                                           traversable_tmp):
     """rmtree opens what it removes before it looks: a FIFO a user left in tmp/ made the sweep
     wait for a writer. Now it is unlinked like any file."""
-    from slurm_dgxvm.lifecycle import cache_partials
+    from slurm_dgxvm.reconcile import cache_partials
     monkeypatch.setattr(cache_partials, "SWEEP_DEADLINE_S", 3.0)
     cache_dir, user = users_cache(traversable_tmp, (f"tmp/{DEAD}.1.aa", "fifo"),
                                   (f"tmp/{'e' * 64}.2.bb", "dir"))
@@ -616,7 +617,7 @@ def test_a_cache_something_is_mounted_over_is_left_out_without_root_entering_it(
     """A user's FUSE mount over their own cache (here a tmpfs stands for it): root lists
     ``<cache_dir>`` and looks at each entry through a descriptor that crosses no mount, so a
     stopped daemon is never asked anything; that cache is left out, the others are listed."""
-    from slurm_dgxvm.lifecycle import cache_partials
+    from slurm_dgxvm.reconcile import cache_partials
     cache_dir, user = users_cache(traversable_tmp, (f"tmp/{DEAD}.1.aa", "dir"))
     other = cache_dir / "54999"
     other.mkdir(mode=0o700)

@@ -64,7 +64,7 @@ def _attempts(point: Path, fd: int) -> dict:
     attempt("append", lambda: os.close(os.open(f"/proc/self/fd/{fd}/image.json",
                                                os.O_WRONLY | os.O_APPEND)))
     attempt("mkdir", lambda: os.mkdir(f"/proc/self/fd/{fd}/d"))
-    lib = userns._libc
+    lib = userns.libc
 
     def remount_rw():
         if lib.mount(None, os.fsencode(point), None, ctypes.c_ulong(MS_REMOUNT | MS_BIND),

@@ -143,7 +143,7 @@ def test_a_size_placement_refuses_names_the_partition_key_not_a_flag(tmp_path, t
 def test_a_failed_create_leaves_the_stages_it_reached_in_the_admin_comment(world):
     """For real: libvirt's test driver has no network dgxvm can use, so the create fails in
     its seed stage (the node's fault) after placing the VM."""
-    from slurm_dgxvm import opstats
+    from slurm_dgxvm.observe import opstats
     from slurm_dgxvm.slurm.accounting import parse_stages
     assert world.prolog() == 1
     rec = world.admin_comment()
@@ -155,7 +155,7 @@ def test_a_failed_create_leaves_the_stages_it_reached_in_the_admin_comment(world
 
 def test_a_node_fault_before_the_lifecycle_is_counted_and_a_jobs_own_is_not(tmp_path, trees,
                                                                            image_store):
-    from slurm_dgxvm import opstats
+    from slurm_dgxvm.observe import opstats
     w = World(tmp_path, trees, image_store, partitions={"batch": {"image": "gone"}})
     assert w.prolog() == 1                                   # the partition's image is missing
     assert w.prolog(SLURM_JOB_COMMENT="dgxvm:imag=x") == 0   # the job's comment: refused

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slurm_dgxvm.stages import CREATE_STAGES, STAGES, TEARDOWN_STAGES, StageTimer, ordered
+from slurm_dgxvm.observe.stages import CREATE_STAGES, STAGES, TEARDOWN_STAGES, StageTimer, ordered
 
 
 class Clock:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from slurm_dgxvm import config as config_mod
-from slurm_dgxvm import opstats
+from slurm_dgxvm.observe import opstats
 from slurm_dgxvm.config import Config
 from slurm_dgxvm.health.store import HealthStore
 from slurm_dgxvm.host.kernel import for_roots
@@ -28,7 +28,7 @@ from slurm_dgxvm.placement import EMPTY, Policy, Request, place
 from slurm_dgxvm.records import VmRecord
 from slurm_dgxvm.simulate.hostops import as_bare_metal
 from slurm_dgxvm.slurm import accounting
-from slurm_dgxvm.stages import StageTimer
+from slurm_dgxvm.observe.stages import StageTimer
 from slurm_dgxvm.topology import discover
 
 REPO = Path(__file__).resolve().parents[3]

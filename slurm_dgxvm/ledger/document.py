@@ -1,73 +1,21 @@
-"""The node-local allocation ledger: which job or domain holds which physical resources.
-
-Slurm's gres/gpu is only the admission *count*; this ledger is the authority for *which* physical
-GPUs, NVSwitches, host CPUs, memory (MiB per NUMA node) and Fabric Manager partitions a VM holds
-(DESIGN.md, decision 1). Prologs of different jobs run concurrently on one node, and admins run
-``dgxvm create`` by hand, so every read-modify-write goes through one file lock and one JSON file:
-
-    <state_dir>/ledger.json   the document (mode 0644: ``dgxvm list`` / status read it unprivileged)
-    <state_dir>/ledger.lock   the lock file (:func:`fsutil.locked`) that serialises writers
-
-Decisions that live here:
-
-* **Atomic replace, not in-place writes.** A new document is written with
-  :func:`fsutil.atomic_write`: a temporary file in the same directory, flushed and fsync'ed, then
-  ``os.replace``'d over ``ledger.json`` and the directory fsync'ed. A crash (or a killed Prolog)
-  therefore leaves either the old or the new document, never a mix, and readers
-  (``Ledger.read``) need no lock: a rename is atomic, so any open() sees one complete version.
-  A transaction makes (and fsyncs) its temp file before it takes the lock
-  (:func:`fsutil.pending_write`), so that under the lock its fsyncs carry its own change and not
-  what the rest of the node left pending in the filesystem's journal; the temp file of a
-  transaction that writes nothing is removed. A process SIGKILLed while it waits for the lock
-  leaves its empty ``.ledger.json.<pid>.*.tmp`` behind: the next transaction removes the temp
-  files of writers that are dead (:func:`fsutil.sweep_dead_temps`); no reader opens those
-  names.
-* **A checksum over the allocations.** The rename protects against torn writes by *us*; the
-  checksum (sha256 of the canonical JSON of ``allocations``) catches everything else: a hand
-  edit, a partial copy back from a backup, a filesystem that lost data. A ledger that lies is
-  worse than no ledger — it would hand one GPU to two VMs — so a mismatch is corruption.
-* **One serialisation per record.** The file holds the document one allocation per line, each
-  record in exactly the canonical JSON the checksum is computed over, so a record is serialised
-  once for both, and a record a transaction keeps is not serialised again (its text, from the
-  parse or the write that made it, is reused). Any JSON layout of the same document reads the
-  same (a hand-written ``indent=2`` file is fine).
-* **Corruption stops the node, it is never "repaired".** Invalid JSON, a wrong format or version,
-  a checksum mismatch, a malformed record, one resource held twice inside the file, or an empty
-  (0-byte) file (a torn write by something that did not use this module) raise
-  :class:`~slurm_dgxvm.errors.LedgerCorrupt`; the file is left exactly as it is for an admin to
-  inspect, and ``transaction()`` refuses to proceed. Resetting it would silently forget VMs that
-  are running.
-* **Conflicts are explicit.** Recording a key twice, or any GPU (by PCI address), NVSwitch, host
-  CPU or FM partition that another allocation holds, raises
-  :class:`~slurm_dgxvm.errors.LedgerConflict` naming the resource and its holder. Nothing is ever
-  overwritten. Memory is *not* exclusive: it is a quantity, the ledger only sums it
-  (:meth:`Occupancy.union`) and placement checks it against the node's capacity.
-* **Writes only when something changed.** A transaction that ends with the same allocations it
-  started with leaves the file (and its generation) alone; a transaction that raises writes
-  nothing.
-* **The critical section is measured.** Each transaction records the time spent waiting for the
-  lock and the time the lock was held on the :class:`Ledger` (``last_lock_wait_s``,
-  ``last_held_s``) so benchmarks can check the < 10 ms target (DESIGN.md, targets), and where
-  the hold went (``last_times``: read, the caller's block, encoding, write, fsyncs).
-
-No module-level state: everything hangs off a :class:`Ledger` instance.
+"""The ledger's document and its allocations, in memory: :class:`Allocation`, the parsed
+:class:`LedgerState` (``ledger.json``'s format: :func:`parse_document`, ``LedgerState.encode``)
+and the staged changes of one transaction (:class:`LedgerTxn`). No file is opened here:
+:mod:`.store` reads, locks and writes (the package's docstring says why it is so).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from slurm_dgxvm import fsutil
-from slurm_dgxvm.errors import LedgerConflict, LedgerCorrupt, LedgerError, LedgerLockTimeout
+from slurm_dgxvm.errors import LedgerConflict, LedgerCorrupt
 from slurm_dgxvm.placement.model import Occupancy, Placement
 
 log = logging.getLogger("dgxvm.ledger")
@@ -610,250 +558,11 @@ class LedgerTxn:
         return state
 
 
-# -- the ledger ------------------------------------------------------------------------------------
-LOCK_POLL_S = 0.002
-
-
-@dataclass
-class TxnTimes:
-    """Where one transaction's time went (seconds), for benchmarks: the lock's wait and hold,
-    and inside the hold: reading the document (``parsed``: whether it had to be parsed then),
-    the caller's block, encoding the new document, and its write (``write``: None when nothing
-    was written). The rest of the hold is bookkeeping and the lock's release."""
-
-    lock: fsutil.LockTimes = field(default_factory=fsutil.LockTimes)
-    read_s: float | None = None
-    parsed: bool | None = None
-    body_s: float | None = None
-    encode_s: float | None = None
-    write: fsutil.WriteTimes | None = None
-
-
-class Ledger:
-    """The ledger in ``state_dir``. Cheap to construct; touches the disk only when used.
-
-    ``lock_timeout`` (seconds) bounds the wait for the lock; past it a transaction raises
-    :class:`LedgerLockTimeout`. Transactions must not be nested (the inner one would wait for the
-    outer one's lock and time out).
-    """
-
-    def __init__(self, state_dir: str | os.PathLike[str],
-                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
-        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) \
-                or lock_timeout < 0:
-            raise ValueError(f"lock_timeout must be a non-negative number, got {lock_timeout!r}")
-        self.state_dir = os.fspath(state_dir)
-        self.path = os.path.join(self.state_dir, LEDGER_FILE)
-        self.lock_path = os.path.join(self.state_dir, LOCK_FILE)
-        self.lock_timeout = float(lock_timeout)
-        self._times = TxnTimes()                   # of the last transaction
-        # the bytes of the last document this instance read or wrote, and what they say
-        self._known: tuple[bytes, LedgerState] | None = None
-
-    def __repr__(self) -> str:
-        return f"Ledger({self.state_dir!r}, lock_timeout={self.lock_timeout})"
-
-    # reading ------------------------------------------------------------------------------------
-    def read(self) -> LedgerState:
-        """The current ledger, without taking the lock (writes are atomic renames, so the file
-        opened is always one complete version). A missing file is an empty ledger.
-
-        The file is read every time; only its parse is reused, when its bytes are exactly those
-        this instance last read or wrote (the state is a pure function of the bytes)."""
-        return self._load()[0]
-
-    def _load(self) -> tuple[LedgerState, bool]:
-        """The current ledger, and whether its bytes had to be parsed (False: a missing file, or
-        the bytes of the last document this instance read or wrote)."""
-        try:
-            with open(self.path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return EMPTY_STATE, False
-        except OSError as e:
-            raise LedgerError(path=self.path, reason=f"cannot read: {e.strerror or e}") from e
-        known = self._known
-        if known is not None and known[0] == raw:
-            return known[1], False
-        state = parse_document(raw, self.path, known=known[1] if known is not None else None)
-        self._known = (raw, state)
-        return state, True
-
-    # writing ------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[LedgerTxn]:
-        """Lock, load, yield a :class:`LedgerTxn`; on normal exit write if anything changed.
-
-        An exception in the block writes nothing and propagates. A corrupt ledger raises
-        :class:`LedgerCorrupt` before the block runs.
-        """
-        self._ensure_dir()
-        self._times = times = TxnTimes()
-        clock = time.perf_counter
-        txn: LedgerTxn | None = None
-        # Parse the document now, before the lock: under it, the same bytes are only compared
-        # (and when another writer got in first, its records that this parse already checked
-        # are not built again). What counts is still what is read under the lock; a corrupt or
-        # unreadable ledger is reported there.
-        with contextlib.suppress(LedgerError):
-            self._load()
-        fsutil.sweep_dead_temps(self.path)
-        with contextlib.ExitStack() as stack:
-            # The temp file of the write, made and fsynced before the lock: that fsync commits
-            # what the filesystem had pending from everyone else, which the write's own fsync
-            # would otherwise wait for under the lock (fsutil.pending_write). Not possible here
-            # (a read-only state dir): the write, if any, makes its own, as before.
-            try:
-                pending = stack.enter_context(fsutil.pending_write(self.path, mode=FILE_MODE))
-            except OSError:
-                pending = None
-            # fsutil.locked polls; its default 50 ms poll would make 16 concurrent prologs queue
-            # for up to a second behind critical sections of ~2 ms each.
-            stack.enter_context(fsutil.locked(
-                self.lock_path, timeout=self.lock_timeout, poll_s=LOCK_POLL_S, mode=FILE_MODE,
-                times=times.lock,
-                timed_out=lambda: LedgerLockTimeout(path=self.lock_path,
-                                                    timeout=self.lock_timeout),
-                failed=lambda e: LedgerError(path=self.lock_path,
-                                             reason=f"cannot lock: {e.strerror or e}")))
-            try:
-                t0 = clock()
-                base, times.parsed = self._load()
-                txn = LedgerTxn(base)
-                times.read_s = clock() - t0
-                t0 = clock()
-                yield txn
-                times.body_s = clock() - t0
-                txn._open = False
-                if txn.changed:
-                    self._write(txn._result(), times, pending)
-            finally:
-                if txn is not None:
-                    txn._open = False
-
-    @property
-    def last_lock_wait_s(self) -> float | None:
-        """Seconds the last transaction waited for the lock (None before the first)."""
-        return self._times.lock.waited_s
-
-    @property
-    def last_held_s(self) -> float | None:
-        """Seconds the last transaction held the lock, acquired -> released (None before the
-        first, during one, and after a lock time-out)."""
-        return self._times.lock.held_s
-
-    @property
-    def last_times(self) -> TxnTimes:
-        """Where the last transaction's time went (:class:`TxnTimes`; all None before the
-        first)."""
-        return self._times
-
-    def allocate(self, allocation: Allocation) -> Allocation:
-        """Record one allocation in its own transaction (see :meth:`LedgerTxn.allocate`)."""
-        with self.transaction() as txn:
-            return txn.allocate(allocation)
-
-    def release(self, key: str) -> Allocation | None:
-        """Release one key in its own transaction (see :meth:`LedgerTxn.release`)."""
-        with self.transaction() as txn:
-            return txn.release(key)
-
-    # a corrupt ledger ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the ledger's lock for the block without reading the ledger (it may be corrupt):
-        :meth:`replace_corrupt` is called inside it."""
-        self._ensure_dir()
-        with fsutil.locked(self.lock_path, timeout=self.lock_timeout, poll_s=LOCK_POLL_S,
-                           mode=FILE_MODE,
-                           timed_out=lambda: LedgerLockTimeout(path=self.lock_path,
-                                                               timeout=self.lock_timeout),
-                           failed=lambda e: LedgerError(path=self.lock_path,
-                                                        reason=f"cannot lock: {e.strerror or e}")):
-            yield
-
-    def replace_corrupt(self, state: LedgerState, *, now: float | None = None) -> str:
-        """Replace a corrupt ledger with ``state``; return where the corrupt file was kept.
-
-        Only inside :meth:`locked`, and only for a ledger that is corrupt now (LedgerError
-        otherwise: one that parses is never replaced). The corrupt file is first given a second
-        name, ``ledger.json.corrupt-<UTC time>`` (made durable), then the new document is
-        written atomically over ``ledger.json`` with the next generation the corrupt one
-        names, if any can be read. Never a reset by accident: ``dgxvm reconcile
-        --rebuild-ledger`` calls it, saying what it wrote.
-        """
-        try:
-            with open(self.path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            raise LedgerError(path=self.path, reason="there is no ledger to replace") from None
-        except OSError as e:
-            raise LedgerError(path=self.path, reason=f"cannot read: {e.strerror or e}") from e
-        try:
-            parse_document(raw, self.path)
-        except LedgerCorrupt:
-            pass
-        else:
-            raise LedgerError(path=self.path, reason="it is not corrupt: not replaced")
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
-        aside = f"{self.path}.corrupt-{stamp}"
-        n = 1
-        while os.path.lexists(aside):
-            n += 1
-            aside = f"{self.path}.corrupt-{stamp}-{n}"
-        try:
-            os.link(self.path, aside)
-            fsutil.fsync_dir(self.state_dir)
-        except OSError as e:
-            raise LedgerError(path=aside, reason=f"cannot keep the corrupt ledger aside: "
-                                                 f"{e.strerror or e}") from e
-        self._write(LedgerState(generation=_salvaged_generation(raw) + 1,
-                                allocations=state.allocations))
-        log.warning("ledger %s was corrupt: rebuilt with %d allocation(s), the corrupt file "
-                    "kept as %s", self.path, len(state.allocations), aside)
-        return aside
-
-    # internals ----------------------------------------------------------------------------------
-    def _ensure_dir(self) -> None:
-        if os.path.isdir(self.state_dir):
-            return
-        try:
-            os.makedirs(self.state_dir, mode=DIR_MODE, exist_ok=True)
-            os.chmod(self.state_dir, DIR_MODE)  # mode= is filtered by the umask
-        except OSError as e:
-            raise LedgerError(path=self.state_dir,
-                              reason=f"cannot create state dir: {e.strerror or e}") from e
-
-    def _write(self, state: LedgerState, times: TxnTimes | None = None,
-               pending: fsutil.PendingWrite | None = None) -> None:
-        """Atomically replace the ledger file with ``state`` (:func:`fsutil.atomic_write`, or
-        the ``pending`` one's commit)."""
-        t0 = time.perf_counter()
-        data = state.encode()
-        write_times = None
-        if times is not None:
-            times.encode_s = time.perf_counter() - t0
-            times.write = write_times = fsutil.WriteTimes()
-        try:
-            if pending is not None:
-                pending.commit(data, times=write_times)
-            else:
-                fsutil.atomic_write(self.path, data, mode=FILE_MODE, times=write_times)
-        except OSError as e:
-            raise LedgerError(path=self.path, reason=f"cannot write: {e.strerror or e}") from e
-        self._known = (data, state)
-
-
-def _salvaged_generation(raw: bytes) -> int:
-    """The generation a corrupt document still names, or 0."""
+def salvaged_generation(raw: bytes) -> int:
+    """The generation a corrupt document still names, or 0 (:meth:`.store.Ledger.replace_corrupt`
+    writes the next one)."""
     try:
         gen = json.loads(raw.decode("utf-8")).get("generation")
     except (ValueError, AttributeError, RecursionError):
         return 0
     return gen if _is_int(gen) and gen >= 0 else 0
-
-
-__all__ = [
-    "Allocation", "Ledger", "LedgerState", "LedgerTxn", "TxnTimes", "EMPTY_STATE", "FORMAT",
-    "VERSION", "canonical_json", "checksum_of", "domain_key", "job_key", "parse_document",
-]

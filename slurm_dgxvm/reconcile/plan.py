@@ -2,7 +2,7 @@
 
 ``dgxvm reconcile`` compares libvirt's domains, the ledger, the VM directories and records,
 dgxvm's DHCP reservations, Fabric Manager's active partitions and Slurm's jobs on this node
-(:class:`NodeFacts`, gathered by :mod:`.reconciler`), and :func:`plan` says, one
+(:class:`NodeFacts`, gathered by :mod:`.apply`), and :func:`plan` says, one
 :class:`Finding` each, what belongs to no live job or admin VM and how it goes. Nothing here
 touches the node: facts in, findings out, so every rule is tested with facts made by hand.
 
@@ -12,15 +12,16 @@ What is live, and never touched:
   (CONFIGURING while the Prolog runs, RUNNING, COMPLETING while the Epilog runs, SUSPENDED
   ...). When Slurm cannot be asked, no job's VM is touched at all (one finding says so);
 * an admin's VM (owner ``domain``) whose libvirt domain exists, whatever its state;
-* any VM whose lock is held (:mod:`.vmlock`): a create or a delete is in progress;
+* any VM whose lock is held (:mod:`slurm_dgxvm.lifecycle.vmlock`): a create or a delete is in
+  progress;
 * a job VM made after Slurm was asked (its job may be one Slurm has only just started here).
 
 What goes, each through the one idempotent way it is made undone:
 
 * ``delete-vm``: the VM of a job Slurm no longer has on this node, or the pieces of an admin VM
   without a domain (a ``dgxvm create`` or ``delete`` killed midway), or a VM directory nothing
-  else names: :func:`.delete.delete`, which takes the domain, the FM partition, the DHCP
-  reservation, the directory and the ledger entry;
+  else names: :func:`slurm_dgxvm.lifecycle.delete.delete`, which takes the domain, the FM
+  partition, the DHCP reservation, the directory and the ledger entry;
 * ``release-address``: a DHCP reservation dgxvm made (its MAC is :func:`mac_for` its name) for
   a name that has nothing else on the node;
 * ``deactivate-fm-partition``: a Fabric Manager partition that is active while no ledger
@@ -158,7 +159,7 @@ class JobsOnNode:
 
 @dataclass(frozen=True)
 class NodeFacts:
-    """The node as :mod:`.reconciler` read it."""
+    """The node as :mod:`.apply` read it."""
 
     jobs: JobsOnNode
     vms: Mapping[str, VmFacts]

@@ -1,20 +1,21 @@
-"""reconcile, the run: read the node (:func:`collect`), plan (:mod:`.reconcile`), act.
+"""reconcile, the run: read the node (:func:`collect`), plan (:mod:`.plan`), act.
 
 Safe while jobs start and end:
 
 * Slurm is asked first (by the caller), the node read after, and a job VM made after Slurm
-  answered is left for the next run (:func:`.reconcile.plan`).
+  answered is left for the next run (:func:`.plan.plan`).
 * Every action on a VM name happens under that name's lock, tried without waiting
-  (:mod:`.vmlock`): a name whose lock is held is a create or delete in progress, skipped. Under
-  the lock the name's facts are read again, and anything changed since the plan skips it.
+  (:mod:`slurm_dgxvm.lifecycle.vmlock`): a name whose lock is held is a create or delete in
+  progress, skipped. Under the lock the name's facts are read again, and anything changed since
+  the plan skips it.
 * The ledger's lock is taken only for the ledger: a rebuild, and for a moment to reserve a
   Fabric Manager partition before it is deactivated (so no VM can be placed on it meanwhile).
   The users' image caches are read (as each user, with a deadline) after any rebuild, outside
   every lock: a user's FIFO or ``kill -STOP`` costs this run seconds, never a Prolog its wait
   for the ledger.
-* Every action is the idempotent one that undoes it everywhere else (:func:`.delete.delete`,
-  ``release_address``, ``Fabric.deactivate``), so a second run finds nothing, and a run killed
-  midway leaves what the next run repairs.
+* Every action is the idempotent one that undoes it everywhere else
+  (:func:`slurm_dgxvm.lifecycle.delete.delete`, ``release_address``, ``Fabric.deactivate``), so a
+  second run finds nothing, and a run killed midway leaves what the next run repairs.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 
-from .. import hypervisor
+from ..virt import hypervisor
 from ..errors import DgxvmError, DomainNotFound, LedgerCorrupt, RecordCorrupt, UserTreeRefused
 from ..ledger import Allocation, domain_key
-from . import cache_partials, vmlock
-from .delete import delete, domain_owner
-from .env import Env
-from .reconcile import (CACHE_UNREAD_HOLD, IN_PROGRESS, DomainFact, Finding, JobsOnNode,
+from ..lifecycle import vmlock
+from ..lifecycle.delete import delete, domain_owner
+from ..lifecycle.env import Env
+from . import cache_partials
+from .plan import (CACHE_UNREAD_HOLD, IN_PROGRESS, DomainFact, Finding, JobsOnNode,
                         NodeFacts, Outcome, VmFacts, exit_code, partitions_off_under_running_vms,
                         plan, planned, rebuild)
 

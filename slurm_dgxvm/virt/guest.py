@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import hypervisor
-from .errors import GuestTimeout
+from ..errors import GuestTimeout
 
 POLL_S = 0.25
 TAIL_LINES = 15

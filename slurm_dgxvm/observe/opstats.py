@@ -33,8 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fsutil
-from .errors import OpStatsCorrupt, cause_of, is_job_fault
+from .. import fsutil
+from ..errors import OpStatsCorrupt, cause_of, is_job_fault
 from .stages import StageTimer
 
 log = logging.getLogger("dgxvm.opstats")

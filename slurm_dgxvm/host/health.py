@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import DgxvmError
+from ..lifecycle.env import Env
 from ..topology.model import SHARED_NVSWITCH
-from .env import Env
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,8 @@ def partition_images(env: Env) -> str:
 def _fabric(env: Env, *, with_vms: bool) -> str:
     """Fabric Manager answers; and, when the ledger and libvirt can be read, which running VMs
     hold a partition it has not active (DEGRADED: those VMs' GPUs have no NVLink)."""
-    from . import vmlock
-    from ..hypervisor import is_active, lookup
+    from ..lifecycle import vmlock
+    from ..virt.hypervisor import is_active, lookup
     active = {p for p, on in env.fabric.list().items() if on}
     said = f"Fabric Manager answers: {len(active)} partition(s) active"
     if not with_vms:

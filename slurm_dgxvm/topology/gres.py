@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..errors import TopologyError
 from ..ranges import format_index_list
-from ..topology.model import Host
+from .model import Host
 
 
 def slurm_core_ids(host: Host, socket: int) -> tuple[int, ...]:

@@ -3,7 +3,7 @@ for node_exporter's textfile collector.
 
 Everything comes from the node's own state, read without locks and without libvirt: the VM
 records and directories (``<state_dir>/vms``), the ledger, the host's topology and the operation
-counters (:mod:`slurm_dgxvm.opstats`). The families, all ``dgxvm_``:
+counters (:mod:`slurm_dgxvm.observe.opstats`). The families, all ``dgxvm_``:
 
 =================================  =========  ================================================
 ``dgxvm_host_info``                gauge      1, labels ``machine`` (catalog key) and
@@ -39,10 +39,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import fsutil
-from .errors import HostError, RecordCorrupt
+from .. import fsutil
+from ..errors import HostError, RecordCorrupt
 from .opstats import OPS, RESULTS, OpStats
-from .records import VmStore
+from ..records import VmStore
 from .stages import STAGES
 
 PREFIX = "dgxvm_"
