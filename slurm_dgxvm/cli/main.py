@@ -152,7 +152,7 @@ def _main(argv, obj: Context) -> tuple[int, bool]:
         return (exc.exit_code if exc.exit_code else EXIT_BAD_INPUT), True
     except click.exceptions.Exit as exc:
         return exc.exit_code, False
-    except Exception as exc:  # a bug: still one line (Slurm logs), the traceback on request
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line (Slurm logs), the traceback on request
         if os.environ.get("DGXVM_DEBUG"):
             traceback.print_exc()
         if isinstance(exc, ModuleNotFoundError) and \

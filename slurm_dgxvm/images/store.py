@@ -154,7 +154,7 @@ class ImageStore:
             return None
         try:
             return image_name(text)
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever image_name refuses: no image name
             raise ImageError(name="(default)", reason=f"{self.root / DEFAULT_FILE} holds "
                                                       f"{text[:80]!r}, not an image name") from None
 

@@ -241,7 +241,7 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
             _stray_entry(env, job_id, name, stage, emit, where)
             return EXIT_OK                 # no VM: no GPUs, or the Prolog refused the job
         _stray_entry(env, job_id, name, stage, emit, where)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001 - every failure is one line and exit 1
         if not in_lifecycle:
             opstats.count_failure(env.cfg.host.state_dir, "epilog", exc)
         if job_id is None:

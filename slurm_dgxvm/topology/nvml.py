@@ -38,7 +38,7 @@ def query() -> NvmlFacts:
         return NvmlFacts((), "NVML: nvidia-ml-py not installed; NVLink facts from the catalog")
     try:
         pynvml.nvmlInit()
-    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+    except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...
         return NvmlFacts((), f"NVML: unavailable ({exc}); NVLink facts from the catalog")
     try:
         out = []
@@ -49,21 +49,21 @@ def query() -> NvmlFacts:
             if hasattr(pynvml, "nvmlDeviceGetModuleId"):
                 try:
                     module = int(pynvml.nvmlDeviceGetModuleId(h))
-                except Exception:
+                except Exception:  # noqa: BLE001 - no module id from this driver
                     module = None
             links = 0
             for link in range(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", 18)):
                 try:
                     if pynvml.nvmlDeviceGetNvLinkState(h, link) == pynvml.NVML_FEATURE_ENABLED:
                         links += 1
-                except Exception:
+                except Exception:  # noqa: BLE001 - a link NVML cannot report ends the count
                     break
             out.append(NvmlGpu(pci, module, links))
         return NvmlFacts(tuple(out), f"NVML: {len(out)} GPU(s) visible to the driver")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any NVML failure: the catalog's facts
         return NvmlFacts((), f"NVML: query failed ({exc})")
     finally:
         try:
             pynvml.nvmlShutdown()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a failed shutdown changes nothing
             pass

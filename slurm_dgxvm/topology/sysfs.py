@@ -99,7 +99,7 @@ class SysfsRoot:
         text = self.read(shape, **fields)
         try:
             return tuple(sorted(parse_index_list(text, what="CPU", allow_empty=True)))
-        except Exception as exc:  # CpuListError: re-raise naming the file
+        except Exception as exc:  # noqa: BLE001 - CpuListError: re-raised naming the file
             raise SysfsError(path=str(self.path(shape, **fields)), reason=str(exc)) from None
 
     def listdir(self, shape: str, **fields) -> list[str]:
