@@ -4,7 +4,7 @@ Each error has a message template filled from keyword arguments (kept as attribu
 and tests can look at the bad value rather than parse text) and an exit code. Only the CLI and the
 Slurm hooks turn an error into a message and an exit status; library code just raises.
 
-Exit codes (stable, scripts may rely on them; README.md's table says the same):
+Exit codes (stable, scripts may rely on them; docs/reference/exit-codes.md is generated from them):
     1  internal / unexpected (a bug), or a Slurm hook stopped by a signal (Interrupted)
     2  bad input (usage, malformed values, unknown config keys, a job's refused value)
     3  the host cannot be read or cannot do what was asked: sysfs, catalog, a host tool
@@ -331,7 +331,7 @@ class GuestTimeout(VmError):
 
 class TransportLost(VmError):
     """``dgxvm run``/``shell``: the VM could not be reached, or the connection died before the
-    command's exit status was known (``dgxvm run`` exits 125 for it, see README)."""
+    command's exit status was known (``dgxvm run`` exits 125 for it, docs/user/run.md)."""
 
     template = ("job {job}'s VM {domain}: the connection to the VM failed before the command's "
                 "exit status was known ({reason}); anything the command started has been "

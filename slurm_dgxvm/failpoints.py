@@ -1,7 +1,7 @@
 """Fault points: make a dgxvm process die at a named point of a create or teardown, on purpose.
 
 What a crash at each step leaves behind is what ``dgxvm reconcile``, the Epilog and the
-README's "Failure modes" promise to handle; the tests prove it by crashing there for real. A
+docs/admin/operations.md's "Failure modes" promise to handle; the tests prove it by crashing there for real. A
 point fires only when the root-owned file ``<state_dir>/failpoints`` names it, one line each:
 
     POINT VM ACTION          e.g.  after:disks job-42 kill

@@ -60,7 +60,7 @@ def load_everything() -> list[str]:
             if (exc.name or "").split(".")[0] in ("", PACKAGE):
                 raise
             skipped.append(info.name)
-    from .design.render import load_templates
+    from .design.domain_xml import load_templates
     from .seed import guest_helper
     load_templates()
     guest_helper()

@@ -7,7 +7,7 @@ quotes, globs, newlines or bytes that are not UTF-8 arrive exactly as given: not
 re-parsed by a shell. The script travels base64'd on one line (ssh's remote command line is
 limited to 9000 bytes by dropbear, and the environment of a Slurm job can be larger).
 
-The environment rule (README "What the command sees"):
+The environment rule (docs/user/run.md, "What CMD gets"):
 
 - every variable of the caller passes through, except those that describe the host's own session
   and would be false in the VM: ``HOST_ONLY`` and names starting with ``HOST_ONLY_PREFIXES``; the

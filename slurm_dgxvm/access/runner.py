@@ -5,7 +5,7 @@ Their exit status is the command's (0-255; 128+N when a signal N ended it). dgxv
 (no VM, bad flags, the VM unreachable, the connection lost) are DgxvmError, which the CLI turns
 into :data:`EXIT_RUN_FAILED` (125, the convention of ``docker run`` and ``podman run``) and one
 ``dgxvm: error:`` line on stderr; 126 and 127 are the guest's "cannot execute" and "not found"
-(README "Exit status of dgxvm run").
+(docs/user/run.md, "Exit status").
 
 The order of a run, so that a mistake costs nothing:
 

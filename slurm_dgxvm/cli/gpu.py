@@ -1,4 +1,4 @@
-"""``dgxvm gpu show|check|clear`` (the quarantine, README "GPU health, reset and quarantine")
+"""``dgxvm gpu show|check|clear`` (the quarantine, docs/admin/operations.md)
 and ``dgxvm health`` (Slurm's HealthCheckProgram). Registered by name in
 ``cli.main.LAZY_COMMANDS``."""
 
@@ -13,7 +13,7 @@ import time
 import click
 
 from ..errors import DeviceStillFailing, DeviceUnknown, DgxvmError, SlurmCommandError
-from ..host.health import check_host
+from ..host.node_health import check_host
 from ..slurm import liveness
 from ..slurm.commands import Slurm
 from ..topology.model import FULL_PASSTHROUGH

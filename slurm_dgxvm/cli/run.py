@@ -3,7 +3,7 @@
 (no VM, bad flags, the VM unreachable, the connection lost) exit 125 (:data:`EXIT_RUN_FAILED`,
 ``main()`` applies it to the commands that set ``failure_exit_code``), the convention of
 ``docker run`` and ``podman run``, with one ``dgxvm: error:`` line on stderr; 126 and 127 are the
-guest's "cannot execute" and "not found" (README "Exit status of dgxvm run").
+guest's "cannot execute" and "not found" (docs/user/run.md, "Exit status").
 """
 
 from __future__ import annotations

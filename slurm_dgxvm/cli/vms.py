@@ -111,7 +111,7 @@ def list_cmd(c, as_json):
                    f"{r.job_id if r.job_id is not None else '-':>7}  {r.image or '-'}")
     if any(r.state == "running" and not r.held for r in rows):
         click.echo("\n'!': running but not held in the ledger; install etc/libvirt/hooks/qemu "
-                   "(see README) so virsh start/shutdown keep the ledger true")
+                   "(docs/admin/install.md, The libvirt hooks) so virsh start/shutdown keep the ledger true")
     fitted = [r for r in rows if r.fitted]
     if fitted:
         click.echo(f"\n{len(fitted)} VM(s) fitted to this host (simulated machine): passthrough "

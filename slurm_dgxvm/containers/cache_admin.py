@@ -3,8 +3,8 @@
 (:func:`prune`) and the eviction ``dgxvm run --container-image`` does after its get
 (:func:`evict_for_run`), with the lines that report them.
 
-The cache is ``<[containers] cache_dir>/<uid>`` of the calling user (README "Container image
-cache"). Root is refused: the directory is the user's, and root must not walk a tree the user
+The cache is ``<[containers] cache_dir>/<uid>`` of the calling user (docs/admin/images.md, "The
+container image cache"). Root is refused: the directory is the user's, and root must not walk a tree the user
 controls (a symlink the user swapped in would send root's deletions anywhere); root runs it as
 the user (``runuser -u NAME -- dgxvm image-cache prune``). Errors are DgxvmError.
 """

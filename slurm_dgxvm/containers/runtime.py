@@ -11,7 +11,7 @@ the shared work dir bind-mounted at its own path, ``--container-mounts`` as recu
 memory: NCCL's shared-memory transport needs more than Docker's 64 MiB) and the locked-memory
 limit of the guest session (the seed raises it for the job's user).
 
-The rules (README "Containers"):
+The rules (docs/user/run.md, "Containers"):
 
 - the command is CMD as given: the image's ENTRYPOINT and CMD are not used (pyxis's default);
 - environment (pyxis's rule): the job's environment (the host-only variables already out, GPU

@@ -2,7 +2,7 @@
 
 from .designer import VmInputs, design, image_cache_tag, mac_for, share_tag
 from .fit import RealHost, fit_to_host
-from .render import domain_xml
+from .domain_xml import domain_xml
 from .spec import DomainSpec
 
 __all__ = ["VmInputs", "design", "mac_for", "share_tag", "image_cache_tag", "RealHost",

@@ -1,5 +1,5 @@
 """The frozen description of one VM's libvirt domain. Built by :mod:`.designer`, changed only by
-:mod:`.fit`, serialised by :mod:`.render`. Nothing here decides anything.
+:mod:`.fit`, serialised by :mod:`.domain_xml`. Nothing here decides anything.
 
 CPU sets are kept as tuples of host CPU ids; the templates print them through ``cpuset``.
 """

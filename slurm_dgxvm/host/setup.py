@@ -1,7 +1,7 @@
 """``dgxvm host setup`` and ``dgxvm host revert``.
 
 Setup makes the changes that can be made safely, now and for every boot, each recorded first
-(:mod:`.record`):
+(:mod:`.setup_record`):
 
 - the GPUs (and, on a DGX-2, the NVSwitches) are bound to vfio-pci now (:mod:`.kernel`), and at
   boot by ``<etc>/modprobe.d/dgxvm-vfio.conf`` (``options vfio-pci ids=...`` plus ``softdep``
@@ -46,7 +46,7 @@ from . import apparmor as AA
 from . import roots as R
 from .check import (VFIO_DRIVER, gres_lines, hook_installed, hugepage_need, kernel_iommu_args,
                     modprobe_ids)
-from .record import SetupRecord, decode, encode
+from .setup_record import SetupRecord, decode, encode
 from .roots import HostRoots
 
 MARK = "Written by `dgxvm host setup`; `dgxvm host revert` puts back what was here before."

@@ -7,7 +7,7 @@ leftovers of every digest whose pull lock it can take (``ImageCache.evict`` with
 nothing else is evicted), so a pull in progress keeps its directory.
 
 Each cache is the user's (0700, the user's files): root must not walk it, as a symlink the user
-put there would send root's deletions anywhere (README, "Container image cache"). So the
+put there would send root's deletions anywhere (docs/admin/images.md, "The container image cache"). So the
 listing and the sweep run as the cache's owner (its uid, its gid, no other groups) through
 :func:`slurm_dgxvm.shares.asuser.run`: a child holding none of root's descriptors, which opens
 nothing through a symlink and nothing that is not what it should be (a lock file that is a FIFO

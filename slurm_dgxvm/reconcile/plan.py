@@ -70,7 +70,7 @@ ACTIONS = {"delete-vm": "delete the VM", "release-address": "release the reserva
 #: progress, changed meanwhile, Slurm not asked); left for an admin; tried and failed
 RESULTS = ("done", "would do", "skipped", "left", "failed")
 IN_PROGRESS = "in progress: a dgxvm create or delete holds its lock"
-#: the words of one finding's JSON form (README "JSON interface")
+#: the words of one finding's JSON form (docs/reference/json.md)
 FINDING_KEYS = ("what", "subject", "name", "job_id", "why", "action", "result", "detail",
                 "details")
 
@@ -349,8 +349,8 @@ def _plan_reservations(facts: NodeFacts) -> list[Finding]:
     return out
 
 
-#: what is done about a running VM whose partition Fabric Manager has not active (README
-#: "Making the node consistent")
+#: what is done about a running VM whose partition Fabric Manager has not active
+#: (docs/admin/operations.md, "dgxvm reconcile")
 FM_LOST_LEFT = ("report only: a live VM is never touched, and a partition is activated before its "
                 "VM starts, never under a running guest; recreate the VM (a job's: requeue or end "
                 "the job; an admin's: `virsh shutdown` and `virsh start` it, or `dgxvm delete` "
@@ -402,8 +402,8 @@ def partitions_off_under_running_vms(facts: NodeFacts, *,
     return out
 
 
-#: why a user's cache that could not be read as its user is left (README "Making the node
-#: consistent")
+#: why a user's cache that could not be read as its user is left
+#: (docs/admin/operations.md, "dgxvm reconcile")
 CACHE_UNREAD_HOLD = ("nothing in it was touched: a user's files are theirs, not the node's "
                      "state; the next run tries again")
 

@@ -3,6 +3,6 @@
 from .faults import KINDS as FAULT_KINDS
 from .faults import inject, inject_all, parse_fault
 from .machines import MACHINES
-from .render import render
+from .sysfs_tree import render
 
 __all__ = ["FAULT_KINDS", "MACHINES", "inject", "inject_all", "parse_fault", "render"]

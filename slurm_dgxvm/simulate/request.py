@@ -12,7 +12,7 @@ from ..errors import DgxvmError, SimulateUsage
 from .faults import KINDS as FAULT_KINDS
 from .faults import inject_all, parse_fault
 from .machines import MACHINES
-from .render import render
+from .sysfs_tree import render
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ Epilog: delete the job's VM whatever state it is in (none, half made, crashed, o
 entry, the job's ledger entry under another VM name); idempotent. Then write the final record
 (teardown time, how it ended) with sacctmgr. An inconsistency it met is one line naming it; the
 Epilog cleans only its own job's pieces and never runs a node-wide ``dgxvm reconcile``, which
-asks Slurm and libvirt about every VM and would hold the job in COMPLETING (README, "Making the
-node consistent").
+asks Slurm and libvirt about every VM and would hold the job in COMPLETING
+(docs/admin/operations.md, "From the Epilog").
 
 Exit status, on purpose (Slurm drains the node for any non-zero Prolog or Epilog status):
 
@@ -204,8 +204,8 @@ def _stray_entry(env: lifecycle.Env, job_id: int, name: str, stage: _Stage, emit
     too, through delete, and say so in one line. True when there was one.
 
     Only this job's pieces: a node-wide ``dgxvm reconcile`` is not run from here, as it asks
-    Slurm and libvirt about every VM and would hold up the job's completion (README, "Making
-    the node consistent")."""
+    Slurm and libvirt about every VM and would hold up the job's completion
+    (docs/admin/operations.md, "From the Epilog")."""
     from ..ledger import job_key
     stray = env.ledger.read().allocations.get(job_key(job_id))
     if stray is None or stray.domain == name:

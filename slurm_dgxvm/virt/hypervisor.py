@@ -19,7 +19,7 @@ from xml.sax.saxutils import quoteattr
 import libvirt
 
 from .. import fsutil, netfilter
-from ..design.render import render_template
+from ..design.domain_xml import render_template
 from ..errors import HypervisorError, LockError, LockTimeout
 
 log = logging.getLogger("dgxvm.hypervisor")

@@ -243,7 +243,7 @@ def test_the_packaged_dgxvm_runs_on_debians_python(built, tmp_path):
             "--state-dir", str(tmp_path / "state"), "plan", "--gpu-count", "4", "--json", env=env)
     assert r.returncode == 0 and '"aligned": true' in r.stdout, r.stderr
     r = run("/usr/bin/python3", "-P", "-c",
-            "from slurm_dgxvm.design.render import render_template as r; import sys; "
+            "from slurm_dgxvm.design.domain_xml import render_template as r; import sys; "
             "sys.stdout.write(r('network.xml.j2', name='n', gateway='10.0.0.1', "
             "netmask='255.255.255.0', range_start='10.0.0.2', range_end='10.0.0.9'))", env=env)
     assert r.returncode == 0 and "<name>n</name>" in r.stdout, r.stderr

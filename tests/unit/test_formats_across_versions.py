@@ -14,7 +14,7 @@ import pytest
 
 from slurm_dgxvm.observe import opstats
 from slurm_dgxvm.health.store import HealthStore
-from slurm_dgxvm.host.record import SetupRecord
+from slurm_dgxvm.host.setup_record import SetupRecord
 from slurm_dgxvm.ledger import Ledger
 from slurm_dgxvm.records import VmRecord
 from slurm_dgxvm.slurm import accounting

@@ -22,7 +22,7 @@ Why the layers are cut where they are (the rest follows the imports the code nee
   user's cache directory, the ranlog's file name) is ``lifecycle.cachedir`` and ``records``.
 * ``health`` is the devices' health (probe, policy, reset, the quarantine record), which the
   lifecycle runs after every VM. The node's checks ``dgxvm health`` runs read the node through
-  the lifecycle's ``Env`` and its VM locks, so they are ``host.health``, above the lifecycle.
+  the lifecycle's ``Env`` and its VM locks, so they are ``host.node_health``, above the lifecycle.
 * ``virt`` (``hypervisor``, ``guest``) renders domains with ``design``; ``observe`` (stages,
   opstats, metrics) is what the lifecycle and the Slurm side count and time with.
 * ``preload`` is loaded only by verbs; ``netfilter`` sits at the bottom because ``config`` parses

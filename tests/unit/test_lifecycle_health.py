@@ -15,7 +15,7 @@ import pytest
 
 from slurm_dgxvm.errors import GuestTimeout, NoFit
 from slurm_dgxvm.fabric import Fabric
-from slurm_dgxvm.health import checks as health_checks
+from slurm_dgxvm.health import device_checks as health_checks
 from slurm_dgxvm.lifecycle import create, delete
 from slurm_dgxvm.simulate import render
 from slurm_dgxvm.simulate.faults import inject

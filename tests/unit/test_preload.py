@@ -31,7 +31,7 @@ else:
 print("started", flush=True)
 sys.stdin.readline()                 # the test upgrades the package meanwhile
 from slurm_dgxvm.access.target import view_for
-from slurm_dgxvm.design.render import _env
+from slurm_dgxvm.design.domain_xml import _env
 from slurm_dgxvm.seed import guest_helper
 print("template", _env().get_template("network.xml.j2").render(
     name="n", gateway="10.0.0.1", netmask="255.255.255.0", range_start="10.0.0.2",

@@ -87,8 +87,8 @@ def check_host(env: Env, *, check_gpus: bool = True) -> HostHealth:
                                  "libvirt.uri", lambda: libvirt_answers(env))
     step("images", "install the image with `dgxvm image install` or fix the partition's image",
          lambda: partition_images(env))
-    ledger_ok = step("ledger", "run `dgxvm reconcile --rebuild-ledger` (README \"Making the node "
-                               "consistent\")", lambda: _ledger(env))
+    ledger_ok = step("ledger", "run `dgxvm reconcile --rebuild-ledger` (docs/admin/operations.md, "
+                               "\"dgxvm reconcile\")", lambda: _ledger(env))
     health_ok = step("gpu-health-record", "inspect the file; move it aside only once every "
                                           "quarantined GPU is known (`dgxvm gpu show`)",
                      lambda: f"{len(env.health.quarantined())} device(s) quarantined")
