@@ -6,7 +6,9 @@ and those under ``TYPE_CHECKING``. Each module belongs to a *unit*: its top-leve
 (``lifecycle``, ``containers``, ...) or, for a loose module, itself (``ledger``, ``config``, ...).
 The units are stacked in :data:`LAYERS`, top first; a unit imports only units of its own layer or
 below, and no import cycle runs between units. Besides: no private name (``_x``) is imported from
-another module (make it public, or move it), and no module is over :data:`MAX_LINES` lines.
+another module (make it public, or move it), no module is over :data:`MAX_LINES` lines, no verb
+module of ``cli`` imports another (they share only :data:`CLI_SHARED`), and no two modules of a
+folder differ by a suffix (``reconcile`` beside ``reconciler``).
 
 Why the layers are cut where they are (the rest follows the imports the code needs):
 
@@ -188,3 +190,30 @@ def test_the_reader_sees_imports_inside_functions_and_relative_ones(tmp_path):
     assert (f"{PACKAGE}.containers.cache", "ImageCache") in found     # inside sweep()
     found = {(t, n) for _, t, n in IMPORTS[f"{PACKAGE}.lifecycle"]}
     assert (f"{PACKAGE}.lazy", "lazy_exports") in found               # from ..lazy, in __init__
+
+
+#: what the verb modules of cli/ share; a verb module imports no other verb module
+CLI_SHARED = {"context", "params", "render"}
+
+
+def test_no_cli_verb_module_imports_another():
+    cli = f"{PACKAGE}.cli"
+    verbs = {m for m in MODULES if m.startswith(cli + ".")
+             and m.rsplit(".", 1)[1] not in CLI_SHARED | {"main"}}
+    assert verbs, "the verb modules of cli/"
+    crossed = [f"{_where(m, line)} imports {target}"
+               for m in sorted(verbs | {f"{cli}.main"}) for line, target, _ in IMPORTS[m]
+               if target in verbs and target != m]
+    assert crossed == []
+
+
+def test_no_two_modules_of_a_folder_differ_by_a_suffix():
+    """reconcile beside reconciler, record beside records: two names a reader cannot tell apart."""
+    by_folder = defaultdict(set)
+    for m in MODULES:
+        folder, _, name = m.rpartition(".")
+        by_folder[folder].add(name)
+    alike = [f"{folder}: {a} / {b}" for folder, names in sorted(by_folder.items())
+             for a in sorted(names) for b in sorted(names)
+             if a != b and b.startswith(a) and b[len(a):] in {"s", "r", "er", "ing", "ion", "_"}]
+    assert alike == []
