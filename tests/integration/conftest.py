@@ -3,8 +3,12 @@
 ``libvirt_stack`` is session-scoped and lazy: the stack (virtlogd + libvirtd inside network
 namespace ``dgxvm-test``) starts when the first test asks for it and stops at the end of the
 session. Only one system libvirtd can run at a time, so tests that start stacks of their own are
-marked ``libvirt_lifecycle``: they are moved to the front of the session, before any test can
-have started the shared stack, and ``no_session_libvirt_stack`` fails them clearly if it did.
+marked ``libvirt_lifecycle`` and run in a pytest of their own (tests/run: ``-m
+libvirt_lifecycle``), where no test starts the shared stack; ``no_session_libvirt_stack`` fails
+them clearly if one did. Tests that replace and purge the installed package are marked
+``package_lifecycle`` and run in a pytest of their own too, after the rest. A session that
+selects either kind with other tests leaves them out and says so: no test relies on where it
+runs in a session.
 """
 
 from __future__ import annotations
@@ -35,31 +39,38 @@ _ACTIVE: dict[str, LibvirtStack] = {}
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "libvirt_lifecycle: starts and stops libvirt stacks of its own; run before "
-        "the session's shared libvirt_stack starts")
+        "markers", "libvirt_lifecycle: starts and stops libvirt stacks of its own; runs in a "
+        "pytest of its own (tests/run: `-m libvirt_lifecycle`), where the shared libvirt_stack "
+        "never starts")
     config.addinivalue_line(
         "markers", "package_lifecycle: upgrades and purges the installed slurm-dgxvm "
         "(DGXVM_UNDER_TEST); runs in a pytest of its own (tests/run: `-m package_lifecycle`, "
         "after the other integration tests, which run with `-m 'not package_lifecycle'`)")
 
 
+#: the tests that need a pytest of their own, and why
+OWN_SESSION = {
+    "libvirt_lifecycle": "they start libvirt stacks of their own, which the session's shared "
+                         "stack would be running beside",
+    "package_lifecycle": "they replace and purge the package every other test runs",
+}
+
+
 @pytest.hookimpl(trylast=True)   # after -k and -m have deselected what they deselect
 def pytest_collection_modifyitems(session, config, items):
-    first = [i for i in items if i.get_closest_marker("libvirt_lifecycle")]
-    items[:] = first + [i for i in items if i not in first]
-    # The package's own life replaces and removes the package every other test runs: it is
-    # never part of their session (no order of one session makes that safe); in a pytest that
-    # selected both, it is left out and said so.
-    package = [i for i in items if i.get_closest_marker("package_lifecycle")]
-    if package and len(package) < len(items):
-        items[:] = [i for i in items if i not in package]
-        config.hook.pytest_deselected(items=package)
+    """A kind of OWN_SESSION selected with any other test is left out of the session and said
+    so: no order inside one session makes it safe."""
+    for marker, why in OWN_SESSION.items():
+        own = [i for i in items if i.get_closest_marker(marker)]
+        if not own or len(own) == len(items):
+            continue
+        items[:] = [i for i in items if i not in own]
+        config.hook.pytest_deselected(items=own)
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(
-                f"tests/integration: {len(package)} package_lifecycle test(s) deselected: they "
-                "run in a pytest of their own (-m package_lifecycle, as tests/run does)",
-                yellow=True)
+                f"tests/integration: {len(own)} {marker} test(s) deselected ({why}): they run "
+                f"in a pytest of their own (-m {marker}, as tests/run does)", yellow=True)
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +130,7 @@ def no_session_libvirt_stack():
     """For tests that run stacks of their own: the shared one must not be running."""
     if "session" in _ACTIVE:
         pytest.fail("the session libvirt_stack is running; a test that starts its own stack "
-                    "must be marked libvirt_lifecycle so that it runs first")
+                    "must be marked libvirt_lifecycle, which runs in a pytest of its own")
 
 
 

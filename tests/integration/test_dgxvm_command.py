@@ -122,7 +122,7 @@ def test_a_corrupt_ledger_is_reported_and_left_untouched(dgx2, tmp_path):
     assert path.read_text() == damaged
 
 
-@pytest.mark.libvirt_lifecycle     # it runs a libvirtd of its own: before the session's starts
+@pytest.mark.libvirt_lifecycle     # it runs a libvirtd of its own: a pytest of its own
 def test_the_readme_demo_runs_and_leaves_nothing_behind(no_session_libvirt_stack):
     """README's first command (set-up included). It must exit 0 and remove its work dir."""
     before = {p.name for p in Path("/tmp").glob("dgxvm-demo.*")}

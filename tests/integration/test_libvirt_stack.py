@@ -2,8 +2,8 @@
 namespace, a NAT network whose bridge and dnsmasq stay in it, a tiny TCG domain, and a stop()
 that leaves nothing behind, twice in a row.
 
-The lifecycle test runs stacks of its own (marked ``libvirt_lifecycle``, so conftest runs it
-before the shared session stack starts); the other tests use the shared ``libvirt_stack``.
+The lifecycle tests run stacks of their own (marked ``libvirt_lifecycle``: a pytest of their own,
+``-m libvirt_lifecycle``); the other tests use the shared ``libvirt_stack``.
 """
 
 from __future__ import annotations
