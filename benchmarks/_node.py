@@ -4,6 +4,7 @@ for one run and removed after it, every daemon stopped by PID."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from harness.libvirt import LibvirtStack  # noqa: E402
+from harness.soak import Node, ordinary_user  # noqa: E402
 from slurm_dgxvm.lifecycle import libvirt_hook_script  # noqa: E402
 from slurm_dgxvm.netfilter import network_hook_script  # noqa: E402
 
@@ -84,3 +86,22 @@ class BenchNode:
         if r.returncode:
             raise SystemExit(f"dgxvm {' '.join(map(str, args))} failed: {r.stderr}")
         return time.monotonic() - t0, r
+
+
+#: the local node's [vm] (harness/node.py): the work dir shared, 1 vCPU and 384 MiB per guest
+#: on this small host
+JOB_VM = 'share = "virtiofs"\nshare_roots = ["{base}"]\nfit_vcpus = 1\nfit_memory_mib = 384\n'
+
+
+@contextlib.contextmanager
+def job_node(name: str, *, network: str, cidr: str, image_dir: Path, user: str):
+    """``with job_node(...) as (bench, node, config):`` a BenchNode with :data:`JOB_VM`, its work
+    dir owned by ``user`` (made and removed: harness.soak.ordinary_user), the harness's
+    :class:`harness.soak.Node` for it, and the hooks' config file that node's Prologs read."""
+    with ordinary_user(user) as pw, BenchNode(name, network=network, cidr=cidr, vm=JOB_VM,
+                                              image_dir=image_dir, dirs=("work",)) as bench:
+        os.chown(bench.base / "work", pw.pw_uid, pw.pw_gid)
+        node = Node(uri="qemu:///system", network=network, state_dir=bench.base / "state",
+                    sysfs=bench.base / "dgx2", config=bench.config, stack=bench.stack,
+                    user=user, workdir=bench.base / "work")
+        yield bench, node, node.hooks_config(bench.base / "hooks.toml")

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _node import BenchNode, guest_image  # noqa: E402
+from _node import guest_image, job_node  # noqa: E402
 
-from harness.soak import Node, exit_on_sigterm, load, ordinary_user, print_checks  # noqa: E402
+from harness.soak import exit_on_sigterm, load, print_checks  # noqa: E402
 
 USER = "dgxvmload"
 NETWORK, CIDR = "dgxvmload", "10.213.88.0/24"
@@ -54,16 +54,8 @@ def main() -> int:
     exit_on_sigterm()
     t_all = time.monotonic()
     image_dir, _ = guest_image()
-    # as the local node's config (harness/node.py): the work dir shared, 1 vCPU and 384 MiB
-    # per guest on this small host
-    vm = ('share = "virtiofs"\nshare_roots = ["{base}"]\nfit_vcpus = 1\nfit_memory_mib = 384\n')
-    with ordinary_user(USER) as pw, BenchNode("load", network=NETWORK, cidr=CIDR, vm=vm,
-                                              image_dir=image_dir, dirs=("work",)) as bench:
-        os.chown(bench.base / "work", pw.pw_uid, pw.pw_gid)
-        node = Node(uri="qemu:///system", network=NETWORK, state_dir=bench.base / "state",
-                    sysfs=bench.base / "dgx2", config=bench.config, stack=bench.stack,
-                    user=USER, workdir=bench.base / "work")
-        config = node.hooks_config(bench.base / "hooks.toml")
+    with job_node("load", network=NETWORK, cidr=CIDR, image_dir=image_dir,
+                  user=USER) as (_, node, config):
         config.write_text(config.read_text().replace(
             "ready_timeout_s = 300.0", f"ready_timeout_s = {args.ready_timeout}"))
         print(f"node up in {time.monotonic() - t_all:.1f}s (libvirt only; "

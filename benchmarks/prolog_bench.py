@@ -17,7 +17,6 @@ Run as root, with no libvirtd running (it starts its own in a network namespace)
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -28,9 +27,9 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _node import REPO, BenchNode, guest_image  # noqa: E402
+from _node import REPO, guest_image, job_node  # noqa: E402
 
-from harness.soak import Node, exit_on_sigterm, hooks_at_once, job_environ, ordinary_user  # noqa: E402
+from harness.soak import Node, exit_on_sigterm, hooks_at_once, job_environ  # noqa: E402
 
 USER = "dgxvmprolog"
 NETWORK, CIDR = "dgxvmprolog", "10.213.89.0/24"
@@ -74,15 +73,9 @@ def main() -> int:
     sides = {f"base {args.base}": launcher(work / "dgxvm-base", base),
              "this checkout": launcher(work / "dgxvm-this", REPO)}
     got: dict[str, list[dict]] = {k: [] for k in sides}
-    vm = 'share = "virtiofs"\nshare_roots = ["{base}"]\nfit_vcpus = 1\nfit_memory_mib = 384\n'
     try:
-        with ordinary_user(USER) as pw, BenchNode("prolog", network=NETWORK, cidr=CIDR, vm=vm,
-                                                  image_dir=image_dir, dirs=("work",)) as bench:
-            os.chown(bench.base / "work", pw.pw_uid, pw.pw_gid)
-            node = Node(uri="qemu:///system", network=NETWORK, state_dir=bench.base / "state",
-                        sysfs=bench.base / "dgx2", config=bench.config, stack=bench.stack,
-                        user=USER, workdir=bench.base / "work")
-            config = node.hooks_config(bench.base / "hooks.toml")
+        with job_node("prolog", network=NETWORK, cidr=CIDR, image_dir=image_dir,
+                      user=USER) as (_, node, config):
             job = FIRST_JOB
             one(replace(node, dgxvm=sides["this checkout"]), config, job)   # warm: network up
             for r in range(args.rounds):
