@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from slurm_dgxvm.shares import policy, readonly, userns, virtiofsd
+from test_shares import in_child  # a forked child: its mounts and namespaces die with it
 
 UID, GID = 54331, 54332
 MS_REMOUNT, MS_BIND = 0x20, 0x1000
@@ -30,18 +31,6 @@ def cache(traversable_tmp):
     for p in (d, d / "image.json"):
         os.chown(p, UID, GID)
     return d
-
-
-def in_child(fn) -> int:
-    """``fn()`` in a forked child (its mounts and namespaces die with it); its exit status."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = fn()
-        finally:
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def _host_mounts() -> str:
