@@ -116,6 +116,42 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class JobnetConfig:
+    """``[jobnet]``: the job fabric of multi-node jobs (docs/admin/jobnet.md)."""
+
+    enabled: bool = False                     # a second NIC on a per-job VXLAN segment
+    nodes: dict[str, str] = field(default_factory=dict)  # node name -> underlay IPv4 address
+    underlay_mtu: int = 1500                  # the fabric gets this less VXLAN's 50 bytes
+    subnet: str = "10.64.0.0/16"              # every job's fabric addresses (isolated by VNI)
+    port: int = 4789                          # VXLAN's UDP port (IANA)
+    max_nodes: int = 1024                     # a job with more nodes is refused
+
+
+#: The first host number of the fabric's addresses in [jobnet] subnet: node i of a job gets the
+#: i-th usable address from it.
+JOBNET_FIRST_HOST = 10
+JOBNET_MTU_RANGE = (1280, 9216)
+
+
+def jobnet_address(subnet: ipaddress.IPv4Network, index: int) -> ipaddress.IPv4Address | None:
+    """The fabric address of a job's ``index``-th node (0-based, nodelist order): the
+    ``index``-th address from ``subnet`` + 10 whose last byte is neither 0 nor 255 (some guests
+    and tools take ``x.y.z.0`` and ``x.y.z.255`` for network or broadcast addresses whatever
+    the prefix). None when it falls outside ``subnet`` or on its broadcast address.
+
+    ``10.64.0.0/16``: index 0 -> 10.64.0.10, 244 -> 10.64.0.254, 245 -> 10.64.1.1."""
+    if index < 0:
+        raise ValueError(f"node index {index} is negative")
+    start = int(subnet.network_address) + JOBNET_FIRST_HOST
+    # rank of `start` among the addresses whose last byte is 1..254, then `index` further on
+    rank = (start // 256) * 254 + max(0, min(start % 256, 255) - 1) + index
+    value = (rank // 254) * 256 + 1 + rank % 254
+    if value >= int(subnet.broadcast_address):
+        return None
+    return ipaddress.IPv4Address(value)
+
+
+@dataclass(frozen=True)
 class PartitionConfig:
     """Defaults for the jobs of one Slurm partition (``[partitions.NAME]``); 0 / "" = the global
     default."""
@@ -141,6 +177,7 @@ class Config:
     fabric: FabricConfig = field(default_factory=FabricConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    jobnet: JobnetConfig = field(default_factory=JobnetConfig)
     partitions: dict[str, PartitionConfig] = field(default_factory=dict)
     path: str | None = None                   # the file it came from, for messages
 
@@ -172,7 +209,7 @@ class Config:
 _SECTIONS = {"host": HostConfig, "placement": PlacementConfig, "ledger": LedgerConfig,
              "libvirt": LibvirtConfig, "images": ImagesConfig, "vm": VmConfig,
              "containers": ContainersConfig, "fabric": FabricConfig, "health": HealthConfig,
-             "slurm": SlurmConfig}
+             "slurm": SlurmConfig, "jobnet": JobnetConfig}
 
 DOMAIN_TYPES = ("kvm", "qemu")
 FIT_MODES = ("auto", "always", "never")
@@ -219,6 +256,9 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
                                                 f"(known: {', '.join(_SECTIONS)}, partitions)")
         if not isinstance(value, dict):
             raise ConfigError(path=path, reason=f"{name} must be a table ([{name}])")
+        if name == "jobnet":
+            sections[name] = _jobnet(value, path)
+            continue
         sections[name] = _section(_SECTIONS[name], name, value, path)
     cfg = Config(**sections, path=path)
     _validate(cfg, path)
@@ -242,6 +282,61 @@ def _partitions(value, path: str) -> dict[str, PartitionConfig]:
                                                 f"partition name")
         out[name] = _section(PartitionConfig, f"partitions.{name}", table, path)
     return out
+
+
+# A node name as [jobnet] nodes and Slurm's hostlists carry it.
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _jobnet(values: dict, path: str) -> JobnetConfig:
+    """``[jobnet]``, whose ``nodes`` is a table (``[jobnet.nodes]``: node name -> address)."""
+    values = dict(values)
+    nodes = values.pop("nodes", {})
+    if not isinstance(nodes, dict) or not all(isinstance(v, str) for v in nodes.values()):
+        raise ConfigError(path=path, reason=f"jobnet.nodes must be a table of node name = "
+                                            f"\"IPv4 address\" ([jobnet.nodes]), not {nodes!r}")
+    return replace(_section(JobnetConfig, "jobnet", values, path), nodes=dict(nodes))
+
+
+def _validate_jobnet(j: JobnetConfig, path: str) -> None:
+    seen: dict[str, str] = {}
+    for node, text in j.nodes.items():
+        if not NODE_NAME.fullmatch(node):
+            raise ConfigError(path=path, reason=f"jobnet.nodes: {node!r} is not a node name "
+                                                f"(letters, digits, '.', '_', '-'; at most 64)")
+        try:
+            ip = ipaddress.IPv4Address(text)
+        except ValueError:
+            raise ConfigError(path=path, reason=f"jobnet.nodes.{node}: {text!r} is not an IPv4 "
+                                                f"address (names are not resolved)") from None
+        if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip.is_link_local \
+                or ip == ipaddress.IPv4Address("255.255.255.255"):
+            raise ConfigError(path=path, reason=f"jobnet.nodes.{node}: {text} cannot be a "
+                                                f"node's underlay address")
+        if str(ip) in seen:
+            raise ConfigError(path=path, reason=f"jobnet.nodes: {node} and {seen[str(ip)]} "
+                                                f"have the same address {ip}")
+        seen[str(ip)] = node
+    lo, hi = JOBNET_MTU_RANGE
+    if not lo + 50 <= j.underlay_mtu <= hi:
+        raise ConfigError(path=path, reason=f"jobnet.underlay_mtu {j.underlay_mtu} is out of "
+                                            f"range ({lo + 50}-{hi}: the fabric gets 50 bytes "
+                                            f"less, at least IPv6's {lo})")
+    if not 1 <= j.port <= 65535:
+        raise ConfigError(path=path, reason=f"jobnet.port {j.port} is not a UDP port (1-65535)")
+    if not 2 <= j.max_nodes <= 65536:
+        raise ConfigError(path=path, reason=f"jobnet.max_nodes {j.max_nodes} is out of range "
+                                            f"(2-65536)")
+    try:
+        subnet = ipaddress.IPv4Network(j.subnet)
+    except ValueError as exc:
+        raise ConfigError(path=path, reason=f"jobnet.subnet {j.subnet!r} is not an IPv4 "
+                                            f"subnet: {exc}") from None
+    if jobnet_address(subnet, j.max_nodes - 1) is None:
+        raise ConfigError(path=path, reason=f"jobnet.subnet {j.subnet} is too small for "
+                                            f"max_nodes {j.max_nodes} (node i gets the i-th "
+                                            f"address from .{JOBNET_FIRST_HOST}, skipping "
+                                            f"x.y.z.0 and x.y.z.255)")
 
 
 def _section(cls, name: str, values: dict, path: str):
@@ -389,6 +484,7 @@ def _validate(cfg: Config, path: str) -> None:
                 img and image_name(img)
             except BadName as exc:
                 raise ConfigError(path=path, reason=f"{where}: {exc}") from None
+    _validate_jobnet(cfg.jobnet, path)
     if cfg.ledger.lock_timeout_s <= 0:
         raise ConfigError(path=path, reason=f"ledger.lock_timeout_s must be > 0, "
                                             f"not {cfg.ledger.lock_timeout_s}")

@@ -287,6 +287,15 @@ class FabricError(HostError):
     template = "fabric manager partition {partition}: {reason}"
 
 
+class JobFabricError(HostError):
+    """A multi-node job's fabric on this node (its VXLAN device, bridge, forwarding entries or
+    nft guard, :mod:`slurm_dgxvm.jobnet`) could not be made or removed: the node's fault, like
+    :class:`FabricError`. ``job`` and ``vni`` name the job, ``step`` what was being done,
+    ``reason`` the tool's output, or the other job a device of the same VNI belongs to."""
+
+    template = "job {job} fabric (VNI {vni}): {step}: {reason}"
+
+
 class DiskError(HostError):
     """A per-VM disk (overlay, data disk) could not be created."""
 
