@@ -184,3 +184,49 @@ def test_example_config_documents_every_key_with_its_default():
     assert set(data["partitions"]["default"]) == {
         f.name for f in dataclasses.fields(config_mod.PartitionConfig)}
     assert cfg.partitions["default"] == config_mod.PartitionConfig()
+
+
+# -- [jobnet] --------------------------------------------------------------------------------------
+def test_the_jobnet_section_is_read_with_its_nodes_table(tmp_path):
+    cfg = load(write(tmp_path, '[jobnet]\nenabled = true\nunderlay_mtu = 9000\n'
+                               'subnet = "10.99.0.0/24"\nmax_nodes = 200\nport = 8472\n'
+                               '[jobnet.nodes]\ndgx01 = "192.168.50.11"\n'
+                               'dgx02 = "192.168.50.12"\n'))
+    j = cfg.jobnet
+    assert j.enabled and j.underlay_mtu == 9000 and j.port == 8472 and j.max_nodes == 200
+    assert j.nodes == {"dgx01": "192.168.50.11", "dgx02": "192.168.50.12"}
+    assert j.subnet == "10.99.0.0/24"
+
+
+@pytest.mark.parametrize("text, names", [
+    ('[jobnet]\nnode = {}\n', ["jobnet.node", "unknown key"]),                     # typo
+    ('[jobnet]\nnodes = ["dgx01"]\n', ["jobnet.nodes", "table"]),
+    ('[jobnet.nodes]\ndgx01 = 7\n', ["jobnet.nodes", "table"]),
+    ('[jobnet.nodes]\ndgx01 = "dgx01.site"\n', ["jobnet.nodes.dgx01", "not an IPv4"]),
+    ('[jobnet.nodes]\ndgx01 = "fd00::1"\n', ["jobnet.nodes.dgx01", "not an IPv4"]),
+    ('[jobnet.nodes]\ndgx01 = "127.0.0.1"\n', ["127.0.0.1", "cannot be"]),
+    ('[jobnet.nodes]\ndgx01 = "224.0.0.5"\n', ["224.0.0.5", "cannot be"]),
+    ('[jobnet.nodes]\ndgx01 = "10.0.0.1"\ndgx02 = "10.0.0.1"\n', ["same address", "10.0.0.1"]),
+    ('[jobnet.nodes]\n"dgx 01" = "10.0.0.1"\n', ["'dgx 01'", "not a node name"]),
+    ('[jobnet.nodes]\n"-x" = "10.0.0.1"\n', ["'-x'", "not a node name"]),
+    ('[jobnet]\nunderlay_mtu = 1329\n', ["jobnet.underlay_mtu 1329", "1330-9216"]),
+    ('[jobnet]\nunderlay_mtu = 9217\n', ["jobnet.underlay_mtu 9217"]),
+    ('[jobnet]\nport = 0\n', ["jobnet.port 0"]),
+    ('[jobnet]\nport = 65536\n', ["jobnet.port 65536"]),
+    ('[jobnet]\nmax_nodes = 1\n', ["jobnet.max_nodes 1"]),
+    ('[jobnet]\nsubnet = "10.64.0.1/16"\n', ["jobnet.subnet", "host bits"]),
+    ('[jobnet]\nsubnet = "fd00::/64"\n', ["jobnet.subnet", "not an IPv4"]),
+    ('[jobnet]\nsubnet = "10.0.0.0/24"\nmax_nodes = 246\n', ["too small", "max_nodes 246"]),
+    ('[jobnet]\nenabled = "yes"\n', ["jobnet.enabled", "bool"]),
+])
+def test_bad_jobnet_config_is_refused_naming_the_key(tmp_path, text, names):
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, text))
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_a_subnet_holds_exactly_the_addresses_max_nodes_needs(tmp_path):
+    # a /24 from .10 to .254: 245 nodes fit, the 246th would be the broadcast address
+    cfg = load(write(tmp_path, '[jobnet]\nsubnet = "10.0.0.0/24"\nmax_nodes = 245\n'))
+    assert cfg.jobnet.max_nodes == 245
