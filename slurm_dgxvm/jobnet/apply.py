@@ -201,6 +201,17 @@ def _device_jobs(names: list[str], error) -> dict[str, int | None]:
             if link.get("ifname") in names}
 
 
+def _is_local(address: str) -> bool:
+    """Whether ``address`` is an address of this network namespace (a UDP socket binds to it;
+    no process, no packet)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
 def _disable_ipv6(dev: str) -> None:
     path = Path(IPV6_CONF.format(dev=dev))
     if path.parent.is_dir():         # no IPv6 in this kernel: nothing to disable
@@ -211,13 +222,17 @@ def apply(fab: JobFabric) -> None:
     """Make job ``fab.job_id``'s fabric on this node (see the module).
 
     Devices of the VNI that already exist for the same job are made again (a Prolog run twice).
-    Raises JobFabricError (``step`` "check") when they exist for another job, naming the device
-    and that job (VNIs wrap: :func:`~.plan.vni_for`), or not as dgxvm's; and, after removing
+    Raises JobFabricError (``step`` "check") when ``fab.local`` is not an address of this host
+    (``[jobnet] nodes`` is wrong), or the devices exist for another job, naming the device and
+    that job (VNIs wrap: :func:`~.plan.vni_for`), or not as dgxvm's; and, after removing
     what it made, JobFabricError naming the step that failed and the tool's output."""
     def error(step: str):
         return lambda reason: JobFabricError(job=fab.job_id, vni=fab.vni, step=step,
                                              reason=reason)
 
+    if not _is_local(fab.local):
+        raise error("check")(f"the underlay address {fab.local} of node {fab.node} "
+                             f"([jobnet] nodes) is not an address of this host")
     ours = [n for n in device_names(fab.vni) if n in _links()]
     if ours:
         owners = _device_jobs(ours, error("check"))

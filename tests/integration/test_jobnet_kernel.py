@@ -12,6 +12,8 @@ nodes with the same fabric addresses: job A on n[1-2], job B on n[1-3].
 | the same from B's VM through its node's NAT, to another node   | dropped | NAT path reaches n2   |
 | the same from B's VM through its node's NAT, to its own node   | dropped |                       |
 | apply of a VNI whose devices are another job's                 | refused |                       |
+| apply with another node's underlay address                     | refused |                       |
+| apply of a job's fabric again (a Prolog run twice)              | works   |                       |
 | after teardown on every node: devices, FDB, nft chains          | none    | present() saw them    |
 """
 
@@ -146,6 +148,18 @@ def test_a_vni_whose_devices_are_another_jobs_is_refused(rig):
     assert rc == 3 and "JobFabricError" in out
     assert f"vxj{JOB_A} exists for job {JOB_A}" in out or f"brj{JOB_A} exists for job {JOB_A}" in out
     # job A's fabric is untouched
+    assert rig.agent_run("a1", "tcp", "10.64.0.11", str(TCP_PORT)) == "a2"
+
+
+def test_apply_checks_the_nodes_underlay_address_and_makes_a_jobs_fabric_again(rig):
+    # n1's fabric applied in n3's namespace: 192.168.214.11 is not n3's
+    rc, out = rig.jobnet("n3", "apply", plan(CFG, 303, "n[1-2]", "n1").to_dict())
+    assert rc == 3 and "192.168.214.11 of node n1" in out and "not an address" in out
+    assert "vxj303" not in rig.ip("n3", "-o", "link", "show").stdout
+    # a Prolog run twice: job A's own fabric made again on n2, its VM put back in the bridge
+    fab = rig.fabs[JOB_A, "n2"]
+    assert rig.jobnet("n2", "apply", fab.to_dict()) == (0, "null")
+    rig.ip("n2", "link", "set", "va2", "master", fab.bridge, "up")
     assert rig.agent_run("a1", "tcp", "10.64.0.11", str(TCP_PORT)) == "a2"
 
 

@@ -144,6 +144,7 @@ def host(monkeypatch):
     monkeypatch.setattr(jn, "run_tool", h.run_tool)
     monkeypatch.setattr(jn, "_links", h.links_now)
     monkeypatch.setattr(jn, "_disable_ipv6", lambda dev: None)
+    monkeypatch.setattr(jn, "_is_local", lambda address: address == FAB.local)
     return h
 
 
@@ -177,6 +178,16 @@ def test_devices_of_another_job_with_the_vni_are_refused_untouched(host):
         "brj12345 exists for job 16789560" in str(err.value)
     assert host.links == {"vxj12345", "brj12345"}
     assert [r for r, _ in host.runs] == ["ip -j link show"]
+
+
+def test_a_node_whose_underlay_address_is_not_its_own_is_refused(host):
+    other = plan(JobnetConfig(enabled=True, nodes=NODES), 12345, "n[1-3]", "n1")
+    with pytest.raises(JobFabricError) as err:
+        jn.apply(other)
+    assert err.value.step == "check"
+    assert "192.168.214.11 of node n1 ([jobnet] nodes) is not an address of this host" in \
+        str(err.value)
+    assert host.runs == []
 
 
 def test_a_device_that_is_not_dgxvms_is_refused(host):
