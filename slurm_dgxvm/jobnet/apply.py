@@ -246,6 +246,9 @@ def apply(fab: JobFabric) -> None:
                                         f"job {other}'s: job ids wrap at {VNI_MAX})"
                                         if other is not None else ""))
         teardown(fab.vni)
+    # NOTE: the check and the making are not one atomic step: two Prologs of jobs 16777215 ids
+    # apart starting on one node in the same milliseconds could both pass the check; the
+    # second's `link add` then fails ("File exists") and its undo removes the VNI's devices.
     step = "devices (ip)"
     try:
         _run([IP, "-batch", "-"], ip_script(fab), error(step))
