@@ -54,6 +54,18 @@ class VmInputs:
     address: str | None = None        # reserved on ``network``: the anti-spoofing filter's IP
     image_cache: str | None = None    # the user's container image cache (read-only in the guest)
     image_cache_binary: str | None = None  # the virtiofsd wrapper serving it as the job's user
+    fabric: FabricNic | None = None   # a multi-node job's second NIC, on its job fabric
+
+
+@dataclass(frozen=True)
+class FabricNic:
+    """The VM's NIC on its job's fabric (slurm_dgxvm.jobnet): on the job's bridge, with the MAC,
+    MTU and address the job's plan gives this node."""
+
+    bridge: str
+    mac: str
+    mtu: int
+    address: str                      # the VM's fabric address, without the prefix length
 
 
 def mac_for(name: str) -> str:
@@ -141,7 +153,7 @@ def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type
         hostdevs=hostdevs,
         boot=boot,
         disks=tuple(disks),
-        interfaces=(_interface(vm, queues),),
+        interfaces=(_interface(vm, queues),) + _fabric_interface(vm, queues),
         filesystems=tuple(filesystems),
         console_log=vm.console_log,
         metadata=Metadata(owner=vm.owner, job_id=vm.job_id, user=vm.user,
@@ -161,6 +173,18 @@ def _interface(vm: VmInputs, queues: int) -> Interface:
     """
     return Interface(network=vm.network, mac=vm.mac, queues=queues, isolated=True,
                      filter=ANTI_SPOOFING_FILTER, filter_ip=vm.address)
+
+
+def _fabric_interface(vm: VmInputs, queues: int) -> tuple[Interface, ...]:
+    """The job fabric's NIC, after the management NIC (the guest's eth0 stays the management
+    one): on the job's bridge, its port isolated there too, ``clean-traffic`` pinning it to its
+    MAC and its fabric address (no other source address, no ARP for another, no IPv6 or other
+    layer 2 protocol reaches the job's other VMs), the MTU that leaves room for VXLAN."""
+    f = vm.fabric
+    if f is None:
+        return ()
+    return (Interface(network="", bridge=f.bridge, mac=f.mac, queues=queues, isolated=True,
+                      filter=ANTI_SPOOFING_FILTER, filter_ip=f.address, mtu=f.mtu),)
 
 
 def _pow2(n: int) -> int:

@@ -83,6 +83,9 @@ class Interface:
     isolated: bool = True           # <port isolated>: no traffic to other isolated ports
     filter: str | None = None       # nwfilter (clean-traffic): anti-spoofing of MAC and IP
     filter_ip: str | None = None    # the filter's IP parameter: the VM's reserved address
+    bridge: str | None = None       # set: a NIC on this host bridge (the job fabric's), not on
+                                    # the libvirt network ``network``
+    mtu: int | None = None          # the NIC's MTU (host tap and the guest's virtio-net)
 
 
 @dataclass(frozen=True)

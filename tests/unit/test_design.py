@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import libvirt
 import pytest
 
-from slurm_dgxvm.design import (RealHost, VmInputs, design, domain_xml, fit_to_host,
+from slurm_dgxvm.design import (FabricNic, RealHost, VmInputs, design, domain_xml, fit_to_host,
                                 image_cache_tag, mac_for, share_tag)
 from slurm_dgxvm.placement import EMPTY, Policy, Request, place
 from slurm_dgxvm.ranges import format_index_list
@@ -32,14 +32,15 @@ IMAGE = SimpleNamespace(name="testguest", version="0123456789ab", path="/images/
 
 
 def vm_inputs(name="vm1", workdir="/home/alice/run", share="virtiofs", data=False,
-              address="10.213.0.7", image_cache=None):
+              address="10.213.0.7", image_cache=None, fabric=None):
     d = f"/var/lib/dgxvm/vms/{name}"
     return VmInputs(name=name, uuid="6f1d7d3c-0000-4000-8000-000000000001", owner="job",
                     job_id=4242, user="alice", os_disk=f"{d}/os.qcow2", seed=f"{d}/seed.iso",
                     data_disk=f"{d}/data.qcow2" if data else None, console_log=f"{d}/console.log",
                     network="dgxvm", mac=mac_for(name), share=share, workdir=workdir,
                     share_binary=f"{d}/virtiofsd", address=address, image_cache=image_cache,
-                    image_cache_binary=f"{d}/virtiofsd-images" if image_cache else None)
+                    image_cache_binary=f"{d}/virtiofsd-images" if image_cache else None,
+                    fabric=fabric)
 
 
 def spec_for(host, count, **kw):
@@ -98,6 +99,37 @@ def test_the_nic_is_isolated_and_pinned_to_its_mac_and_reserved_address(hosts):
     nic = ET.fromstring(domain_xml(spec)).find("./devices/interface")
     assert nic.find("filterref").get("filter") == "clean-traffic"
     assert list(nic.find("filterref")) == [] and nic.find("port").get("isolated") == "yes"
+
+
+FABRIC_NIC = FabricNic(bridge="brj4242", mac="0a:de:00:00:10:92", mtu=1450, address="10.64.0.11")
+
+
+def test_a_multi_node_job_gets_a_second_nic_on_its_fabric_bridge(hosts, tmp_path, conn):
+    """After the management NIC (the guest's eth0 stays it): a NIC on the job's bridge with
+    the job's MTU, its port isolated, clean-traffic pinning it to its MAC and fabric address.
+    It validates against libvirt's schema and defines; without a fabric there is one NIC."""
+    _, spec = spec_for(hosts["dgx-h100"], 8, fabric=FABRIC_NIC, name="v-fabric")
+    xml = validated_xml(spec, tmp_path)
+    mgmt, fab = ET.fromstring(xml).findall("./devices/interface")
+    assert mgmt.get("type") == "network" and mgmt.find("source").get("network") == "dgxvm"
+    assert fab.get("type") == "bridge" and fab.find("source").get("bridge") == "brj4242"
+    assert fab.find("mac").get("address") == "0a:de:00:00:10:92"
+    assert fab.find("mtu").get("size") == "1450" and mgmt.find("mtu") is None
+    assert fab.find("port").get("isolated") == "yes"
+    ref = fab.find("filterref")
+    assert ref.get("filter") == "clean-traffic"
+    assert [(p.get("name"), p.get("value")) for p in ref] == [("IP", "10.64.0.11")]
+    dom = conn.defineXML(xml)
+    try:
+        defined = ET.fromstring(dom.XMLDesc()).findall("./devices/interface")
+        assert [i.get("type") for i in defined] == ["network", "bridge"]
+    finally:
+        dom.undefine()
+    fitted, _ = fit_to_host(spec, RealHost(cpus=(0, 1), numa_nodes=(0,), hugepages_kib=()),
+                            max_vcpus=2, max_memory_mib=512)
+    assert [i.bridge for i in fitted.interfaces] == [None, "brj4242"]
+    _, plain = spec_for(hosts["dgx-h100"], 8)
+    assert len(ET.fromstring(domain_xml(plain)).findall("./devices/interface")) == 1
 
 
 @pytest.mark.parametrize("machine,count", CASES)
