@@ -17,6 +17,12 @@ Layout of the ISO (volume label ``cidata``, Joliet and Rock Ridge)::
     dgxvm/ssh_host_ed25519_key.pub  its public line
     dgxvm/mounts                    one line per share: "tag path fstype", then " ro" for a
                                     read-only one (may be empty)
+    dgxvm/fabric                    a multi-node job's fabric NIC: "mac address/prefix mtu"
+                                    (absent without a fabric)
+    dgxvm/hosts                     one line per node of the job: "address node-name", added
+                                    to /etc/hosts (absent without a fabric)
+    dgxvm/job_ssh_key[.pub]         the job's inter-VM SSH key (jobnet.sshkeys), the user's
+    dgxvm/job_known_hosts           every node's VM's host key (absent without them)
     dgxvm/dgxvm-guest               the guest side of `dgxvm run` (seedfiles/dgxvm-guest.sh),
                                     installed as /usr/lib/dgxvm/dgxvm-guest (cloud-init:
                                     write_files; the test guest: its init)
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -69,6 +76,9 @@ TOOL_TIMEOUT_S = 60.0
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _TAG = re.compile(r"[A-Za-z0-9_.-]{1,36}")
 _INSTANCE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+# a Slurm node name as the guest's /etc/hosts carries it (jobnet checks the job's nodelist)
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})")
 _PRIVATE_KEY = re.compile(r"-----BEGIN OPENSSH PRIVATE KEY-----\n[A-Za-z0-9+/=\n]+"
                           r"-----END OPENSSH PRIVATE KEY-----\n?")
 
@@ -123,6 +133,60 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class Fabric:
+    """A multi-node job's fabric NIC in the guest (slurm_dgxvm.jobnet): the NIC with ``mac``
+    gets ``address`` (``a.b.c.d/prefix``) and ``mtu``; ``hosts`` ((node name, address) for every
+    node of the job) go into /etc/hosts, so the job's Slurm node names resolve to its VMs."""
+
+    mac: str
+    address: str
+    mtu: int
+    hosts: tuple[tuple[str, str], ...] = ()
+    # the job's inter-VM SSH (jobnet.sshkeys): the user's key pair, the same in every VM of the
+    # job, and known_hosts lines for every node's VM; None: no keys ([jobnet] ssh_secret unset)
+    ssh_key: str | None = None
+    ssh_key_public: str | None = None
+    known_hosts: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mac, str) or not _MAC.fullmatch(self.mac):
+            raise _bad("fabric", "fabric mac", self.mac, "must be 6 lower-case hex pairs")
+        try:
+            iface = ipaddress.IPv4Interface(self.address)
+        except (ValueError, TypeError):
+            raise _bad("fabric", "fabric address", self.address,
+                       "must be an IPv4 address/prefix") from None
+        if "/" not in str(self.address) or iface.network.prefixlen >= 31:
+            raise _bad("fabric", "fabric address", self.address,
+                       "must give a prefix length below 31")
+        if type(self.mtu) is not int or not 576 <= self.mtu <= 9216:
+            raise _bad("fabric", "fabric mtu", self.mtu, "must be an integer in 576..9216")
+        for host in self.hosts:
+            if not (isinstance(host, tuple) and len(host) == 2):
+                raise _bad("fabric", "fabric host", host, "must be a (name, address) pair")
+            name, addr = host
+            if not isinstance(name, str) or not _HOST_NAME.fullmatch(name):
+                raise _bad("fabric", "fabric host name", name,
+                           "must be 1-63 letters, digits, '.', '_' or '-'")
+            try:
+                ipaddress.IPv4Address(addr)
+            except (ValueError, TypeError):
+                raise _bad("fabric", "fabric host address", addr,
+                           "must be an IPv4 address") from None
+        if (self.ssh_key is None) != (self.ssh_key_public is None):
+            raise _bad("fabric", "job ssh key", "<redacted>", "needs both halves or neither")
+        if self.ssh_key is not None:
+            if not isinstance(self.ssh_key, str) or not _PRIVATE_KEY.fullmatch(self.ssh_key):
+                raise _bad("fabric", "job ssh key", "<redacted>",
+                           "must be an OpenSSH private key (BEGIN OPENSSH PRIVATE KEY)")
+            _check_line("fabric", "job ssh public key", self.ssh_key_public)
+        if not isinstance(self.known_hosts, str) or "\0" in self.known_hosts or \
+                any(line and not line.isprintable()
+                    for line in self.known_hosts.splitlines()):
+            raise _bad("fabric", "job known_hosts", self.known_hosts, "must be printable lines")
+
+
+@dataclass(frozen=True)
 class SeedSpec:
     instance_id: str
     hostname: str
@@ -135,6 +199,7 @@ class SeedSpec:
     host_key_public: str              # its public line, pinned in known_hosts on the host
     mounts: tuple[Mount, ...] = ()
     groups: tuple[tuple[str, int], ...] = ()   # the user's supplementary groups: (name, gid)
+    fabric: Fabric | None = None      # a multi-node job's fabric NIC and its nodes' names
 
     def __post_init__(self) -> None:
         name = self.hostname if isinstance(self.hostname, str) else repr(self.hostname)
@@ -171,6 +236,8 @@ class SeedSpec:
                 not _PRIVATE_KEY.fullmatch(self.host_key_private):
             raise _bad(name, "host private key", "<redacted>",
                        "must be an OpenSSH private key (BEGIN OPENSSH PRIVATE KEY)")
+        if self.fabric is not None and not isinstance(self.fabric, Fabric):
+            raise _bad(name, "fabric", self.fabric, "must be a Fabric")
         tags = set()
         for mount in self.mounts:
             if not isinstance(mount, Mount):
@@ -234,6 +301,28 @@ _SUBIDS = (
     '|| printf \'%s:%s:1\\n\' "$u" "$g" >> /etc/subgid || exit 1; done')
 
 
+# The fabric NIC, found by its MAC ("$1"), gets its MTU ("$3") and address ("$2"); replace:
+# every boot runs it again.
+_FABRIC_NIC = ('i=; for d in /sys/class/net/*; do [ "$(cat "$d/address" 2>/dev/null)" = "$1" ] '
+               '&& i=${d##*/}; done; [ -n "$i" ] || { echo "no NIC with MAC $1" >&2; exit 1; }; '
+               'ip link set "$i" mtu "$3" && ip addr replace "$2" dev "$i" && ip link set "$i" up')
+# The job's node names into the template cloud-init renders /etc/hosts from (manage_etc_hosts
+# renders it after bootcmd, on every boot); pairs of "address name" arguments.
+HOSTS_TEMPLATE = "/etc/cloud/templates/hosts.debian.tmpl"
+HOSTS_MARK = "# dgxvm job fabric"
+_FABRIC_HOSTS = (f't={HOSTS_TEMPLATE}; [ -f "$t" ] || exit 0; '
+                 f"sed -i '/ {HOSTS_MARK}$/d' \"$t\" || exit 1; "
+                 f'while [ $# -ge 2 ]; do printf \'%s\\t%s {HOSTS_MARK}\\n\' "$1" "$2" '
+                 f'>> "$t" || exit 1; shift 2; done')
+
+
+def fabric_argv(f: Fabric) -> list[list[str]]:
+    """The bootcmd entries that bring up the fabric NIC and name the job's nodes."""
+    hosts = [x for name, addr in f.hosts for x in (addr, name)]
+    return [["sh", "-c", _FABRIC_NIC, "dgxvm-fabric", f.mac, f.address, str(f.mtu)],
+            ["sh", "-c", _FABRIC_HOSTS, "dgxvm-hosts", *hosts]]
+
+
 def mount_argv(m: Mount) -> list[str]:
     """The guest's mount command for ``m``: ``nosuid,nodev``, ``ro,`` before them for a
     read-only share (and 9p's transport options)."""
@@ -265,6 +354,8 @@ def user_data(spec: SeedSpec) -> str:
     for m in spec.mounts:
         bootcmd.append(["mkdir", "-p", m.path])
         bootcmd.append(mount_argv(m))
+    if spec.fabric is not None:
+        bootcmd += fabric_argv(spec.fabric)
     lines = ["#cloud-config",
              f"hostname: {_q(spec.hostname)}",
              "preserve_hostname: false",
@@ -296,7 +387,8 @@ def user_data(spec: SeedSpec) -> str:
               f"  - path: {_q(GUEST_HELPER_PATH)}",
               "    permissions: \"0755\"",
               "    encoding: b64",
-              f"    content: {_q(base64.b64encode(guest_helper().encode()).decode())}"]
+              f"    content: {_q(base64.b64encode(guest_helper().encode()).decode())}",
+              *_job_ssh_files(spec)]
     return "\n".join(lines) + "\n"
 
 
@@ -319,7 +411,40 @@ def _plain_files(spec: SeedSpec) -> dict[str, tuple[str, int]]:
                                  f"{' ro' if m.read_only else ''}\n" for m in spec.mounts),
                          0o644),
         "dgxvm/dgxvm-guest": (guest_helper(), 0o755),
-    }
+    } | _fabric_files(spec.fabric)
+
+
+def _fabric_files(f: Fabric | None) -> dict[str, tuple[str, int]]:
+    if f is None:
+        return {}
+    files = {"dgxvm/fabric": (f"{f.mac} {f.address} {f.mtu}\n", 0o644),
+             "dgxvm/hosts": ("".join(f"{addr} {name}\n" for name, addr in f.hosts), 0o644)}
+    if f.ssh_key is not None:
+        files |= {"dgxvm/job_ssh_key": (f.ssh_key, 0o600),
+                  "dgxvm/job_ssh_key.pub": (f.ssh_key_public.strip() + "\n", 0o644),
+                  "dgxvm/job_known_hosts": (f.known_hosts, 0o644)}
+    return files
+
+
+def _job_ssh_files(spec: SeedSpec) -> list[str]:
+    """cloud-config write_files entries for the job's inter-VM SSH: the user's key and the
+    job's known hosts in the user's ~/.ssh, written after the users module made the user
+    (``defer``)."""
+    f = spec.fabric
+    if f is None or f.ssh_key is None:
+        return []
+    owner = f"{spec.user_name}:{spec.user_name}"
+    out = []
+    for name, text, mode in (("id_ed25519", f.ssh_key, "0600"),
+                             ("id_ed25519.pub", f.ssh_key_public.strip() + "\n", "0644"),
+                             ("known_hosts", f.known_hosts, "0644")):
+        out += [f"  - path: {_q(spec.home.rstrip('/') + '/.ssh/' + name)}",
+                f"    permissions: \"{mode}\"",
+                f"    owner: {_q(owner)}",
+                "    encoding: b64",
+                f"    content: {_q(base64.b64encode(text.encode()).decode())}",
+                "    defer: true"]
+    return out
 
 
 @functools.cache

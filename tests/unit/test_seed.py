@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from slurm_dgxvm.errors import SeedError
-from slurm_dgxvm.seed import (GUEST_HELPER_PATH, GUEST_HELPER_SOURCE, NINEP_OPTIONS, Mount,
-                              SeedSpec, generate_keypair, meta_data, pct, user_data, write_seed)
+from slurm_dgxvm.seed import (GUEST_HELPER_PATH, GUEST_HELPER_SOURCE, HOSTS_MARK, HOSTS_TEMPLATE,
+                              NINEP_OPTIONS, Fabric, Mount, SeedSpec, generate_keypair, meta_data,
+                              pct, user_data, write_seed)
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> dict[str, str]:
@@ -489,3 +490,133 @@ def test_the_user_gets_subordinate_ids_and_its_groups_for_own_uid_containers(spe
         subprocess.run(["sh", "-c", script, *cmd[3:]], check=True)
     assert (etc / "cloud-subuid").read_text().splitlines() == want_uid
     assert (etc / "cloud-subgid").read_text().splitlines() == want_gid
+
+
+# -- a multi-node job's fabric -------------------------------------------------------------------
+FABRIC = Fabric(mac="0a:de:00:00:2a:01", address="10.64.0.11/16", mtu=1450,
+                hosts=(("dgxa", "10.64.0.10"), ("dgxb", "10.64.0.11")))
+
+
+def test_a_fabric_seed_names_the_nic_and_the_nodes(spec, tmp_path):
+    root = extract(write_seed(dataclasses.replace(spec, fabric=FABRIC), tmp_path / "s.iso",
+                              name="vm0"), tmp_path / "x")
+    assert (root / "dgxvm/fabric").read_text() == "0a:de:00:00:2a:01 10.64.0.11/16 1450\n"
+    assert (root / "dgxvm/hosts").read_text() == "10.64.0.10 dgxa\n10.64.0.11 dgxb\n"
+    # without one, neither file exists (a one-node job's guest configures no second NIC)
+    plain = extract(write_seed(spec, tmp_path / "p.iso", name="vm0"), tmp_path / "y")
+    assert not (plain / "dgxvm/fabric").exists() and not (plain / "dgxvm/hosts").exists()
+
+
+@pytest.mark.parametrize("field,value,shown", [
+    ("mac", "0A:DE:00:00:2A:01", "fabric mac"), ("mac", "0a:de:00:00:2a", "fabric mac"),
+    ("address", "10.64.0.11", "fabric address"), ("address", "10.64.0.300/16", "fabric address"),
+    ("address", "10.64.0.11/31", "fabric address"), ("mtu", 100, "fabric mtu"),
+    ("mtu", True, "fabric mtu"), ("hosts", (("dgx a", "10.64.0.10"),), "fabric host name"),
+    ("hosts", (("dgxa", "10.64.0"),), "fabric host address"),
+    ("hosts", (("-dgxa\n", "10.64.0.10"),), "fabric host name")])
+def test_bad_fabric_values_are_refused_naming_them(field, value, shown):
+    with pytest.raises(SeedError) as info:
+        dataclasses.replace(FABRIC, **{field: value})
+    bad = value[0][0 if "name" in shown else 1] if field == "hosts" else value
+    assert f"bad {shown} {bad!r}:" in str(info.value)
+
+
+def test_the_test_guest_brings_up_the_fabric_nic_by_its_mac(busybox, tmp_path):
+    """seed.sh's seed_fabric finds the NIC by MAC under $SYS and runs ip with the MTU and the
+    address (a stand-in ip records the calls); seed_hosts adds the nodes to $ETC/hosts."""
+    sys_net = tmp_path / "sys/class/net"
+    for name, mac in (("eth0", "52:54:00:12:34:56"), ("eth1", FABRIC.mac)):
+        (sys_net / name).mkdir(parents=True)
+        (sys_net / name / "address").write_text(mac + "\n")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "ip.log"
+    (bindir / "ip").write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    (bindir / "ip").chmod(0o755)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "hosts").write_text("127.0.0.1\tlocalhost\n")
+    seed_dir = extract(write_seed_for_fabric(tmp_path), tmp_path / "x") / "dgxvm"
+    script = ('. "$SEED_SH" && read -r m a u < "$S/fabric" && seed_fabric "$m" "$a" "$u" '
+              '&& seed_hosts "$S/hosts"')
+    out = subprocess.run([busybox, "sh", "-c", script], check=True, capture_output=True,
+                         text=True, env={"PATH": f"{bindir}:/usr/bin:/bin", "ETC": str(etc),
+                                         "SYS": str(tmp_path / "sys"), "S": str(seed_dir),
+                                         "IP": str(bindir / "ip"),
+                                         "SEED_SH": str(GUEST_SEED_SH)}).stdout
+    assert out == "eth1\n"
+    assert log.read_text().splitlines() == ["link set eth1 mtu 1450",
+                                            "addr replace 10.64.0.11/16 dev eth1",
+                                            "link set eth1 up"]
+    assert (etc / "hosts").read_text() == ("127.0.0.1\tlocalhost\n10.64.0.10\tdgxa\n"
+                                           "10.64.0.11\tdgxb\n")
+    # no NIC with that MAC: it fails, and nothing is configured
+    (sys_net / "eth1" / "address").write_text("0a:de:00:00:2a:99\n")
+    log.unlink()
+    assert subprocess.run([busybox, "sh", "-c", script], capture_output=True,
+                          env={"PATH": f"{bindir}:/usr/bin:/bin", "ETC": str(etc),
+                               "SYS": str(tmp_path / "sys"), "S": str(seed_dir), "IP": str(bindir / "ip"),
+                               "SEED_SH": str(GUEST_SEED_SH)}).returncode != 0
+    assert not log.exists()
+
+
+def write_seed_for_fabric(tmp_path: Path) -> Path:
+    d = tmp_path / "k"
+    d.mkdir()
+    user_pub = generate_keypair(d / "user", "alice@test")
+    host_pub = generate_keypair(d / "host", "host")
+    spec = SeedSpec(instance_id="i-1", hostname="job42", user_name="alice", uid=4242, gid=4243,
+                    home="/home/alice", authorized_keys=(user_pub,),
+                    host_key_private=(d / "host").read_text(), host_key_public=host_pub,
+                    fabric=FABRIC)
+    return write_seed(spec, tmp_path / "fabric.iso", name="vm0")
+
+
+def test_cloud_init_brings_up_the_fabric_and_names_the_nodes(spec, tmp_path):
+    """The cloud-config's bootcmd: the NIC by MAC (ip, as the test guest), and the nodes into
+    the template cloud-init renders /etc/hosts from, once however often the guest boots."""
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load(user_data(dataclasses.replace(spec, fabric=FABRIC)))
+    [nic] = [c for c in doc["bootcmd"] if "dgxvm-fabric" in c]
+    assert nic[3:] == ["dgxvm-fabric", FABRIC.mac, "10.64.0.11/16", "1450"]
+    [hosts] = [c for c in doc["bootcmd"] if "dgxvm-hosts" in c]
+    assert hosts[3:] == ["dgxvm-hosts", "10.64.0.10", "dgxa", "10.64.0.11", "dgxb"]
+    tmpl = tmp_path / "hosts.debian.tmpl"
+    tmpl.write_text("127.0.0.1 localhost\n")
+    script = hosts[2].replace(HOSTS_TEMPLATE, str(tmpl))
+    for _ in range(2):
+        subprocess.run(["sh", "-c", script, *hosts[3:]], check=True)
+    assert tmpl.read_text() == ("127.0.0.1 localhost\n"
+                                f"10.64.0.10\tdgxa {HOSTS_MARK}\n10.64.0.11\tdgxb {HOSTS_MARK}\n")
+    assert not [c for c in yaml.safe_load(user_data(spec))["bootcmd"] if "dgxvm-fabric" in c]
+
+
+def test_the_jobs_ssh_key_reaches_the_users_ssh_dir_and_nowhere_else(spec, tmp_path):
+    """The job's inter-VM key: root-only in the ISO's plain files, and for cloud-init written
+    into the user's ~/.ssh as the user (after the users module made them)."""
+    yaml = pytest.importorskip("yaml")
+    from slurm_dgxvm.jobnet import sshkeys
+    secret = bytes(range(64))
+    user = sshkeys.user_key(secret, 42)
+    known = sshkeys.known_hosts(secret, 42, FABRIC.hosts)
+    fab = dataclasses.replace(FABRIC, ssh_key=user.private, ssh_key_public=user.public,
+                              known_hosts=known)
+    s = dataclasses.replace(spec, fabric=fab)
+    root = extract(write_seed(s, tmp_path / "s.iso", name="vm0"), tmp_path / "x")
+    assert (root / "dgxvm/job_ssh_key").read_text() == user.private
+    assert (root / "dgxvm/job_ssh_key.pub").read_text() == user.public + "\n"
+    assert (root / "dgxvm/job_known_hosts").read_text() == known
+    doc = yaml.safe_load(user_data(s))
+    ssh = {w["path"]: w for w in doc["write_files"] if "/.ssh/" in w["path"]}
+    assert sorted(ssh) == ["/home/alice/.ssh/id_ed25519", "/home/alice/.ssh/id_ed25519.pub",
+                           "/home/alice/.ssh/known_hosts"]
+    key = ssh["/home/alice/.ssh/id_ed25519"]
+    assert (key["permissions"], key["owner"], key["defer"]) == ("0600", "alice:alice", True)
+    assert base64.b64decode(key["content"]).decode() == user.private
+    # half a key pair is refused, and the private key never shows in the error
+    with pytest.raises(SeedError) as info:
+        dataclasses.replace(FABRIC, ssh_key=user.private)
+    assert "PRIVATE" not in str(info.value)
+    # without keys, no file and no write_files entry
+    assert not [w for w in yaml.safe_load(user_data(dataclasses.replace(spec, fabric=FABRIC)))
+                ["write_files"] if "/.ssh/" in w["path"]]

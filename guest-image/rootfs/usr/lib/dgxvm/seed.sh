@@ -87,3 +87,28 @@ share_options() {
         *) return 1 ;;
     esac
 }
+
+# seed_fabric MAC ADDRESS/PREFIX MTU: a multi-node job's fabric NIC (the dgxvm/fabric line):
+# the NIC whose MAC is MAC (under $SYS/class/net) gets MTU and ADDRESS and comes up. Prints
+# the interface's name. Fails when no NIC has that MAC or ip refuses. ($IP: the tests' stand-in;
+# busybox sh runs its own applet before anything in PATH.)
+SYS=${SYS:-/sys}
+IP=${IP:-ip}
+seed_fabric() {
+    i=
+    for d in "$SYS"/class/net/*; do
+        [ "$(cat "$d/address" 2>/dev/null)" = "$1" ] && i=${d##*/}
+    done
+    [ -n "$i" ] || return 1
+    "$IP" link set "$i" mtu "$3" && "$IP" addr replace "$2" dev "$i" && "$IP" link set "$i" up \
+        && printf '%s\n' "$i"
+}
+
+# seed_hosts FILE: the job's node names ("address name" lines of dgxvm/hosts) into
+# $ETC/hosts, so Slurm's node names resolve to the job's VMs on its fabric.
+seed_hosts() {
+    while read -r addr name; do
+        [ -n "$name" ] || continue
+        printf '%s\t%s\n' "$addr" "$name" >> "$ETC/hosts" || return 1
+    done < "$1"
+}
