@@ -75,7 +75,8 @@ def test_lintian_finds_no_error_and_no_warning(built):
 
 def test_it_depends_on_debians_python_libraries_and_the_hypervisor(built):
     depends = {d.split()[0] for d in field(built["deb"], "Depends").split(", ")}
-    assert {"python3-click", "python3-jinja2", "python3-libvirt", "libvirt-daemon-system",
+    assert {"python3-click", "python3-jinja2", "python3-libvirt", "python3-cryptography",
+            "libvirt-daemon-system",
             "qemu-system-x86", "qemu-utils", "xorriso", "nftables"} <= depends
     assert not any(d.startswith("python3-filelock") or d.startswith("python3-pytest")
                    for d in depends)        # test-only
