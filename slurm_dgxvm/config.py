@@ -125,6 +125,7 @@ class JobnetConfig:
     subnet: str = "10.64.0.0/16"              # every job's fabric addresses (isolated by VNI)
     port: int = 4789                          # VXLAN's UDP port (IANA)
     max_nodes: int = 1024                     # a job with more nodes is refused
+    ssh_secret: str = "/etc/dgxvm/jobnet-ssh.key"  # derives the job's inter-VM SSH keys; "" = off
 
 
 #: The first host number of the fabric's addresses in [jobnet] subnet: node i of a job gets the
@@ -322,6 +323,9 @@ def _validate_jobnet(j: JobnetConfig, path: str) -> None:
         raise ConfigError(path=path, reason=f"jobnet.underlay_mtu {j.underlay_mtu} is out of "
                                             f"range ({lo + 50}-{hi}: the fabric gets 50 bytes "
                                             f"less, at least IPv6's {lo})")
+    if j.ssh_secret and not os.path.isabs(j.ssh_secret):
+        raise ConfigError(path=path, reason=f"jobnet.ssh_secret {j.ssh_secret!r} must be an "
+                                            f"absolute path (or \"\": no inter-VM SSH keys)")
     if not 1 <= j.port <= 65535:
         raise ConfigError(path=path, reason=f"jobnet.port {j.port} is not a UDP port (1-65535)")
     if not 2 <= j.max_nodes <= 65536:

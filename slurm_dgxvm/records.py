@@ -87,6 +87,10 @@ class VmRecord:
     # check after it quarantined: PCI address -> reason (slurm_dgxvm.health)
     gpu_resets: dict[str, float] = field(default_factory=dict)
     quarantined: dict[str, str] = field(default_factory=dict)
+    # the job fabric of a multi-node job (slurm_dgxvm.jobnet: JobFabric.to_dict()): the VNI, the
+    # devices, this VM's fabric NIC and every node's address; None: no fabric (left out of the
+    # JSON, as records before it have it)
+    jobnet: dict | None = None
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -95,6 +99,8 @@ class VmRecord:
         doc["placement"] = self.placement.to_json()
         doc["fitted"] = list(self.fitted)
         doc["groups"] = list(self.groups)
+        if doc["jobnet"] is None:
+            del doc["jobnet"]
         return {"format": FORMAT, "version": VERSION, **doc}
 
     @classmethod
@@ -109,6 +115,8 @@ class VmRecord:
             for key in ("create_stages", "teardown_stages", "gpu_resets"):
                 body[key] = _stage_times(body.get(key, {}))
             body["quarantined"] = {str(k): str(v) for k, v in body.get("quarantined", {}).items()}
+            if body.get("jobnet") is not None and not isinstance(body["jobnet"], dict):
+                raise ValueError(f"jobnet {body['jobnet']!r} is not an object")
             body["allocation"] = Allocation.from_json(body["allocation"])
             body["placement"] = Placement.from_json(body["placement"])
             return cls(**body)
@@ -147,7 +155,19 @@ def job_view(rec: VmRecord, vmdir: Path) -> dict:
             "allocation": rec.allocation.to_json(),  # the VM's own GPUs, CPUs, memory, switches
             "key": str(vmdir / USER_KEY), "known_hosts": str(vmdir / KNOWN_HOSTS),
             "share_refused": rec.extra.get("share_refused"),
-            "image_cache_refused": rec.extra.get("image_cache_refused")}
+            "image_cache_refused": rec.extra.get("image_cache_refused"),
+            "job_fabric": jobnet_view(rec.jobnet)}
+
+
+def jobnet_view(fabric: dict | None) -> dict | None:
+    """The job fabric as the VM's user sees it: this node's name and index, the VM's fabric
+    address, and every node of the job with its VM's fabric address (what the guest's
+    /etc/hosts says). None for a VM without a fabric."""
+    if not fabric:
+        return None
+    return {"node": fabric.get("node"), "index": fabric.get("index"),
+            "address": fabric.get("vm_address"), "mtu": fabric.get("mtu"),
+            "hosts": [list(h) for h in fabric.get("hosts", ())]}
 
 
 class VmStore:

@@ -30,11 +30,14 @@ from .. import failpoints, images as images_mod, seed as seed_mod
 from ..virt import hypervisor
 from ..observe import opstats
 from ..config import Config
-from ..design import (RealHost, VmInputs, design, domain_xml, fit_to_host, image_cache_tag, mac_for,
-                      share_tag)
+from ..design import (FabricNic, RealHost, VmInputs, design, domain_xml, fit_to_host,
+                      image_cache_tag, mac_for, share_tag)
 from ..errors import (ContainerCacheError, DomainExists, HostError, HypervisorError,
                       ImageCacheRefused, NoFit, ShareRefused, ShareTimeout, is_job_fault)
 from ..fsutil import atomic_write
+from ..jobnet.apply import apply as apply_job_fabric, teardown as teardown_job_fabric
+from ..jobnet import sshkeys
+from ..jobnet.plan import JobFabric
 from ..virt.guest import wait_ready
 from ..ledger import Allocation, domain_key, job_key
 from ..names import domain_name
@@ -69,6 +72,7 @@ class CreateRequest:
     home: str | None = None
     workdir: str | None = None        # shared into the guest at the same path
     alignment: str | None = None      # strict | prefer; None = [placement] alignment
+    fabric: JobFabric | None = None   # a multi-node job's fabric on this node (jobnet.plan)
 
 
 def create(env: Env, req: CreateRequest, progress: Progress = quiet,
@@ -171,6 +175,8 @@ class _Creation:
         yield "define", self.arm_reset
         if self.placement.fm_partition is not None:     # no Fabric Manager: no fm stage
             yield "fm", self.activate_fabric
+        if self.req.fabric is not None:                 # a multi-node job: its fabric here
+            yield "jobnet", self.make_job_fabric
         yield "start", self.start
         yield "ready", self.wait_for_guest
 
@@ -249,7 +255,14 @@ class _Creation:
         user_pub = seed_mod.generate_keypair(vmdir / USER_KEY, f"{req.user}@{name}")
         os.chown(vmdir / USER_KEY, req.uid, req.gid)
         os.chown(vmdir / (USER_KEY + ".pub"), req.uid, req.gid)
-        host_pub = seed_mod.generate_keypair(vmdir / HOST_KEY, f"root@{name}")
+        job_ssh = self._job_ssh()
+        if job_ssh is not None:            # the host key every VM of the job knows this one by
+            host = job_ssh[1]
+            atomic_write(vmdir / HOST_KEY, host.private, mode=0o600)
+            atomic_write(vmdir / (HOST_KEY + ".pub"), host.public + "\n", mode=0o644)
+            host_pub = host.public
+        else:
+            host_pub = seed_mod.generate_keypair(vmdir / HOST_KEY, f"root@{name}")
         net = hypervisor.ensure_network(self.conn, cfg.libvirt.network,
                                         cfg.libvirt.network_cidr, cfg.host.state_dir)
         self.mac = mac_for(name)
@@ -280,9 +293,25 @@ class _Creation:
         seed_mod.write_seed(seed_mod.SeedSpec(
             instance_id=f"{name}-{int(time.time())}", hostname=hostname_for(name),
             user_name=req.user, uid=req.uid, gid=req.gid, home=home,
-            authorized_keys=(user_pub,), host_key_private=(vmdir / HOST_KEY).read_text(),
-            host_key_public=host_pub, mounts=mounts, groups=group_names(req.groups)),
+            authorized_keys=(user_pub,) + ((job_ssh[0].public,) if job_ssh else ()),
+            host_key_private=(vmdir / HOST_KEY).read_text(),
+            host_key_public=host_pub, mounts=mounts, groups=group_names(req.groups),
+            fabric=fabric_seed(req.fabric, job_ssh[0] if job_ssh else None,
+                               job_ssh[2] if job_ssh else "")),
             vmdir / SEED, name=name)
+
+    def _job_ssh(self):
+        """(the job's user key, this VM's host key, the job's known_hosts) of a multi-node job
+        when the site has a secret to derive them from ([jobnet] ssh_secret), else None."""
+        fab = self.req.fabric
+        if fab is None:
+            return None
+        secret = sshkeys.read_secret(self.cfg.jobnet.ssh_secret)
+        if secret is None:
+            return None
+        return (sshkeys.user_key(secret, fab.job_id),
+                sshkeys.host_key(secret, fab.job_id, fab.index),
+                sshkeys.known_hosts(secret, fab.job_id, fab.hosts))
 
     def disks(self) -> None:
         self.progress("disks")
@@ -307,7 +336,8 @@ class _Creation:
             share=cfg.vm.share, workdir=share.path if share else None,
             share_binary=str(vmdir / SHARE_WRAPPER) if share else None, address=self.address,
             image_cache=cache.path if cache else None,
-            image_cache_binary=str(vmdir / IMAGE_CACHE_WRAPPER) if cache else None),
+            image_cache_binary=str(vmdir / IMAGE_CACHE_WRAPPER) if cache else None,
+            fabric=fabric_nic(req.fabric)),
             domain_type=cfg.libvirt.domain_type, machine_type=cfg.libvirt.machine_type)
         if self.env.fit(self.host):
             spec, self.fitted = fit_to_host(spec, RealHost.probe(), max_vcpus=cfg.vm.fit_vcpus,
@@ -325,6 +355,7 @@ class _Creation:
             fitted=self.fitted, created=time.time(),
             lock_s=round(self.lock_s, 6) if self.lock_s is not None else None,
             image_cache=cache.path if cache else None, groups=tuple(req.groups),
+            jobnet=fabric_record(req.fabric),
             extra={k: v for k, v in (("share_refused", self.share_refused),
                                      ("image_cache_refused", self.image_cache_refused)) if v})
         self.env.vms.save(self.record)
@@ -353,6 +384,15 @@ class _Creation:
         self.env.fabric.activate(fm)
         self.undo.callback(self.env.fabric.deactivate, fm)
 
+    def make_job_fabric(self) -> None:
+        """The job's fabric on this node (its VXLAN segment, bridge, forwarding entries to the
+        job's other nodes, the firewall's entry for it), before the domain that plugs into it
+        starts; removed by the undo."""
+        fab = self.req.fabric
+        self.progress(f"job fabric {fab.bridge} (VNI {fab.vni}, {len(fab.peers)} peer(s))")
+        self.undo.callback(teardown_job_fabric, fab.vni)
+        apply_job_fabric(fab)
+
     def start(self) -> None:
         self.progress("starting")
         try:
@@ -376,6 +416,32 @@ class _Creation:
                                         boot_s=round(time.monotonic() - self.t0, 3),
                                         create_stages=timer.seconds())
         self.env.vms.save(self.record)
+
+
+def fabric_nic(fab: JobFabric | None) -> FabricNic | None:
+    """The VM's NIC on its job's fabric, as the designer takes it."""
+    if fab is None:
+        return None
+    return FabricNic(bridge=fab.bridge, mac=fab.mac, mtu=fab.mtu, address=str(fab.vm_address.ip))
+
+
+def fabric_seed(fab: JobFabric | None, user_key: sshkeys.KeyPair | None = None,
+                known_hosts: str = "") -> seed_mod.Fabric | None:
+    """What the guest is told of its job's fabric: its NIC, every node's name and address, and
+    (when the site derives them) the job's SSH key and every node's VM's host key."""
+    if fab is None:
+        return None
+    return seed_mod.Fabric(mac=fab.mac, address=str(fab.vm_address), mtu=fab.mtu,
+                           hosts=tuple((n, str(a)) for n, a in fab.hosts),
+                           ssh_key=user_key.private if user_key else None,
+                           ssh_key_public=user_key.public if user_key else None,
+                           known_hosts=known_hosts)
+
+
+def fabric_record(fab: JobFabric | None) -> dict | None:
+    """The job fabric in the VM's record: what the teardown removes (the VNI) and what the
+    job's user is shown (``dgxvm job``)."""
+    return fab.to_dict() if fab is not None else None
 
 
 def quarantine_occupancy(host, quarantined) -> Occupancy:

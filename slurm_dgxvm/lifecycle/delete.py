@@ -1,7 +1,7 @@
 """delete: graceful shutdown (bounded) -> destroy -> undefine -> FM partition off -> GPU (and
 NVSwitch) reset and check, quarantining a device that fails (:mod:`slurm_dgxvm.health`) ->
-address -> VM directory -> ledger. Idempotent: whatever a failed create or a crash left is
-cleaned.
+the job fabric on this node (a multi-node job's) -> address -> VM directory -> ledger.
+Idempotent: whatever a failed create or a crash left is cleaned.
 
 Timed as the teardown stages of :mod:`slurm_dgxvm.observe.stages` (shutdown, destroy, undefine,
 reset, release) and counted in :mod:`slurm_dgxvm.observe.opstats`."""
@@ -13,6 +13,8 @@ import time
 import xml.etree.ElementTree as ET
 
 from .. import failpoints
+from ..jobnet.apply import present as job_fabrics_here, teardown as teardown_job_fabric
+from ..jobnet.plan import vni_for
 from ..virt import hypervisor
 from ..observe import opstats
 from ..design import mac_for
@@ -112,6 +114,7 @@ def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
         failpoints.hit(env.cfg.host.state_dir, "after:reset", name)
     progress("releasing")
     with timer.stage("release"):
+        _remove_job_fabric(env, rec, rec.job_id if rec else job_id)
         hypervisor.release_address(conn, rec.network if rec else env.cfg.libvirt.network,
                                    env.cfg.host.state_dir, rec.mac if rec else mac_for(name))
         env.vms.remove_dir(name)
@@ -122,6 +125,22 @@ def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
         rec = rec.with_(gpu_resets=checked.reset_s,
                         quarantined={v.pci: v.reason for v in checked.bad})
     return how, rec
+
+
+def _remove_job_fabric(env: Env, rec: VmRecord | None, job_id: int | None) -> None:
+    """The job fabric this VM's job has on this node: the VNI its record names, or (no record:
+    a create killed part-way) the job's VNI when a device there carries this job's tag. Never
+    another job's: a VNI whose devices name another job is left to that job."""
+    vni = rec.jobnet.get("vni") if rec is not None and rec.jobnet else None
+    if vni is None:
+        if job_id is None or not env.cfg.jobnet.enabled:
+            return
+        candidate = vni_for(job_id)
+        if job_fabrics_here().get(candidate) != job_id:
+            return
+        vni = candidate
+    if teardown_job_fabric(int(vni)):
+        log.info("job %s: job fabric VNI %s removed from this node", job_id, vni)
 
 
 def check_devices(env: Env, name: str, devices: tuple[str, ...], job_id: int | None):

@@ -16,7 +16,7 @@ from slurm_dgxvm.virt import hypervisor
 from slurm_dgxvm.observe import opstats
 from slurm_dgxvm.errors import GuestTimeout
 from slurm_dgxvm.lifecycle import CreateRequest, Env, create, delete
-from slurm_dgxvm.lifecycle.create import _Creation
+from slurm_dgxvm.lifecycle.create import _Creation, fabric_record
 from slurm_dgxvm.placement import Request
 from slurm_dgxvm.records import VmRecord
 from slurm_dgxvm.observe.stages import StageTimer
@@ -89,7 +89,8 @@ def stand_ins(monkeypatch):
             name=self.name, uuid="u", state="creating", owner=self.req.owner,
             ledger_key=self.key, job_id=self.req.job_id, user="u", uid=0, gid=0, workdir=None,
             image=self.image.name, image_version=self.image.version, address=self.address,
-            mac=self.mac, network="dgxvm", allocation=self.alloc, placement=self.placement)
+            mac=self.mac, network="dgxvm", allocation=self.alloc, placement=self.placement,
+            jobnet=fabric_record(self.req.fabric))
         self.env.vms.save(self.record)
 
     def define(self):
@@ -218,3 +219,86 @@ def test_a_teardown_of_what_a_crash_left_resets_what_the_ledger_held_and_release
     counted = opstats.read(env.cfg.host.state_dir)
     # the ledger entry still names the GPUs: they are reset and checked before release
     assert {stage for op, stage in counted.stages if op == "teardown"} == {"reset", "release"}
+
+
+# -- a multi-node job's fabric ---------------------------------------------------------------------
+def job_fabric(job_id=42):
+    from slurm_dgxvm import config as cfg
+    from slurm_dgxvm.jobnet.plan import plan
+    j = cfg.from_dict({"jobnet": {"enabled": True, "nodes": {"dgxa": "192.168.213.11",
+                                                             "dgxb": "192.168.213.12"}}}).jobnet
+    return plan(j, job_id, "dgxa,dgxb", "dgxb")
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """The fabric's kernel side (jobnet.apply): what was made and removed, by VNI."""
+    import importlib
+    create_mod = importlib.import_module("slurm_dgxvm.lifecycle.create")
+    delete_mod = importlib.import_module("slurm_dgxvm.lifecycle.delete")
+    made: dict[int, int] = {}
+    calls: list[tuple[str, int]] = []
+
+    def apply(fab):
+        calls.append(("apply", fab.vni))
+        made[fab.vni] = fab.job_id
+
+    def teardown(vni):
+        calls.append(("teardown", vni))
+        return made.pop(vni, None) is not None
+    monkeypatch.setattr(create_mod, "apply_job_fabric", apply)
+    monkeypatch.setattr(create_mod, "teardown_job_fabric", teardown)
+    monkeypatch.setattr(delete_mod, "teardown_job_fabric", teardown)
+    monkeypatch.setattr(delete_mod, "job_fabrics_here", lambda: dict(made))
+    return made, calls
+
+
+def test_a_multi_node_jobs_fabric_is_made_before_start_and_goes_with_the_vm(
+        tmp_path, trees, image_store, stand_ins, kernel):
+    clock, _ = stand_ins
+    made, calls = kernel
+    env = make_env(tmp_path, trees, image_store, machine="dgx-h100")
+    fab = job_fabric()
+    req = CreateRequest(name="job-42", placement=Request(count=2), owner="job", job_id=42,
+                        fabric=fab)
+    rec = create(env, req, timer=StageTimer(clock))
+    assert list(rec.create_stages)[-4:] == ["fm", "jobnet", "start", "ready"]
+    assert made == {fab.vni: 42}
+    delete(env, "job-42", job_id=42)
+    assert made == {} and calls == [("apply", fab.vni), ("teardown", fab.vni)]
+
+
+def test_a_create_that_fails_after_the_fabric_removes_it(tmp_path, trees, image_store,
+                                                         stand_ins, kernel):
+    clock, fail = stand_ins
+    made, calls = kernel
+    fail["start"] = GuestTimeout(name="job-42", timeout=1, reason="x", tail="")
+    env = make_env(tmp_path, trees, image_store, machine="dgx-h100")
+    fab = job_fabric()
+    with pytest.raises(GuestTimeout):
+        create(env, CreateRequest(name="job-42", placement=Request(count=2), owner="job",
+                                  job_id=42, fabric=fab), timer=StageTimer(clock))
+    assert made == {} and calls == [("apply", fab.vni), ("teardown", fab.vni)]
+    assert env.ledger.read().allocations == {}
+
+
+def test_a_killed_prologs_fabric_without_a_record_is_found_by_its_jobs_tag(
+        tmp_path, trees, image_store, stand_ins, kernel):
+    """No record names the fabric (the Prolog was killed before it wrote one): the Epilog's
+    delete finds it by the job's VNI, only when its devices carry that job's tag."""
+    from slurm_dgxvm.errors import DomainNotFound
+    from slurm_dgxvm.jobnet.plan import vni_for
+    made, calls = kernel
+    env = make_env(tmp_path, trees, image_store, machine="dgx-h100")
+    made[vni_for(42)] = 42
+    made[vni_for(43)] = 99              # that VNI is another job's: never touched
+    env.vms.make_dir("job-42")          # what the killed Prolog left
+    env.vms.make_dir("job-43")
+    from dataclasses import replace
+    env = Env(replace(env.cfg, jobnet=replace(env.cfg.jobnet, enabled=True)))
+    env.__dict__["fabric"] = FakeFabric()
+    delete(env, "job-42", job_id=42)
+    delete(env, "job-43", job_id=43)
+    assert made == {vni_for(43): 99}
+    with pytest.raises(DomainNotFound):
+        delete(env, "job-42", job_id=42)
