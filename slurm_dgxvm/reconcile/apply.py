@@ -24,6 +24,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 
+from ..jobnet.apply import present as job_fabrics_here, teardown as teardown_job_fabric
 from ..virt import hypervisor
 from ..errors import DgxvmError, DomainNotFound, LedgerCorrupt, RecordCorrupt, UserTreeRefused
 from ..ledger import Allocation, domain_key
@@ -84,10 +85,11 @@ def collect(env: Env, jobs: JobsOnNode, conn) -> NodeFacts:
     for name in sorted(dirs | set(entries) | set(domains)):
         vms[name] = _vm(env, name, domains.get(name), entries.get(name), name in dirs,
                         name in busy)
+    job_fabrics, jobnet_error = _job_fabrics()
     facts = NodeFacts(jobs=jobs, vms=vms, ledger=ledger, ledger_error=ledger_error,
                       job_prefix=cfg.slurm.domain_prefix, network=cfg.libvirt.network,
                       reservations=reservations, fm_active=fm_active, fm_error=fm_error,
-                      busy=busy)
+                      busy=busy, job_fabrics=job_fabrics, jobnet_error=jobnet_error)
     if partitions_off_under_running_vms(facts):
         # a running VM's partition was not active when Fabric Manager was asked, before its
         # domain was seen: ask again (a create may have activated it and started the VM since)
@@ -149,6 +151,15 @@ def _fabric(env: Env) -> tuple[frozenset[int] | None, str | None]:
         return None, str(exc)
 
 
+def _job_fabrics() -> tuple[dict[int, int | None] | None, str | None]:
+    """(the job fabrics on this node, why they could not be listed). Read after the VMs' locks
+    and records: a Prolog makes its record (naming the fabric) before the fabric."""
+    try:
+        return job_fabrics_here(), None
+    except DgxvmError as exc:
+        return None, str(exc)
+
+
 # -- the run ---------------------------------------------------------------------------------------
 def run(env: Env, jobs: JobsOnNode, *, dry_run: bool = False,
         rebuild_ledger: bool = False) -> Report:
@@ -196,6 +207,8 @@ def _checked(facts: NodeFacts) -> dict:
         "fabric_manager": ("not used" if facts.fm_active is None and facts.fm_error is None
                            else "ok" if facts.fm_error is None
                            else f"not asked: {facts.fm_error}"),
+        "job_fabrics": (len(facts.job_fabrics) if facts.job_fabrics is not None
+                        else f"not listed: {facts.jobnet_error}"),
         "in_progress": sorted(facts.busy),
         "image_cache_partials": sum(len(c.names) for c in facts.partials),
         "guest_processes": "end with their VM: nothing of them is kept on the host",
@@ -236,6 +249,8 @@ def _act(env: Env, conn, facts: NodeFacts, f: Finding) -> Outcome:
             return _deactivate(env, f)
         if f.action == "sweep-image-cache":
             return _sweep(facts, f)
+        if f.action == "remove-job-fabric":
+            return _remove_job_fabric(env, f)
     except DgxvmError as exc:
         return Outcome(f, "failed", str(exc))
     raise ValueError(f"no way to {f.action}")
@@ -284,6 +299,21 @@ def _sweep(facts: NodeFacts, f: Finding) -> Outcome:
     if not gone:
         return Outcome(f, "skipped", "none went: a pull of each took it up meanwhile")
     return Outcome(f, "done", f"removed {', '.join(gone)}")
+
+
+def _remove_job_fabric(env: Env, f: Finding) -> Outcome:
+    """Under the job's VM name's lock (a Prolog making that VM holds it), and only while the
+    devices still carry that job's tag."""
+    assert f.name is not None and f.vni is not None
+    with vmlock.try_held(env.cfg.host.state_dir, f.name) as got:
+        if not got:
+            return Outcome(f, "skipped", IN_PROGRESS)
+        if env.vms.exists(f.name):
+            return Outcome(f, "skipped", f"{f.name} has a VM again: the fabric goes with it")
+        if job_fabrics_here().get(f.vni) != f.job_id:
+            return Outcome(f, "done", "already gone")
+        teardown_job_fabric(f.vni)
+    return Outcome(f, "done")
 
 
 def _deactivate(env: Env, f: Finding) -> Outcome:

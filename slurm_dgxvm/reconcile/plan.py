@@ -26,6 +26,9 @@ What goes, each through the one idempotent way it is made undone:
   a name that has nothing else on the node;
 * ``deactivate-fm-partition``: a Fabric Manager partition that is active while no ledger
   allocation holds it;
+* ``remove-job-fabric``: a job fabric on this node (:mod:`slurm_dgxvm.jobnet`: the devices dgxvm
+  tagged with a job id) whose job Slurm no longer has here and no VM here holds
+  (:func:`slurm_dgxvm.jobnet.teardown`); a VM's own fabric goes with the VM's delete;
 * ``sweep-image-cache``: the partial entries of a user's container image cache that pulls
   which died left, and no pull holds now (:mod:`.cache_partials`, as the user). A cache that
   refused or did not answer its user's read in time is skipped, naming it: a user's files are
@@ -64,6 +67,7 @@ from .cache_partials import CachePartials
 #: action -> the words a report line uses for it
 ACTIONS = {"delete-vm": "delete the VM", "release-address": "release the reservation",
            "deactivate-fm-partition": "deactivate the partition",
+           "remove-job-fabric": "remove the job fabric",
            "rebuild-ledger": "rebuild the ledger",
            "sweep-image-cache": "remove them with the cache's own sweep", "none": "nothing"}
 #: what became of a finding: repaired; would be (--dry-run); not now, and not a fault (in
@@ -176,6 +180,10 @@ class NodeFacts:
     fm_active_late: frozenset[int] | None = None
     busy: frozenset[str] = frozenset()           # every name whose lock is held
     partials: tuple[CachePartials, ...] = ()     # users' image caches' dead pulls' leftovers
+    # the job fabrics on this node (jobnet.present: VNI -> the job id its devices are tagged
+    # with); None: not read (``jobnet_error`` says why when it failed)
+    job_fabrics: Mapping[int, int | None] | None = None
+    jobnet_error: str | None = None
 
     def with_ledger(self, state: LedgerState) -> NodeFacts:
         """These facts with ``state`` as the ledger (what a rebuild would write)."""
@@ -203,6 +211,7 @@ class Finding:
     job_id: int | None = None
     mac: str | None = None
     partition: int | None = None
+    vni: int | None = None
     hold: str | None = None
     left: str | None = None
     details: tuple[str, ...] = ()
@@ -285,6 +294,7 @@ def plan(facts: NodeFacts) -> list[Finding]:
     going = frozenset(f.name for f in out if f.action == "delete-vm" and f.name is not None)
     out.extend(_plan_reservations(facts))
     out.extend(_plan_fabric(facts, going))
+    out.extend(_plan_job_fabrics(facts))
     out.extend(_plan_partials(facts))
     return out
 
@@ -399,6 +409,40 @@ def partitions_off_under_running_vms(facts: NodeFacts, *,
         if p is None or p in facts.fm_active or p in late:
             continue
         out.append((p, v))
+    return out
+
+
+def _plan_job_fabrics(facts: NodeFacts) -> list[Finding]:
+    """Job fabrics whose job has neither a live Slurm job nor a VM here (a VM's fabric goes
+    with its delete). Untagged devices of dgxvm's names are not ours to judge: reported. While
+    Slurm cannot be asked, or the job's VM name is locked (its Prolog making it), held."""
+    if facts.jobnet_error is not None:
+        return [Finding("jobnet", "job fabrics", why=f"could not be listed ({facts.jobnet_error})",
+                        hold="job fabrics not checked")]
+    out: list[Finding] = []
+    vm_jobs = {v.owner(facts.job_prefix)[1] for v in facts.vms.values()}
+    for vni, job in sorted((facts.job_fabrics or {}).items()):
+        subject = f"VNI {vni}"
+        if job is None:
+            out.append(Finding("jobnet", subject, why="its devices carry no job's tag", vni=vni,
+                               left="not made by dgxvm, or its tag was changed: an admin's to "
+                                    "judge (`ip -d link show`)"))
+            continue
+        if job in vm_jobs:
+            continue                                   # goes (or stays) with the job's VM
+        if facts.jobs.live is not None and job in facts.jobs.live:
+            continue
+        name = f"{facts.job_prefix}{job}"
+        hold = None
+        if facts.jobs.live is None:
+            hold = "Slurm could not be asked whether its job runs here"
+        elif name in facts.busy:
+            hold = IN_PROGRESS
+        out.append(Finding("jobnet", subject,
+                           why=f"job fabric of job {job}, which Slurm no longer has on "
+                               f"{facts.jobs.node} and no VM here holds",
+                           action="remove-job-fabric", name=name, job_id=job, vni=vni,
+                           hold=hold))
     return out
 
 

@@ -54,7 +54,8 @@ def facts(*vms: VmFacts, slurm: JobsOnNode | None = None, **kw) -> NodeFacts:
     ledger = LedgerState(allocations={v.entry.key: v.entry for v in vms if v.entry})
     kw.setdefault("ledger", ledger)
     return NodeFacts(jobs=slurm or jobs(), vms={v.name: v for v in vms},
-                     busy=frozenset(v.name for v in vms if v.busy), **kw)
+                     busy=frozenset(v.name for v in vms if v.busy) | kw.pop("busy", frozenset()),
+                     **kw)
 
 
 def names(findings: list[Finding]) -> list[str | None]:
@@ -385,3 +386,36 @@ def test_a_users_cache_that_could_not_be_read_is_skipped_and_fails_nothing():
         "/var/lib/dgxvm/containers/1000/tmp/x\\nreconcile: consistent -> nothing: skipped: "
         "nothing in it was touched: a user's files are theirs, not the node's state; the next "
         "run tries again")
+
+
+# -- job fabrics -----------------------------------------------------------------------------------
+def jobnet_findings(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.what == "jobnet"]
+
+
+def test_the_fabric_of_a_job_slurm_no_longer_has_here_is_removed(host):
+    """Job 7's Epilog never ran here (its node was lost): its fabric goes. Job 8 runs: kept.
+    Job 9's fabric goes with its VM's delete, not on its own."""
+    found = jobnet_findings(plan(facts(vm(host, "job-9", job=9, domain=None),
+                                       slurm=jobs({8: "RUNNING"}),
+                                       job_fabrics={7007: 7, 8008: 8, 9009: 9})))
+    assert [(f.subject, f.action, f.job_id, f.vni, f.name, f.hold) for f in found] == [
+        ("VNI 7007", "remove-job-fabric", 7, 7007, "job-7", None)]
+    assert "job 7, which Slurm no longer has on dgx01" in found[0].why
+
+
+def test_a_fabric_is_held_while_slurm_cannot_be_asked_or_its_vm_is_being_made(host):
+    [f] = jobnet_findings(plan(facts(slurm=SLURM_DOWN, job_fabrics={7007: 7})))
+    assert f.hold == "Slurm could not be asked whether its job runs here"
+    assert planned(f, dry_run=False).result == "skipped"
+    [f] = jobnet_findings(plan(facts(job_fabrics={7007: 7}, busy=frozenset({"job-7"}))))
+    assert f.hold == "in progress: a dgxvm create or delete holds its lock"
+
+
+def test_untagged_fabric_devices_are_left_for_an_admin_and_a_failed_listing_is_said(host):
+    [f] = jobnet_findings(plan(facts(job_fabrics={5: None})))
+    assert f.action == "none" and planned(f, dry_run=False).result == "left"
+    [f] = jobnet_findings(plan(facts(jobnet_error="ip: not found")))
+    assert f.why == "could not be listed (ip: not found)"
+    assert planned(f, dry_run=False).result == "skipped"
+    assert jobnet_findings(plan(facts(job_fabrics={}))) == []
