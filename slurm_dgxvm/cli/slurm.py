@@ -17,7 +17,7 @@ from ..access.target import Target, job_from_env, view_for
 from ..slurm import hooks, log as hook_log
 from ..slurm.commands import Slurm
 from ..slurm.job import domain_for
-from ..slurm.report import render, summarize, summarize_stages
+from ..slurm.report import render, summarize, summarize_nodes, summarize_stages
 
 
 def _interruptible() -> None:
@@ -71,10 +71,12 @@ def epilog(c):
 @click.option("--json", "as_json", is_flag=True, help="The VM record as JSON.")
 @click.option("--env", "as_env", is_flag=True,
               help="Shell assignments: eval \"$(dgxvm job --env)\" sets DGXVM_ADDRESS, "
-                   "DGXVM_USER, DGXVM_KEY, DGXVM_KNOWN_HOSTS, DGXVM_DOMAIN, DGXVM_SSH.")
+                   "DGXVM_USER, DGXVM_KEY, DGXVM_KNOWN_HOSTS, DGXVM_DOMAIN, DGXVM_SSH "
+                   "(and DGXVM_FABRIC_ADDRESS for a multi-node job).")
 @click.pass_obj
 def job(c, job_id, as_json, as_env):
-    """Show the VM of a job on this node: its address and how to reach it (for batch scripts)."""
+    """Show the VM of a job on this node: its address and how to reach it (for batch scripts);
+    for a multi-node job, its job fabric and every node's VM on it."""
     job_id = job_from_env(job_id, os.environ)
     env = c.env
     name = domain_for(env.cfg, job_id)
@@ -87,6 +89,9 @@ def job(c, job_id, as_json, as_env):
                      ("DGXVM_USER", view["user"]), ("DGXVM_KEY", view["key"]),
                      ("DGXVM_KNOWN_HOSTS", view["known_hosts"]), ("DGXVM_SSH", ssh)):
             click.echo(f"export {k}={shlex.quote(v or '')}")
+        if view.get("job_fabric"):
+            click.echo("export DGXVM_FABRIC_ADDRESS="
+                       + shlex.quote(view["job_fabric"]["address"].split("/")[0]))
     else:
         click.echo(f"job {job_id}: VM {name} ({view['state']}) at {view['address']}, GPUs "
                    f"{','.join(map(str, view.get('gpus') or []))}, image {view['image']}")
@@ -94,6 +99,13 @@ def job(c, job_id, as_json, as_env):
         for key in ("share_refused", "image_cache_refused"):
             if view.get(key):
                 click.echo(f"  not shared: {view[key]}")
+        fabric = view.get("job_fabric")
+        if fabric:
+            click.echo(f"  job fabric: this is node {fabric['node']} (index {fabric['index']}), "
+                       f"fabric address {fabric['address']}, mtu {fabric['mtu']}; the job's "
+                       f"VMs by node:")
+            for node, address in fabric["hosts"]:
+                click.echo(f"    {node:<20} {name:<16} {address}")
 
 
 @click.command()
@@ -102,16 +114,17 @@ def job(c, job_id, as_json, as_env):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def report(c, since, as_json):
-    """GPU-hours in VMs, jobs, median boot/teardown and failures per user and account, and
-    each create/teardown stage's median and p95 (sacct)."""
+    """GPU-hours in VMs, jobs, median boot/teardown and failures per user and account; VMs,
+    GPU-hours and failures per node; each create/teardown stage's median and p95 (sacct)."""
     rows = Slurm(c.config.slurm).sacct(since=since)
-    summaries, stages = summarize(rows), summarize_stages(rows)
+    summaries, stages, nodes = summarize(rows), summarize_stages(rows), summarize_nodes(rows)
     if as_json:
         click.echo(json.dumps({"since": since, "users": [s.to_json() for s in summaries],
-                               "stages": [s.to_json() for s in stages]},
+                               "stages": [s.to_json() for s in stages],
+                               "nodes": [n.to_json() for n in nodes]},
                               indent=2, sort_keys=True))
     else:
-        sys.stdout.write(render(summaries, since, stages))
+        sys.stdout.write(render(summaries, since, stages, nodes))
 
 
 COMMANDS = (prolog, epilog, job, report)

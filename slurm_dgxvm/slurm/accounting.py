@@ -18,6 +18,12 @@ seconds to the ms without trailing zeros (``placement:0.004,seed:1.52,...``): ab
 45 characters, nothing to escape. Records written before them have neither;
 :func:`parse_stages` reads a missing or damaged word as no stages.
 
+A job on several nodes has one VM per node, each with its own record, ``node=NAME`` in each,
+joined with ``;`` (never in a record: it is escaped) in one AdminComment. Each node's Prolog and
+Epilog writes only its own record into what it reads (:func:`merge`) and reads it back until
+its record has stayed there (:func:`converge`): Slurm has no append, so two nodes writing at
+once would otherwise keep only the last one's.
+
 After the teardown's GPU reset (:mod:`slurm_dgxvm.health`): ``reset_max_s``, the slowest
 device's reset, and ``quarantined``, the devices the check after it quarantined with the reason
 (``0000:34:00.0 (reset failed: ...)``): the job that was on a GPU that failed says so.
@@ -25,6 +31,9 @@ device's reset, and ``quarantined``, the devices the check after it quarantined 
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Callable
 from urllib.parse import unquote
 
 from ..ranges import format_index_list
@@ -32,6 +41,7 @@ from ..records import VmRecord
 from ..observe.stages import ordered
 
 PREFIX = "dgxvm/1"
+SEP = ";"                   # between the records of a multi-node job's VMs (escaped in values)
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._~:@+/,")   # everything else is %XX
 
 
@@ -41,7 +51,7 @@ def _escape(value: str) -> str:
                    for ch in value)
 
 # Order of the keys in the line (readability in sacct); unknown keys follow.
-KEYS = ("state", "domain", "gpus", "slurm_gpus", "aligned", "remapped", "nvswitches", "fm",
+KEYS = ("node", "state", "domain", "gpus", "slurm_gpus", "aligned", "remapped", "nvswitches", "fm",
         "image", "vcpus", "memory_mib", "numa", "address", "boot_s", "lock_s", "teardown_s",
         "held_s", "create_stages", "teardown_stages", "reset_max_s", "quarantined", "ended",
         "fitted", "cause", "containers")
@@ -61,18 +71,79 @@ def encode(fields: dict) -> str:
 
 
 def decode(text: str | None) -> dict | None:
-    """The fields of an AdminComment written by :func:`encode`; None when it is not ours."""
+    """The fields of an AdminComment written by :func:`encode` (the first node's, for a
+    multi-node job: :func:`decode_all` has every one); None when it is not ours."""
+    records = decode_all(text)
+    return records[0] if records else None
+
+
+def decode_all(text: str | None) -> list[dict]:
+    """Every record of an AdminComment (one per node that wrote one); [] when it is not ours.
+    A part that is not a dgxvm record is left out."""
     if not text:
-        return None
-    words = text.split()
-    if not words or words[0] != PREFIX:
-        return None
-    out = {}
-    for word in words[1:]:
-        key, eq, value = word.partition("=")
-        if eq:
-            out[key] = unquote(value)
+        return []
+    out = []
+    for part in text.split(SEP):
+        words = part.split()
+        if not words or words[0] != PREFIX:
+            continue
+        rec = {}
+        for word in words[1:]:
+            key, eq, value = word.partition("=")
+            if eq:
+                rec[key] = unquote(value)
+        out.append(rec)
     return out
+
+
+def merge(text: str | None, node: str, fields: dict) -> str:
+    """``text`` (an AdminComment) with ``node``'s record replaced by ``fields`` (``node`` set),
+    every other node's kept, ordered by node name; a record without a node (one a single-node
+    job's Prolog wrote) is kept first."""
+    mine = encode({**fields, "node": node})
+    others = [r for r in decode_all(text) if r.get("node") != node]
+    records = [encode(r) for r in others] + [mine]
+    return f" {SEP} ".join(sorted(records, key=lambda r: (decode(r) or {}).get("node", "")))
+
+
+def record_of(text: str | None, node: str) -> dict | None:
+    for rec in decode_all(text):
+        if rec.get("node") == node:
+            return rec
+    return None
+
+
+#: after writing, the record is read back after each of these (seconds, x0.5-1.5 at random);
+#: it must be there every time. Longer than a read-modify-write of another node takes, so one
+#: that read before our write and wrote after it is seen, and our record written again.
+CONFIRM_AFTER_S = (0.25, 1.0)
+CONVERGE_TRIES = 8
+
+
+def converge(read: Callable[[], str | None], write: Callable[[str], None], node: str,
+             fields: dict, *, sleep: Callable[[float], None] = time.sleep,
+             confirm_after: tuple[float, ...] = CONFIRM_AFTER_S,
+             tries: int = CONVERGE_TRIES) -> int:
+    """Write ``node``'s record into the AdminComment that ``read`` returns, keeping every other
+    node's, until it has been read back unchanged after each of ``confirm_after``. Returns the
+    number of writes. Raises SlurmCommandError (from ``read`` or ``write``), or a
+    SlurmCommandError when other writers kept overwriting it for ``tries`` reads."""
+    from ..errors import SlurmCommandError
+    want = decode(encode({**fields, "node": node}))
+    writes = confirmed = 0
+    for _ in range(tries):
+        current = read()
+        if record_of(current, node) == want:
+            confirmed += 1
+            if confirmed > len(confirm_after):
+                return writes
+        else:
+            confirmed = 1
+            write(merge(current, node, fields))
+            writes += 1
+        sleep(confirm_after[confirmed - 1] * random.uniform(0.5, 1.5))
+    raise SlurmCommandError(command="AdminComment", reason=f"node {node}'s record was "
+                            f"overwritten {tries} times by other nodes' writes")
 
 
 def format_stages(stages: dict[str, float], op: str) -> str | None:

@@ -41,6 +41,16 @@ class Slurm:
         """While the job lives (the Prolog)."""
         self.run("scontrol", "update", f"job={job_id}", f"AdminComment={text}")
 
+    def admin_comment(self, job_id: int) -> str | None:
+        """The job's AdminComment while it lives (``scontrol -o show job``), None when unset."""
+        return admin_comment_of(self.run("scontrol", "-o", "show", "job", str(job_id)))
+
+    def admin_comment_after_end(self, job_id: int) -> str | None:
+        """The job's AdminComment in the accounting database (after the job ended)."""
+        out = self.run("sacct", "-j", str(job_id), "-X", "-n", "-P", "-o", "AdminComment")
+        text = out.splitlines()[0].strip() if out.strip() else ""
+        return text or None
+
     def set_admin_comment_after_end(self, job_id: int, text: str) -> None:
         """After the job ended (the Epilog): only the accounting database can be changed."""
         self.run("sacctmgr", "-i", "modify", "job", "where", f"jobid={job_id}", "set",
@@ -108,3 +118,23 @@ class Slurm:
                 continue
             out.append(dict(zip(self.SACCT_FIELDS, values)))
         return out
+
+
+_SCONTROL_KEY = re.compile(r"[A-Z][A-Za-z0-9/:_]*=")
+
+
+def admin_comment_of(show: str) -> str | None:
+    """The AdminComment in ``scontrol -o show job`` output (one line of ``Key=value`` words).
+    Its value has spaces; it ends at the next word that is a Key= of scontrol's (a capital
+    first: a dgxvm record's words never have one, accounting escapes capitals)."""
+    words = show.split()
+    for i, word in enumerate(words):
+        if word.startswith("AdminComment="):
+            value = [word[len("AdminComment="):]]
+            for w in words[i + 1:]:
+                if _SCONTROL_KEY.match(w):
+                    break
+                value.append(w)
+            text = " ".join(value).strip()
+            return None if text in ("", "(null)") else text
+    return None

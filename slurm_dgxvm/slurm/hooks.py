@@ -43,10 +43,10 @@ from ..errors import BadName, DgxvmError, DomainNotFound, NoFit, SlurmCommandErr
 from ..fsutil import atomic_write
 from ..ranges import format_index_list
 from ..observe.stages import StageTimer
-from .accounting import encode, failure_fields, vm_fields
+from .accounting import converge, encode, failure_fields, vm_fields
 from .commands import Slurm
 from . import jobinput
-from .job import SlurmJob, create_request, domain_for, is_job_fault, sourced
+from .job import SlurmJob, create_request, domain_for, is_job_fault, job_nodes, sourced
 
 Emit = Callable[[str], None]
 
@@ -88,6 +88,20 @@ def _account(emit: Emit, where: str, write: Callable[[], None]) -> bool:
     except SlurmCommandError as exc:
         emit(f"{where}: accounting not written (the job is not affected): {exc}")
         return False
+
+
+def _record_writer(slurm: Slurm, environ: Mapping[str, str], job_id: int, *,
+                   after_end: bool = False) -> Callable[[dict], None]:
+    """How this node writes its record into the job's AdminComment: the whole value for a job
+    on one node (as ever); for a job on several nodes, this node's record merged into the
+    others' and read back until it stays (accounting.converge), ``node=`` naming it."""
+    set_ = slurm.set_admin_comment_after_end if after_end else slurm.set_admin_comment
+    node = environ.get("SLURMD_NODENAME") or ""
+    if node and len(job_nodes(environ.get("SLURM_JOB_NODELIST"))) > 1:
+        read = ((lambda: slurm.admin_comment_after_end(job_id)) if after_end
+                else (lambda: slurm.admin_comment(job_id)))
+        return lambda fields: converge(read, lambda text: set_(job_id, text), node, fields)
+    return lambda fields: set_(job_id, encode(fields))
 
 
 def _describe(environ: Mapping[str, str], job_id: int) -> str:
@@ -133,7 +147,8 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         # its own values writes nothing on the node (its AdminComment says why)
         if not is_job_fault(exc) and (not in_lifecycle or isinstance(exc, DomainNotFound)):
             opstats.count_failure(env.cfg.host.state_dir, "prolog", exc)
-        return _prolog_failed(env, job_id, job, stage.now, exc, slurm, emit, timer.seconds())
+        return _prolog_failed(env, job_id, job, stage.now, exc, slurm, emit, timer.seconds(),
+                              environ)
     p = rec.placement
     how = "Slurm's block" if not p.remapped else \
         f"remapped from Slurm's {format_index_list(job.gpus)}"
@@ -147,14 +162,14 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
          + (f"; image cache NOT shared: {rec.extra['image_cache_refused']}"
             if rec.extra.get("image_cache_refused") else ""))
     if env.cfg.slurm.accounting:
-        _account(emit, where, lambda: slurm.set_admin_comment(
-            job.job_id, encode(vm_fields(rec, state="running"))))
+        write = _record_writer(slurm, environ, job.job_id)
+        _account(emit, where, lambda: write(vm_fields(rec, state="running")))
     return EXIT_OK
 
 
 def _prolog_failed(env: lifecycle.Env, job_id: int | None, job: SlurmJob | None, stage: str,
                    exc: BaseException, slurm: Slurm, emit: Emit,
-                   create_stages: dict[str, float]) -> int:
+                   create_stages: dict[str, float], environ: Mapping[str, str]) -> int:
     if job_id is None or (job is None and not is_job_fault(exc)):
         emit(f"dgxvm prolog: job {job_id if job_id is not None else '?'}: failed at {stage}: "
              f"{exc}; exit 1 drains the node")
@@ -174,7 +189,8 @@ def _prolog_failed(env: lifecycle.Env, job_id: int | None, job: SlurmJob | None,
         fields = failure_fields(domain=name, state=state, stage=stage, cause=cause,
                                 slurm_gpus=gpus, create_stages=create_stages)
         if env.cfg.slurm.accounting:
-            _account(emit, where, lambda: slurm.set_admin_comment(job_id, encode(fields)))
+            write = _record_writer(slurm, environ, job_id)
+            _account(emit, where, lambda: write(fields))
         try:
             act(job_id)
         except SlurmCommandError as err:
@@ -192,7 +208,8 @@ def _prolog_failed(env: lifecycle.Env, job_id: int | None, job: SlurmJob | None,
     if env.cfg.slurm.accounting:
         fields = failure_fields(domain=name, state="failed", stage=stage, cause=cause,
                                 slurm_gpus=gpus, create_stages=create_stages)
-        _account(emit, where, lambda: slurm.set_admin_comment(job_id, encode(fields)))
+        write = _record_writer(slurm, environ, job_id)
+        _account(emit, where, lambda: write(fields))
     return EXIT_DRAIN
 
 
@@ -272,6 +289,7 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
     if env.cfg.slurm.accounting:
         # the log is the user's file: only images their cache holds are recorded
         ran = ranlog.in_cache(ran, rec.image_cache, rec.uid, rec.gid, rec.groups)
-        _account(emit, where, lambda: slurm.set_admin_comment_after_end(
-            job_id, encode(vm_fields(rec, state="ended") | {"containers": ranlog.field(ran)})))
+        write = _record_writer(slurm, environ, job_id, after_end=True)
+        _account(emit, where, lambda: write(
+            vm_fields(rec, state="ended") | {"containers": ranlog.field(ran)}))
     return EXIT_OK

@@ -4,7 +4,7 @@ VM request made from it with the partition's defaults and the job comment's choi
 Only the environment slurmd gives the hooks is read (no Slurm command on the way to a VM):
 SLURM_JOB_ID, SLURM_JOB_UID, SLURM_JOB_GID, SLURM_JOB_USER, SLURM_JOB_GPUS (Slurm's GPU
 indices, e.g. ``0,1,2,3``), SLURM_JOB_WORK_DIR, SLURM_JOB_PARTITION, SLURM_JOB_COMMENT (only when
-the job set one), SLURMD_NODENAME.
+the job set one), SLURMD_NODENAME, SLURM_JOB_NODELIST (a multi-node job's fabric, :mod:`slurm_dgxvm.jobnet`).
 
 The job comment (``sbatch --comment``) is free text; dgxvm reads the words that start with
 ``dgxvm:`` and ignores the rest::
@@ -56,6 +56,7 @@ class SlurmJob:
     comment: str | None
     node: str | None
     home: str | None = None           # from the host's passwd (on_this_host)
+    nodelist: str | None = None       # SLURM_JOB_NODELIST: every node of the job (a hostlist)
     groups: tuple[int, ...] = ()      # the user's supplementary gids (on_this_host)
 
     @classmethod
@@ -76,7 +77,8 @@ class SlurmJob:
                    work_dir=jobinput.work_dir(e.get("SLURM_JOB_WORK_DIR")),
                    partition=jobinput.partition(e.get("SLURM_JOB_PARTITION")),
                    comment=jobinput.comment(e.get("SLURM_JOB_COMMENT")),
-                   node=e.get("SLURMD_NODENAME") or None)
+                   node=e.get("SLURMD_NODENAME") or None,
+                   nodelist=jobinput.nodelist(e.get("SLURM_JOB_NODELIST")))
 
     def on_this_host(self) -> SlurmJob:
         """This job with its user's home and groups from the host's accounts, after checking
@@ -160,6 +162,7 @@ def create_request(cfg: Config, job: SlurmJob, images, home: str | None = None) 
                      else "the default image")
             raise ImageError(f"{where}: {exc}", name=part.image or None,
                              reason=exc.reason) from None
+    fabric = job_fabric(cfg, job)
     # here, not at the top: lifecycle.create loads libvirt
     from ..lifecycle import CreateRequest
     n = len(job.gpus)
@@ -173,7 +176,31 @@ def create_request(cfg: Config, job: SlurmJob, images, home: str | None = None) 
         data_disk_gib=data_disk, image=image.name, owner="job", job_id=job.job_id,
         user=job.user, uid=job.uid, gid=job.gid, groups=job.groups,
         home=home if home is not None else job.home, workdir=job.work_dir,
-        alignment=part.alignment or None)
+        alignment=part.alignment or None, fabric=fabric)
+
+
+def job_fabric(cfg: Config, job: SlurmJob):
+    """This node's part of the job's fabric (jobnet.JobFabric), or None: ``[jobnet]`` is off, or
+    the job runs on one node. Raises JobInputError for a node list or node name that the
+    fabric's config does not know (the job's values), ConfigError when this node has no
+    underlay address."""
+    if not cfg.jobnet.enabled or not job.nodelist:
+        return None
+    from ..jobnet.plan import plan
+    if job.node is None:
+        raise JobRefused(reason="SLURMD_NODENAME is not set: a multi-node job's VM cannot "
+                                "tell which of its nodes this is")
+    return plan(cfg.jobnet, job.job_id, job.nodelist, job.node)
+
+
+def job_nodes(nodelist: str | None) -> tuple[str, ...]:
+    """The names of SLURM_JOB_NODELIST (a hostlist), () when it is unset or does not parse
+    (the fabric refuses such a job; its accounting is then written as a one-node job's)."""
+    from ..jobnet.hostlist import expand
+    try:
+        return expand(nodelist) if nodelist else ()
+    except ValueError:
+        return ()
 
 
 def partition_table(cfg: Config, partition: str | None) -> str | None:

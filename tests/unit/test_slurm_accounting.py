@@ -7,9 +7,11 @@ import json
 import pytest
 from hypothesis import given, strategies as st
 
-from slurm_dgxvm.slurm.accounting import (PREFIX, decode, encode, failure_fields, format_stages,
+from slurm_dgxvm.errors import SlurmCommandError
+from slurm_dgxvm.slurm.accounting import (CONFIRM_AFTER_S, PREFIX, converge, decode, decode_all,
+                                          encode, failure_fields, format_stages, merge,
                                           parse_stages)
-from slurm_dgxvm.slurm.report import render, summarize
+from slurm_dgxvm.slurm.report import render, summarize, summarize_nodes
 
 MANGLED_BY_SACCTMGR = "\"'"
 
@@ -173,8 +175,8 @@ def test_report_gives_each_stage_its_median_and_p95_over_the_jobs_with_a_vm():
                                           "median_s": None, "p95_s": None}
     assert got[("create", "warp")]["jobs"] == 1
     order = [k for k in got]
-    assert order[:8] == [("create", s) for s in ("preflight", "placement", "seed", "disks",
-                                                 "define", "fm", "start", "ready")]
+    assert order[:9] == [("create", s) for s in ("preflight", "placement", "seed", "disks",
+                                                 "define", "fm", "jobnet", "start", "ready")]
     assert order[-1] == ("create", "warp")
 
 
@@ -206,8 +208,97 @@ def test_report_json_has_users_and_stages(tmp_path, monkeypatch, capsys):
     cfg.write_text(f'[slurm]\nbin_dir = "{bindir}"\n')
     assert main(["--config", str(cfg), "report", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"since", "users", "stages"}
+    assert set(doc) == {"since", "users", "stages", "nodes"}
     assert all(set(s) == {"op", "stage", "jobs", "median_s", "p95_s"} for s in doc["stages"])
+    # one-node jobs' records name no node: they count under "-"
+    assert [n["node"] for n in doc["nodes"]] == ["-"]
     ready = next(s for s in doc["stages"] if (s["op"], s["stage"]) == ("create", "ready"))
     assert (ready["median_s"], ready["p95_s"]) == (10.5, 19.0)
     assert {u["user"] for u in doc["users"]} == {"alice", "bob", "carol"}
+
+
+# -- a job on several nodes: one record per node ------------------------------------------------
+def test_each_node_replaces_only_its_own_record():
+    text = merge(None, "dgxb", {"state": "running", "gpus": "0-3"})
+    text = merge(text, "dgxa", {"state": "running", "gpus": "4-7"})
+    text = merge(text, "dgxb", {"state": "ended", "gpus": "0-3", "held_s": 60})
+    assert [(r["node"], r["state"]) for r in decode_all(text)] == [("dgxa", "running"),
+                                                                  ("dgxb", "ended")]
+    assert decode(text)["node"] == "dgxa"              # the first one, for older readers
+    # what sacctmgr does to the value after the job ends changes nothing
+    assert decode_all(text.replace('"', "`").lower()) == decode_all(text)
+    # a one-node job's record (no node) and a part that is not ours are kept apart
+    old = encode({"state": "running", "domain": "job-9"})
+    assert [r.get("node") for r in decode_all(merge(old + " ; junk", "dgxa", {}))] == [None, "dgxa"]
+    assert decode_all("not ours") == [] and decode_all(None) == []
+
+
+def test_a_value_with_the_separator_stays_inside_its_record():
+    text = merge(None, "dgxa", {"cause": "a ; dgxvm/1 node=dgxb state=forged"})
+    [rec] = decode_all(text)
+    assert rec["cause"] == "a ; dgxvm/1 node=dgxb state=forged"
+
+
+class Comment:
+    """A job's AdminComment as slurmctld holds it: reads and whole-value writes, with another
+    node's Prolog writing in between on the schedule the test gives."""
+
+    def __init__(self, interleave=()):
+        self.value = None
+        self.writes = 0
+        self.interleave = list(interleave)   # callables run before the n-th read
+
+    def read(self):
+        if self.interleave:
+            self.interleave.pop(0)()
+        return self.value
+
+    def write(self, text):
+        self.writes += 1
+        self.value = text
+
+
+def test_two_prologs_writing_at_once_both_stay():
+    """dgxb read the empty value before dgxa wrote and writes after dgxa's first check: dgxa's
+    later check sees its record gone and writes it again, keeping dgxb's."""
+    c = Comment()
+    stale = {}
+    c.interleave = [lambda: None,                                   # dgxa's first read
+                    lambda: stale.setdefault("b", c.value),         # dgxb reads (after dgxa wrote)
+                    lambda: c.write(merge(None, "dgxb", {"state": "running"}))]  # dgxb, stale
+    writes = converge(c.read, c.write, "dgxa", {"state": "running"}, sleep=lambda s: None)
+    assert writes == 2
+    assert sorted(r["node"] for r in decode_all(c.value)) == ["dgxa", "dgxb"]
+
+
+def test_converge_waits_between_its_checks_and_gives_up_on_a_value_it_cannot_keep():
+    c = Comment()
+    slept = []
+    assert converge(c.read, c.write, "dgxa", {"state": "ended"}, sleep=slept.append) == 1
+    assert len(slept) == len(CONFIRM_AFTER_S)
+    for s, base in zip(slept, CONFIRM_AFTER_S):
+        assert base * 0.5 <= s <= base * 1.5
+    # another writer that always wins: an error naming the node, never a loop without end
+    loser = Comment()
+    loser.read = lambda: encode({"node": "dgxb", "state": "running"})
+    with pytest.raises(SlurmCommandError, match="node dgxa's record was overwritten"):
+        converge(loser.read, loser.write, "dgxa", {"state": "ended"}, sleep=lambda s: None,
+                 tries=4)
+    assert loser.writes == 4
+
+
+def test_report_counts_each_nodes_vm():
+    two = merge(merge(None, "dgxa", {"state": "ended", "gpus": "0-7", "held_s": 3600,
+                                     "boot_s": 10}),
+                "dgxb", {"state": "ended", "gpus": "0-7", "held_s": 3600, "boot_s": 12})
+    half = merge(merge(None, "dgxa", {"state": "ended", "gpus": "0", "held_s": 360}),
+                 "dgxb", {"state": "failed", "cause": "x"})
+    rows = [{"User": "alice", "Account": "a", "AdminComment": two, "ElapsedRaw": "3600"},
+            {"User": "alice", "Account": "a", "AdminComment": half, "ElapsedRaw": "360"}]
+    [s] = summarize(rows)
+    assert (s.jobs, s.vms, s.failures, round(s.gpu_hours, 3)) == (2, 3, 1, 16.1)
+    nodes = {n.node: n.to_json() for n in summarize_nodes(rows)}
+    assert nodes == {"dgxa": {"node": "dgxa", "vms": 2, "gpu_hours": 8.1, "failures": 0},
+                     "dgxb": {"node": "dgxb", "vms": 1, "gpu_hours": 8.0, "failures": 1}}
+    text = render(summarize(rows), "now-1days", (), summarize_nodes(rows))
+    assert "per node" in text and "dgxb" in text

@@ -90,3 +90,16 @@ def test_the_node_is_named_as_slurm_names_it():
     assert node_name({"SLURMD_NODENAME": "dgx07"}, "given") == "given"
     assert node_name({"SLURMD_NODENAME": "dgx07"}) == "dgx07"
     assert node_name({}) == socket.gethostname().split(".")[0]
+
+
+def test_the_admin_comment_is_read_from_scontrol_up_to_its_next_key():
+    """A dgxvm record has spaces and '=' in it, but never a capital letter (escaped): it ends
+    at scontrol's next Key=."""
+    from slurm_dgxvm.slurm.commands import admin_comment_of
+    rec = "dgxvm/1 node=dgxa state=running gpus=0 ; dgxvm/1 node=dgxb state=running cause=a%20B"
+    line = (f"JobId=21 JobName=wrap UserId=alice(1001) Priority=1 AdminComment={rec} "
+            "SystemComment=x Comment=dgxvm:image=t NumNodes=2")
+    assert admin_comment_of(line) == rec
+    assert admin_comment_of(f"JobId=21 AdminComment={rec}") == rec
+    assert admin_comment_of("JobId=21 JobName=wrap NumNodes=2") is None
+    assert admin_comment_of("JobId=21 AdminComment=(null) NumNodes=2") is None

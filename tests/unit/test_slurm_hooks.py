@@ -266,3 +266,66 @@ def test_the_cli_exit_status_is_the_hooks(tmp_path, trees, image_store, monkeypa
     monkeypatch.setenv("SLURM_JOB_GPUS", "")
     assert main(["--config", str(cfg), "prolog"]) == 0
     assert w.env.ledger.read().allocations == {}
+
+
+# -- a job on several nodes -------------------------------------------------------------------------
+STATEFUL_SCONTROL = """#!/bin/sh
+printf '%s\\n' "scontrol $*" >> {log}
+case "$1" in
+    update) printf '%s' "${{3#AdminComment=}}" > {state} ;;
+    -o) printf 'JobId=42 JobName=x AdminComment=%s NumNodes=2\\n' "$(cat {state} 2>/dev/null)" ;;
+    *) ;;
+esac
+"""
+
+
+def multi_node_world(tmp_path, trees, image_store, monkeypatch) -> World:
+    """A World whose scontrol keeps the job's AdminComment, with the job fabric on (dgxa and
+    dgxb), and accounting's read-back pauses made short."""
+    from slurm_dgxvm.slurm import accounting
+    w = World(tmp_path, trees, image_store)
+    state = tmp_path / "admin-comment"
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(STATEFUL_SCONTROL.format(log=w.calls_log, state=state))
+    w.env = Env(config_mod.from_dict({
+        "host": {"sysfs_root": str(trees["dgx2"]), "state_dir": str(tmp_path / "state")},
+        "libvirt": {"uri": "test:///default"}, "images": {"store": str(image_store)},
+        "slurm": {"bin_dir": str(tmp_path / "bin")},
+        "jobnet": {"enabled": True, "nodes": {"dgxa": "192.168.213.11",
+                                              "dgxb": "192.168.213.12"}}}))
+    w.state = state
+    monkeypatch.setattr(accounting, "CONFIRM_AFTER_S", (0.01, 0.01))
+    return w
+
+
+def test_a_node_list_the_fabric_does_not_know_refuses_the_job_not_the_node(
+        tmp_path, trees, image_store, monkeypatch):
+    w = multi_node_world(tmp_path, trees, image_store, monkeypatch)
+    assert w.prolog(SLURMD_NODENAME="dgxa", SLURM_JOB_NODELIST="dgxa,dgxz",
+                    SLURM_JOB_COMMENT="") == 0
+    [line] = w.lines
+    assert "refused at reading the request" in line and "'dgxz'" in line
+    assert line.endswith("job cancelled, node stays in service")
+    assert "scancel 42" in w.calls()
+    assert w.env.ledger.read().allocations == {}
+
+
+def test_each_nodes_prolog_keeps_the_other_nodes_record(tmp_path, trees, image_store,
+                                                        monkeypatch):
+    """Two nodes' Prologs refuse the same job (its comment); the AdminComment ends with both
+    records, each naming its node, read back after writing."""
+    from slurm_dgxvm.slurm.accounting import decode_all
+    w = multi_node_world(tmp_path, trees, image_store, monkeypatch)
+    for node in ("dgxb", "dgxa"):
+        assert w.prolog(SLURMD_NODENAME=node, SLURM_JOB_NODELIST="dgxa,dgxb",
+                        SLURM_JOB_COMMENT="dgxvm:imag=x") == 0
+    records = decode_all(w.state.read_text())
+    assert [(r["node"], r["state"]) for r in records] == [("dgxa", "refused"),
+                                                          ("dgxb", "refused")]
+    assert sum(1 for c in w.calls() if c.startswith("scontrol -o show job 42")) >= 6
+    # a job on one node writes once and names no node, as before
+    w.state.unlink()
+    assert w.prolog(SLURMD_NODENAME="dgxa", SLURM_JOB_NODELIST="dgxa",
+                    SLURM_JOB_COMMENT="dgxvm:imag=x") == 0
+    [rec] = decode_all(w.state.read_text())
+    assert "node" not in rec and rec["state"] == "refused"
