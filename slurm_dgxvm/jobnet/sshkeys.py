@@ -96,10 +96,11 @@ def host_key(secret: bytes, job_id: int, index: int) -> KeyPair:
 
 
 def known_hosts(secret: bytes, job_id: int, hosts: tuple[tuple[str, str], ...]) -> str:
-    """known_hosts lines for every node of the job: ``name,address key`` (``hosts``: (node
-    name, fabric address) in node order, as JobFabric.hosts)."""
+    """known_hosts lines for every node of the job, one for its name and one for its fabric
+    address (``hosts``: (node name, fabric address) in node order, as JobFabric.hosts). Not
+    ``name,address`` on one line: dropbear's client reads one host per line."""
     lines = []
     for index, (name, address) in enumerate(hosts):
         pub = host_key(secret, job_id, index).public.rsplit(" ", 1)[0]
-        lines.append(f"{name},{address} {pub}\n")
+        lines += [f"{name} {pub}\n", f"{address} {pub}\n"]
     return "".join(lines)
