@@ -236,6 +236,14 @@ class Machine:
         dev, fn = rest.split(".")
         return f"b8ce:f603:0000:{bus}{int(dev, 16) << 3 | int(fn, 16):02x}"
 
+    @staticmethod
+    def netdev(pf: PciDevice) -> str:
+        """The IPoIB interface's predictable name, ``ibp<bus>s<slot>`` in decimal: ibp12s0 for
+        0000:0c:00.0 [REAL: DGX A100 scripts, H100UG table 5 (notes §2.4, §3.4)]."""
+        bus, rest = pf.bdf.split(":")[1:]
+        dev, fn = rest.split(".")
+        return f"ibp{int(bus, 16)}s{int(dev, 16)}" + (f"f{int(fn)}" if fn != "0" else "")
+
     @property
     def compute_nics(self) -> tuple[PciDevice, ...]:
         return tuple(d for d in self.of_kind("nic") if d.role == "compute")

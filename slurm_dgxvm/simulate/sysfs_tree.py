@@ -301,6 +301,7 @@ def _write_sriov(w: _Writer, m: Machine, by_bdf: dict[str, tuple[PciDevice, str]
         w.file(f"{d}/{_attr(S.PCI_SRIOV_VF_DEVICE)}", f"{iov.vf_device:x}")
         if pf.label:
             w.file(f"{d}/{_attr(S.PCI_IB_NODE_GUID).format(ibdev=pf.label)}", m.node_guid(pf))
+            w.mkdir(f"{d}/{_attr(S.PCI_NET)}/{m.netdev(pf)}")
         for i, vf in enumerate(vfs):
             vf_dir = by_bdf[vf.bdf][1]
             w.link(f"{d}/{S.PCI_VIRTFN.format(index=i)}", vf_dir)

@@ -11,7 +11,7 @@ from .model import (NO_NVSWITCH, Core, Gpu, GpuBlock, HugePagePool, Host, Missin
                     NvSwitch, VirtualFunction)
 from .nvml import NvmlFacts
 from .sysfs import (CPU_ONLINE, CPU_TOPOLOGY, DMI_PRODUCT_NAME, NODE_CPULIST, PCI_DEVICE,
-                    PCI_IB_NODE_GUID, PCI_INFINIBAND, PCI_PHYSFN, PCI_SRIOV_NUMVFS,
+                    PCI_IB_NODE_GUID, PCI_INFINIBAND, PCI_NET, PCI_PHYSFN, PCI_SRIOV_NUMVFS,
                     PCI_SRIOV_TOTALVFS, PCI_VIRTFN, SysfsRoot)
 
 NVIDIA = "0x10de"
@@ -294,7 +294,8 @@ def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
 
 def _sriov(sysfs: SysfsRoot, devs: list[_Pci], by_bdf: dict[str, _Pci]) -> dict[str, dict]:
     """Per NIC address: its SR-IOV capability and enabled VFs (``sriov_totalvfs``, the
-    ``virtfnN`` links), its RDMA device and node GUID; only NICs that have any of them."""
+    ``virtfnN`` links), its RDMA device, node GUID and network interface; only NICs that have
+    any of them."""
     out: dict[str, dict] = {}
     for d in devs:
         info: dict = {}
@@ -315,6 +316,9 @@ def _sriov(sysfs: SysfsRoot, devs: list[_Pci], by_bdf: dict[str, _Pci]) -> dict[
                 guid = sysfs.read(PCI_IB_NODE_GUID, bdf=d.bdf, ibdev=ibdev)
                 info["rdma_device"] = ibdev
                 info["node_guid"] = "0x" + guid.replace(":", "").lower()
+        if sysfs.exists(PCI_NET, bdf=d.bdf):
+            for name in sysfs.listdir(PCI_NET, bdf=d.bdf)[:1]:
+                info["netdev"] = name
         if info:
             out[d.bdf] = info
     return out

@@ -109,6 +109,7 @@ class Nic:
     vfs: tuple[VirtualFunction, ...] = ()   # enabled, by index
     rdma_device: str | None = None   # mlx5_0
     node_guid: str | None = None     # 0xb8cef60300a1b2c4
+    netdev: str | None = None        # its network interface (ibp12s0): `ip link set DEV vf N`
 
 
 @dataclass(frozen=True)

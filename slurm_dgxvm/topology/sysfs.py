@@ -56,6 +56,7 @@ PCI_PHYSFN = "physfn"                            # link attribute of a VF
 # An InfiniBand HCA function's RDMA device (``mlx5_0``) and its node GUID, as four groups of four
 # hex digits (``b8ce:f603:00a1:b2c4``; drivers/infiniband/core/sysfs.c).
 PCI_INFINIBAND = PCI_DEVICE + "/infiniband"
+PCI_NET = PCI_DEVICE + "/net"                    # the function's network interface(s): ibp12s0
 PCI_IB_NODE_GUID = PCI_INFINIBAND + "/{ibdev}/node_guid"
 # Written by `dgxvm simulate` beside sys/, never present on a real host: says which machine the
 # tree imitates, so every output can declare that it is simulated.
