@@ -261,7 +261,8 @@ def _write_pci(w: _Writer, m: Machine, missing: set[str], unknown: set[str], ib_
     w.mkdir(S.PCI_DEVICES)
     w.mkdir(S.IOMMU_GROUPS)
     placed.sort(key=lambda item: item[0].bdf)
-    functions = Counter(dev.bdf[:-2] for dev, _ in placed)       # "0000:61:00" -> how many functions
+    # "0000:61:00" -> how many functions; VFs do not make their PF's header multi-function
+    functions = Counter(dev.bdf[:-2] for dev, _ in placed if dev.kind != "vf")
     for group, (dev, d) in enumerate(placed):          # one group per device, in bus order
         w.file(f"{d}/vendor", f"0x{dev.vendor:04x}")
         w.file(f"{d}/device", f"0x{dev.device:04x}")

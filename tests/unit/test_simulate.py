@@ -353,6 +353,8 @@ def test_compute_hcas_enable_eight_vfs_numbered_from_the_pf_routing_id(key, tmp_
         want = [f"0000:{nic:02x}:00.{f}" for f in range(1, 8)] + [f"0000:{nic:02x}:01.0"]
         assert [root.pci_link_name(pf, f"virtfn{i}") for i in range(8)] == want
         numa = root.pci_attr(pf, "numa_node")
+        # VFs do not make the PF a multi-function device (header type bit 7 stays 0)
+        assert root.read_bytes(f"sys/bus/pci/devices/{pf}/config", 64)[0x0e] == 0
         for vf in want:
             assert root.pci_link_name(vf, "physfn") == pf
             assert root.pci_attr(vf, "device") == "0x" + VF_DEVICE[key]
