@@ -23,6 +23,8 @@ ENV_SYSFS_ROOT = "DGXVM_SYSFS_ROOT"
 ENV_STATE_DIR = "DGXVM_STATE_DIR"
 
 ALIGNMENT_POLICIES = ("strict", "prefer")
+IB_MODES = ("none", "vf", "port")          # partitions.NAME.ib
+IB_BACKENDS = ("none", "ufm", "opensm")    # ib.backend
 HUGEPAGE_SIZES = {"1G": 1048576, "2M": 2048, "none": None}
 
 
@@ -91,6 +93,19 @@ class ContainersConfig:
 class FabricConfig:
     fmpm: str = "fmpm"                        # Fabric Manager partition tool (shared-nvswitch)
     timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class IbConfig:
+    backend: str = "none"                     # none | ufm | opensm: who keeps partition keys
+    url: str = ""                             # ufm: https://ufm.example.org
+    credentials_file: str = "/etc/dgxvm/ufm-credentials"  # ufm: "USER:PASSWORD", root's 0600
+    timeout_s: float = 10.0
+    pkey_min: int = 4096                      # a job's key: pkey_min + job id mod the range
+    pkey_max: int = 32766
+    opensm_partitions: str = "/etc/opensm/partitions.conf"
+    opensm_base: str = ""                     # the site's own partitions, copied to the top
+    opensm_pid_file: str = "/var/run/opensm.pid"
 
 
 @dataclass(frozen=True)
@@ -164,6 +179,7 @@ class PartitionConfig:
     memory_mib_per_gpu: int = 0
     disk_gib_per_gpu: int = 0                 # 0 = [placement] disk_gib_per_gpu
     data_disk_gib: int = -1                   # -1 = [vm] data_disk_gib
+    ib: str = "none"                          # none | vf | port: InfiniBand beside the GPUs
 
 
 @dataclass(frozen=True)
@@ -176,6 +192,7 @@ class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     containers: ContainersConfig = field(default_factory=ContainersConfig)
     fabric: FabricConfig = field(default_factory=FabricConfig)
+    ib: IbConfig = field(default_factory=IbConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     jobnet: JobnetConfig = field(default_factory=JobnetConfig)
@@ -209,8 +226,8 @@ class Config:
 
 _SECTIONS = {"host": HostConfig, "placement": PlacementConfig, "ledger": LedgerConfig,
              "libvirt": LibvirtConfig, "images": ImagesConfig, "vm": VmConfig,
-             "containers": ContainersConfig, "fabric": FabricConfig, "health": HealthConfig,
-             "slurm": SlurmConfig, "jobnet": JobnetConfig}
+             "containers": ContainersConfig, "fabric": FabricConfig, "ib": IbConfig,
+             "health": HealthConfig, "slurm": SlurmConfig, "jobnet": JobnetConfig}
 
 DOMAIN_TYPES = ("kvm", "qemu")
 FIT_MODES = ("auto", "always", "never")
@@ -456,6 +473,7 @@ def _validate(cfg: Config, path: str) -> None:
                                                 f"not {getattr(c, key)}")
     if cfg.fabric.timeout_s <= 0:
         raise ConfigError(path=path, reason=f"fabric.timeout_s must be > 0, not {cfg.fabric.timeout_s}")
+    _validate_ib(cfg.ib, path)
     if cfg.health.min_block_gpus < 0:
         raise ConfigError(path=path, reason=f"health.min_block_gpus must be >= 0, "
                                             f"not {cfg.health.min_block_gpus}")
@@ -480,6 +498,9 @@ def _validate(cfg: Config, path: str) -> None:
             if getattr(part, key) < 0:
                 raise ConfigError(path=path, reason=f"{where}.{key} must be >= 0, "
                                                     f"not {getattr(part, key)}")
+        if part.ib not in IB_MODES:
+            raise ConfigError(path=path, reason=f"{where}.ib {part.ib!r} is not one of "
+                                                f"{', '.join(IB_MODES)}")
         if part.data_disk_gib < -1:
             raise ConfigError(path=path, reason=f"{where}.data_disk_gib must be >= 0 (or -1 for "
                                                 f"[vm] data_disk_gib), not {part.data_disk_gib}")
@@ -492,3 +513,22 @@ def _validate(cfg: Config, path: str) -> None:
     if cfg.ledger.lock_timeout_s <= 0:
         raise ConfigError(path=path, reason=f"ledger.lock_timeout_s must be > 0, "
                                             f"not {cfg.ledger.lock_timeout_s}")
+
+
+def _validate_ib(ib: IbConfig, path: str) -> None:
+    if ib.backend not in IB_BACKENDS:
+        raise ConfigError(path=path, reason=f"ib.backend {ib.backend!r} is not one of "
+                                            f"{', '.join(IB_BACKENDS)}")
+    if ib.timeout_s <= 0:
+        raise ConfigError(path=path, reason=f"ib.timeout_s must be > 0, not {ib.timeout_s}")
+    if not 1 <= ib.pkey_min <= ib.pkey_max <= 0x7ffe:
+        raise ConfigError(path=path, reason=f"ib.pkey_min {ib.pkey_min} and ib.pkey_max "
+                                            f"{ib.pkey_max} must satisfy 1 <= min <= max <= "
+                                            f"32766 (0x7ffe; 0x7fff is the default partition)")
+    if ib.backend == "ufm" and not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+(:\d+)?/?", ib.url):
+        raise ConfigError(path=path, reason=f"ib.url {ib.url!r} must be the UFM server's "
+                                            f"http(s)://HOST[:PORT], without a path")
+    for key in ("credentials_file", "opensm_partitions", "opensm_pid_file", "opensm_base"):
+        value = getattr(ib, key)
+        if value and not value.startswith("/"):
+            raise ConfigError(path=path, reason=f"ib.{key} {value!r} must be an absolute path")

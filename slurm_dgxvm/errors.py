@@ -8,7 +8,8 @@ Exit codes (stable, scripts may rely on them; docs/reference/exit-codes.md is ge
     1  internal / unexpected (a bug), or a Slurm hook stopped by a signal (Interrupted)
     2  bad input (usage, malformed values, unknown config keys, a job's refused value)
     3  the host cannot be read or cannot do what was asked: sysfs, catalog, a host tool
-       (ssh-keygen, xorriso, qemu-img create, fmpm, nft, Slurm's commands)
+       (ssh-keygen, xorriso, qemu-img create, fmpm, nft, Slurm's commands), the InfiniBand
+       subnet manager (UFM, OpenSM)
     4  no fit: the request is well formed but cannot be placed now
     5  state: the ledger is corrupt or in conflict, a lock (the ledger's, the network's, a
        container cache entry's) was not acquired in time, the container cache is unusable
@@ -32,7 +33,7 @@ EXIT_VM = 6
 
 #: How a message names a request's quantity by default: (words, unit of its value).
 QUANTITIES = {"gpu_index": ("gpu index", ""), "vcpus": ("vcpus", ""),
-              "memory_mib": ("memory", "MiB"), "disk_gib": ("disk", "GiB")}
+              "memory_mib": ("memory", "MiB"), "disk_gib": ("disk", "GiB"), "ib": ("ib", "")}
 
 
 class DgxvmError(Exception):
@@ -296,6 +297,13 @@ class JobFabricError(HostError):
     template = "job {job} fabric (VNI {vni}): {step}: {reason}"
 
 
+class IbPartitionError(HostError):
+    """The InfiniBand subnet manager (UFM's REST API, or OpenSM's partition file) refused or
+    failed a job's partition key: ``call`` names the request or file, ``pkey`` the key."""
+
+    template = "infiniband partition key {pkey}: {call}: {reason}"
+
+
 class DiskError(HostError):
     """A per-VM disk (overlay, data disk) could not be created."""
 
@@ -351,7 +359,8 @@ class TransportLost(VmError):
 class NoFit(QuantityNamed, DgxvmError):
     """The request is valid but cannot be placed with what is free now.
 
-    ``resource`` names what ran out: ``gpus``, ``aligned-block``, ``cores``, ``memory``. With
+    ``resource`` names what ran out: ``gpus``, ``aligned-block``, ``cores``, ``memory``, ``ib``
+    (the InfiniBand VFs or ports beside the GPUs). With
     ``quantity`` and ``value`` (the block an admin's gpu index asked for), ``where`` names the
     block (see :class:`QuantityNamed`).
     """

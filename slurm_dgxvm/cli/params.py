@@ -79,7 +79,7 @@ class WorkDir(click.Path):
 
 #: The flag of ``dgxvm plan`` and ``dgxvm create`` that sets each quantity of a placement request.
 REQUEST_FLAGS = {"gpu_index": "--gpu-index", "vcpus": "--vcpus", "memory_mib": "--memory",
-                 "disk_gib": "--disk-size"}
+                 "disk_gib": "--disk-size", "ib": "--ib"}
 
 
 @contextlib.contextmanager

@@ -145,6 +145,9 @@ def placement_text(host: Host, p) -> str:
                  + (f" in {_page_name(p.hugepage_kib)} huge pages" if p.hugepage_kib else ""))
     lines.append(f"  OS disk      {p.disk_gib} GiB")
     lines.append(f"  NICs         {', '.join(p.nics) or 'none near these GPUs'}")
+    for f in p.ib:
+        what = f"VF {f.vf} {f.pci} of HCA {f.hca}" if f.vf is not None else f"HCA {f.hca} whole"
+        lines.append(f"  InfiniBand   GPU {f.gpu}: {what}")
     return "\n".join(lines)
 
 

@@ -16,6 +16,9 @@ import click
               help="Leave this GPU off the bus (a GPU that failed to enumerate). Repeatable.")
 @click.option("--unknown-numa", "unknown_numa", multiple=True, metavar="PCI",
               help="Make this device's numa_node read -1 (a BIOS quirk). Repeatable.")
+@click.option("--ib-vfs", "ib_vfs", type=click.IntRange(0), default=None, metavar="N",
+              help="SR-IOV virtual functions enabled on each compute HCA of a DGX A100/H100 "
+                   "(sriov_numvfs; default 8, 0 = SR-IOV off).")
 @click.option("--fault", "fault_specs", multiple=True, metavar="GPU:KIND",
               help="Inject a fault into GPU (an index or a PCI address): with MACHINE into the "
                    "new tree, without it into the tree of --into. Repeatable; GPU indices count "
@@ -23,7 +26,7 @@ import click
 @click.option("--into", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="An existing simulated tree to inject the --fault's into (no MACHINE): "
                    "nothing is re-rendered, earlier faults and AER counts stay.")
-def simulate(machine, out, missing, unknown_numa, fault_specs, into):
+def simulate(machine, out, missing, unknown_numa, ib_vfs, fault_specs, into):
     """Write the sysfs tree of a known machine (dgx2, dgx-a100, dgx-h100), or inject GPU faults.
 
     \b
@@ -48,7 +51,7 @@ def simulate(machine, out, missing, unknown_numa, fault_specs, into):
     from ..topology.sysfs import SIMULATED_MARKER
     try:
         done = simulate_tree(machine, out=out, missing=missing, unknown_numa=unknown_numa,
-                             fault_specs=fault_specs, into=into)
+                             fault_specs=fault_specs, into=into, ib_vfs=ib_vfs)
     except SimulateUsage as exc:
         if exc.param is None:
             raise click.UsageError(exc.reason) from None

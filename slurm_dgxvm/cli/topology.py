@@ -45,9 +45,12 @@ def topology_show(c: Context, as_json):
 @click.option("--memory", type=MIB, metavar="SIZE",
               help="Override the template's memory (64G, 512M, or MiB).")
 @click.option("--disk-size", type=GIB, metavar="SIZE", help="Override the OS disk size (GiB).")
+@click.option("--ib", type=click.Choice(["none", "vf", "port"]), default="none", show_default=True,
+              help="InfiniBand beside each GPU, as a partition's ib: an SR-IOV VF or the whole "
+                   "port of its nearest HCA.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable keys).")
 @pass_ctx
-def plan(c: Context, gpu_count, gpu_index, slurm_gpus, vcpus, memory, disk_size, as_json):
+def plan(c: Context, gpu_count, gpu_index, slurm_gpus, vcpus, memory, disk_size, ib, as_json):
     """Show where a VM would go, without taking anything."""
     from ..placement import Request, place
     from ..placement.report import plan_doc
@@ -55,7 +58,7 @@ def plan(c: Context, gpu_count, gpu_index, slurm_gpus, vcpus, memory, disk_size,
     if gpu_index is not None and slurm_gpus is not None:
         raise click.UsageError("--gpu-index and --slurm-gpus exclude each other")
     request = Request(count=gpu_count, gpu_index=gpu_index, slurm_gpus=slurm_gpus, vcpus=vcpus,
-                      memory_mib=memory, disk_gib=disk_size)
+                      memory_mib=memory, disk_gib=disk_size, ib=ib)
     host = c.host
     with request_flags():
         placement = place(host, c.ledger_state().occupancy(), request, c.policy)

@@ -5,7 +5,10 @@ templates only serialise. Worked example: 4 GPUs on a DGX-2 placed on NUMA node 
 1-11,49-59 -> 22 vCPUs in one guest cell (sockets=1, cores=11, threads=2, each vCPU pair pinned
 to one host core's two threads), numatune strict on node 0, 1 GiB hugepages, the 4 GPUs and
 their 3 NVSwitches each on a root port behind one pxb-pcie bound to guest cell 0, emulator and
-I/O threads on the node's host-reserved core.
+I/O threads on the node's host-reserved core. With a partition's ``ib = "vf"`` a 2-GPU VM on a
+DGX H100 also gets an SR-IOV VF of each GPU's own HCA: each GPU's root port holds a PCIe switch
+with the GPU and its VF on two downstream ports, behind the cell's pxb-pcie, so the guest sees
+GPU and HCA under one switch in one NUMA cell, as GPUDirect RDMA wants.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from ..placement.model import Placement
 from ..ranges import format_index_list
 from ..topology.model import Host
 from .spec import (Boot, Disk, DomainSpec, Expander, Filesystem, GuestCell, HostDev, Interface,
-                   Metadata, RootPort, VcpuPin)
+                   Metadata, RootPort, SwitchPort, VcpuPin)
 
 # 64-bit MMIO window per GPU, GiB: the GPU's BAR1 rounded up with room for the rest. V100 32 GB
 # has a 32 GiB BAR1, A100 80 GB and H100 80 GB have 128 GiB BAR1 [DOC: nvidia-smi -q "BAR1
@@ -104,7 +107,7 @@ def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type
     pins = tuple(VcpuPin(vcpu=v, cpus=(cpu,))
                  for c in placement.cells for v, cpu in zip(c.vcpus, c.cpus))
 
-    expanders, ports, hostdevs = _pcie_layout(host, placement)
+    expanders, ports, switch_ports, hostdevs = _pcie_layout(host, placement)
     gpu_count = len(placement.gpus)
     mmio = MMIO_GIB_PER_GPU.get(host.machine, DEFAULT_MMIO_GIB_PER_GPU)
     shared = vm.share == "virtiofs" and (vm.workdir is not None or vm.image_cache is not None)
@@ -150,6 +153,7 @@ def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type
         pcihole64_gib=_pow2(mmio * gpu_count) if gpu_count else None,
         expanders=expanders,
         root_ports=ports,
+        switch_ports=switch_ports,
         hostdevs=hostdevs,
         boot=boot,
         disks=tuple(disks),
@@ -197,40 +201,68 @@ def _pow2(n: int) -> int:
 def _pcie_layout(host: Host, p: Placement):
     """One pxb-pcie per guest cell, one root port per passed-through device behind the pxb of
     the cell its device is nearest to. NVSwitches go with the cell of their baseboard's GPUs.
+    A GPU with InfiniBand functions (VFs or whole ports, :mod:`slurm_dgxvm.placement.ib`) gets
+    a PCIe switch on its root port instead, the GPU and its HCA functions on its downstream
+    ports: in the guest they share a switch as on the host. NCCL decides on GPUDirect RDMA by the
+    PCIe distance between GPU and NIC (NCCL_NET_GDR_LEVEL: PIX, PXB, PHB, SYS) [DOC: NCCL
+    environment variables]; a shared switch (PIX) is the nearest, two root ports of one host
+    bridge (PHB) may fall outside its default [INF].
 
     Controller indices grow from 1 in parent-before-child order (libvirt requires it); each
     pxb gets a window of bus numbers high above pcie-root's own buses (0x80 and up), wide
-    enough for its root ports.
+    enough for its ports.
     """
     if not p.gpus and not p.nvswitches:
-        return (), (), ()
+        return (), (), (), ()
     cell_of_gpu = {g: i for i, c in enumerate(p.cells) for g in c.gpus}
-    per_cell: dict[int, list[tuple[str, str, str]]] = {i: [] for i in range(len(p.cells))}
+    # per cell: groups of (pci, kind, alias); a group of more than one shares a switch
+    per_cell: dict[int, list[list[tuple[str, str, str]]]] = {i: [] for i in range(len(p.cells))}
     boards: dict[int, int] = {}
+    ib_of_gpu: dict[int, list] = {}
+    for f in p.ib:
+        ib_of_gpu.setdefault(f.gpu, []).append(f)
     for gi, pci in zip(p.gpus, p.gpu_pcis):
         cell = cell_of_gpu.get(gi, 0)
-        per_cell[cell].append((pci, "gpu", f"ua-gpu{gi}"))
+        group = [(pci, "gpu", f"ua-gpu{gi}")]
+        for f in ib_of_gpu.get(gi, ()):
+            kind = "ib-port" if f.vf is None else "ib-vf"
+            group.append((f.pci, kind, f"ua-{kind}-" + f.pci[5:].replace(":", "-")
+                          .replace(".", "-")))
+        per_cell[cell].append(group)
         boards.setdefault(host.gpu(gi).board, cell)
     board_of_switch = {s.pci: s.board for s in host.nvswitches}
     for pci in p.nvswitches:
         cell = boards.get(board_of_switch.get(pci, 0), 0)
-        per_cell[cell].append((pci, "nvswitch", "ua-nvswitch-" + pci.split(":")[1]))
+        per_cell[cell].append([(pci, "nvswitch", "ua-nvswitch-" + pci.split(":")[1])])
 
     ncells = len(p.cells)
     step = 0x80 // ncells
-    expanders, ports, devs = [], [], []
+    expanders, ports, switch_ports, devs = [], [], [], []
     index, chassis = 1, 1
     for cell in range(ncells):
-        members = per_cell[cell]
-        if not members:
+        groups = per_cell[cell]
+        if not groups:
             continue
         pxb = Expander(index=index, bus_nr=0x80 + cell * step, cell=cell, slot=0x10 + cell)
         expanders.append(pxb)
         index += 1
-        for slot, (pci, kind, alias) in enumerate(members, start=ROOT_PORTS_FIRST_SLOT):
+        for slot, group in enumerate(groups, start=ROOT_PORTS_FIRST_SLOT):
             port = RootPort(index=index, bus=pxb.index, slot=slot, chassis=chassis)
             ports.append(port)
-            devs.append(HostDev(pci=pci, kind=kind, alias=alias, bus=port.index))
             index += 1
             chassis += 1
-    return tuple(expanders), tuple(ports), tuple(devs)
+            if len(group) == 1:
+                pci, kind, alias = group[0]
+                devs.append(HostDev(pci=pci, kind=kind, alias=alias, bus=port.index))
+                continue
+            up = SwitchPort(index=index, bus=port.index, slot=0, upstream=True, chassis=None)
+            switch_ports.append(up)
+            index += 1
+            for down_slot, (pci, kind, alias) in enumerate(group):
+                down = SwitchPort(index=index, bus=up.index, slot=down_slot, upstream=False,
+                                  chassis=chassis)
+                switch_ports.append(down)
+                devs.append(HostDev(pci=pci, kind=kind, alias=alias, bus=down.index))
+                index += 1
+                chassis += 1
+    return tuple(expanders), tuple(ports), tuple(switch_ports), tuple(devs)

@@ -56,11 +56,11 @@ def fit_to_host(spec: DomainSpec, real: RealHost, *, max_vcpus: int,
                 max_memory_mib: int) -> tuple[DomainSpec, tuple[str, ...]]:
     """Return (the fitted spec, one line per change). A change list is empty when it fits as is.
 
-    Changes, in this order: drop PCI passthrough (GPUs, NVSwitches, their pxb/root ports, the
-    64-bit MMIO window); shrink vCPUs to ``max_vcpus`` and the CPUs really there, folding guest
-    NUMA cells into one; remap vCPU, emulator and I/O thread pins onto real CPUs; drop numatune
-    on nodes that do not exist here; drop hugepages the host has none of; shrink memory to
-    ``max_memory_mib``; drop parallel preallocation.
+    Changes, in this order: drop PCI passthrough (GPUs, NVSwitches, InfiniBand VFs or ports,
+    their pxb/root ports and switches, the 64-bit MMIO window); shrink vCPUs to ``max_vcpus``
+    and the CPUs really there, folding guest NUMA cells into one; remap vCPU, emulator and I/O
+    thread pins onto real CPUs; drop numatune on nodes that do not exist here; drop hugepages
+    the host has none of; shrink memory to ``max_memory_mib``; drop parallel preallocation.
     """
     changes: list[str] = []
     s = spec
@@ -70,8 +70,11 @@ def fit_to_host(spec: DomainSpec, real: RealHost, *, max_vcpus: int,
         what = f"{len(gpus)} GPU(s) {', '.join(gpus)}"
         if sws:
             what += f" and {len(sws)} NVSwitch(es) {', '.join(sws)}"
+        ibs = [h.pci for h in s.hostdevs if h.kind in ("ib-vf", "ib-port")]
+        if ibs:
+            what += f" and {len(ibs)} InfiniBand function(s) {', '.join(ibs)}"
         changes.append(f"dropped PCI passthrough of {what} (not on this machine)")
-        s = replace(s, hostdevs=(), root_ports=(), expanders=())
+        s = replace(s, hostdevs=(), root_ports=(), switch_ports=(), expanders=())
     if s.pcihole64_gib:
         s = replace(s, pcihole64_gib=None)
 

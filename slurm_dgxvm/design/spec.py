@@ -47,10 +47,22 @@ class RootPort:
 
 
 @dataclass(frozen=True)
+class SwitchPort:
+    """A port of an emulated PCIe switch behind a root port: the upstream port (on the root
+    port) or a downstream port (on the upstream port) holding one passed-through device."""
+
+    index: int
+    bus: int                        # the controller index it plugs into
+    slot: int
+    upstream: bool
+    chassis: int | None             # downstream ports only
+
+
+@dataclass(frozen=True)
 class HostDev:
     pci: str                        # host address, 0000:34:00.0
-    kind: str                       # gpu | nvswitch
-    alias: str                      # ua-gpu4, ua-nvswitch-e5
+    kind: str                       # gpu | nvswitch | ib-vf | ib-port
+    alias: str                      # ua-gpu4, ua-nvswitch-e5, ua-ib-vf-0c-00-1
     bus: int                        # guest bus = the index of its root port
 
     @property
@@ -154,3 +166,4 @@ class DomainSpec:
     console_log: str
     metadata: Metadata
     xmlns: str = field(default=XMLNS)
+    switch_ports: tuple[SwitchPort, ...] = ()   # GPUs with InfiniBand functions beside them

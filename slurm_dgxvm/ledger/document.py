@@ -112,7 +112,9 @@ class Allocation:
     ``gpu_pcis`` (PCI addresses) is the identity of the GPUs; ``gpus`` (indices, same order) is for
     display and for comparing with ``slurm_gpus``, the indices Slurm chose (None when Slurm did
     not choose, e.g. an admin's ``dgxvm create``). ``memory_mib`` maps host NUMA node -> MiB.
-    ``created`` is epoch seconds.
+    ``created`` is epoch seconds. ``ib_functions``: the InfiniBand VFs or whole HCA ports passed
+    into the VM, by PCI address (absent from the record when there are none, as releases before
+    it wrote every record).
 
     Values are normalised (lists become tuples, ``memory_mib`` a read-only mapping) and checked
     on construction; a bad value raises ``ValueError`` (``from_json`` callers turn that into
@@ -134,6 +136,7 @@ class Allocation:
     cpus: tuple[int, ...]
     memory_mib: Mapping[int, int] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+    ib_functions: tuple[str, ...] = ()
 
     def __post_init__(self):
         def put(name, value):
@@ -162,10 +165,11 @@ class Allocation:
             put("slurm_gpus", _int_tuple("slurm_gpus", self.slurm_gpus))
         put("nvswitches", _str_tuple("nvswitches", self.nvswitches))
         put("cpus", _int_tuple("cpus", self.cpus))
+        put("ib_functions", _str_tuple("ib_functions", self.ib_functions))
         if len(self.gpus) != len(self.gpu_pcis):
             raise ValueError(f"gpus has {len(self.gpus)} entries but gpu_pcis has "
                              f"{len(self.gpu_pcis)}")
-        for name in ("gpus", "gpu_pcis", "nvswitches", "cpus"):
+        for name in ("gpus", "gpu_pcis", "nvswitches", "cpus", "ib_functions"):
             _no_repeats(name, getattr(self, name))
         if self.fm_partition is not None and (not _is_int(self.fm_partition)
                                               or self.fm_partition < 0):
@@ -192,7 +196,8 @@ class Allocation:
     def __hash__(self):
         return hash((self.key, self.owner, self.job_id, self.domain, self.user, self.machine,
                      self.gpus, self.gpu_pcis, self.slurm_gpus, self.aligned, self.nvswitches,
-                     self.fm_partition, self.cpus, tuple(self.memory_mib.items()), self.created))
+                     self.fm_partition, self.cpus, tuple(self.memory_mib.items()), self.created,
+                     self.ib_functions))
 
     @classmethod
     def from_placement(cls, key: str, placement: Placement, *, owner: str,
@@ -219,6 +224,7 @@ class Allocation:
             cpus=tuple(placement.cpus),
             memory_mib=placement.memory_per_node,
             created=time.time() if now is None else now,
+            ib_functions=tuple(f.pci for f in placement.ib),
         )
 
     def occupancy(self) -> Occupancy:
@@ -229,10 +235,12 @@ class Allocation:
             cpus=frozenset(self.cpus),
             memory_mib=dict(self.memory_mib),
             fm_partitions=frozenset({self.fm_partition} if self.fm_partition is not None else ()),
+            ib_functions=frozenset(self.ib_functions),
         )
 
     def to_json(self) -> dict:
-        """The on-disk record. Keys are stable; ``memory_mib`` keys are decimal strings."""
+        """The on-disk record. Keys are stable; ``memory_mib`` keys are decimal strings;
+        ``ib_functions`` only when it holds any."""
         return {
             "key": self.key,
             "owner": self.owner,
@@ -249,6 +257,7 @@ class Allocation:
             "cpus": list(self.cpus),
             "memory_mib": {str(node): mib for node, mib in self.memory_mib.items()},
             "created": self.created,
+            **({"ib_functions": list(self.ib_functions)} if self.ib_functions else {}),
         }
 
     @classmethod
@@ -262,7 +271,7 @@ class Allocation:
         missing = [k for k in _RECORD_FIELDS if k not in data]
         if missing:
             raise ValueError(f"missing field(s) {', '.join(missing)}")
-        extra = sorted(k for k in data if k not in _RECORD_FIELDS)
+        extra = sorted(k for k in data if k not in _RECORD_FIELDS + _OPTIONAL_FIELDS)
         if extra:
             raise ValueError(f"unknown field(s) {', '.join(extra)}")
         mem_raw = data["memory_mib"]
@@ -275,8 +284,10 @@ class Allocation:
             mem[int(node)] = mib
         fields = dict(data)
         fields["memory_mib"] = mem
-        for name in ("gpus", "gpu_pcis", "nvswitches", "cpus"):
-            if not isinstance(fields[name], list):
+        if "ib_functions" in fields and not fields["ib_functions"]:
+            raise ValueError("ib_functions is present but empty (it is left out when empty)")
+        for name in ("gpus", "gpu_pcis", "nvswitches", "cpus", *_OPTIONAL_FIELDS):
+            if name in fields and not isinstance(fields[name], list):
                 raise ValueError(f"{name} must be a list, not {type(fields[name]).__name__}")
         if fields["slurm_gpus"] is not None and not isinstance(fields["slurm_gpus"], list):
             raise ValueError(f"slurm_gpus must be a list or null, "
@@ -287,6 +298,7 @@ class Allocation:
 _RECORD_FIELDS = ("key", "owner", "job_id", "domain", "user", "machine", "gpus", "gpu_pcis",
                   "slurm_gpus", "aligned", "nvswitches", "fm_partition", "cpus", "memory_mib",
                   "created")
+_OPTIONAL_FIELDS = ("ib_functions",)    # absent when empty: the records of before stay the same
 
 
 # -- exclusive resources ---------------------------------------------------------------------------
@@ -300,10 +312,12 @@ def _exclusive(alloc: Allocation) -> Iterator[tuple[str, Any]]:
         yield "CPU", cpu
     if alloc.fm_partition is not None:
         yield "FM partition", alloc.fm_partition
+    for pci in sorted(alloc.ib_functions):
+        yield "IB function", pci
 
 
 _RESOURCE_NAMES = {"GPU": "gpu", "NVSwitch": "nvswitch", "CPU": "cpu",
-                   "FM partition": "fm_partition"}
+                   "FM partition": "fm_partition", "IB function": "ib_function"}
 
 
 def _occupancy_of(allocations) -> Occupancy:
@@ -313,16 +327,19 @@ def _occupancy_of(allocations) -> Occupancy:
     sws: set[str] = set()
     cpus: set[int] = set()
     fms: set[int] = set()
+    ibs: set[str] = set()
     mem: dict[int, int] = {}
     for a in allocations:
         gpus.update(a.gpu_pcis)
         sws.update(a.nvswitches)
         cpus.update(a.cpus)
+        ibs.update(a.ib_functions)
         if a.fm_partition is not None:
             fms.add(a.fm_partition)
         for node, mib in a.memory_mib.items():
             mem[node] = mem.get(node, 0) + mib
-    return Occupancy(frozenset(gpus), frozenset(sws), frozenset(cpus), mem, frozenset(fms))
+    return Occupancy(frozenset(gpus), frozenset(sws), frozenset(cpus), mem, frozenset(fms),
+                     frozenset(ibs))
 
 
 # -- a version of the ledger -----------------------------------------------------------------------

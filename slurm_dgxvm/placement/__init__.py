@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING
 from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from .model import EMPTY, NumaCell, Occupancy, Placement, Request
+    from .model import EMPTY, IB_MODES, IbFunction, NumaCell, Occupancy, Placement, Request
     from .place import place
     from .sizing import Policy, Template, templates
 
 __all__ = ["place", "Policy", "Request", "Placement", "Occupancy", "NumaCell", "EMPTY",
-           "Template", "templates"]
+           "IB_MODES", "IbFunction", "Template", "templates"]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
-    "EMPTY": "model", "NumaCell": "model", "Occupancy": "model", "Placement": "model",
-    "Request": "model",
+    "EMPTY": "model", "IB_MODES": "model", "IbFunction": "model", "NumaCell": "model",
+    "Occupancy": "model", "Placement": "model", "Request": "model",
     "place": "place",
     "Policy": "sizing", "Template": "sizing", "templates": "sizing",
 })

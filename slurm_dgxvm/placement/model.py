@@ -6,6 +6,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+# partitions.NAME.ib: what of the nearest HCAs a VM gets (config.IB_MODES says the same; this
+# module does not import the config: the ledger and `dgxvm run` load it without)
+IB_MODES = ("none", "vf", "port")
+
 
 def _frozen_map(m: Mapping[int, int] | None) -> Mapping[int, int]:
     return MappingProxyType(dict(sorted((m or {}).items())))
@@ -16,7 +20,8 @@ class Occupancy:
     """What other VMs hold right now, as the ledger sees it. Physical identities only.
 
     GPUs and NVSwitches by PCI address (stable when indices shift on a degraded host), host CPUs
-    by id, memory in MiB per NUMA node, Fabric Manager partitions by id.
+    by id, memory in MiB per NUMA node, Fabric Manager partitions by id, InfiniBand functions
+    (SR-IOV VFs, or whole HCA ports) by PCI address.
     """
 
     gpus: frozenset[str] = frozenset()
@@ -24,19 +29,22 @@ class Occupancy:
     cpus: frozenset[int] = frozenset()
     memory_mib: Mapping[int, int] = field(default_factory=dict)
     fm_partitions: frozenset[int] = frozenset()
+    ib_functions: frozenset[str] = frozenset()
 
     def __post_init__(self):
         object.__setattr__(self, "memory_mib", _frozen_map(self.memory_mib))
 
+    def _key(self):
+        return (self.gpus, self.nvswitches, self.cpus, tuple(self.memory_mib.items()),
+                self.fm_partitions, self.ib_functions)
+
     def __hash__(self):
-        return hash((self.gpus, self.nvswitches, self.cpus, tuple(self.memory_mib.items()),
-                     self.fm_partitions))
+        return hash(self._key())
 
     def __eq__(self, other):
         if not isinstance(other, Occupancy):
             return NotImplemented
-        return (self.gpus, self.nvswitches, self.cpus, dict(self.memory_mib), self.fm_partitions) == (
-            other.gpus, other.nvswitches, other.cpus, dict(other.memory_mib), other.fm_partitions)
+        return self._key() == other._key()
 
     @classmethod
     def union(cls, parts: Iterable[Occupancy]) -> Occupancy:
@@ -45,14 +53,17 @@ class Occupancy:
         cpus: set[int] = set()
         mem: dict[int, int] = {}
         fms: set[int] = set()
+        ibs: set[str] = set()
         for p in parts:
             gpus |= p.gpus
             sws |= p.nvswitches
             cpus |= p.cpus
             fms |= p.fm_partitions
+            ibs |= p.ib_functions
             for node, mib in p.memory_mib.items():
                 mem[node] = mem.get(node, 0) + mib
-        return cls(frozenset(gpus), frozenset(sws), frozenset(cpus), mem, frozenset(fms))
+        return cls(frozenset(gpus), frozenset(sws), frozenset(cpus), mem, frozenset(fms),
+                   frozenset(ibs))
 
 
 EMPTY = Occupancy()
@@ -65,7 +76,8 @@ class Request:
     ``count``: GPUs wanted. ``gpu_index``: the first GPU of the block an admin asks for (the
     CLI's ``--gpu-index``).
     ``slurm_gpus``: the indices slurmctld chose (SLURM_JOB_GPUS). Overrides are None for "the
-    sizing template's value".
+    sizing template's value". ``ib``: one of :data:`IB_MODES` (the partition's ``ib``): "vf"
+    gives each GPU an SR-IOV VF of its nearest InfiniBand HCA, "port" the whole HCA.
     """
 
     count: int
@@ -74,6 +86,27 @@ class Request:
     vcpus: int | None = None
     memory_mib: int | None = None
     disk_gib: int | None = None
+    ib: str = "none"
+
+
+@dataclass(frozen=True)
+class IbFunction:
+    """An InfiniBand function passed into the VM: an SR-IOV VF of an HCA, or the HCA's
+    physical function itself (a whole port)."""
+
+    pci: str                       # what goes into the VM
+    hca: str                       # the HCA (physical function) it belongs to
+    gpu: int                       # the GPU it serves: it sits beside it in the guest
+    vf: int | None                 # the VF's index (virtfnN); None for a whole port
+
+    def to_json(self) -> dict:
+        return {"pci": self.pci, "hca": self.hca, "gpu": self.gpu, "vf": self.vf}
+
+    @classmethod
+    def from_json(cls, d: dict) -> IbFunction:
+        vf = d["vf"]
+        return cls(pci=str(d["pci"]), hca=str(d["hca"]), gpu=int(d["gpu"]),
+                   vf=None if vf is None else int(vf))
 
 
 @dataclass(frozen=True)
@@ -105,6 +138,8 @@ class Placement:
     hugepage_kib: int | None
     disk_gib: int
     nics: tuple[str, ...]              # NICs behind the same PCIe switches as the GPUs
+    ib_mode: str = "none"              # Request.ib
+    ib: tuple[IbFunction, ...] = ()    # InfiniBand functions passed in, in GPU order
 
     @property
     def numa_nodes(self) -> tuple[int, ...]:
@@ -134,6 +169,7 @@ class Placement:
             cpus=frozenset(self.cpus),
             memory_mib=self.memory_per_node,
             fm_partitions=frozenset({self.fm_partition} if self.fm_partition is not None else ()),
+            ib_functions=frozenset(f.pci for f in self.ib),
         )
 
     def to_json(self) -> dict:
@@ -162,11 +198,15 @@ class Placement:
                  "vcpus": list(c.vcpus), "memory_mib": c.memory_mib}
                 for c in self.cells
             ],
+            # only with InfiniBand: a placement without it reads as releases before it wrote it
+            **({"ib_mode": self.ib_mode, "ib": [f.to_json() for f in self.ib]}
+               if self.ib_mode != "none" else {}),
         }
 
     @classmethod
     def from_json(cls, data: dict) -> Placement:
         """The inverse of :meth:`to_json` (the derived keys are recomputed from the cells).
+        ``ib_mode`` and ``ib`` may be absent (what releases before them wrote): no InfiniBand.
 
         Raises ValueError, KeyError or TypeError on a document that is not one.
         """
@@ -198,4 +238,6 @@ class Placement:
                    fm_partition=None if fm is None else int(fm), cells=cells,
                    emulator_cpus=ints(data["emulator_cpus"]),
                    hugepage_kib=None if huge is None else int(huge),
-                   disk_gib=int(data["disk_gib"]), nics=strs(data["nics"]))
+                   disk_gib=int(data["disk_gib"]), nics=strs(data["nics"]),
+                   ib_mode=str(data.get("ib_mode", "none")),
+                   ib=tuple(IbFunction.from_json(f) for f in data.get("ib", ())))

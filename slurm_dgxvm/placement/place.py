@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import NoFit, RequestError
 from ..ranges import format_index_list
 from ..topology.model import FULL_PASSTHROUGH, GpuBlock, Host
+from .ib import choose as choose_ib
 from .model import NumaCell, Occupancy, Placement, Request
 from .sizing import (Policy, disk_gib, hugepages_for, memory_budget_mib, page_mib, reserved_cores,
                      template_cores, template_memory_mib, usable_cores)
@@ -32,8 +33,12 @@ def place(host: Host, taken: Occupancy, request: Request,
     a reserved or taken one; vCPU i runs on host CPU ``cpus[i]``. Memory on the same nodes, in
     huge pages when the node has a pool of the configured size. See sizing.py for the templates.
 
+    InfiniBand (``request.ib``, see :func:`.ib.choose`): the HCA functions beside the GPUs;
+    a block whose HCAs have nothing free is passed over like one without free cores.
+
     Raises RequestError when the request can never be met on this host (bad count, index,
-    overrides beyond a node's capacity) and NoFit when it cannot be met now. An error about
+    overrides beyond a node's capacity, an ib mode no HCA can serve) and NoFit when it cannot
+    be met now. An error about
     one of the request's quantities names it by the quantity (``vcpus 5``, ``gpu index 3``) and
     carries it as ``quantity``/``value``: only the caller knows whether it was a CLI flag or a
     Slurm partition's default, and renames it (``naming``).
@@ -229,6 +234,7 @@ def _build(host: Host, taken: Occupancy, r: Request, policy: Policy, gpus: tuple
     pages = {hugepages_for(host.node(n), policy) for n in nodes}
     hugepage = pages.pop() if len(pages) == 1 else None
     nics = tuple(sorted({pci for i in gpus for pci in host.gpu(i).nics}))
+    ib = choose_ib(host, taken, r.ib, tuple(gpus))
     aligned = block is not None
     return Placement(
         machine=host.machine,
@@ -245,6 +251,8 @@ def _build(host: Host, taken: Occupancy, r: Request, policy: Policy, gpus: tuple
         hugepage_kib=hugepage,
         disk_gib=r.disk_gib if r.disk_gib is not None else disk_gib(r.count, policy),
         nics=nics,
+        ib_mode=r.ib,
+        ib=ib,
     )
 
 

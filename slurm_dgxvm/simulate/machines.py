@@ -19,10 +19,17 @@ from types import MappingProxyType
 from ..errors import SimulateError
 from ..ranges import format_index_list, parse_index_list
 
-KINDS = ("gpu", "nvswitch", "nic", "nvme", "bridge")
+KINDS = ("gpu", "nvswitch", "nic", "vf", "nvme", "bridge")
 # Driver each kind is bound to on a VM host: GPUs and NVSwitches go to vfio-pci for passthrough.
 DRIVERS = {"gpu": "vfio-pci", "nvswitch": "vfio-pci", "nic": "mlx5_core", "nvme": "nvme",
-           "bridge": "pcieport"}
+           "bridge": "pcieport", "vf": "vfio-pci"}
+# (kind "vf": the SR-IOV virtual functions of the compute HCAs, when they are enabled, are bound
+# to vfio-pci for VMs; mlx5_core would otherwise probe them on the host [INF: the host setup for
+# VMs, as NVIDIA's SR-IOV guides do before passing VFs to VMs].)
+# VFs enabled per compute HCA port when nothing else is asked (`dgxvm simulate --ib-vfs`): as many
+# as a DGX node runs VMs at most (8 GPUs -> 8 one-GPU VMs). [INF: a sensible default; the H200
+# deployment in devfloor9's SR-IOV write-up runs "8 VFs per Physical Function"]
+DEFAULT_IB_VFS = 8
 HUGEPAGE_1G_KIB = 1048576
 HUGEPAGE_2M_KIB = 2048
 # Share of a node's memory put into its 1 GiB pool. [INF: the host setup for VMs]
@@ -43,6 +50,26 @@ class PciId:
 
 
 @dataclass(frozen=True)
+class Sriov:
+    """The SR-IOV capability of a physical function, as the kernel shows it in sysfs
+    (``sriov_totalvfs``, ``sriov_offset``, ``sriov_stride``, ``sriov_vf_device``)."""
+
+    total_vfs: int
+    vf_device: int                    # the VFs' PCI device id (vendor = the PF's)
+    offset: int = 1                   # First VF Offset, in routing ids after the PF
+    stride: int = 1                   # VF Stride
+
+    def vf_bdf(self, pf_bdf: str, index: int) -> str:
+        """The address the kernel gives VF ``index`` (0-based): the PF's routing id (bus << 8 |
+        device << 3 | function) + offset + index * stride, split back into bus:device.function
+        (PCIe SR-IOV spec §2.1.2; drivers/pci/iov.c pci_iov_virtfn_bus/devfn)."""
+        dom, bus, rest = pf_bdf.split(":")
+        dev, fn = rest.split(".")
+        rid = (int(bus, 16) << 8 | int(dev, 16) << 3 | int(fn, 16)) + self.offset + index * self.stride
+        return f"{dom}:{rid >> 8:02x}:{(rid >> 3) & 0x1f:02x}.{rid & 7:x}"
+
+
+@dataclass(frozen=True)
 class PciDevice:
     """One PCI function. ``children`` are the functions behind it (bridges only)."""
 
@@ -58,6 +85,7 @@ class PciDevice:
     label: str = ""                   # human name: ``GPU0``, ``mlx5_0`` (empty when unknown)
     role: str = ""                    # NICs: ``compute`` | ``storage`` | ``ethernet``
     revision: int = 0x00              # config space offset 8 (sysfs ``revision``)
+    sriov: Sriov | None = None        # compute HCAs of DGX A100/H100: SR-IOV capable
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -185,6 +213,37 @@ class Machine:
     def nvswitches(self) -> tuple[PciDevice, ...]:
         return self.of_kind("nvswitch")
 
+    def virtual_functions(self, pf: PciDevice, count: int) -> tuple[PciDevice, ...]:
+        """The first ``count`` VFs of ``pf`` as the kernel enables them (``sriov_numvfs``): the
+        PF's ids and NUMA node, the VF device id, the address of :meth:`Sriov.vf_bdf`."""
+        if pf.sriov is None:
+            return ()
+        if not 0 <= count <= pf.sriov.total_vfs:
+            raise SimulateError(reason=f"{count} VFs asked of {pf.bdf}, which has "
+                                       f"{pf.sriov.total_vfs} (sriov_totalvfs)", value=count)
+        return tuple(PciDevice(bdf=pf.sriov.vf_bdf(pf.bdf, i), vendor=pf.vendor,
+                               device=pf.sriov.vf_device, subsystem_vendor=pf.subsystem_vendor,
+                               subsystem_device=pf.subsystem_device,   # [INF] as the PF's
+                               class_code=pf.class_code, kind="vf", numa_node=pf.numa_node,
+                               label=f"{pf.label}v{i}" if pf.label else "", role="vf",
+                               revision=pf.revision)
+                     for i in range(count))
+
+    def node_guid(self, pf: PciDevice) -> str:
+        """The HCA's node GUID as sysfs shows it: the Mellanox OUI b8:ce:f6 [INF: from GUIDs in
+        public ibstat output], the rest from the PF's address [INF: invented for the fixture]."""
+        bus, rest = pf.bdf.split(":")[1:]
+        dev, fn = rest.split(".")
+        return f"b8ce:f603:0000:{bus}{int(dev, 16) << 3 | int(fn, 16):02x}"
+
+    @staticmethod
+    def netdev(pf: PciDevice) -> str:
+        """The IPoIB interface's predictable name, ``ibp<bus>s<slot>`` in decimal: ibp12s0 for
+        0000:0c:00.0 [REAL: DGX A100 scripts, H100UG table 5 (notes §2.4, §3.4)]."""
+        bus, rest = pf.bdf.split(":")[1:]
+        dev, fn = rest.split(".")
+        return f"ibp{int(bus, 16)}s{int(dev, 16)}" + (f"f{int(fn)}" if fn != "0" else "")
+
     @property
     def compute_nics(self) -> tuple[PciDevice, ...]:
         return tuple(d for d in self.of_kind("nic") if d.role == "compute")
@@ -216,6 +275,13 @@ class Machine:
             bdfs.add(dev.bdf)
             if dev.numa_node not in node_ids or root.numa_node not in node_ids:
                 bad(f"device {dev.bdf} is on unknown NUMA node {dev.numa_node}", dev.bdf)
+        for dev in self.devices:
+            if dev.sriov is not None:
+                for i in range(dev.sriov.total_vfs):
+                    vf = dev.sriov.vf_bdf(dev.bdf, i)
+                    if vf in bdfs:
+                        bad(f"VF {i} of {dev.bdf} would be at {vf}, which is taken", vf)
+                    bdfs.add(vf)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,11 +292,11 @@ def _bdf(bus: int, dev: int = 0, fn: int = 0) -> str:
 
 
 def _dev(bus: int, dev: int, fn: int, ids: PciId, kind: str, numa: int, *children: PciDevice,
-         label: str = "", role: str = "") -> PciDevice:
+         label: str = "", role: str = "", sriov: Sriov | None = None) -> PciDevice:
     return PciDevice(bdf=_bdf(bus, dev, fn), vendor=ids.vendor, device=ids.device,
                      subsystem_vendor=ids.subsystem_vendor, subsystem_device=ids.subsystem_device,
                      class_code=ids.class_code, kind=kind, numa_node=numa, children=children,
-                     label=label, role=role, revision=ids.revision)
+                     label=label, role=role, revision=ids.revision, sriov=sriov)
 
 
 def _br(bus: int, dev: int, ids: PciId, numa: int, *children: PciDevice) -> PciDevice:
@@ -360,6 +426,13 @@ NVSWITCH2 = PciId(0x10de, 0x1af1,                               # [DOC/REAL] FMG
                   0xa1)                                         # revision [INF] as gen1's
 CX6_COMPUTE = PciId(0x15b3, 0x101b, 0x15b3, 0x0007, IB_CLASS)   # [REAL] nccl#1505, GDS lstopo
 CX6_STORAGE = PciId(0x15b3, 0x101b, 0x15b3, 0x0009, IB_CLASS)   # [REAL] nccl#1505 (subsys 0009, numaid 0)
+# SR-IOV of the compute HCAs. VF device id 101c "MT28908 Family [ConnectX-6 Virtual Function]"
+# [DOC: PCI ID repository, pci-ids.ucw.cz/read/PC/15b3/101c]. Total VFs is what the site's
+# firmware setting says (mlxconfig SRIOV_EN=1 NUM_OF_VFS=N, NVIDIA BasePOD deployment guide
+# "SR-IOV", docs.nvidia.com/dgx-basepod/deployment-guide-dgx-basepod/latest/sriov.html) [DOC];
+# 16 is [INF: invented for the fixture]. First VF offset 1, stride 1 for a single-function PF
+# [INF: what lspci -vvv shows for ConnectX single-port cards; not seen on a DGX].
+CX6_SRIOV = Sriov(total_vfs=16, vf_device=0x101c)
 PM173X = PciId(0x144d, 0xa824, 0x144d, 0xa801, NVME_CLASS)      # [REAL] GDS lstopo (Samsung PM173x)
 PEX_HOST = PciId(0x1000, 0xc010, 0x1000, 0xa096, BRIDGE_CLASS)  # [REAL] nccl#1505, GDS lstopo (host-side ports)
 PEX_HGX = PciId(0x1000, 0xc010, 0x10de, 0x13b8, BRIDGE_CLASS)   # [REAL] GDS lstopo (switch on the HGX baseboard)
@@ -390,7 +463,7 @@ def _a100_pair(root: int, numa: int, gpu_a: int, gpu_b: int, nic_a: int, nic_b: 
                        _br(nic_a - 2, 0x00, PEX_HOST, numa,
                            _br(nic_a - 1, 0x00, PEX_HOST, numa,
                                _dev(nic_a, 0, 0, CX6_COMPUTE, "nic", numa,
-                                    label=nic_labels[0], role="compute")),
+                                    label=nic_labels[0], role="compute", sriov=CX6_SRIOV)),
                            _br(nic_a - 1, 0x10, PEX_HOST, numa,
                                _br(gpu_b - 2, 0x00, PEX_HGX, numa,
                                    _br(gpu_b - 1, 0x00, PEX_HGX, numa,
@@ -407,7 +480,7 @@ def _a100_pair(root: int, numa: int, gpu_a: int, gpu_b: int, nic_a: int, nic_b: 
                         _br(nic_b - 2, 0x00, PEX_HOST, numa,
                             _br(nic_b - 1, 0x00, PEX_HOST, numa,
                                 _dev(nic_b, 0, 0, CX6_COMPUTE, "nic", numa,
-                                     label=nic_labels[1], role="compute")))))
+                                     label=nic_labels[1], role="compute", sriov=CX6_SRIOV)))))
     return PciRoot(bus=f"0000:{root:02x}", numa_node=numa,
                    ports=(_dev(root, 0x01, 1, ROME_ROOT_PORT, "bridge", numa,
                                _br(up, 0x00, PEX_HOST, numa, *branches)),))
@@ -456,6 +529,10 @@ CX7_COMPUTE = PciId(0x15b3, 0x1021,                            # [INF] nccl-test
                     0x15b3, 0x0023, IB_CLASS)                  # subsys [REAL, other box] nccl-tests#213
 CX7_STORAGE_IB = PciId(0x15b3, 0x1021, 0x15b3, 0x0023, IB_CLASS)    # port 1 ibpNNs0f0 [DOC H100UG]; ids [INF]
 CX7_STORAGE_ETH = PciId(0x15b3, 0x1021, 0x15b3, 0x0023, ETH_CLASS)  # port 2 enpNNs0f1np1 [DOC H100UG]; ids [INF]
+# VF device id 101e "ConnectX Family mlx5Gen Virtual Function" (the one VF id of ConnectX-6 Dx
+# and later, CX-7 included) [DOC: PCI ID repository, pci-ids.ucw.cz/read/PC/15b3/101e]; total
+# VFs, offset and stride as CX6_SRIOV [INF].
+CX7_SRIOV = Sriov(total_vfs=16, vf_device=0x101e)
 PEX89 = PciId(0x1000, 0xc030, 0x1000, 0x100b, BRIDGE_CLASS)    # [REAL, other box] nccl-tests#213; on DGX H100 [INF]
 SPR_ROOT_PORT = PciId(0x8086, 0x352a, 0x8086, 0x0000, BRIDGE_CLASS)  # Xeon root port [INF: invented for the fixture]
 
@@ -469,7 +546,8 @@ def _h100_pair(gpu: int, nic: int, numa: int, index: int, nic_label: str) -> Pci
         _br(root, 0x01, SPR_ROOT_PORT, numa,
             _br(up, 0x00, PEX89, numa,
                 _br(down, 0x00, PEX89, numa,
-                    _dev(nic, 0, 0, CX7_COMPUTE, "nic", numa, label=nic_label, role="compute")),
+                    _dev(nic, 0, 0, CX7_COMPUTE, "nic", numa, label=nic_label, role="compute",
+                         sriov=CX7_SRIOV)),
                 _br(down, 0x01, PEX89, numa,
                     _br(gpu - 2, 0x00, PEX89, numa,
                         _br(gpu - 1, 0x00, PEX89, numa,

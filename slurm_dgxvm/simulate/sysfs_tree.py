@@ -23,7 +23,7 @@ from ..ranges import format_index_list
 from ..topology import sysfs as S
 from . import signals as SIG
 from .faults import check_kind, inject_all
-from .machines import HUGEPAGE_2M_KIB, MACHINES, Machine, PciDevice
+from .machines import DEFAULT_IB_VFS, HUGEPAGE_2M_KIB, MACHINES, Machine, PciDevice
 
 NOTE = "simulated by dgxvm simulate; not a real host"
 # Memory the OS itself uses on each node, outside the hugepage pools. [INF: invented for the fixture]
@@ -40,8 +40,12 @@ _VM_HOST_MODULES = ("vfio", "vfio_pci", "vfio_iommu_type1", "kvm")
 
 def render(machine: str | Machine, out: str | os.PathLike, *, missing_gpus: Iterable[str] = (),
            unknown_numa: Iterable[str] = (),
-           faults: Iterable[tuple[str | int, str]] = ()) -> Path:
+           faults: Iterable[tuple[str | int, str]] = (), ib_vfs: int = DEFAULT_IB_VFS) -> Path:
     """Write ``machine``'s sysfs tree under ``out`` and return ``out`` as a Path.
+
+    ``ib_vfs``: SR-IOV virtual functions enabled on each SR-IOV capable HCA (the compute HCAs of
+    the DGX A100 and H100; ``sriov_numvfs``), each bound to vfio-pci in an IOMMU group of its
+    own; 0 leaves SR-IOV off. The DGX-2's HCAs have no SR-IOV here.
 
     ``missing_gpus``: GPU addresses left out entirely (failed to enumerate). ``unknown_numa``:
     device addresses whose ``numa_node`` reads ``-1`` (BIOS quirk). ``faults``: ``(gpu, kind)``
@@ -56,6 +60,10 @@ def render(machine: str | Machine, out: str | os.PathLike, *, missing_gpus: Iter
                     lambda b: b in by_bdf and by_bdf[b].kind == "gpu", "a GPU")
     unknown = _bdfs(unknown_numa, "unknown_numa", m, lambda b: b in by_bdf, "a PCI device")
     faults = _faults(faults, m, missing)
+    most = max((d.sriov.total_vfs for d in m.devices if d.sriov), default=0)
+    if isinstance(ib_vfs, bool) or not isinstance(ib_vfs, int) or ib_vfs < 0 or (most and ib_vfs > most):
+        raise SimulateError(reason=f"ib_vfs: {ib_vfs!r} VFs per HCA port is not 0..{most} "
+                                   f"(sriov_totalvfs of {m.key}'s HCAs)", value=ib_vfs)
 
     out = Path(out)
     _check_out(out)
@@ -63,7 +71,7 @@ def render(machine: str | Machine, out: str | os.PathLike, *, missing_gpus: Iter
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp.chmod(0o755)                               # mkdtemp makes it 0700
-        _write_tree(m, tmp, missing, unknown)
+        _write_tree(m, tmp, missing, unknown, ib_vfs)
         inject_all(tmp, faults)
         _swap(tmp, out)
     except BaseException:
@@ -167,13 +175,14 @@ class _Writer:
         os.symlink(os.path.relpath(target_rel, parent or "."), os.path.join(self.root, rel))
 
 
-def _write_tree(m: Machine, root: Path, missing: tuple[str, ...], unknown: tuple[str, ...]) -> None:
+def _write_tree(m: Machine, root: Path, missing: tuple[str, ...], unknown: tuple[str, ...],
+                ib_vfs: int) -> None:
     w = _Writer(root)
     w.file(S.DMI_PRODUCT_NAME, m.product_name)
     w.file(S.DMI_SYS_VENDOR, m.sys_vendor)
     _write_nodes(w, m)
     _write_cpus(w, m)
-    _write_pci(w, m, set(missing), set(unknown))
+    _write_pci(w, m, set(missing), set(unknown), ib_vfs)
     _write_host(w, m)
     marker = {"machine": m.key, "product_name": m.product_name, "missing_gpus": list(missing),
               "unknown_numa": list(unknown), "note": NOTE}
@@ -227,8 +236,9 @@ def _write_cpus(w: _Writer, m: Machine) -> None:
         w.file(f"{topo}/core_cpus_list", siblings)
 
 
-def _write_pci(w: _Writer, m: Machine, missing: set[str], unknown: set[str]) -> None:
+def _write_pci(w: _Writer, m: Machine, missing: set[str], unknown: set[str], ib_vfs: int) -> None:
     placed: list[tuple[PciDevice, str]] = []          # (device, its dir relative to the root)
+    vfs_of: dict[str, tuple[PciDevice, ...]] = {}     # PF address -> its enabled VFs
 
     def rec(dev: PciDevice, parent_dir: str) -> None:
         if dev.bdf in missing:                         # failed to enumerate: nothing at all
@@ -237,6 +247,9 @@ def _write_pci(w: _Writer, m: Machine, missing: set[str], unknown: set[str]) -> 
         placed.append((dev, d))
         for child in dev.children:
             rec(child, d)
+        if dev.sriov is not None:                      # VFs sit beside their PF, on its bus
+            vfs_of[dev.bdf] = m.virtual_functions(dev, ib_vfs)
+            placed.extend((vf, f"{parent_dir}/{vf.bdf}") for vf in vfs_of[dev.bdf])
 
     for pci_root in m.pci_roots:
         w.mkdir(f"sys/devices/{pci_root.dirname}")
@@ -248,7 +261,8 @@ def _write_pci(w: _Writer, m: Machine, missing: set[str], unknown: set[str]) -> 
     w.mkdir(S.PCI_DEVICES)
     w.mkdir(S.IOMMU_GROUPS)
     placed.sort(key=lambda item: item[0].bdf)
-    functions = Counter(dev.bdf[:-2] for dev, _ in placed)       # "0000:61:00" -> how many functions
+    # "0000:61:00" -> how many functions; VFs do not make their PF's header multi-function
+    functions = Counter(dev.bdf[:-2] for dev, _ in placed if dev.kind != "vf")
     for group, (dev, d) in enumerate(placed):          # one group per device, in bus order
         w.file(f"{d}/vendor", f"0x{dev.vendor:04x}")
         w.file(f"{d}/device", f"0x{dev.device:04x}")
@@ -266,6 +280,33 @@ def _write_pci(w: _Writer, m: Machine, missing: set[str], unknown: set[str]) -> 
         w.link(f"{d}/driver", driver_dir)
         w.link(f"{driver_dir}/{dev.bdf}", d)
         w.link(S.PCI_DEVICE.format(bdf=dev.bdf), d)
+    _write_sriov(w, m, {dev.bdf: (dev, d) for dev, d in placed}, vfs_of)
+
+
+def _attr(shape: str) -> str:
+    """A device attribute's path below the device's directory (``sriov_numvfs``)."""
+    return shape.removeprefix(S.PCI_DEVICE + "/")
+
+
+def _write_sriov(w: _Writer, m: Machine, by_bdf: dict[str, tuple[PciDevice, str]],
+                 vfs_of: dict[str, tuple[PciDevice, ...]]) -> None:
+    """A PF's SR-IOV files, its ``virtfnN`` links and RDMA device (node GUID); each VF's
+    ``physfn`` link (kernel Documentation/ABI/testing/sysfs-bus-pci)."""
+    for pf_bdf, vfs in vfs_of.items():
+        pf, d = by_bdf[pf_bdf]
+        iov = pf.sriov
+        w.file(f"{d}/{_attr(S.PCI_SRIOV_TOTALVFS)}", str(iov.total_vfs))
+        w.file(f"{d}/{_attr(S.PCI_SRIOV_NUMVFS)}", str(len(vfs)))
+        w.file(f"{d}/{_attr(S.PCI_SRIOV_OFFSET)}", str(iov.offset))
+        w.file(f"{d}/{_attr(S.PCI_SRIOV_STRIDE)}", str(iov.stride))
+        w.file(f"{d}/{_attr(S.PCI_SRIOV_VF_DEVICE)}", f"{iov.vf_device:x}")
+        if pf.label:
+            w.file(f"{d}/{_attr(S.PCI_IB_NODE_GUID).format(ibdev=pf.label)}", m.node_guid(pf))
+            w.mkdir(f"{d}/{_attr(S.PCI_NET)}/{m.netdev(pf)}")
+        for i, vf in enumerate(vfs):
+            vf_dir = by_bdf[vf.bdf][1]
+            w.link(f"{d}/{S.PCI_VIRTFN.format(index=i)}", vf_dir)
+            w.link(f"{vf_dir}/{S.PCI_PHYSFN}", d)
 
 
 def _write_signals(w: _Writer, dev: PciDevice, d: str, *, multifunction: bool) -> None:

@@ -8,10 +8,11 @@ from dataclasses import dataclass, replace
 from ..errors import TopologyError
 from .catalog import GENERIC, PROFILES, CatalogBlock, MachineProfile
 from .model import (NO_NVSWITCH, Core, Gpu, GpuBlock, HugePagePool, Host, MissingGpu, Nic, NumaNode,
-                    NvSwitch)
+                    NvSwitch, VirtualFunction)
 from .nvml import NvmlFacts
 from .sysfs import (CPU_ONLINE, CPU_TOPOLOGY, DMI_PRODUCT_NAME, NODE_CPULIST, PCI_DEVICE,
-                    SysfsRoot)
+                    PCI_IB_NODE_GUID, PCI_INFINIBAND, PCI_NET, PCI_PHYSFN, PCI_SRIOV_NUMVFS,
+                    PCI_SRIOV_TOTALVFS, PCI_VIRTFN, SysfsRoot)
 
 NVIDIA = "0x10de"
 CLASS_DISPLAY = 0x03          # base class: display controller (0x0300 VGA, 0x0302 3D)
@@ -31,6 +32,7 @@ class _Pci:
     iommu_group: int | None
     bridges: tuple[str, ...]
     driver: str | None
+    is_vf: bool = False       # an SR-IOV virtual function (it has a physfn link)
 
 
 def discover(sysfs: SysfsRoot, *, machine: str | None = None,
@@ -60,7 +62,9 @@ def discover(sysfs: SysfsRoot, *, machine: str | None = None,
     _resolve_numa_from_bridges(devices, by_bdf, notes)
     gpu_devs = [d for d in devices if d.vendor == NVIDIA and d.cls >> 16 == CLASS_DISPLAY]
     sw_devs = [d for d in devices if d.vendor == NVIDIA and d.cls >> 8 == CLASS_BRIDGE_OTHER]
-    nic_devs = [d for d in devices if d.cls >> 8 in (CLASS_ETHERNET, CLASS_INFINIBAND)]
+    # VFs are the NICs' own (Nic.vfs), not NICs of the host
+    nic_devs = [d for d in devices if d.cls >> 8 in (CLASS_ETHERNET, CLASS_INFINIBAND)
+                and not d.is_vf]
 
     profile, match = _match(product, gpu_devs, machine)
     nvml_facts = None
@@ -91,7 +95,7 @@ def discover(sysfs: SysfsRoot, *, machine: str | None = None,
     for m in missing:
         notes.append(f"GPU {m.pci} (slot {m.slot}) is missing from the PCI bus: "
                      "blocks containing it are not offered")
-    nics, gpus = _nics(nic_devs, gpus)
+    nics, gpus = _nics(nic_devs, gpus, _sriov(sysfs, nic_devs, by_bdf))
     switches, sw_slot = _switches(profile, sw_devs, notes)
     blocks = _blocks(profile.blocks(ids), {g.slot: g.index for g in gpus}, sw_slot)
     return Host(machine=profile.key, display_name=profile.display_name, product_name=product,
@@ -165,7 +169,8 @@ def _read_pci(sysfs: SysfsRoot, bdf: str, cpu_node: dict[int, int], n_nodes: int
     return _Pci(bdf=bdf, vendor=sysfs.pci_attr(bdf, "vendor").lower(),
                 device=sysfs.pci_attr(bdf, "device").lower(), cls=cls, numa_node=numa,
                 numa_source=source, iommu_group=int(group) if group and group.isdigit() else None,
-                bridges=sysfs.pci_upstream(bdf), driver=sysfs.pci_link_name(bdf, "driver"))
+                bridges=sysfs.pci_upstream(bdf), driver=sysfs.pci_link_name(bdf, "driver"),
+                is_vf=sysfs.pci_link_name(bdf, PCI_PHYSFN) is not None)
 
 
 def _resolve_numa_from_bridges(devices: list[_Pci], by_bdf: dict[str, _Pci], notes: list[str]):
@@ -287,14 +292,48 @@ def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
     return n
 
 
-def _nics(devs: list[_Pci], gpus: list[Gpu]) -> tuple[tuple[Nic, ...], tuple[Gpu, ...]]:
+def _sriov(sysfs: SysfsRoot, devs: list[_Pci], by_bdf: dict[str, _Pci]) -> dict[str, dict]:
+    """Per NIC address: its SR-IOV capability and enabled VFs (``sriov_totalvfs``, the
+    ``virtfnN`` links), its RDMA device, node GUID and network interface; only NICs that have
+    any of them."""
+    out: dict[str, dict] = {}
+    for d in devs:
+        info: dict = {}
+        if sysfs.exists(PCI_SRIOV_TOTALVFS, bdf=d.bdf):
+            info["total_vfs"] = sysfs.read_int(PCI_SRIOV_TOTALVFS, bdf=d.bdf)
+            vfs = []
+            for i in range(sysfs.read_int(PCI_SRIOV_NUMVFS, bdf=d.bdf)):
+                name = sysfs.pci_link_name(d.bdf, PCI_VIRTFN.format(index=i))
+                vf = by_bdf.get(name or "")
+                if vf is None:          # enabled but not (yet) on the bus: not offered
+                    continue
+                vfs.append(VirtualFunction(pci=vf.bdf, index=i, device_id=vf.device[2:],
+                                           iommu_group=vf.iommu_group, driver=vf.driver,
+                                           numa_node=vf.numa_node))
+            info["vfs"] = tuple(vfs)
+        if sysfs.exists(PCI_INFINIBAND, bdf=d.bdf):
+            for ibdev in sysfs.listdir(PCI_INFINIBAND, bdf=d.bdf)[:1]:
+                guid = sysfs.read(PCI_IB_NODE_GUID, bdf=d.bdf, ibdev=ibdev)
+                info["rdma_device"] = ibdev
+                info["node_guid"] = "0x" + guid.replace(":", "").lower()
+        if sysfs.exists(PCI_NET, bdf=d.bdf):
+            for name in sysfs.listdir(PCI_NET, bdf=d.bdf)[:1]:
+                info["netdev"] = name
+        if info:
+            out[d.bdf] = info
+    return out
+
+
+def _nics(devs: list[_Pci], gpus: list[Gpu],
+          sriov: dict[str, dict]) -> tuple[tuple[Nic, ...], tuple[Gpu, ...]]:
     """Pair NICs and GPUs through the PCIe tree.
 
     Nearness is the length of the shared bridge chain; sharing only the root port is not "near"
     (at least a switch's upstream port must be common: length >= 2). Each NIC lists the GPUs
     nearest to it; each GPU gets the NICs nearest to it, so a storage card on a first-level
-    switch does not count for a GPU whose own second-level switch has a compute NIC.
-    Returns the NICs and the GPUs with their ``nics`` filled in.
+    switch does not count for a GPU whose own second-level switch has a compute NIC, and every
+    InfiniBand HCA it shares a switch with, nearest first (``hcas``; placement picks from them).
+    ``sriov``: what :func:`_sriov` read. Returns the NICs and the GPUs with those filled in.
     """
     depth = {(d.bdf, g.index): _common_prefix(d.bridges + (d.bdf,), g.bridges + (g.pci,))
              for d in devs for g in gpus}
@@ -304,12 +343,16 @@ def _nics(devs: list[_Pci], gpus: list[Gpu]) -> tuple[tuple[Nic, ...], tuple[Gpu
         near = tuple(g.index for g in gpus if best >= 2 and depth[d.bdf, g.index] == best)
         kind = "infiniband" if d.cls >> 8 == CLASS_INFINIBAND else "ethernet"
         nics.append(Nic(pci=d.bdf, vendor_id=d.vendor[2:], device_id=d.device[2:], kind=kind,
-                        numa_node=d.numa_node, bridges=d.bridges, near_gpus=near))
+                        numa_node=d.numa_node, bridges=d.bridges, near_gpus=near,
+                        **sriov.get(d.bdf, {})))
+    ib = [d for d in devs if d.cls >> 8 == CLASS_INFINIBAND]
     with_nics = []
     for g in gpus:
         best = max((depth[d.bdf, g.index] for d in devs), default=0)
         mine = tuple(d.bdf for d in devs if best >= 2 and depth[d.bdf, g.index] == best)
-        with_nics.append(replace(g, nics=mine))
+        hcas = sorted(((d.bdf, depth[d.bdf, g.index]) for d in ib if depth[d.bdf, g.index] >= 2),
+                      key=lambda h: (-h[1], h[0]))
+        with_nics.append(replace(g, nics=mine, hcas=tuple(hcas)))
     return tuple(nics), tuple(with_nics)
 
 
@@ -322,7 +365,7 @@ def _generic_host(product, match, simulated, nodes, cores, gpu_devs, sw_devs, ni
     if sw_devs:
         notes.append(f"{len(sw_devs)} NVSwitch(es) found on an unknown machine: they are left to "
                      "the host (no NVLink partitioning)")
-    nics, gpus = _nics(nic_devs, gpus)
+    nics, gpus = _nics(nic_devs, gpus, {})
     blocks = _generic_blocks(gpus, nodes)
     return Host(machine=GENERIC, display_name="generic PCIe GPU server", product_name=product,
                 match=match, simulated=simulated, nvswitch_model=NO_NVSWITCH, numa_nodes=nodes,

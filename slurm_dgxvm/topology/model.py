@@ -62,6 +62,9 @@ class Gpu:
     driver: str | None
     healthy: bool = True
     nics: tuple[str, ...] = ()  # the NICs behind this GPU's deepest shared PCIe switch
+    # InfiniBand HCAs (physical functions) behind a PCIe switch this GPU is also behind, with the
+    # number of bridges they share with it: deepest (nearest) first
+    hcas: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,18 @@ class NvSwitch:
 
 
 @dataclass(frozen=True)
+class VirtualFunction:
+    """An SR-IOV virtual function of a NIC, enabled by the host (``sriov_numvfs``)."""
+
+    pci: str
+    index: int                 # N of the PF's virtfnN
+    device_id: str             # "101c"
+    iommu_group: int | None
+    driver: str | None         # vfio-pci when it is ready for a VM
+    numa_node: int | None
+
+
+@dataclass(frozen=True)
 class Nic:
     pci: str
     vendor_id: str
@@ -90,6 +105,11 @@ class Nic:
     numa_node: int | None
     bridges: tuple[str, ...]
     near_gpus: tuple[int, ...]  # GPU indices behind the same PCIe switch
+    total_vfs: int = 0          # sriov_totalvfs; 0: no SR-IOV
+    vfs: tuple[VirtualFunction, ...] = ()   # enabled, by index
+    rdma_device: str | None = None   # mlx5_0
+    node_guid: str | None = None     # 0xb8cef60300a1b2c4
+    netdev: str | None = None        # its network interface (ibp12s0): `ip link set DEV vf N`
 
 
 @dataclass(frozen=True)
@@ -168,6 +188,10 @@ class Host:
         return tuple(out)
 
     @cached_property
+    def nic_by_pci(self) -> dict[str, Nic]:
+        return {n.pci: n for n in self.nics}
+
+    @cached_property
     def blocks_by_size(self) -> dict[int, tuple[GpuBlock, ...]]:
         out: dict[int, list[GpuBlock]] = {}
         for b in self.blocks:
@@ -208,7 +232,9 @@ class Host:
                 for n in self.numa_nodes
             ],
             "nics": [{"pci": n.pci, "kind": n.kind, "numa_node": n.numa_node,
-                      "near_gpus": list(n.near_gpus)} for n in self.nics],
+                      "near_gpus": list(n.near_gpus), "total_vfs": n.total_vfs,
+                      "vfs": [vf.pci for vf in n.vfs], "rdma_device": n.rdma_device,
+                      "node_guid": n.node_guid} for n in self.nics],
             "blocks": [{"gpus": list(b.gpus), "nvswitches": list(b.nvswitches),
                         "fm_partition": b.fm_partition} for b in self.blocks],
             "notes": list(self.notes),

@@ -43,6 +43,21 @@ PCI_RESET_METHOD = PCI_DEVICE + "/reset_method"
 PCI_AER_CORRECTABLE = PCI_DEVICE + "/aer_dev_correctable"
 PCI_AER_NONFATAL = PCI_DEVICE + "/aer_dev_nonfatal"
 PCI_AER_FATAL = PCI_DEVICE + "/aer_dev_fatal"
+# SR-IOV (kernel Documentation/ABI/testing/sysfs-bus-pci): a physical function's capability and
+# the virtual functions enabled on it. sriov_vf_device is the VFs' device id in hex without 0x
+# ("101c"); virtfn<N> links to VF N's device directory, and each VF's physfn back to its PF.
+PCI_SRIOV_TOTALVFS = PCI_DEVICE + "/sriov_totalvfs"
+PCI_SRIOV_NUMVFS = PCI_DEVICE + "/sriov_numvfs"
+PCI_SRIOV_OFFSET = PCI_DEVICE + "/sriov_offset"
+PCI_SRIOV_STRIDE = PCI_DEVICE + "/sriov_stride"
+PCI_SRIOV_VF_DEVICE = PCI_DEVICE + "/sriov_vf_device"
+PCI_VIRTFN = "virtfn{index}"                     # link attribute of a PF, one per enabled VF
+PCI_PHYSFN = "physfn"                            # link attribute of a VF
+# An InfiniBand HCA function's RDMA device (``mlx5_0``) and its node GUID, as four groups of four
+# hex digits (``b8ce:f603:00a1:b2c4``; drivers/infiniband/core/sysfs.c).
+PCI_INFINIBAND = PCI_DEVICE + "/infiniband"
+PCI_NET = PCI_DEVICE + "/net"                    # the function's network interface(s): ibp12s0
+PCI_IB_NODE_GUID = PCI_INFINIBAND + "/{ibdev}/node_guid"
 # Written by `dgxvm simulate` beside sys/, never present on a real host: says which machine the
 # tree imitates, so every output can declare that it is simulated.
 SIMULATED_MARKER = ".dgxvm-simulated"

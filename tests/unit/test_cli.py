@@ -124,6 +124,23 @@ def test_plan_on_h100_names_the_fm_partition(run):
     assert doc["fm_partition"] == 0 and doc["nvswitches"] == []
 
 
+@pytest.mark.parametrize("machine", ["dgx-h100"])
+def test_plan_with_ib_vf_names_each_gpus_vf_and_takes_nothing(run, state):
+    doc = json.loads(run("plan", "--gpu-count", "2", "--ib", "vf", "--json").output)
+    assert doc["ib_mode"] == "vf"
+    assert doc["ib"] == [{"gpu": 0, "hca": "0000:18:00.0", "pci": "0000:18:00.1", "vf": 0},
+                         {"gpu": 2, "hca": "0000:4f:00.0", "pci": "0000:4f:00.1", "vf": 0}]
+    out = run("plan", "--gpu-count", "1", "--gpu-index", "3", "--ib", "port").output
+    assert "InfiniBand   GPU 3: HCA 0000:5e:00.0 whole" in out
+    assert not (state / "ledger.json").exists()
+
+
+def test_plan_with_ib_vf_on_a_dgx2_is_refused_naming_the_flag(tree, state, capsys):
+    code = main(["--sysfs-root", str(tree), "--state-dir", str(state), "plan", "--gpu-count",
+                 "2", "--ib", "vf"])
+    assert code == 2 and "--ib vf needs an SR-IOV VF enabled" in error_line(capsys)
+
+
 BAD_INPUT = [
     # (args after `plan`, text the error line must contain, exit code)
     (["--gpu-count", "4", "--slurm-gpus", "0-3,x"], "'0-3,x'", 2),
@@ -142,6 +159,7 @@ BAD_INPUT = [
     (["--gpu-count", "four"], "'four'", 2),
     (["--gpu-count", "4", "--gpu-index", "0", "--slurm-gpus", "0-3"], "--gpu-index", 2),
     (["--gpu-count", "4", "--bogus"], "--bogus", 2),
+    (["--gpu-count", "2", "--ib", "rdma"], "'rdma'", 2),
 ]
 
 

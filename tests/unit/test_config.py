@@ -101,6 +101,15 @@ lock_timeout_s = 5
     ("[containers]\ncache_max_age_days = nan\n", "containers.cache_max_age_days nan is out of range"),
     ("[containers]\ncache_max_age_days = inf\n", "containers.cache_max_age_days inf is out of range"),
     ("[containers]\ncache_max_age_days = true\n", "containers.cache_max_age_days must be float"),
+    ("[ib]\nbackend = \"sm\"\n", "ib.backend 'sm' is not one of none, ufm, opensm"),
+    ("[ib]\nbackend = \"ufm\"\n", "ib.url '' must be the UFM server's"),
+    ("[ib]\nbackend = \"ufm\"\nurl = \"https://ufm/ufmRest\"\n", "without a path"),
+    ("[ib]\ntimeout_s = 0\n", "ib.timeout_s must be > 0"),
+    ("[ib]\npkey_min = 0\n", "ib.pkey_min 0"),
+    ("[ib]\npkey_max = 32767\n", "0x7fff is the default partition"),
+    ("[ib]\npkey_min = 500\npkey_max = 400\n", "min <= max"),
+    ("[ib]\ncredentials_file = \"ufm.cred\"\n", "ib.credentials_file 'ufm.cred' must be an absolute"),
+    ("[partitions.gpu]\nib = \"sriov\"\n", "partitions.gpu.ib 'sriov' is not one of none, vf, port"),
     ("host = 3\n", "host must be a table"),
     ("[host\n", "not valid TOML"),
 ])
@@ -230,3 +239,16 @@ def test_a_subnet_holds_exactly_the_addresses_max_nodes_needs(tmp_path):
     # a /24 from .10 to .254: 245 nodes fit, the 246th would be the broadcast address
     cfg = load(write(tmp_path, '[jobnet]\nsubnet = "10.0.0.0/24"\nmax_nodes = 245\n'))
     assert cfg.jobnet.max_nodes == 245
+
+
+def test_ib_modes_of_the_config_are_the_placements():
+    from slurm_dgxvm.config import IB_MODES
+    from slurm_dgxvm.placement import IB_MODES as PLACED
+    assert IB_MODES == PLACED
+
+
+def test_ib_defaults_change_nothing(tmp_path):
+    cfg = load(write(tmp_path, "[partitions.gpu]\nimage = \"x\"\n"))
+    assert cfg.partition("gpu").ib == "none" and cfg.ib.backend == "none"
+    cfg = load(write(tmp_path, "[partitions.gpu]\nib = \"vf\"\n[ib]\nbackend = \"opensm\"\n"))
+    assert cfg.partition("gpu").ib == "vf" and cfg.ib.backend == "opensm"

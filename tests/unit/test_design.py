@@ -43,8 +43,8 @@ def vm_inputs(name="vm1", workdir="/home/alice/run", share="virtiofs", data=Fals
                     fabric=fabric)
 
 
-def spec_for(host, count, **kw):
-    p = place(host, EMPTY, Request(count=count), Policy())
+def spec_for(host, count, ib="none", **kw):
+    p = place(host, EMPTY, Request(count=count, ib=ib), Policy())
     return p, design(host, p, IMAGE, vm_inputs(**kw), domain_type="kvm")
 
 
@@ -74,11 +74,18 @@ def validated_xml(spec, tmp_path) -> str:
     return xml
 
 
-@pytest.mark.parametrize("machine,count", CASES)
-def test_domain_matches_golden_file(hosts, machine, count):
-    _, spec = spec_for(hosts[machine], count)
+# InfiniBand beside the GPUs (a partition's ib): a VF per GPU on every size of the machines with
+# SR-IOV HCAs, and whole ports once
+IB_CASES = ([(m, n, "vf") for m in ("dgx-a100", "dgx-h100") for n in SIZES[m]]
+            + [("dgx-a100", 2, "port"), ("dgx-h100", 8, "port")])
+
+
+@pytest.mark.parametrize("machine,count,ib", [(m, n, "none") for m, n in CASES] + IB_CASES)
+def test_domain_matches_golden_file(hosts, machine, count, ib):
+    _, spec = spec_for(hosts[machine], count, ib=ib)
     xml = domain_xml(spec)
-    golden = GOLDEN / f"{machine}-{count}gpu.xml"
+    golden = GOLDEN / (f"{machine}-{count}gpu.xml" if ib == "none"
+                       else f"{machine}-{count}gpu-ib-{ib}.xml")
     if os.environ.get("DGXVM_REGEN_GOLDEN"):
         golden.write_text(xml)
     assert canonical(xml) == canonical(golden.read_text())
@@ -145,6 +152,75 @@ def test_domain_validates_and_defines_on_libvirt(hosts, machine, count, tmp_path
             assert len(defined.findall("./devices/hostdev")) == len(s.hostdevs)
         finally:
             dom.undefine()
+
+
+@pytest.mark.parametrize("machine,count,ib", IB_CASES)
+def test_ib_domain_validates_defines_and_fits_without_its_hcas(hosts, machine, count, ib,
+                                                               tmp_path, conn):
+    _, spec = spec_for(hosts[machine], count, ib=ib, name=f"ib-{machine}-{count}-{ib}")
+    fitted, changes = fit_to_host(spec, RealHost(cpus=(0, 1), numa_nodes=(0,), hugepages_kib=()),
+                                  max_vcpus=2, max_memory_mib=512)
+    ibs = [h.pci for h in spec.hostdevs if h.kind.startswith("ib-")]
+    assert ibs and fitted.hostdevs == ()
+    assert f"{len(ibs)} InfiniBand function(s) {', '.join(ibs)}" in changes[0]
+    for s in (spec, fitted):
+        dom = conn.defineXML(validated_xml(s, tmp_path))
+        try:
+            defined = ET.fromstring(dom.XMLDesc())
+            assert len(defined.findall("./devices/hostdev")) == len(s.hostdevs)
+        finally:
+            dom.undefine()
+
+
+def _guest_layout(spec):
+    """{host PCI address: (guest NUMA cell, kind, the upstream switch port above it or None)},
+    walking from each device's port up through switch and root port to the expander."""
+    parent = {p.index: p.bus for p in (*spec.root_ports, *spec.switch_ports)}
+    upstream = {p.index for p in spec.switch_ports if p.upstream}
+    cell_of = {x.index: x.cell for x in spec.expanders}
+    out = {}
+    for h in spec.hostdevs:
+        at, switch = h.bus, None
+        while at not in cell_of:
+            switch = at if at in upstream else switch
+            at = parent[at]
+        out[h.pci] = (cell_of[at], h.kind, switch)
+    return out
+
+
+def test_each_h100_gpu_gets_a_vf_of_its_own_hca_in_its_guest_cell(hosts):
+    """H100UG table 6: GPU i <-> OSFP HCA at GPU bus - 3; the VF sits on the root port after its
+    GPU's, behind the same expander (same guest NUMA cell)."""
+    host = hosts["dgx-h100"]
+    p, spec = spec_for(host, 8, ib="vf")
+    hca_bus = dict(zip("1b 43 52 61 9d c3 d1 df".split(), "18 40 4f 5e 9a c0 ce dc".split()))
+    assert [(f.gpu, f.hca, f.pci, f.vf) for f in p.ib] == [
+        (i, f"0000:{hca_bus[g.pci[5:7]]}:00.0", f"0000:{hca_bus[g.pci[5:7]]}:00.1", 0)
+        for i, g in enumerate(host.gpus)]
+    layout = _guest_layout(spec)
+    for f in p.ib:
+        cell, kind, switch = layout[host.gpu(f.gpu).pci]
+        assert kind == "gpu" and switch is not None
+        assert layout[f.pci] == (cell, "ib-vf", switch)     # one switch: GPU and its VF only
+    assert len({sw for _, _, sw in layout.values()}) == 8
+    xml = ET.fromstring(domain_xml(spec))
+    sources = [h.find("source/address").attrib for h in xml.findall("./devices/hostdev")]
+    assert {"domain": "0x0000", "bus": "0x18", "slot": "0x00", "function": "0x1"} in sources
+
+
+def test_a100_gpu_pair_gets_the_two_hcas_of_its_switch_complex(hosts):
+    """GDS: mlx5_0 (0c) with GPU 0f, mlx5_1 (12) with GPU 07."""
+    p, spec = spec_for(hosts["dgx-a100"], 2, ib="port")
+    assert [(f.gpu, f.pci, f.vf) for f in p.ib] == [(0, "0000:12:00.0", None),
+                                                   (1, "0000:0c:00.0", None)]
+    layout = _guest_layout(spec)
+    assert layout["0000:12:00.0"][1:] == ("ib-port", layout["0000:07:00.0"][2])
+    assert layout["0000:0c:00.0"][1:] == ("ib-port", layout["0000:0f:00.0"][2])
+
+
+def test_no_ib_by_default_keeps_the_domain_of_before(hosts):
+    p, spec = spec_for(hosts["dgx-h100"], 4)
+    assert p.ib == () and all(h.kind == "gpu" for h in spec.hostdevs)
 
 
 def test_dgx2_four_gpus_pins_to_one_node_with_its_nvswitches(hosts):

@@ -57,7 +57,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("containers",),
     ("shares",),
     ("placement", "topology", "simulate", "ledger", "records", "images", "seed", "fabric",
-     "observe", "failpoints", "jobnet"),
+     "ibpart", "observe", "failpoints", "jobnet"),
     ("config", "errors", "fsutil", "tools", "names", "ranges", "netfilter", "lazy",
      "versions"),
 )

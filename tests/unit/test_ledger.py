@@ -107,6 +107,33 @@ def test_allocation_domain_round_trip_with_nulls():
     assert Allocation.from_json(json.loads(json.dumps(a.to_json()))) == a
 
 
+def test_allocation_with_ib_functions_round_trips_and_old_records_read_without_them():
+    a = dataclasses.replace(mk("job:17", [0]), ib_functions=("0000:18:00.1",))
+    assert a.to_json()["ib_functions"] == ["0000:18:00.1"]
+    assert Allocation.from_json(json.loads(json.dumps(a.to_json()))) == a
+    old = mk("job:18", [1]).to_json()
+    assert "ib_functions" not in old and Allocation.from_json(old).ib_functions == ()
+
+
+@pytest.mark.parametrize("bad,why", [([], "present but empty"), (["x", "x"], "twice"),
+                                     ("0000:18:00.1", "list"), ([3], "strings")])
+def test_bad_ib_functions_in_a_record_are_refused(bad, why):
+    rec = dict(mk("job:1", [0]).to_json(), ib_functions=bad)
+    with pytest.raises(ValueError, match=why):
+        Allocation.from_json(rec)
+
+
+def test_one_ib_function_is_never_recorded_for_two_vms(ledger):
+    vf = ("0000:18:00.1",)
+    with ledger.transaction() as txn:
+        txn.allocate(dataclasses.replace(mk("job:1", [0]), ib_functions=vf))
+    with pytest.raises(LedgerConflict) as info:
+        with ledger.transaction() as txn:
+            txn.allocate(dataclasses.replace(mk("job:2", [1]), ib_functions=vf))
+    assert info.value.resource == "ib_function" and info.value.holder == "job:1"
+    assert ledger.read().occupancy().ib_functions == frozenset(vf)
+
+
 def test_allocation_occupancy():
     a = mk("job:5", [0, 1], nvswitches=[2], cpus=[3, 4], fm=7, memory={0: 100})
     assert a.occupancy() == Occupancy(

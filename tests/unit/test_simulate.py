@@ -187,6 +187,8 @@ def test_bridges_use_pcieport_and_storage_devices_their_drivers(rendered):
         cls = root.pci_attr(bdf, "class")
         expected = {"0x0604": "pcieport", "0x0108": "nvme", "0x0200": "mlx5_core",
                     "0x0207": "mlx5_core", "0x0680": nvswitch}.get(cls[:6], "vfio-pci")
+        if root.pci_link_name(bdf, "physfn") is not None:
+            expected = "vfio-pci"          # an SR-IOV VF, ready for a VM
         assert root.pci_link_name(bdf, "driver") == expected
         assert root.path(f"sys/bus/pci/drivers/{expected}").is_dir()
 
@@ -333,3 +335,55 @@ def test_a_previous_simulated_tree_is_replaced(tmp_path):
 def test_a_description_object_renders_like_its_key(tmp_path):
     root = SysfsRoot(render(DGX_A100, tmp_path / "r"))
     assert root.simulated()["machine"] == "dgx-a100"
+
+
+# -- SR-IOV on the compute HCAs --------------------------------------------------------------------
+VF_DEVICE = {"dgx-a100": "101c", "dgx-h100": "101e"}
+
+
+@pytest.mark.parametrize("key", sorted(VF_DEVICE))
+def test_compute_hcas_enable_eight_vfs_numbered_from_the_pf_routing_id(key, tmp_path):
+    root = SysfsRoot(render(key, tmp_path / "r"))
+    for nic in NIC_GPUS[key]:
+        pf = f"0000:{nic:02x}:00.0"
+        assert root.read(f"sys/bus/pci/devices/{pf}/sriov_totalvfs") == "16"
+        assert root.read(f"sys/bus/pci/devices/{pf}/sriov_numvfs") == "8"
+        assert root.read(f"sys/bus/pci/devices/{pf}/sriov_vf_device") == VF_DEVICE[key]
+        # routing id + offset 1 + i * stride 1: .1 ... .7, then device 1 function 0
+        want = [f"0000:{nic:02x}:00.{f}" for f in range(1, 8)] + [f"0000:{nic:02x}:01.0"]
+        assert [root.pci_link_name(pf, f"virtfn{i}") for i in range(8)] == want
+        numa = root.pci_attr(pf, "numa_node")
+        # VFs do not make the PF a multi-function device (header type bit 7 stays 0)
+        assert root.read_bytes(f"sys/bus/pci/devices/{pf}/config", 64)[0x0e] == 0
+        for vf in want:
+            assert root.pci_link_name(vf, "physfn") == pf
+            assert root.pci_attr(vf, "device") == "0x" + VF_DEVICE[key]
+            assert root.pci_attr(vf, "class") == "0x020700"
+            assert root.pci_attr(vf, "numa_node") == numa
+            assert root.pci_link_name(vf, "driver") == "vfio-pci"
+            group = root.pci_link_name(vf, "iommu_group")
+            assert root.listdir(f"sys/kernel/iommu_groups/{group}/devices") == [vf]
+            assert root.pci_upstream(vf) == root.pci_upstream(pf)   # beside the PF, on its bus
+
+
+def test_the_storage_nics_and_the_dgx2_have_no_sriov(tmp_path):
+    a100 = SysfsRoot(render("dgx-a100", tmp_path / "a"))
+    assert not a100.exists("sys/bus/pci/devices/0000:61:00.0/sriov_totalvfs")
+    dgx2 = SysfsRoot(render("dgx2", tmp_path / "d"))
+    assert not any(dgx2.exists(f"sys/bus/pci/devices/{b}/sriov_totalvfs")
+                   for b in dgx2.pci_addresses())
+
+
+@pytest.mark.parametrize("count", [0, 3, 16])
+def test_ib_vfs_sets_how_many_vfs_each_hca_enables(count, tmp_path):
+    root = SysfsRoot(render("dgx-h100", tmp_path / "r", ib_vfs=count))
+    assert root.read("sys/bus/pci/devices/0000:18:00.0/sriov_numvfs") == str(count)
+    vfs = [b for b in root.pci_addresses() if root.pci_link_name(b, "physfn")]
+    assert len(vfs) == 8 * count
+
+
+@pytest.mark.parametrize("bad", [-1, 17, True, "8"])
+def test_ib_vfs_beyond_totalvfs_is_refused(bad, tmp_path):
+    with pytest.raises(SimulateError, match="ib_vfs"):
+        render("dgx-a100", tmp_path / "r", ib_vfs=bad)
+    assert not (tmp_path / "r").exists()

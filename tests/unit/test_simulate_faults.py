@@ -446,9 +446,21 @@ def test_cli_a_bad_fault_at_render_time_leaves_no_tree(tmp_path, capsys):
     (["--into", "X"], "--into DIR needs at least one --fault"),
     (["dgx2", "--out", "X", "--into", "X", "--fault", "0:clear"], "give one of them"),
     (["--missing-gpu", "34:00.0", "--into", "X", "--fault", "0:clear"], "missing MACHINE"),
+    (["--ib-vfs", "4", "--into", "X", "--fault", "0:clear"], "missing MACHINE"),
 ])
 def test_cli_usage_errors_say_what_is_missing(tmp_path, capsys, args, words):
     args = [str(tmp_path / "x") if a == "X" else a for a in args]
     assert main(["simulate", *args]) == 2
     assert words in error_line(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_cli_ib_vfs_sets_the_vfs_each_compute_hca_enables(tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert main(["simulate", "dgx-a100", "--out", str(out), "--ib-vfs", "3"]) == 0
+    assert (out / "sys/bus/pci/devices/0000:0c:00.0/sriov_numvfs").read_text() == "3\n"
+    assert (out / "sys/bus/pci/devices/0000:0c:00.3").exists()
+    assert not (out / "sys/bus/pci/devices/0000:0c:00.4").exists()
+    assert main(["simulate", "dgx-a100", "--out", str(tmp_path / "b"), "--ib-vfs", "17"]) == 3
+    assert "ib_vfs: 17 VFs per HCA port is not 0..16" in error_line(capsys)

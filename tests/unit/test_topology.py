@@ -310,6 +310,34 @@ def test_dgx_a100_nics_stay_within_their_gpu_pair(host):
     assert {i for n in host.nics for i in n.near_gpus} == set(range(8))
 
 
+@pytest.mark.parametrize("machine", ["dgx-a100", "dgx-h100"])
+def test_compute_hcas_bring_their_enabled_vfs_and_no_vf_is_a_nic_of_its_own(host):
+    compute = [n for n in host.nics if n.near_gpus]
+    assert len(compute) == 8
+    for n in compute:
+        assert n.total_vfs == 16 and len(n.vfs) == 8
+        assert [vf.index for vf in n.vfs] == list(range(8))
+        assert all(vf.driver == "vfio-pci" and vf.numa_node == n.numa_node
+                   and vf.iommu_group is not None for vf in n.vfs)
+        assert n.rdma_device.startswith("mlx5_") and n.node_guid.startswith("0xb8cef603")
+    all_vfs = {vf.pci for n in host.nics for vf in n.vfs}
+    assert not all_vfs & {n.pci for n in host.nics}
+    assert len(all_vfs) == 64
+
+
+@pytest.mark.parametrize("machine", ["dgx-a100"])
+def test_each_a100_gpu_lists_the_hcas_of_its_switch_nearest_first(host):
+    # GDS: mlx5_0 (0c) sits under GPU1's (0f) second-level switch, mlx5_1 (12) beside the pair
+    assert [pci for pci, _ in host.gpu(1).hcas] == ["0000:0c:00.0", "0000:12:00.0"]
+    assert host.gpu(1).hcas[0][1] > host.gpu(1).hcas[1][1]
+    assert {pci for pci, _ in host.gpu(0).hcas} == {"0000:0c:00.0", "0000:12:00.0"}
+    assert all(pci not in ("0000:61:00.0", "0000:61:00.1") for g in host.gpus for pci, _ in g.hcas)
+
+
+def test_the_dgx2_hcas_have_no_sriov(host):
+    assert all(n.total_vfs == 0 and n.vfs == () for n in host.nics)
+
+
 # -- a degraded DGX-2 ------------------------------------------------------------------------------
 on_degraded = pytest.mark.parametrize("machine", [DEGRADED])
 
