@@ -2,8 +2,8 @@
 ports, chosen by placement) in a partition of the job's own, so its VMs on every node reach each
 other over InfiniBand and no other tenant's.
 
-For the integrator (the Prolog's create and the Epilog's teardown call these; nothing here is
-wired into them yet)::
+A job's create calls these in its ``ib`` stage, and its delete calls :func:`remove` (see
+slurm_dgxvm.lifecycle)::
 
     from slurm_dgxvm import ibpart
     plan = ibpart.plan_for(job_id, placement, host, pkey_min=cfg.ib.pkey_min,
@@ -36,7 +36,8 @@ from .opensm import OpenSm
 from .plan import IbPlan, Member, pkey_for, plan_for, vf_guid
 from .ufm import Ufm
 
-__all__ = ["IbPlan", "Member", "apply", "backend", "pkey_for", "plan_for", "remove", "vf_guid"]
+__all__ = ["IbPlan", "Member", "apply", "backend", "pkey_for", "plan_for", "remove", "run_ip",
+           "vf_guid"]
 
 
 def backend(cfg) -> Ufm | OpenSm | None:
@@ -50,12 +51,13 @@ def backend(cfg) -> Ufm | OpenSm | None:
     return None
 
 
-def _run_ip(argv, timeout: float, pkey: str) -> None:
+def run_ip(argv, timeout: float, pkey: str) -> None:
+    """Run one ``ip link`` command of a plan (the default runner of :func:`apply`)."""
     run_tool(argv, timeout=timeout,
              error=lambda reason: IbPartitionError(pkey=pkey, call=" ".join(argv), reason=reason))
 
 
-def apply(plan: IbPlan, cfg, *, run: Callable[..., None] = _run_ip) -> None:
+def apply(plan: IbPlan, cfg, *, run: Callable[..., None] = run_ip) -> None:
     """Set each VF's node and port GUID (``ip link set DEV vf N node_guid|port_guid G``), then
     add the plan's GUIDs to its key at the subnet manager. Call it before the VM starts: a VF's
     GUID cannot change while a guest drives it. ``run(argv, timeout, pkey)`` runs a command."""

@@ -26,7 +26,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import failpoints, images as images_mod, seed as seed_mod
+from .. import failpoints, ibpart, images as images_mod, seed as seed_mod
 from ..virt import hypervisor
 from ..observe import opstats
 from ..config import Config
@@ -175,6 +175,8 @@ class _Creation:
         yield "define", self.arm_reset
         if self.placement.fm_partition is not None:     # no Fabric Manager: no fm stage
             yield "fm", self.activate_fabric
+        if self.placement.ib and self.req.job_id is not None:   # its InfiniBand partition key
+            yield "ib", self.join_ib_partition
         if self.req.fabric is not None:                 # a multi-node job: its fabric here
             yield "jobnet", self.make_job_fabric
         yield "start", self.start
@@ -384,6 +386,18 @@ class _Creation:
         self.env.fabric.activate(fm)
         self.undo.callback(self.env.fabric.deactivate, fm)
 
+    def join_ib_partition(self) -> None:
+        """The VM's InfiniBand functions into the job's partition key (:mod:`slurm_dgxvm.ibpart`):
+        each VF's GUID set, then the GUIDs added to the key at the subnet manager; taken out
+        again by the undo. On a simulated host there is no PF to set a VF's GUID on: the
+        commands are logged as simulated, not run."""
+        plan = ibpart.plan_for(self.req.job_id, self.placement, self.host,
+                               pkey_min=self.cfg.ib.pkey_min, pkey_max=self.cfg.ib.pkey_max)
+        self.progress(f"InfiniBand partition key {plan.pkey_hex} ({len(plan.members)} "
+                      f"function(s))")
+        self.undo.callback(ibpart.remove, plan, self.cfg)
+        ibpart.apply(plan, self.cfg, run=ib_runner(self.env, self.host, self.name))
+
     def make_job_fabric(self) -> None:
         """The job's fabric on this node (its VXLAN segment, bridge, forwarding entries to the
         job's other nodes, the firewall's entry for it), before the domain that plugs into it
@@ -416,6 +430,17 @@ class _Creation:
                                         boot_s=round(time.monotonic() - self.t0, 3),
                                         create_stages=timer.seconds())
         self.env.vms.save(self.record)
+
+
+def ib_runner(env: Env, host, name: str):
+    """How the ``ip link`` commands that set VF GUIDs run: for real on a real host; logged as
+    simulated on a simulated one (its PFs have no network interface to set them through)."""
+    if not env.fit(host):
+        return ibpart.run_ip
+
+    def simulated(argv, _timeout, pkey):
+        log.info("%s: simulated (no HCA here), partition key %s: %s", name, pkey, " ".join(argv))
+    return simulated
 
 
 def fabric_nic(fab: JobFabric | None) -> FabricNic | None:

@@ -1,6 +1,7 @@
 """delete: graceful shutdown (bounded) -> destroy -> undefine -> FM partition off -> GPU (and
 NVSwitch) reset and check, quarantining a device that fails (:mod:`slurm_dgxvm.health`) ->
-the job fabric on this node (a multi-node job's) -> address -> VM directory -> ledger.
+the job's InfiniBand partition key -> the job fabric on this node (a multi-node job's) ->
+address -> VM directory -> ledger.
 Idempotent: whatever a failed create or a crash left is cleaned.
 
 Timed as the teardown stages of :mod:`slurm_dgxvm.observe.stages` (shutdown, destroy, undefine,
@@ -12,7 +13,7 @@ import logging
 import time
 import xml.etree.ElementTree as ET
 
-from .. import failpoints
+from .. import failpoints, ibpart
 from ..jobnet.apply import present as job_fabrics_here, teardown as teardown_job_fabric
 from ..jobnet.plan import vni_for
 from ..virt import hypervisor
@@ -114,6 +115,7 @@ def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
         failpoints.hit(env.cfg.host.state_dir, "after:reset", name)
     progress("releasing")
     with timer.stage("release"):
+        _leave_ib_partition(env, rec)
         _remove_job_fabric(env, rec, rec.job_id if rec else job_id)
         hypervisor.release_address(conn, rec.network if rec else env.cfg.libvirt.network,
                                    env.cfg.host.state_dir, rec.mac if rec else mac_for(name))
@@ -125,6 +127,16 @@ def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
         rec = rec.with_(gpu_resets=checked.reset_s,
                         quarantined={v.pci: v.reason for v in checked.bad})
     return how, rec
+
+
+def _leave_ib_partition(env: Env, rec: VmRecord | None) -> None:
+    """A job's VM's InfiniBand functions out of the job's partition key (the subnet manager's
+    side; the functions themselves go back with the ledger)."""
+    if rec is None or rec.job_id is None or not rec.placement.ib:
+        return
+    cfg = env.cfg
+    ibpart.remove(ibpart.plan_for(rec.job_id, rec.placement, env.host,
+                                  pkey_min=cfg.ib.pkey_min, pkey_max=cfg.ib.pkey_max), cfg)
 
 
 def _remove_job_fabric(env: Env, rec: VmRecord | None, job_id: int | None) -> None:

@@ -10,7 +10,9 @@ create
     directory, SSH keys, the network and the address, the NoCloud seed), ``disks`` (the OS
     overlay and the data disk), ``define`` (design the domain, write the record, define it in
     libvirt), ``fm`` (activate the Fabric Manager partition: only on machines that have one,
-    absent elsewhere), ``jobnet`` (the job fabric's devices, forwarding entries and firewall on
+    absent elsewhere), ``ib`` (the InfiniBand functions' GUIDs and the job's partition key at
+    the subnet manager: only for a job's VM with InfiniBand, ``partitions.NAME.ib``), ``jobnet``
+    (the job fabric's devices, forwarding entries and firewall on
     this node: only for a multi-node job with ``[jobnet]`` enabled, absent otherwise),
     ``start``, ``ready`` (waiting until the guest is ready, as its image's
     ``readiness`` says).
@@ -19,8 +21,8 @@ teardown
     within ``libvirt.shutdown_timeout_s``: absent otherwise), ``undefine``, ``reset`` (the
     Fabric Manager partition deactivated, then the VM's GPUs and, in full passthrough, its
     NVSwitches reset in parallel and checked, a failing one quarantined:
-    :mod:`slurm_dgxvm.health`; absent for a VM without GPUs), ``release`` (the job fabric on
-    this node, address, VM directory, ledger).
+    :mod:`slurm_dgxvm.health`; absent for a VM without GPUs), ``release`` (the job's partition
+    key and fabric on this node, address, VM directory, ledger).
 
 A stage that is not run is absent, never 0.
 """
@@ -31,8 +33,8 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 
-CREATE_STAGES = ("preflight", "placement", "seed", "disks", "define", "fm", "jobnet", "start",
-                 "ready")
+CREATE_STAGES = ("preflight", "placement", "seed", "disks", "define", "fm", "ib", "jobnet",
+                 "start", "ready")
 TEARDOWN_STAGES = ("shutdown", "destroy", "undefine", "reset", "release")
 #: op -> its stages in the order they run
 STAGES = {"create": CREATE_STAGES, "teardown": TEARDOWN_STAGES}

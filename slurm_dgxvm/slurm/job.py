@@ -172,7 +172,7 @@ def create_request(cfg: Config, job: SlurmJob, images, home: str | None = None) 
         placement=Request(count=n, slurm_gpus=job.gpus,
                           vcpus=part.vcpus_per_gpu * n or None,
                           memory_mib=part.memory_mib_per_gpu * n or None,
-                          disk_gib=part.disk_gib_per_gpu * n or None),
+                          disk_gib=part.disk_gib_per_gpu * n or None, ib=part.ib),
         data_disk_gib=data_disk, image=image.name, owner="job", job_id=job.job_id,
         user=job.user, uid=job.uid, gid=job.gid, groups=job.groups,
         home=home if home is not None else job.home, workdir=job.work_dir,

@@ -175,8 +175,9 @@ def test_report_gives_each_stage_its_median_and_p95_over_the_jobs_with_a_vm():
                                           "median_s": None, "p95_s": None}
     assert got[("create", "warp")]["jobs"] == 1
     order = [k for k in got]
-    assert order[:9] == [("create", s) for s in ("preflight", "placement", "seed", "disks",
-                                                 "define", "fm", "jobnet", "start", "ready")]
+    assert order[:10] == [("create", s) for s in ("preflight", "placement", "seed", "disks",
+                                                  "define", "fm", "ib", "jobnet", "start",
+                                                  "ready")]
     assert order[-1] == ("create", "warp")
 
 

@@ -53,7 +53,7 @@ def test_a_failed_stage_keeps_its_time_and_is_named():
 def test_the_stage_names_are_the_documented_ones():
     # the record, the AdminComment, dgxvm report and dgxvm metrics all use these names
     assert CREATE_STAGES == ("preflight", "placement", "seed", "disks", "define", "fm",
-                             "jobnet", "start", "ready")
+                             "ib", "jobnet", "start", "ready")
     assert TEARDOWN_STAGES == ("shutdown", "destroy", "undefine", "reset", "release")
     assert STAGES == {"create": CREATE_STAGES, "teardown": TEARDOWN_STAGES}
 
