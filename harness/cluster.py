@@ -61,6 +61,7 @@ FIRST_NODE_HOST = 11            # node i (from 0) is SUBNET.(11 + i)
 LOCK_PATH = Path("/run/dgxvm-cluster-harness.lock")
 CONFIG_PATH = Path("/etc/dgxvm/dgxvm.toml")   # on every node, in its mount namespace
 HOLDER_TIMEOUT_S = 10.0
+FMPM_STANDIN = Path(__file__).resolve().parents[1] / "tools" / "fmpm-standin" / "fmpm"
 
 #: What slurm.conf declares for each machine ``dgxvm simulate`` knows (sockets x cores x
 #: threads as the simulated tree has them; memory as sold).
@@ -386,7 +387,9 @@ class LocalCluster:
 
     def config_text(self, node: ClusterNode) -> str:
         """The node's /etc/dgxvm/dgxvm.toml: its own paths are the fixed ones (its mount
-        namespace makes them its own); the shared work dir may be shared into VMs."""
+        namespace makes them its own); the shared work dir may be shared into VMs; Fabric
+        Manager (shared-NVSwitch machines: DGX A100, H100) is the repo's fmpm stand-in over
+        a state file of the node's."""
         return (f'[host]\nsysfs_root = "{node.sysfs}"\nstate_dir = "/var/lib/dgxvm"\n\n'
                 f'[libvirt]\nuri = "qemu:///system"\ndomain_type = "qemu"\n'
                 f'network = "{self.network}"\nnetwork_cidr = "{self.cidr}"\n'
@@ -394,7 +397,9 @@ class LocalCluster:
                 f'[images]\nstore = "/var/lib/dgxvm/images"\n\n'
                 f'[vm]\nshare = "virtiofs"\nshare_roots = ["{self.workdir}"]\nfit_vcpus = 1\n'
                 f'fit_memory_mib = 384\n\n'
-                f'[containers]\ncache_dir = "/var/lib/dgxvm/containers"\n' + self.config_extra)
+                f'[containers]\ncache_dir = "/var/lib/dgxvm/containers"\n\n'
+                f'[fabric]\nfmpm = "env FMPM_STANDIN_STATE=/var/lib/dgxvm/fm-state.json '
+                f'{FMPM_STANDIN}"\n' + self.config_extra)
 
     def _mount_points(self) -> None:
         """Each node binds over these paths: the ones the host lacks (no slurm-dgxvm installed:

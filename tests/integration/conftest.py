@@ -43,6 +43,10 @@ def pytest_configure(config):
         "pytest of its own (tests/run: `-m libvirt_lifecycle`), where the shared libvirt_stack "
         "never starts")
     config.addinivalue_line(
+        "markers", "multinode: runs a local cluster of several nodes (harness/cluster.py) in "
+        "namespaces of its own, apart from the session's libvirt stack; runs in the ordinary "
+        "integration session (select it alone with `-m multinode`)")
+    config.addinivalue_line(
         "markers", "package_lifecycle: upgrades and purges the installed slurm-dgxvm "
         "(DGXVM_UNDER_TEST); runs in a pytest of its own (tests/run: `-m package_lifecycle`, "
         "after the other integration tests, which run with `-m 'not package_lifecycle'`)")
