@@ -385,6 +385,9 @@ class Jobs:
             time.sleep(0.3)
 
     def vms(self) -> list[dict]:
+        if self.config is None:
+            raise RuntimeError("Jobs.vms: no config (a cluster's nodes each have their own: "
+                               "LocalCluster.node(NAME).vms())")
         env = {**os.environ, "DGXVM_CONFIG": str(self.config)}
         r = subprocess.run([str(self.dgxvm), "list", "--json"], capture_output=True, text=True,
                            env=env, timeout=60)
