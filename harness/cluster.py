@@ -366,7 +366,7 @@ class LocalCluster:
     def _prepare_node(self, node: ClusterNode) -> None:
         base = node.base
         for fixed, here in node.ns.mounts.items():
-            if fixed.name == "hosts":
+            if fixed == Path("/etc/hosts"):     # a file, written below
                 continue
             if str(fixed) in _SEEDED:
                 _seed(fixed, here, _SEEDED[str(fixed)])

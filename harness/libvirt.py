@@ -130,9 +130,10 @@ class LibvirtStack:
     libvirt's QEMU capability cache stays valid: with the host's ``root:root 0600`` node,
     libvirt 9.0 re-probes QEMU on every lookup and a tiny domain takes ~40 s to start.
 
-    ``mount_ns`` (``/proc/PID/ns/mnt`` of a process holding it) and ``mounts`` make it one
-    node's stack (harness/cluster.py): the network namespace ``netns`` must exist, the daemons
-    run through ``nsenter --mount=MOUNT_NS -- ip netns exec NS`` (so libvirtd's private mount
+    ``mount_ns`` (``/proc/PID/ns/mnt`` of a process holding it and the UTS namespace beside
+    it) and ``mounts`` make it one node's stack (harness/cluster.py): the network namespace
+    ``netns`` must exist, the daemons run through ``nsenter --mount=MOUNT_NS
+    --uts=/proc/PID/ns/uts -- ip netns exec NS`` (so libvirtd's private mount
     namespace is a child of the node's), ``mounts`` says where this process sees each fixed
     path the node binds its own directory over (``{Path("/run/libvirt"): node_dir, ...}``):
     sockets, pid files (``--pid-file`` in the node's /run/libvirt), QEMU and dnsmasq pid files
@@ -153,8 +154,9 @@ class LibvirtStack:
         self.mount_ns = mount_ns
         self.mounts = {Path(k): Path(v) for k, v in (mounts or {}).items()}
         enter = ["ip", "netns", "exec", netns]
-        if mount_ns is not None:
-            enter = ["nsenter", f"--mount={mount_ns}", "--", *enter]
+        if mount_ns is not None:   # and the node's hostname (its UTS namespace) beside it
+            uts = Path(mount_ns).with_name("uts")
+            enter = ["nsenter", f"--mount={mount_ns}", f"--uts={uts}", "--", *enter]
         self._pid_files = PID_FILES if mount_ns is None else NODE_PID_FILES
         self._daemons = Daemons(enter=enter, env=_daemon_env,
                                 log_dir=self.run_dir, log_suffix=".log")

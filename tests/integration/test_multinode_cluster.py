@@ -9,6 +9,7 @@ host's /run/libvirt), so the module runs in the ordinary integration session bes
 
 from __future__ import annotations
 
+import os
 import time
 
 import libvirt
@@ -76,6 +77,12 @@ def test_a_two_node_job_runs_a_step_on_each_node_over_the_underlay(cluster):
 def test_each_node_has_its_own_libvirtd_and_its_own_dgxvm_config(cluster):
     a, b = (cluster.node(n) for n in NODES)
     assert a.stack.pids()["libvirtd"] != b.stack.pids()["libvirtd"]
+    for n in (a, b):   # each node's libvirtd is in the node's network namespace and hostname
+        pid = n.stack.pids()["libvirtd"]
+        assert os.readlink(f"/proc/{pid}/ns/net") == \
+            os.readlink(f"/proc/{n.ns.holder_pid}/ns/net")
+        assert os.readlink(f"/proc/{pid}/ns/uts") == \
+            os.readlink(f"/proc/{n.ns.holder_pid}/ns/uts")
     xml = ("<domain type='qemu'><name>only-on-dgxa</name><memory unit='MiB'>64</memory>"
            "<os><type arch='x86_64'>hvm</type></os></domain>")
     conn = libvirt.open(a.stack.uri)
