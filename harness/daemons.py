@@ -47,7 +47,9 @@ class Daemons:
     ``log_dir/NAME + log_suffix``.
 
     ``netns_inode`` is the inode of the stack's namespace once the stack has it (None
-    before): :meth:`members` lists the processes in it."""
+    before): :meth:`members` lists the processes in it, and in the namespaces of
+    ``more_netns_inodes`` (a cluster's nodes, whose daemons :meth:`spawn` started through
+    an ``enter`` of their own)."""
 
     def __init__(self, *, enter: list[str], env: Callable[[], dict[str, str]], log_dir: Path,
                  log_suffix: str, cwd: Path | None = None):
@@ -57,16 +59,19 @@ class Daemons:
         self.log_suffix = log_suffix
         self.cwd = cwd
         self.netns_inode: int | None = None
+        self.more_netns_inodes: set[int] = set()
         self._daemons: dict[str, Daemon] = {}   # started and not yet stopped, in start order
         self._logs: list = []
 
     def __len__(self) -> int:
         return len(self._daemons)
 
-    def launch(self, name: str, argv: list[str], *, own_log: Path | None = None) -> Daemon:
-        """Start ``argv`` in the namespace, in a session of its own, output to its log file;
-        its start time is read at once. Not held as a daemon (for a one-shot helper such as
-        mariadb-install-db): the caller waits for it."""
+    def launch(self, name: str, argv: list[str], *, own_log: Path | None = None,
+               enter: list[str] | None = None) -> Daemon:
+        """Start ``argv`` in the namespace (through ``enter`` instead of the stack's prefix,
+        when given), in a session of its own, output to its log file; its start time is read
+        at once. Not held as a daemon (for a one-shot helper such as mariadb-install-db): the
+        caller waits for it."""
         if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, set()):
             raise RuntimeError("SIGTERM is blocked in the calling thread: the daemons would "
                                "inherit the mask and ignore stop()'s SIGTERM")
@@ -74,17 +79,18 @@ class Daemons:
         log = open(log_path, "ab")
         self._logs.append(log)
         proc = subprocess.Popen(
-            [*self.enter, *argv], stdin=subprocess.DEVNULL, stdout=log,
+            [*(self.enter if enter is None else enter), *argv], stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True, env=self.env(), close_fds=True,
             cwd=self.cwd)
         st = stat(proc.pid)  # our unreaped child: the pid cannot have been reused yet
         return Daemon(name, proc, st.start if st is not None else None, log_path, own_log)
 
-    def spawn(self, name: str, argv: list[str], *, own_log: Path | None = None) -> Daemon:
+    def spawn(self, name: str, argv: list[str], *, own_log: Path | None = None,
+              enter: list[str] | None = None) -> Daemon:
         """:meth:`launch` ``argv`` as the stack's daemon ``name``."""
         if name in self._daemons:
             raise RuntimeError(f"{name} already started (pid {self._daemons[name].pid})")
-        self._daemons[name] = daemon = self.launch(name, argv, own_log=own_log)
+        self._daemons[name] = daemon = self.launch(name, argv, own_log=own_log, enter=enter)
         return daemon
 
     def get(self, name: str) -> Daemon | None:
@@ -146,8 +152,11 @@ class Daemons:
         self._logs.clear()
 
     def members(self) -> dict[int, ProcStat]:
-        """``{pid: stat}`` of the live processes in the stack's namespace."""
-        return netns_members(self.netns_inode)
+        """``{pid: stat}`` of the live processes in the stack's namespaces."""
+        inodes = set(self.more_netns_inodes)
+        if self.netns_inode is not None:
+            inodes.add(self.netns_inode)
+        return netns_members(inodes)
 
     @staticmethod
     def _tails(daemon: Daemon) -> str:

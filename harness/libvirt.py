@@ -21,6 +21,9 @@ What it does (see harness/README.md for the why):
   slurm-dgxvm's hooks) from its libvirtd behind an empty directory;
 * optionally installs a qemu hook script (``/etc/libvirt/hooks/qemu``) and a network hook
   script (``/etc/libvirt/hooks/network``) before libvirtd starts;
+* or, for one node of a local cluster (harness/cluster.py: ``mount_ns`` and ``mounts``), runs
+  them inside that node's namespaces, where the node's own directories are bound over
+  /run/libvirt, /var/lib/libvirt, /etc/libvirt/hooks ...: one stack per node, several per host;
 * ``stop()`` destroys every running domain and active network, stops both daemons by PID, kills
   by PID any QEMU or dnsmasq of this stack that survived, deletes the namespace, restores the
   hooks. Persistent domains and networks are NOT undefined (tests undefine what they define);
@@ -37,6 +40,7 @@ import signal
 import stat
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -66,6 +70,11 @@ LOCK_PATH = Path("/run/dgxvm-libvirt-harness.lock")
 KVM_DEVICE = Path("/dev/kvm")
 KVM_MAJOR, KVM_MINOR = 10, 232
 KVM_GROUP = "kvm"
+# A node's stack (mount_ns given): its daemons' pid files, in the node's own /run/libvirt, and
+# a lock per namespace (one stack per node).
+NODE_PID_FILES = {"libvirtd": Path("/run/libvirt/libvirtd.pid"),
+                  "virtlogd": Path("/run/libvirt/virtlogd.pid")}
+NODE_LOCK = "/run/dgxvm-libvirt-harness.{netns}.lock"
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -120,20 +129,36 @@ class LibvirtStack:
     ``True`` shows the real KVM device with Debian's usual ``root:kvm 0660``. Either way
     libvirt's QEMU capability cache stays valid: with the host's ``root:root 0600`` node,
     libvirt 9.0 re-probes QEMU on every lookup and a tiny domain takes ~40 s to start.
-    """
 
-    uri = "qemu:///system"
+    ``mount_ns`` (``/proc/PID/ns/mnt`` of a process holding it and the UTS namespace beside
+    it) and ``mounts`` make it one node's stack (harness/cluster.py): the network namespace
+    ``netns`` must exist, the daemons run through ``nsenter --mount=MOUNT_NS
+    --uts=/proc/PID/ns/uts -- ip netns exec NS`` (so libvirtd's private mount
+    namespace is a child of the node's), ``mounts`` says where this process sees each fixed
+    path the node binds its own directory over (``{Path("/run/libvirt"): node_dir, ...}``):
+    sockets, pid files (``--pid-file`` in the node's /run/libvirt), QEMU and dnsmasq pid files
+    and the hooks are read and written there, the lock is per namespace, and :attr:`uri`
+    names the node's socket. Without them it is the host's one system stack.
+    """
 
     def __init__(self, run_dir: Path, *, netns: str = "dgxvm-test", hook: str | None = None,
                  network_hook: str | None = None, kvm: bool = False,
-                 start_timeout: float = START_TIMEOUT_S):
+                 start_timeout: float = START_TIMEOUT_S, mount_ns: Path | None = None,
+                 mounts: Mapping[Path, Path] | None = None):
         self.run_dir = Path(run_dir)
         self.netns = netns
         self.hook = hook
         self.network_hook = network_hook
         self.kvm = kvm
         self.start_timeout = start_timeout
-        self._daemons = Daemons(enter=["ip", "netns", "exec", netns], env=_daemon_env,
+        self.mount_ns = mount_ns
+        self.mounts = {Path(k): Path(v) for k, v in (mounts or {}).items()}
+        enter = ["ip", "netns", "exec", netns]
+        if mount_ns is not None:   # and the node's hostname (its UTS namespace) beside it
+            uts = Path(mount_ns).with_name("uts")
+            enter = ["nsenter", f"--mount={mount_ns}", f"--uts={uts}", "--", *enter]
+        self._pid_files = PID_FILES if mount_ns is None else NODE_PID_FILES
+        self._daemons = Daemons(enter=enter, env=_daemon_env,
                                 log_dir=self.run_dir, log_suffix=".log")
         self._netns_created = False
         # hook path -> its backup in run_dir (None: there was none, remove ours on stop)
@@ -146,6 +171,22 @@ class LibvirtStack:
         self._seen_children: dict[int, tuple[str, int]] = {}
         self.timings: dict[str, float] = {}
         self.stop_problems: list[str] = []
+
+    @property
+    def uri(self) -> str:
+        """How this process reaches the stack's libvirtd: ``qemu:///system``, or for a node's
+        stack the same with ``?socket=`` naming the node's socket (inside the node it is
+        plain ``qemu:///system``)."""
+        if self.mount_ns is None:
+            return "qemu:///system"
+        return f"qemu:///system?socket={self._host(LIBVIRT_SOCK)}"
+
+    def _host(self, path: Path) -> Path:
+        """Where this process sees ``path`` of the stack's mount namespace."""
+        for fixed, here in self.mounts.items():
+            if path == fixed or fixed in path.parents:
+                return here / path.relative_to(fixed)
+        return path
 
     # -- context manager -------------------------------------------------------------------
 
@@ -176,9 +217,10 @@ class LibvirtStack:
             self._make_kvm_node()
             for path, text in ((HOOK_PATH, self.hook), (NETWORK_HOOK_PATH, self.network_hook)):
                 if text is not None:
-                    self._install_hook(path, text)
-            self._daemons.spawn("virtlogd", ["virtlogd"])
-            self._daemons.wait_for("virtlogd", lambda: _socket_answers(VIRTLOGD_SOCK),
+                    self._install_hook(self._host(path), text)
+            self._daemons.spawn("virtlogd", ["virtlogd", *self._pid_file_args("virtlogd")])
+            self._daemons.wait_for("virtlogd",
+                                   lambda: _socket_answers(self._host(VIRTLOGD_SOCK)),
                                    "virtlogd socket", self.start_timeout)
             # `ip netns exec` already gave the daemon a private (slave) mount namespace;
             # the bind mounts over /dev/kvm and /etc/libvirt/qemu stay in it. `exec` keeps
@@ -237,12 +279,20 @@ class LibvirtStack:
         empty.mkdir(mode=0o755, exist_ok=True)
         script = ('mount --bind "$1" /dev/kvm && mount --bind "$2" "$3" && '
                   'for d in "$5"/qemu.d "$5"/network.d; do '
-                  '[ ! -d "$d" ] || mount --bind "$4" "$d" || exit 1; done && exec libvirtd')
+                  '[ ! -d "$d" ] || mount --bind "$4" "$d" || exit 1; done && shift 5 && '
+                'exec libvirtd "$@"')
         self._daemons.spawn("libvirtd", ["sh", "-c", script, "sh", str(self._kvm_node),
                                          str(config), str(QEMU_CONFIG_DIR), str(empty),
-                                         str(HOOK_PATH.parent)])
+                                         str(HOOK_PATH.parent),
+                                         *self._pid_file_args("libvirtd")])
         self._daemons.wait_for("libvirtd", self._libvirt_answers, "qemu:///system",
                                self.start_timeout)
+
+    def _pid_file_args(self, name: str) -> list[str]:
+        """A node's daemons write their pid files in the node's /run/libvirt: the defaults
+        (/run/libvirtd.pid, /run/virtlogd.pid) are the host's, locked by whichever daemon
+        wrote them first."""
+        return [] if self.mount_ns is None else [f"--pid-file={self._pid_files[name]}"]
 
     def restart_libvirtd(self) -> None:
         """Stop libvirtd by its pid (SIGTERM, as `systemctl restart libvirtd` does) and start
@@ -263,7 +313,7 @@ class LibvirtStack:
     def qemu_pids(self) -> list[int]:
         """Pids of live QEMU processes libvirt runs (from /run/libvirt/qemu/*.pid)."""
         out = []
-        for pid_file in sorted(QEMU_PID_DIR.glob("*.pid")):
+        for pid_file in sorted(self._host(QEMU_PID_DIR).glob("*.pid")):
             pid = _read_pid_file(pid_file)
             if pid is None or pid_file.name == "driver.pid":
                 continue
@@ -281,7 +331,8 @@ class LibvirtStack:
     def _lock(self) -> None:
         if self._lock_fd is not None:
             return
-        self._lock_fd = take_lock(LOCK_PATH, "another LibvirtStack holds {path} (pid {holder}); "
+        path = LOCK_PATH if self.mount_ns is None else Path(NODE_LOCK.format(netns=self.netns))
+        self._lock_fd = take_lock(path, "another LibvirtStack holds {path} (pid {holder}); "
                                              "only one system libvirtd can run at a time")
 
     def _unlock(self) -> None:
@@ -291,10 +342,10 @@ class LibvirtStack:
 
     def _refuse_if_running(self) -> None:
         found = []
-        for path in (LIBVIRT_SOCK, VIRTLOGD_SOCK):
+        for path in (self._host(LIBVIRT_SOCK), self._host(VIRTLOGD_SOCK)):
             if _socket_answers(path):
                 found.append(f"{path} answers")
-        for path in PID_FILES.values():
+        for path in map(self._host, self._pid_files.values()):
             pid = _read_pid_file(path)
             if pid is not None and _alive(pid):
                 found.append(f"{path} names live pid {pid} ({_exe(pid) or '?'})")
@@ -304,6 +355,12 @@ class LibvirtStack:
                 "harness never stops a daemon it did not start): " + "; ".join(found))
 
     def _create_netns(self) -> None:
+        if self.mount_ns is not None:   # a node's: the cluster made it, with its mounts
+            path = Path("/run/netns") / self.netns
+            if not path.exists():
+                raise RuntimeError(f"network namespace {self.netns} does not exist")
+            self._daemons.netns_inode = os.stat(path).st_ino
+            return
         self._daemons.netns_inode = create_netns(self.netns)
         self._netns_created = True
         # No `sysctl net.ipv4.ip_forward=1` here: libvirt sets it itself when it starts a NAT
@@ -332,7 +389,7 @@ class LibvirtStack:
         host's /etc/libvirt/qemu is never loaded. The stop of a run that was cut off (a machine
         powered down mid-test) left a persistent domain there, which the next run's tests
         then met as a stranger."""
-        QEMU_CONFIG_DIR.mkdir(parents=True, exist_ok=True)
+        self._host(QEMU_CONFIG_DIR).mkdir(parents=True, exist_ok=True)
         config = self.run_dir / "etc-libvirt-qemu"
         (config / "networks" / "autostart").mkdir(parents=True, exist_ok=True)
         (config / "autostart").mkdir(exist_ok=True)
@@ -353,7 +410,7 @@ class LibvirtStack:
         self._hooks_installed[path] = backup
 
     def _libvirt_answers(self) -> bool:
-        if not _socket_answers(LIBVIRT_SOCK):
+        if not _socket_answers(self._host(LIBVIRT_SOCK)):
             return False
         conn = _open_with_timeout(self.uri, 5.0)
         if conn is None:
@@ -393,7 +450,7 @@ class LibvirtStack:
         by being in our namespace), so stop() can check them after the daemons are gone."""
         candidates = {pid: "qemu" for pid in self.qemu_pids()}
         for d in DNSMASQ_PID_DIRS:
-            for pid_file in d.glob("*.pid"):
+            for pid_file in self._host(d).glob("*.pid"):
                 pid = _read_pid_file(pid_file)
                 if pid and _alive(pid) and _child_kind(_exe(pid)) == "dnsmasq":
                     candidates[pid] = "dnsmasq"
@@ -445,7 +502,7 @@ class LibvirtStack:
             del self._hooks_installed[path]
         if not self._hooks_installed and self._hook_dir_created:
             try:
-                HOOK_PATH.parent.rmdir()
+                self._host(HOOK_PATH.parent).rmdir()
             except OSError:
                 pass
             self._hook_dir_created = False

@@ -314,23 +314,28 @@ class LocalNode:
 class Jobs:
     """Submitting and following jobs on a node's cluster as its ordinary user."""
 
-    def __init__(self, cluster: SlurmCluster, *, user: str, workdir: Path, config: Path,
+    def __init__(self, cluster: SlurmCluster, *, user: str, workdir: Path, config: Path | None,
                  dgxvm: Path):
+        """``config``: the DGXVM_CONFIG jobs get; None: none (a cluster's nodes each have
+        theirs at /etc/dgxvm/dgxvm.toml, harness/cluster.py)."""
         self.cluster, self.user, self.workdir = cluster, user, Path(workdir)
-        self.config, self.dgxvm = Path(config), Path(dgxvm)
+        self.config = Path(config) if config is not None else None
+        self.dgxvm = Path(dgxvm)
 
-    def sbatch(self, script: str, *, gpus: int, comment: str | None = None,
+    def sbatch(self, script: str, *, gpus: int | None, comment: str | None = None,
                partition: str | None = None, extra: tuple[str, ...] = (),
                chdir: Path | str | None = None, user: str | None = None,
-               output: Path | str | None = None) -> int:
+               output: Path | str | None = None, nodes: int | None = None) -> int:
         """Submit ``script`` as the node's user (or ``user``) from its work dir (or ``chdir``,
         the job's SLURM_JOB_WORK_DIR); output in ``output`` (default: the work dir's
-        slurm-%j.out). Returns the job id."""
+        slurm-%j.out); ``gpus`` per node (None: no ``--gres``), on ``nodes`` nodes (``--nodes``) when given.
+        Returns the job id."""
         out = output or f"{self.workdir}/slurm-%j.out"
-        argv = ["sbatch", "--parsable", f"--gres=gpu:{gpus}", "--chdir", str(chdir or self.workdir),
-                f"--output={out}",
-                f"--export=ALL,DGXVM_CONFIG={self.config},PATH={self.dgxvm.parent}:/usr/bin:/bin",
-                *extra]
+        config = f"DGXVM_CONFIG={self.config}," if self.config is not None else ""
+        argv = ["sbatch", "--parsable", *([f"--gres=gpu:{gpus}"] if gpus is not None else []),
+                "--chdir", str(chdir or self.workdir), f"--output={out}",
+                f"--export=ALL,{config}PATH={self.dgxvm.parent}:/usr/bin:/bin",
+                *([f"--nodes={nodes}"] if nodes is not None else []), *extra]
         if comment:
             argv.append(f"--comment={comment}")
         if partition:
@@ -380,6 +385,9 @@ class Jobs:
             time.sleep(0.3)
 
     def vms(self) -> list[dict]:
+        if self.config is None:
+            raise RuntimeError("Jobs.vms: no config (a cluster's nodes each have their own: "
+                               "LocalCluster.node(NAME).vms())")
         env = {**os.environ, "DGXVM_CONFIG": str(self.config)}
         r = subprocess.run([str(self.dgxvm), "list", "--json"], capture_output=True, text=True,
                            env=env, timeout=60)

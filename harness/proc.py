@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,16 +62,17 @@ def netns_inode_of_pid(pid: int) -> int | None:
     return int(link[link.index("[") + 1:-1])
 
 
-def netns_members(inode: int | None) -> dict[int, ProcStat]:
-    """``{pid: stat}`` of the live processes in the network namespace with ``inode`` (none
-    when ``inode`` is None)."""
-    if inode is None:
+def netns_members(inode: int | Collection[int] | None) -> dict[int, ProcStat]:
+    """``{pid: stat}`` of the live processes in the network namespace with ``inode``, or in
+    any of several (none when ``inode`` is None or empty)."""
+    inodes = {inode} if isinstance(inode, int) else set(inode or ())
+    if not inodes:
         return {}
     out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             pid = int(entry)
-            if netns_inode_of_pid(pid) == inode:
+            if netns_inode_of_pid(pid) in inodes:
                 st = stat(pid)
                 if st is not None and st.state not in DEAD_STATES:
                     out[pid] = st

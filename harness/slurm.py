@@ -1,4 +1,5 @@
-"""A local, throw-away Slurm 22.05 cluster (one node) inside a network namespace.
+"""A local, throw-away Slurm 22.05 cluster inside a network namespace: one node beside the
+controller, or several nodes, each in namespaces of its own (``nodes``, harness/cluster.py).
 
 For integration tests, the demo and benchmarks::
 
@@ -39,6 +40,7 @@ import signal
 import subprocess
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +89,18 @@ class NodeShape:
     real_memory_mib: int
     gpus: int
     features: str = ""
+
+
+@dataclass(frozen=True)
+class SlurmNode:
+    """One node of a cluster of several (harness/cluster.py): its slurmd runs through ``enter``
+    (a prefix that enters the node's namespaces and execs), in network namespace ``netns``,
+    reachable at ``addr`` from the controller's namespace and the other nodes'."""
+    name: str
+    addr: str
+    shape: NodeShape
+    enter: tuple[str, ...]
+    netns: str
 
 
 # A DGX-2 as dgxvm simulates it (2 x 24 cores x 2 threads, 1.5 TB, 16 V100).
@@ -188,10 +202,18 @@ def _one_state(sinfo_out: str) -> str:
 
 class SlurmCluster:
     """munged, [mariadbd, slurmdbd,] slurmctld and slurmd of our own, one node, inside network
-    namespace ``netns``; all state under ``run_dir``. See the module docstring."""
+    namespace ``netns``; all state under ``run_dir``. See the module docstring.
+
+    Several nodes (harness/cluster.py): ``nodes`` (instead of ``node_name`` and ``node``), one
+    ``slurmd -N NAME`` per node started through the node's ``enter``, named ``slurmd-NAME``;
+    slurmctld, slurmdbd and the clients stay in ``netns`` and listen on ``ctld_addr``, an
+    address the namespace already has (``own_address=False``: no veth of the cluster's own);
+    ``gres_conf`` holds every node's lines (``NodeName=``)."""
 
     def __init__(self, run_dir: Path, *, netns: str, create_netns: bool = False,
-                 node_name: str = "dgx01", node: NodeShape, gres_conf: str,
+                 node_name: str = "dgx01", node: NodeShape | None = None, gres_conf: str,
+                 nodes: Sequence[SlurmNode] = (), ctld_addr: str | None = None,
+                 own_address: bool = True,
                  prolog: str | None = None, epilog: str | None = None,
                  prolog_epilog_timeout_s: int = 300, batch_start_timeout_s: int = 300,
                  accounting: bool = True, extra_conf: str = "", cluster_name: str = "dgxtest",
@@ -199,8 +221,15 @@ class SlurmCluster:
         self.run_dir = Path(run_dir).absolute()
         self.netns = netns
         self.create_netns = create_netns
-        self.node_name = node_name
-        self.node = node
+        if bool(nodes) == (node is not None):
+            raise ValueError("SlurmCluster: give node (one node) or nodes (several), not both")
+        self.multi = bool(nodes)
+        self.nodes: list[SlurmNode] = list(nodes) or [
+            SlurmNode(node_name, "127.0.0.1", node, tuple(self._in_netns(netns)), netns)]
+        self.node_name = self.nodes[0].name
+        self.node = self.nodes[0].shape
+        self.ctld_addr = ctld_addr
+        self.own_address = own_address
         self.gres_conf = gres_conf
         self.prolog = prolog
         self.epilog = epilog
@@ -220,6 +249,9 @@ class SlurmCluster:
         self.gres_conf_path = self.conf_dir / "gres.conf"
         self.slurmdbd_conf = self.conf_dir / "slurmdbd.conf"
         self.slurmd_log = self.log_dir / "slurmd.log"
+        # one log per node when there are several (SlurmdLogFile with %n)
+        self.slurmd_logs = ({n.name: self.log_dir / f"slurmd-{n.name}.log" for n in self.nodes}
+                            if self.multi else {self.node_name: self.slurmd_log})
         self.slurmctld_log = self.log_dir / "slurmctld.log"
         self.slurmdbd_log = self.log_dir / "slurmdbd.log"
         self.munge_socket = self.munge_dir / "munge.socket.2"
@@ -227,7 +259,7 @@ class SlurmCluster:
         self.env = {"SLURM_CONF": str(self.slurm_conf)}
 
         self._token = secrets.token_hex(8)
-        self._daemons = Daemons(enter=self._in_netns(), env=self._daemon_env,
+        self._daemons = Daemons(enter=self._in_netns(netns), env=self._daemon_env,
                                 log_dir=self.log_dir, log_suffix=".out", cwd=self.run_dir)
         self._ours: dict[int, int] = {}          # pid -> start time of every process of ours seen
         self._daemon_pids: set[int] = set()
@@ -288,18 +320,21 @@ class SlurmCluster:
                         self.slurmctld_log)
             self._wait_for("slurmctld", self._ctld_up, "scontrol ping")
             self.timings["start_slurmctld_s"] = time.monotonic() - t0
-            self._spawn("slurmd", ["slurmd", "-D", "-N", self.node_name,
-                                   "-f", str(self.slurm_conf)], self.slurmd_log)
+            for n in self.nodes:
+                self._spawn_slurmd(n)
             if self.accounting:
                 self._wait_for("slurmctld", self._cluster_registered,
                                f"sacctmgr (cluster {self.cluster_name} registered)")
                 self._sacctmgr("add", "account", "default", f"Cluster={self.cluster_name}",
                                "Description=default", f"Organization={self.cluster_name}")
-            self._wait_for("slurmd", self._node_idle, f"sinfo (node {self.node_name} idle)")
+            for n in self.nodes:
+                self._wait_for(self._slurmd_name(n), lambda n=n: self._node_idle(n.name),
+                               f"sinfo (node {n.name} idle)")
             self.timings["start_slurmd_s"] = time.monotonic() - t0
             for name, daemon in self._daemons.items():
                 # Debian's slurmctld and slurmd are symlinks to slurmctld-wlm and slurmd-wlm
-                want = os.path.realpath(shutil.which(name) or name)
+                prog = name.split("-")[0]       # slurmd-NAME: one node's of several
+                want = os.path.realpath(shutil.which(prog) or prog)
                 if _exe(daemon.pid) != want:
                     raise RuntimeError(f"pid {daemon.pid} is {_exe(daemon.pid)!r}, "
                                        f"expected {want}")
@@ -325,12 +360,13 @@ class SlurmCluster:
         if self._daemons.running("slurmctld"):
             self._cancel_all_jobs(problems)
         self.timings["stop_jobs_s"] = time.monotonic() - t0
-        for name in reversed(DAEMONS):
+        slurmds = [self._slurmd_name(n) for n in self.nodes]
+        for name in [*slurmds, *reversed(DAEMONS[:-1])]:
             if self._daemons.get(name) is None:
                 continue
             self._note_ours()
             t1 = time.monotonic()
-            if name == "slurmd":
+            if name in slurmds:
                 self._daemons.stop(name, SLURMD_KILL_AFTER_S, notes)
             else:
                 self._daemons.stop(name, STOP_TIMEOUT_S, problems)
@@ -375,7 +411,7 @@ class SlurmCluster:
         non-zero exit. A timeout raises subprocess.TimeoutExpired."""
         argv = [str(a) for a in argv]
         env = self._client_env()
-        cmd = self._in_netns()
+        cmd = self._in_netns(self.netns)
         if user is not None:
             pw = pwd.getpwnam(user)
             cmd += ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
@@ -390,41 +426,46 @@ class SlurmCluster:
             raise SlurmCommandError(proc.returncode, argv, proc.stdout, proc.stderr)
         return proc
 
-    def node_state(self) -> str:
+    def node_state(self, node: str | None = None) -> str:
         """``sinfo -h -N -n NODE -o %T``: "idle", "mixed", "allocated", "drained", "draining",
-        "completing", ... (a trailing ``*`` means not responding)."""
-        out = self.run(["sinfo", "-h", "-N", "-n", self.node_name, "-o", "%T"], timeout=10)
+        "completing", ... (a trailing ``*`` means not responding). ``node``: default the
+        first (the only one of a one-node cluster)."""
+        out = self.run(["sinfo", "-h", "-N", "-n", node or self.node_name, "-o", "%T"],
+                       timeout=10)
         return _one_state(out.stdout)
 
-    def wait_idle(self, timeout: float = 60, *, drained_fails: bool = False) -> None:
-        """Wait until the node is idle again; raises TimeoutError with the last state seen.
-        ``drained_fails``: a drained or draining node raises RuntimeError at once (a check that
-        the node stayed in service: "completing" while an Epilog runs is waited out)."""
+    def wait_idle(self, timeout: float = 60, *, drained_fails: bool = False,
+                  node: str | None = None) -> None:
+        """Wait until the node (``node``, default the first) is idle again; raises
+        TimeoutError with the last state seen. ``drained_fails``: a drained or draining node
+        raises RuntimeError at once (a check that the node stayed in service: "completing"
+        while an Epilog runs is waited out)."""
+        node = node or self.node_name
         deadline = time.monotonic() + timeout
         state = "?"
         while True:
             try:
-                state = self.node_state()
+                state = self.node_state(node)
             except (subprocess.SubprocessError, OSError) as exc:
                 state = f"(sinfo failed: {exc})"
             if state == "idle":
                 return
             if drained_fails and "drain" in state:
-                raise RuntimeError(f"node {self.node_name} is {state}, not in service")
+                raise RuntimeError(f"node {node} is {state}, not in service")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"node {self.node_name} not idle after {timeout:.0f} s: "
-                                   f"{state}")
+                raise TimeoutError(f"node {node} not idle after {timeout:.0f} s: {state}")
             time.sleep(0.1)
 
     def restart_slurmd(self, timeout: float = 60) -> None:
         """Stop slurmd by its pid (SIGTERM, SIGKILL after SLURMD_KILL_AFTER_S: it can ignore
         SIGTERM for minutes) and start it again, while jobs run: their slurmstepd processes are
         not slurmd's and carry on. Returns once the new slurmd has logged its start."""
+        if self.multi:
+            raise RuntimeError("restart_slurmd: one-node clusters only")
         started = self.slurmd_log.read_text(errors="replace").count(" started on ")
         problems: list[str] = []
         self._daemons.stop("slurmd", SLURMD_KILL_AFTER_S, problems)
-        self._spawn("slurmd", ["slurmd", "-D", "-N", self.node_name, "-f", str(self.slurm_conf)],
-                    self.slurmd_log)
+        self._spawn_slurmd(self.nodes[0])
         deadline = time.monotonic() + timeout
         while self.slurmd_log.read_text(errors="replace").count(" started on ") <= started:
             if time.monotonic() > deadline:
@@ -481,6 +522,14 @@ class SlurmCluster:
             drop_lock(self._lock_fd)
             self._lock_fd = None
 
+    def _slurmd_name(self, node: SlurmNode) -> str:
+        return f"slurmd-{node.name}" if self.multi else "slurmd"
+
+    def _spawn_slurmd(self, node: SlurmNode) -> None:
+        self._spawn(self._slurmd_name(node),
+                    ["slurmd", "-D", "-N", node.name, "-f", str(self.slurm_conf)],
+                    self.slurmd_logs[node.name], enter=list(node.enter))
+
     def _setup_netns(self) -> None:
         path = Path("/run/netns") / self.netns
         if self.create_netns:
@@ -491,12 +540,20 @@ class SlurmCluster:
                                f"LibvirtStack first, or pass create_netns=True)")
         else:
             self._daemons.netns_inode = os.stat(path).st_ino
+        if self.multi:   # the nodes' namespaces: their slurmstepd, Prologs and jobs are ours
+            self._daemons.more_netns_inodes = {
+                os.stat(Path("/run/netns") / n.netns).st_ino for n in self.nodes}
+        if not self.own_address:
+            return
         if _ip("-n", self.netns, "link", "show", ADDR_IFACE, check=False).returncode == 0:
             _ip("-n", self.netns, "link", "delete", ADDR_IFACE)  # left by a crashed run
         _ip("-n", self.netns, "link", "add", ADDR_IFACE, "type", "veth", "peer", "name",
             ADDR_PEER)
         self._iface_created = True
         _ip("-n", self.netns, "addr", "add", ADDR_CIDR, "dev", ADDR_IFACE)
+        self._check_lo()
+
+    def _check_lo(self) -> None:
         lo = _ip("-n", self.netns, "-o", "link", "show", "lo").stdout
         if "UP" not in lo.split("<", 1)[-1].split(">", 1)[0].split(","):
             raise RuntimeError(f"lo is down in namespace {self.netns}")
@@ -547,11 +604,16 @@ class SlurmCluster:
             path.symlink_to("/dev/null")
 
     def slurm_conf_text(self) -> str:
-        s, n = self, self.node
+        s = self
+        # Several nodes: slurmctld calls itself localhost (it accepts that name as its own
+        # host) and the nodes and clients reach it at ctld_addr; each slurmd's files carry
+        # its node's name (%n).
+        ctld = f"localhost({s.ctld_addr})" if s.ctld_addr else "localhost"
+        node_files = "-%n" if s.multi else ""
         lines = [
             "# generated by harness/slurm.py",
             f"ClusterName={s.cluster_name}",
-            "SlurmctldHost=localhost",
+            f"SlurmctldHost={ctld}",
             "SlurmUser=root",
             "SlurmdUser=root",
             f"SlurmctldPort={CTLD_PORT}",
@@ -560,11 +622,11 @@ class SlurmCluster:
             "CredType=cred/munge",
             f"AuthInfo=socket={s.munge_socket},cred_expire=10",
             f"StateSaveLocation={s.state_dir / 'ctld'}",
-            f"SlurmdSpoolDir={s.state_dir / 'd'}",
+            f"SlurmdSpoolDir={s.state_dir / 'd'}{node_files}",
             f"SlurmctldPidFile={s.state_dir / 'slurmctld.pid'}",
-            f"SlurmdPidFile={s.state_dir / 'slurmd.pid'}",
+            f"SlurmdPidFile={s.state_dir / f'slurmd{node_files}.pid'}",
             f"SlurmctldLogFile={s.slurmctld_log}",
-            f"SlurmdLogFile={s.slurmd_log}",
+            f"SlurmdLogFile={s.log_dir / f'slurmd{node_files}.log'}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "MailProg=/bin/true",
@@ -599,12 +661,16 @@ class SlurmCluster:
                       f"AccountingStoragePass={s.munge_socket}"]
         else:
             lines.append("AccountingStorageType=accounting_storage/none")
-        features = f" Features={n.features}" if n.features else ""
+        for node in s.nodes:
+            n = node.shape
+            features = f" Features={n.features}" if n.features else ""
+            host = "" if s.multi else " NodeHostname=localhost"
+            lines.append(
+                f"NodeName={node.name}{host} NodeAddr={node.addr} CPUs={n.cpus} "
+                f"Boards=1 SocketsPerBoard={n.sockets} CoresPerSocket={n.cores_per_socket} "
+                f"ThreadsPerCore={n.threads_per_core} RealMemory={n.real_memory_mib} "
+                f"Gres=gpu:{n.gpus}{features} State=UNKNOWN")
         lines += [
-            f"NodeName={s.node_name} NodeHostname=localhost NodeAddr=127.0.0.1 CPUs={n.cpus} "
-            f"Boards=1 SocketsPerBoard={n.sockets} CoresPerSocket={n.cores_per_socket} "
-            f"ThreadsPerCore={n.threads_per_core} RealMemory={n.real_memory_mib} "
-            f"Gres=gpu:{n.gpus}{features} State=UNKNOWN",
             "PartitionName=batch Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
         ]
         text = "\n".join(lines) + "\n"
@@ -631,13 +697,14 @@ class SlurmCluster:
             "StorageLoc=slurm_acct_db",
         ]) + "\n"
 
-    def _in_netns(self) -> list[str]:
+    @staticmethod
+    def _in_netns(netns: str) -> list[str]:
         """The prefix that runs a program in the namespace: ``nsenter --net`` (execs, so the
         pid stays the program's). Not ``ip netns exec``: that also mounts a fresh sysfs over
         /sys in a private mount namespace, which hides /sys/fs/cgroup, and slurmd 22.05 then
         dies at start ("No filesystem mounted on /sys/fs/cgroup", even with
         proctrack/linuxproc and task/none)."""
-        return ["nsenter", f"--net=/run/netns/{self.netns}", "--"]
+        return ["nsenter", f"--net=/run/netns/{netns}", "--"]
 
     def _daemon_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_SLURM_ENV_PREFIXES)}
@@ -657,9 +724,10 @@ class SlurmCluster:
         if start is not None:
             self._ours[pid] = start
 
-    def _spawn(self, name: str, argv: list[str], log: Path) -> None:
+    def _spawn(self, name: str, argv: list[str], log: Path,
+               enter: list[str] | None = None) -> None:
         """Start daemon ``name``; ``log`` is the log file it writes itself."""
-        daemon = self._daemons.spawn(name, argv, own_log=log)
+        daemon = self._daemons.spawn(name, argv, own_log=log, enter=enter)
         self._note_launched(daemon.pid, daemon.start)
         self._daemon_pids.add(daemon.pid)
 
@@ -723,14 +791,14 @@ class SlurmCluster:
         r = self._poll(["sacctmgr", "-n", "-P", "show", "cluster", "format=cluster"])
         return r is not None and self.cluster_name in r.stdout.split()
 
-    def _node_idle(self) -> bool:
-        r = self._poll(["sinfo", "-h", "-N", "-n", self.node_name, "-o", "%T"])
+    def _node_idle(self, node: str) -> bool:
+        r = self._poll(["sinfo", "-h", "-N", "-n", node, "-o", "%T"])
         state = _one_state(r.stdout) if r is not None else ""
         if state.startswith(("inval", "drain", "down")):
-            reason = self._quiet(["scontrol", "show", "node", self.node_name])
-            raise RuntimeError(f"node {self.node_name} is {state}:\n"
-                               f"{reason.stdout if reason else ''}\n{self.slurmd_log}:\n"
-                               f"{_tail(self.slurmd_log)}")
+            reason = self._quiet(["scontrol", "show", "node", node])
+            log = self.slurmd_logs[node]
+            raise RuntimeError(f"node {node} is {state}:\n"
+                               f"{reason.stdout if reason else ''}\n{log}:\n{_tail(log)}")
         return state == "idle"
 
     def _sacctmgr(self, *args: str) -> str:

@@ -8,7 +8,9 @@ libvirt_lifecycle``), where no test starts the shared stack; ``no_session_libvir
 them clearly if one did. Tests that replace and purge the installed package are marked
 ``package_lifecycle`` and run in a pytest of their own too, after the rest. A session that
 selects either kind with other tests leaves them out and says so: no test relies on where it
-runs in a session.
+runs in a session. The multi-node tests (marker ``multinode``, harness/cluster.py) run a cluster
+in namespaces of their own, with their own /run/libvirt in each node's mount namespace, beside
+the session's stack: they run in the ordinary session.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def pytest_configure(config):
         "markers", "libvirt_lifecycle: starts and stops libvirt stacks of its own; runs in a "
         "pytest of its own (tests/run: `-m libvirt_lifecycle`), where the shared libvirt_stack "
         "never starts")
+    config.addinivalue_line(
+        "markers", "multinode: runs a local cluster of several nodes (harness/cluster.py) in "
+        "namespaces of its own, apart from the session's libvirt stack; runs in the ordinary "
+        "integration session (select it alone with `-m multinode`)")
     config.addinivalue_line(
         "markers", "package_lifecycle: upgrades and purges the installed slurm-dgxvm "
         "(DGXVM_UNDER_TEST); runs in a pytest of its own (tests/run: `-m package_lifecycle`, "
