@@ -60,6 +60,7 @@ FIRST_NODE_HOST = 11            # node i (from 0) is SUBNET.(11 + i)
 # One cluster per host: the namespace names and the underlay's addresses are fixed.
 LOCK_PATH = Path("/run/dgxvm-cluster-harness.lock")
 CONFIG_PATH = Path("/etc/dgxvm/dgxvm.toml")   # on every node, in its mount namespace
+JOBNET_SECRET = "/etc/dgxvm/jobnet-ssh.key"   # [jobnet] ssh_secret, with jobnet=True
 HOLDER_TIMEOUT_S = 10.0
 FMPM_STANDIN = Path(__file__).resolve().parents[1] / "tools" / "fmpm-standin" / "fmpm"
 
@@ -268,12 +269,15 @@ class LocalCluster:
     ``nodes``: the node names (each its own namespaces, libvirt and dgxvm); ``machine``: what
     ``dgxvm simulate`` makes of each (one name for all, or one per node); ``user``: the
     ordinary user jobs run as (created if missing, and then removed by stop()).
-    ``guest=False`` skips the test guest (a cluster for Slurm alone: no image installed)."""
+    ``guest=False`` skips the test guest (a cluster for Slurm alone: no image installed).
+    ``jobnet=True`` turns the job fabric on in every node's config (``[jobnet]``: the nodes'
+    underlay addresses, and one SSH secret written root-only on every node)."""
 
     def __init__(self, *, nodes=("dgxa", "dgxb"), machine: str | tuple[str, ...] = "dgx-h100",
                  user: str = "dgxvmmn", network: str = "dgxvmmn", cidr: str = "10.215.0.0/24",
                  prolog: Path | None = None, epilog: Path | None = None,
-                 config_extra: str = "", slurm_extra: str = "", guest: bool = True):
+                 config_extra: str = "", slurm_extra: str = "", guest: bool = True,
+                 jobnet: bool = False):
         self.names = tuple(nodes)
         machines = (machine,) * len(self.names) if isinstance(machine, str) else tuple(machine)
         if len(machines) != len(self.names) or not set(machines) <= set(SHAPES):
@@ -282,6 +286,8 @@ class LocalCluster:
         self.user, self.network, self.cidr = user, network, cidr
         self._prolog, self._epilog = prolog, epilog
         self.config_extra, self.slurm_extra = config_extra, slurm_extra
+        self.jobnet = jobnet
+        self._jobnet_secret = os.urandom(64)     # [jobnet] ssh_secret: one for every node
         self.guest = guest
         self.dgxvm = default_dgxvm()
         self.base: Path | None = None
@@ -384,6 +390,11 @@ class LocalCluster:
             (node.path("/var/lib/dgxvm") / d).mkdir(mode=0o755)
         self.run_dgxvm("simulate", self.machines[node.name], "--out", str(node.sysfs))
         node.path(CONFIG_PATH).write_text(self.config_text(node))
+        if self.jobnet:           # the same root-only secret on every node, as a site has it
+            secret = node.path(JOBNET_SECRET)
+            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._jobnet_secret)
 
     def config_text(self, node: ClusterNode) -> str:
         """The node's /etc/dgxvm/dgxvm.toml: its own paths are the fixed ones (its mount
@@ -399,7 +410,16 @@ class LocalCluster:
                 f'fit_memory_mib = 384\n\n'
                 f'[containers]\ncache_dir = "/var/lib/dgxvm/containers"\n\n'
                 f'[fabric]\nfmpm = "env FMPM_STANDIN_STATE=/var/lib/dgxvm/fm-state.json '
-                f'{FMPM_STANDIN}"\n' + self.config_extra)
+                f'{FMPM_STANDIN}"\n' + self.jobnet_text() + self.config_extra)
+
+    def jobnet_text(self) -> str:
+        """``[jobnet]`` when the cluster has the job fabric: every node's underlay address,
+        the SSH secret's path (the same file on every node)."""
+        if not self.jobnet:
+            return ""
+        nodes = "".join(f'{n} = "{_node_addr(i)}"\n' for i, n in enumerate(self.names))
+        return (f'\n[jobnet]\nenabled = true\nssh_secret = "{JOBNET_SECRET}"\n\n'
+                f'[jobnet.nodes]\n{nodes}')
 
     def _mount_points(self) -> None:
         """Each node binds over these paths: the ones the host lacks (no slurm-dgxvm installed:

@@ -473,6 +473,27 @@ class SlurmCluster:
             time.sleep(0.2)
         self.stop_notes += problems        # a SIGKILLed slurmd is expected here, not an error
 
+    def stop_slurmd(self, node: str) -> None:
+        """Stop node ``node``'s slurmd by its pid (SIGTERM, SIGKILL after SLURMD_KILL_AFTER_S),
+        as a node that is lost: its jobs' slurmstepd processes are not slurmd's and carry on."""
+        [n] = [x for x in self.nodes if x.name == node]
+        problems: list[str] = []
+        self._daemons.stop(self._slurmd_name(n), SLURMD_KILL_AFTER_S, problems)
+        self.stop_notes += problems        # a SIGKILLed slurmd is expected here, not an error
+
+    def start_slurmd(self, node: str, timeout: float = 60) -> None:
+        """Start node ``node``'s slurmd again (after :meth:`stop_slurmd`); returns once it has
+        logged its start."""
+        [n] = [x for x in self.nodes if x.name == node]
+        log = self.slurmd_logs[node]
+        started = log.read_text(errors="replace").count(" started on ") if log.exists() else 0
+        self._spawn_slurmd(n)
+        deadline = time.monotonic() + timeout
+        while log.read_text(errors="replace").count(" started on ") <= started:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"slurmd of {node} not started again after {timeout:.0f} s")
+            time.sleep(0.2)
+
     def resume_node(self) -> None:
         self.run(["scontrol", "update", f"nodename={self.node_name}", "state=resume"])
 
@@ -654,8 +675,9 @@ class SlurmCluster:
         if s.epilog is not None:
             lines.append(f"Epilog={s.epilog}")
         if s.accounting:
+            # several nodes: their Epilogs' sacct and sacctmgr reach slurmdbd over the underlay
             lines += ["AccountingStorageType=accounting_storage/slurmdbd",
-                      "AccountingStorageHost=localhost",
+                      f"AccountingStorageHost={s.ctld_addr if s.multi and s.ctld_addr else 'localhost'}",
                       f"AccountingStoragePort={DBD_PORT}",
                       "AccountingStorageTRES=gres/gpu",
                       f"AccountingStoragePass={s.munge_socket}"]

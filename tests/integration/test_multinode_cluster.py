@@ -3,9 +3,10 @@ Slurm as the ordinary user: a two-node job's steps run on both nodes over the un
 has its own libvirtd and its own dgxvm config at the same path, and a two-node GPU job boots one
 VM per node, whose `dgxvm run` steps answer from both, leaving nothing behind on either node.
 
-The cluster is this module's: its namespaces (dgxvm-ul, dgxvm-ctl, dgxvm-dgxa, dgxvm-dgxb) and
-each node's mount namespace are its own, apart from the session's libvirt stack (dgxvm-test, the
-host's /run/libvirt), so the module runs in the ordinary integration session beside it."""
+The cluster is the session's (conftest.py: multinode), shared with test_multinode_fabric.py: its
+namespaces (dgxvm-ul, dgxvm-ctl, dgxvm-dgxa, dgxvm-dgxb) and each node's mount namespace are its
+own, apart from the session's libvirt stack (dgxvm-test, the host's /run/libvirt), so the tests
+run in the ordinary integration session beside it."""
 
 from __future__ import annotations
 
@@ -22,15 +23,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 NODES = ("dgxa", "dgxb")
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from harness.cluster import LocalCluster
-    c = LocalCluster(nodes=NODES, machine="dgx-h100", user="dgxvmmn")
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
+@pytest.fixture
+def cluster(multinode):
+    """The session's two-node cluster (conftest.py: multinode)."""
+    return multinode
 
 
 def run_job(c, script: str, *, gpus: int | None, timeout: float = 240) -> tuple[int, str]:
