@@ -1,7 +1,7 @@
 """Slurm's hostlist expressions, expanded: ``dgx[01-03,07],login1`` -> dgx01 dgx02 dgx03 dgx07
 login1, as ``scontrol show hostnames`` gives them (no daemon asked, nothing resolved).
 
-The nodelist of a job (``SLURM_JOB_NODELIST``) is a value the job's user may influence, so the
+The nodelist of a job (``SLURM_NODELIST`` in a Prolog) is a value the job's user may influence, so the
 syntax taken is Slurm's ordinary one and nothing more: names of letters, digits, ``.``, ``_``,
 ``-``; bracket groups of numbers and ranges (``[1-3,7]``; a range's width is its first number's:
 ``[08-11]`` -> 08 09 10 11); several groups in one name (``a[1-2]-b[3-4]``), in the order Slurm

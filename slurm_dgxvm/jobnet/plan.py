@@ -8,7 +8,7 @@ same subnet (``[jobnet] subnet``): the VM on the job's i-th node (nodelist order
 (:func:`slurm_dgxvm.config.jobnet_address`) and MAC :attr:`JobFabric.mac`, whatever node it is
 on, so each Prolog computes the whole job's picture alone; jobs are kept apart by their VNI.
 
-:func:`plan` is what the Prolog calls with ``SLURM_JOB_NODELIST`` (a value the job's user may
+:func:`plan` is what the Prolog calls with ``SLURM_NODELIST`` (a value the job's user may
 influence: a refusal is :class:`~slurm_dgxvm.errors.JobInputError`); :mod:`.apply` makes it.
 """
 
@@ -28,7 +28,7 @@ VNI_MAX = 2 ** 24 - 1
 VXLAN_PREFIX = "vxj"
 BRIDGE_PREFIX = "brj"
 #: What the nodelist is called in a refusal.
-NODELIST = "SLURM_JOB_NODELIST"
+NODELIST = "SLURM_NODELIST"          # what slurmd 22.05 gives the Prolog
 
 
 def vni_for(job_id: int) -> int:
@@ -142,7 +142,7 @@ def plan(cfg: JobnetConfig, job_id: int, nodelist: str, node: str) -> JobFabric 
 
     None when ``[jobnet] enabled`` is false, or when the job has one node (it needs no fabric).
     Raises ConfigError when ``node`` is not in ``[jobnet] nodes`` (this node's configuration,
-    not the job, is at fault); JobInputError (``what`` SLURM_JOB_NODELIST, ``value`` the
+    not the job, is at fault); JobInputError (``what`` SLURM_NODELIST, ``value`` the
     nodelist) when the nodelist does not parse, lists a node twice, names a node not in
     ``[jobnet] nodes``, does not contain ``node``, or has more than ``max_nodes`` nodes.
 

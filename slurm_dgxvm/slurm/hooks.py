@@ -97,7 +97,7 @@ def _record_writer(slurm: Slurm, environ: Mapping[str, str], job_id: int, *,
     others' and read back until it stays (accounting.converge), ``node=`` naming it."""
     set_ = slurm.set_admin_comment_after_end if after_end else slurm.set_admin_comment
     node = environ.get("SLURMD_NODENAME") or ""
-    if node and len(job_nodes(environ.get("SLURM_JOB_NODELIST"))) > 1:
+    if node and len(job_nodes(jobinput.raw_nodelist(environ))) > 1:
         read = ((lambda: slurm.admin_comment_after_end(job_id)) if after_end
                 else (lambda: slurm.admin_comment(job_id)))
         return lambda fields: converge(read, lambda text: set_(job_id, text), node, fields)

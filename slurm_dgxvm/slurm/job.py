@@ -4,7 +4,8 @@ VM request made from it with the partition's defaults and the job comment's choi
 Only the environment slurmd gives the hooks is read (no Slurm command on the way to a VM):
 SLURM_JOB_ID, SLURM_JOB_UID, SLURM_JOB_GID, SLURM_JOB_USER, SLURM_JOB_GPUS (Slurm's GPU
 indices, e.g. ``0,1,2,3``), SLURM_JOB_WORK_DIR, SLURM_JOB_PARTITION, SLURM_JOB_COMMENT (only when
-the job set one), SLURMD_NODENAME, SLURM_JOB_NODELIST (a multi-node job's fabric, :mod:`slurm_dgxvm.jobnet`).
+the job set one), SLURMD_NODENAME, SLURM_NODELIST (a multi-node job's fabric,
+:mod:`slurm_dgxvm.jobnet`; SLURM_JOB_NODELIST when that is the one set).
 
 The job comment (``sbatch --comment``) is free text; dgxvm reads the words that start with
 ``dgxvm:`` and ignores the rest::
@@ -56,7 +57,7 @@ class SlurmJob:
     comment: str | None
     node: str | None
     home: str | None = None           # from the host's passwd (on_this_host)
-    nodelist: str | None = None       # SLURM_JOB_NODELIST: every node of the job (a hostlist)
+    nodelist: str | None = None       # SLURM_NODELIST: every node of the job (a hostlist)
     groups: tuple[int, ...] = ()      # the user's supplementary gids (on_this_host)
 
     @classmethod
@@ -78,7 +79,7 @@ class SlurmJob:
                    partition=jobinput.partition(e.get("SLURM_JOB_PARTITION")),
                    comment=jobinput.comment(e.get("SLURM_JOB_COMMENT")),
                    node=e.get("SLURMD_NODENAME") or None,
-                   nodelist=jobinput.nodelist(e.get("SLURM_JOB_NODELIST")))
+                   nodelist=jobinput.nodelist(jobinput.raw_nodelist(e)))
 
     def on_this_host(self) -> SlurmJob:
         """This job with its user's home and groups from the host's accounts, after checking
@@ -194,7 +195,7 @@ def job_fabric(cfg: Config, job: SlurmJob):
 
 
 def job_nodes(nodelist: str | None) -> tuple[str, ...]:
-    """The names of SLURM_JOB_NODELIST (a hostlist), () when it is unset or does not parse
+    """The names of the job's node list (a hostlist), () when it is unset or does not parse
     (the fabric refuses such a job; its accounting is then written as a one-node job's)."""
     from ..jobnet.hostlist import expand
     try:

@@ -23,8 +23,10 @@ SLURM_JOB_GPUS              an index list, each index < 1024, no duplicates, at 
 SLURM_JOB_WORK_DIR          absolute, UTF-8, no control character, normalised, <= 4095 bytes
 SLURM_JOB_PARTITION         letters, digits, '.', '_', '-'; at most 64
 SLURM_JOB_COMMENT           at most 4096 characters, no NUL (its dgxvm: words: job.parse_comment)
-SLURM_JOB_NODELIST          printable ASCII, at most 65536 characters; a multi-node job's fabric
-                            expands it and checks each name (jobnet.plan)
+SLURM_NODELIST              printable ASCII, at most 65536 characters; a multi-node job's fabric
+                            expands it and checks each name (jobnet.plan). slurmd 22.05 gives
+                            the Prolog and Epilog this, not SLURM_JOB_NODELIST (read when it
+                            is the one set)
 ==========================  ========================================================================
 """
 
@@ -156,15 +158,27 @@ def comment(raw: str | None) -> str | None:
 NODELIST_MAX = 65536
 
 
+NODELIST_VARS = ("SLURM_NODELIST", "SLURM_JOB_NODELIST")
+
+
+def raw_nodelist(environ: Mapping[str, str]) -> str | None:
+    """The job's node list as slurmd gives a Prolog or Epilog: ``SLURM_NODELIST`` (Slurm
+    22.05 sets no SLURM_JOB_NODELIST there), else ``SLURM_JOB_NODELIST``."""
+    for name in NODELIST_VARS:
+        if environ.get(name):
+            return environ[name]
+    return None
+
+
 def nodelist(raw: str | None) -> str | None:
-    """SLURM_JOB_NODELIST: a Slurm hostlist expression (``dgx[01-04]``); its names are checked
-    when a job fabric expands it (slurm_dgxvm.jobnet.plan)."""
+    """SLURM_NODELIST: a Slurm hostlist expression (``dgx[01-04]``); its names are checked when
+    a job fabric expands it (slurm_dgxvm.jobnet.plan)."""
     if raw is None or raw == "":
         return None
     if len(raw) > NODELIST_MAX:
-        raise _refuse("SLURM_JOB_NODELIST", raw, f"longer than {NODELIST_MAX} characters")
+        raise _refuse("SLURM_NODELIST", raw, f"longer than {NODELIST_MAX} characters")
     if not raw.isascii() or not raw.isprintable() or any(c.isspace() for c in raw):
-        raise _refuse("SLURM_JOB_NODELIST", raw,
+        raise _refuse("SLURM_NODELIST", raw,
                       "must be printable ASCII without spaces (a hostlist such as dgx[01-04])")
     return raw
 

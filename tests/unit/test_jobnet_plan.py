@@ -133,7 +133,7 @@ def test_the_config_mtu_port_and_subnet_are_used():
 def test_a_nodelist_the_node_will_not_use_is_the_jobs_fault(nodelist, bad):
     with pytest.raises(JobInputError) as err:
         plan(CFG, 1, nodelist, "dgx01")
-    assert err.value.what == "SLURM_JOB_NODELIST" and err.value.value == nodelist
+    assert err.value.what == "SLURM_NODELIST" and err.value.value == nodelist
     assert bad in str(err.value)
 
 

@@ -301,7 +301,7 @@ def multi_node_world(tmp_path, trees, image_store, monkeypatch) -> World:
 def test_a_node_list_the_fabric_does_not_know_refuses_the_job_not_the_node(
         tmp_path, trees, image_store, monkeypatch):
     w = multi_node_world(tmp_path, trees, image_store, monkeypatch)
-    assert w.prolog(SLURMD_NODENAME="dgxa", SLURM_JOB_NODELIST="dgxa,dgxz",
+    assert w.prolog(SLURMD_NODENAME="dgxa", SLURM_NODELIST="dgxa,dgxz",
                     SLURM_JOB_COMMENT="") == 0
     [line] = w.lines
     assert "refused at reading the request" in line and "'dgxz'" in line
@@ -317,7 +317,7 @@ def test_each_nodes_prolog_keeps_the_other_nodes_record(tmp_path, trees, image_s
     from slurm_dgxvm.slurm.accounting import decode_all
     w = multi_node_world(tmp_path, trees, image_store, monkeypatch)
     for node in ("dgxb", "dgxa"):
-        assert w.prolog(SLURMD_NODENAME=node, SLURM_JOB_NODELIST="dgxa,dgxb",
+        assert w.prolog(SLURMD_NODENAME=node, SLURM_NODELIST="dgxa,dgxb",
                         SLURM_JOB_COMMENT="dgxvm:imag=x") == 0
     records = decode_all(w.state.read_text())
     assert [(r["node"], r["state"]) for r in records] == [("dgxa", "refused"),
