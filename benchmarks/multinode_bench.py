@@ -63,9 +63,11 @@ def root(c, node: str, job: int, script: str, timeout: float = 300) -> str:
 
 #: a receiver that reads exactly $1 bytes, then closes (so the sender's nc ends): busybox sh
 SINK = '#!/bin/sh\nhead -c {n} > /dev/null\necho done\n'
-#: the sender's side: its own clock around dd | nc; prints microseconds
-SEND = ("s=$(date +%s%N); dd if=/dev/zero bs=65536 count={blocks} 2>/dev/null | "
-        "{nc} {dst} {port} >/dev/null; e=$(date +%s%N); echo $(( (e - s) / 1000 ))")
+#: the sender's side: its own clock around dd | nc (/proc/uptime: busybox date has no %N);
+#: prints microseconds
+SEND = ("s=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/zero bs=65536 count={blocks} 2>/dev/null "
+        "| {nc} {dst} {port} >/dev/null; e=$(cut -d' ' -f1 /proc/uptime); "
+        "awk -v s=$s -v e=$e 'BEGIN {{ print int((e - s) * 1e6) }}'")
 
 
 def guest_sink(c, node: str, job: int, port: int, mib: int) -> None:
@@ -120,7 +122,7 @@ def main() -> int:
                 check=True).stdout, args.mib)
             fab_rtt = rtt(root(c, "dgxa", job, "ping -c 20 -i 0.2 10.64.0.11"))
             nat_rtt = rtt(root(c, "dgxa", job, f"ping -c 20 -i 0.2 {c.node('dgxb').addr}"))
-            host_rtt = rtt(c.node("dgxa").run(["ping", "-c", "20", "-i", "0.2",
+            host_rtt = rtt(c.node("dgxa").run(["busybox", "ping", "-c", "20", "-i", "0.2",
                                                c.node("dgxb").addr], check=True).stdout)
         finally:
             c.cluster.run(["scancel", str(job)], check=False)
