@@ -285,15 +285,20 @@ def test_a_node_lost_mid_job_is_cleaned_by_the_other_epilog_and_reconcile(multin
         wait_for(f"job {job} gone", lambda: not state(c, job), timeout=120, c=c)
         # dgxa's Epilog cleaned dgxa
         assert c.node("dgxa").vms() == [] and fabric_left(c.node("dgxa")) == []
-        # dgxb kept its pieces (no Epilog ran there); reconcile removes them
+        # dgxb kept its pieces (no Epilog ran there); reconcile, run by the admin while its
+        # slurmd is still away (Slurm no longer has the job there), removes them
         assert fabric_left(nb)
+        # as an admin on the node: Slurm's config where a node has it (the cluster's)
+        r = nb.run(["env", f"SLURM_CONF={c.cluster.slurm_conf}", c.dgxvm, "reconcile"],
+                   timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"vm job-{job}: " in r.stdout and "delete the VM: done" in r.stdout, r.stdout
+        assert nb.vms() == [] and fabric_left(nb) == []
     finally:
         c.cluster.start_slurmd("dgxb")
-    # as an admin on the node: Slurm's config where a node has it (here: the cluster's)
-    r = nb.run(["env", f"SLURM_CONF={c.cluster.slurm_conf}", c.dgxvm, "reconcile"],
-               timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert f"job-{job}" in r.stdout, r.stdout
     c.cluster.run(["scontrol", "update", "nodename=dgxb", "state=resume"], check=False)
     c.wait_idle()
+    # the slurmd that came back may run the job's Epilog once more: it finds nothing
+    wait_for("both nodes empty", lambda: not any(fabric_left(c.node(n)) or c.node(n).vms()
+                                                 for n in NODES), timeout=120, c=c)
     nothing_left(c)
