@@ -5,6 +5,10 @@ the directories (or files) it mounts on: /proc, /dev, /sys, /tmp, the work dir a
 ``--container-mounts`` targets, ``--container-workdir``. ``dgxvm run`` runs as the cache's
 owner, so it makes them in the entry on the host: empty directories and files, nothing else.
 
+/tmp and /var/tmp, when the image lacks them, are made 1777 as images have them: runc gives a
+tmpfs the mode of the directory it is mounted on (its ``mode=1777`` option notwithstanding), so
+a 0755 mount point would leave the user no scratch space in the container.
+
 Every component is walked with ``O_NOFOLLOW`` from the rootfs's own descriptor: an image whose
 ``/var/run`` is a symlink (to ``/run``, or to anywhere) never makes dgxvm create a directory
 outside the rootfs; such a target is refused naming it (an image's symlink on a mount target
@@ -22,6 +26,7 @@ from ..errors import BadInput
 
 STANDARD_DIRS = ("/proc", "/dev", "/sys", "/tmp", "/run", "/var/tmp", "/etc")
 STANDARD_FILES = ("/etc/resolv.conf", "/etc/hosts")
+STICKY_DIRS = ("/tmp", "/var/tmp")      # made 1777 (world-writable, sticky) where missing
 
 
 def _components(path: str) -> list[str]:
@@ -36,9 +41,11 @@ def _walk(root_fd: int, parts: list[str], path: str) -> int:
     """A descriptor of the directory ``parts`` below ``root_fd``, made where missing."""
     fd = os.dup(root_fd)
     try:
-        for name in parts:
+        for i, name in enumerate(parts):
+            made = False
             try:
                 os.mkdir(name, 0o755, dir_fd=fd)
+                made = True
             except FileExistsError:
                 pass
             try:
@@ -50,6 +57,8 @@ def _walk(root_fd: int, parts: list[str], path: str) -> int:
                 raise
             os.close(fd)
             fd = nxt
+            if made and "/" + "/".join(parts[:i + 1]) in STICKY_DIRS:
+                os.fchmod(fd, 0o1777)       # mkdir's mode passes the umask
         return fd
     except BaseException:
         os.close(fd)

@@ -353,6 +353,20 @@ def test_a_command_runs_in_the_image_as_the_user_in_the_shared_cwd(runvm, image)
     assert made.read_text() == "made\n" and made.stat().st_uid == runvm.vmenv.uid
 
 
+@pytest.mark.parametrize("flags", [(), ("--container-remap-root",), ("--container-writable",)],
+                         ids=["own-uid", "remap-root", "writable"])
+def test_tmp_and_var_tmp_are_fresh_and_writable_in_the_container(runvm, image, flags):
+    """Scripts write scratch files (and executables: a helper an ``nc -e`` runs) to /tmp."""
+    r = container_run(runvm, image.ref, "sh", "-c",
+                      "ls -ldn /tmp /var/tmp; ls -A /tmp; printf '#!/bin/sh\\necho ran\\n' "
+                      "> /tmp/x && chmod +x /tmp/x && /tmp/x && echo kept > /var/tmp/y && "
+                      "cat /var/tmp/y", flags=flags)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    out = r.stdout.decode().splitlines()
+    assert out[0].startswith("drwxrwxrwt") and out[1].startswith("drwxrwxrwt"), out
+    assert out[2:] == ["ran", "kept"], out       # nothing there before: fresh
+
+
 def test_remap_root_is_root_in_the_container_and_the_user_outside(runvm, image):
     r = container_run(runvm, image.ref, "sh", "-c", "id -u; echo root > by-root",
                       flags=("--container-remap-root",))

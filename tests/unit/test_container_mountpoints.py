@@ -22,6 +22,29 @@ def test_standard_points_and_the_work_dir_are_made(tmp_path):
     assert (rootfs / "etc/hosts").is_file()
 
 
+def test_tmp_and_var_tmp_made_here_are_world_writable_and_sticky(tmp_path):
+    """runc keeps a tmpfs mount point's mode: these must be 1777 for the user to write there;
+    ones the image has keep the image's mode, and nothing else is made writable."""
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "var").mkdir(parents=True)
+    os.chmod(rootfs / "var", 0o755)
+    old = os.umask(0o022)
+    try:
+        mountpoints.ensure(rootfs, mountpoints.STANDARD_DIRS)
+    finally:
+        os.umask(old)
+    modes = {d: (rootfs / d.lstrip("/")).stat().st_mode & 0o7777
+             for d in mountpoints.STANDARD_DIRS}
+    assert modes["/tmp"] == modes["/var/tmp"] == 0o1777, modes
+    assert {m for d, m in modes.items() if d not in ("/tmp", "/var/tmp")} == {0o755}, modes
+    assert (rootfs / "var").stat().st_mode & 0o7777 == 0o755
+    other = tmp_path / "other"
+    (other / "tmp").mkdir(parents=True)
+    os.chmod(other / "tmp", 0o700)                       # the image's own choice stands
+    mountpoints.ensure(other, ["/tmp"])
+    assert (other / "tmp").stat().st_mode & 0o7777 == 0o700
+
+
 def test_a_symlink_in_the_image_never_sends_a_mkdir_outside(tmp_path):
     rootfs, outside = tmp_path / "rootfs", tmp_path / "outside"
     rootfs.mkdir()
