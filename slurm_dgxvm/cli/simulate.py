@@ -19,6 +19,9 @@ import click
 @click.option("--ib-vfs", "ib_vfs", type=click.IntRange(0), default=None, metavar="N",
               help="SR-IOV virtual functions enabled on each compute HCA of a DGX A100/H100 "
                    "(sriov_numvfs; default 8, 0 = SR-IOV off).")
+@click.option("--serial", type=click.IntRange(0, 65535), default=None, metavar="N",
+              help="The machine's serial number, which its HCAs' InfiniBand GUIDs carry: give "
+                   "each node of a simulated cluster its own (default 0).")
 @click.option("--fault", "fault_specs", multiple=True, metavar="GPU:KIND",
               help="Inject a fault into GPU (an index or a PCI address): with MACHINE into the "
                    "new tree, without it into the tree of --into. Repeatable; GPU indices count "
@@ -26,7 +29,7 @@ import click
 @click.option("--into", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="An existing simulated tree to inject the --fault's into (no MACHINE): "
                    "nothing is re-rendered, earlier faults and AER counts stay.")
-def simulate(machine, out, missing, unknown_numa, ib_vfs, fault_specs, into):
+def simulate(machine, out, missing, unknown_numa, ib_vfs, serial, fault_specs, into):
     """Write the sysfs tree of a known machine (dgx2, dgx-a100, dgx-h100), or inject GPU faults.
 
     \b
@@ -51,7 +54,8 @@ def simulate(machine, out, missing, unknown_numa, ib_vfs, fault_specs, into):
     from ..topology.sysfs import SIMULATED_MARKER
     try:
         done = simulate_tree(machine, out=out, missing=missing, unknown_numa=unknown_numa,
-                             fault_specs=fault_specs, into=into, ib_vfs=ib_vfs)
+                             fault_specs=fault_specs, into=into, ib_vfs=ib_vfs,
+                             serial=serial)
     except SimulateUsage as exc:
         if exc.param is None:
             raise click.UsageError(exc.reason) from None

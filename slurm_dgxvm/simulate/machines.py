@@ -229,12 +229,14 @@ class Machine:
                                revision=pf.revision)
                      for i in range(count))
 
-    def node_guid(self, pf: PciDevice) -> str:
+    def node_guid(self, pf: PciDevice, serial: int = 0) -> str:
         """The HCA's node GUID as sysfs shows it: the Mellanox OUI b8:ce:f6 [INF: from GUIDs in
-        public ibstat output], the rest from the PF's address [INF: invented for the fixture]."""
+        public ibstat output], then the machine's ``serial`` (so that simulated nodes of one
+        cluster differ, as real HCAs' GUIDs do) and the PF's address [INF: invented for the
+        fixture]."""
         bus, rest = pf.bdf.split(":")[1:]
         dev, fn = rest.split(".")
-        return f"b8ce:f603:0000:{bus}{int(dev, 16) << 3 | int(fn, 16):02x}"
+        return f"b8ce:f603:{serial:04x}:{bus}{int(dev, 16) << 3 | int(fn, 16):02x}"
 
     @staticmethod
     def netdev(pf: PciDevice) -> str:

@@ -28,16 +28,18 @@ def _usage(reason: str, param: str | None = None) -> SimulateUsage:
 
 def simulate(machine: str | None, *, out: Path | None, missing: Sequence[str] = (),
              unknown_numa: Sequence[str] = (), fault_specs: Sequence[str] = (),
-             into: Path | None = None, ib_vfs: int | None = None) -> Simulated:
+             into: Path | None = None, ib_vfs: int | None = None,
+             serial: int | None = None) -> Simulated:
     """Write ``machine``'s sysfs tree into ``out`` with ``fault_specs`` injected, or inject
     them into the tree at ``into``; SimulateUsage when the arguments make neither."""
     from ..topology.sysfs import SIMULATED_MARKER
     if machine is not None and into is not None:
         raise _usage("MACHINE writes a new tree (--out DIR); --into DIR injects faults "
                      "into an existing one: give one of them")
-    if machine is None and (out is not None or missing or unknown_numa or ib_vfs is not None):
-        raise _usage("missing MACHINE: --out, --missing-gpu, --unknown-numa and --ib-vfs write "
-                     "a new tree")
+    if machine is None and (out is not None or missing or unknown_numa or ib_vfs is not None
+                            or serial is not None):
+        raise _usage("missing MACHINE: --out, --missing-gpu, --unknown-numa, --ib-vfs and "
+                     "--serial write a new tree")
     if machine is None and into is None:
         raise _usage("give MACHINE --out DIR, or --fault GPU:KIND --into DIR")
     if machine is not None and out is None:
@@ -57,6 +59,7 @@ def simulate(machine: str | None, *, out: Path | None, missing: Sequence[str] = 
         raise _usage(f"{machine!r} is not a known machine (known: {', '.join(MACHINES)})",
                      "MACHINE")
     root = render(machine, out, missing_gpus=missing, unknown_numa=unknown_numa, faults=faults,
-                  **({} if ib_vfs is None else {"ib_vfs": ib_vfs}))
+                  **({} if ib_vfs is None else {"ib_vfs": ib_vfs}),
+                  **({} if serial is None else {"serial": serial}))
     records = json.loads((root / SIMULATED_MARKER).read_text()).get("faults", [])
     return Simulated(root=root, records=records, machine=machine)

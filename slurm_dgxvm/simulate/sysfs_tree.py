@@ -40,12 +40,16 @@ _VM_HOST_MODULES = ("vfio", "vfio_pci", "vfio_iommu_type1", "kvm")
 
 def render(machine: str | Machine, out: str | os.PathLike, *, missing_gpus: Iterable[str] = (),
            unknown_numa: Iterable[str] = (),
-           faults: Iterable[tuple[str | int, str]] = (), ib_vfs: int = DEFAULT_IB_VFS) -> Path:
+           faults: Iterable[tuple[str | int, str]] = (), ib_vfs: int = DEFAULT_IB_VFS,
+           serial: int = 0) -> Path:
     """Write ``machine``'s sysfs tree under ``out`` and return ``out`` as a Path.
 
     ``ib_vfs``: SR-IOV virtual functions enabled on each SR-IOV capable HCA (the compute HCAs of
     the DGX A100 and H100; ``sriov_numvfs``), each bound to vfio-pci in an IOMMU group of its
     own; 0 leaves SR-IOV off. The DGX-2's HCAs have no SR-IOV here.
+
+    ``serial``: the machine's serial number, 0..65535, which its HCAs' GUIDs carry: the nodes
+    of one simulated cluster need different ones (a real fabric's GUIDs are unique).
 
     ``missing_gpus``: GPU addresses left out entirely (failed to enumerate). ``unknown_numa``:
     device addresses whose ``numa_node`` reads ``-1`` (BIOS quirk). ``faults``: ``(gpu, kind)``
@@ -64,6 +68,8 @@ def render(machine: str | Machine, out: str | os.PathLike, *, missing_gpus: Iter
     if isinstance(ib_vfs, bool) or not isinstance(ib_vfs, int) or ib_vfs < 0 or (most and ib_vfs > most):
         raise SimulateError(reason=f"ib_vfs: {ib_vfs!r} VFs per HCA port is not 0..{most} "
                                    f"(sriov_totalvfs of {m.key}'s HCAs)", value=ib_vfs)
+    if isinstance(serial, bool) or not isinstance(serial, int) or not 0 <= serial <= 0xFFFF:
+        raise SimulateError(reason=f"serial: {serial!r} is not 0..65535", value=serial)
 
     out = Path(out)
     _check_out(out)
@@ -71,7 +77,7 @@ def render(machine: str | Machine, out: str | os.PathLike, *, missing_gpus: Iter
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp.chmod(0o755)                               # mkdtemp makes it 0700
-        _write_tree(m, tmp, missing, unknown, ib_vfs)
+        _write_tree(m, tmp, missing, unknown, ib_vfs, serial)
         inject_all(tmp, faults)
         _swap(tmp, out)
     except BaseException:
@@ -176,13 +182,13 @@ class _Writer:
 
 
 def _write_tree(m: Machine, root: Path, missing: tuple[str, ...], unknown: tuple[str, ...],
-                ib_vfs: int) -> None:
+                ib_vfs: int, serial: int) -> None:
     w = _Writer(root)
     w.file(S.DMI_PRODUCT_NAME, m.product_name)
     w.file(S.DMI_SYS_VENDOR, m.sys_vendor)
     _write_nodes(w, m)
     _write_cpus(w, m)
-    _write_pci(w, m, set(missing), set(unknown), ib_vfs)
+    _write_pci(w, m, set(missing), set(unknown), ib_vfs, serial)
     _write_host(w, m)
     marker = {"machine": m.key, "product_name": m.product_name, "missing_gpus": list(missing),
               "unknown_numa": list(unknown), "note": NOTE}
@@ -236,7 +242,8 @@ def _write_cpus(w: _Writer, m: Machine) -> None:
         w.file(f"{topo}/core_cpus_list", siblings)
 
 
-def _write_pci(w: _Writer, m: Machine, missing: set[str], unknown: set[str], ib_vfs: int) -> None:
+def _write_pci(w: _Writer, m: Machine, missing: set[str], unknown: set[str], ib_vfs: int,
+               serial: int) -> None:
     placed: list[tuple[PciDevice, str]] = []          # (device, its dir relative to the root)
     vfs_of: dict[str, tuple[PciDevice, ...]] = {}     # PF address -> its enabled VFs
 
@@ -280,7 +287,7 @@ def _write_pci(w: _Writer, m: Machine, missing: set[str], unknown: set[str], ib_
         w.link(f"{d}/driver", driver_dir)
         w.link(f"{driver_dir}/{dev.bdf}", d)
         w.link(S.PCI_DEVICE.format(bdf=dev.bdf), d)
-    _write_sriov(w, m, {dev.bdf: (dev, d) for dev, d in placed}, vfs_of)
+    _write_sriov(w, m, {dev.bdf: (dev, d) for dev, d in placed}, vfs_of, serial)
 
 
 def _attr(shape: str) -> str:
@@ -289,7 +296,7 @@ def _attr(shape: str) -> str:
 
 
 def _write_sriov(w: _Writer, m: Machine, by_bdf: dict[str, tuple[PciDevice, str]],
-                 vfs_of: dict[str, tuple[PciDevice, ...]]) -> None:
+                 vfs_of: dict[str, tuple[PciDevice, ...]], serial: int) -> None:
     """A PF's SR-IOV files, its ``virtfnN`` links and RDMA device (node GUID); each VF's
     ``physfn`` link (kernel Documentation/ABI/testing/sysfs-bus-pci)."""
     for pf_bdf, vfs in vfs_of.items():
@@ -301,7 +308,8 @@ def _write_sriov(w: _Writer, m: Machine, by_bdf: dict[str, tuple[PciDevice, str]
         w.file(f"{d}/{_attr(S.PCI_SRIOV_STRIDE)}", str(iov.stride))
         w.file(f"{d}/{_attr(S.PCI_SRIOV_VF_DEVICE)}", f"{iov.vf_device:x}")
         if pf.label:
-            w.file(f"{d}/{_attr(S.PCI_IB_NODE_GUID).format(ibdev=pf.label)}", m.node_guid(pf))
+            w.file(f"{d}/{_attr(S.PCI_IB_NODE_GUID).format(ibdev=pf.label)}",
+                   m.node_guid(pf, serial))
             w.mkdir(f"{d}/{_attr(S.PCI_NET)}/{m.netdev(pf)}")
         for i, vf in enumerate(vfs):
             vf_dir = by_bdf[vf.bdf][1]

@@ -382,6 +382,27 @@ def test_ib_vfs_sets_how_many_vfs_each_hca_enables(count, tmp_path):
     assert len(vfs) == 8 * count
 
 
+def test_the_serial_makes_each_simulated_nodes_hca_guids_its_own(tmp_path):
+    """Two nodes of one simulated cluster: their HCAs' GUIDs differ, as on a real fabric,
+    where a subnet manager keys partition members by GUID."""
+    def guids(root):
+        return sorted((p.parent.parent.parent.name, p.read_text().strip())
+                      for p in root.glob("sys/bus/pci/devices/*/infiniband/*/node_guid"))
+    a = guids(render("dgx-h100", tmp_path / "a"))
+    b = guids(render("dgx-h100", tmp_path / "b", serial=0x1f))
+    assert len(a) == len(b) == 8 and [x for x, _ in a] == [x for x, _ in b]
+    assert a[0][1] == "b8ce:f603:0000:1800"         # serial 0: the tree's GUIDs as before
+    assert b[0][1] == "b8ce:f603:001f:1800"
+    assert not {g for _, g in a} & {g for _, g in b}
+
+
+@pytest.mark.parametrize("bad", [-1, 65536, True, "1"])
+def test_a_serial_beyond_16_bits_is_refused(bad, tmp_path):
+    with pytest.raises(SimulateError, match="serial"):
+        render("dgx-h100", tmp_path / "r", serial=bad)
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("bad", [-1, 17, True, "8"])
 def test_ib_vfs_beyond_totalvfs_is_refused(bad, tmp_path):
     with pytest.raises(SimulateError, match="ib_vfs"):

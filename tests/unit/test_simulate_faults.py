@@ -447,6 +447,7 @@ def test_cli_a_bad_fault_at_render_time_leaves_no_tree(tmp_path, capsys):
     (["dgx2", "--out", "X", "--into", "X", "--fault", "0:clear"], "give one of them"),
     (["--missing-gpu", "34:00.0", "--into", "X", "--fault", "0:clear"], "missing MACHINE"),
     (["--ib-vfs", "4", "--into", "X", "--fault", "0:clear"], "missing MACHINE"),
+    (["--serial", "4", "--into", "X", "--fault", "0:clear"], "missing MACHINE"),
 ])
 def test_cli_usage_errors_say_what_is_missing(tmp_path, capsys, args, words):
     args = [str(tmp_path / "x") if a == "X" else a for a in args]
