@@ -21,8 +21,13 @@ What it builds:
   ``slurmd -N NAME``, so the Prolog, the Epilog and every job step on the node see the node's
   libvirtd at qemu:///system and its config at /etc/dgxvm/dgxvm.toml;
 * dgxvm on each node as harness/node.py's LocalNode has it on one: a simulated sysfs tree
-  (``dgxvm simulate MACHINE``), the config, dgxvm's qemu and network hooks in the node's
-  libvirt, the test guest installed as the default image, the node's lines of gres.conf.
+  (``dgxvm simulate MACHINE --serial INDEX+1``: each node's HCAs have GUIDs of their own), the
+  config, dgxvm's qemu and network hooks in the node's libvirt, the test guest installed as the
+  default image, the node's lines of gres.conf;
+* the site's services on the controller's address: with ``ib="ufm"``, the UFM stand-in
+  (tools/ufm-standin; every node's ``[ib]`` points at it and partition ``batch`` gives VMs
+  InfiniBand VFs); a container registry a test starts there (:data:`REGISTRY`, which every
+  node's ``[containers] insecure_registries`` names).
 
 ``stop()``: Slurm first (its Epilogs need libvirt), then per node any VM left (``dgxvm
 delete``), its libvirt stack, the holder (the mount namespace and its bind mounts go with it),
@@ -63,6 +68,12 @@ CONFIG_PATH = Path("/etc/dgxvm/dgxvm.toml")   # on every node, in its mount name
 JOBNET_SECRET = "/etc/dgxvm/jobnet-ssh.key"   # [jobnet] ssh_secret, with jobnet=True
 HOLDER_TIMEOUT_S = 10.0
 FMPM_STANDIN = Path(__file__).resolve().parents[1] / "tools" / "fmpm-standin" / "fmpm"
+UFM_STANDIN = Path(__file__).resolve().parents[1] / "tools" / "ufm-standin" / "ufm-standin"
+UFM_CREDENTIALS = "/etc/dgxvm/ufm-credentials"   # [ib] credentials_file, with ib="ufm"
+UFM_USER = "dgxvm"
+#: where a test's registry listens (harness.registry.LocalRegistry in the controller's netns,
+#: host=CTL_ADDR, port 5000): plain HTTP, named in every node's insecure_registries
+REGISTRY = f"{CTL_ADDR}:5000"
 
 #: What slurm.conf declares for each machine ``dgxvm simulate`` knows (sockets x cores x
 #: threads as the simulated tree has them; memory as sold).
@@ -271,13 +282,15 @@ class LocalCluster:
     ordinary user jobs run as (created if missing, and then removed by stop()).
     ``guest=False`` skips the test guest (a cluster for Slurm alone: no image installed).
     ``jobnet=True`` turns the job fabric on in every node's config (``[jobnet]``: the nodes'
-    underlay addresses, and one SSH secret written root-only on every node)."""
+    underlay addresses, and one SSH secret written root-only on every node). ``ib="ufm"``
+    runs the UFM stand-in on the controller's address and gives partition ``batch`` InfiniBand
+    VFs against it (:meth:`ufm_calls`, :meth:`ufm_members`)."""
 
     def __init__(self, *, nodes=("dgxa", "dgxb"), machine: str | tuple[str, ...] = "dgx-h100",
                  user: str = "dgxvmmn", network: str = "dgxvmmn", cidr: str = "10.215.0.0/24",
                  prolog: Path | None = None, epilog: Path | None = None,
                  config_extra: str = "", slurm_extra: str = "", guest: bool = True,
-                 jobnet: bool = False):
+                 jobnet: bool = False, ib: str = "none"):
         self.names = tuple(nodes)
         machines = (machine,) * len(self.names) if isinstance(machine, str) else tuple(machine)
         if len(machines) != len(self.names) or not set(machines) <= set(SHAPES):
@@ -287,6 +300,12 @@ class LocalCluster:
         self._prolog, self._epilog = prolog, epilog
         self.config_extra, self.slurm_extra = config_extra, slurm_extra
         self.jobnet = jobnet
+        if ib not in ("none", "ufm"):
+            raise ValueError(f"ib: none or ufm, not {ib!r}")
+        self.ib = ib
+        self._ufm_password = os.urandom(12).hex()
+        self._ufm_url: str | None = None
+        self._services: Daemons | None = None      # the site's, in the controller's netns
         self._jobnet_secret = os.urandom(64)     # [jobnet] ssh_secret: one for every node
         self.guest = guest
         self.dgxvm = default_dgxvm()
@@ -339,6 +358,8 @@ class LocalCluster:
             manifest = build_guest() if self.guest else None
             self.timings["guest_s"] = round(time.monotonic() - t0, 2)
             self._underlay()
+            if self.ib == "ufm":
+                self._start_ufm()
             for i, name in enumerate(self.names):
                 self.nodes[name] = ClusterNode(self, name, i)
                 self._prepare_node(self.nodes[name])
@@ -369,6 +390,43 @@ class LocalCluster:
         _ip("-n", UNDERLAY_NETNS, "link", "set", BRIDGE, "up")
         _veth(CTL_NETNS, "ul-ctl", CTL_ADDR)
 
+    def _start_ufm(self) -> None:
+        """The UFM stand-in on the controller's underlay address (a port it picks)."""
+        self._services = Daemons(enter=["ip", "netns", "exec", CTL_NETNS],
+                                 env=lambda: {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                                 log_dir=self.base, log_suffix=".log", cwd=self.base)
+        port_file = self.base / "ufm.port"
+        self._services.spawn("ufm-standin", [
+            "python3", str(UFM_STANDIN), "--host", CTL_ADDR, "--port-file", str(port_file),
+            "--log", str(self.base / "ufm-calls.jsonl"), "--user", UFM_USER,
+            "--password", self._ufm_password])
+        self._services.wait_for("ufm-standin", port_file.exists, "its port file", 15)
+        self._ufm_url = f"http://{CTL_ADDR}:{int(port_file.read_text())}"
+
+    def ufm_calls(self) -> list[dict]:
+        """Every call the UFM stand-in answered or refused so far, in order (its log: method,
+        path, body, user, status)."""
+        log = self.base / "ufm-calls.jsonl"
+        if not log.exists():
+            return []
+        return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+    def ufm_members(self, pkey: str) -> list[str]:
+        """The GUIDs partition key ``pkey`` (``0x102a``) holds at the UFM stand-in now, as its
+        REST API answers (asked from the controller's namespace); [] for a key it has not."""
+        probe = ("import base64, json, sys, urllib.request, urllib.error\n"
+                 "r = urllib.request.Request(sys.argv[1], headers={'Authorization': 'Basic ' + "
+                 "base64.b64encode(sys.argv[2].encode()).decode()})\n"
+                 "try:\n    print(urllib.request.urlopen(r, timeout=10).read().decode())\n"
+                 "except urllib.error.HTTPError as e:\n"
+                 "    print('{}' if e.code == 404 else sys.exit(e.code))\n")
+        r = subprocess.run(["ip", "netns", "exec", CTL_NETNS, "python3", "-c", probe,
+                            f"{self._ufm_url}/ufmRest/resources/pkeys/{pkey}?guids_data=true",
+                            f"{UFM_USER}:{self._ufm_password}"],
+                           capture_output=True, text=True, timeout=30, check=True)
+        data = json.loads(r.stdout)
+        return sorted(g["guid"] if isinstance(g, dict) else g for g in data.get("guids", []))
+
     def _prepare_node(self, node: ClusterNode) -> None:
         base = node.base
         for fixed, here in node.ns.mounts.items():
@@ -388,13 +446,18 @@ class LocalCluster:
         os.chmod(base / "hosts", 0o644)
         for d in ("images", "containers"):
             (node.path("/var/lib/dgxvm") / d).mkdir(mode=0o755)
-        self.run_dgxvm("simulate", self.machines[node.name], "--out", str(node.sysfs))
+        self.run_dgxvm("simulate", self.machines[node.name], "--out", str(node.sysfs),
+                       "--serial", str(node.index + 1))
         node.path(CONFIG_PATH).write_text(self.config_text(node))
         if self.jobnet:           # the same root-only secret on every node, as a site has it
             secret = node.path(JOBNET_SECRET)
             fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(self._jobnet_secret)
+        if self.ib == "ufm":      # the site's UFM credentials, root's alone on every node
+            fd = os.open(node.path(UFM_CREDENTIALS), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{UFM_USER}:{self._ufm_password}\n")
 
     def config_text(self, node: ClusterNode) -> str:
         """The node's /etc/dgxvm/dgxvm.toml: its own paths are the fixed ones (its mount
@@ -408,9 +471,17 @@ class LocalCluster:
                 f'[images]\nstore = "/var/lib/dgxvm/images"\n\n'
                 f'[vm]\nshare = "virtiofs"\nshare_roots = ["{self.workdir}"]\nfit_vcpus = 1\n'
                 f'fit_memory_mib = 384\n\n'
-                f'[containers]\ncache_dir = "/var/lib/dgxvm/containers"\n\n'
+                f'[containers]\ncache_dir = "/var/lib/dgxvm/containers"\n'
+                f'insecure_registries = ["{REGISTRY}"]\n\n'
                 f'[fabric]\nfmpm = "env FMPM_STANDIN_STATE=/var/lib/dgxvm/fm-state.json '
-                f'{FMPM_STANDIN}"\n' + self.jobnet_text() + self.config_extra)
+                f'{FMPM_STANDIN}"\n' + self.ib_text() + self.jobnet_text() + self.config_extra)
+
+    def ib_text(self) -> str:
+        """``[ib]`` against the UFM stand-in and partition ``batch`` with VFs, when ib="ufm"."""
+        if self.ib != "ufm":
+            return ""
+        return (f'\n[ib]\nbackend = "ufm"\nurl = "{self._ufm_url}"\n'
+                f'credentials_file = "{UFM_CREDENTIALS}"\n\n[partitions.batch]\nib = "vf"\n')
 
     def jobnet_text(self) -> str:
         """``[jobnet]`` when the cluster has the job fabric: every node's underlay address,
@@ -518,6 +589,10 @@ class LocalCluster:
                     problems.append(f"{node.name}: {exc}")
                 node.stack = None
             node.ns.stop(problems)
+        if self._services is not None:
+            self._services.stop("ufm-standin", 5.0, problems)
+            self._services.close_logs()
+            self._services = None
         for netns in [n for n in (CTL_NETNS, UNDERLAY_NETNS) if n in self._netns]:
             if delete_netns_if_empty(netns, problems):
                 self._netns.remove(netns)

@@ -56,16 +56,19 @@ class Request:
 
 
 class LocalRegistry:
-    """``docker-registry`` on 127.0.0.1:``port`` (a free one by default). ``users``:
+    """``docker-registry`` on ``host``:``port`` (127.0.0.1 and a free port by default; in network
+    namespace ``netns`` when given). ``users``:
     ``{name: password}`` to require basic auth. Use as a context manager, or start()/stop()."""
 
     def __init__(self, run_dir: Path, *, users: dict[str, str] | None = None,
-                 port: int | None = None, name: str = "registry", netns: str | None = None):
+                 port: int | None = None, name: str = "registry", netns: str | None = None,
+                 host: str = "127.0.0.1"):
         self.run_dir = Path(run_dir)
         self.users = dict(users or {})
         self.port = port or free_port()
         self.name = name
-        self.netns = netns            # listen on that network namespace's loopback instead
+        self.netns = netns            # listen in that network namespace instead
+        self.host = host              # on this address of it (a local cluster's controller's)
         self.enter = ["ip", "netns", "exec", netns] if netns else []
         self._daemons = Daemons(enter=self.enter,
                                 env=lambda: {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -74,7 +77,7 @@ class LocalRegistry:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def log(self) -> Path:

@@ -328,11 +328,13 @@ def slurm_node(vmenv):
 @pytest.fixture(scope="session")
 def multinode():
     """Two simulated DGX H100 nodes (harness/cluster.py: each its own namespaces, libvirt and
-    slurmd, one slurmctld) with the job fabric on, for the session's multi-node tests; started
+    slurmd, one slurmctld) with the job fabric on and InfiniBand VFs in per-job partition keys
+    at the UFM stand-in, for the session's multi-node tests; started
     when the first asks for it (about 16 s), stopped at the end. Each test leaves both nodes
     idle and empty."""
     from harness.cluster import LocalCluster
-    c = LocalCluster(nodes=("dgxa", "dgxb"), machine="dgx-h100", user="dgxvmmn", jobnet=True)
+    c = LocalCluster(nodes=("dgxa", "dgxb"), machine="dgx-h100", user="dgxvmmn", jobnet=True,
+                     ib="ufm")
     c.start()
     try:
         yield c

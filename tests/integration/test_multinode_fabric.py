@@ -3,18 +3,22 @@ with its own libvirt and slurmd, the job fabric on ([jobnet]), jobs submitted th
 the ordinary user.
 
 * A two-node job's tasks meet over TCP across the VMs (a rendezvous at the first node's name and
-  an all-reduce of two numbers), its VMs reach each other over SSH as the job's user with the
-  job's derived keys, and sacct has both nodes' VM records; afterwards nothing is left on either
-  node (VM, VXLAN device, bridge, forwarding entries, firewall chain).
+  an all-reduce of two numbers), in the VMs and in a container pulled on both nodes from the
+  cluster's registry; its VMs reach each other over SSH as the job's user with the job's
+  derived keys; each node put its VM's InfiniBand VF into the job's partition key at the
+  subnet manager (the UFM stand-in) and took it out again; sacct has both nodes' VM records;
+  afterwards nothing is left on either node (VM, VXLAN device, bridge, forwarding entries,
+  firewall chain) nor at the subnet manager.
 * Two concurrent two-node jobs, whose VMs have the same fabric addresses, cannot reach each
   other: as root in a guest, TCP and ping reach only its own job's VM at an address, ARP learns
   only its own job's MACs, a spoofed source address is dropped, and forged VXLAN packets sent
   from the guest to either node's underlay address reach nothing, while the same bytes from a
   real peer node are delivered (the probe is sensitive).
 * A job whose Prolog dies on one node: Slurm drains that node and requeues the job held, and
-  neither node keeps anything of it.
+  neither node keeps anything of it, nor does its partition key.
 * A node lost mid-job (its VM killed, its slurmd stopped): the other node's Epilog cleans up
-  there, and ``dgxvm reconcile`` on the lost node once it is back removes the VM and its fabric.
+  there, and ``dgxvm reconcile`` on the lost node removes the VM, its fabric and its VF's
+  membership of the job's partition key.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from harness.cluster import CTL_ADDR, CTL_NETNS, REGISTRY
 from harness.guest_agent import guest_exec
+from slurm_dgxvm.ibpart import pkey_for
 from slurm_dgxvm.jobnet.plan import mac_for, vni_for
 from slurm_dgxvm.ledger import Ledger
 from slurm_dgxvm.slurm.accounting import decode_all
@@ -142,6 +148,47 @@ def vxlan_frame(vni: int, dst_mac: str, src_ip: str, dst_ip: str, port: int,
     return struct.pack("!B3xI", 0x08, vni << 8) + eth + hdr + udp
 
 
+def pkey(job: int) -> str:
+    """The job's partition key as UFM's API writes it ([ib] pkey_min and pkey_max's defaults)."""
+    return f"0x{pkey_for(job, 4096, 32766):04x}"
+
+
+def ib_calls(c, job: int) -> dict[str, dict[str, list[str]]]:
+    """``{"add" | "remove": {node: its VF GUIDs}}``: the calls for ``job``'s key at the UFM
+    stand-in, each node's known by its HCAs' GUIDs (the simulated serial, node index + 1, is
+    the GUID's bytes 3-4: ``02 f603 SSSS ...``, slurm_dgxvm.ibpart.plan.vf_guid)."""
+    out: dict[str, dict[str, list[str]]] = {"add": {}, "remove": {}}
+    for call in c.ufm_calls():
+        body = call.get("body") or {}
+        if body.get("pkey") != pkey(job):
+            continue
+        assert call["status"] == 200 and call["user"] == "dgxvm", call
+        kind = "add" if call["path"] == "/ufmRest/resources/pkeys" else "remove"
+        if kind == "add":
+            assert (body["membership"], body["index0"]) == ("full", True), call
+        [node] = {n for i, n in enumerate(NODES) for g in body["guids"]
+                  if g[2:10] == f"f603{i + 1:04x}"}
+        assert node not in out[kind], f"a second {kind} from {node}: {call}"
+        out[kind][node] = sorted(body["guids"])
+    return out
+
+
+@pytest.fixture
+def registry(multinode, tmp_path):
+    """A container registry on the controller's address (the cluster's REGISTRY, which every
+    node's config lets dgxvm reach over plain HTTP), with one busybox image."""
+    from harness.registry import LocalRegistry, build_image
+    host, port = REGISTRY.split(":")
+    assert host == CTL_ADDR
+    reg = LocalRegistry(tmp_path / "reg", port=int(port), netns=CTL_NETNS, host=host)
+    reg.start()
+    try:
+        digest = build_image(reg, "mn/busy", "1", tmp_path / "build", marker="mn-busy")
+        yield f"{REGISTRY}/mn/busy:1", digest, reg
+    finally:
+        reg.stop()
+
+
 @pytest.fixture
 def probe(multinode) -> str:
     """The UDP probe, built here and put in the jobs' work dir, which each VM has at the same
@@ -159,14 +206,17 @@ ALLREDUCE = (Path(__file__).resolve().parents[2] / "harness" / "allreduce.sh").r
 
 # -- the tests -------------------------------------------------------------------------------------
 def test_a_two_node_jobs_tasks_meet_over_tcp_on_the_fabric_and_both_vms_are_accounted(
-        multinode):
+        multinode, registry):
     c = multinode
+    ref, digest, reg = registry
     (c.workdir / "allreduce.sh").write_text(ALLREDUCE)
     (c.workdir / "allreduce.sh").chmod(0o755)
     job = submit(c, "#!/bin/sh\n"
                     "export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" "
                     "| head -n1)\n"
                     "srun -N2 --ntasks-per-node=1 dgxvm run -- sh ./allreduce.sh\n"
+                    f"srun -N2 --ntasks-per-node=1 dgxvm run --container-image {ref} "
+                    "-- sh ./allreduce.sh\n"
                     "dgxvm job --json > job-$SLURM_JOB_ID.json\n"
                     "dgxvm run -- sh -c 'cat /sys/class/net/eth1/mtu; "
                     "grep -w dgxb /etc/hosts; dbclient -T dgxb cat /sys/class/net/eth1/address'"
@@ -175,6 +225,11 @@ def test_a_two_node_jobs_tasks_meet_over_tcp_on_the_fabric_and_both_vms_are_acco
     lines = out.splitlines()
     assert "rank 0 of 2 on dgxa sum 30" in lines, out
     assert "rank 1 of 2 on dgxb sum 30" in lines, out
+    # the same in a container of the registry's image, pulled on each node by its own dgxvm
+    assert "rank 0 of 2 on dgxa sum 30 in mn-busy" in lines, out
+    assert "rank 1 of 2 on dgxb sum 30 in mn-busy" in lines, out
+    # each node's own image cache copied it once (a node's cache is its own)
+    assert reg.count("GET", rf"/v2/mn/busy/manifests/{digest}$") == 2, reg.requests()
     # the guest: the fabric's MTU, the job's node names, SSH to the other VM with the job's key
     # and that VM's derived host key (no prompt: dbclient has no terminal here)
     assert "1450" in lines, out
@@ -191,7 +246,15 @@ def test_a_two_node_jobs_tasks_meet_over_tcp_on_the_fabric_and_both_vms_are_acco
     assert sorted((r["node"], r["state"]) for r in records) == [("dgxa", "ended"),
                                                                ("dgxb", "ended")], \
         slurmd_logs(c)
-    assert all("jobnet:" in r["create_stages"] for r in records)
+    assert all("jobnet:" in r["create_stages"] and "ib:" in r["create_stages"]
+               for r in records)
+    assert all(r["containers"] == f"{ref}@{digest}" for r in records), records
+    # InfiniBand: each node put its VM's VF (one GPU, one VF beside it) into the job's key and
+    # took the same out again; the key holds nothing now
+    ib = ib_calls(c, job)
+    assert sorted(ib["add"]) == list(NODES) and ib["remove"] == ib["add"], ib
+    assert all(len(guids) == 1 and guids[0].startswith("02") for guids in ib["add"].values())
+    assert c.ufm_members(pkey(job)) == []
     c.wait_idle()
     nothing_left(c)
 
@@ -262,6 +325,11 @@ def test_a_prolog_that_dies_on_one_node_leaves_nothing_on_either(multinode):
             fabric_left(c.node(n)) or c.node(n).vms() for n in NODES), timeout=120)
         nothing_left(c)
         assert "drain" in c.cluster.node_state(node="dgxb")
+        # both nodes' VFs were in the job's key (dgxb's Prolog died after its ib stage); both
+        # Epilogs took them out
+        ib = ib_calls(c, job)
+        assert sorted(ib["add"]) == list(NODES) and ib["remove"] == ib["add"], ib
+        assert c.ufm_members(pkey(job)) == []
     finally:
         failpoints.unlink(missing_ok=True)
         c.cluster.run(["scancel", str(job)], check=False)
@@ -285,15 +353,19 @@ def test_a_node_lost_mid_job_is_cleaned_by_the_other_epilog_and_reconcile(multin
         wait_for(f"job {job} gone", lambda: not state(c, job), timeout=120, c=c)
         # dgxa's Epilog cleaned dgxa
         assert c.node("dgxa").vms() == [] and fabric_left(c.node("dgxa")) == []
-        # dgxb kept its pieces (no Epilog ran there); reconcile, run by the admin while its
-        # slurmd is still away (Slurm no longer has the job there), removes them
+        # dgxb kept its pieces (no Epilog ran there), its VF in the job's key too; reconcile,
+        # run by the admin while its slurmd is still away (Slurm no longer has the job
+        # there), removes them
         assert fabric_left(nb)
+        ib = ib_calls(c, job)
+        assert list(ib["remove"]) == ["dgxa"] and c.ufm_members(pkey(job)) == ib["add"]["dgxb"]
         # as an admin on the node: Slurm's config where a node has it (the cluster's)
         r = nb.run(["env", f"SLURM_CONF={c.cluster.slurm_conf}", c.dgxvm, "reconcile"],
                    timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         assert f"vm job-{job}: " in r.stdout and "delete the VM: done" in r.stdout, r.stdout
         assert nb.vms() == [] and fabric_left(nb) == []
+        assert c.ufm_members(pkey(job)) == []
     finally:
         c.cluster.start_slurmd("dgxb")
     c.cluster.run(["scontrol", "update", "nodename=dgxb", "state=resume"], check=False)
