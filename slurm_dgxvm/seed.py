@@ -344,7 +344,9 @@ def user_data(spec: SeedSpec) -> str:
     supplementary group (name, gid) that the image does not have by that name, then mounts the
     shares ``nosuid,nodev``, read-only ones ``ro`` too (argv lists: cloud-init 22.4 may ignore a
     ``mounts:`` entry whose device is a virtiofs tag). The user gets its primary group and the
-    supplementary groups.
+    supplementary groups. The keys that may log in, and a multi-node job's SSH key and known
+    hosts, go under /etc/ssh (:func:`_ssh_files`), never into the home: bootcmd has mounted the
+    shares by the time the users module runs, and the home may be one of them.
     """
     bootcmd = [["sh", "-c", _GROUPADD, "dgxvm-groupadd", spec.user_name, str(spec.gid)]]
     for gname, gid in spec.groups:
@@ -372,8 +374,6 @@ def user_data(spec: SeedSpec) -> str:
     lines += [f"    homedir: {_q(spec.home)}",
               f"    shell: {_q('/bin/sh')}",
               "    lock_passwd: true",
-              "    ssh_authorized_keys:",
-              *(f"      - {_q(key)}" for key in spec.authorized_keys),
               "disable_root: true",
               "ssh_pwauth: false",
               "ssh_deletekeys: true",
@@ -388,7 +388,7 @@ def user_data(spec: SeedSpec) -> str:
               "    permissions: \"0755\"",
               "    encoding: b64",
               f"    content: {_q(base64.b64encode(guest_helper().encode()).decode())}",
-              *_job_ssh_files(spec)]
+              *_ssh_files(spec)]
     return "\n".join(lines) + "\n"
 
 
@@ -426,24 +426,46 @@ def _fabric_files(f: Fabric | None) -> dict[str, tuple[str, int]]:
     return files
 
 
-def _job_ssh_files(spec: SeedSpec) -> list[str]:
-    """cloud-config write_files entries for the job's inter-VM SSH: the user's key and the
-    job's known hosts in the user's ~/.ssh, written after the users module made the user
-    (``defer``)."""
+# cloud-init images: what SSH needs of the seed lies under /etc/ssh, never in the user's home,
+# which may be a share of the host's (a job submitted from $HOME: bootcmd mounts it before the
+# users module runs), and is there when cloud-init's init stage ends (what readiness waits for).
+SSH_DIR = "/etc/ssh/dgxvm"
+SSHD_DROPIN = "/etc/ssh/sshd_config.d/dgxvm.conf"
+SSH_DROPIN = "/etc/ssh/ssh_config.d/dgxvm-job.conf"
+SSH_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+# sshd takes the first AuthorizedKeysFile it reads (Debian's sshd_config includes
+# sshd_config.d/*.conf at its top); the user's own file still counts after dgxvm's
+SSHD_CONFIG = f"AuthorizedKeysFile {SSH_DIR}/authorized_keys/%u .ssh/authorized_keys\n"
+# ssh's default identities, then the job's (naming any IdentityFile drops the defaults)
+SSH_CONFIG = "".join(f"IdentityFile {f}\n" for f in ("~/.ssh/id_rsa", "~/.ssh/id_ecdsa",
+                                                     "~/.ssh/id_ed25519",
+                                                     f"{SSH_DIR}/id_ed25519"))
+
+
+def _write_file(path: str, text: str, mode: str, owner: str = "root:root") -> list[str]:
+    return [f"  - path: {_q(path)}",
+            f"    permissions: \"{mode}\"",
+            f"    owner: {_q(owner)}",
+            "    encoding: b64",
+            f"    content: {_q(base64.b64encode(text.encode()).decode())}"]
+
+
+def _ssh_files(spec: SeedSpec) -> list[str]:
+    """cloud-config write_files entries (init stage) for SSH: the keys that may log in as the
+    user, read by sshd from /etc/ssh/dgxvm/authorized_keys/USER; for a multi-node job, the
+    job's key (root's, readable by the user's primary group, which bootcmd made before
+    write_files runs: ssh accepts a key its user does not own) and every node's VM's host key
+    as the system's known hosts."""
+    out = _write_file(SSHD_DROPIN, SSHD_CONFIG, "0644")
+    out += _write_file(f"{SSH_DIR}/authorized_keys/{spec.user_name}",
+                       "".join(k.strip() + "\n" for k in spec.authorized_keys), "0644")
     f = spec.fabric
     if f is None or f.ssh_key is None:
-        return []
-    owner = f"{spec.user_name}:{spec.user_name}"
-    out = []
-    for name, text, mode in (("id_ed25519", f.ssh_key, "0600"),
-                             ("id_ed25519.pub", f.ssh_key_public.strip() + "\n", "0644"),
-                             ("known_hosts", f.known_hosts, "0644")):
-        out += [f"  - path: {_q(spec.home.rstrip('/') + '/.ssh/' + name)}",
-                f"    permissions: \"{mode}\"",
-                f"    owner: {_q(owner)}",
-                "    encoding: b64",
-                f"    content: {_q(base64.b64encode(text.encode()).decode())}",
-                "    defer: true"]
+        return out
+    out += _write_file(f"{SSH_DIR}/id_ed25519", f.ssh_key, "0640", f"root:{spec.user_name}")
+    out += _write_file(f"{SSH_DIR}/id_ed25519.pub", f.ssh_key_public.strip() + "\n", "0644")
+    out += _write_file(SSH_KNOWN_HOSTS, f.known_hosts, "0644")
+    out += _write_file(SSH_DROPIN, SSH_CONFIG, "0644")
     return out
 
 

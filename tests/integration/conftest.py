@@ -329,12 +329,14 @@ def slurm_node(vmenv):
 def multinode():
     """Two simulated DGX H100 nodes (harness/cluster.py: each its own namespaces, libvirt and
     slurmd, one slurmctld) with the job fabric on and InfiniBand VFs in per-job partition keys
-    at the UFM stand-in, for the session's multi-node tests; started
+    at the UFM stand-in (partition ``batch``; partition ``cloud`` is for the Debian cloud
+    guest, test_multinode_cloud.py), for the session's multi-node tests; started
     when the first asks for it (about 16 s), stopped at the end. Each test leaves both nodes
     idle and empty."""
     from harness.cluster import LocalCluster
     c = LocalCluster(nodes=("dgxa", "dgxb"), machine="dgx-h100", user="dgxvmmn", jobnet=True,
-                     ib="ufm")
+                     ib="ufm", slurm_extra="PartitionName=cloud Nodes=dgxa,dgxb "
+                                           "MaxTime=INFINITE State=UP\n")
     c.start()
     try:
         yield c

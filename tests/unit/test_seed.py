@@ -103,7 +103,7 @@ def test_user_data_is_cloud_config(spec, keys):
             '\\"$1\\"", "dgxvm-groupadd", "alice", "4243"]\n') in text
     assert '    homedir: "/home/alice"' in text
     assert '    shell: "/bin/sh"' in text
-    assert f"      - {json.dumps(keys['user'])}\n" in text
+    assert '  - path: "/etc/ssh/dgxvm/authorized_keys/alice"\n' in text
     assert f"  ed25519_private: {json.dumps(keys['host_priv'])}\n" in text
     assert f"  ed25519_public: {json.dumps(keys['host_pub'])}\n" in text
     assert '  - ["mount", "-t", "virtiofs", "-o", "nosuid,nodev", "home0", "/home/alice"]' in text
@@ -123,8 +123,8 @@ def test_user_data_parses_as_yaml_when_a_parser_is_there(spec, keys):
     assert doc["bootcmd"][-1] == ["mount", "-t", "9p", "-o", "nosuid,nodev," + NINEP_OPTIONS,
                                   "scratch.1", "/scratch/job42"]
     # cloud-init images get the guest side of `dgxvm run` from write_files
-    (helper,) = doc["write_files"]
-    assert helper["path"] == GUEST_HELPER_PATH and helper["permissions"] == "0755"
+    [helper] = [w for w in doc["write_files"] if w["path"] == GUEST_HELPER_PATH]
+    assert helper["permissions"] == "0755"
     assert base64.b64decode(helper["content"]).decode() == GUEST_HELPER_SOURCE.read_text()
 
 
@@ -591,9 +591,11 @@ def test_cloud_init_brings_up_the_fabric_and_names_the_nodes(spec, tmp_path):
     assert not [c for c in yaml.safe_load(user_data(spec))["bootcmd"] if "dgxvm-fabric" in c]
 
 
-def test_the_jobs_ssh_key_reaches_the_users_ssh_dir_and_nowhere_else(spec, tmp_path):
-    """The job's inter-VM key: root-only in the ISO's plain files, and for cloud-init written
-    into the user's ~/.ssh as the user (after the users module made them)."""
+def test_the_jobs_ssh_key_reaches_the_guest_outside_the_home(spec, tmp_path):
+    """The job's inter-VM key: root-only in the ISO's plain files; for cloud-init under
+    /etc/ssh in the init stage (so there when the guest is ready), never in the user's home,
+    which may be a share of the host's: the key root's and the user's group's, the known hosts
+    the system's, ssh told to offer the key."""
     yaml = pytest.importorskip("yaml")
     from slurm_dgxvm.jobnet import sshkeys
     secret = bytes(range(64))
@@ -607,16 +609,36 @@ def test_the_jobs_ssh_key_reaches_the_users_ssh_dir_and_nowhere_else(spec, tmp_p
     assert (root / "dgxvm/job_ssh_key.pub").read_text() == user.public + "\n"
     assert (root / "dgxvm/job_known_hosts").read_text() == known
     doc = yaml.safe_load(user_data(s))
-    ssh = {w["path"]: w for w in doc["write_files"] if "/.ssh/" in w["path"]}
-    assert sorted(ssh) == ["/home/alice/.ssh/id_ed25519", "/home/alice/.ssh/id_ed25519.pub",
-                           "/home/alice/.ssh/known_hosts"]
-    key = ssh["/home/alice/.ssh/id_ed25519"]
-    assert (key["permissions"], key["owner"], key["defer"]) == ("0600", "alice:alice", True)
+    files = {w["path"]: w for w in doc["write_files"]}
+    assert not [p for p in files if p.startswith("/home/")]
+    assert not [w for w in doc["write_files"] if w.get("defer")]
+    key = files["/etc/ssh/dgxvm/id_ed25519"]
+    assert (key["permissions"], key["owner"]) == ("0640", "root:alice")
     assert base64.b64decode(key["content"]).decode() == user.private
+    assert base64.b64decode(files["/etc/ssh/ssh_known_hosts"]["content"]).decode() == known
+    config = base64.b64decode(files["/etc/ssh/ssh_config.d/dgxvm-job.conf"]["content"]).decode()
+    assert config.splitlines()[-1] == "IdentityFile /etc/ssh/dgxvm/id_ed25519"
+    assert "IdentityFile ~/.ssh/id_ed25519" in config.splitlines()   # the user's own too
     # half a key pair is refused, and the private key never shows in the error
     with pytest.raises(SeedError) as info:
         dataclasses.replace(FABRIC, ssh_key=user.private)
     assert "PRIVATE" not in str(info.value)
-    # without keys, no file and no write_files entry
+    # without keys, no key, known hosts or ssh config
     assert not [w for w in yaml.safe_load(user_data(dataclasses.replace(spec, fabric=FABRIC)))
-                ["write_files"] if "/.ssh/" in w["path"]]
+                ["write_files"] if w["path"] in ("/etc/ssh/dgxvm/id_ed25519",
+                                                 "/etc/ssh/ssh_known_hosts",
+                                                 "/etc/ssh/ssh_config.d/dgxvm-job.conf")]
+
+
+def test_cloud_init_authorizes_the_keys_outside_the_home(spec):
+    """sshd reads the keys that may log in as the user from /etc/ssh/dgxvm/authorized_keys/USER
+    (a drop-in it includes first), so cloud-init never writes the user's ~/.ssh/authorized_keys:
+    a work dir equal to the home, shared from the host, is left as it is."""
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load(user_data(spec))
+    assert "ssh_authorized_keys" not in doc["users"][0]
+    files = {w["path"]: base64.b64decode(w["content"]).decode() for w in doc["write_files"]}
+    assert files["/etc/ssh/sshd_config.d/dgxvm.conf"] == (
+        "AuthorizedKeysFile /etc/ssh/dgxvm/authorized_keys/%u .ssh/authorized_keys\n")
+    assert files["/etc/ssh/dgxvm/authorized_keys/alice"] == "".join(
+        k + "\n" for k in spec.authorized_keys)
