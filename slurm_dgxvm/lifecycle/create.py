@@ -139,6 +139,7 @@ class _Creation:
     image_cache_refused: str | None = None
     data_gib: int = 0
     fitted: tuple[str, ...] = ()
+    job_ssh: tuple | None = None     # (user key, host key, known_hosts) of a multi-node job
 
     def __init__(self, env: Env, req: CreateRequest, progress: Progress):
         self.env, self.req, self.progress, self.cfg = env, req, progress, env.cfg
@@ -148,7 +149,8 @@ class _Creation:
 
     def preflight(self) -> None:
         """What can be refused before anything is taken: the name, the image, the shares (the
-        work dir, and the user's image cache, each opened and pinned as the user)."""
+        work dir, and the user's image cache, each opened and pinned as the user), the site's
+        secret for a multi-node job's SSH keys."""
         env, name = self.env, self.name
         self.conn = env.connect()
         if hypervisor.lookup(self.conn, name) is not None:
@@ -161,6 +163,7 @@ class _Creation:
         self.share, self.share_refused = check_share(self.cfg, self.req)
         self.image_cache, self.image_cache_refused = check_image_cache(self.cfg, self.req,
                                                                        self.share)
+        self.job_ssh = self._job_ssh()
         self.host = env.host
 
     def steps(self) -> Iterator[tuple[str, Callable[[], None]]]:
@@ -257,7 +260,7 @@ class _Creation:
         user_pub = seed_mod.generate_keypair(vmdir / USER_KEY, f"{req.user}@{name}")
         os.chown(vmdir / USER_KEY, req.uid, req.gid)
         os.chown(vmdir / (USER_KEY + ".pub"), req.uid, req.gid)
-        job_ssh = self._job_ssh()
+        job_ssh = self.job_ssh
         if job_ssh is not None:            # the host key every VM of the job knows this one by
             host = job_ssh[1]
             atomic_write(vmdir / HOST_KEY, host.private, mode=0o600)

@@ -268,6 +268,30 @@ def test_a_multi_node_jobs_fabric_is_made_before_start_and_goes_with_the_vm(
     assert made == {} and calls == [("apply", fab.vni), ("teardown", fab.vni)]
 
 
+def test_a_bad_ssh_secret_is_refused_before_anything_is_placed(tmp_path, trees, image_store,
+                                                               stand_ins, kernel):
+    """[jobnet] ssh_secret readable by others: the create stops in its preflight, naming the
+    file, with nothing placed, made or written."""
+    from dataclasses import replace
+
+    from slurm_dgxvm.errors import ConfigError
+    clock, _ = stand_ins
+    made, calls = kernel
+    secret = tmp_path / "jobnet-ssh.key"
+    secret.write_bytes(bytes(64))
+    secret.chmod(0o644)
+    env = make_env(tmp_path, trees, image_store, machine="dgx-h100")
+    env = Env(replace(env.cfg, jobnet=replace(env.cfg.jobnet, ssh_secret=str(secret))))
+    env.__dict__["fabric"] = FakeFabric()
+    timer = StageTimer(clock)
+    with pytest.raises(ConfigError, match=f"{secret}: must be root's alone"):
+        create(env, CreateRequest(name="job-42", placement=Request(count=2), owner="job",
+                                  job_id=42, fabric=job_fabric()), timer=timer)
+    assert timer.failed == "preflight" and list(timer.seconds()) == ["preflight"]
+    assert calls == [] and env.ledger.read().allocations == {}
+    assert not env.vms.exists("job-42")
+
+
 def test_a_create_that_fails_after_the_fabric_removes_it(tmp_path, trees, image_store,
                                                          stand_ins, kernel):
     clock, fail = stand_ins
