@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 
 from ..errors import SimulateError
@@ -124,7 +125,7 @@ class NumaNode:
     def __post_init__(self):
         object.__setattr__(self, "hugepages", MappingProxyType(dict(sorted(self.hugepages.items()))))
 
-    @property
+    @cached_property        # parsed once: the machine's checks ask for it per CPU
     def cpus(self) -> tuple[int, ...]:
         return tuple(sorted(parse_index_list(self.cpulist, what="CPU")))
 
@@ -151,7 +152,7 @@ class Machine:
         return self.nvswitch_driver if dev.kind == "nvswitch" else dev.driver
 
     # -- CPUs -------------------------------------------------------------------------------------
-    @property
+    @cached_property
     def total_cpus(self) -> int:
         return sum(len(n.cpus) for n in self.nodes)
 
