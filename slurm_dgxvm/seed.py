@@ -384,10 +384,7 @@ def user_data(spec: SeedSpec) -> str:
               f"  ed25519_private: {_q(spec.host_key_private)}",
               f"  ed25519_public: {_q(spec.host_key_public)}",
               "write_files:",
-              f"  - path: {_q(GUEST_HELPER_PATH)}",
-              "    permissions: \"0755\"",
-              "    encoding: b64",
-              f"    content: {_q(base64.b64encode(guest_helper().encode()).decode())}",
+              *_write_file(GUEST_HELPER_PATH, guest_helper(), "0755"),
               *_ssh_files(spec)]
     return "\n".join(lines) + "\n"
 
@@ -443,6 +440,7 @@ SSH_CONFIG = "".join(f"IdentityFile {f}\n" for f in ("~/.ssh/id_rsa", "~/.ssh/id
 
 
 def _write_file(path: str, text: str, mode: str, owner: str = "root:root") -> list[str]:
+    """One cloud-config write_files entry (its lines): ``text`` at ``path``, base64."""
     return [f"  - path: {_q(path)}",
             f"    permissions: \"{mode}\"",
             f"    owner: {_q(owner)}",
