@@ -112,6 +112,10 @@ def install_for_users(dest: Path) -> Path:
                    f"PYTHONPATH={lib} exec /usr/bin/python3 -c 'import sys; "
                    f"from slurm_dgxvm.cli.main import main; sys.argv[0] = \"dgxvm\"; "
                    f"sys.exit(main())' \"$@\"\n")
+    # compiled once, as a package's postinst does (py3compile): users cannot write the
+    # __pycache__ of a root-owned tree, and every run would compile the modules again
+    subprocess.run(["/usr/bin/python3", "-m", "compileall", "-q", str(lib)], check=True,
+                   stdout=subprocess.DEVNULL)
     for path in [dest, *dest.rglob("*")]:
         path.chmod(0o755 if path.is_dir() or path == exe else 0o644)
     return exe

@@ -101,14 +101,17 @@ cmd_control() {
     rm -rf "$d"
 }
 
+# The two sessions start together on a shared connection: the run session usually arrives
+# first, and the control session's request follows within milliseconds, so the first checks
+# come quickly and the later ones slower.
 wait_attached() {
     n=0
     while [ ! -e "$d/attached" ]; do
         n=$((n + 1))
-        [ $n -gt 600 ] && { say "no control session after 30 s"; exit 125; }
+        [ $n -gt 620 ] && { say "no control session after 30 s"; exit 125; }
         [ -e "$d/gone" ] && exit 125
         [ -e "$base/$id.gone" ] && { rm -f "$base/$id.gone"; exit 125; }
-        sleep 0.05
+        if [ $n -le 20 ]; then sleep 0.005; else sleep 0.05; fi
     done
 }
 
