@@ -101,9 +101,8 @@ cmd_control() {
     rm -rf "$d"
 }
 
-# The two sessions start together on a shared connection: the run session usually arrives
-# first, and the control session's request follows within milliseconds, so the first checks
-# come quickly and the later ones slower.
+# The run session can arrive before the control session has stored the request, which then
+# follows within milliseconds: the first checks come quickly (5 ms), the later ones slower.
 wait_attached() {
     n=0
     while [ ! -e "$d/attached" ]; do
