@@ -432,7 +432,10 @@ SSH_DROPIN = "/etc/ssh/ssh_config.d/dgxvm-job.conf"
 SSH_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 # sshd takes the first AuthorizedKeysFile it reads (Debian's sshd_config includes
 # sshd_config.d/*.conf at its top); the user's own file still counts after dgxvm's
-SSHD_CONFIG = f"AuthorizedKeysFile {SSH_DIR}/authorized_keys/%u .ssh/authorized_keys\n"
+# MaxSessions: the job's runs share one connection (access.connection), two sessions per run;
+# OpenSSH's default of 10 would refuse the sixth of six runs started together
+SSHD_CONFIG = (f"AuthorizedKeysFile {SSH_DIR}/authorized_keys/%u .ssh/authorized_keys\n"
+               f"MaxSessions 512\n")
 # ssh's default identities, then the job's (naming any IdentityFile drops the defaults)
 SSH_CONFIG = "".join(f"IdentityFile {f}\n" for f in ("~/.ssh/id_rsa", "~/.ssh/id_ecdsa",
                                                      "~/.ssh/id_ed25519",

@@ -10,7 +10,8 @@ the exact versions of every package the image installs, as apt resolves them)::
                    dgxvm-root, extlinux in its boot sector; the firmware boots it (no direct
                    kernel boot)
     manifest.json  name, version (= key), disk, format, container_runtime (podman),
-                   gpu_devices, readiness (cloud-init), packages (name -> version)
+                   gpu_devices, readiness (cloud-init), shared_connection (yes),
+                   packages (name -> version)
     .complete      written last; a directory without it is never reused
 
 Must run as root (mmdebstrap's root mode; the loop mount extlinux needs to install itself). The
@@ -242,6 +243,8 @@ def build(out_root: Path, force: bool) -> Path:
             "container_runtime": "podman",
             "gpu_devices": "none",     # no NVIDIA driver in this image (simulated GPUs)
             "readiness": "cloud-init",
+            # OpenSSH multiplexes sessions on one connection (the seed raises MaxSessions)
+            "shared_connection": "yes",
             "disk_size_mib": size,
             "kernel_cmdline": KERNEL_CMDLINE,
             "packages": dict(sorted(installed.items())),

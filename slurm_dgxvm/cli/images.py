@@ -23,7 +23,7 @@ import click
 
 from ..errors import DgxvmError
 from ..images import Image, ImageStore, human_bytes
-from ..images.profile import CONTAINER_RUNTIMES, GPU_DEVICES, READINESS
+from ..images.profile import CONTAINER_RUNTIMES, GPU_DEVICES, READINESS, SHARED_CONNECTION
 
 
 def _store(obj) -> ImageStore:
@@ -144,9 +144,14 @@ class _Bar:
               help=f"How GPUs reach a container in the image: {', '.join(GPU_DEVICES)} "
                    f"(nvidia: the driver's /dev/nvidia*; cdi: an NVIDIA Container Toolkit CDI "
                    f"spec). [default: the manifest's, else none]")
+@click.option("--shared-connection", metavar="YES|NO",
+              help=f"Whether a job's runs share one ssh connection to a VM of the image: "
+                   f"{', '.join(SHARED_CONNECTION)} (yes only for a guest sshd that multiplexes "
+                   f"sessions reliably: OpenSSH, not dropbear before 2024.86). [default: the "
+                   f"manifest's, else no]")
 @click.pass_obj
 def image_install(obj, src, name, make_default, version, kernel, initrd, cmdline,
-                  container_runtime, readiness, gpu_devices):
+                  container_runtime, readiness, gpu_devices, shared_connection):
     """Install SRC: a qcow2 or raw disk image, or a builder manifest (manifest.json, or a
     directory holding one). The disk is copied into the store and checked."""
     bar = _Bar(f"installing {name or Path(src).name}") if sys.stderr.isatty() else None
@@ -154,7 +159,8 @@ def image_install(obj, src, name, make_default, version, kernel, initrd, cmdline
         img = _store(obj).install(src, name=name, default=make_default, version=version,
                                   kernel=kernel, initrd=initrd, cmdline=cmdline,
                                   container_runtime=container_runtime, gpu_devices=gpu_devices,
-                                  readiness=readiness, progress=bar)
+                                  readiness=readiness, shared_connection=shared_connection,
+                                  progress=bar)
     finally:
         if bar is not None:
             bar.close()

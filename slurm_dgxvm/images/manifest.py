@@ -50,6 +50,7 @@ class Source:
     container_runtime: str | None = None    # None: the manifest did not say
     gpu_devices: str | None = None
     readiness: str | None = None
+    shared_connection: str | None = None
 
 
 def one_line(value: Any, what: str, where: str, *, limit: int) -> str | None:
@@ -118,7 +119,8 @@ def _source_from_manifest(path: Path) -> Source:
     ``disk`` is required; paths are relative to the manifest's directory (absolute ones are
     taken as they are); ``kernel`` and ``initrd`` come together or not at all; an optional
     ``sha256`` of the disk is verified after the copy; ``container_runtime``,
-    ``gpu_devices`` and ``readiness``, when present (not null), must be values the profile
+    ``gpu_devices``, ``readiness`` and ``shared_connection``, when present (not null), must be
+    values the profile
     knows. Other keys are
     ignored.
     """
@@ -142,7 +144,7 @@ def _source_from_manifest(path: Path) -> Source:
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise ImageError(name=where, reason=f"manifest sha256 {sha!r} is not a sha256")
     runtime = {key: check_choice(doc[key], key, where, label=f"manifest {key}")
-               for key in ("container_runtime", "gpu_devices", "readiness")
+               for key in ("container_runtime", "gpu_devices", "readiness", "shared_connection")
                if doc.get(key) is not None}
     return Source(disk=disk, kernel=rel("kernel"), initrd=rel("initrd"),
                   cmdline=one_line(doc.get("cmdline"), "cmdline", where, limit=CMDLINE_LIMIT),

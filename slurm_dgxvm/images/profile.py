@@ -52,6 +52,13 @@ NO_RUNTIME = "none"         # the default of both, and what a profile without th
 # user with the job's key, the seed's pinned host key, through the guest helper.
 READINESS = ("auto", "agent", "cloud-init")
 AUTO_READINESS = "auto"
+# Whether the job's runs may share one ssh connection to a VM of the image
+# (access.connection): ``yes`` for a guest whose sshd multiplexes sessions reliably (OpenSSH,
+# with the MaxSessions the seed sets); ``no`` (the default, and what a profile without the key
+# means) makes every run its own connection. Dropbear before 2024.86 closes a session opened
+# while another session's process exits, and may abort the whole connection (mkj/dropbear#321).
+SHARED_CONNECTION = ("no", "yes")
+NO_SHARED_CONNECTION = "no"
 
 DIR_MODE = 0o755
 FILE_MODE = 0o644
@@ -81,6 +88,7 @@ class Image:
     container_runtime: str = NO_RUNTIME   # one of CONTAINER_RUNTIMES
     gpu_devices: str = NO_RUNTIME         # one of GPU_DEVICES
     readiness: str = AUTO_READINESS       # one of READINESS
+    shared_connection: str = NO_SHARED_CONNECTION   # one of SHARED_CONNECTION
 
     @property
     def boot(self) -> str:
@@ -94,7 +102,7 @@ class Image:
                 "kernel": self.kernel, "initrd": self.initrd, "cmdline": self.cmdline,
                 "installed": self.installed, "source": self.source,
                 "container_runtime": self.container_runtime, "gpu_devices": self.gpu_devices,
-                "readiness": self.readiness}
+                "readiness": self.readiness, "shared_connection": self.shared_connection}
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,8 @@ def check_choice(value, key: str, where: str, *, label: str | None = None) -> st
 def write(directory: Path, *, name: str, fmt: str, virtual_size: int, version: str,
           sha256: str, kernel_boot: bool, cmdline: str | None, source: str,
           container_runtime: str = NO_RUNTIME, gpu_devices: str = NO_RUNTIME,
-          readiness: str = AUTO_READINESS) -> None:
+          readiness: str = AUTO_READINESS,
+          shared_connection: str = NO_SHARED_CONNECTION) -> None:
     """Write ``directory``'s profile (atomically, 0644; this also makes the names of the files
     already copied into ``directory`` durable). The disk must be in place: its allocation is
     recorded. ImageError for a ``container_runtime``, ``gpu_devices`` or ``readiness`` that is
@@ -132,6 +141,7 @@ def write(directory: Path, *, name: str, fmt: str, virtual_size: int, version: s
     check_choice(container_runtime, "container_runtime", name)
     check_choice(gpu_devices, "gpu_devices", name)
     check_choice(readiness, "readiness", name)
+    check_choice(shared_connection, "shared_connection", name)
     doc = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "name": name,
         "disk": disk_file(fmt), "format": fmt, "virtual_size": virtual_size,
@@ -142,7 +152,7 @@ def write(directory: Path, *, name: str, fmt: str, virtual_size: int, version: s
         "cmdline": cmdline if kernel_boot else None,
         "installed": time.time(), "source": source,
         "container_runtime": container_runtime, "gpu_devices": gpu_devices,
-        "readiness": readiness,
+        "readiness": readiness, "shared_connection": shared_connection,
     }
     atomic_write_json(directory / PROFILE_FILE, doc, mode=FILE_MODE, indent=2)
 
@@ -184,7 +194,8 @@ def load(directory: Path) -> Image:
                  installed=installed, source=doc["source"],
                  container_runtime=doc.get("container_runtime", NO_RUNTIME),
                  gpu_devices=doc.get("gpu_devices", NO_RUNTIME),
-                 readiness=doc.get("readiness", AUTO_READINESS))
+                 readiness=doc.get("readiness", AUTO_READINESS),
+                 shared_connection=doc.get("shared_connection", NO_SHARED_CONNECTION))
 
 
 def runtime_of(store_root: str | os.PathLike, name: str) -> tuple[str, str]:
@@ -207,6 +218,16 @@ def runtime_of(store_root: str | os.PathLike, name: str) -> tuple[str, str]:
         raise ImageError(name=name, reason=f"cannot read {directory}: "
                                            f"{e.strerror or e}") from None
     return image.container_runtime, image.gpu_devices
+
+
+def shares_connection(store_root: str | os.PathLike, name: str) -> bool:
+    """Whether the profile of image ``name`` lets a job's runs share one ssh connection
+    (``shared_connection`` "yes"); False when it says no, or the image cannot be read."""
+    try:
+        image = load(Path(store_root) / image_name(name))
+    except (BadName, ImageError, OSError):
+        return False
+    return image.shared_connection == "yes"
 
 
 def _validate(doc, name: str) -> float:
@@ -238,7 +259,7 @@ def _validate(doc, name: str) -> float:
 
 
 _CHOICES = {"container_runtime": CONTAINER_RUNTIMES, "gpu_devices": GPU_DEVICES,
-            "readiness": READINESS}
+            "readiness": READINESS, "shared_connection": SHARED_CONNECTION}
 
 
 def human_bytes(n: int) -> str:

@@ -49,7 +49,7 @@ from .copy import Progress, ReadError, copy_file
 from .manifest import (CMDLINE_LIMIT, VERSION_LIMIT, Source, one_line, resolve_source,
                        sibling_version)
 from .profile import (AUTO_READINESS, DIR_MODE, FILE_MODE, INITRD_FILE, KERNEL_FILE, NO_RUNTIME,
-                      BrokenImage, Image, check_choice, disk_file)
+                      NO_SHARED_CONNECTION, BrokenImage, Image, check_choice, disk_file)
 from .sniff import allocated, regular_readable
 
 log = logging.getLogger("dgxvm.images")
@@ -74,6 +74,7 @@ class _Plan:
     container_runtime: str    # one of profile.CONTAINER_RUNTIMES
     gpu_devices: str          # one of profile.GPU_DEVICES
     readiness: str            # one of profile.READINESS
+    shared_connection: str    # one of profile.SHARED_CONNECTION
 
 
 class ImageStore:
@@ -170,7 +171,8 @@ class ImageStore:
                 version: str | None = None, kernel: str | os.PathLike | None = None,
                 initrd: str | os.PathLike | None = None, cmdline: str | None = None,
                 container_runtime: str | None = None, gpu_devices: str | None = None,
-                readiness: str | None = None, progress: Progress | None = None) -> Image:
+                readiness: str | None = None, shared_connection: str | None = None,
+                progress: Progress | None = None) -> Image:
         """Install ``src`` as image ``name`` and return its profile.
 
         ``src`` is either a disk image file (qcow2, or raw: see :mod:`.accept`) or a builder
@@ -192,6 +194,9 @@ class ImageStore:
           manifest's; else ``none`` (``dgxvm run --container-image`` is then refused).
         * ``readiness`` (``auto``, ``agent``, ``cloud-init``): when a VM of it is ready; else
           the manifest's; else ``auto``.
+        * ``shared_connection`` (``yes``, ``no``): whether a job's runs share one ssh
+          connection to a VM of it (its sshd multiplexes reliably); else the manifest's; else
+          ``no``.
         * ``default``: also make it the default image.
         * ``progress(done_bytes, total_bytes)`` is called while the disk is copied.
 
@@ -200,7 +205,8 @@ class ImageStore:
         """
         plan = self._plan(src, name=name, version=version, kernel=kernel, initrd=initrd,
                           cmdline=cmdline, container_runtime=container_runtime,
-                          gpu_devices=gpu_devices, readiness=readiness)
+                          gpu_devices=gpu_devices, readiness=readiness,
+                          shared_connection=shared_connection)
         info = self._check_source(plan)
         plan = _with_sibling_version(plan)
         self._ensure_root()
@@ -246,7 +252,8 @@ class ImageStore:
     def _plan(self, src: str | os.PathLike, *, name: str | None, version: str | None,
               kernel: str | os.PathLike | None, initrd: str | os.PathLike | None,
               cmdline: str | None, container_runtime: str | None = None,
-              gpu_devices: str | None = None, readiness: str | None = None) -> _Plan:
+              gpu_devices: str | None = None, readiness: str | None = None,
+              shared_connection: str | None = None) -> _Plan:
         """Resolve the source and the options into a _Plan; ImageError (BadName for a bad
         name) for options that do not go together or a name that is taken."""
         source = resolve_source(src, kernel=kernel, initrd=initrd)
@@ -266,6 +273,10 @@ class ImageStore:
         if readiness is not None:
             check_choice(readiness, "readiness", "--readiness")
         readiness = readiness or source.readiness or AUTO_READINESS
+        if shared_connection is not None:
+            check_choice(shared_connection, "shared_connection", "--shared-connection")
+        shared_connection = shared_connection or source.shared_connection \
+            or NO_SHARED_CONNECTION
 
         name = name or source.name or source.disk.stem
         image_name(name)
@@ -283,7 +294,7 @@ class ImageStore:
                                                f"(dgxvm image remove {name})")
         return _Plan(name=name, source=source, version=version, cmdline=cmdline,
                      container_runtime=container_runtime, gpu_devices=gpu_devices,
-                     readiness=readiness)
+                     readiness=readiness, shared_connection=shared_connection)
 
     @staticmethod
     def _check_source(plan: _Plan) -> dict:
@@ -456,7 +467,8 @@ def _write_profile(plan: _Plan, info: dict, partial: Path, sha: str) -> str:
                   virtual_size=int(info["virtual-size"]), version=version, sha256=sha,
                   kernel_boot=plan.source.kernel is not None, cmdline=plan.cmdline,
                   source=_source_text(plan.source), container_runtime=plan.container_runtime,
-                  gpu_devices=plan.gpu_devices, readiness=plan.readiness)
+                  gpu_devices=plan.gpu_devices, readiness=plan.readiness,
+                  shared_connection=plan.shared_connection)
     return version
 
 

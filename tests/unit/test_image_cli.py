@@ -309,3 +309,33 @@ def test_a_readiness_that_is_not_one_is_refused_naming_it(run, qcow2, tmp_path):
     r = run("install", str(manifest))
     assert r.exit_code != 0 and "manifest readiness 'whenever' is not one of" in str(r.exception)
     assert not (tmp_path / "store" / "jammy").exists() and not (tmp_path / "store" / "m").exists()
+
+
+# -- shared_connection: whether a job's runs share one ssh connection ---------------------------
+def test_install_records_shared_connection_from_the_option_or_the_manifest(run, qcow2, tmp_path):
+    from slurm_dgxvm.images.profile import shares_connection
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"name": "cloudy", "disk": str(qcow2),
+                                    "shared_connection": "yes"}))
+    assert run("install", str(manifest)).exit_code == 0
+    assert run("install", str(manifest), "--name", "overridden",
+               "--shared-connection", "no").exit_code == 0
+    assert run("install", str(qcow2), "--name", "plain").exit_code == 0
+    doc = json.loads(run("show", "--json").output)
+    assert {i["name"]: i["shared_connection"] for i in doc["images"]} == {
+        "cloudy": "yes", "overridden": "no", "plain": "no"}      # no: the default
+    store = tmp_path / "store"
+    assert shares_connection(store, "cloudy")
+    assert not shares_connection(store, "overridden") and not shares_connection(store, "plain")
+    assert not shares_connection(store, "missing") and not shares_connection(store, "../x")
+
+
+def test_a_shared_connection_that_is_not_one_is_refused_naming_it(run, qcow2, tmp_path):
+    r = run("install", str(qcow2), "--shared-connection", "maybe")
+    assert r.exit_code != 0
+    assert "shared_connection 'maybe' is not one of no, yes" in str(r.exception)
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"disk": str(qcow2), "shared_connection": True}))
+    r = run("install", str(manifest))
+    assert r.exit_code != 0 and "manifest shared_connection True is not one of" in str(
+        r.exception)

@@ -116,7 +116,7 @@ def test_install_to_json_is_the_profile(store, qcow2):
     doc = store.install(qcow2).to_json()
     assert set(doc) == {"name", "path", "format", "virtual_size", "actual_size", "version",
                         "sha256", "boot", "kernel", "initrd", "cmdline", "installed", "source",
-                        "container_runtime", "gpu_devices", "readiness"}
+                        "container_runtime", "gpu_devices", "readiness", "shared_connection"}
     json.dumps(doc)
 
 

@@ -639,6 +639,7 @@ def test_cloud_init_authorizes_the_keys_outside_the_home(spec):
     assert "ssh_authorized_keys" not in doc["users"][0]
     files = {w["path"]: base64.b64decode(w["content"]).decode() for w in doc["write_files"]}
     assert files["/etc/ssh/sshd_config.d/dgxvm.conf"] == (
-        "AuthorizedKeysFile /etc/ssh/dgxvm/authorized_keys/%u .ssh/authorized_keys\n")
+        "AuthorizedKeysFile /etc/ssh/dgxvm/authorized_keys/%u .ssh/authorized_keys\n"
+        "MaxSessions 512\n")       # a job's runs share one connection (access.connection)
     assert files["/etc/ssh/dgxvm/authorized_keys/alice"] == "".join(
         k + "\n" for k in spec.authorized_keys)
