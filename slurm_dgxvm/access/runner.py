@@ -115,12 +115,29 @@ def checked_flags(opts: Mapping) -> ContainerFlags | None:
 
 # -- 2. the job's VM -------------------------------------------------------------------------------
 def reach(env, job: int):
-    """Job ``job``'s VM as the caller may reach it; root reaching a user's job is that user
-    from here on (access.target.become_job_user), before anything of theirs is touched."""
+    """(job ``job``'s VM as the caller may reach it, whether the caller may use the job's
+    shared connection); root reaching a user's job is that user from here on
+    (access.target.become_job_user), before anything of theirs is touched, and shares no
+    connection with them (access.connection)."""
     target = target_for(env, job)
     if must_become_user(target):
         become_job_user(target)
-    return target
+        return target, False
+    return target, True
+
+
+def shared_connection(target, may_share: bool, cfg) -> str | None:
+    """The job's shared connection's socket (access.connection), its master started if need
+    be; None for a caller that shares none, or a VM whose image's profile does not say its
+    sshd multiplexes reliably (``shared_connection``). Asked for once the run's checks are
+    done."""
+    if not may_share or not target.image:
+        return None
+    from ..images.profile import shares_connection
+    if not shares_connection(cfg.images.store, target.image):
+        return None
+    from .connection import shared_socket
+    return shared_socket(target)
 
 
 def job_request(target, argv: tuple[str, ...], cfg) -> tuple[Request, str | None]:
@@ -254,7 +271,7 @@ def run_command(env_of: Callable[[], object], *, job_ids: tuple[int, ...],
     flags = checked_flags(options)
     job = job_from_env(single("--job", job_ids), os.environ)
     env = env_of()
-    target = reach(env, job)
+    target, may_share = reach(env, job)
     request, note = job_request(target, tuple(argv), env.cfg)
     if note and not quiet and flags is None:
         say(note)
@@ -262,7 +279,8 @@ def run_command(env_of: Callable[[], object], *, job_ids: tuple[int, ...],
         if flags is not None:
             request = in_container(target, flags, request, env.cfg, hold, quiet=quiet, say=say)
         with why_lost(env, target):
-            return session.run(target, request)
+            return session.run(target, request,
+                               shared=shared_connection(target, may_share, env.cfg))
 
 
 def shell_command(env_of: Callable[[], object], *, job_ids: tuple[int, ...], options: Mapping,
@@ -272,12 +290,14 @@ def shell_command(env_of: Callable[[], object], *, job_ids: tuple[int, ...], opt
     flags = checked_flags(options)
     job = job_from_env(single("--job", job_ids), os.environ)
     env = env_of()
-    target = reach(env, job)
+    target, may_share = reach(env, job)
     with contextlib.ExitStack() as hold:
         if flags is not None:
             request, _ = job_request(target, ("/bin/sh",), env.cfg)
             request = in_container(target, flags, request, env.cfg, hold, quiet=False,
                                    say=say, terminal=tty)
-            return session.run(target, request, tty=tty)
+            return session.run(target, request, tty=tty,
+                               shared=shared_connection(target, may_share, env.cfg))
         request, _ = job_request(target, (), env.cfg)
-        return session.run(target, request, verb="shell", tty=tty)
+        return session.run(target, request, verb="shell", tty=tty,
+                           shared=shared_connection(target, may_share, env.cfg))

@@ -12,10 +12,13 @@ and killing a client that has no terminal leaves the remote command running. So:
   stops the command (TERM, then KILL), so a SIGKILLed ``dgxvm run`` or a lost connection leaves
   nothing running. The guest never starts a command before its control session is there.
 
-The two sessions share one connection: the control session is its master (``ssh -M -S``), the
-command session a multiplexed client that starts once the master is authenticated. One
-handshake per run (the guest's CPU is the job's), and a connection refused before it was
-authenticated, which has run nothing in the guest, is simply tried again.
+The two sessions share one connection. For the VM's own user it is the job's shared connection
+(:mod:`.connection`): both sessions are channels on a master that earlier runs of the job
+started, so a run makes no handshake at all. Otherwise (root reaching a user's job, no shared
+connection to be had) the control session is the run's own master (``ssh -M -S``) and the
+command session a multiplexed client that starts once the master is authenticated: one handshake
+per run (the guest's CPU is the job's), and a connection refused before it was authenticated,
+which has run nothing in the guest, is simply tried again.
 
 Both ssh clients ignore the forwarded signals (an ignored signal stays ignored across exec, and
 ssh leaves ignored signals alone), so a ``scancel`` or ``--signal=USR1`` that Slurm sends to every
@@ -48,9 +51,10 @@ SOCKET_POLL_S = 0.01
 STATUS_WAIT_S = 5.0      # after a 255: how long the control session may take to answer STATUS
 CONTROL_EXIT_S = 10.0    # after the command: how long the control session may take to end
 SSH_FAILED = 255
+GUEST_REFUSED = 125      # the guest helper's status for a run it did not start
 
 
-def _ignore_forwarded() -> None:
+def ignore_forwarded() -> None:
     for s in FORWARDED:
         signal.signal(s, signal.SIG_IGN)
 
@@ -60,8 +64,9 @@ class Session:
     shell, ``tty``: under a terminal)."""
 
     def __init__(self, target: Target, request: Request, *, verb: str = "run",
-                 tty: bool = False, helper: str = GUEST_HELPER):
+                 tty: bool = False, helper: str = GUEST_HELPER, shared: str | None = None):
         self.target = target
+        self.shared = shared           # the job's shared connection's socket (.connection)
         self.request = request
         self.verb = verb
         self.tty = tty
@@ -94,14 +99,19 @@ class Session:
         when the VM could not be reached or the connection died before the command's status
         was known."""
         previous = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
-        self._dir = tempfile.mkdtemp(prefix="dgxvm-run-", dir=_socket_dir())
+        self._dir = None if self.shared else tempfile.mkdtemp(prefix="dgxvm-run-",
+                                                              dir=_socket_dir())
         try:
-            sock = os.path.join(self._dir, "ssh")
-            self._connect(sock)
+            if self.shared:
+                sock = self.shared
+                self._open_control(sock)
+            else:
+                sock = os.path.join(self._dir, "ssh")
+                self._connect(sock)
             self.command = subprocess.Popen(
                 [*self.target.ssh_argv("-S", sock, "-o", "ControlMaster=no", tty=self.tty),
                  *remote(self.verb, self.run_id, self.helper)],
-                preexec_fn=_ignore_forwarded)
+                preexec_fn=ignore_forwarded)
             self._sent = True
             for name in self._pending:
                 self._send(name)
@@ -109,12 +119,32 @@ class Session:
             rc = self.command.wait()
             if rc == SSH_FAILED:
                 rc = self._status_after_255()
+            elif rc == GUEST_REFUSED and self.shared and self.control is not None and \
+                    self.control.poll() == SSH_FAILED:
+                # the control session never reached the guest: the command did not run
+                raise TransportLost(job=self.target.job_id, domain=self.target.domain,
+                                    reason=self._control_reason())
             return rc
         finally:
             self._close_control()
-            shutil.rmtree(self._dir, ignore_errors=True)
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
             for s, h in previous.items():
                 signal.signal(s, h)
+
+    def _open_control(self, sock: str) -> None:
+        """The control session as a channel on the job's shared connection; the command session
+        starts at once (the guest starts no command before its control session is there). If
+        the master has gone since it answered, ssh makes a connection of its own."""
+        self.control = subprocess.Popen(
+            [*self.target.ssh_argv("-S", sock, "-o", "ControlMaster=no"),
+             *remote("control", self.run_id, self.helper)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=ignore_forwarded)
+        try:
+            os.write(self.control.stdin.fileno(), self.request.line())
+        except OSError:
+            pass  # it failed already: the command session's status says so
 
     def _connect(self, sock: str) -> None:
         """Start the control session as the connection's master (``-M -S sock``) and wait until
@@ -130,7 +160,7 @@ class Session:
                 [*self.target.ssh_argv("-M", "-S", sock, "-o", "ControlPersist=no"),
                  *remote("control", self.run_id, self.helper)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                preexec_fn=_ignore_forwarded)
+                preexec_fn=ignore_forwarded)
             try:
                 os.write(self.control.stdin.fileno(), self.request.line())
             except OSError:
@@ -206,6 +236,6 @@ def _socket_dir() -> str:
 
 
 def run(target: Target, request: Request, *, verb: str = "run", tty: bool = False,
-        helper: str = GUEST_HELPER) -> int:
-    return Session(target, request, verb=verb, tty=tty, helper=helper).run()
+        helper: str = GUEST_HELPER, shared: str | None = None) -> int:
+    return Session(target, request, verb=verb, tty=tty, helper=helper, shared=shared).run()
 

@@ -1,7 +1,7 @@
-"""delete: graceful shutdown (bounded) -> destroy -> undefine -> FM partition off -> GPU (and
-NVSwitch) reset and check, quarantining a device that fails (:mod:`slurm_dgxvm.health`) ->
-the job's InfiniBand partition key -> the job fabric on this node (a multi-node job's) ->
-address -> VM directory -> ledger.
+"""delete: the user's ssh masters of the VM (:mod:`.sshmux`) -> graceful shutdown (bounded) ->
+destroy -> undefine -> FM partition off -> GPU (and NVSwitch) reset and check, quarantining a
+device that fails (:mod:`slurm_dgxvm.health`) -> the job's InfiniBand partition key -> the job
+fabric on this node (a multi-node job's) -> address -> VM directory -> ledger.
 Idempotent: whatever a failed create or a crash left is cleaned.
 
 Timed as the teardown stages of :mod:`slurm_dgxvm.observe.stages` (shutdown, destroy, undefine,
@@ -25,7 +25,7 @@ from ..ledger import Allocation
 from ..names import domain_name
 from ..records import VmRecord
 from ..observe.stages import StageTimer
-from . import vmlock
+from . import sshmux, vmlock
 from .env import Env, Progress, quiet
 
 log = logging.getLogger("dgxvm.lifecycle")
@@ -82,6 +82,7 @@ def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
             raise DomainNotFound(name=name)
     if rec is not None:
         env.vms.save(rec.with_(state="deleting"))
+        sshmux.stop_masters(env.vms.dir(name), rec.uid)   # the job's shared connections
     how = "not running"
     if dom is not None:
         progress("shutting down")

@@ -142,6 +142,76 @@ def test_sigkill_of_dgxvm_run_leaves_nothing_running_in_a_systemd_guest(cloudvm)
 
 
 
+# -- the job's shared connection (access.connection): OpenSSH multiplexes ---------------------
+def root_run(vm, *args: str) -> subprocess.CompletedProcess:
+    """``dgxvm run --job JOB ARGS`` as root."""
+    argv = ["ip", "netns", "exec", vm.vmenv.netns, "env", "-i", f"DGXVM_CONFIG={vm.config}",
+            "PATH=/usr/bin:/bin", "LANG=C.UTF-8", str(vm.exe), "run", "--job", str(JOB), *args]
+    return subprocess.run(argv, input=b"", capture_output=True, timeout=180, cwd=str(vm.work))
+
+
+def test_the_jobs_runs_share_one_connection_that_the_vms_teardown_stops(cloudvm):
+    """The image's profile says its sshd multiplexes (shared_connection "yes"): the user's
+    runs reuse one ssh master, sixteen at once included (beyond OpenSSH's default of 10
+    sessions a connection; the seed raises it); root's run into the job makes its own and
+    leaves none; the VM's teardown kills the master (sshmux.stop_masters, what delete calls),
+    and the next run starts another."""
+    from concurrent.futures import ThreadPoolExecutor
+    from slurm_dgxvm.lifecycle import sshmux
+    vmdir = cloudvm.vmenv.state_dir / "vms" / cloudvm.name
+    uid = cloudvm.vmenv.uid
+    sshmux.stop_masters(vmdir, uid)                  # none from an earlier case
+    assert sshmux.masters(vmdir, uid) == []
+    for _ in range(2):                               # the first round starts the master
+        with ThreadPoolExecutor(16) as pool:
+            runs = list(pool.map(lambda i: dgxvm_run(cloudvm, "echo", str(i)), range(16)))
+        assert [(x.returncode, x.stdout, x.stderr) for x in runs] == [
+            (0, f"{i}\n".encode(), b"") for i in range(16)]
+        first = sshmux.masters(vmdir, uid)
+        assert len(first) == 1, first
+    r = dgxvm_run(cloudvm, "echo", "one")
+    assert (r.returncode, r.stdout) == (0, b"one\n"), r.stderr
+    assert sshmux.masters(vmdir, uid) == first       # the same process serves the next
+    r = root_run(cloudvm, "--", "id", "-u")
+    assert (r.returncode, r.stdout) == (0, f"{uid}\n".encode()), r.stderr
+    assert sshmux.masters(vmdir, uid) == first       # root's run made its own and ended it
+    assert sshmux.stop_masters(vmdir, uid) == 1
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{first[0]}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{first[0]}")
+    r = dgxvm_run(cloudvm, "echo", "again")           # its socket is stale: a new master
+    assert (r.returncode, r.stdout) == (0, b"again\n"), r.stderr
+    again = sshmux.masters(vmdir, uid)
+    assert len(again) == 1 and again != first
+
+
+def test_a_shared_connection_directory_of_another_user_is_not_used(cloudvm):
+    """Another user made the user's socket directory under the run's $TMPDIR: the run makes
+    its own connection, never one through that directory, and works."""
+    import shutil
+    import tempfile
+    from slurm_dgxvm.lifecycle import sshmux
+    vmdir = cloudvm.vmenv.state_dir / "vms" / cloudvm.name
+    uid = cloudvm.vmenv.uid
+    sshmux.stop_masters(vmdir, uid)
+    tmp = Path(tempfile.mkdtemp(prefix="dgxvm-sq-", dir="/tmp"))     # short: a socket's
+    try:
+        tmp.chmod(0o1777)
+        squat = tmp / f"dgxvm-{uid}"
+        squat.mkdir()
+        squat.chmod(0o777)                           # root's, open to all
+        argv = user_argv(cloudvm, "run", "--", "echo", "own")
+        argv.insert(argv.index(str(cloudvm.exe)), f"TMPDIR={tmp}")
+        r = subprocess.run(argv, input=b"", capture_output=True, timeout=180,
+                           cwd=str(cloudvm.work))
+        assert (r.returncode, r.stdout) == (0, b"own\n"), r.stderr
+        assert list(squat.iterdir()) == []
+        assert sshmux.masters(vmdir, uid) == []
+    finally:
+        shutil.rmtree(tmp)
+
+
 # -- containers with podman, the image's runtime (containers.podman) -----------------------
 REGISTRY_PORT = 5000    # inside the libvirt stack's namespace (config: insecure_registries)
 

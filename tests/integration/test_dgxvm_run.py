@@ -250,6 +250,21 @@ def test_a_process_left_in_the_background_is_stopped_when_the_command_ends(runvm
     assert "sleep 4343" not in ps, ps
 
 
+# -- the job's shared connection (access.connection) ------------------------------------------
+def test_runs_on_a_dropbear_guest_make_their_own_connections(runvm):
+    """The test guest's dropbear (Debian 12: 2022.83) may close a session opened while
+    another's process exits (mkj/dropbear#321): its image's profile does not let runs share a
+    connection, so eight runs at once each make their own, all succeed, and no master stays."""
+    from concurrent.futures import ThreadPoolExecutor
+    from slurm_dgxvm.lifecycle import sshmux
+    vmdir = runvm.vmenv.state_dir / "vms" / runvm.name
+    with ThreadPoolExecutor(8) as pool:
+        runs = list(pool.map(lambda i: dgxvm_run(runvm, "echo", str(i)), range(8)))
+    assert [(x.returncode, x.stdout) for x in runs] == [(0, f"{i}\n".encode())
+                                                        for i in range(8)]
+    assert sshmux.masters(vmdir, runvm.vmenv.uid) == []
+
+
 # -- who may -------------------------------------------------------------------------------
 def test_another_user_cannot_run_in_the_jobs_vm(runvm):
     r = subprocess.run(user_argv(runvm, "run", "--job", str(JOB), "--", "id", user="nobody"),
