@@ -100,7 +100,7 @@ class Session:
         was known."""
         previous = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
         self._dir = None if self.shared else tempfile.mkdtemp(prefix="dgxvm-run-",
-                                                              dir=_socket_dir())
+                                                              dir=socket_dir())
         try:
             if self.shared:
                 sock = self.shared
@@ -228,11 +228,12 @@ class Session:
                 f.close()
 
 
-def _socket_dir() -> str:
-    """Where the connection's socket goes: $TMPDIR unless its path is too long for a unix
-    socket (108 bytes), then /tmp."""
+def socket_dir(tail: int = 31) -> str:
+    """Where a unix socket ``tail`` characters below the directory goes: $TMPDIR unless the
+    path would be too long for a socket (108 bytes; ssh first binds the path plus a
+    17-character temporary suffix), then /tmp."""
     d = tempfile.gettempdir()
-    return d if len(d) < 60 else "/tmp"
+    return d if len(d) + tail + 17 < 108 else "/tmp"
 
 
 def run(target: Target, request: Request, *, verb: str = "run", tty: bool = False,

@@ -39,7 +39,7 @@ def target(**kw) -> Target:
 
 def test_the_socket_names_the_job_and_the_vm_under_the_users_own_directory(monkeypatch,
                                                                            tmp_path):
-    monkeypatch.setattr(connection.tempfile, "gettempdir", lambda: "/tmp")
+    monkeypatch.setattr("tempfile.gettempdir", lambda: "/tmp")
     path = connection.socket_path(target(), uid=1001)
     assert path.startswith("/tmp/dgxvm-1001/42-") and path.endswith(".ssh")
     # a VM made again for the job (another address, another key) has another socket
@@ -49,9 +49,9 @@ def test_the_socket_names_the_job_and_the_vm_under_the_users_own_directory(monke
 
 
 def test_a_tmpdir_too_long_for_a_socket_falls_back_to_tmp(monkeypatch):
-    monkeypatch.setattr(connection.tempfile, "gettempdir", lambda: "/scratch/" + "x" * 60)
+    monkeypatch.setattr("tempfile.gettempdir", lambda: "/scratch/" + "x" * 60)
     assert connection.base_dir() == "/tmp"
-    monkeypatch.setattr(connection.tempfile, "gettempdir", lambda: "/scratch/job42")
+    monkeypatch.setattr("tempfile.gettempdir", lambda: "/scratch/job42")
     assert connection.base_dir() == "/scratch/job42"
 
 
