@@ -20,7 +20,8 @@ How it is kept:
   starting together wait for its one handshake instead of making their own; later runs find it
   by connecting to its socket.
 - The master stays ``PERSIST_S`` seconds after its last session ends, then exits (OpenSSH's
-  ControlPersist). It ignores the signals ``dgxvm run`` forwards (a ``scancel`` reaches the
+  ControlPersist). The sockets of masters that are gone (killed with their VM) are removed
+  when the user's next master starts. It ignores the signals ``dgxvm run`` forwards (a ``scancel`` reaches the
   workload once, through the control session, not by killing the transport). It lives in the
   step that started it: Slurm stops it with the step; the VM's delete stops any left
   (:func:`slurm_dgxvm.lifecycle.sshmux.stop_masters`).
@@ -132,18 +133,33 @@ def shared_socket(target: Target) -> str | None:
         if answers(path):              # another run started it while this one waited
             return path
         try:
-            st = os.lstat(path)
-            if stat.S_ISSOCK(st.st_mode):
-                os.unlink(path)          # a master that is gone left it
-            else:
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 return None
         except FileNotFoundError:
             pass
         except OSError:
             return None
+        _sweep(os.path.dirname(path))
         return path if _start_master(target, path) else None
     finally:
         os.close(fd)
+
+
+def _sweep(directory: str) -> None:
+    """Remove the sockets of masters that are gone from the user's directory (this one's
+    included): a master the VM's delete killed could not remove its own."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.name.endswith(".ssh") and \
+                    stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode) and \
+                    not answers(entry.path):
+                os.unlink(entry.path)
+        except OSError:
+            continue
 
 
 def _start_master(target: Target, path: str) -> bool:

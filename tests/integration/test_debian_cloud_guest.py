@@ -172,6 +172,14 @@ def test_the_jobs_runs_share_one_connection_that_the_vms_teardown_stops(cloudvm)
     r = dgxvm_run(cloudvm, "echo", "one")
     assert (r.returncode, r.stdout) == (0, b"one\n"), r.stderr
     assert sshmux.masters(vmdir, uid) == first       # the same process serves the next
+    # another user on the node cannot reach the master: its socket is in the user's 0700 dir
+    sockets = list(Path(f"/tmp/dgxvm-{uid}").glob(f"{JOB}-*.ssh"))
+    assert len(sockets) == 1, sockets
+    probe = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "python3", "-c",
+         "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])",
+         str(sockets[0])], capture_output=True, text=True, timeout=60)
+    assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
     r = root_run(cloudvm, "--", "id", "-u")
     assert (r.returncode, r.stdout) == (0, f"{uid}\n".encode()), r.stderr
     assert sshmux.masters(vmdir, uid) == first       # root's run made its own and ended it

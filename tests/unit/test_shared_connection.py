@@ -118,6 +118,26 @@ def test_a_stale_socket_is_replaced_by_a_new_master(short, monkeypatch):
     assert started == [path]
 
 
+def test_starting_a_master_removes_the_sockets_of_masters_that_are_gone(short, monkeypatch):
+    t = target()
+    path = connection.socket_path(t)
+    d = Path(path).parent
+    d.mkdir(mode=0o700)
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(d / "41-aaaaaaaaaaaa.ssh"))        # another job's, its master killed
+    dead.close()
+    alive = socket.socket(socket.AF_UNIX)
+    alive.bind(str(d / "43-bbbbbbbbbbbb.ssh"))        # another job's, running
+    alive.listen(1)
+    (d / "notes.ssh").write_text("a file of the user's")
+    monkeypatch.setattr(connection, "_start_master", lambda *a: True)
+    try:
+        assert connection.shared_socket(t) == path
+        assert sorted(p.name for p in d.iterdir()) == ["43-bbbbbbbbbbbb.ssh", "notes.ssh"]
+    finally:
+        alive.close()
+
+
 def test_something_else_at_the_socket_path_means_no_shared_connection(short, monkeypatch):
     t = target()
     path = connection.socket_path(t)
