@@ -10,12 +10,14 @@ once also reach the guest sshd's limit of unauthenticated connections. With a ma
 
 How it is kept:
 
-- The socket is ``<dir>/dgxvm-<uid>/<job>-<hash>.ssh``, ``<dir>`` being ``$TMPDIR`` (``/tmp``
+- The socket is ``<dir>/dgxvm-<uid>/<node>-<job>-<vm>.ssh``, ``<dir>`` being ``$TMPDIR`` (``/tmp``
   when that path is too long for a socket). The directory is the user's own: used only when it
   is a real directory (not a symlink) owned by the caller with no access for anyone else, so a
   directory another user made in ``/tmp`` is never used (the run then makes its own connection,
-  as when there is no shared one). ``<hash>`` names the VM (domain, address, key): a VM made
-  again for the same job never reaches the old one's master.
+  as when there is no shared one). ``<vm>`` hashes the VM's domain, address and key: a VM made
+  again for the same job never reaches the old one's master. ``<node>`` hashes the host name:
+  the nodes of a multi-node job whose ``$TMPDIR`` is one shared directory keep apart (a socket
+  file of another node's never answers here, and is never taken for one that is gone).
 - The first run of the job starts the master under a lock (the directory, flock'ed), so runs
   starting together wait for its one handshake instead of making their own; later runs find it
   by connecting to its socket.
@@ -53,8 +55,8 @@ START_TIMEOUT_S = CONNECT_TIMEOUT_S + 30
 # sockaddr_un holds 108 bytes; ssh binds a temporary name (the path plus 17 characters) first
 SOCKET_PATH_MAX = 90
 LOCK_POLL_S = 0.02
-# what follows the base directory: /dgxvm-UID/JOB-HASH.ssh (uid and job id up to 10 digits)
-SOCKET_TAIL = len("/dgxvm-4294967294/4294967294-0123456789ab.ssh")
+# what follows the base directory: /dgxvm-UID/NODE-JOB-VM.ssh (uid and job id up to 10 digits)
+SOCKET_TAIL = len("/dgxvm-4294967294/012345-4294967294-0123456789ab.ssh")
 
 
 def base_dir() -> str:
@@ -66,7 +68,13 @@ def socket_path(target: Target, uid: int | None = None) -> str:
     """The shared connection's socket for ``target``'s VM, for the caller (``uid``)."""
     uid = os.geteuid() if uid is None else uid
     vm = hashlib.sha256(f"{target.domain}\0{target.address}\0{target.key}".encode())
-    return os.path.join(base_dir(), f"dgxvm-{uid}", f"{target.job_id}-{vm.hexdigest()[:12]}.ssh")
+    return os.path.join(base_dir(), f"dgxvm-{uid}",
+                        f"{node_tag()}-{target.job_id}-{vm.hexdigest()[:12]}.ssh")
+
+
+def node_tag() -> str:
+    """This node, in the names of its sockets: 6 hex digits of its host name."""
+    return hashlib.sha256(os.uname().nodename.encode()).hexdigest()[:6]
 
 
 def _own_dir(path: str) -> bool:
@@ -146,15 +154,16 @@ def shared_socket(target: Target) -> str | None:
 
 
 def _sweep(directory: str) -> None:
-    """Remove the sockets of masters that are gone from the user's directory (this one's
-    included): a master the VM's delete killed could not remove its own."""
+    """Remove the sockets of this node's masters that are gone from the user's directory (this
+    one's included): a master the VM's delete killed could not remove its own."""
     try:
         entries = list(os.scandir(directory))
     except OSError:
         return
+    mine = node_tag() + "-"
     for entry in entries:
         try:
-            if entry.name.endswith(".ssh") and \
+            if entry.name.startswith(mine) and entry.name.endswith(".ssh") and \
                     stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode) and \
                     not answers(entry.path):
                 os.unlink(entry.path)

@@ -173,7 +173,7 @@ def test_the_jobs_runs_share_one_connection_that_the_vms_teardown_stops(cloudvm)
     assert (r.returncode, r.stdout) == (0, b"one\n"), r.stderr
     assert sshmux.masters(vmdir, uid) == first       # the same process serves the next
     # another user on the node cannot reach the master: its socket is in the user's 0700 dir
-    sockets = list(Path(f"/tmp/dgxvm-{uid}").glob(f"{JOB}-*.ssh"))
+    sockets = list(Path(f"/tmp/dgxvm-{uid}").glob(f"*-{JOB}-*.ssh"))
     assert len(sockets) == 1, sockets
     probe = subprocess.run(
         ["runuser", "-u", "nobody", "--", "python3", "-c",

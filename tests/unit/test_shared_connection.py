@@ -41,11 +41,16 @@ def test_the_socket_names_the_job_and_the_vm_under_the_users_own_directory(monke
                                                                            tmp_path):
     monkeypatch.setattr("tempfile.gettempdir", lambda: "/tmp")
     path = connection.socket_path(target(), uid=1001)
-    assert path.startswith("/tmp/dgxvm-1001/42-") and path.endswith(".ssh")
+    assert path.startswith(f"/tmp/dgxvm-1001/{connection.node_tag()}-42-")
+    assert path.endswith(".ssh")
     # a VM made again for the job (another address, another key) has another socket
     assert connection.socket_path(target(address="10.0.0.3"), uid=1001) != path
     assert connection.socket_path(target(key="/x/id_ed25519"), uid=1001) != path
     assert connection.socket_path(target(), uid=1002) != path
+    # another node of the job, its $TMPDIR the same shared directory
+    monkeypatch.setattr(connection.os, "uname", lambda: os.uname_result(
+        ("Linux", "dgx02", "6.1", "#1", "x86_64")))
+    assert connection.socket_path(target(), uid=1001) != path
 
 
 def test_a_tmpdir_too_long_for_a_socket_falls_back_to_tmp(monkeypatch):
@@ -123,17 +128,22 @@ def test_starting_a_master_removes_the_sockets_of_masters_that_are_gone(short, m
     path = connection.socket_path(t)
     d = Path(path).parent
     d.mkdir(mode=0o700)
+    node = connection.node_tag()
     dead = socket.socket(socket.AF_UNIX)
-    dead.bind(str(d / "41-aaaaaaaaaaaa.ssh"))        # another job's, its master killed
+    dead.bind(str(d / f"{node}-41-aaaaaaaaaaaa.ssh"))     # another job's, its master killed
     dead.close()
     alive = socket.socket(socket.AF_UNIX)
-    alive.bind(str(d / "43-bbbbbbbbbbbb.ssh"))        # another job's, running
+    alive.bind(str(d / f"{node}-43-bbbbbbbbbbbb.ssh"))    # another job's, running
     alive.listen(1)
-    (d / "notes.ssh").write_text("a file of the user's")
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(str(d / "ffffff-41-cccccccccccc.ssh"))   # another node's (a shared $TMPDIR)
+    other.close()
+    (d / f"{node}-notes.ssh").write_text("a file of the user's")
     monkeypatch.setattr(connection, "_start_master", lambda *a: True)
     try:
         assert connection.shared_socket(t) == path
-        assert sorted(p.name for p in d.iterdir()) == ["43-bbbbbbbbbbbb.ssh", "notes.ssh"]
+        assert sorted(p.name for p in d.iterdir()) == sorted([
+            f"{node}-43-bbbbbbbbbbbb.ssh", "ffffff-41-cccccccccccc.ssh", f"{node}-notes.ssh"])
     finally:
         alive.close()
 
