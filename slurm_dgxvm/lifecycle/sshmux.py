@@ -11,7 +11,8 @@ VM: their command line names the VM's own ``known_hosts`` (``UserKnownHostsFile=
 known_hosts``), which only dgxvm's ssh lines for this VM do. The user can make a process look
 like that, but only one of their own: stopping it does nothing to anyone else. Each is found by
 its pid, opened as a pidfd and checked again through it before the signal, so a pid reused in
-between is never signalled. SIGKILL: a master ignores the signals ``dgxvm run`` forwards.
+between is never signalled. SIGKILL: a master ignores the signals ``dgxvm run`` forwards. The
+delete then waits (a few seconds at most) until they have exited.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
+import time
 from pathlib import Path
 
 from ..records import KNOWN_HOSTS
@@ -27,6 +30,7 @@ from ..records import KNOWN_HOSTS
 log = logging.getLogger("dgxvm.lifecycle")
 
 PROC = "/proc"
+STOP_WAIT_S = 5.0        # how long a delete waits for the killed masters to be gone
 
 
 def _cmdline(pid: int, proc: str = PROC) -> list[str] | None:
@@ -71,13 +75,14 @@ def masters(vmdir: Path, uid: int, proc: str = PROC) -> list[int]:
     return found
 
 
-def stop_masters(vmdir: Path, uid: int | None) -> int:
-    """Kill the VM's user's ssh masters of the VM in ``vmdir``; how many. Never raises: a
-    master left runs out its idle time (access.connection.PERSIST_S)."""
+def stop_masters(vmdir: Path, uid: int | None, wait_s: float = STOP_WAIT_S) -> int:
+    """Kill the VM's user's ssh masters of the VM in ``vmdir`` and wait (up to ``wait_s``)
+    until they are gone; how many were killed. Never raises: a master left runs out its idle
+    time (access.connection.PERSIST_S)."""
     if uid is None:
         return 0
     known_hosts = str(vmdir / KNOWN_HOSTS)
-    stopped = 0
+    killed: list[int] = []               # their pidfds
     for pid in masters(vmdir, uid):
         try:
             fd = os.pidfd_open(pid)
@@ -87,12 +92,21 @@ def stop_masters(vmdir: Path, uid: int | None) -> int:
             # the same process still: checked through the pid it now holds
             if _uid(pid) == uid and is_master_of(_cmdline(pid), known_hosts):
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
-                stopped += 1
+                killed.append(fd)
+                continue
         except OSError:
             pass
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    if stopped:
-        log.info("%s: stopped %d ssh master(s) of its user", vmdir.name, stopped)
-    return stopped
+        os.close(fd)
+    # a pidfd becomes readable when its process has exited
+    deadline = time.monotonic() + wait_s
+    waiting = list(killed)
+    while waiting and time.monotonic() < deadline:
+        ready, _, _ = select.select(waiting, [], [], max(0.0, deadline - time.monotonic()))
+        waiting = [fd for fd in waiting if fd not in ready]
+    for fd in killed:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    if killed:
+        log.info("%s: stopped %d ssh master(s) of its user%s", vmdir.name, len(killed),
+                 f" ({len(waiting)} still exiting)" if waiting else "")
+    return len(killed)

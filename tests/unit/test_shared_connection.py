@@ -202,6 +202,9 @@ def test_stop_masters_kills_the_users_master_of_the_vm_and_nothing_else(tmp_path
     theirs = fake_ssh(tmp_path / "vms" / "job-43" / "known_hosts")
     try:
         assert sshmux.stop_masters(vmdir, os.geteuid()) == 1
+        # gone when it returns: nothing of this VM's is found any more (the zombie, which
+        # this test has not reaped yet, has no command line)
+        assert sshmux.masters(vmdir, os.geteuid()) == []
         assert ours.wait(timeout=10) == -9
         assert theirs.poll() is None
     finally:
