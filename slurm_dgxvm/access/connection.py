@@ -3,9 +3,9 @@
 
 Why. An ssh handshake with the guest costs more than everything else a short ``dgxvm run`` does
 (most of plain ssh's 0.8 s against OpenSSH in a TCG guest here, the guest's CPU being the
-job's): ``srun -n 64 dgxvm run``
-on one node, or a batch script with many steps, would pay it on every run, and 64 handshakes at
-once also reach the guest sshd's limit of unauthenticated connections. With a master connection
+job's): ``srun -n 64 dgxvm run`` on one node, or a batch script with many steps, would pay it on
+every run, and 64 handshakes at once also reach the guest sshd's limit of unauthenticated
+connections. With a master connection
 (``ssh -M``, OpenSSH's connection multiplexing) a run opens its two sessions as channels on it.
 
 How it is kept:
@@ -22,11 +22,11 @@ How it is kept:
   starting together wait for its one handshake instead of making their own; later runs find it
   by connecting to its socket.
 - The master stays ``PERSIST_S`` seconds after its last session ends, then exits (OpenSSH's
-  ControlPersist). The sockets of masters that are gone (killed with their VM) are removed
-  when the user's next master starts. It ignores the signals ``dgxvm run`` forwards (a ``scancel`` reaches the
+  ControlPersist). It ignores the signals ``dgxvm run`` forwards (a ``scancel`` reaches the
   workload once, through the control session, not by killing the transport). It lives in the
   step that started it: Slurm stops it with the step; the VM's delete stops any left
-  (:func:`slurm_dgxvm.lifecycle.sshmux.stop_masters`).
+  (:func:`slurm_dgxvm.lifecycle.sshmux.stop_masters`). The sockets of masters that are gone
+  (killed with their VM) are removed when the user's next master starts on that node.
 - Only the VM's own user shares a connection. Root reaching a user's job (``dgxvm run --job``
   as root, which becomes the user) makes its own: a master is the user's process, and a mux
   client hands it its standard descriptors.
