@@ -413,8 +413,7 @@ class _Creation:
     def start(self) -> None:
         self.progress("starting")
         try:
-            with hypervisor.libvirt_errors(self.env.uri, f"start domain {self.name}"):
-                self.dom.create()
+            hypervisor.start(self.dom, self.env.uri, f"start domain {self.name}")
         except HypervisorError:
             # the job's fault: its work dir or its image cache changed since the check
             _share_refusal(self.vmdir, self.image_cache.path if self.image_cache else None)

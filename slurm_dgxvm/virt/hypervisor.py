@@ -398,6 +398,32 @@ def shutdown_gracefully(dom, timeout_s: float) -> str | None:
     return None
 
 
+#: libvirt's firewall layer (src/util/virfirewall.c) fails a domain's start with this when one
+#: of nwfilter's ebtables-nft commands loses a race with another nftables change on the host
+#: (another domain's filter being set up or torn down at the same moment, a job fabric's table):
+#: ebtables-nft 1.8.9 then reports a RULE_DELETE of a rule its cache still had. libvirt has
+#: undone the start by the time it says so; the domain is inactive and starting it again works.
+FIREWALL_RACE = "Failed to apply firewall rules"
+START_TRIES = 3
+
+
+def start(dom, uri: str, what: str, *, tries: int = START_TRIES, pause_s: float = 0.5) -> None:
+    """Start ``dom``. A start that failed only because libvirt's firewall rules lost a race
+    (:data:`FIREWALL_RACE`) is tried again, ``tries`` times in all, ``pause_s`` apart (growing);
+    any other failure, or the race every time, is a HypervisorError naming ``what``."""
+    for attempt in range(1, tries + 1):
+        try:
+            dom.create()
+            return
+        except libvirt.libvirtError as exc:
+            raced = FIREWALL_RACE in str(exc) and not is_active(dom)
+            if not raced or attempt == tries:
+                raise HypervisorError(uri=uri, reason=f"{what}: {exc}") from exc
+            log.warning("%s: libvirt's firewall rules lost a race (try %d of %d), starting it "
+                        "again: %s", what, attempt, tries, exc)
+            time.sleep(pause_s * attempt)
+
+
 def is_active(dom) -> bool:
     """Whether ``dom`` runs; a domain libvirt no longer knows counts as not running."""
     try:

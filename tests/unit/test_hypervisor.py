@@ -1,6 +1,6 @@
 """hypervisor's network lock: concurrent dgxvm processes serialise network changes through
 ``<state_dir>/network.lock``; one held too long is a named state error (exit 5), never a
-traceback."""
+traceback. A domain's start that lost libvirt's firewall race is tried again; nothing else is."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import libvirt
 import pytest
 
 from slurm_dgxvm.virt import hypervisor
-from slurm_dgxvm.errors import EXIT_STATE, LockError, LockTimeout
+from slurm_dgxvm.errors import EXIT_STATE, HypervisorError, LockError, LockTimeout
 
 
 def test_a_network_lock_held_too_long_is_a_lock_timeout(tmp_path, monkeypatch):
@@ -83,3 +83,56 @@ def test_a_reservation_leases_its_address_for_minutes_not_dnsmasqs_hour(tmp_path
         assert mac not in hypervisor.reservations(conn, "default")
     finally:
         conn.close()
+
+
+class _Racing:
+    """A test-driver domain whose first ``fails`` starts fail the way libvirt fails a start whose
+    nwfilter rules lost a race with another nftables change (``message``)."""
+
+    def __init__(self, dom, fails: int, message: str):
+        self.dom, self.fails, self.message, self.tries = dom, fails, message, 0
+
+    def create(self):
+        self.tries += 1
+        if self.tries <= self.fails:
+            raise libvirt.libvirtError(self.message)
+        return self.dom.create()
+
+    def isActive(self):
+        return self.dom.isActive()
+
+
+RACE = ("internal error: Failed to apply firewall rules /usr/sbin/ebtables --concurrent -t nat "
+        "-A libvirt-P-vnet6 -p 0x0800 -j P-vnet6-ipv4: ebtables v1.8.9 (nf_tables):  "
+        "RULE_DELETE failed (No such file or directory): rule in chain P-vnet6-ipv4")
+
+
+@pytest.fixture
+def test_domain():
+    conn = libvirt.open("test:///default")
+    dom = conn.lookupByName("test")
+    dom.destroy()
+    try:
+        yield dom
+    finally:
+        conn.close()
+
+
+def test_a_start_whose_firewall_rules_lost_a_race_is_tried_again_and_runs(test_domain):
+    dom = _Racing(test_domain, fails=2, message=RACE)
+    hypervisor.start(dom, "test:///default", "start domain job-5", pause_s=0)
+    assert dom.tries == 3 and test_domain.isActive()
+
+
+def test_a_start_that_loses_the_race_every_time_fails_naming_the_domain(test_domain):
+    dom = _Racing(test_domain, fails=3, message=RACE)
+    with pytest.raises(HypervisorError, match=r"start domain job-5: .*Failed to apply firewall"):
+        hypervisor.start(dom, "test:///default", "start domain job-5", pause_s=0)
+    assert dom.tries == 3 and not test_domain.isActive()
+
+
+def test_any_other_start_failure_is_not_tried_again(test_domain):
+    dom = _Racing(test_domain, fails=1, message="internal error: process exited while connecting")
+    with pytest.raises(HypervisorError, match=r"start domain job-5: internal error: process"):
+        hypervisor.start(dom, "test:///default", "start domain job-5", pause_s=0)
+    assert dom.tries == 1 and not test_domain.isActive()
