@@ -109,12 +109,18 @@ RACE = ("internal error: Failed to apply firewall rules /usr/sbin/ebtables --con
 
 @pytest.fixture
 def test_domain():
+    """libvirt's test domain "test", shut off; as it was afterwards (the test driver's state
+    is shared by every connection of the process)."""
     conn = libvirt.open("test:///default")
     dom = conn.lookupByName("test")
-    dom.destroy()
+    was = dom.isActive()
+    if was:
+        dom.destroy()
     try:
         yield dom
     finally:
+        if dom.isActive() != was:
+            (dom.create if was else dom.destroy)()
         conn.close()
 
 
