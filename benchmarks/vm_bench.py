@@ -53,7 +53,7 @@ class RawTwin:
 
     def __init__(self, node: BenchNode, conn, name: str, i: int):
         self.node, self.conn, self.src = node, conn, name
-        self.name, self.mac = f"raw{i}", f"52:54:00:be:00:{i:02x}"
+        self.name, self.mac = f"raw{i}", ""          # its address slot's, from make()
         self.dir = node.base / self.name
         self.xml_file = self.dir / "domain.xml"
         self.readiness = "auto"
@@ -101,10 +101,10 @@ class RawTwin:
         root.find("name").text = self.name
         root.remove(root.find("uuid"))
         iface = root.find("devices/interface")
-        iface.find("mac").set("address", self.mac)
         self.network = iface.find("source").get("network")
         net = self.conn.networkLookupByName(self.network)
-        address = hypervisor.reserve_address(self.conn, net, str(state), self.mac, self.name, CIDR)
+        self.mac, address = hypervisor.take_address(self.conn, net, str(state), self.name, CIDR)
+        iface.find("mac").set("address", self.mac)
         for param in iface.iterfind("filterref/parameter[@name='IP']"):
             param.set("value", address)
         self.xml_file.write_text(ET.tostring(root, encoding="unicode") + "\n")
@@ -127,8 +127,8 @@ class RawTwin:
             self.remove()
 
     def remove(self) -> None:
-        hypervisor.release_address(self.conn, self.network, str(self.node.base / "state"),
-                                   self.mac)
+        hypervisor.give_back_address(self.conn, self.network, str(self.node.base / "state"),
+                                     self.name, self.mac)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -46,6 +46,7 @@ from slurm_dgxvm.ledger import Ledger, job_key
 from slurm_dgxvm.ranges import parse_index_list
 from slurm_dgxvm.slurm.accounting import decode, parse_stages
 from slurm_dgxvm.observe.stages import ordered
+from slurm_dgxvm.virt import addresses, hypervisor
 
 from .node import default_dgxvm
 from .slurm import ensure_user
@@ -216,30 +217,31 @@ def add_failpoint(node: Node, line: str) -> None:
 
 def leftovers(node: Node, *, jobs: Iterable[int] | None = None) -> list[str]:
     """What is left on the node (as test_slurm_jobs.nothing_left checks, as a list of problems):
-    libvirt domains, DHCP reservations on the node's network, QEMU processes, VM directories,
-    ledger entries, fault points that never fired. ``jobs``: only what is of those jobs."""
+    libvirt domains, DHCP reservations of a VM's own and address slots held on the node's
+    network, QEMU processes, VM directories, ledger entries, fault points that never fired.
+    ``jobs``: only what is of those jobs."""
     names = None if jobs is None else {f"job-{j}" for j in jobs}
     keys = None if jobs is None else {job_key(j) for j in jobs}
     conn = libvirt.open(node.uri)
     try:
         doms = sorted(d.name() for d in conn.listAllDomains())
-        try:
-            net = conn.networkLookupByName(node.network)
-            hosts = re.findall(r"<host [^>]*name=['\"]([^'\"]+)",
-                               net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
-        except libvirt.libvirtError:
-            hosts = []
+        # a VM's own reservation (made before address slots); the slots' stay with the network
+        hosts = sorted(name for mac, (_ip, name) in
+                       (hypervisor.reservations(conn, node.network) or {}).items()
+                       if not addresses.is_slot_mac(mac))
     finally:
         conn.close()
+    held = sorted(addresses.held(str(node.state_dir)).values())
     vms = node.state_dir / "vms"
     dirs = sorted(p.name for p in vms.iterdir()) if vms.exists() else []
     entries = sorted(Ledger(node.state_dir).read().allocations)
     if names is not None:
-        doms, hosts, dirs = ([x for x in xs if x in names] for xs in (doms, hosts, dirs))
+        doms, hosts, held, dirs = ([x for x in xs if x in names]
+                                   for xs in (doms, hosts, held, dirs))
         entries = [k for k in entries if k in keys]
     out = [f"{what} left: {items}" for what, items in
-           (("domains", doms), ("DHCP reservations", hosts), ("VM directories", dirs),
-            ("ledger entries", entries)) if items]
+           (("domains", doms), ("DHCP reservations", hosts), ("addresses held", held),
+            ("VM directories", dirs), ("ledger entries", entries)) if items]
     if names is None:
         if node.stack.qemu_pids():
             out.append(f"QEMU processes left: {node.stack.qemu_pids()}")

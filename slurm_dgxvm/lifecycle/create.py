@@ -31,7 +31,7 @@ from ..virt import hypervisor
 from ..observe import opstats
 from ..config import Config
 from ..design import (FabricNic, RealHost, VmInputs, design, domain_xml, fit_to_host,
-                      image_cache_tag, mac_for, share_tag)
+                      image_cache_tag, share_tag)
 from ..errors import (ContainerCacheError, DomainExists, HostError, HypervisorError,
                       ImageCacheRefused, NoFit, ShareRefused, ShareTimeout, is_job_fault)
 from ..fsutil import atomic_write
@@ -270,11 +270,10 @@ class _Creation:
             host_pub = seed_mod.generate_keypair(vmdir / HOST_KEY, f"root@{name}")
         net = hypervisor.ensure_network(self.conn, cfg.libvirt.network,
                                         cfg.libvirt.network_cidr, cfg.host.state_dir)
-        self.mac = mac_for(name)
-        self.address = hypervisor.reserve_address(self.conn, net, cfg.host.state_dir, self.mac,
-                                                  name, cfg.libvirt.network_cidr)
-        self.undo.callback(hypervisor.release_address, self.conn, cfg.libvirt.network,
-                           cfg.host.state_dir, self.mac)
+        self.mac, self.address = hypervisor.take_address(self.conn, net, cfg.host.state_dir,
+                                                         name, cfg.libvirt.network_cidr)
+        self.undo.callback(hypervisor.give_back_address, self.conn, cfg.libvirt.network,
+                           cfg.host.state_dir, name, self.mac)
         atomic_write(vmdir / KNOWN_HOSTS, f"{self.address} {host_pub}\n", mode=0o600,
                      uid=req.uid, gid=req.gid)
         # the images the job's dgxvm run ran (theirs to write; the Epilog reads it, checked)

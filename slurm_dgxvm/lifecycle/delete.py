@@ -118,8 +118,9 @@ def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
     with timer.stage("release"):
         _leave_ib_partition(env, rec)
         _remove_job_fabric(env, rec, rec.job_id if rec else job_id)
-        hypervisor.release_address(conn, rec.network if rec else env.cfg.libvirt.network,
-                                   env.cfg.host.state_dir, rec.mac if rec else mac_for(name))
+        hypervisor.give_back_address(conn, rec.network if rec else env.cfg.libvirt.network,
+                                     env.cfg.host.state_dir, name,
+                                     rec.mac if rec else mac_for(name))
         env.vms.remove_dir(name)
         if key is not None:
             env.ledger.release(key)

@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass, field, replace
 
 from ..jobnet.apply import present as job_fabrics_here, teardown as teardown_job_fabric
-from ..virt import hypervisor
+from ..virt import addresses, hypervisor
 from ..errors import DgxvmError, DomainNotFound, LedgerCorrupt, RecordCorrupt, UserTreeRefused
 from ..ledger import Allocation, domain_key
 from ..lifecycle import vmlock
@@ -73,6 +73,7 @@ def collect(env: Env, jobs: JobsOnNode, conn) -> NodeFacts:
     cfg = env.cfg
     fm_active, fm_error = _fabric(env)
     reservations = hypervisor.reservations(conn, cfg.libvirt.network)
+    held = addresses.held(cfg.host.state_dir)
     busy = frozenset(vmlock.held_names(cfg.host.state_dir))
     try:
         ledger, ledger_error = env.ledger.read(), None
@@ -88,7 +89,8 @@ def collect(env: Env, jobs: JobsOnNode, conn) -> NodeFacts:
     job_fabrics, jobnet_error = _job_fabrics()
     facts = NodeFacts(jobs=jobs, vms=vms, ledger=ledger, ledger_error=ledger_error,
                       job_prefix=cfg.slurm.domain_prefix, network=cfg.libvirt.network,
-                      reservations=reservations, fm_active=fm_active, fm_error=fm_error,
+                      reservations=reservations, held=held, fm_active=fm_active,
+                      fm_error=fm_error,
                       busy=busy, job_fabrics=job_fabrics, jobnet_error=jobnet_error)
     if partitions_off_under_running_vms(facts):
         # a running VM's partition was not active when Fabric Manager was asked, before its
@@ -245,6 +247,8 @@ def _act(env: Env, conn, facts: NodeFacts, f: Finding) -> Outcome:
             return _delete(env, conn, facts, f)
         if f.action == "release-address":
             return _release(env, conn, facts, f)
+        if f.action == "give-back-address":
+            return _give_back(env, conn, f)
         if f.action == "deactivate-fm-partition":
             return _deactivate(env, f)
         if f.action == "sweep-image-cache":
@@ -287,6 +291,23 @@ def _release(env: Env, conn, facts: NodeFacts, f: Finding) -> Outcome:
         if f.mac not in (hypervisor.reservations(conn, cfg.libvirt.network) or {}):
             return Outcome(f, "done", "already gone")
         hypervisor.release_address(conn, cfg.libvirt.network, cfg.host.state_dir, f.mac)
+    return Outcome(f, "done")
+
+
+def _give_back(env: Env, conn, f: Finding) -> Outcome:
+    assert f.name is not None
+    cfg = env.cfg
+    with vmlock.try_held(cfg.host.state_dir, f.name) as got:
+        if not got:
+            return Outcome(f, "skipped", IN_PROGRESS)
+        now = facts_of(env, conn, f.name)
+        if not now.is_empty():
+            return Outcome(f, "skipped", f"{f.name} has a VM again ({now.pieces()}): it goes "
+                                         f"with that VM")
+        if addresses.held(cfg.host.state_dir).get(f.subject) != f.name:
+            return Outcome(f, "done", "already given back")
+        hypervisor.give_back_address(conn, cfg.libvirt.network, cfg.host.state_dir, f.name,
+                                     None)
     return Outcome(f, "done")
 
 

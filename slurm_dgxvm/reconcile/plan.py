@@ -22,8 +22,10 @@ What goes, each through the one idempotent way it is made undone:
   without a domain (a ``dgxvm create`` or ``delete`` killed midway), or a VM directory nothing
   else names: :func:`slurm_dgxvm.lifecycle.delete.delete`, which takes the domain, the FM
   partition, the DHCP reservation, the directory and the ledger entry;
-* ``release-address``: a DHCP reservation dgxvm made (its MAC is :func:`mac_for` its name) for
-  a name that has nothing else on the node;
+* ``release-address``: a DHCP reservation dgxvm made for one VM (its MAC is :func:`mac_for` its
+  name: a VM made before address slots) for a name that has nothing else on the node;
+* ``give-back-address``: an address slot (:mod:`slurm_dgxvm.virt.addresses`) held by a name
+  that has nothing else on the node;
 * ``deactivate-fm-partition``: a Fabric Manager partition that is active while no ledger
   allocation holds it;
 * ``remove-job-fabric``: a job fabric on this node (:mod:`slurm_dgxvm.jobnet`: the devices dgxvm
@@ -66,6 +68,7 @@ from .cache_partials import CachePartials
 
 #: action -> the words a report line uses for it
 ACTIONS = {"delete-vm": "delete the VM", "release-address": "release the reservation",
+           "give-back-address": "give the address back",
            "deactivate-fm-partition": "deactivate the partition",
            "remove-job-fabric": "remove the job fabric",
            "rebuild-ledger": "rebuild the ledger",
@@ -172,6 +175,7 @@ class NodeFacts:
     job_prefix: str = "job-"
     network: str = "dgxvm"
     reservations: Mapping[str, tuple[str, str]] | None = None   # mac -> (ip, name); None: none
+    held: Mapping[str, str] = field(default_factory=dict)       # address slot -> its VM's name
     fm_active: frozenset[int] | None = None      # None: this machine uses no Fabric Manager
     fm_error: str | None = None                  # Fabric Manager could not be asked: why
     # Fabric Manager's active partitions asked again after libvirt's domains were read, only
@@ -197,8 +201,8 @@ class NodeFacts:
 # -- findings --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Finding:
-    """One thing that is not as it should be: ``what`` (vm, dhcp, fm, ledger, record, slurm),
-    its ``subject`` (the VM name, the address, the partition ...), ``why`` in words, the
+    """One thing that is not as it should be: ``what`` (vm, dhcp, address, fm, ledger, record,
+    slurm), its ``subject`` (the VM name, the address, the partition ...), ``why`` in words, the
     ``action`` that repairs it (:data:`ACTIONS`). ``name`` is the VM name whose lock guards the
     action. ``hold`` is the plan's own reason not to act now (the result is then ``skipped``),
     ``left`` why it is an admin's to decide (``left``)."""
@@ -293,6 +297,7 @@ def plan(facts: NodeFacts) -> list[Finding]:
             out.append(f)
     going = frozenset(f.name for f in out if f.action == "delete-vm" and f.name is not None)
     out.extend(_plan_reservations(facts))
+    out.extend(_plan_held(facts))
     out.extend(_plan_fabric(facts, going))
     out.extend(_plan_job_fabrics(facts))
     out.extend(_plan_partials(facts))
@@ -355,6 +360,21 @@ def _plan_reservations(facts: NodeFacts) -> list[Finding]:
                            why=f"reservation for {name} on network {facts.network}, and no "
                                f"domain, record, directory or ledger entry of {name} is here",
                            action="release-address", name=name, mac=mac,
+                           hold=IN_PROGRESS if name in facts.busy else None))
+    return out
+
+
+def _plan_held(facts: NodeFacts) -> list[Finding]:
+    """Address slots held by names that have nothing else here (a VM directory removed by
+    hand); a VM's own slot goes with its delete."""
+    out = []
+    for ip, name in sorted(facts.held.items()):
+        if name in facts.vms:
+            continue
+        out.append(Finding("address", ip,
+                           why=f"held for {shown(name)} on network {facts.network}, and no "
+                               f"domain, record, directory or ledger entry of it is here",
+                           action="give-back-address", name=name,
                            hold=IN_PROGRESS if name in facts.busy else None))
     return out
 

@@ -19,6 +19,7 @@ from xml.sax.saxutils import quoteattr
 import libvirt
 
 from .. import fsutil, netfilter
+from . import addresses
 from ..design.domain_xml import render_template
 from ..errors import HypervisorError, LockError, LockTimeout
 
@@ -131,9 +132,12 @@ def _ensure_network(conn, name: str, cidr: str) -> libvirt.virNetwork:
         net = conn.networkLookupByName(name)
     except libvirt.libvirtError:
         lay = network_layout(cidr)
+        hosts = [{"mac": addresses.slot_mac(ip), "name": addresses.slot_name(ip), "ip": ip}
+                 for ip in addresses.slots(lay["reserved"])]
         xml = render_template("network.xml.j2", name=name, gateway=lay["gateway"],
                               netmask=lay["netmask"], range_start=lay["range_start"],
-                              range_end=lay["range_end"])
+                              range_end=lay["range_end"], hosts=hosts,
+                              lease_min=RESERVED_LEASE_MIN)
         with libvirt_errors(uri, f"define network {name}"):
             net = conn.networkDefineXML(xml)
         with libvirt_errors(uri, f"autostart network {name}"):
@@ -221,45 +225,66 @@ def _update_flags(net) -> int:
     return flags
 
 
-def reserve_address(conn, net, state_dir: str, mac: str, name: str, cidr: str) -> str:
-    """Give ``mac`` a fixed address on ``net`` (a DHCP reservation); returns the address.
+def take_address(conn, net, state_dir: str, name: str, cidr: str) -> tuple[str, str]:
+    """(mac, address) for VM ``name``: an address slot (:mod:`.addresses`) it holds from now on;
+    the one it holds already when it has one.
 
-    Serialised by ``<state_dir>/network.lock`` so concurrent creates never pick the same one.
+    The slot given back longest ago is taken; one never used counts as oldest. A slot whose
+    address dnsmasq still leases to another MAC (a VM made before slots, whose lease has not
+    expired) is passed over while another is free. Only a slot without its reservation yet (a
+    network defined before slots) costs a libvirt network update, once. Serialised by
+    ``<state_dir>/network.lock``, so concurrent creates never take the same slot.
     """
     uri = conn.getURI()
     with _network_lock(state_dir):
+        held = addresses.held(state_dir)
+        mine = sorted(ip for ip, holder in held.items() if holder == name)
+        if mine:
+            return addresses.slot_mac(mine[0]), mine[0]
         hosts = _dhcp_hosts(net)
-        if mac.lower() in hosts:
-            return hosts[mac.lower()][0]
-        used = {ip for ip, _ in hosts.values()}
-        free = [ip for ip in network_layout(cidr)["reserved"] if ip not in used]
+        reserved_by = {ip: mac for mac, (ip, _) in hosts.items()}
+        free = [ip for ip in addresses.slots(network_layout(cidr)["reserved"])
+                if ip not in held and reserved_by.get(ip, addresses.slot_mac(ip))
+                == addresses.slot_mac(ip)]
         if not free:
             raise HypervisorError(uri=uri, reason=f"network {net.name()}: no address left in "
                                                   f"{cidr} for {name}")
-        ip = _least_recently_leased(net, free)
-        with libvirt_errors(uri, f"reserve {ip} for {name} on network {net.name()}"):
-            net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
-                       libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1,
-                       _host_xml(mac, name, ip), _update_flags(net))
-        return ip
+        leases = _leases(net)
+        clear = [ip for ip in free if leases.get(ip, (addresses.slot_mac(ip),))[0]
+                 == addresses.slot_mac(ip)]
+        if clear:
+            back = addresses.given_back(state_dir)
+            ip = min(clear, key=lambda a: back.get(a, 0.0))   # never used: 0, the oldest
+        else:
+            ip = min(free, key=lambda a: leases[a][1])        # the lease that expires first
+        mac = addresses.slot_mac(ip)
+        if ip not in reserved_by:
+            with libvirt_errors(uri, f"reserve {ip} for {name} on network {net.name()}"):
+                net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+                           libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1,
+                           _host_xml(mac, addresses.slot_name(ip), ip), _update_flags(net))
+        addresses.hold(state_dir, ip, name)
+        return mac, ip
 
 
-def _least_recently_leased(net, free: list[str]) -> str:
-    """Pick an address nobody holds a lease on.
+def give_back_address(conn, net_name: str, state_dir: str, name: str,
+                      mac: str | None) -> None:
+    """Give back what VM ``name`` holds on the network: its slot (a file; libvirt is not
+    asked), and, for a VM made before slots (``mac`` not a slot's), its own reservation."""
+    with _network_lock(state_dir):
+        addresses.give_back(state_dir, name)
+    if mac and not addresses.is_slot_mac(mac):
+        release_address(conn, net_name, state_dir, mac)
 
-    NOTE: dnsmasq will not hand a reserved address to a new MAC while an earlier VM's lease on it
-    has not expired (a powered-off guest never sends DHCPRELEASE); the new guest would silently
-    get an address from the dynamic range instead. So prefer addresses with no lease at all,
-    then the one whose lease expires first.
-    """
+
+def _leases(net) -> dict[str, tuple[str, int]]:
+    """ip -> (mac, expiry time) of dnsmasq's current leases on ``net``."""
     try:
-        leases = {lease["ipaddr"]: lease.get("expirytime", 0) for lease in net.DHCPLeases()}
+        return {lease["ipaddr"]: (str(lease.get("mac", "")).lower(),
+                                  int(lease.get("expirytime", 0)))
+                for lease in net.DHCPLeases()}
     except libvirt.libvirtError:
-        leases = {}
-    never = [ip for ip in free if ip not in leases]
-    if never:
-        return never[0]
-    return min(free, key=lambda ip: leases[ip])
+        return {}
 
 
 def release_address(conn, net_name: str, state_dir: str, mac: str) -> None:

@@ -20,6 +20,7 @@ from slurm_dgxvm.ledger import Ledger
 from slurm_dgxvm.ranges import parse_index_list
 from slurm_dgxvm.slurm.accounting import decode
 from slurm_dgxvm.topology import SysfsRoot, discover
+from slurm_dgxvm.virt import addresses, hypervisor
 
 pytestmark = pytest.mark.integration
 
@@ -39,15 +40,15 @@ def nothing_left(node):
     conn = libvirt.open(env.uri)
     try:
         doms = [d.name() for d in conn.listAllDomains()]
-        try:
-            net = conn.networkLookupByName(env.network)
-            hosts = net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE).count("<host ")
-        except libvirt.libvirtError:
-            hosts = 0
+        own = {mac: host for mac, host in
+               (hypervisor.reservations(conn, env.network) or {}).items()
+               if not addresses.is_slot_mac(mac)}
     finally:
         conn.close()
     assert doms == [], f"domains left: {doms}"
-    assert hosts == 0, "DHCP reservations left"
+    assert own == {}, f"DHCP reservations of a VM's own left: {own}"
+    held = addresses.held(str(env.state_dir))
+    assert held == {}, f"addresses still held: {held}"
     assert env.stack.qemu_pids() == [], "QEMU processes left"
     vms = env.state_dir / "vms"
     assert not (vms.exists() and any(vms.iterdir())), f"VM dirs left: {list(vms.iterdir())}"

@@ -22,6 +22,7 @@ import pytest
 
 from harness.ssh import ssh_argv
 from slurm_dgxvm.ledger import Ledger
+from slurm_dgxvm.virt import addresses, hypervisor
 
 pytestmark = pytest.mark.integration
 
@@ -36,16 +37,15 @@ def assert_nothing_left(vmenv, names, *, state_dir=None, network=None):
     try:
         domains = {d.name() for d in conn.listAllDomains()}
         assert not set(names) & domains, f"domains left: {set(names) & domains}"
-        try:
-            net = conn.networkLookupByName(network or vmenv.network)
-            reservations = net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE)
-        except libvirt.libvirtError:
-            reservations = ""           # no network yet: nothing can be reserved on it
+        reservations = hypervisor.reservations(conn, network or vmenv.network) or {}
     finally:
         conn.close()
+    held = addresses.held(str(state_dir))
     for name in names:
         assert not (state_dir / "vms" / name).exists(), f"{name}'s directory is left"
-        assert f"name='{name}'" not in reservations, f"{name}'s DHCP reservation is left"
+        assert name not in held.values(), f"{name} still holds an address: {held}"
+        assert name not in {n for _ip, n in reservations.values()}, \
+            f"a DHCP reservation of {name}'s own is left"
     keys = set(Ledger(state_dir).read().allocations)
     assert not keys, f"ledger entries left: {keys}"
     assert vmenv.stack.qemu_pids() == [], "a QEMU process is left"

@@ -4,13 +4,14 @@ traceback. A domain's start that lost libvirt's firewall race is tried again; no
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 
 import filelock
 import libvirt
 import pytest
 
-from slurm_dgxvm.virt import hypervisor
+from slurm_dgxvm.virt import addresses, hypervisor
 from slurm_dgxvm.errors import EXIT_STATE, HypervisorError, LockError, LockTimeout
 
 
@@ -59,19 +60,15 @@ def test_reservations_are_read_and_released_by_mac(tmp_path):
         conn.close()
 
 
-def test_a_reservation_leases_its_address_for_minutes_not_dnsmasqs_hour(tmp_path, monkeypatch):
-    """dnsmasq gives a reserved address to a new MAC only once the old VM's lease expired; with
-    its default hour, a node that starts more VMs an hour than it has reserved addresses left
-    the next guests without one (the soak bench, at its 127th job). The reservation carries a
-    short lease, and its release still finds it."""
-    monkeypatch.setenv("DGXVM_RUN_DIR", str(tmp_path / "run"))
+def test_a_slots_reservation_leases_its_address_for_minutes_not_dnsmasqs_hour(tmp_path):
+    """A guest that powers off never releases its lease; the reservation carries a short one, so
+    a lease of a VM made before slots (another MAC) holds its address back for minutes only."""
     conn = libvirt.open("test:///default")
     net = conn.networkLookupByName("default")
-    mac = "52:54:00:0d:0e:0f"
     try:
-        ip = hypervisor.reserve_address(conn, net, str(tmp_path), mac, "leased",
-                                        "192.168.122.0/24")
-        assert hypervisor.reservations(conn, "default")[mac] == (ip, "leased")
+        mac, ip = hypervisor.take_address(conn, net, str(tmp_path), "leased", "192.168.122.0/24")
+        assert (mac, ip) == (addresses.slot_mac(ip), "192.168.122.2")
+        assert hypervisor.reservations(conn, "default")[mac] == (ip, "dgxvm-192-168-122-2")
         root = ET.fromstring(net.XMLDesc(0))
         [host] = [h for h in root.iterfind("./ip/dhcp/host") if h.get("mac") == mac]
         lease = host.find("lease")
@@ -79,8 +76,136 @@ def test_a_reservation_leases_its_address_for_minutes_not_dnsmasqs_hour(tmp_path
         assert (lease.get("expiry"), lease.get("unit")) == \
             (str(hypervisor.RESERVED_LEASE_MIN), "minutes")
         assert 2 <= hypervisor.RESERVED_LEASE_MIN <= 30     # libvirt's minimum; renewals cheap
-        hypervisor.release_address(conn, "default", str(tmp_path), mac)
-        assert mac not in hypervisor.reservations(conn, "default")
+    finally:
+        hypervisor.release_address(conn, "default", str(tmp_path), addresses.slot_mac(
+            "192.168.122.2"))
+        conn.close()
+
+
+class _Counted:
+    """A network whose updates are counted (and whose leases are ``leases``)."""
+
+    def __init__(self, net, leases=()):
+        self.net, self.updates, self.leases = net, 0, list(leases)
+
+    def update(self, *args):
+        self.updates += 1
+        return self.net.update(*args)
+
+    def DHCPLeases(self):
+        return self.leases
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+
+@pytest.fixture
+def small_net(tmp_path):
+    """libvirt's test network "default", with dgxvm's layout of a /28 in it: slots .2 to .7."""
+    conn = libvirt.open("test:///default")
+    net = _Counted(conn.networkLookupByName("default"))
+    try:
+        yield conn, net, str(tmp_path), "192.168.122.0/28"
+    finally:
+        for mac in hypervisor.reservations(conn, "default"):
+            if addresses.is_slot_mac(mac):
+                hypervisor.release_address(conn, "default", str(tmp_path), mac)
+        conn.close()
+
+
+def take(small_net, name):
+    conn, net, state, cidr = small_net
+    return hypervisor.take_address(conn, net, state, name, cidr)[1]
+
+
+def test_each_vm_holds_its_own_slot_and_the_same_name_gets_the_same_one(small_net):
+    conn, net, state, _ = small_net
+    got = [take(small_net, f"vm{i}") for i in range(6)]
+    assert got == [f"192.168.122.{i}" for i in range(2, 8)]
+    assert take(small_net, "vm3") == "192.168.122.5"            # already its own
+    assert addresses.held(state) == {f"192.168.122.{i + 2}": f"vm{i}" for i in range(6)}
+    with pytest.raises(HypervisorError, match=r"no address left in 192.168.122.0/28 for vm6"):
+        take(small_net, "vm6")
+    assert net.updates == 6                                     # a slot's reservation, once
+
+
+def test_a_slot_given_back_keeps_its_reservation_and_is_taken_again_without_a_network_update(
+        small_net):
+    """Every create after a slot's first use: no libvirt network update (libvirt 9.0 reloads
+    every firewall rule of a NAT network for one: 0.4 s)."""
+    conn, net, state, _ = small_net
+    for i in range(6):
+        take(small_net, f"vm{i}")
+    hypervisor.give_back_address(conn, "default", state, "vm3", addresses.slot_mac(
+        "192.168.122.5"))
+    assert "192.168.122.5" not in addresses.held(state)
+    assert addresses.slot_mac("192.168.122.5") in hypervisor.reservations(conn, "default")
+    before = net.updates
+    assert take(small_net, "new") == "192.168.122.5"
+    assert net.updates == before
+
+
+def test_the_slot_given_back_longest_ago_is_taken_and_a_never_used_one_before_any(small_net,
+                                                                                   monkeypatch):
+    """An address goes round every slot before it comes back: stale state about it (a neighbour
+    cache, a connection tracked for the VM before) is the oldest there is."""
+    conn, net, state, _ = small_net
+    for i in range(3):
+        take(small_net, f"vm{i}")                           # .2 .3 .4
+    clock = iter([100.0, 200.0])
+    real = addresses.atomic_write
+
+    def dated(path, data, **kw):
+        real(path, data, **kw)
+        if data == "":
+            t = next(clock)
+            os.utime(path, (t, t))
+    monkeypatch.setattr(addresses, "atomic_write", dated)
+    hypervisor.give_back_address(conn, "default", state, "vm2", None)     # .4 at 100
+    hypervisor.give_back_address(conn, "default", state, "vm0", None)     # .2 at 200
+    assert [take(small_net, n) for n in ("a", "b", "c", "d", "e")] == [
+        "192.168.122.5", "192.168.122.6", "192.168.122.7",                   # never used
+        "192.168.122.4", "192.168.122.2"]                                    # then oldest
+
+
+def test_a_slot_whose_address_another_mac_still_leases_is_passed_over(small_net):
+    """dnsmasq holds an address back for an unexpired lease of another MAC (a VM made before
+    slots, whose reservation was released): its guest would get no address."""
+    conn, net, state, _ = small_net
+    net.leases = [{"ipaddr": "192.168.122.2", "mac": "52:54:00:aa:bb:cc", "expirytime": 50},
+                  {"ipaddr": "192.168.122.3", "mac": addresses.slot_mac("192.168.122.3"),
+                   "expirytime": 60}]
+    assert take(small_net, "a") == "192.168.122.3"              # its own slot's lease: fine
+    for n in "bcde":
+        take(small_net, n)
+    assert take(small_net, "f") == "192.168.122.2"              # the only one left
+
+
+def test_a_vm_made_before_slots_has_its_own_reservation_released(small_net):
+    conn, net, state, _ = small_net
+    mac = "52:54:00:0a:0b:0c"
+    net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+               libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1,
+               f"<host mac='{mac}' name='old' ip='192.168.122.2'/>",
+               libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG)
+    assert take(small_net, "new") == "192.168.122.3"            # .2 is the old VM's
+    hypervisor.give_back_address(conn, "default", state, "old", mac)
+    assert mac not in hypervisor.reservations(conn, "default")
+    assert addresses.held(state) == {"192.168.122.3": "new"}
+
+
+def test_a_network_dgxvm_defines_declares_every_slots_reservation(tmp_path, monkeypatch):
+    monkeypatch.setenv("DGXVM_RUN_DIR", str(tmp_path / "run"))
+    conn = libvirt.open("test:///default")
+    try:
+        net = hypervisor._ensure_network(conn, "slotted", "10.9.0.0/24")
+        hosts = hypervisor.reservations(conn, "slotted")
+        assert len(hosts) == 126
+        assert hosts[addresses.slot_mac("10.9.0.2")] == ("10.9.0.2", "dgxvm-10-9-0-2")
+        assert hosts[addresses.slot_mac("10.9.0.127")] == ("10.9.0.127", "dgxvm-10-9-0-127")
+        counted = _Counted(net)
+        mac, ip = hypervisor.take_address(conn, counted, str(tmp_path), "first", "10.9.0.0/24")
+        assert (mac, ip, counted.updates) == ("52:54:01:09:00:02", "10.9.0.2", 0)
     finally:
         conn.close()
 

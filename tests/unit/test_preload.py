@@ -35,7 +35,7 @@ from slurm_dgxvm.design.domain_xml import _env
 from slurm_dgxvm.seed import guest_helper
 print("template", _env().get_template("network.xml.j2").render(
     name="n", gateway="10.0.0.1", netmask="255.255.255.0", range_start="10.0.0.2",
-    range_end="10.0.0.9").split()[0])
+    range_end="10.0.0.9", hosts=[], lease_min=10).split()[0])
 print("helper", "of version 2" if "version 2" in guest_helper() else "as started")
 """
 

@@ -8,7 +8,7 @@ import pytest
 
 from slurm_dgxvm.design import mac_for
 from slurm_dgxvm.ledger import EMPTY_STATE, Allocation, LedgerState, domain_key, job_key
-from slurm_dgxvm.reconcile.plan import (DomainFact, Finding, JobsOnNode, NodeFacts, Outcome,
+from slurm_dgxvm.reconcile.plan import (IN_PROGRESS, DomainFact, Finding, JobsOnNode, NodeFacts, Outcome,
                                              VmFacts, exit_code, plan, planned, rebuild)
 from slurm_dgxvm.placement import EMPTY, Policy, Request, place
 from slurm_dgxvm.records import VmRecord
@@ -190,6 +190,19 @@ def test_a_reservation_whose_name_is_locked_is_in_progress(host):
                   busy=frozenset({"vm1"}))
     [r] = plan(f)
     assert r.hold.startswith("in progress")
+
+
+def test_an_address_held_by_a_name_with_nothing_else_here_is_given_back(host):
+    """A VM's address slot goes with its delete; one whose VM has nothing else left (its
+    directory removed by hand) is given back, and one of a create in progress waits."""
+    kept = vm(host, "job-7", job=7, domain="running")
+    held = {"10.213.0.2": "job-7", "10.213.0.3": "job-9", "10.213.0.4": "vm1"}
+    findings = plan(facts(kept, slurm=jobs({7: "RUNNING"}), held=held,
+                          busy=frozenset({"vm1"})))
+    assert [(f.what, f.subject, f.name, f.action, f.hold) for f in findings] == [
+        ("address", "10.213.0.3", "job-9", "give-back-address", None),
+        ("address", "10.213.0.4", "vm1", "give-back-address", IN_PROGRESS)]
+    assert "held for job-9 on network" in findings[0].why
 
 
 @pytest.mark.parametrize("machine", ["dgx-a100", "dgx-h100"])

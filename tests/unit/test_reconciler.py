@@ -15,7 +15,7 @@ import libvirt
 import pytest
 
 from slurm_dgxvm import config as config_mod
-from slurm_dgxvm.virt import hypervisor
+from slurm_dgxvm.virt import addresses, hypervisor
 from slurm_dgxvm.design import mac_for
 from slurm_dgxvm.design.spec import XMLNS
 from slurm_dgxvm.ledger import Allocation, domain_key, job_key
@@ -279,6 +279,31 @@ def test_a_reservation_of_no_vm_is_released_and_a_vms_is_kept(tmp_path, trees, m
     finally:
         hypervisor.release_address(node.conn, "default", str(tmp_path), mac_for("job-7"))
         hypervisor.release_address(node.conn, "default", str(tmp_path), mac_for("ghost"))
+        node.close()
+
+
+def test_an_address_held_for_no_vm_is_given_back_and_a_vms_is_kept(tmp_path, trees, monkeypatch):
+    """A VM directory removed by hand leaves its address slot held: reconcile gives it back
+    (the slot's reservation stays with the network) and keeps a live VM's."""
+    node = Node(tmp_path, trees["dgx2"], monkeypatch, libvirt={"network": "default"})
+    state = node.env.cfg.host.state_dir
+    net = node.conn.networkLookupByName("default")
+    try:
+        node.vm("job-7", job=7)
+        hypervisor.take_address(node.conn, net, state, "job-7", "192.168.122.0/24")
+        _, ip = hypervisor.take_address(node.conn, net, state, "ghost", "192.168.122.0/24")
+        dry = node.run(live={7}, dry_run=True)
+        assert results(dry) == {ip: ("give-back-address", "would do")}
+        assert addresses.held(state)[ip] == "ghost"
+        report = node.run(live={7})
+        assert results(report) == {ip: ("give-back-address", "done")}
+        assert addresses.held(state) == {"192.168.122.2": "job-7"}
+        assert addresses.slot_mac(ip) in hypervisor.reservations(node.conn, "default")
+        assert node.run(live={7}).outcomes == []
+    finally:
+        for mac in hypervisor.reservations(node.conn, "default"):
+            if addresses.is_slot_mac(mac):
+                hypervisor.release_address(node.conn, "default", state, mac)
         node.close()
 
 
