@@ -278,16 +278,29 @@ def _delete(env: Env, conn, facts: NodeFacts, f: Finding) -> Outcome:
     return Outcome(f, "done", rec.ended if rec is not None else "cleaned up (it had no record)")
 
 
-def _release(env: Env, conn, facts: NodeFacts, f: Finding) -> Outcome:
-    assert f.name is not None and f.mac is not None
-    cfg = env.cfg
-    with vmlock.try_held(cfg.host.state_dir, f.name) as got:
+@contextlib.contextmanager
+def _still_nobodys(env: Env, conn, f: Finding):
+    """Under the lock of ``f.name``: None while that name still has nothing else on the node
+    (the network piece ``f`` is about may go), else the Outcome that skips it."""
+    assert f.name is not None
+    with vmlock.try_held(env.cfg.host.state_dir, f.name) as got:
         if not got:
-            return Outcome(f, "skipped", IN_PROGRESS)
+            yield Outcome(f, "skipped", IN_PROGRESS)
+            return
         now = facts_of(env, conn, f.name)
         if not now.is_empty():
-            return Outcome(f, "skipped", f"{f.name} has a VM again ({now.pieces()}): it goes "
-                                         f"with that VM")
+            yield Outcome(f, "skipped", f"{f.name} has a VM again ({now.pieces()}): it goes "
+                                        f"with that VM")
+            return
+        yield None
+
+
+def _release(env: Env, conn, facts: NodeFacts, f: Finding) -> Outcome:
+    assert f.mac is not None
+    cfg = env.cfg
+    with _still_nobodys(env, conn, f) as skipped:
+        if skipped is not None:
+            return skipped
         if f.mac not in (hypervisor.reservations(conn, cfg.libvirt.network) or {}):
             return Outcome(f, "done", "already gone")
         hypervisor.release_address(conn, cfg.libvirt.network, cfg.host.state_dir, f.mac)
@@ -295,15 +308,10 @@ def _release(env: Env, conn, facts: NodeFacts, f: Finding) -> Outcome:
 
 
 def _give_back(env: Env, conn, f: Finding) -> Outcome:
-    assert f.name is not None
     cfg = env.cfg
-    with vmlock.try_held(cfg.host.state_dir, f.name) as got:
-        if not got:
-            return Outcome(f, "skipped", IN_PROGRESS)
-        now = facts_of(env, conn, f.name)
-        if not now.is_empty():
-            return Outcome(f, "skipped", f"{f.name} has a VM again ({now.pieces()}): it goes "
-                                         f"with that VM")
+    with _still_nobodys(env, conn, f) as skipped:
+        if skipped is not None:
+            return skipped
         if addresses.held(cfg.host.state_dir).get(f.subject) != f.name:
             return Outcome(f, "done", "already given back")
         hypervisor.give_back_address(conn, cfg.libvirt.network, cfg.host.state_dir, f.name,

@@ -57,17 +57,19 @@ def _dir(state_dir: str) -> Path:
     return Path(state_dir) / DIRNAME
 
 
+def _files(state_dir: str) -> list[os.DirEntry]:
+    """The slot files (regular files, not links; a write's hidden temporary file is not one)."""
+    try:
+        entries = list(os.scandir(_dir(state_dir)))
+    except FileNotFoundError:
+        return []
+    return [e for e in entries if not e.name.startswith(".") and e.is_file(follow_symlinks=False)]
+
+
 def held(state_dir: str) -> dict[str, str]:
     """ip -> the name of the VM that holds it."""
     out = {}
-    d = _dir(state_dir)
-    try:
-        entries = list(os.scandir(d))
-    except FileNotFoundError:
-        return out
-    for e in entries:
-        if e.name.startswith(".") or not e.is_file(follow_symlinks=False):
-            continue
+    for e in _files(state_dir):
         name = Path(e.path).read_text().strip()
         if name:
             out[e.name] = name
@@ -77,14 +79,7 @@ def held(state_dir: str) -> dict[str, str]:
 def given_back(state_dir: str) -> dict[str, float]:
     """ip -> when a slot held no more was given back (its file's modification time)."""
     out = {}
-    d = _dir(state_dir)
-    try:
-        entries = list(os.scandir(d))
-    except FileNotFoundError:
-        return out
-    for e in entries:
-        if e.name.startswith(".") or not e.is_file(follow_symlinks=False):
-            continue
+    for e in _files(state_dir):
         st = e.stat(follow_symlinks=False)
         if st.st_size == 0:
             out[e.name] = st.st_mtime
