@@ -425,9 +425,10 @@ def shutdown_gracefully(dom, timeout_s: float) -> str | None:
 
 #: libvirt's firewall layer (src/util/virfirewall.c) fails a domain's start with this when one
 #: of nwfilter's ebtables-nft commands loses a race with another nftables change on the host
-#: (another domain's filter being set up or torn down at the same moment, a job fabric's table):
-#: ebtables-nft 1.8.9 then reports a RULE_DELETE of a rule its cache still had. libvirt has
-#: undone the start by the time it says so; the domain is inactive and starting it again works.
+#: (another domain's filter being set up or torn down at the same moment, a job fabric's table);
+#: seen in CI as ebtables-nft 1.8.9's "RULE_DELETE failed (No such file or directory)" on an
+#: append. libvirt has undone the start by the time it says so: the domain is inactive, and
+#: starting it again works.
 FIREWALL_RACE = "Failed to apply firewall rules"
 START_TRIES = 3
 
