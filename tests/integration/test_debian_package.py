@@ -246,7 +246,8 @@ def test_the_packaged_dgxvm_runs_on_debians_python(built, tmp_path):
     r = run("/usr/bin/python3", "-P", "-c",
             "from slurm_dgxvm.design.domain_xml import render_template as r; import sys; "
             "sys.stdout.write(r('network.xml.j2', name='n', gateway='10.0.0.1', "
-            "netmask='255.255.255.0', range_start='10.0.0.2', range_end='10.0.0.9'))", env=env)
+            "netmask='255.255.255.0', range_start='10.0.0.2', range_end='10.0.0.9', "
+            "hosts=[], lease_min=10))", env=env)
     assert r.returncode == 0 and "<name>n</name>" in r.stdout, r.stderr
 
 
