@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..errors import BadInput, HostError
 from ..lifecycle.env import Env
-from ..lifecycle.identity import domain_for
+from ..lifecycle.identity import vm_of_job
 from ..records import JOB_VIEW, job_view
 
 #: Where the seed puts the guest side of ``dgxvm run`` (slurm_dgxvm/access/dgxvm-guest.sh).
@@ -44,7 +44,7 @@ def view_for(env: Env, job_id: int) -> dict:
     shows it, plus the record under "record"); any other user only a VM of their own, through
     the job.json that belongs to them. A VM that is not running or stopped, another user's
     job and a job without a VM are all BadInput (exit 2)."""
-    name = domain_for(env.cfg, job_id)
+    name = vm_of_job(env, job_id)
     missing = BadInput(f"job {job_id} has no VM of yours on this node", value=job_id)
     if os.geteuid() == 0:
         rec = env.vms.load(name)

@@ -1,6 +1,6 @@
 """Who a VM is for and what it is called: the host account it maps, the groups its guest account
-gets, its hostname, and a Slurm job's domain name (:func:`domain_for`, which the Prolog and
-``dgxvm run`` both need)."""
+gets, its hostname, and a Slurm job's VM name (:func:`domain_for` for a VM made for the job,
+:func:`vm_of_job` for the one it has, which the Epilog and ``dgxvm run`` need)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ import grp
 import os
 import pwd
 import re
+from typing import TYPE_CHECKING
 
 from ..config import Config
-from ..errors import RequestError
+from ..errors import LedgerCorrupt, RequestError
+from ..ledger import job_key
 from ..names import account_name_problem
+
+if TYPE_CHECKING:
+    from .env import Env
 
 
 def account(user: str | None) -> tuple[str, int, int, str]:
@@ -48,5 +53,20 @@ def hostname_for(name: str) -> str:
 
 
 def domain_for(cfg: Config, job_id: int) -> str:
-    """The libvirt domain of job ``job_id``'s VM: ``[slurm] domain_prefix`` and the job id."""
+    """The name a VM made for job ``job_id`` gets: ``[slurm] domain_prefix`` and the job id."""
     return f"{cfg.slurm.domain_prefix}{job_id}"
+
+
+def vm_of_job(env: Env, job_id: int) -> str:
+    """The VM of job ``job_id`` on this node: the one the job's ledger entry names, else the
+    name a VM made for the job gets (:func:`domain_for`). The two differ for a VM that had its
+    name before the job had it (libvirt renames only a domain that is shut off) and when the
+    domain prefix changed since the job's Prolog. The ledger is every user's to read; one that
+    cannot be read names nothing."""
+    try:
+        entry = env.ledger.read().allocations.get(job_key(job_id))
+    except (LedgerCorrupt, OSError):
+        entry = None
+    if entry is not None and entry.domain:
+        return entry.domain
+    return domain_for(env.cfg, job_id)

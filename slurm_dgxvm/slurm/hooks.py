@@ -47,6 +47,7 @@ from .accounting import converge, encode, failure_fields, vm_fields
 from .commands import Slurm
 from . import jobinput
 from .job import SlurmJob, create_request, domain_for, is_job_fault, job_nodes, sourced
+from ..lifecycle.identity import vm_of_job
 
 Emit = Callable[[str], None]
 
@@ -132,14 +133,14 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         stage("reading the request (partition, job comment, image)")
         req = create_request(env.cfg, job, env.images)
         # every value of the job is checked: only now are libvirt and the ledger touched
-        name = req.name
         stage("clearing what an earlier run of this job left")
         in_lifecycle = True
-        try:
-            lifecycle.delete(env, name, job_id=job.job_id)
-            emit(f"{where}: removed {name} left by an earlier run of this job")
-        except DomainNotFound:
-            pass
+        for left in dict.fromkeys((vm_of_job(env, job.job_id), req.name)):
+            try:
+                lifecycle.delete(env, left, job_id=job.job_id)
+                emit(f"{where}: removed {left} left by an earlier run of this job")
+            except DomainNotFound:
+                pass
         rec = lifecycle.create(env, req, stage, timer)
     except BaseException as exc:  # noqa: BLE001 - every failure is one line and an exit status
         # counted here: the node's faults before the lifecycle (a partition's image missing),
@@ -175,7 +176,7 @@ def _prolog_failed(env: lifecycle.Env, job_id: int | None, job: SlurmJob | None,
              f"{exc}; exit 1 drains the node")
         return EXIT_DRAIN
     where = f"dgxvm prolog: {job.describe() if job else f'job {job_id}'}"
-    name = domain_for(env.cfg, job_id)
+    name = vm_of_job(env, job_id)
     exc = sourced(env.cfg, job, exc)       # a size placement refused: the partition key
     cause = _one_line(env, name, exc)
     gpus = job.gpus if job else ()
@@ -214,26 +215,26 @@ def _prolog_failed(env: lifecycle.Env, job_id: int | None, job: SlurmJob | None,
 
 
 # -- Epilog ----------------------------------------------------------------------------------------
-def _stray_entry(env: lifecycle.Env, job_id: int, name: str, stage: _Stage, emit: Emit,
-                 where: str) -> bool:
-    """After the job's VM is gone: a ledger entry of the job under another VM name (the
-    domain prefix changed since its Prolog, a hand edit) still holds its GPUs. Remove that VM
-    too, through delete, and say so in one line. True when there was one.
+def _left_under_the_jobs_name(env: lifecycle.Env, job_id: int, name: str, stage: _Stage,
+                              emit: Emit, where: str) -> bool:
+    """After the job's VM (``name``, the one its ledger entry named) is gone: pieces under the
+    name a VM made for the job gets, when that is another (a Prolog killed before its ledger
+    entry, with the domain prefix changed since). Remove them too, through delete, and say so
+    in one line. True when there were some.
 
     Only this job's pieces: a node-wide ``dgxvm reconcile`` is not run from here, as it asks
     Slurm and libvirt about every VM and would hold up the job's completion
     (docs/admin/operations.md, "From the Epilog")."""
-    from ..ledger import job_key
-    stray = env.ledger.read().allocations.get(job_key(job_id))
-    if stray is None or stray.domain == name:
+    other = domain_for(env.cfg, job_id)
+    if other == name:
         return False
-    stage(f"removing the job's ledger entry under {stray.domain}")
+    stage(f"removing what is left under {other}")
     try:
-        lifecycle.delete(env, stray.domain, job_id=job_id)
-    except (DomainNotFound, BadName):          # not a name a VM can have: the entry alone
-        env.ledger.release(stray.key)
-    emit(f"{where}: inconsistent: its ledger entry {stray.key} named VM {stray.domain}, not "
-         f"{name}; removed it; `dgxvm reconcile` checks the rest of the node")
+        lifecycle.delete(env, other, job_id=job_id)
+    except (DomainNotFound, BadName):
+        return False
+    emit(f"{where}: inconsistent: its VM was {name}, and {other} was here too; removed it; "
+         f"`dgxvm reconcile` checks the rest of the node")
     return True
 
 
@@ -242,12 +243,13 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
     that changed since) still has whatever is left of its VM removed."""
     stage = _Stage("reading the job's environment")
     job_id: int | None = None
+    name: str | None = None
     where = "dgxvm epilog: job ?"
     in_lifecycle = False               # from there on, delete counts its own failures
     try:
         job_id = jobinput.job_id(environ)
         where = f"dgxvm epilog: {_describe(environ, job_id)}"
-        name = domain_for(env.cfg, job_id)
+        name = vm_of_job(env, job_id)
         stage("reading the VM record")
         before = env.vms.load(name)
         ran = ranlog.read(env.vms.dir(name))   # the images the job ran: gone with the VM dir
@@ -255,9 +257,9 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         try:
             rec = lifecycle.delete(env, name, stage, job_id=job_id)
         except DomainNotFound:
-            _stray_entry(env, job_id, name, stage, emit, where)
+            _left_under_the_jobs_name(env, job_id, name, stage, emit, where)
             return EXIT_OK                 # no VM: no GPUs, or the Prolog refused the job
-        _stray_entry(env, job_id, name, stage, emit, where)
+        _left_under_the_jobs_name(env, job_id, name, stage, emit, where)
     except BaseException as exc:  # noqa: BLE001 - every failure is one line and exit 1
         if not in_lifecycle:
             opstats.count_failure(env.cfg.host.state_dir, "epilog", exc)
@@ -265,7 +267,7 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
             emit(f"dgxvm epilog: job {environ.get('SLURM_JOB_ID', '?')!r}: failed at "
                  f"{stage.now}: {exc}; exit 1 drains the node")
             return EXIT_DRAIN
-        cause = _one_line(env, domain_for(env.cfg, job_id), exc)
+        cause = _one_line(env, name or domain_for(env.cfg, job_id), exc)
         emit(f"{where}: teardown failed at {stage.now}: {cause}; exit 1 drains the node")
         return EXIT_DRAIN
     if rec is None:

@@ -199,9 +199,10 @@ def test_epilog_releases_a_ledger_entry_without_a_vm(world):
     assert world.epilog() == 0                # twice is fine
 
 
-def test_epilog_removes_the_jobs_ledger_entry_under_another_vm_name_and_says_so(world):
-    """The domain prefix changed between the job's Prolog and its Epilog (or a hand edit):
-    the job's GPUs must not stay held by an entry nothing would ever release."""
+def test_the_epilog_removes_the_vm_the_jobs_ledger_entry_names(world):
+    """The job's VM is the one its ledger entry names, whatever its name (a VM named before the
+    job had it; the domain prefix changed between the job's Prolog and its Epilog): the job's
+    GPUs must not stay held by an entry nothing would ever release."""
     p = place(world.env.host, EMPTY, Request(count=4), Policy())
     world.env.ledger.allocate(Allocation.from_placement(job_key(42), p, owner="job", job_id=42,
                                                         domain="old-42"))
@@ -209,10 +210,58 @@ def test_epilog_removes_the_jobs_ledger_entry_under_another_vm_name_and_says_so(
     assert world.epilog() == 0
     assert world.env.ledger.read().allocations == {}
     assert not world.env.vms.dir("old-42").exists()
-    assert world.lines == ["dgxvm epilog: job 42 (user nobody, Slurm GPUs 0-3): inconsistent: "
-                           "its ledger entry job:42 named VM old-42, not job-42; removed it; "
-                           "`dgxvm reconcile` checks the rest of the node"]
+    assert world.lines == ["dgxvm epilog: job 42 (user nobody, Slurm GPUs 0-3): cleaned up what "
+                           "was left of old-42 (no VM record: a Prolog killed before it wrote "
+                           "one, or its directory removed by hand); `dgxvm reconcile` checks "
+                           "the rest of the node"]
     assert world.epilog() == 0 and len(world.lines) == 1
+
+
+def test_the_epilog_also_removes_what_is_left_under_the_jobs_own_name_and_says_so(world):
+    p = place(world.env.host, EMPTY, Request(count=4), Policy())
+    world.env.ledger.allocate(Allocation.from_placement(job_key(42), p, owner="job", job_id=42,
+                                                        domain="old-42"))
+    world.env.vms.make_dir("old-42")
+    world.env.vms.make_dir("job-42")          # a Prolog killed before its ledger entry
+    assert world.epilog() == 0
+    assert world.env.ledger.read().allocations == {}
+    assert not world.env.vms.dir("old-42").exists() and not world.env.vms.dir("job-42").exists()
+    where = "dgxvm epilog: job 42 (user nobody, Slurm GPUs 0-3): "
+    assert world.lines == [where + "inconsistent: its VM was old-42, and job-42 was here too; "
+                                   "removed it; `dgxvm reconcile` checks the rest of the node",
+                           where + "cleaned up what was left of old-42 (no VM record: a Prolog "
+                                   "killed before it wrote one, or its directory removed by "
+                                   "hand); `dgxvm reconcile` checks the rest of the node"]
+    assert world.epilog() == 0 and len(world.lines) == 2
+
+
+def test_a_jobs_vm_is_the_one_its_ledger_entry_names(world):
+    from slurm_dgxvm.lifecycle.identity import vm_of_job
+    env = world.env
+    assert vm_of_job(env, 42) == "job-42"                 # no entry: the name it would get
+    p = place(env.host, EMPTY, Request(count=4), Policy())
+    env.ledger.allocate(Allocation.from_placement(job_key(42), p, owner="job", job_id=42,
+                                                  domain="warm-3"))
+    assert vm_of_job(env, 42) == "warm-3" and vm_of_job(env, 7) == "job-7"
+    Path(env.ledger.path).write_text("{not json")
+    assert vm_of_job(env, 42) == "job-42"                 # a corrupt ledger names nothing
+
+
+def test_dgxvm_job_finds_a_vm_named_before_its_job_through_the_ledger(world):
+    from slurm_dgxvm.access.target import view_for
+    from slurm_dgxvm.records import VmRecord
+    env = world.env
+    p = place(env.host, EMPTY, Request(count=4), Policy())
+    a = Allocation.from_placement(job_key(42), p, owner="job", job_id=42, domain="warm-3",
+                                  user="alice")
+    env.ledger.allocate(a)
+    env.vms.make_dir("warm-3")
+    env.vms.save(VmRecord(name="warm-3", uuid="u", state="running", owner="job",
+                          ledger_key=job_key(42), job_id=42, user="alice", uid=4242, gid=4343,
+                          workdir=None, image="base", image_version="1", address="10.0.0.7",
+                          mac="52:54:01:00:00:07", network="dgxvm", allocation=a, placement=p))
+    view = view_for(env, 42)
+    assert view["record"]["name"] == "warm-3" and view["address"] == "10.0.0.7"
 
 
 def test_epilog_leaves_other_jobs_alone(world):
