@@ -16,7 +16,6 @@ from ..errors import DgxvmError, Interrupted
 from ..access.target import Target, job_from_env, view_for
 from ..slurm import hooks, log as hook_log
 from ..slurm.commands import Slurm
-from ..lifecycle.identity import vm_of_job
 from ..slurm.report import render, summarize, summarize_nodes, summarize_stages
 
 
@@ -79,8 +78,8 @@ def job(c, job_id, as_json, as_env):
     for a multi-node job, its job fabric and every node's VM on it."""
     job_id = job_from_env(job_id, os.environ)
     env = c.env
-    name = vm_of_job(env, job_id)
     view = view_for(env, job_id)
+    name = view["name"]
     ssh = Target.from_view(job_id, view).shell_line()
     if as_json:
         click.echo(json.dumps({**view, "ssh": ssh}, indent=2, sort_keys=True))
