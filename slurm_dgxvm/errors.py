@@ -346,6 +346,19 @@ class GuestTimeout(VmError):
                 "serial console tail:\n{tail}")
 
 
+class ClaimFailed(VmError):
+    """A warm VM could not be given to a job (lifecycle.warm): taken by another, or a step of
+    the claim failed. The job starts cold."""
+
+    template = "vm {name}: not claimed: {reason}"
+
+
+class FaultInjected(DgxvmError):
+    """A fault point's ``fail`` action (slurm_dgxvm.failpoints): a test made this step fail."""
+
+    template = "fault point {point} of {vm}"
+
+
 class TransportLost(VmError):
     """``dgxvm run``/``shell``: the VM could not be reached, or the connection died before the
     command's exit status was known (``dgxvm run`` exits 125 for it, docs/user/run.md)."""

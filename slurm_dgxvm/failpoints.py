@@ -9,8 +9,10 @@ point fires only when the root-owned file ``<state_dir>/failpoints`` names it, o
 POINT is ``after:<step>`` of a create (``place``, ``make_dir``, ``keys_address_seed``,
 ``disks``, ``design``, ``define``, ``activate_fabric``, ``start``, ``wait_for_guest``) or of a
 teardown (``shutdown``, ``undefine``, ``reset``, ``release``); VM the VM's name; ACTION ``kill``
-(the process SIGKILLs itself, as slurmd's PrologEpilogTimeout or the OOM killer would) or
-``stop`` (SIGSTOP: it waits there until someone kills or continues it). A line fires once: it is
+(the process SIGKILLs itself, as slurmd's PrologEpilogTimeout or the OOM killer would),
+``stop`` (SIGSTOP: it waits there until someone kills or continues it) or ``fail`` (the step
+raises FaultInjected, as a failing libvirt call or guest would). A warm VM's claim has the
+points ``claim:committed``, ``claim:plugged`` and ``claim:applied``. A line fires once: it is
 removed from the file before the action, so a rerun (the Epilog run again) goes through.
 
 Only a file owned by root and writable by no one else is read (the state dir is root's; a job
@@ -25,9 +27,11 @@ import signal
 from pathlib import Path
 
 from . import fsutil
+from .errors import FaultInjected
 
 FILE = "failpoints"
-ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "fail": None}
+
 log = logging.getLogger("dgxvm.failpoints")
 
 
@@ -51,5 +55,7 @@ def hit(state_dir: str | os.PathLike, point: str, vm: str) -> None:
             rest = lines[:i] + lines[i + 1:]
             fsutil.atomic_write(path, "".join(f"{x}\n" for x in rest), mode=0o644)
             log.warning("fault point %s of %s: %s", point, vm, words[2])
+            if ACTIONS[words[2]] is None:
+                raise FaultInjected(point=point, vm=vm)
             os.kill(os.getpid(), ACTIONS[words[2]])
             return

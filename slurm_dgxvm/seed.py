@@ -411,6 +411,18 @@ def _plain_files(spec: SeedSpec) -> dict[str, tuple[str, int]]:
     } | _fabric_files(spec.fabric)
 
 
+#: The seed's files a warm VM's claim gives the guest (seedfiles/dgxvm-claim.sh applies them).
+CLAIM_FILES = ("hostname", "user", "groups", "authorized_keys", "mounts", "dgxvm-guest")
+
+
+def claim_files(spec: SeedSpec) -> dict[str, tuple[str, int]]:
+    """``{name: (text, mode)}``: the dgxvm/ files of ``spec`` a claim applies (no host key:
+    the warm VM keeps the one it booted with, already pinned; no fabric: a multi-node job is
+    never given a warm VM)."""
+    files = _plain_files(spec)
+    return {n: files[f"dgxvm/{n}"] for n in CLAIM_FILES}
+
+
 def _fabric_files(f: Fabric | None) -> dict[str, tuple[str, int]]:
     if f is None:
         return {}

@@ -40,6 +40,7 @@ LAZY_COMMANDS = {
     "reconcile": ".reconcile:reconcile",
     "gpu": ".gpu:gpu", "health": ".gpu:health",
     "host": ".host:host",
+    "warm": ".warm:warm",
     "topology": ".topology:topology", "plan": ".topology:plan",
     "gres-conf": ".topology:gres_conf_cmd",
     "simulate": ".simulate:simulate",

@@ -36,6 +36,13 @@ ROOT_PORTS_FIRST_SLOT = 0
 ANTI_SPOOFING_FILTER = "clean-traffic"
 
 
+#: Root ports declared without a device for a warm VM, whose work dir and image cache shares are
+#: plugged at the claim. libvirt puts the devices it addresses itself (disks, NIC, serial, USB,
+#: balloon, RNG: 6 to 8) on the first free ports and adds ports only when none is free, so a
+#: warm VM declares enough for those and for its 2 shares.
+SPARE_ROOT_PORTS = 12
+
+
 @dataclass(frozen=True)
 class VmInputs:
     """Who the VM is and where its files are (decided by the lifecycle)."""
@@ -58,6 +65,7 @@ class VmInputs:
     image_cache: str | None = None    # the user's container image cache (read-only in the guest)
     image_cache_binary: str | None = None  # the virtiofsd wrapper serving it as the job's user
     fabric: FabricNic | None = None   # a multi-node job's second NIC, on its job fabric
+    shares_later: bool = False        # a warm VM: its shares are plugged at the claim
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,8 @@ def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type
     expanders, ports, switch_ports, hostdevs = _pcie_layout(host, placement)
     gpu_count = len(placement.gpus)
     mmio = MMIO_GIB_PER_GPU.get(host.machine, DEFAULT_MMIO_GIB_PER_GPU)
-    shared = vm.share == "virtiofs" and (vm.workdir is not None or vm.image_cache is not None)
+    shared = vm.share == "virtiofs" and (vm.workdir is not None or vm.image_cache is not None
+                                         or vm.shares_later)
     queues = max(1, min(vcpus, MAX_QUEUES))
 
     disks = [Disk(target="vda", path=vm.os_disk, format="qcow2", serial="dgxvm-os",
@@ -153,6 +162,7 @@ def design(host: Host, placement: Placement, image, vm: VmInputs, *, domain_type
         pcihole64_gib=_pow2(mmio * gpu_count) if gpu_count else None,
         expanders=expanders,
         root_ports=ports,
+        spare_root_ports=SPARE_ROOT_PORTS if vm.shares_later else 0,
         switch_ports=switch_ports,
         hostdevs=hostdevs,
         boot=boot,

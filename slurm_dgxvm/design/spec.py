@@ -167,3 +167,4 @@ class DomainSpec:
     metadata: Metadata
     xmlns: str = field(default=XMLNS)
     switch_ports: tuple[SwitchPort, ...] = ()   # GPUs with InfiniBand functions beside them
+    spare_root_ports: int = 0       # empty root ports (libvirt places them): a warm VM's shares

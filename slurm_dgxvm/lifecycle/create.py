@@ -73,6 +73,7 @@ class CreateRequest:
     workdir: str | None = None        # shared into the guest at the same path
     alignment: str | None = None      # strict | prefer; None = [placement] alignment
     fabric: JobFabric | None = None   # a multi-node job's fabric on this node (jobnet.plan)
+    warm: bool = False                # booted ahead for a job to claim (lifecycle.warm)
 
 
 def create(env: Env, req: CreateRequest, progress: Progress = quiet,
@@ -341,7 +342,7 @@ class _Creation:
             share_binary=str(vmdir / SHARE_WRAPPER) if share else None, address=self.address,
             image_cache=cache.path if cache else None,
             image_cache_binary=str(vmdir / IMAGE_CACHE_WRAPPER) if cache else None,
-            fabric=fabric_nic(req.fabric)),
+            fabric=fabric_nic(req.fabric), shares_later=req.warm),
             domain_type=cfg.libvirt.domain_type, machine_type=cfg.libvirt.machine_type)
         if self.env.fit(self.host):
             spec, self.fitted = fit_to_host(spec, RealHost.probe(), max_vcpus=cfg.vm.fit_vcpus,

@@ -23,7 +23,7 @@ from ..design.spec import XMLNS
 from ..errors import DomainNotFound, NotOurDomain
 from ..ledger import Allocation
 from ..names import domain_name
-from ..records import VmRecord
+from ..records import IMAGE_CACHE_SPEC, SHARE_SPEC, VmRecord
 from ..observe.stages import StageTimer
 from . import sshmux, vmlock
 from .env import Env, Progress, quiet
@@ -121,6 +121,7 @@ def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
         hypervisor.give_back_address(conn, rec.network if rec else env.cfg.libvirt.network,
                                      env.cfg.host.state_dir, name,
                                      rec.mac if rec else mac_for(name))
+        _stop_plugged_shares(env.vms.dir(name))
         env.vms.remove_dir(name)
         if key is not None:
             env.ledger.release(key)
@@ -129,6 +130,14 @@ def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
         rec = rec.with_(gpu_resets=checked.reset_s,
                         quarantined={v.pci: v.reason for v in checked.bad})
     return how, rec
+
+
+def _stop_plugged_shares(vmdir) -> None:
+    """The virtiofsd of a share plugged into a claimed warm VM, if QEMU's end left it running
+    (:mod:`slurm_dgxvm.shares.hotplug`); a cold VM's are libvirt's and end with the domain."""
+    from ..shares import hotplug
+    for spec in (SHARE_SPEC, IMAGE_CACHE_SPEC):
+        hotplug.stop(vmdir / spec)
 
 
 def _leave_ib_partition(env: Env, rec: VmRecord | None) -> None:

@@ -196,6 +196,9 @@ def vm_fields(rec: VmRecord, *, state: str) -> dict:
         "reset_max_s": max(rec.gpu_resets.values()) if rec.gpu_resets else None,
         "quarantined": "; ".join(f"{p} ({r})" for p, r in rec.quarantined.items()) or None,
         "fitted": bool(rec.fitted) or None,
+        # a warm VM the job claimed (lifecycle.warm), and how long its claim took
+        "warm": "claimed" if rec.extra.get("warm") == "claimed" else None,
+        "claim_s": rec.extra.get("claim_s"),
     }
 
 

@@ -141,7 +141,9 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
                 emit(f"{where}: removed {left} left by an earlier run of this job")
             except DomainNotFound:
                 pass
-        rec = lifecycle.create(env, req, stage, timer)
+        rec = _warm_vm(env, req, stage, emit, where)
+        if rec is None:
+            rec = lifecycle.create(env, req, stage, timer)
     except BaseException as exc:  # noqa: BLE001 - every failure is one line and an exit status
         # counted here: the node's faults before the lifecycle (a partition's image missing),
         # and a domain of the job's name that delete refused as not dgxvm's. A job refused for
@@ -150,6 +152,13 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
             opstats.count_failure(env.cfg.host.state_dir, "prolog", exc)
         return _prolog_failed(env, job_id, job, stage.now, exc, slurm, emit, timer.seconds(),
                               environ)
+    if rec.extra.get("warm") == "claimed":
+        emit(f"{where}: warm VM {rec.name} claimed in {rec.extra.get('claim_s', 0):.1f}s on GPUs "
+             f"{format_index_list(rec.placement.gpus)}, {rec.address}")
+        if env.cfg.slurm.accounting:
+            write = _record_writer(slurm, environ, job.job_id)
+            _account(emit, where, lambda: write(vm_fields(rec, state="running")))
+        return EXIT_OK
     p = rec.placement
     how = "Slurm's block" if not p.remapped else \
         f"remapped from Slurm's {format_index_list(job.gpus)}"
@@ -166,6 +175,22 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         write = _record_writer(slurm, environ, job.job_id)
         _account(emit, where, lambda: write(vm_fields(rec, state="running")))
     return EXIT_OK
+
+
+def _warm_vm(env: lifecycle.Env, req, stage: _Stage, emit: Emit, where: str):
+    """The warm VM of the job's block, claimed (lifecycle.warm), or None: the job starts cold.
+    Why not, and any warm VM deleted because it held the job's devices, is one line each."""
+    from ..lifecycle import warm
+    if not warm.waiting(env):
+        return None
+    stage("claiming a warm VM")
+    out = warm.claim(env, req, stage)
+    for name in out.destroyed:
+        emit(f"{where}: warm VM {name} deleted: it held devices of this job's block")
+    if out.vm is None:
+        emit(f"{where}: no warm VM claimed ({out.why}); starting cold")
+        return None
+    return out.vm
 
 
 def _prolog_failed(env: lifecycle.Env, job_id: int | None, job: SlurmJob | None, stage: str,

@@ -380,6 +380,55 @@ def agent_read_file(dom, path: str, max_bytes: int = 1 << 20) -> bytes | None:
     return data
 
 
+AGENT_EXEC_POLL_S = 0.02
+
+
+def agent_exec(dom, argv: list[str], *, stdin: bytes = b"", timeout_s: float,
+               what: str) -> tuple[int, str]:
+    """Run ``argv`` in the guest as root through the QEMU guest agent (guest-exec with
+    ``stdin`` as its input, then guest-exec-status until it exits). Returns (exit status,
+    stdout and stderr, decoded, at most the agent's capture). Raises HypervisorError naming
+    ``what`` when the agent does not answer or refuses, or the command runs past ``timeout_s``
+    (it is then killed by nobody: the caller destroys the VM, which is used once).
+
+    The agent's channel is a virtio-serial port only the host reaches; in a VM that has run
+    no tenant code (a warm VM before its claim), it is the image's own qemu-ga."""
+    import base64
+
+    import libvirt_qemu
+
+    def call(execute: str, **arguments):
+        try:
+            reply = libvirt_qemu.qemuAgentCommand(
+                dom, json.dumps({"execute": execute, "arguments": arguments}),
+                max(AGENT_TIMEOUT_S, 5), 0)
+            value = json.loads(reply or "{}").get("return")
+        except (libvirt.libvirtError, ValueError) as exc:
+            raise HypervisorError(uri="guest agent", reason=f"{what}: {execute}: {exc}") from None
+        if value is None:
+            raise HypervisorError(uri="guest agent", reason=f"{what}: {execute}: no answer")
+        return value
+
+    args = {"path": argv[0], "arg": list(argv[1:]), "capture-output": True}
+    if stdin:
+        args["input-data"] = base64.b64encode(stdin).decode("ascii")
+    pid = call("guest-exec", **args)["pid"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = call("guest-exec-status", pid=pid)
+        if status.get("exited"):
+            out = b"".join(base64.b64decode(status.get(k) or "")
+                           for k in ("out-data", "err-data"))
+            code = status.get("exitcode")
+            if code is None:                  # killed by a signal
+                code = 128 + int(status.get("signal") or 0)
+            return int(code), out.decode("utf-8", "replace")
+        if time.monotonic() > deadline:
+            raise HypervisorError(uri="guest agent",
+                                  reason=f"{what}: still running after {timeout_s:g}s")
+        time.sleep(AGENT_EXEC_POLL_S)
+
+
 SHUTDOWN_RETRY_S = 5.0
 
 

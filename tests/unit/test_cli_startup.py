@@ -73,12 +73,13 @@ def test_every_command_is_listed_and_loads_under_its_name():
     commands is there, under its own name, and help lists them with the ones main defines."""
     from slurm_dgxvm.cli import (gpu, host as host_cli, image_cache, images, metrics, reconcile,
                                  run as run_cli, share, simulate, slurm as slurm_cli,
-                                 topology, version, vms)
+                                 topology, version, vms, warm)
     theirs = {c.name: c for c in (*vms.COMMANDS, *slurm_cli.COMMANDS, *run_cli.COMMANDS,
                                   *metrics.COMMANDS, *reconcile.COMMANDS, *gpu.COMMANDS,
                                   images.image, host_cli.host,
                                   image_cache.image_cache, *topology.COMMANDS,
-                                  *simulate.COMMANDS, *share.COMMANDS, *version.COMMANDS)}
+                                  *simulate.COMMANDS, *share.COMMANDS, *version.COMMANDS,
+                                      warm.warm)}
     ctx = click.Context(cli)
     for name, command in theirs.items():
         assert cli.get_command(ctx, name) is command

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from slurm_dgxvm import failpoints
+from slurm_dgxvm.errors import FaultInjected
 
 CHILD = ("import sys; from slurm_dgxvm import failpoints; "
          "failpoints.hit(sys.argv[1], sys.argv[2], sys.argv[3]); print('went on')")
@@ -38,3 +39,14 @@ def test_a_file_others_can_write_is_ignored(tmp_path):
 
 def test_no_file_no_effect(tmp_path):
     failpoints.hit(tmp_path, "after:disks", "job-7")          # returns: nothing to fire
+
+
+def test_fail_raises_in_the_step_once(tmp_path):
+    import pytest
+    f = tmp_path / failpoints.FILE
+    f.write_text("claim:plugged warm-1 fail\n")
+    f.chmod(0o644)
+    with pytest.raises(FaultInjected, match="fault point claim:plugged of warm-1"):
+        failpoints.hit(tmp_path, "claim:plugged", "warm-1")
+    failpoints.hit(tmp_path, "claim:plugged", "warm-1")          # fired once: goes on
+    assert f.read_text() == ""

@@ -1,0 +1,72 @@
+"""``dgxvm warm``: VMs booted ahead of the jobs that will claim them (slurm_dgxvm.lifecycle.warm).
+
+``dgxvm warm boot`` boots one for a partition's job of N GPUs (the partition's sizes and image);
+``dgxvm warm list`` shows the warm VMs no job has claimed. ``dgxvm delete --domain warm-N``
+removes one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from ..ranges import format_index_list
+
+
+@click.group()
+def warm():
+    """VMs booted ahead of the jobs that claim them."""
+
+
+@warm.command()
+@click.option("--gpu-count", type=click.IntRange(min=1), required=True, metavar="N",
+              help="GPUs of the jobs it is for (a legal block size of the machine).")
+@click.option("--gpu-index", type=click.IntRange(min=0), metavar="I",
+              help="First GPU of its block (aligned); default: the best free block.")
+@click.option("--partition", metavar="NAME",
+              help="The partition whose jobs it is for: their sizes and image (default: "
+                   "[partitions.default]).")
+@click.option("--json", "as_json", is_flag=True, help="Print the VM record as JSON.")
+@click.pass_obj
+def boot(c, gpu_count, gpu_index, partition, as_json):
+    """Boot a warm VM: a job of this partition whose placement is its block claims it."""
+    from ..lifecycle import warm as warm_mod
+    from ..placement import Request
+    from .params import request_flags
+    part = c.env.cfg.partition(partition)
+    n = gpu_count
+    req = Request(count=n, gpu_index=gpu_index, vcpus=part.vcpus_per_gpu * n or None,
+                  memory_mib=part.memory_mib_per_gpu * n or None,
+                  disk_gib=part.disk_gib_per_gpu * n or None)
+    data_disk = part.data_disk_gib if part.data_disk_gib >= 0 else None
+    with request_flags():
+        rec = warm_mod.boot(c.env, req, image=part.image or None, data_disk_gib=data_disk)
+    if as_json:
+        click.echo(json.dumps(rec.to_json(), indent=2, sort_keys=True))
+        return
+    p = rec.placement
+    click.echo(f"{rec.name}: warm in {rec.boot_s:.1f}s; GPUs {format_index_list(p.gpus)} "
+               f"(NUMA {format_index_list(p.numa_nodes)}), {p.vcpus} vCPUs, {p.memory_mib} MiB, "
+               f"image {rec.image} {rec.image_version}")
+
+
+@warm.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per warm VM.")
+@click.pass_obj
+def list_cmd(c, as_json):
+    """The warm VMs no job has claimed yet."""
+    from ..lifecycle import warm as warm_mod
+    rows = []
+    for name, a in sorted(warm_mod.waiting(c.env).items()):
+        rows.append({"name": name, "gpus": list(a.gpus), "nvswitches": list(a.nvswitches),
+                     "age_s": round(time.time() - a.created, 1)})
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r, sort_keys=True))
+        return
+    if not rows:
+        click.echo("no warm VM")
+    for r in rows:
+        click.echo(f"{r['name']}  GPUs {format_index_list(r['gpus'])}  waiting {r['age_s']:.0f}s")

@@ -1,0 +1,288 @@
+"""Warm VMs: a VM booted ahead of the job that will use it, claimed by that job's Prolog.
+
+A warm VM is made by :func:`boot` like an admin's VM (``owner = "domain"``, ledger key
+``domain:warm-N``), with the sizes a job of its partition gets and no tenant: the seed's account
+is root, with a key nobody holds; no share; guest memory shared, so that shares can be plugged
+into it later. Its name starts with :data:`PREFIX`.
+
+:func:`claim` gives a job a warm VM on exactly the block the job's placement chooses:
+
+1. the job's placement is made as if no warm VM held anything; a warm VM on exactly those
+   devices (same sizes, image and data disk) is the candidate; every other warm VM on any of
+   those devices is in the way and is deleted (never waited for), and the job goes cold;
+2. the shares are checked as the job's user, as at a cold start (a refusal is the job's and
+   leaves the warm VM warm);
+3. **the commit**: one ledger transaction replaces ``domain:warm-N`` by ``job:N`` (same
+   devices, owner job, the job's user). A second claim of the same VM finds no
+   ``domain:warm-N`` and goes cold. From here a failure deletes the VM (used once) and the
+   job goes cold;
+4. the job's user key and known_hosts, the shares plugged live (:mod:`slurm_dgxvm.shares.
+   hotplug`, served as the job's user), and the identity applied inside the guest by
+   ``dgxvm-claim`` run as root through the QEMU guest agent.
+
+Why the identity cannot be faked: the guest agent is a virtio-serial port only the host
+reaches, and no tenant code has ever run in a warm VM (it boots from a fresh overlay of the
+image, nobody can log in to it, the VM network lets no other VM reach it, and the Epilog
+destroys every job's VM): what answers is the image's own qemu-ga and init.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .. import failpoints, seed as seed_mod
+from ..errors import ClaimFailed, DgxvmError, DomainNotFound, LockTimeout, is_job_fault
+from ..fsutil import atomic_write
+from ..ledger import Allocation, domain_key, job_key
+from ..placement import Occupancy, Request, place
+from ..records import (HOST_KEY, IMAGE_CACHE_SPEC, IMAGE_CACHE_WRAPPER, KNOWN_HOSTS, OS_DISK,
+                       RANLOG, SHARE_SPEC, SHARE_WRAPPER, USER_KEY, VmRecord)
+from ..shares import virtiofsd as share_server
+from . import vmlock
+from .env import Env, Progress, quiet
+from .identity import group_names, hostname_for
+
+log = logging.getLogger("dgxvm.warm")
+
+PREFIX = "warm-"
+CLAIM_SCRIPT = Path(__file__).resolve().parents[1] / "seedfiles" / "dgxvm-claim.sh"
+CLAIM_TIMEOUT_S = 60.0
+_NAME = re.compile(re.escape(PREFIX) + r"[0-9]{1,9}")
+
+
+def is_warm(name: str) -> bool:
+    return bool(_NAME.fullmatch(name))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a claim did: ``vm`` the claimed VM's record (None: the job goes cold), ``why`` one
+    line when it went cold, ``destroyed`` the warm VMs deleted because they were in the way."""
+
+    vm: VmRecord | None
+    why: str = ""
+    destroyed: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+def waiting(env: Env) -> dict[str, Allocation]:
+    """The warm VMs no job has claimed: name -> ledger entry."""
+    return {a.domain: a for key, a in env.ledger.read().allocations.items()
+            if a.owner == "domain" and is_warm(a.domain) and key == domain_key(a.domain)}
+
+
+def next_name(env: Env) -> str:
+    taken = {n for n in env.vms.names()} | set(waiting(env))
+    i = 1
+    while f"{PREFIX}{i}" in taken:
+        i += 1
+    return f"{PREFIX}{i}"
+
+
+def boot(env: Env, request: Request, *, image: str | None = None,
+         data_disk_gib: int | None = None, name: str | None = None,
+         progress: Progress = quiet) -> VmRecord:
+    """Boot a warm VM for ``request`` (the sizes of the partition it is for); its record."""
+    from .create import CreateRequest, create
+    name = name or next_name(env)
+    req = CreateRequest(name=name, placement=request, data_disk_gib=data_disk_gib, image=image,
+                        owner="domain", user="root", uid=0, gid=0, home="/root", warm=True)
+    rec = create(env, req, progress)
+    # root's key is nobody's: nobody logs in to a warm VM
+    for f in (USER_KEY, USER_KEY + ".pub", KNOWN_HOSTS):
+        (env.vms.dir(name) / f).unlink(missing_ok=True)
+    rec = rec.with_(extra={**rec.extra, "warm": "waiting"})
+    env.vms.save(rec)
+    return rec
+
+
+def _same_vm(a: Allocation, rec: VmRecord, p, image: str, data_disk_gib: int | None) -> bool:
+    """Whether the warm VM ``rec`` is what a cold start of placement ``p`` would make."""
+    wp = rec.placement
+    return (tuple(wp.gpus) == tuple(p.gpus) and tuple(wp.nvswitches) == tuple(p.nvswitches)
+            and wp.vcpus == p.vcpus and wp.memory_mib == p.memory_mib
+            and wp.disk_gib == p.disk_gib and wp.ib_mode == p.ib_mode == "none"
+            and wp.fm_partition == p.fm_partition
+            and rec.image == image and rec.extra.get("data_disk_gib", data_disk_gib)
+            == data_disk_gib)
+
+
+def claim(env: Env, req, progress: Progress = quiet) -> Outcome:
+    """Give the job of ``req`` (a CreateRequest of a job) a warm VM, or say why not (the job
+    then starts cold). Raises only the job's own refusals (a share refused), which a cold
+    start would raise too."""
+    t0 = time.monotonic()
+    warm = waiting(env)
+    if not warm:
+        return Outcome(None, "no warm VM on this node")
+    if req.fabric is not None or req.placement.ib != "none":
+        return Outcome(None, "a multi-node or InfiniBand job is not given a warm VM")
+    policy = env.policy
+    if req.alignment and req.alignment != policy.alignment:
+        policy = replace(policy, alignment=req.alignment)
+    state = env.ledger.read()
+    taken = Occupancy.union([a.occupancy() for a in state.allocations.values()
+                             if a.domain not in warm])
+    quarantined = env.health.quarantined()
+    if quarantined:
+        from .create import quarantine_occupancy
+        taken = Occupancy.union([taken, quarantine_occupancy(env.host, quarantined)])
+    try:
+        p = place(env.host, taken, req.placement, policy)
+    except DgxvmError as exc:
+        return Outcome(None, f"no placement: {exc}")
+    wanted = set(p.gpu_pcis) | set(p.nvswitches)
+    in_way = [n for n, a in warm.items() if wanted & (set(a.gpu_pcis) | set(a.nvswitches))]
+    image = env.images.get(req.image)
+    data_gib = req.data_disk_gib if req.data_disk_gib is not None else env.cfg.vm.data_disk_gib
+    match = None
+    for n in in_way:
+        rec = env.vms.load(n)
+        if rec is not None and _same_vm(warm[n], rec, p, image.name, data_gib) \
+                and rec.image_version == image.version:
+            match = n
+    destroyed = tuple(n for n in in_way if n != match)
+    for n in destroyed:
+        progress(f"deleting warm VM {n}: it holds devices this job needs")
+        _delete_quietly(env, n, None)
+    if match is None:
+        why = "no warm VM of this job's block" + (f"; deleted {', '.join(destroyed)}, "
+                                                   f"in the way" if destroyed else "")
+        return Outcome(None, why, destroyed, time.monotonic() - t0)
+    try:
+        rec = _claim(env, req, match, progress, t0)
+    except DgxvmError as exc:
+        if is_job_fault(exc):          # a share refused: a cold start refuses it too
+            raise
+        return Outcome(None, f"claim of {match} failed: {exc}", destroyed,
+                       time.monotonic() - t0)
+    return Outcome(rec, "", destroyed, time.monotonic() - t0)
+
+
+def _delete_quietly(env: Env, name: str, job_id: int | None) -> None:
+    from .delete import delete
+    try:
+        delete(env, name, job_id=job_id)
+    except DomainNotFound:
+        pass
+
+
+def _claim(env: Env, req, name: str, progress: Progress, t0: float) -> VmRecord:
+    from .create import check_image_cache, check_share
+    try:
+        lock = vmlock.held(env.cfg.host.state_dir, name, timeout=1.0)
+        lock.__enter__()
+    except LockTimeout:
+        raise ClaimFailed(name=name, reason=f"{name} is being changed by another dgxvm") from None
+    try:
+        share, share_refused = check_share(env.cfg, req)
+        cache, cache_refused = check_image_cache(env.cfg, req, share)
+        if not _commit(env, req, name):
+            raise ClaimFailed(name=name, reason=f"{name} was claimed by another job")
+        try:
+            return _make_it_the_jobs(env, req, name, share, share_refused, cache,
+                                     cache_refused, progress, t0)
+        except BaseException:
+            lock.__exit__(None, None, None)
+            lock = None
+            _delete_quietly(env, name, req.job_id)
+            raise
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _commit(env: Env, req, name: str) -> bool:
+    """``domain:NAME`` becomes ``job:N`` in one ledger transaction; False when it is gone."""
+    with env.ledger.transaction() as txn:
+        held = txn.allocations.get(domain_key(name))
+        if held is None or job_key(req.job_id) in txn.allocations:
+            return False
+        txn.release(held.key)
+        txn.allocate(replace(held, key=job_key(req.job_id), owner="job", job_id=req.job_id,
+                             user=req.user, slurm_gpus=req.placement.slurm_gpus,
+                             created=time.time()))
+    return True
+
+
+def _make_it_the_jobs(env: Env, req, name: str, share, share_refused, cache, cache_refused,
+                      progress: Progress, t0: float) -> VmRecord:
+    from ..virt import hypervisor
+    from ..shares import hotplug
+    from ..design import image_cache_tag, share_tag
+    cfg = env.cfg
+    vmdir = env.vms.dir(name)
+    state_dir = cfg.host.state_dir
+    # the record says whose it is at once: an undo from here on (a delete) releases job:N
+    rec = env.vms.load(name)
+    rec = rec.with_(owner="job", ledger_key=job_key(req.job_id), job_id=req.job_id,
+                    user=req.user, uid=req.uid, gid=req.gid,
+                    extra={**rec.extra, "warm": "claiming"})
+    env.vms.save(rec)
+    failpoints.hit(state_dir, "claim:committed", name)
+    progress("claiming warm VM " + name)
+    user_pub = seed_mod.generate_keypair(vmdir / USER_KEY, f"{req.user}@{name}")
+    for f in (USER_KEY, USER_KEY + ".pub"):
+        os.chown(vmdir / f, req.uid, req.gid)
+    host_pub = (vmdir / (HOST_KEY + ".pub")).read_text().strip()
+    atomic_write(vmdir / KNOWN_HOSTS, f"{rec.address} {host_pub}\n", mode=0o600,
+                 uid=req.uid, gid=req.gid)
+    atomic_write(vmdir / RANLOG, "", mode=0o600, uid=req.uid, gid=req.gid)
+    conn = env.connect()
+    dom = conn.lookupByName(name)
+    mounts: tuple = ()
+    what = f"claim of {name} by job {req.job_id}"
+    if share is not None:
+        share.save(vmdir / SHARE_SPEC)
+        atomic_write(vmdir / SHARE_WRAPPER, share_server.wrapper_script(
+            vmdir / SHARE_SPEC, virtiofsd=cfg.vm.virtiofsd), mode=0o700)
+        tag = share_tag(share.path)
+        hotplug.plug(dom, qemu_owner=vmdir / OS_DISK, spec_path=vmdir / SHARE_SPEC,
+                     wrapper=vmdir / SHARE_WRAPPER, source=share.path, tag=tag, what=what)
+        mounts += (seed_mod.Mount(tag=tag, path=share.path, fstype=cfg.vm.share),)
+    if cache is not None:
+        cache.save(vmdir / IMAGE_CACHE_SPEC)
+        atomic_write(vmdir / IMAGE_CACHE_WRAPPER, share_server.wrapper_script(
+            vmdir / IMAGE_CACHE_SPEC, virtiofsd=cfg.vm.virtiofsd,
+            what="The container image cache share", read_only=True), mode=0o700)
+        tag = image_cache_tag(cache.path)
+        hotplug.plug(dom, qemu_owner=vmdir / OS_DISK, spec_path=vmdir / IMAGE_CACHE_SPEC,
+                     wrapper=vmdir / IMAGE_CACHE_WRAPPER, source=cache.path, tag=tag,
+                     what=what)
+        mounts += (seed_mod.Mount(tag=tag, path=cache.path, fstype=cfg.vm.share,
+                                  read_only=True),)
+    failpoints.hit(state_dir, "claim:plugged", name)
+    home = req.home or f"/home/{req.user}"
+    spec = seed_mod.SeedSpec(
+        instance_id=f"{name}-{int(time.time())}", hostname=hostname_for(name),
+        user_name=req.user, uid=req.uid, gid=req.gid, home=home, authorized_keys=(user_pub,),
+        host_key_private=(vmdir / HOST_KEY).read_text(), host_key_public=host_pub,
+        mounts=mounts, groups=group_names(req.groups))
+    files = seed_mod.claim_files(spec)
+    payload = "".join(f"{n} {oct(mode)[2:]} {base64.b64encode(text.encode()).decode()}\n"
+                      for n, (text, mode) in files.items()).encode()
+    code, out = hypervisor.agent_exec(dom, ["/bin/sh", "-c", CLAIM_SCRIPT.read_text(),
+                                            "dgxvm-claim"], stdin=payload,
+                                      timeout_s=CLAIM_TIMEOUT_S, what=what)
+    if code != 0 or "claimed" not in out.split():
+        raise ClaimFailed(name=name, reason=f"the guest did not take the job's identity (exit {code}): "
+                    f"{' | '.join(out.strip().splitlines()[-3:])}")
+    failpoints.hit(state_dir, "claim:applied", name)
+    rec = rec.with_(workdir=share.path if share else None,
+                    image_cache=cache.path if cache else None, groups=tuple(req.groups),
+                    allocation=env.ledger.read().allocations[job_key(req.job_id)],
+                    extra={**{k: v for k, v in rec.extra.items() if k != "warm"},
+                           "warm": "claimed", "claimed": time.time(),
+                           "claim_s": round(time.monotonic() - t0, 3),
+                           **({"share_refused": share_refused} if share_refused else {}),
+                           **({"image_cache_refused": cache_refused}
+                              if cache_refused else {})})
+    env.vms.save(rec)
+    log.info("%s: claimed by job %s (user %s)", name, req.job_id, req.user)
+    return rec

@@ -1,0 +1,107 @@
+"""Warm VMs for real (slurm_dgxvm.lifecycle.warm): a VM booted ahead with no tenant, claimed by
+a job whose placement is exactly its block: the job's user logs in with the job's key, its work
+dir is served as that user, and nothing of the boot-ahead is left to it. A claim that cannot
+be made, or fails part-way, leaves the job to a cold start with nothing leaked.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from slurm_dgxvm.ledger import Ledger
+from test_vm_lifecycle import assert_nothing_left, ssh
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def env(vmenv):
+    from slurm_dgxvm import config as config_mod, lifecycle
+    e = lifecycle.Env(config_mod.load(str(vmenv.config)))
+    yield e
+    (vmenv.state_dir / "failpoints").unlink(missing_ok=True)
+
+
+def job_request(vmenv, job_id: int, count: int, work):
+    from slurm_dgxvm import lifecycle
+    from slurm_dgxvm.placement import Request
+    return lifecycle.CreateRequest(
+        name=f"job-{job_id}", placement=Request(count=count), owner="job", job_id=job_id,
+        user=vmenv.user, uid=vmenv.uid, gid=vmenv.gid, home=f"/home/{vmenv.user}",
+        workdir=str(work))
+
+
+def workdir(vmenv, name):
+    work = vmenv.workdir / name
+    work.mkdir(exist_ok=True)
+    os.chown(work, vmenv.uid, vmenv.gid)
+    (work / "hello").write_text("from the host\n")
+    return work
+
+
+def test_a_job_claims_a_warm_vm_and_runs_as_its_own_user_with_its_share(vmenv, env):
+    from slurm_dgxvm import lifecycle
+    from slurm_dgxvm.lifecycle import warm
+    from slurm_dgxvm.placement import Request
+    work = workdir(vmenv, "warm-a")
+    rec = warm.boot(env, Request(count=2))
+    try:
+        assert warm.is_warm(rec.name) and rec.extra["warm"] == "waiting"
+        d = vmenv.state_dir / "vms" / rec.name
+        assert not (d / "id_ed25519").exists(), "a warm VM has a key someone could log in with"
+        t0 = time.monotonic()
+        out = warm.claim(env, job_request(vmenv, 501, 2, work))
+        claim_s = time.monotonic() - t0
+        assert out.vm is not None, out.why
+        assert out.vm.name == rec.name and out.vm.job_id == 501 and out.vm.user == vmenv.user
+        keys = Ledger(vmenv.state_dir).read().allocations
+        assert set(keys) == {"job:501"} and keys["job:501"].domain == rec.name
+        assert keys["job:501"].gpu_pcis == rec.allocation.gpu_pcis
+        r = ssh(vmenv, rec.name, f"id -u; hostname; cat {work}/hello; echo made > {work}/made; "
+                                 f"cat /root/.ssh/authorized_keys 2>&1 | wc -c; "
+                                 f"grep -c . /etc/passwd")
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.split("\n")
+        assert lines[0] == str(vmenv.uid) and lines[2] == "from the host"
+        st = (work / "made").stat()
+        assert (st.st_uid, st.st_gid) == (vmenv.uid, vmenv.gid), "the share is not the user's"
+        print(f"claim took {claim_s:.2f}s")
+        # a second claim of the same VM (another job racing for it) finds it taken
+        again = warm.claim(env, job_request(vmenv, 502, 2, work))
+        assert again.vm is None and "no warm VM" in again.why
+    finally:
+        lifecycle.delete(env, rec.name, job_id=501)
+    assert_nothing_left(vmenv, [rec.name])
+
+
+def test_a_job_of_another_block_deletes_the_warm_vm_in_its_way(vmenv, env):
+    from slurm_dgxvm.lifecycle import warm
+    from slurm_dgxvm.placement import Request
+    from slurm_dgxvm import lifecycle
+    work = workdir(vmenv, "warm-b")
+    rec = warm.boot(env, Request(count=2))
+    try:
+        out = warm.claim(env, job_request(vmenv, 503, 4, work))    # GPUs 0-3 include its 0-1
+        assert out.vm is None and out.destroyed == (rec.name,), out
+        assert "in the way" in out.why
+    finally:
+        if env.vms.exists(rec.name):
+            lifecycle.delete(env, rec.name)
+    assert_nothing_left(vmenv, [rec.name])
+
+
+@pytest.mark.parametrize("point", ["claim:committed", "claim:plugged", "claim:applied"])
+def test_a_claim_that_fails_part_way_deletes_the_vm_and_leaks_nothing(vmenv, env, point):
+    from slurm_dgxvm.lifecycle import warm
+    from slurm_dgxvm.placement import Request
+    work = workdir(vmenv, "warm-c")
+    rec = warm.boot(env, Request(count=1))
+    fp = vmenv.state_dir / "failpoints"
+    fp.write_text(f"{point} {rec.name} fail\n")
+    os.chmod(fp, 0o644)
+    out = warm.claim(env, job_request(vmenv, 504, 1, work))
+    assert out.vm is None and f"fault point {point}" in out.why, out
+    assert_nothing_left(vmenv, [rec.name])
