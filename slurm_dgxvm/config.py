@@ -180,6 +180,7 @@ class PartitionConfig:
     disk_gib_per_gpu: int = 0                 # 0 = [placement] disk_gib_per_gpu
     data_disk_gib: int = -1                   # -1 = [vm] data_disk_gib
     ib: str = "none"                          # none | vf | port: InfiniBand beside the GPUs
+    warm: tuple[int, ...] = ()                # GPU counts of the warm VMs kept on each node
 
 
 @dataclass(frozen=True)
@@ -501,6 +502,15 @@ def _validate(cfg: Config, path: str) -> None:
         if part.ib not in IB_MODES:
             raise ConfigError(path=path, reason=f"{where}.ib {part.ib!r} is not one of "
                                                 f"{', '.join(IB_MODES)}")
+        bad = [n for n in part.warm if not 1 <= n <= 64]
+        if bad:
+            raise ConfigError(path=path, reason=f"{where}.warm: {bad[0]} is not a GPU count "
+                                                f"(1 to 64): list the GPU counts of the warm VMs "
+                                                f"to keep, e.g. [8]")
+        if part.warm and part.ib != "none":
+            raise ConfigError(path=path, reason=f"{where}.warm: a partition with ib = "
+                                                f"{part.ib!r} gets no warm VMs (their jobs start "
+                                                f"cold); remove warm or ib")
         if part.data_disk_gib < -1:
             raise ConfigError(path=path, reason=f"{where}.data_disk_gib must be >= 0 (or -1 for "
                                                 f"[vm] data_disk_gib), not {part.data_disk_gib}")

@@ -21,6 +21,16 @@ REGISTRY_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)"
                            r"(?:\.(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?))*(?::[0-9]{1,5})?")
 
 
+#: A warm VM's name (slurm_dgxvm.lifecycle.warm): ``warm-<n>``.
+WARM_PREFIX = "warm-"
+_WARM = re.compile(re.escape(WARM_PREFIX) + r"[0-9]{1,9}")
+
+
+def is_warm(name: str) -> bool:
+    """Whether ``name`` is a warm VM's (booted ahead for a job to claim)."""
+    return bool(_WARM.fullmatch(name))
+
+
 def check_name(value: str, kind: str) -> str:
     """Return ``value`` if it is a safe name, else raise BadName naming ``kind`` and why."""
     if not isinstance(value, str) or not value:

@@ -1,8 +1,10 @@
 """``dgxvm warm``: VMs booted ahead of the jobs that will claim them (slurm_dgxvm.lifecycle.warm).
 
 ``dgxvm warm boot`` boots one for a partition's job of N GPUs (the partition's sizes and image);
-``dgxvm warm list`` shows the warm VMs no job has claimed. ``dgxvm delete --domain warm-N``
-removes one.
+``dgxvm warm list`` shows the warm VMs no job has claimed; ``dgxvm warm refill`` boots what a
+partition's ``warm`` policy lacks (the Epilog starts it after a job of that partition);
+``dgxvm warm stop`` stops refills and deletes the warm VMs, ``dgxvm warm start`` allows refills
+again. ``dgxvm delete --domain warm-N`` removes one.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def boot(c, gpu_count, gpu_index, partition, as_json):
                   disk_gib=part.disk_gib_per_gpu * n or None)
     data_disk = part.data_disk_gib if part.data_disk_gib >= 0 else None
     with request_flags():
-        rec = warm_mod.boot(c.env, req, image=part.image or None, data_disk_gib=data_disk)
+        rec = warm_mod.boot(c.env, req, image=part.image or None, data_disk_gib=data_disk,
+                            partition=partition or "default")
     if as_json:
         click.echo(json.dumps(rec.to_json(), indent=2, sort_keys=True))
         return
@@ -70,3 +73,46 @@ def list_cmd(c, as_json):
         click.echo("no warm VM")
     for r in rows:
         click.echo(f"{r['name']}  GPUs {format_index_list(r['gpus'])}  waiting {r['age_s']:.0f}s")
+
+
+@warm.command()
+@click.option("--partition", metavar="NAME", default="default", show_default=True,
+              help="The partition whose [partitions.NAME] warm policy to meet.")
+@click.option("--node", metavar="NAME",
+              help="This node's Slurm name, to ask its state (default: $SLURMD_NODENAME, "
+                   "else the short host name).")
+@click.pass_obj
+def refill(c, partition, node):
+    """Boot the warm VMs the partition's policy lacks on this node, one at a time, while the
+    node is in service in Slurm and refills are not stopped."""
+    import os
+    from ..lifecycle import warm as warm_mod
+    from ..slurm import liveness
+    from ..slurm.commands import Slurm
+    node = liveness.node_name(os.environ, node)
+    slurm = Slurm(c.env.cfg.slurm)
+    booted, why = warm_mod.refill(c.env, partition,
+                                  lambda: slurm.node_state(node)[0])
+    for name in booted:
+        click.echo(f"{name}: warm for partition {partition}")
+    click.echo(f"refill of partition {partition} on {node}: "
+               + (f"stopped: {why}" if why else "the policy is met"))
+
+
+@warm.command()
+@click.pass_obj
+def stop(c):
+    """Stop refills on this node and delete its warm VMs (their GPUs go back to jobs)."""
+    from ..lifecycle import warm as warm_mod
+    gone = warm_mod.stop(c.env)
+    click.echo("refills stopped; " + (f"deleted {', '.join(gone)}" if gone else "no warm VM"))
+
+
+@warm.command()
+@click.pass_obj
+def start(c):
+    """Allow refills again on this node (after dgxvm warm stop)."""
+    from ..lifecycle import warm as warm_mod
+    warm_mod.start(c.env)
+    click.echo("refills allowed; the next job of a partition with a warm policy refills it "
+               "(or run dgxvm warm refill)")

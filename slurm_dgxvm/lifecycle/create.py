@@ -73,7 +73,8 @@ class CreateRequest:
     workdir: str | None = None        # shared into the guest at the same path
     alignment: str | None = None      # strict | prefer; None = [placement] alignment
     fabric: JobFabric | None = None   # a multi-node job's fabric on this node (jobnet.plan)
-    warm: bool = False                # booted ahead for a job to claim (lifecycle.warm)
+    warm: str | None = None           # booted ahead for partition NAME's jobs to claim
+                                      # (lifecycle.warm; "": no partition named)
 
 
 def create(env: Env, req: CreateRequest, progress: Progress = quiet,
@@ -342,7 +343,7 @@ class _Creation:
             share_binary=str(vmdir / SHARE_WRAPPER) if share else None, address=self.address,
             image_cache=cache.path if cache else None,
             image_cache_binary=str(vmdir / IMAGE_CACHE_WRAPPER) if cache else None,
-            fabric=fabric_nic(req.fabric), shares_later=req.warm),
+            fabric=fabric_nic(req.fabric), shares_later=req.warm is not None),
             domain_type=cfg.libvirt.domain_type, machine_type=cfg.libvirt.machine_type)
         if self.env.fit(self.host):
             spec, self.fitted = fit_to_host(spec, RealHost.probe(), max_vcpus=cfg.vm.fit_vcpus,
@@ -362,7 +363,8 @@ class _Creation:
             image_cache=cache.path if cache else None, groups=tuple(req.groups),
             jobnet=fabric_record(req.fabric),
             extra={k: v for k, v in (("share_refused", self.share_refused),
-                                     ("image_cache_refused", self.image_cache_refused)) if v})
+                                     ("image_cache_refused", self.image_cache_refused)) if v}
+            | (_warm_extra(req.warm, self.data_gib) if req.warm is not None else {}))
         self.env.vms.save(self.record)
 
     def define(self) -> None:
@@ -427,10 +429,16 @@ class _Creation:
                    console_log=self.vmdir / CONSOLE_LOG, readiness=self.image.readiness)
 
     def finish(self, timer: StageTimer) -> None:
-        """Record "running", with the boot time and the stages' times."""
+        """Record "running", with the boot time and the stages' times; a warm VM's user key
+        removed (root's, which nobody is to hold) and its record marked waiting."""
+        extra = self.record.extra
+        if self.req.warm is not None:
+            for f in (USER_KEY, USER_KEY + ".pub", KNOWN_HOSTS):
+                (self.vmdir / f).unlink(missing_ok=True)
+            extra = {**extra, "warm": "waiting"}
         self.record = self.record.with_(state="running", started=self.started,
                                         boot_s=round(time.monotonic() - self.t0, 3),
-                                        create_stages=timer.seconds())
+                                        create_stages=timer.seconds(), extra=extra)
         self.env.vms.save(self.record)
 
 
@@ -443,6 +451,12 @@ def ib_runner(env: Env, host, name: str):
     def simulated(argv, _timeout, pkey):
         log.info("%s: simulated (no HCA here), partition key %s: %s", name, pkey, " ".join(argv))
     return simulated
+
+
+def _warm_extra(partition: str, data_gib: int) -> dict:
+    """A warm VM's record marks (lifecycle.warm): booting until the create is done."""
+    return {"warm": "booting", "data_disk_gib": data_gib} | \
+        ({"partition": partition} if partition else {})
 
 
 def fabric_nic(fab: JobFabric | None) -> FabricNic | None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +39,8 @@ from .. import failpoints, seed as seed_mod
 from ..errors import ClaimFailed, DgxvmError, DomainNotFound, LockTimeout, is_job_fault
 from ..fsutil import atomic_write
 from ..ledger import Allocation, domain_key, job_key
+from ..names import WARM_PREFIX, is_warm
+from ..observe import opstats
 from ..placement import Occupancy, Request, place
 from ..records import (HOST_KEY, IMAGE_CACHE_SPEC, IMAGE_CACHE_WRAPPER, KNOWN_HOSTS, OS_DISK,
                        RANLOG, SHARE_SPEC, SHARE_WRAPPER, USER_KEY, VmRecord)
@@ -50,16 +51,9 @@ from .identity import group_names, hostname_for
 
 log = logging.getLogger("dgxvm.warm")
 
-PREFIX = "warm-"
+PREFIX = WARM_PREFIX
 CLAIM_SCRIPT = Path(__file__).resolve().parents[1] / "seedfiles" / "dgxvm-claim.sh"
 CLAIM_TIMEOUT_S = 60.0
-_NAME = re.compile(re.escape(PREFIX) + r"[0-9]{1,9}")
-
-
-def is_warm(name: str) -> bool:
-    return bool(_NAME.fullmatch(name))
-
-
 @dataclass(frozen=True)
 class Outcome:
     """What a claim did: ``vm`` the claimed VM's record (None: the job goes cold), ``why`` one
@@ -87,19 +81,16 @@ def next_name(env: Env) -> str:
 
 def boot(env: Env, request: Request, *, image: str | None = None,
          data_disk_gib: int | None = None, name: str | None = None,
-         progress: Progress = quiet) -> VmRecord:
-    """Boot a warm VM for ``request`` (the sizes of the partition it is for); its record."""
+         progress: Progress = quiet, partition: str | None = None) -> VmRecord:
+    """Boot a warm VM for ``request`` (the sizes of ``partition``'s jobs); its record."""
     from .create import CreateRequest, create
     name = name or next_name(env)
     req = CreateRequest(name=name, placement=request, data_disk_gib=data_disk_gib, image=image,
-                        owner="domain", user="root", uid=0, gid=0, home="/root", warm=True)
-    rec = create(env, req, progress)
-    # root's key is nobody's: nobody logs in to a warm VM
-    for f in (USER_KEY, USER_KEY + ".pub", KNOWN_HOSTS):
-        (env.vms.dir(name) / f).unlink(missing_ok=True)
-    rec = rec.with_(extra={**rec.extra, "warm": "waiting"})
-    env.vms.save(rec)
-    return rec
+                        owner="domain", user="root", uid=0, gid=0, home="/root",
+                        warm=partition or "")
+    # the record says "warm": "booting" from its first write, "waiting" once create is done
+    # (lifecycle.create); root's key is nobody's: create removes it, nobody logs in
+    return create(env, req, progress)
 
 
 def _same_vm(a: Allocation, rec: VmRecord, p, image: str, data_disk_gib: int | None) -> bool:
@@ -109,8 +100,7 @@ def _same_vm(a: Allocation, rec: VmRecord, p, image: str, data_disk_gib: int | N
             and wp.vcpus == p.vcpus and wp.memory_mib == p.memory_mib
             and wp.disk_gib == p.disk_gib and wp.ib_mode == p.ib_mode == "none"
             and wp.fm_partition == p.fm_partition
-            and rec.image == image and rec.extra.get("data_disk_gib", data_disk_gib)
-            == data_disk_gib)
+            and rec.image == image and rec.extra.get("data_disk_gib") == data_disk_gib)
 
 
 def claim(env: Env, req, progress: Progress = quiet) -> Outcome:
@@ -121,6 +111,19 @@ def claim(env: Env, req, progress: Progress = quiet) -> Outcome:
     warm = waiting(env)
     if not warm:
         return Outcome(None, "no warm VM on this node")
+    out = _claim_one(env, req, warm, progress, t0)
+    state_dir = env.cfg.host.state_dir
+    if out.vm is not None:
+        opstats.count(state_dir, "warm", "hit", stage="claim", seconds=out.seconds)
+    else:
+        opstats.count(state_dir, "warm", "miss")
+    if out.destroyed:
+        opstats.count(state_dir, "warm", "destroyed", len(out.destroyed))
+    return out
+
+
+def _claim_one(env: Env, req, warm: dict[str, Allocation], progress: Progress,
+               t0: float) -> Outcome:
     if req.fabric is not None or req.placement.ib != "none":
         return Outcome(None, "a multi-node or InfiniBand job is not given a warm VM")
     policy = env.policy
@@ -144,7 +147,10 @@ def claim(env: Env, req, progress: Progress = quiet) -> Outcome:
     match = None
     for n in in_way:
         rec = env.vms.load(n)
-        if rec is not None and _same_vm(warm[n], rec, p, image.name, data_gib) \
+        # a warm VM still booting (or being deleted) is in the way like any other: deleting
+        # it waits for its boot to end (its lock), never for a job
+        if rec is not None and rec.state == "running" and rec.extra.get("warm") == "waiting" \
+                and _same_vm(warm[n], rec, p, image.name, data_gib) \
                 and rec.image_version == image.version:
             match = n
     destroyed = tuple(n for n in in_way if n != match)
@@ -160,6 +166,10 @@ def claim(env: Env, req, progress: Progress = quiet) -> Outcome:
     except DgxvmError as exc:
         if is_job_fault(exc):          # a share refused: a cold start refuses it too
             raise
+        # not claimed before the commit (its lock busy): still warm, still in the way
+        if domain_key(match) in env.ledger.read().allocations:
+            _delete_quietly(env, match, None)
+            destroyed += (match,)
         return Outcome(None, f"claim of {match} failed: {exc}", destroyed,
                        time.monotonic() - t0)
     return Outcome(rec, "", destroyed, time.monotonic() - t0)
@@ -286,3 +296,98 @@ def _make_it_the_jobs(env: Env, req, name: str, share, share_refused, cache, cac
     env.vms.save(rec)
     log.info("%s: claimed by job %s (user %s)", name, req.job_id, req.user)
     return rec
+
+
+# -- refill ----------------------------------------------------------------------------------------
+STOPPED = "warm.stopped"            # <state_dir>/warm.stopped: the admin stopped refills
+REFILL_LOCK = "warm.lock"           # one refill at a time on a node
+REFILL_LOG = "warm-refill.log"      # what a refill the Epilog started did
+COMPLETING_WAIT_S = 120.0           # how long a refill waits for its job's Epilog to end
+
+
+def stopped(env: Env) -> bool:
+    return (Path(env.cfg.host.state_dir) / STOPPED).exists()
+
+
+def stop(env: Env, progress: Progress = quiet) -> list[str]:
+    """No refill from now on (``dgxvm warm stop``), and the warm VMs waiting deleted (their
+    devices back to the jobs); returns their names. A refill in progress sees the mark before
+    its next boot."""
+    state_dir = Path(env.cfg.host.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(state_dir / STOPPED, f"stopped at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n",
+                 mode=0o644)
+    gone = []
+    for name in sorted(waiting(env)):
+        progress(f"deleting {name}")
+        _delete_quietly(env, name, None)
+        gone.append(name)
+    return gone
+
+
+def start(env: Env) -> None:
+    """Refills allowed again (``dgxvm warm start``)."""
+    (Path(env.cfg.host.state_dir) / STOPPED).unlink(missing_ok=True)
+
+
+def wanted(env: Env, partition: str) -> list[int]:
+    """The GPU counts of the warm VMs ``partition``'s policy keeps that are not there (waiting
+    or being booted for it)."""
+    want = list(env.cfg.partition(partition).warm)
+    for name in waiting(env):
+        rec = env.vms.load(name)
+        if rec is None or rec.extra.get("partition") != partition:
+            continue
+        n = len(rec.placement.gpus)
+        if n in want:
+            want.remove(n)
+    return want
+
+
+def refill(env: Env, partition: str, node_state, progress: Progress = quiet) -> tuple[list[str],
+                                                                                    str]:
+    """Boot the warm VMs ``partition``'s policy lacks on this node, one at a time; returns
+    (the names booted, why it stopped: "" when the policy is met). ``node_state()`` says the
+    node's Slurm state (``scontrol``'s State), or raises: a refill boots only on a node in
+    service (not draining, drained, down or failing), after its last job's Epilog ended (it
+    waits while the node is COMPLETING), and never while the admin stopped refills or another
+    refill runs."""
+    from ..errors import LockTimeout as _Locked, NoFit
+    from ..fsutil import locked
+    from ..placement import Request as _Request
+    state_dir = Path(env.cfg.host.state_dir)
+    booted: list[str] = []
+    try:
+        with locked(state_dir / REFILL_LOCK, timeout=0,
+                    timed_out=lambda: _Locked(path=str(state_dir / REFILL_LOCK), timeout=0),
+                    failed=lambda e: e):
+            deadline = time.monotonic() + COMPLETING_WAIT_S
+            while True:
+                if stopped(env):
+                    return booted, "stopped by the admin (dgxvm warm start resumes)"
+                try:
+                    state = node_state().upper()
+                except DgxvmError as exc:
+                    return booted, f"the node's state is unknown ({exc})"
+                if any(s in state for s in ("DRAIN", "DOWN", "FAIL", "MAINT", "REBOOT")):
+                    return booted, f"the node is not in service (State={state})"
+                if "COMPLETING" in state and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                want = wanted(env, partition)
+                if not want:
+                    return booted, ""
+                part = env.cfg.partition(partition)
+                n = want[0]
+                req = _Request(count=n, vcpus=part.vcpus_per_gpu * n or None,
+                               memory_mib=part.memory_mib_per_gpu * n or None,
+                               disk_gib=part.disk_gib_per_gpu * n or None)
+                try:
+                    rec = boot(env, req, image=part.image or None,
+                               data_disk_gib=part.data_disk_gib if part.data_disk_gib >= 0
+                               else None, progress=progress, partition=partition)
+                except NoFit as exc:
+                    return booted, f"no free block of {n} GPU(s): {exc}"
+                booted.append(rec.name)
+    except _Locked:
+        return booted, "another refill is running"

@@ -23,6 +23,11 @@ counters (:mod:`slurm_dgxvm.observe.opstats`). The families, all ``dgxvm_``:
                                               (ok, failed)
 ``dgxvm_failures_total``           counter    by ``op``, ``fault`` (job, node) and ``cause``
                                               (:data:`slurm_dgxvm.errors.CAUSES`, interrupted)
+``dgxvm_warm_vms``                 gauge      warm VMs no job has claimed yet
+``dgxvm_warm_claims_total``        counter    jobs that looked for a warm VM, by ``outcome``:
+                                              hit (claimed one), miss (started cold);
+                                              destroyed counts warm VMs deleted because they
+                                              held devices of another job's block
 =================================  =========  ================================================
 
 The families are listed even when they have no sample yet (a fresh node), and the fixed label
@@ -41,7 +46,8 @@ from pathlib import Path
 
 from .. import fsutil
 from ..errors import HostError, RecordCorrupt
-from .opstats import OPS, RESULTS, OpStats
+from ..names import is_warm
+from .opstats import OPS, RESULTS, WARM, WARM_OUTCOMES, OpStats
 from ..records import VmStore
 from .stages import STAGES
 
@@ -122,7 +128,11 @@ def collect(host, ledger_state, vms: VmStore, stats: OpStats,
                           for le, n in h.cumulative()]
         stage_samples += [Sample(base + "_sum", labels, round(h.sum, 3)),
                           Sample(base + "_count", labels, h.count)]
-    ops = {(op, result): 0 for op in OPS for result in RESULTS} | stats.ops
+    ops = {(op, result): 0 for op in OPS for result in RESULTS} | \
+        {k: n for k, n in stats.ops.items() if k[0] != WARM}
+    warm = {o: stats.ops.get((WARM, o), 0) for o in WARM_OUTCOMES}
+    waiting = sum(1 for key, a in ledger_state.allocations.items()
+                  if is_warm(a.domain) and key == f"domain:{a.domain}")
     return [
         Family(PREFIX + "host_info", "gauge",
                "The host dgxvm reads: machine is the catalog's key; simulated names the machine "
@@ -148,6 +158,13 @@ def collect(host, ledger_state, vms: VmStore, stats: OpStats,
                tuple(Sample(PREFIX + "failures_total",
                             (("op", op), ("fault", fault), ("cause", cause)), n)
                      for (op, fault, cause), n in sorted(stats.failures.items()))),
+        Family(PREFIX + "warm_vms", "gauge", "Warm VMs (booted ahead) no job has claimed yet.",
+               (Sample(PREFIX + "warm_vms", (), waiting),)),
+        Family(PREFIX + "warm_claims_total", "counter",
+               "Jobs that looked for a warm VM by outcome (hit: claimed one; miss: started "
+               "cold); destroyed: warm VMs deleted because they held another job's devices.",
+               tuple(Sample(PREFIX + "warm_claims_total", (("outcome", o),), n)
+                     for o, n in warm.items())),
     ]
 
 

@@ -49,6 +49,8 @@ BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 3
 LOCK_TIMEOUT_S = 2.0               # a create never waits longer than this to be counted
 OPS = ("create", "teardown")
 RESULTS = ("ok", "failed")
+WARM = "warm"                       # the op of the warm VMs' counters (count)
+WARM_OUTCOMES = ("hit", "miss", "destroyed")
 
 
 @dataclass
@@ -156,6 +158,18 @@ def observe(state_dir: str | os.PathLike, op: str, timer: StageTimer,
     """Count one create or teardown (``op``) that ended with ``failure`` (None: ok), with the
     stages ``timer`` saw finish. Never raises (see the module's docstring)."""
     _update(state_dir, lambda stats: stats.add(op, timer.completed(), failure))
+
+
+def count(state_dir: str | os.PathLike, op: str, result: str, n: int = 1, *,
+          stage: str | None = None, seconds: float | None = None) -> None:
+    """Add ``n`` to the counter (``op``, ``result``): a warm VM's claims (``warm``: ``hit``,
+    ``miss``, ``destroyed``); with ``stage``, observe ``seconds`` in (``op``, ``stage``)'s
+    histogram too (``warm``, ``claim``). Never raises."""
+    def add(stats: OpStats) -> None:
+        stats.ops[(op, result)] = stats.ops.get((op, result), 0) + n
+        if stage is not None and seconds is not None:
+            stats.stages.setdefault((op, stage), Histogram()).observe(seconds)
+    _update(state_dir, add)
 
 
 def count_failure(state_dir: str | os.PathLike, op: str, failure: BaseException) -> None:

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field, replace
 from ..design import mac_for
 from ..errors import EXIT_HOST, EXIT_STATE, DgxvmError, LedgerConflict
 from ..ledger import EMPTY_STATE, Allocation, LedgerState, LedgerTxn
-from ..names import domain_name, shown
+from ..names import domain_name, is_warm, shown
 from ..records import VmRecord
 from .cache_partials import CachePartials
 
@@ -329,6 +329,12 @@ def _plan_vm(v: VmFacts, jobs: JobsOnNode, job_prefix: str) -> Finding | None:
                        action="delete-vm", name=v.name, job_id=job, hold=hold)
     if v.domain is not None:              # an admin's VM with a domain: never touched
         rec = v.record
+        if is_warm(v.name) and rec is not None and rec.state in ("creating", "deleting") \
+                and not v.busy:           # dgxvm's own, no tenant's: a killed boot's is removed
+            verb = "boot" if rec.state == "creating" else "delete"
+            return Finding("vm", v.name, why=f"warm VM left '{rec.state}' by a {verb} that did "
+                                             f"not finish: {v.pieces()}",
+                           action="delete-vm", name=v.name, hold=hold)
         if rec is not None and rec.state in ("creating", "deleting") and not v.busy:
             verb = "create" if rec.state == "creating" else "delete"
             return Finding("vm", v.name, why=f"admin VM left '{rec.state}' by a dgxvm {verb} "

@@ -54,7 +54,7 @@ def _escape(value: str) -> str:
 KEYS = ("node", "state", "domain", "gpus", "slurm_gpus", "aligned", "remapped", "nvswitches", "fm",
         "image", "vcpus", "memory_mib", "numa", "address", "boot_s", "lock_s", "teardown_s",
         "held_s", "create_stages", "teardown_stages", "reset_max_s", "quarantined", "ended",
-        "fitted", "cause", "containers")
+        "fitted", "warm", "claim_s", "cause", "containers")
 
 
 def encode(fields: dict) -> str:

@@ -319,4 +319,45 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         write = _record_writer(slurm, environ, job_id, after_end=True)
         _account(emit, where, lambda: write(
             vm_fields(rec, state="ended") | {"containers": ranlog.field(ran)}))
+    _start_refill(env, environ, emit, where)
     return EXIT_OK
+
+
+def _start_refill(env: lifecycle.Env, environ: Mapping[str, str], emit: Emit,
+                  where: str) -> None:
+    """After a job of a partition with a warm policy ([partitions.NAME] warm), start ``dgxvm
+    warm refill`` detached: in a session of its own, its output in the state dir's
+    warm-refill.log, nothing of the Epilog's held open, so the Epilog (and the node's
+    COMPLETING) ends now; the refill waits for it. The partition name is Slurm's, checked."""
+    import subprocess
+    import sys
+    try:
+        partition = jobinput.partition(environ.get("SLURM_JOB_PARTITION")) or "default"
+    except DgxvmError:
+        return
+    if not env.cfg.partition(partition).warm:
+        return
+    from ..lifecycle import warm
+    if warm.stopped(env):
+        return
+    exe = sys.argv[0]
+    if not os.path.isabs(exe) or not os.access(exe, os.X_OK):
+        emit(f"{where}: warm refill not started: {exe!r} is not dgxvm's absolute path")
+        return
+    state_dir = Path(env.cfg.host.state_dir)
+    # the job's values stay behind; where Slurm's config is (scontrol needs it) goes along
+    keep = {k: v for k, v in os.environ.items()
+            if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+    args = [exe, "warm", "refill", "--partition", partition]
+    node = environ.get("SLURMD_NODENAME")
+    if node:
+        args += ["--node", node]
+    try:
+        with open(state_dir / warm.REFILL_LOG, "ab") as log:
+            subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                             start_new_session=True, close_fds=True, env=keep, cwd="/")
+    except OSError as exc:
+        emit(f"{where}: warm refill not started: {exc}")
+        return
+    emit(f"{where}: warm refill of partition {partition} started (log: "
+         f"{state_dir / warm.REFILL_LOG})")

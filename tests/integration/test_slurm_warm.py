@@ -7,12 +7,13 @@ deletes the warm VM in its way and starts cold. Submitted by the ordinary user w
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from slurm_dgxvm.ledger import Ledger
 from slurm_dgxvm.slurm.accounting import decode
-from test_slurm_jobs import nothing_left, slurmd_lines
+from test_slurm_jobs import nothing_left, slurmd_lines, wait_job_state
 
 pytestmark = pytest.mark.integration
 
@@ -74,3 +75,85 @@ def test_a_job_of_a_larger_block_deletes_the_warm_vm_in_its_way_and_starts_cold(
     assert Ledger(node.env.state_dir).read().allocations == {}
     nothing_left(node)
     node.cluster.wait_idle(timeout=120, drained_fails=True)
+
+
+def waiting_vms(node) -> list[dict]:
+    r = node.env.dgxvm("warm", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def warm_hits(node) -> int:
+    r = node.env.dgxvm("metrics", "--textfile", "-")
+    assert r.returncode == 0, r.stderr
+    [line] = [ln for ln in r.stdout.splitlines()
+              if ln.startswith('dgxvm_warm_claims_total{outcome="hit"}')]
+    return int(line.split()[-1])
+
+
+def wait_for_refill(node, timeout=180) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        vms = waiting_vms(node)
+        paths = [node.env.state_dir / "vms" / v["name"] / "record.json" for v in vms]
+        if not vms or not all(p.exists() for p in paths):     # placed, not designed yet
+            time.sleep(1)
+            continue
+        rec = [json.loads(p.read_text()) for p in paths]
+        if all(r["state"] == "running" and r["extra"].get("warm") == "waiting" for r in rec):
+            return [v | {"uuid": r["uuid"]} for v, r in zip(vms, rec)]
+        time.sleep(1)
+    log = node.env.state_dir / "warm-refill.log"
+    raise AssertionError(f"no warm VM after {timeout}s; refill log: "
+                         f"{log.read_text() if log.exists() else '(none)'}")
+
+
+def test_a_partitions_warm_policy_is_refilled_after_its_jobs_and_stops_when_told(slurm_node):
+    node = slurm_node
+    first = node.jobs.sbatch(SCRIPT, gpus=2, partition="warm")
+    node.jobs.wait_done([first], timeout=300)
+    assert node.jobs.sacct([first])[first]["State"] == "COMPLETED"
+    assert any("warm refill of partition warm started" in ln for ln in slurmd_lines(node, first))
+    [vm] = wait_for_refill(node)                     # [partitions.warm] warm = [2]
+    assert len(vm["gpus"]) == 2
+    hits = warm_hits(node)
+    second = node.jobs.sbatch(SCRIPT, gpus=2, partition="warm")
+    node.jobs.wait_done([second], timeout=300)
+    row = node.jobs.sacct([second])[second]
+    assert row["State"] == "COMPLETED" and decode(row["AdminComment"])["domain"] == vm["name"]
+    [again] = wait_for_refill(node)                  # used once: a new one replaces it
+    assert again["uuid"] != vm["uuid"]
+    assert warm_hits(node) == hits + 1
+    r = node.env.dgxvm("warm", "stop")
+    assert r.returncode == 0 and again["name"] in r.stdout, r.stdout
+    try:
+        third = node.jobs.sbatch(SCRIPT, gpus=2, partition="warm")
+        node.jobs.wait_done([third], timeout=300)
+        assert node.jobs.sacct([third])[third]["State"] == "COMPLETED"
+        assert not any("warm refill" in ln for ln in slurmd_lines(node, third))
+        assert waiting_vms(node) == []
+    finally:
+        assert node.env.dgxvm("warm", "start").returncode == 0
+    nothing_left(node)
+    node.cluster.wait_idle(timeout=120, drained_fails=True)
+
+
+def test_no_refill_on_a_node_drained_while_its_job_ran(slurm_node):
+    node = slurm_node
+    log = node.env.state_dir / "warm-refill.log"
+    before = log.read_text() if log.exists() else ""
+    job = node.jobs.sbatch("#!/bin/sh\nsleep 8\n", gpus=2, partition="warm")
+    try:
+        wait_job_state(node, job, ("RUNNING",), timeout=180)
+        node.cluster.run(["scontrol", "update", "NodeName=dgx01", "State=DRAIN",
+                          "Reason=maintenance"])
+        node.jobs.wait_done([job], timeout=300)
+        deadline = time.monotonic() + 120
+        while "stopped: the node is not in service (State=IDLE+DRAIN)" not in log.read_text()[len(before):]:
+            assert time.monotonic() < deadline, log.read_text()[len(before):]
+            time.sleep(0.5)
+        assert waiting_vms(node) == []
+    finally:
+        node.cluster.resume_node()
+        node.cluster.wait_idle(timeout=60)
+    nothing_left(node)

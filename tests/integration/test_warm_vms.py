@@ -105,3 +105,40 @@ def test_a_claim_that_fails_part_way_deletes_the_vm_and_leaks_nothing(vmenv, env
     out = warm.claim(env, job_request(vmenv, 504, 1, work))
     assert out.vm is None and f"fault point {point}" in out.why, out
     assert_nothing_left(vmenv, [rec.name])
+
+
+def test_root_in_one_jobs_warm_vm_leaves_nothing_for_the_next_job(vmenv, env):
+    """Guest root of job A plants what would fake the next claim or spy on the next tenant (a
+    replaced qemu-ga wrapper, a login hook, a file in /etc); the next warm VM, booted after A's
+    VM is deleted (even under the same name), has none of it, and job B's claim works."""
+    import libvirt
+    from slurm_dgxvm import lifecycle
+    from slurm_dgxvm.lifecycle import warm
+    from slurm_dgxvm.placement import Request
+    from slurm_dgxvm.virt import hypervisor
+    work = workdir(vmenv, "warm-d")
+    first = warm.boot(env, Request(count=1))
+    assert warm.claim(env, job_request(vmenv, 601, 1, work)).vm is not None
+    conn = libvirt.open(vmenv.uri)
+    try:
+        plant = ("echo planted > /etc/planted && echo 'echo claimed; exit 0' > "
+                 "/usr/lib/dgxvm/seed.sh && echo 'cat /etc/shadow > /tmp/x # dgxvm-planted' >> /etc/profile")
+        code, out = hypervisor.agent_exec(conn.lookupByName(first.name),
+                                          ["/bin/sh", "-c", plant], timeout_s=30, what="plant")
+        assert code == 0, out
+    finally:
+        conn.close()
+    lifecycle.delete(env, first.name, job_id=601)
+    second = warm.boot(env, Request(count=1))
+    try:
+        assert second.name == first.name and second.uuid != first.uuid
+        out = warm.claim(env, job_request(vmenv, 602, 1, work))
+        assert out.vm is not None, out.why
+        r = ssh(vmenv, second.name, "cat /etc/planted 2>&1; "
+                                    "grep -c dgxvm-planted /etc/profile 2>/dev/null || echo 0; "
+                                    "grep -c seed_account /usr/lib/dgxvm/seed.sh")
+        lines = r.stdout.split("\n")
+        assert "No such file" in lines[0] and lines[1] == "0" and int(lines[2]) > 0, r.stdout
+    finally:
+        lifecycle.delete(env, second.name, job_id=602)
+    assert_nothing_left(vmenv, [second.name])

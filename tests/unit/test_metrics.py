@@ -230,8 +230,31 @@ def test_a_fresh_node_lists_every_family(env):
     m = scrape(env)
     assert set(m) == {"dgxvm_host_info", "dgxvm_vms", "dgxvm_gpus",
                       "dgxvm_stage_duration_seconds", "dgxvm_operations_total",
-                      "dgxvm_failures_total"}
+                      "dgxvm_failures_total", "dgxvm_warm_vms", "dgxvm_warm_claims_total"}
     assert m["dgxvm_stage_duration_seconds"]["samples"] == {}
+    assert value(m, "dgxvm_warm_vms") == 0
+    for outcome in ("hit", "miss", "destroyed"):                   # listed before any happened
+        assert value(m, "dgxvm_warm_claims_total", outcome=outcome) == 0
+
+
+def test_warm_vms_their_claims_and_the_ones_destroyed_for_another_job(env):
+    state = env.cfg.host.state_dir
+    add_vm(env, "warm-1", "running", count=2)
+    add_vm(env, "warm-2", "running", count=2)
+    add_vm(env, "job-9", "running", count=2)
+    opstats.count(state, "warm", "hit", stage="claim", seconds=0.8)
+    opstats.count(state, "warm", "miss")
+    opstats.count(state, "warm", "miss")
+    opstats.count(state, "warm", "destroyed", 2)
+    m = scrape(env)
+    assert m["dgxvm_warm_vms"]["type"] == "gauge" and value(m, "dgxvm_warm_vms") == 2
+    claims = "dgxvm_warm_claims_total"
+    assert m[claims]["type"] == "counter"
+    assert [value(m, claims, outcome=o) for o in ("hit", "miss", "destroyed")] == [1, 2, 2]
+    name = "dgxvm_stage_duration_seconds"
+    assert value(m, name, name + "_sum", op="warm", stage="claim") == 0.8
+    ops = m["dgxvm_operations_total"]["samples"]
+    assert not any(dict(labels).get("op") == "warm" for _n, labels in ops)
 
 
 def test_label_values_and_help_are_escaped():

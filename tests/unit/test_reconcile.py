@@ -432,3 +432,13 @@ def test_untagged_fabric_devices_are_left_for_an_admin_and_a_failed_listing_is_s
     assert f.why == "could not be listed (ip: not found)"
     assert planned(f, dry_run=False).result == "skipped"
     assert jobnet_findings(plan(facts(job_fabrics={}))) == []
+
+
+@pytest.mark.parametrize("state", ["creating", "deleting"])
+def test_a_warm_vm_a_killed_boot_or_delete_left_with_a_domain_is_removed(host, state):
+    [f] = plan(facts(vm(host, "warm-3", domain="running", record=state)))
+    assert f.action == "delete-vm" and f.name == "warm-3" and f"warm VM left '{state}'" in f.why
+    # one being booted right now (its lock held) is left to its boot
+    assert plan(facts(vm(host, "warm-3", domain="running", record=state, busy=True))) == []
+    # a waiting warm VM is kept, as any admin VM with a domain
+    assert plan(facts(vm(host, "warm-3", domain="running"))) == []
