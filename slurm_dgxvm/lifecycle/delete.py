@@ -32,7 +32,7 @@ log = logging.getLogger("dgxvm.lifecycle")
 
 
 def delete(env: Env, name: str, progress: Progress = quiet, *,
-           job_id: int | None = None) -> VmRecord | None:
+           job_id: int | None = None, graceful: bool = True) -> VmRecord | None:
     """Stop and remove the VM ``name`` and everything it holds; return its last record.
 
     Works on whatever is left: a record without a domain, a domain that is off, a ledger entry
@@ -43,14 +43,16 @@ def delete(env: Env, name: str, progress: Progress = quiet, *,
     a crash).
 
     Holds the name's lock (:mod:`.vmlock`) throughout, waiting for a create or delete of the
-    same name to end first (LockTimeout past :func:`.vmlock.wait_s`).
+    same name to end first (LockTimeout past :func:`.vmlock.wait_s`). ``graceful=False``
+    destroys the guest without asking it to shut down (a warm VM no tenant has used: nothing in
+    it to flush).
     """
     t0 = time.monotonic()
     name = domain_name(name)
     timer = StageTimer()
     try:
         with vmlock.held(env.cfg.host.state_dir, name, timeout=vmlock.wait_s(env.cfg)):
-            how, rec = _teardown(env, name, job_id, progress, timer)
+            how, rec = _teardown(env, name, job_id, progress, timer, graceful)
     except DomainNotFound:
         raise                             # nothing to tear down (or not ours): not counted
     except BaseException as exc:
@@ -67,7 +69,7 @@ def delete(env: Env, name: str, progress: Progress = quiet, *,
 
 
 def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
-              timer: StageTimer) -> tuple[str, VmRecord | None]:
+              timer: StageTimer, graceful: bool = True) -> tuple[str, VmRecord | None]:
     """:func:`delete` after the name: find what is left of the VM, then each step in its
     stage. Returns how the VM stopped and its record (None: none was left)."""
     rec = env.vms.load(name)
@@ -87,7 +89,8 @@ def _teardown(env: Env, name: str, job_id: int | None, progress: Progress,
     if dom is not None:
         progress("shutting down")
         with timer.stage("shutdown"):
-            how = hypervisor.shutdown_gracefully(dom, env.cfg.libvirt.shutdown_timeout_s)
+            how = hypervisor.shutdown_gracefully(dom, env.cfg.libvirt.shutdown_timeout_s) \
+                if graceful else None
         failpoints.hit(env.cfg.host.state_dir, "after:shutdown", name)
         if how is None:                   # still running at the deadline
             with timer.stage("destroy"):

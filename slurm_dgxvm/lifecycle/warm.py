@@ -124,8 +124,6 @@ def claim(env: Env, req, progress: Progress = quiet) -> Outcome:
 
 def _claim_one(env: Env, req, warm: dict[str, Allocation], progress: Progress,
                t0: float) -> Outcome:
-    if req.fabric is not None or req.placement.ib != "none":
-        return Outcome(None, "a multi-node or InfiniBand job is not given a warm VM")
     policy = env.policy
     if req.alignment and req.alignment != policy.alignment:
         policy = replace(policy, alignment=req.alignment)
@@ -145,7 +143,10 @@ def _claim_one(env: Env, req, warm: dict[str, Allocation], progress: Progress,
     image = env.images.get(req.image)
     data_gib = req.data_disk_gib if req.data_disk_gib is not None else env.cfg.vm.data_disk_gib
     match = None
-    for n in in_way:
+    # a multi-node job's fabric NIC and an InfiniBand job's functions are cold-plugged: such a
+    # job starts cold, and a warm VM in its way goes
+    cold_only = req.fabric is not None or req.placement.ib != "none"
+    for n in in_way if not cold_only else ():
         rec = env.vms.load(n)
         # a warm VM still booting (or being deleted) is in the way like any other: deleting
         # it waits for its boot to end (its lock), never for a job
@@ -158,8 +159,9 @@ def _claim_one(env: Env, req, warm: dict[str, Allocation], progress: Progress,
         progress(f"deleting warm VM {n}: it holds devices this job needs")
         _delete_quietly(env, n, None)
     if match is None:
-        why = "no warm VM of this job's block" + (f"; deleted {', '.join(destroyed)}, "
-                                                   f"in the way" if destroyed else "")
+        why = ("a multi-node or InfiniBand job starts cold" if cold_only
+               else "no warm VM of this job's block")
+        why += f"; deleted {', '.join(destroyed)}, in the way" if destroyed else ""
         return Outcome(None, why, destroyed, time.monotonic() - t0)
     try:
         rec = _claim(env, req, match, progress, t0)
@@ -176,9 +178,11 @@ def _claim_one(env: Env, req, warm: dict[str, Allocation], progress: Progress,
 
 
 def _delete_quietly(env: Env, name: str, job_id: int | None) -> None:
+    """Delete a warm VM, unclaimed or half claimed, destroyed outright: no tenant code has run
+    in it, so nothing in it is to be flushed, and a job waits for the delete."""
     from .delete import delete
     try:
-        delete(env, name, job_id=job_id)
+        delete(env, name, job_id=job_id, graceful=False)
     except DomainNotFound:
         pass
 
