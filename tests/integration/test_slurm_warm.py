@@ -35,14 +35,21 @@ def boot_warm(node, gpus: int) -> str:
     return name
 
 
-def test_a_job_claims_the_warm_vm_of_its_block_and_runs_in_it_as_its_user(slurm_node):
-    node = slurm_node
-    name = boot_warm(node, 2)
-    job = node.jobs.sbatch(SCRIPT, gpus=2)
+def run_job(node, gpus: int, **kw) -> tuple[int, dict, list[str]]:
+    """Submit SCRIPT on ``gpus`` GPUs and wait: (job id, its sacct row, its slurmd lines); the
+    job completed."""
+    job = node.jobs.sbatch(SCRIPT, gpus=gpus, **kw)
     node.jobs.wait_done([job], timeout=300)
     row = node.jobs.sacct([job])[job]
     lines = slurmd_lines(node, job)
     assert row["State"] == "COMPLETED", (row, lines)
+    return job, row, lines
+
+
+def test_a_job_claims_the_warm_vm_of_its_block_and_runs_in_it_as_its_user(slurm_node):
+    node = slurm_node
+    name = boot_warm(node, 2)
+    job, row, lines = run_job(node, 2)
     assert any(f"warm VM {name} claimed" in ln for ln in lines), lines
     wd = node.jobs.workdir
     vm = json.loads((wd / f"vm-{job}.json").read_text())
@@ -63,11 +70,7 @@ def test_a_job_claims_the_warm_vm_of_its_block_and_runs_in_it_as_its_user(slurm_
 def test_a_job_of_a_larger_block_deletes_the_warm_vm_in_its_way_and_starts_cold(slurm_node):
     node = slurm_node
     name = boot_warm(node, 2)
-    job = node.jobs.sbatch(SCRIPT, gpus=4)
-    node.jobs.wait_done([job], timeout=300)
-    row = node.jobs.sacct([job])[job]
-    lines = slurmd_lines(node, job)
-    assert row["State"] == "COMPLETED", (row, lines)
+    job, row, lines = run_job(node, 4)
     assert any(f"warm VM {name} deleted: it held devices of this job's block" in ln
                for ln in lines), lines
     assert any(f"VM job-{job} ready in" in ln for ln in lines), lines
