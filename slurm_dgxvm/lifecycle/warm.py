@@ -32,6 +32,7 @@ import base64
 import logging
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -165,9 +166,11 @@ def _claim_one(env: Env, req, warm: dict[str, Allocation], progress: Progress,
         return Outcome(None, why, destroyed, time.monotonic() - t0)
     try:
         rec = _claim(env, req, match, progress, t0)
-    except DgxvmError as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of a claim is a cold start
         if is_job_fault(exc):          # a share refused: a cold start refuses it too
             raise
+        if not isinstance(exc, DgxvmError):
+            log.exception("%s: claim by job %s failed", match, req.job_id)
         # not claimed before the commit (its lock busy): still warm, still in the way
         if domain_key(match) in env.ledger.read().allocations:
             _delete_quietly(env, match, None)
@@ -189,12 +192,12 @@ def _delete_quietly(env: Env, name: str, job_id: int | None) -> None:
 
 def _claim(env: Env, req, name: str, progress: Progress, t0: float) -> VmRecord:
     from .create import check_image_cache, check_share
-    try:
-        lock = vmlock.held(env.cfg.host.state_dir, name, timeout=1.0)
-        lock.__enter__()
-    except LockTimeout:
-        raise ClaimFailed(name=name, reason=f"{name} is being changed by another dgxvm") from None
-    try:
+    with ExitStack() as held:
+        try:
+            held.enter_context(vmlock.held(env.cfg.host.state_dir, name, timeout=1.0))
+        except LockTimeout:
+            raise ClaimFailed(name=name, reason=f"{name} is being changed by another "
+                                                f"dgxvm") from None
         share, share_refused = check_share(env.cfg, req)
         cache, cache_refused = check_image_cache(env.cfg, req, share)
         if not _commit(env, req, name):
@@ -203,13 +206,9 @@ def _claim(env: Env, req, name: str, progress: Progress, t0: float) -> VmRecord:
             return _make_it_the_jobs(env, req, name, share, share_refused, cache,
                                      cache_refused, progress, t0)
         except BaseException:
-            lock.__exit__(None, None, None)
-            lock = None
+            held.close()                  # the delete takes the name's lock itself
             _delete_quietly(env, name, req.job_id)
             raise
-    finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
 
 
 def _commit(env: Env, req, name: str) -> bool:
