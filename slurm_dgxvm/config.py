@@ -182,6 +182,18 @@ class PartitionConfig:
     ib: str = "none"                          # none | vf | port: InfiniBand beside the GPUs
     warm: tuple[int, ...] = ()                # GPU counts of the warm VMs kept on each node
 
+    def sizes(self, gpus: int) -> dict[str, int | None]:
+        """The VM sizes of the partition's job of ``gpus`` GPUs, as placement.Request's
+        ``vcpus``, ``memory_mib`` and ``disk_gib`` (None: the machine's template)."""
+        return {"vcpus": self.vcpus_per_gpu * gpus or None,
+                "memory_mib": self.memory_mib_per_gpu * gpus or None,
+                "disk_gib": self.disk_gib_per_gpu * gpus or None}
+
+    @property
+    def data_disk(self) -> int | None:
+        """The data disk of the partition's VMs in GiB; None: [vm] data_disk_gib."""
+        return self.data_disk_gib if self.data_disk_gib >= 0 else None
+
 
 @dataclass(frozen=True)
 class Config:

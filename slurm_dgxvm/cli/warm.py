@@ -35,17 +35,9 @@ def warm():
 def boot(c, gpu_count, gpu_index, partition, as_json):
     """Boot a warm VM: a job of this partition whose placement is its block claims it."""
     from ..lifecycle import warm as warm_mod
-    from ..placement import Request
     from .params import request_flags
-    part = c.env.cfg.partition(partition)
-    n = gpu_count
-    req = Request(count=n, gpu_index=gpu_index, vcpus=part.vcpus_per_gpu * n or None,
-                  memory_mib=part.memory_mib_per_gpu * n or None,
-                  disk_gib=part.disk_gib_per_gpu * n or None)
-    data_disk = part.data_disk_gib if part.data_disk_gib >= 0 else None
     with request_flags():
-        rec = warm_mod.boot(c.env, req, image=part.image or None, data_disk_gib=data_disk,
-                            partition=partition or "default")
+        rec = warm_mod.boot_for(c.env, partition or "default", gpu_count, gpu_index=gpu_index)
     if as_json:
         click.echo(json.dumps(rec.to_json(), indent=2, sort_keys=True))
         return

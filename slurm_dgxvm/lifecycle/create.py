@@ -259,9 +259,6 @@ class _Creation:
     def keys_address_seed(self) -> None:
         self.progress("keys, address and seed")
         cfg, req, name, vmdir = self.cfg, self.req, self.name, self.vmdir
-        user_pub = seed_mod.generate_keypair(vmdir / USER_KEY, f"{req.user}@{name}")
-        os.chown(vmdir / USER_KEY, req.uid, req.gid)
-        os.chown(vmdir / (USER_KEY + ".pub"), req.uid, req.gid)
         job_ssh = self.job_ssh
         if job_ssh is not None:            # the host key every VM of the job knows this one by
             host = job_ssh[1]
@@ -276,25 +273,8 @@ class _Creation:
                                                          name, cfg.libvirt.network_cidr)
         self.undo.callback(hypervisor.give_back_address, self.conn, cfg.libvirt.network,
                            cfg.host.state_dir, name, self.mac)
-        atomic_write(vmdir / KNOWN_HOSTS, f"{self.address} {host_pub}\n", mode=0o600,
-                     uid=req.uid, gid=req.gid)
-        # the images the job's dgxvm run ran (theirs to write; the Epilog reads it, checked)
-        atomic_write(vmdir / RANLOG, "", mode=0o600, uid=req.uid, gid=req.gid)
-        mounts = ()
-        if self.share is not None:
-            self.share.save(vmdir / SHARE_SPEC)
-            atomic_write(vmdir / SHARE_WRAPPER, share_server.wrapper_script(
-                vmdir / SHARE_SPEC, virtiofsd=cfg.vm.virtiofsd), mode=0o700)
-            mounts = (seed_mod.Mount(tag=share_tag(self.share.path), path=self.share.path,
-                                     fstype=cfg.vm.share),)
-        if self.image_cache is not None:
-            cache = self.image_cache.path
-            self.image_cache.save(vmdir / IMAGE_CACHE_SPEC)
-            atomic_write(vmdir / IMAGE_CACHE_WRAPPER, share_server.wrapper_script(
-                vmdir / IMAGE_CACHE_SPEC, virtiofsd=cfg.vm.virtiofsd,
-                what="The container image cache share", read_only=True), mode=0o700)
-            mounts += (seed_mod.Mount(tag=image_cache_tag(cache), path=cache,
-                                      fstype=cfg.vm.share, read_only=True),)
+        user_pub = user_files(vmdir, req, name, self.address, host_pub)
+        mounts = tuple(s.mount for s in share_files(cfg, vmdir, self.share, self.image_cache))
         home = req.home or (f"/home/{req.user}" if req.uid else "/root")
         seed_mod.write_seed(seed_mod.SeedSpec(
             instance_id=f"{name}-{int(time.time())}", hostname=hostname_for(name),
@@ -451,6 +431,52 @@ def ib_runner(env: Env, host, name: str):
     def simulated(argv, _timeout, pkey):
         log.info("%s: simulated (no HCA here), partition key %s: %s", name, pkey, " ".join(argv))
     return simulated
+
+
+def user_files(vmdir: Path, req: CreateRequest, name: str, address: str, host_pub: str) -> str:
+    """What the VM's user gets in its directory, theirs: the key pair they log in with, the
+    known_hosts pinning the guest's host key ``host_pub`` at ``address``, and the empty log of
+    the images their dgxvm run ran (the Epilog reads it, checked). Returns the public key."""
+    user_pub = seed_mod.generate_keypair(vmdir / USER_KEY, f"{req.user}@{name}")
+    os.chown(vmdir / USER_KEY, req.uid, req.gid)
+    os.chown(vmdir / (USER_KEY + ".pub"), req.uid, req.gid)
+    atomic_write(vmdir / KNOWN_HOSTS, f"{address} {host_pub}\n", mode=0o600,
+                 uid=req.uid, gid=req.gid)
+    atomic_write(vmdir / RANLOG, "", mode=0o600, uid=req.uid, gid=req.gid)
+    return user_pub
+
+
+@dataclass(frozen=True)
+class ServedShare:
+    """A share of the VM: how the guest mounts it, its spec and the wrapper that serves it as
+    the job's user (:mod:`slurm_dgxvm.shares.virtiofsd`)."""
+
+    mount: seed_mod.Mount
+    spec: Path
+    wrapper: Path
+
+
+def share_files(cfg: Config, vmdir: Path, share: share_policy.ShareSpec | None,
+                cache: share_policy.ShareSpec | None) -> tuple[ServedShare, ...]:
+    """Write the specs and wrappers of the work dir ``share`` and the image ``cache`` (read-only)
+    into ``vmdir``; the shares, work dir first."""
+    out = []
+    if share is not None:
+        share.save(vmdir / SHARE_SPEC)
+        atomic_write(vmdir / SHARE_WRAPPER, share_server.wrapper_script(
+            vmdir / SHARE_SPEC, virtiofsd=cfg.vm.virtiofsd), mode=0o700)
+        out.append(ServedShare(seed_mod.Mount(tag=share_tag(share.path), path=share.path,
+                                              fstype=cfg.vm.share),
+                               vmdir / SHARE_SPEC, vmdir / SHARE_WRAPPER))
+    if cache is not None:
+        cache.save(vmdir / IMAGE_CACHE_SPEC)
+        atomic_write(vmdir / IMAGE_CACHE_WRAPPER, share_server.wrapper_script(
+            vmdir / IMAGE_CACHE_SPEC, virtiofsd=cfg.vm.virtiofsd,
+            what="The container image cache share", read_only=True), mode=0o700)
+        out.append(ServedShare(seed_mod.Mount(tag=image_cache_tag(cache.path), path=cache.path,
+                                              fstype=cfg.vm.share, read_only=True),
+                               vmdir / IMAGE_CACHE_SPEC, vmdir / IMAGE_CACHE_WRAPPER))
+    return tuple(out)
 
 
 def _warm_extra(partition: str, data_gib: int) -> dict:

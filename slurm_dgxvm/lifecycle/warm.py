@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -43,9 +42,7 @@ from ..ledger import Allocation, domain_key, job_key
 from ..names import WARM_PREFIX, is_warm
 from ..observe import opstats
 from ..placement import Occupancy, Request, place
-from ..records import (HOST_KEY, IMAGE_CACHE_SPEC, IMAGE_CACHE_WRAPPER, KNOWN_HOSTS, OS_DISK,
-                       RANLOG, SHARE_SPEC, SHARE_WRAPPER, USER_KEY, VmRecord)
-from ..shares import virtiofsd as share_server
+from ..records import HOST_KEY, OS_DISK, VmRecord
 from . import vmlock
 from .env import Env, Progress, quiet
 from .identity import group_names, hostname_for
@@ -73,7 +70,7 @@ def waiting(env: Env) -> dict[str, Allocation]:
 
 
 def next_name(env: Env) -> str:
-    taken = {n for n in env.vms.names()} | set(waiting(env))
+    taken = set(env.vms.names()) | set(waiting(env))
     i = 1
     while f"{PREFIX}{i}" in taken:
         i += 1
@@ -94,7 +91,17 @@ def boot(env: Env, request: Request, *, image: str | None = None,
     return create(env, req, progress)
 
 
-def _same_vm(a: Allocation, rec: VmRecord, p, image: str, data_disk_gib: int | None) -> bool:
+def boot_for(env: Env, partition: str, gpus: int, *, gpu_index: int | None = None,
+             progress: Progress = quiet) -> VmRecord:
+    """Boot a warm VM for ``partition``'s jobs of ``gpus`` GPUs: the partition's sizes, image
+    and data disk, exactly what a cold start of such a job makes (slurm.job.create_request)."""
+    part = env.cfg.partition(partition)
+    return boot(env, Request(count=gpus, gpu_index=gpu_index, **part.sizes(gpus)),
+                image=part.image or None, data_disk_gib=part.data_disk, progress=progress,
+                partition=partition)
+
+
+def _same_vm(rec: VmRecord, p, image: str, data_disk_gib: int | None) -> bool:
     """Whether the warm VM ``rec`` is what a cold start of placement ``p`` would make."""
     wp = rec.placement
     return (tuple(wp.gpus) == tuple(p.gpus) and tuple(wp.nvswitches) == tuple(p.nvswitches)
@@ -152,7 +159,7 @@ def _claim_one(env: Env, req, warm: dict[str, Allocation], progress: Progress,
         # a warm VM still booting (or being deleted) is in the way like any other: deleting
         # it waits for its boot to end (its lock), never for a job
         if rec is not None and rec.state == "running" and rec.extra.get("warm") == "waiting" \
-                and _same_vm(warm[n], rec, p, image.name, data_gib) \
+                and _same_vm(rec, p, image.name, data_gib) \
                 and rec.image_version == image.version:
             match = n
     destroyed = tuple(n for n in in_way if n != match)
@@ -228,7 +235,7 @@ def _make_it_the_jobs(env: Env, req, name: str, share, share_refused, cache, cac
                       progress: Progress, t0: float) -> VmRecord:
     from ..virt import hypervisor
     from ..shares import hotplug
-    from ..design import image_cache_tag, share_tag
+    from .create import share_files, user_files
     cfg = env.cfg
     vmdir = env.vms.dir(name)
     state_dir = cfg.host.state_dir
@@ -240,36 +247,15 @@ def _make_it_the_jobs(env: Env, req, name: str, share, share_refused, cache, cac
     env.vms.save(rec)
     failpoints.hit(state_dir, "claim:committed", name)
     progress("claiming warm VM " + name)
-    user_pub = seed_mod.generate_keypair(vmdir / USER_KEY, f"{req.user}@{name}")
-    for f in (USER_KEY, USER_KEY + ".pub"):
-        os.chown(vmdir / f, req.uid, req.gid)
     host_pub = (vmdir / (HOST_KEY + ".pub")).read_text().strip()
-    atomic_write(vmdir / KNOWN_HOSTS, f"{rec.address} {host_pub}\n", mode=0o600,
-                 uid=req.uid, gid=req.gid)
-    atomic_write(vmdir / RANLOG, "", mode=0o600, uid=req.uid, gid=req.gid)
-    conn = env.connect()
-    dom = conn.lookupByName(name)
-    mounts: tuple = ()
+    user_pub = user_files(vmdir, req, name, rec.address, host_pub)
+    dom = env.connect().lookupByName(name)
     what = f"claim of {name} by job {req.job_id}"
-    if share is not None:
-        share.save(vmdir / SHARE_SPEC)
-        atomic_write(vmdir / SHARE_WRAPPER, share_server.wrapper_script(
-            vmdir / SHARE_SPEC, virtiofsd=cfg.vm.virtiofsd), mode=0o700)
-        tag = share_tag(share.path)
-        hotplug.plug(dom, qemu_owner=vmdir / OS_DISK, spec_path=vmdir / SHARE_SPEC,
-                     wrapper=vmdir / SHARE_WRAPPER, source=share.path, tag=tag, what=what)
-        mounts += (seed_mod.Mount(tag=tag, path=share.path, fstype=cfg.vm.share),)
-    if cache is not None:
-        cache.save(vmdir / IMAGE_CACHE_SPEC)
-        atomic_write(vmdir / IMAGE_CACHE_WRAPPER, share_server.wrapper_script(
-            vmdir / IMAGE_CACHE_SPEC, virtiofsd=cfg.vm.virtiofsd,
-            what="The container image cache share", read_only=True), mode=0o700)
-        tag = image_cache_tag(cache.path)
-        hotplug.plug(dom, qemu_owner=vmdir / OS_DISK, spec_path=vmdir / IMAGE_CACHE_SPEC,
-                     wrapper=vmdir / IMAGE_CACHE_WRAPPER, source=cache.path, tag=tag,
-                     what=what)
-        mounts += (seed_mod.Mount(tag=tag, path=cache.path, fstype=cfg.vm.share,
-                                  read_only=True),)
+    served = share_files(cfg, vmdir, share, cache)
+    for s in served:
+        hotplug.plug(dom, qemu_owner=vmdir / OS_DISK, spec_path=s.spec, wrapper=s.wrapper,
+                     source=s.mount.path, tag=s.mount.tag, what=what)
+    mounts = tuple(s.mount for s in served)
     failpoints.hit(state_dir, "claim:plugged", name)
     home = req.home or f"/home/{req.user}"
     spec = seed_mod.SeedSpec(
@@ -355,14 +341,13 @@ def refill(env: Env, partition: str, node_state, progress: Progress = quiet) -> 
     service (not draining, drained, down or failing), after its last job's Epilog ended (it
     waits while the node is COMPLETING), and never while the admin stopped refills or another
     refill runs."""
-    from ..errors import LockTimeout as _Locked, NoFit
+    from ..errors import NoFit
     from ..fsutil import locked
-    from ..placement import Request as _Request
     state_dir = Path(env.cfg.host.state_dir)
     booted: list[str] = []
     try:
         with locked(state_dir / REFILL_LOCK, timeout=0,
-                    timed_out=lambda: _Locked(path=str(state_dir / REFILL_LOCK), timeout=0),
+                    timed_out=lambda: LockTimeout(path=str(state_dir / REFILL_LOCK), timeout=0),
                     failed=lambda e: e):
             deadline = time.monotonic() + COMPLETING_WAIT_S
             while True:
@@ -380,17 +365,10 @@ def refill(env: Env, partition: str, node_state, progress: Progress = quiet) -> 
                 want = wanted(env, partition)
                 if not want:
                     return booted, ""
-                part = env.cfg.partition(partition)
-                n = want[0]
-                req = _Request(count=n, vcpus=part.vcpus_per_gpu * n or None,
-                               memory_mib=part.memory_mib_per_gpu * n or None,
-                               disk_gib=part.disk_gib_per_gpu * n or None)
                 try:
-                    rec = boot(env, req, image=part.image or None,
-                               data_disk_gib=part.data_disk_gib if part.data_disk_gib >= 0
-                               else None, progress=progress, partition=partition)
+                    rec = boot_for(env, partition, want[0], progress=progress)
                 except NoFit as exc:
-                    return booted, f"no free block of {n} GPU(s): {exc}"
+                    return booted, f"no free block of {want[0]} GPU(s): {exc}"
                 booted.append(rec.name)
-    except _Locked:
+    except LockTimeout:
         return booted, "another refill is running"

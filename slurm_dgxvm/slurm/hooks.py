@@ -152,21 +152,18 @@ def prolog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
             opstats.count_failure(env.cfg.host.state_dir, "prolog", exc)
         return _prolog_failed(env, job_id, job, stage.now, exc, slurm, emit, timer.seconds(),
                               environ)
-    if rec.extra.get("warm") == "claimed":
-        emit(f"{where}: warm VM {rec.name} claimed in {rec.extra.get('claim_s', 0):.1f}s on GPUs "
-             f"{format_index_list(rec.placement.gpus)}, {rec.address}")
-        if env.cfg.slurm.accounting:
-            write = _record_writer(slurm, environ, job.job_id)
-            _account(emit, where, lambda: write(vm_fields(rec, state="running")))
-        return EXIT_OK
     p = rec.placement
-    how = "Slurm's block" if not p.remapped else \
-        f"remapped from Slurm's {format_index_list(job.gpus)}"
-    if not p.aligned:
-        how += ", NOT aligned (alignment = prefer)"
-    emit(f"{where}: VM {rec.name} ready in {rec.boot_s:.1f}s on GPUs "
-         f"{format_index_list(p.gpus)} ({how}), NUMA {format_index_list(p.numa_nodes)}, "
-         f"{rec.address}"
+    if rec.extra.get("warm") == "claimed":
+        what = (f"warm VM {rec.name} claimed in {rec.extra.get('claim_s', 0):.1f}s on GPUs "
+                f"{format_index_list(p.gpus)}, {rec.address}")
+    else:
+        how = "Slurm's block" if not p.remapped else \
+            f"remapped from Slurm's {format_index_list(job.gpus)}"
+        if not p.aligned:
+            how += ", NOT aligned (alignment = prefer)"
+        what = (f"VM {rec.name} ready in {rec.boot_s:.1f}s on GPUs {format_index_list(p.gpus)} "
+                f"({how}), NUMA {format_index_list(p.numa_nodes)}, {rec.address}")
+    emit(f"{where}: {what}"
          + (f"; work dir NOT shared: {rec.extra['share_refused']}"
             if rec.extra.get("share_refused") else "")
          + (f"; image cache NOT shared: {rec.extra['image_cache_refused']}"

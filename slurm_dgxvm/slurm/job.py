@@ -166,15 +166,11 @@ def create_request(cfg: Config, job: SlurmJob, images, home: str | None = None) 
     fabric = job_fabric(cfg, job)
     # here, not at the top: lifecycle.create loads libvirt
     from ..lifecycle import CreateRequest
-    n = len(job.gpus)
-    data_disk = part.data_disk_gib if part.data_disk_gib >= 0 else None
     return CreateRequest(
         name=domain_for(cfg, job.job_id),
-        placement=Request(count=n, slurm_gpus=job.gpus,
-                          vcpus=part.vcpus_per_gpu * n or None,
-                          memory_mib=part.memory_mib_per_gpu * n or None,
-                          disk_gib=part.disk_gib_per_gpu * n or None, ib=part.ib),
-        data_disk_gib=data_disk, image=image.name, owner="job", job_id=job.job_id,
+        placement=Request(count=len(job.gpus), slurm_gpus=job.gpus,
+                          **part.sizes(len(job.gpus)), ib=part.ib),
+        data_disk_gib=part.data_disk, image=image.name, owner="job", job_id=job.job_id,
         user=job.user, uid=job.uid, gid=job.gid, groups=job.groups,
         home=home if home is not None else job.home, workdir=job.work_dir,
         alignment=part.alignment or None, fabric=fabric)
