@@ -27,6 +27,25 @@ from collections.abc import Callable, Iterator
 PathLike = str | os.PathLike[str]
 
 
+FULL_BELOW_BYTES = 1 << 20
+
+
+def filesystem_full(path: PathLike) -> bool:
+    """Whether the filesystem holding ``path`` has less than :data:`FULL_BELOW_BYTES` or no inode
+    left for an unprivileged writer: what a tool that failed while writing there most likely ran
+    into, whatever it managed to say before it died (umoci can panic on the error path of a full
+    disk, its tail a goroutine dump). False when ``path`` cannot be looked at.
+
+    >>> filesystem_full("/nonexistent/dgxvm")
+    False
+    """
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BELOW_BYTES or (st.f_files > 0 and st.f_favail == 0)
+
+
 def fsync_dir(path: PathLike) -> None:
     """Make a rename or a new name in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -465,8 +465,13 @@ class ImageCache:
                           what=f"umoci unpack {ref}", hint=" (Debian package umoci)", check=False)
         if result.returncode != 0:
             said = output_tail(result)
-            if re.search(r"no space left on device|disk quota exceeded", said, re.I):
+            everything = f"{result.stderr or ''}\n{result.stdout or ''}"
+            if re.search(r"no space left on device|disk quota exceeded", everything, re.I):
                 raise ContainerDiskFull(ref=str(ref), reason=f"the disk is full: {said}")
+            if fsutil.filesystem_full(work):
+                raise ContainerDiskFull(ref=str(ref), reason=f"the disk is full: {work} has less "
+                                        f"than 1 MiB left after umoci unpack failed (exit "
+                                        f"{result.returncode}): {said}")
             raise ContainerImageError(ref=str(ref), reason=f"umoci unpack failed "
                                       f"(exit {result.returncode}): {said}")
         try:

@@ -677,3 +677,43 @@ def test_a_failed_pull_on_a_terminal_is_the_same_clear_error(fake_pull, tmp_path
                       f"docker://r/x@sha256:0: reading manifest sha256:0 in r/x: manifest "
                       f"unknown: manifest unknown"] * 3
     assert cache.entries() == [] and list((cache.root / "tmp").iterdir()) == []
+
+
+PANIC = ("panic: runtime error: invalid memory address or nil pointer dereference\n"
+         + "goroutine 7 [running]:\ngithub.com/klauspost/pgzip.(*Reader).doReadAhead.func1()\n"
+         + "\tgithub.com/klauspost/pgzip/gunzip.go:399 +0x1ee\n" * 200)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_umoci_dying_without_a_word_on_a_full_disk_is_still_a_full_disk(fake_pull, tmp_path,
+                                                                         monkeypatch, full):
+    """umoci can panic on a full disk (a race in its gzip reader): its tail is a goroutine dump,
+    no "no space left". A full filesystem under the entry says it was the disk; otherwise it is
+    umoci's failure, quoted. Either way nothing is left in the cache."""
+    cache, _, _ = fake_pull
+    (tmp_path / "panic.txt").write_text(PANIC)
+    Path(cache.umoci).write_text(f'#!/bin/sh\ncat {tmp_path / "panic.txt"} >&2\nexit 2\n')
+    seen = []
+    monkeypatch.setattr("slurm_dgxvm.fsutil.filesystem_full",
+                        lambda path: seen.append(Path(path)) or full)
+    with pytest.raises(ContainerImageError) as exc:
+        cache.get(REF)
+    assert isinstance(exc.value, ContainerDiskFull) is full
+    said = str(exc.value)
+    if full:
+        assert said.startswith(f"container image {REF}: the disk is full: {seen[0]} has less "
+                               f"than 1 MiB left after umoci unpack failed (exit 2): ")
+        assert seen[0].parent == cache.root / "tmp"
+    else:
+        assert said.startswith(f"container image {REF}: umoci unpack failed (exit 2): ")
+    assert "klauspost/pgzip/gunzip.go:399" in said
+    assert cache.entries() == [] and list((cache.root / "tmp").iterdir()) == []
+
+
+def test_an_error_naming_the_full_disk_anywhere_in_umocis_output_is_a_full_disk(fake_pull,
+                                                                               tmp_path):
+    cache, _, _ = fake_pull
+    (tmp_path / "said.txt").write_text("write /c/x: no space left on device\n" + PANIC)
+    Path(cache.umoci).write_text(f'#!/bin/sh\ncat {tmp_path / "said.txt"} >&2\nexit 2\n')
+    with pytest.raises(ContainerDiskFull, match=rf"^container image {REF}: the disk is full: "):
+        cache.get(REF)

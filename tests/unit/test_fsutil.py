@@ -138,3 +138,16 @@ def test_locked_names_an_unusable_lock_file(tmp_path):
                            timed_out=lambda: Refused("t"),
                            failed=lambda e: Refused(e.strerror)):
             pass
+
+
+@pytest.mark.parametrize("bavail,favail,full", [
+    (1000, 50, False),       # 4 MB and inodes left
+    (200, 50, True),         # 800 KB: less than a MiB
+    (1000, 0, True),         # blocks but no inode
+])
+def test_filesystem_full_is_under_a_mib_or_no_inode_for_a_user(monkeypatch, bavail, favail, full):
+    real = os.statvfs("/")
+    fake = os.statvfs_result((4096, 4096, 10**6, 10**5, bavail, 10**5, 10**4, favail, *real[8:]))
+    monkeypatch.setattr(fsutil.os, "statvfs", lambda path: fake)
+    assert fsutil.filesystem_full("/x") is full
+
