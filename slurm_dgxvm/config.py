@@ -181,6 +181,7 @@ class PartitionConfig:
     data_disk_gib: int = -1                   # -1 = [vm] data_disk_gib
     ib: str = "none"                          # none | vf | port: InfiniBand beside the GPUs
     warm: tuple[int, ...] = ()                # GPU counts of the warm VMs kept on each node
+    warm_recent: int = 0                      # + one per GPU count of the last N jobs here
 
     def sizes(self, gpus: int) -> dict[str, int | None]:
         """The VM sizes of the partition's job of ``gpus`` GPUs, as placement.Request's
@@ -188,6 +189,11 @@ class PartitionConfig:
         return {"vcpus": self.vcpus_per_gpu * gpus or None,
                 "memory_mib": self.memory_mib_per_gpu * gpus or None,
                 "disk_gib": self.disk_gib_per_gpu * gpus or None}
+
+    @property
+    def keeps_warm(self) -> bool:
+        """Whether the partition has a warm policy (fixed counts, recent jobs' counts or both)."""
+        return bool(self.warm or self.warm_recent)
 
     @property
     def data_disk(self) -> int | None:
@@ -298,6 +304,9 @@ def from_dict(data: dict, path: str = "<config>") -> Config:
 
 # No setting is a number this large; one that is, is a typo (and would overflow a C long).
 NUMBER_MAX = 2 ** 53
+
+# The most of a partition's last jobs whose GPU counts its warm policy may follow.
+WARM_RECENT_MAX = 64
 
 # A Slurm partition name as config tables and SLURM_JOB_PARTITION may carry it.
 PARTITION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -519,10 +528,16 @@ def _validate(cfg: Config, path: str) -> None:
             raise ConfigError(path=path, reason=f"{where}.warm: {bad[0]} is not a GPU count "
                                                 f"(1 to 64): list the GPU counts of the warm VMs "
                                                 f"to keep, e.g. [8]")
-        if part.warm and part.ib != "none":
-            raise ConfigError(path=path, reason=f"{where}.warm: a partition with ib = "
-                                                f"{part.ib!r} gets no warm VMs (their jobs start "
-                                                f"cold); remove warm or ib")
+        if not 0 <= part.warm_recent <= WARM_RECENT_MAX:
+            raise ConfigError(path=path, reason=f"{where}.warm_recent {part.warm_recent} is not "
+                                                f"0 to {WARM_RECENT_MAX}: how many of the "
+                                                f"partition's last jobs on a node say which "
+                                                f"sizes to keep warm (0: none)")
+        for key in ("warm", "warm_recent"):
+            if getattr(part, key) and part.ib != "none":
+                raise ConfigError(path=path, reason=f"{where}.{key}: a partition with ib = "
+                                                    f"{part.ib!r} gets no warm VMs (their jobs "
+                                                    f"start cold); remove {key} or ib")
         if part.data_disk_gib < -1:
             raise ConfigError(path=path, reason=f"{where}.data_disk_gib must be >= 0 (or -1 for "
                                                 f"[vm] data_disk_gib), not {part.data_disk_gib}")

@@ -55,8 +55,10 @@ def list_cmd(c, as_json):
     from ..lifecycle import warm as warm_mod
     rows = []
     for name, a in sorted(warm_mod.waiting(c.env).items()):
+        rec = c.env.vms.load(name)
         rows.append({"name": name, "gpus": list(a.gpus), "nvswitches": list(a.nvswitches),
-                     "age_s": round(time.time() - a.created, 1)})
+                     "age_s": round(time.time() - a.created, 1),
+                     "partition": rec.extra.get("partition", "") if rec else ""})
     if as_json:
         for r in rows:
             click.echo(json.dumps(r, sort_keys=True))
@@ -64,7 +66,16 @@ def list_cmd(c, as_json):
     if not rows:
         click.echo("no warm VM")
     for r in rows:
-        click.echo(f"{r['name']}  GPUs {format_index_list(r['gpus'])}  waiting {r['age_s']:.0f}s")
+        click.echo(f"{r['name']}  GPUs {format_index_list(r['gpus'])}  partition "
+                   f"{r['partition'] or '-'}  waiting {r['age_s']:.0f}s")
+    for pname, part in sorted(c.env.cfg.partitions.items()):
+        if part.keeps_warm:
+            counts = warm_mod.policy(c.env, pname)
+            why = f"warm = {list(part.warm)}"
+            if part.warm_recent:
+                why += (f"; its last {part.warm_recent} jobs here: "
+                        f"{warm_mod.recent(c.env, pname) or 'none yet'}")
+            click.echo(f"partition {pname} keeps {counts or 'none'} GPU(s) warm ({why})")
 
 
 @warm.command()
@@ -83,8 +94,9 @@ def refill(c, partition, node):
     from ..slurm.commands import Slurm
     node = liveness.node_name(os.environ, node)
     slurm = Slurm(c.env.cfg.slurm)
-    booted, why = warm_mod.refill(c.env, partition,
-                                  lambda: slurm.node_state(node)[0])
+    booted, why = warm_mod.refill(c.env, partition, lambda: slurm.node_state(node)[0],
+                                  progress=lambda line: click.echo(f"{time.strftime('%F %T')} "
+                                                                   f"{line}"))
     for name in booted:
         click.echo(f"{name}: warm for partition {partition}")
     click.echo(f"refill of partition {partition} on {node}: "

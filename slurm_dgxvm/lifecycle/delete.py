@@ -21,7 +21,7 @@ from ..observe import opstats
 from ..design import mac_for
 from ..design.spec import XMLNS
 from ..errors import DomainNotFound, NotOurDomain
-from ..ledger import Allocation
+from ..ledger import Allocation, domain_key
 from ..names import domain_name
 from ..records import IMAGE_CACHE_SPEC, SHARE_SPEC, VmRecord
 from ..observe.stages import StageTimer
@@ -32,7 +32,8 @@ log = logging.getLogger("dgxvm.lifecycle")
 
 
 def delete(env: Env, name: str, progress: Progress = quiet, *,
-           job_id: int | None = None, graceful: bool = True) -> VmRecord | None:
+           job_id: int | None = None, graceful: bool = True,
+           unclaimed_only: bool = False) -> VmRecord | None:
     """Stop and remove the VM ``name`` and everything it holds; return its last record.
 
     Works on whatever is left: a record without a domain, a domain that is off, a ledger entry
@@ -45,13 +46,18 @@ def delete(env: Env, name: str, progress: Progress = quiet, *,
     Holds the name's lock (:mod:`.vmlock`) throughout, waiting for a create or delete of the
     same name to end first (LockTimeout past :func:`.vmlock.wait_s`). ``graceful=False``
     destroys the guest without asking it to shut down (a warm VM no tenant has used: nothing in
-    it to flush).
+    it to flush). ``unclaimed_only``: only while the VM is a warm VM no job has claimed (its
+    ledger entry still ``domain:NAME``), checked under the lock; otherwise nothing is done and
+    None is returned, so a warm VM a Prolog claimed meanwhile is that job's, untouched.
     """
     t0 = time.monotonic()
     name = domain_name(name)
     timer = StageTimer()
     try:
         with vmlock.held(env.cfg.host.state_dir, name, timeout=vmlock.wait_s(env.cfg)):
+            if unclaimed_only and domain_key(name) not in env.ledger.read().allocations:
+                log.info("%s: not deleted: no longer a warm VM no job has claimed", name)
+                return None
             how, rec = _teardown(env, name, job_id, progress, timer, graceful)
     except DomainNotFound:
         raise                             # nothing to tear down (or not ours): not counted

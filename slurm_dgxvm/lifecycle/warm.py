@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import failpoints, seed as seed_mod
+from ..config import WARM_RECENT_MAX
 from ..errors import ClaimFailed, DgxvmError, DomainNotFound, LockTimeout, is_job_fault
 from ..fsutil import atomic_write
 from ..ledger import Allocation, domain_key, job_key
@@ -188,11 +189,13 @@ def _claim_one(env: Env, req, warm: dict[str, Allocation], progress: Progress,
 
 
 def _delete_quietly(env: Env, name: str, job_id: int | None) -> None:
-    """Delete a warm VM, unclaimed or half claimed, destroyed outright: no tenant code has run
-    in it, so nothing in it is to be flushed, and a job waits for the delete."""
+    """Delete a warm VM, destroyed outright: no tenant code has run in it, so nothing in it is
+    to be flushed, and a job waits for the delete. With ``job_id`` None only while no job has
+    claimed it (a Prolog may claim it until the delete holds its lock); with the claiming
+    job's id, the half-claimed VM of that job."""
     from .delete import delete
     try:
-        delete(env, name, job_id=job_id, graceful=False)
+        delete(env, name, job_id=job_id, graceful=False, unclaimed_only=job_id is None)
     except DomainNotFound:
         pass
 
@@ -292,6 +295,19 @@ STOPPED = "warm.stopped"            # <state_dir>/warm.stopped: the admin stoppe
 REFILL_LOCK = "warm.lock"           # one refill at a time on a node
 REFILL_LOG = "warm-refill.log"      # what a refill the Epilog started did
 COMPLETING_WAIT_S = 120.0           # how long a refill waits for its job's Epilog to end
+REFILL_LOG_MAX = 1 << 20            # past this the log becomes warm-refill.log.1 (one kept)
+
+
+def rotate_log(state_dir: Path) -> None:
+    """Keep the refill log bounded (every job of a warm partition appends to it): once it
+    reaches :data:`REFILL_LOG_MAX` it becomes ``warm-refill.log.1``, replacing the one before."""
+    import os
+    log = state_dir / REFILL_LOG
+    try:
+        if log.stat().st_size >= REFILL_LOG_MAX:
+            os.replace(log, log.with_name(REFILL_LOG + ".1"))
+    except FileNotFoundError:
+        pass
 
 
 def stopped(env: Env) -> bool:
@@ -319,15 +335,89 @@ def start(env: Env) -> None:
     (Path(env.cfg.host.state_dir) / STOPPED).unlink(missing_ok=True)
 
 
+RECENT = "warm-recent.json"         # <state_dir>/warm-recent.json: the last jobs' GPU counts
+RECENT_LOCK = "warm-recent.lock"
+
+
+def _read_recent(path: Path) -> dict[str, list[int]]:
+    """The recorded counts by partition; what is not a table of lists of counts is dropped (the
+    file is a hint: a bad one costs a policy that follows fewer jobs, nothing else)."""
+    import json
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {k: [n for n in v if type(n) is int and 1 <= n <= 64][:WARM_RECENT_MAX]
+            for k, v in doc.items() if isinstance(k, str) and isinstance(v, list)}
+
+
+def remember(env: Env, partition: str, gpus: int) -> None:
+    """Record that a job of ``partition`` with ``gpus`` GPUs ended on this node (its Epilog),
+    newest first, the last :data:`WARM_RECENT_MAX` kept: what ``warm_recent`` follows. Only
+    for a partition that follows its jobs, so the file holds nothing else."""
+    import json
+    from ..fsutil import locked
+    if not env.cfg.partition(partition).warm_recent or not 1 <= gpus <= 64:
+        return
+    state_dir = Path(env.cfg.host.state_dir)
+    with locked(state_dir / RECENT_LOCK, timeout=10, mode=0o600,
+                timed_out=lambda: LockTimeout(path=str(state_dir / RECENT_LOCK), timeout=10),
+                failed=lambda e: e):
+        doc = _read_recent(state_dir / RECENT)
+        doc[partition] = ([gpus] + doc.get(partition, []))[:WARM_RECENT_MAX]
+        doc = {k: v for k, v in doc.items() if env.cfg.partition(k).warm_recent}
+        atomic_write(state_dir / RECENT, json.dumps(doc, sort_keys=True) + "\n", mode=0o600)
+
+
+def recent(env: Env, partition: str) -> list[int]:
+    """The GPU counts of ``partition``'s last ``warm_recent`` jobs on this node, each once,
+    the newest job's first."""
+    n = env.cfg.partition(partition).warm_recent
+    if not n:
+        return []
+    last = _read_recent(Path(env.cfg.host.state_dir) / RECENT).get(partition, [])[:n]
+    return list(dict.fromkeys(last))
+
+
+def policy(env: Env, partition: str) -> list[int]:
+    """The GPU counts of the warm VMs ``partition`` keeps on this node: its ``warm`` list, then
+    each count of its recent jobs that list does not have, newest first. A refill boots them
+    in this order while they fit."""
+    fixed = list(env.cfg.partition(partition).warm)
+    return fixed + [n for n in recent(env, partition) if n not in fixed]
+
+
+def _theirs(env: Env, partition: str) -> list[tuple[str, int]]:
+    """(name, GPU count) of the warm VMs waiting or booting for ``partition``, oldest first."""
+    out = []
+    for name, _ in sorted(waiting(env).items(), key=lambda kv: (kv[1].created, kv[0])):
+        rec = env.vms.load(name)
+        if rec is not None and rec.extra.get("partition") == partition:
+            out.append((name, len(rec.placement.gpus)))
+    return out
+
+
+def surplus(env: Env, partition: str) -> list[str]:
+    """The warm VMs of ``partition`` its policy no longer keeps (a count of its recent jobs
+    that fell out of the last N, or an admin's extra boot): the newest beyond each count's
+    number. A refill deletes them so their devices go to what the policy wants."""
+    keep = policy(env, partition)
+    out = []
+    for name, n in _theirs(env, partition):
+        if n in keep:
+            keep.remove(n)
+        else:
+            out.append(name)
+    return out
+
+
 def wanted(env: Env, partition: str) -> list[int]:
     """The GPU counts of the warm VMs ``partition``'s policy keeps that are not there (waiting
     or being booted for it)."""
-    want = list(env.cfg.partition(partition).warm)
-    for name in waiting(env):
-        rec = env.vms.load(name)
-        if rec is None or rec.extra.get("partition") != partition:
-            continue
-        n = len(rec.placement.gpus)
+    want = policy(env, partition)
+    for _, n in _theirs(env, partition):
         if n in want:
             want.remove(n)
     return want
@@ -362,6 +452,10 @@ def refill(env: Env, partition: str, node_state, progress: Progress = quiet) -> 
                 if "COMPLETING" in state and time.monotonic() < deadline:
                     time.sleep(0.5)
                     continue
+                for name in surplus(env, partition):
+                    progress(f"deleting {name}: partition {partition}'s policy no longer "
+                             f"keeps it")
+                    _delete_quietly(env, name, None)
                 want = wanted(env, partition)
                 if not want:
                     return booted, ""

@@ -316,25 +316,30 @@ def epilog(env: lifecycle.Env, environ: Mapping[str, str], slurm: Slurm, emit: E
         write = _record_writer(slurm, environ, job_id, after_end=True)
         _account(emit, where, lambda: write(
             vm_fields(rec, state="ended") | {"containers": ranlog.field(ran)}))
-    _start_refill(env, environ, emit, where)
+    _start_refill(env, environ, emit, where, len(rec.placement.gpus))
     return EXIT_OK
 
 
 def _start_refill(env: lifecycle.Env, environ: Mapping[str, str], emit: Emit,
-                  where: str) -> None:
-    """After a job of a partition with a warm policy ([partitions.NAME] warm), start ``dgxvm
-    warm refill`` detached: in a session of its own, its output in the state dir's
-    warm-refill.log, nothing of the Epilog's held open, so the Epilog (and the node's
-    COMPLETING) ends now; the refill waits for it. The partition name is Slurm's, checked."""
+                  where: str, gpus: int) -> None:
+    """After a job of ``gpus`` GPUs of a partition with a warm policy ([partitions.NAME] warm,
+    warm_recent), record its size (what warm_recent follows) and start ``dgxvm warm refill``
+    detached: in a session of its own, its output in the state dir's warm-refill.log, nothing
+    of the Epilog's held open, so the Epilog (and the node's COMPLETING) ends now; the refill
+    waits for it. The partition name is Slurm's, checked."""
     import subprocess
     import sys
     try:
         partition = jobinput.partition(environ.get("SLURM_JOB_PARTITION")) or "default"
     except DgxvmError:
         return
-    if not env.cfg.partition(partition).warm:
+    if not env.cfg.partition(partition).keeps_warm:
         return
     from ..lifecycle import warm
+    try:
+        warm.remember(env, partition, gpus)
+    except (DgxvmError, OSError) as exc:     # a hint for the next refill, never the job's fault
+        emit(f"{where}: the job's size not recorded for warm_recent: {exc}")
     if warm.stopped(env):
         return
     exe = sys.argv[0]
@@ -350,6 +355,7 @@ def _start_refill(env: lifecycle.Env, environ: Mapping[str, str], emit: Emit,
     if node:
         args += ["--node", node]
     try:
+        warm.rotate_log(state_dir)
         with open(state_dir / warm.REFILL_LOG, "ab") as log:
             subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                              start_new_session=True, close_fds=True, env=keep, cwd="/")

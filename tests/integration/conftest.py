@@ -294,13 +294,13 @@ def slurm_node(vmenv):
     """munged, MariaDB + slurmdbd, slurmctld and slurmd for the simulated DGX-2 in the libvirt
     stack's namespace, Prolog/Epilog = this checkout's prolog/ and epilog/ with the VM tests'
     config. Partition ``batch`` (default) uses the default image; partition ``broken`` names an
-    image that is not installed (a misconfigured node); partition ``warm`` keeps one 2-GPU warm VM
-    (refilled after its jobs). Stopped by PID at the end."""
+    image that is not installed (a misconfigured node); partition ``warm`` keeps a warm VM of the
+    GPU count of its last job (refilled after its jobs). Stopped by PID at the end."""
     from harness.node import Jobs, dgxvm_for_users, slurm_cluster
     env = vmenv
     env.config.write_text(env.config_text + '\n[partitions.broken]\nimage = "gone"\n'
-                          # test_slurm_warm: one 2-GPU warm VM kept for its jobs
-                          '\n[partitions.warm]\nwarm = [2]\n')
+                          # test_slurm_warm: a warm VM of its last job's size kept
+                          '\n[partitions.warm]\nwarm_recent = 1\n')
     run_dir = Path(tempfile.mkdtemp(prefix="dgxvm-slurm-", dir="/var/tmp"))
     os.chmod(run_dir, 0o755)
     jobs_dir = env.workdir / "jobs"

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from conftest import DGXVM
 from slurm_dgxvm.ledger import Ledger
 from slurm_dgxvm.slurm.accounting import decode
 from test_slurm_jobs import nothing_left, slurmd_lines, wait_job_state
@@ -111,14 +112,26 @@ def wait_for_refill(node, timeout=180) -> list[dict]:
                          f"{log.read_text() if log.exists() else '(none)'}")
 
 
-def test_a_partitions_warm_policy_is_refilled_after_its_jobs_and_stops_when_told(slurm_node):
+def test_a_partitions_warm_policy_follows_its_jobs_is_refilled_trimmed_and_stopped(slurm_node):
     node = slurm_node
     first = node.jobs.sbatch(SCRIPT, gpus=2, partition="warm")
     node.jobs.wait_done([first], timeout=300)
     assert node.jobs.sacct([first])[first]["State"] == "COMPLETED"
     assert any("warm refill of partition warm started" in ln for ln in slurmd_lines(node, first))
-    [vm] = wait_for_refill(node)                     # [partitions.warm] warm = [2]
-    assert len(vm["gpus"]) == 2
+    [vm] = wait_for_refill(node)                     # warm_recent = 1: its last job had 2 GPUs
+    assert len(vm["gpus"]) == 2 and vm["partition"] == "warm"
+    listed = node.env.dgxvm("warm", "list").stdout
+    assert "partition warm keeps [2] GPU(s) warm (warm = []; its last 1 jobs here: [2])" in listed
+    # a warm VM the policy does not keep (an admin's extra boot) goes at the next refill
+    extra = node.env.dgxvm("warm", "boot", "--gpu-count", "1", "--partition", "warm")
+    assert extra.returncode == 0, extra.stderr
+    extra_name = extra.stdout.split(":")[0]
+    r = node.cluster.run(["env", f"DGXVM_CONFIG={node.env.config}", str(DGXVM), "warm", "refill",
+                          "--partition", "warm", "--node", node.cluster.node_name], check=False,
+                         timeout=300)
+    assert r.returncode == 0 and f"deleting {extra_name}: partition warm's policy no longer " \
+        f"keeps it" in r.stdout and "the policy is met" in r.stdout, r.stdout
+    assert [(v["name"], v["uuid"]) for v in wait_for_refill(node)] == [(vm["name"], vm["uuid"])]
     hits = warm_hits(node)
     second = node.jobs.sbatch(SCRIPT, gpus=2, partition="warm")
     node.jobs.wait_done([second], timeout=300)

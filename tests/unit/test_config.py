@@ -110,6 +110,12 @@ lock_timeout_s = 5
     ("[ib]\npkey_min = 500\npkey_max = 400\n", "min <= max"),
     ("[ib]\ncredentials_file = \"ufm.cred\"\n", "ib.credentials_file 'ufm.cred' must be an absolute"),
     ("[partitions.gpu]\nib = \"sriov\"\n", "partitions.gpu.ib 'sriov' is not one of none, vf, port"),
+    ("[partitions.gpu]\nwarm = [8, 0]\n", "partitions.gpu.warm: 0 is not a GPU count (1 to 64)"),
+    ("[partitions.gpu]\nwarm_recent = 65\n", "partitions.gpu.warm_recent 65 is not 0 to 64"),
+    ("[partitions.gpu]\nwarm_recent = -1\n", "partitions.gpu.warm_recent -1 is not 0 to 64"),
+    ("[partitions.gpu]\nwarm = [8]\nib = \"vf\"\n", "partitions.gpu.warm: a partition with ib"),
+    ("[partitions.gpu]\nwarm_recent = 4\nib = \"port\"\n",
+     "partitions.gpu.warm_recent: a partition with ib = 'port' gets no warm VMs"),
     ("host = 3\n", "host must be a table"),
     ("[host\n", "not valid TOML"),
 ])

@@ -221,6 +221,27 @@ def test_a_teardown_of_what_a_crash_left_resets_what_the_ledger_held_and_release
     assert {stage for op, stage in counted.stages if op == "teardown"} == {"reset", "release"}
 
 
+def test_a_delete_of_an_unclaimed_warm_vm_leaves_one_a_job_claimed_meanwhile(
+        tmp_path, trees, image_store, stand_ins):
+    """An admin's `dgxvm warm stop`, a refill's trim or another job's claim read the warm VMs
+    waiting, then delete; a Prolog may claim one in between. Under the name's lock the delete
+    sees the claim (the ledger entry is job:N now) and leaves that job's VM whole."""
+    from dataclasses import replace
+    clock, _ = stand_ins
+    env = make_env(tmp_path, trees, image_store)
+    create(env, request(), timer=StageTimer(clock))
+    with env.ledger.transaction() as txn:          # what a claim's commit does
+        held = txn.allocations["domain:t4"]
+        txn.release(held.key)
+        txn.allocate(replace(held, key="job:42", owner="job", job_id=42))
+    assert delete(env, "t4", graceful=False, unclaimed_only=True) is None
+    assert env.vms.load("t4").state == "running" and "job:42" in env.ledger.read().allocations
+    create(env, request(name="t8"), timer=StageTimer(clock))
+    rec = delete(env, "t8", graceful=False, unclaimed_only=True)  # still unclaimed: deleted
+    assert rec.state == "deleted" and not env.vms.exists("t8")
+    assert set(env.ledger.read().allocations) == {"job:42"}
+
+
 # -- a multi-node job's fabric ---------------------------------------------------------------------
 def job_fabric(job_id=42):
     from slurm_dgxvm import config as cfg

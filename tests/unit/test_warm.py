@@ -169,3 +169,95 @@ def test_a_warm_vms_domain_has_shared_memory_and_spare_root_ports(trees):
     assert len(spare) == designer.SPARE_ROOT_PORTS
     cold = design(host, p, IMAGE, vm_inputs(workdir=None), domain_type="kvm")
     assert cold.spare_root_ports == 0 and not cold.memory_shared
+
+
+# -- the policy: fixed counts and the counts of the partition's last jobs --------------------------
+@pytest.fixture()
+def policy_env(tmp_path):
+    from slurm_dgxvm.config import from_dict
+    cfg = from_dict({"host": {"state_dir": str(tmp_path)},
+                     "partitions": {"fixed": {"warm": [8]},
+                                    "follow": {"warm": [8], "warm_recent": 3},
+                                    "only": {"warm_recent": 2}}})
+    recs: dict[str, SimpleNamespace] = {}
+    return SimpleNamespace(cfg=cfg, ledger=Ledger(tmp_path / "ledger"),
+                           vms=SimpleNamespace(load=recs.get), recs=recs, dir=tmp_path)
+
+
+def test_a_policy_follows_the_distinct_counts_of_the_last_n_jobs_after_its_fixed_ones(policy_env):
+    assert warm.policy(policy_env, "follow") == [8] and warm.policy(policy_env, "only") == []
+    for gpus in (2, 8, 4, 2, 1):                 # jobs ending, oldest first
+        for p in ("follow", "only", "fixed"):
+            warm.remember(policy_env, p, gpus)
+    assert warm.recent(policy_env, "follow") == [1, 2, 4]          # last 3: 1, 2, 4
+    assert warm.policy(policy_env, "follow") == [8, 1, 2, 4]
+    assert warm.policy(policy_env, "only") == [1, 2]               # last 2
+    assert warm.policy(policy_env, "fixed") == [8]                 # follows nothing
+    doc = __import__("json").loads((policy_env.dir / warm.RECENT).read_text())
+    assert doc == {"follow": [1, 2, 4, 8, 2], "only": [1, 2, 4, 8, 2]}
+    assert (policy_env.dir / warm.RECENT).stat().st_mode & 0o777 == 0o600
+
+
+def test_the_recorded_counts_are_bounded_and_a_damaged_file_is_a_fresh_start(policy_env):
+    for _ in range(100):
+        warm.remember(policy_env, "only", 2)
+    doc = __import__("json").loads((policy_env.dir / warm.RECENT).read_text())
+    assert doc["only"] == [2] * 64
+    (policy_env.dir / warm.RECENT).write_text('{"only": [4, "x", 99, -1, 2], "fixed": 3}')
+    assert warm.recent(policy_env, "only") == [4, 2]              # what is a count
+    (policy_env.dir / warm.RECENT).write_text("not json")
+    assert warm.recent(policy_env, "only") == []
+    warm.remember(policy_env, "only", 4)
+    assert warm.policy(policy_env, "only") == [4]
+
+
+def test_wanted_is_the_policy_less_the_warm_vms_waiting_for_that_partition(policy_env):
+    for gpus in (2, 4):
+        warm.remember(policy_env, "follow", gpus)             # policy: [8, 4, 2]
+    for name, gpus, part in (("warm-1", (0, 1, 2, 3), "follow"), ("warm-2", (4, 5), "only")):
+        policy_env.ledger.allocate(mk(f"domain:{name}", gpus=gpus))
+        policy_env.recs[name] = SimpleNamespace(extra={"partition": part},
+                                                placement=SimpleNamespace(gpus=gpus))
+    from dataclasses import replace
+    allocs = policy_env.ledger.read().allocations
+    ledger = Ledger(policy_env.dir / "ledger2")
+    for name in ("warm-1", "warm-2"):
+        ledger.allocate(replace(allocs[f"domain:{name}"], domain=name))
+    policy_env.ledger = ledger
+    assert warm.wanted(policy_env, "follow") == [8, 2]        # its 4 waits; warm-2 is another's
+
+
+def test_the_refill_log_is_rotated_past_its_bound_one_old_copy_kept(tmp_path):
+    log = tmp_path / warm.REFILL_LOG
+    warm.rotate_log(tmp_path)                                  # none yet: nothing to do
+    log.write_bytes(b"a" * (warm.REFILL_LOG_MAX - 1))
+    warm.rotate_log(tmp_path)
+    assert log.exists() and not (tmp_path / (warm.REFILL_LOG + ".1")).exists()
+    log.write_bytes(b"b" * warm.REFILL_LOG_MAX)
+    warm.rotate_log(tmp_path)
+    assert not log.exists() and (tmp_path / (warm.REFILL_LOG + ".1")).read_bytes()[:1] == b"b"
+    log.write_bytes(b"c" * warm.REFILL_LOG_MAX)
+    warm.rotate_log(tmp_path)
+    assert (tmp_path / (warm.REFILL_LOG + ".1")).read_bytes()[:1] == b"c"
+
+
+def test_the_warm_vms_a_policy_no_longer_keeps_are_its_surplus_the_newest_first(policy_env):
+    warm.remember(policy_env, "only", 2)                       # policy: [2]
+    import time as _time
+    for name, gpus, part in (("warm-1", (0, 1), "only"), ("warm-2", (2, 3), "only"),
+                             ("warm-3", (4, 5, 6, 7), "only"), ("warm-4", (8,), "fixed")):
+        policy_env.ledger.allocate(mk(f"domain:{name}", gpus=gpus))
+        policy_env.recs[name] = SimpleNamespace(extra={"partition": part},
+                                                placement=SimpleNamespace(gpus=gpus))
+    from dataclasses import replace
+    allocs = policy_env.ledger.read().allocations
+    ledger = Ledger(policy_env.dir / "ledger2")
+    now = _time.time()
+    for i, name in enumerate(("warm-1", "warm-2", "warm-3", "warm-4")):
+        ledger.allocate(replace(allocs[f"domain:{name}"], domain=name, created=now + i))
+    policy_env.ledger = ledger
+    # the oldest 2-GPU one is kept; the second 2-GPU and the 4-GPU one are beyond the policy;
+    # another partition's warm VM is not this partition's to judge
+    assert warm.surplus(policy_env, "only") == ["warm-2", "warm-3"]
+    assert warm.surplus(policy_env, "fixed") == ["warm-4"]    # keeps [8], not 1 GPU
+    assert warm.wanted(policy_env, "fixed") == [8]
