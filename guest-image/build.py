@@ -37,6 +37,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# The seed readers the guest's init sources at boot, installed as /usr/lib/dgxvm/seed.sh: one
+# copy, in the package, since a warm VM's claim (slurm_dgxvm/lifecycle/warm.py) sends the same
+# functions to a guest that may not have them (a cloud-init image).
+SEED_SH = HERE.parent / "slurm_dgxvm" / "seedfiles" / "seed.sh"
+SEED_SH_IN_GUEST = "usr/lib/dgxvm/seed.sh"
 import buildcache  # noqa: E402
 
 DEFAULT_OUT = Path("/var/cache/dgxvm/test-guest")
@@ -206,13 +211,13 @@ def guest_files() -> list[Path]:
     files = []
     for top in ("rootfs", "initramfs"):
         files += [p for p in sorted((HERE / top).rglob("*")) if p.is_file() or p.is_symlink()]
-    return files
+    return files + [SEED_SH]
 
 
 def cache_key(packages: dict[str, dict[str, str]]) -> str:
     h = hashlib.sha256()
     for path in [HERE / "build.py", HERE / "build", HERE / "buildcache.py", *guest_files()]:
-        rel = path.relative_to(HERE).as_posix()
+        rel = SEED_SH_IN_GUEST if path == SEED_SH else path.relative_to(HERE).as_posix()
         mode = "x" if os.access(path, os.X_OK) else "-"
         data = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
         h.update(f"{rel}\0{mode}\0{len(data)}\0".encode() + data)
@@ -427,6 +432,9 @@ def build_rootfs(debs: dict[str, Path], root: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.symlink_to("/bin/busybox")
     install_overlay(HERE / "rootfs", root)
+    (root / SEED_SH_IN_GUEST).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(SEED_SH, root / SEED_SH_IN_GUEST)
+    os.chmod(root / SEED_SH_IN_GUEST, 0o644)
     for rel in ("etc/shadow",):
         if (root / rel).exists():
             os.chmod(root / rel, 0o600)

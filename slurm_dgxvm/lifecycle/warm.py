@@ -51,6 +51,7 @@ from .identity import group_names, hostname_for
 log = logging.getLogger("dgxvm.warm")
 
 PREFIX = WARM_PREFIX
+SEED_READERS = Path(__file__).resolve().parents[1] / "seedfiles" / "seed.sh"
 CLAIM_SCRIPT = Path(__file__).resolve().parents[1] / "seedfiles" / "dgxvm-claim.sh"
 CLAIM_TIMEOUT_S = 60.0
 @dataclass(frozen=True)
@@ -234,6 +235,11 @@ def _commit(env: Env, req, name: str) -> bool:
     return True
 
 
+def claim_script() -> str:
+    """What the guest runs to take a job's identity: the seed readers, then dgxvm-claim."""
+    return SEED_READERS.read_text() + "\n" + CLAIM_SCRIPT.read_text()
+
+
 def _make_it_the_jobs(env: Env, req, name: str, share, share_refused, cache, cache_refused,
                       progress: Progress, t0: float) -> VmRecord:
     from ..virt import hypervisor
@@ -269,8 +275,8 @@ def _make_it_the_jobs(env: Env, req, name: str, share, share_refused, cache, cac
     files = seed_mod.claim_files(spec)
     payload = "".join(f"{n} {oct(mode)[2:]} {base64.b64encode(text.encode()).decode()}\n"
                       for n, (text, mode) in files.items()).encode()
-    code, out = hypervisor.agent_exec(dom, ["/bin/sh", "-c", CLAIM_SCRIPT.read_text(),
-                                            "dgxvm-claim"], stdin=payload,
+    code, out = hypervisor.agent_exec(dom, ["/bin/sh", "-c", claim_script(), "dgxvm-claim"],
+                                      stdin=payload,
                                       timeout_s=CLAIM_TIMEOUT_S, what=what)
     if code != 0 or "claimed" not in out.split():
         raise ClaimFailed(name=name, reason=f"the guest did not take the job's identity (exit {code}): "

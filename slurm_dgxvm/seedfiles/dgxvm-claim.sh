@@ -1,17 +1,20 @@
 # dgxvm-claim: a warm VM becomes a job's (slurm_dgxvm/lifecycle/warm.py). Run as root by the
-# host through the QEMU guest agent (guest-exec: `sh -c "$(this file)" dgxvm-claim`), before any
-# tenant code has run in the VM. stdin: one line per file of the job's seed, "NAME MODE BASE64"
-# (NAME one of the seed's dgxvm/ files: hostname, user, groups, authorized_keys, mounts,
-# dgxvm-guest), written to a root-only directory; then the test guest's seed readers
-# (/usr/lib/dgxvm/seed.sh) apply them as its init applies a seed at boot: the hostname, the
-# user and groups, the home and its authorized_keys, the dgxvm-guest helper, and the shares
-# (plugged by the host just before). root's boot-time authorized_keys is emptied. Prints one
-# line per failure and "claimed" on success; exits non-zero on any failure (the host then
-# destroys the VM and starts the job cold).
+# host through the QEMU guest agent (guest-exec: `sh -c "$(seed.sh; this file)" dgxvm-claim`),
+# before any tenant code has run in the VM: the host sends the seed readers (seedfiles/seed.sh)
+# ahead of this file, so the claim runs the same in the test guest (busybox) and in a Debian
+# cloud-init guest (dash), whatever the image has. stdin: one line per file of the job's seed,
+# "NAME MODE BASE64" (NAME one of the seed's dgxvm/ files: hostname, user, groups,
+# authorized_keys, mounts, dgxvm-guest), written to a root-only directory; then applied as a
+# seed is at boot: the hostname, the user and groups, the home, the keys that may log in (where
+# the image's sshd reads them: the home's .ssh in the test guest, /etc/ssh/dgxvm/authorized_keys/
+# USER in a cloud guest, whose sshd dgxvm's seed configured so), the dgxvm-guest helper, and
+# the shares (plugged by the host just before). The key root got at boot is removed wherever it
+# is. Prints one line per failure and "claimed" on success; exits non-zero on any failure (the
+# host then destroys the VM and starts the job cold).
 set -u
 umask 022
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-. /usr/lib/dgxvm/seed.sh || { echo "no /usr/lib/dgxvm/seed.sh in this image"; exit 2; }
+command -v seed_account >/dev/null || { echo "claim: no seed readers sent"; exit 2; }
 S=/run/dgxvm-claim
 failed=
 error() { echo "claim: $*"; failed=1; }
@@ -48,9 +51,16 @@ if [ ! -d "$home" ]; then
         || { echo "claim: cannot create $home"; exit 1; }
 fi
 : > /root/.ssh/authorized_keys 2>/dev/null
-mkdir -p "$home/.ssh" && cp "$S/authorized_keys" "$home/.ssh/authorized_keys" \
-    && chown -R "$uid:$gid" "$home/.ssh" && chmod 700 "$home/.ssh" \
-    && chmod 600 "$home/.ssh/authorized_keys" || error "cannot install authorized_keys"
+KEYS=/etc/ssh/dgxvm/authorized_keys          # a cloud guest's (slurm_dgxvm/seed.py SSH_DIR)
+if [ -d "$KEYS" ]; then
+    : > "$KEYS/root" 2>/dev/null
+    cp "$S/authorized_keys" "$KEYS/.new" && chmod 644 "$KEYS/.new" \
+        && mv -f "$KEYS/.new" "$KEYS/$user" || error "cannot install $KEYS/$user"
+else
+    mkdir -p "$home/.ssh" && cp "$S/authorized_keys" "$home/.ssh/authorized_keys" \
+        && chown -R "$uid:$gid" "$home/.ssh" && chmod 700 "$home/.ssh" \
+        && chmod 600 "$home/.ssh/authorized_keys" || error "cannot install authorized_keys"
+fi
 mkdir -p /usr/lib/dgxvm && cp "$S/dgxvm-guest" /usr/lib/dgxvm/dgxvm-guest.new \
     && chmod 755 /usr/lib/dgxvm/dgxvm-guest.new \
     && mv /usr/lib/dgxvm/dgxvm-guest.new /usr/lib/dgxvm/dgxvm-guest \

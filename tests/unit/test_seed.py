@@ -368,7 +368,7 @@ def test_missing_output_directory(spec, tmp_path):
 
 
 # -- legitimate values, end to end: seed.py writes them, the guest's own reader decodes them --------
-GUEST_SEED_SH = Path(__file__).resolve().parents[2] / "guest-image/rootfs/usr/lib/dgxvm/seed.sh"
+GUEST_SEED_SH = Path(__file__).resolve().parents[2] / "slurm_dgxvm/seedfiles/seed.sh"
 GUEST_DEBS = Path("/var/cache/dgxvm/test-guest/debs")    # guest-image/build.py's download cache
 
 
@@ -410,12 +410,14 @@ LEGIT = [
 ]
 
 
+@pytest.mark.parametrize("shell", ["busybox", "dash"])
 @pytest.mark.parametrize("user,home,workdir", LEGIT, ids=[u for u, _, _ in LEGIT])
 def test_legitimate_names_and_paths_reach_the_guest_unchanged(spec, busybox, tmp_path, user,
-                                                               home, workdir):
+                                                               home, workdir, shell):
     """john.doe, Alice and a work dir with spaces, quotes, '$' or é used to drain the node;
-    they must come out of the seed exactly as they went in, for cloud-init and for the test
-    guest's busybox reader alike."""
+    they must come out of the seed exactly as they went in, for cloud-init and for the seed
+    readers alike: under the test guest's busybox (its init) and under dash (a warm VM's claim
+    in a Debian cloud guest, whose /bin/sh it is)."""
     yaml = pytest.importorskip("yaml")
     groups = (("Domain-Users", 5000), ("tty", 5), ("root", 77))
     s = dataclasses.replace(spec, user_name=user, home=home, groups=groups,
@@ -436,7 +438,8 @@ def test_legitimate_names_and_paths_reach_the_guest_unchanged(spec, busybox, tmp
     (etc / "group").write_text("root:x:0:\ntty:x:5:\nnogroup:x:65534:\n")
     (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (etc / "shadow").write_text("")
-    out = subprocess.run([busybox, "sh", "-c", READ_BACK], check=True, capture_output=True,
+    sh = [busybox, "sh"] if shell == "busybox" else ["dash"]
+    out = subprocess.run([*sh, "-c", READ_BACK], check=True, capture_output=True,
                          env={"PATH": "/usr/bin:/bin", "ETC": str(etc), "S": str(root / "dgxvm"),
                               "SEED_SH": str(GUEST_SEED_SH)}).stdout.decode("utf-8")
     assert out.splitlines() == [f"user={user}", f"home={home}",

@@ -261,3 +261,17 @@ def test_the_warm_vms_a_policy_no_longer_keeps_are_its_surplus_the_newest_first(
     assert warm.surplus(policy_env, "only") == ["warm-2", "warm-3"]
     assert warm.surplus(policy_env, "fixed") == ["warm-4"]    # keeps [8], not 1 GPU
     assert warm.wanted(policy_env, "fixed") == [8]
+
+
+@pytest.mark.parametrize("shell", [["busybox", "sh"], ["dash"]])
+def test_the_claim_script_parses_in_both_guests_shells_and_brings_its_seed_readers(shell):
+    """The test guest runs it with busybox sh, a Debian cloud guest with dash (its /bin/sh):
+    both parse it, and it carries the readers it calls rather than trusting the image's."""
+    script = warm.claim_script()
+    r = subprocess.run([*shell, "-n", "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    defined = subprocess.run([*shell, "-c", script.split("\nset -u\n")[0] + "\nfor f in "
+                              "pct_decode seed_account seed_group seed_subids share_options; "
+                              "do command -v $f; done"], capture_output=True, text=True)
+    assert defined.stdout.split() == ["pct_decode", "seed_account", "seed_group", "seed_subids",
+                                      "share_options"], defined.stderr

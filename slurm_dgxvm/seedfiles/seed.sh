@@ -1,6 +1,9 @@
-# The test guest's readers of the NoCloud seed's plain dgxvm/ files (slurm_dgxvm/seed.py writes
-# them), for busybox sh. Sourced by /sbin/dgxvm-init; tests/unit/test_seed.py sources it too,
-# with ETC pointing at a scratch directory, and runs it with the guest's own busybox.
+# The readers of the NoCloud seed's plain dgxvm/ files (slurm_dgxvm/seed.py writes them), for
+# busybox sh and dash. The test guest has them as /usr/lib/dgxvm/seed.sh (guest-image/build.py
+# installs this file), which its /sbin/dgxvm-init sources at boot; a warm VM's claim sends them
+# ahead of seedfiles/dgxvm-claim.sh, so that a guest without them (a cloud-init image) runs the
+# same. tests/unit/test_seed.py sources it too, with ETC pointing at a scratch directory, and
+# runs it with the guest's own busybox and with dash.
 #
 # Values come from the host unchanged: a user "john.doe", a group "Domain Users", a home or
 # share path with spaces, quotes, '$' or non-ASCII letters. Fields that may hold such bytes are
@@ -10,9 +13,17 @@
 ETC=${ETC:-/etc}
 
 # pct_decode FIELD: the text of a percent-encoded field. No backslash survives the encoding,
-# so printf %b sees only the \xHH escapes made here.
+# so printf %b sees only the escapes made here: \0 and three octal digits per %HH, which
+# busybox's and dash's printf both read (dash has no \x).
 pct_decode() {
-    printf '%b' "$(printf '%s' "$1" | sed 's/%/\\x/g')"
+    _s=$1 _r=
+    while :; do
+        case $_s in
+            *%*) _r=$_r${_s%%\%*}; _s=${_s#*\%}; _h=${_s%"${_s#??}"}; _s=${_s#??}
+                 _r=$_r\\0$(printf '%03o' "0x$_h") ;;
+            *) printf '%b' "$_r$_s"; return ;;
+        esac
+    done
 }
 
 # seed_account NAME UID GID HOME: passwd, shadow and (when no group has GID) group entries
