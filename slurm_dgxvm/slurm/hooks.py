@@ -185,7 +185,7 @@ def _warm_vm(env: lifecycle.Env, req, stage: _Stage, emit: Emit, where: str):
     for name in out.destroyed:
         emit(f"{where}: warm VM {name} deleted: it held devices of this job's block")
     if out.vm is None:
-        emit(f"{where}: no warm VM claimed ({out.why}); starting cold")
+        emit(f"{where}: no warm VM claimed in {out.seconds:.2f}s ({out.why}); starting cold")
         return None
     return out.vm
 
