@@ -609,9 +609,14 @@ class Soak:
                  faults: tuple[str, ...] = FAULTS, hold: float = 2.0, fault_hold: float = 15.0,
                  queue: int = 6, sample_every: int = 50, fault_timeout_s: float = 600.0,
                  job_timeout_s: float = 1800.0, clear_after: int | None = None,
-                 say: Say = print):
+                 say: Say = print, partition: str | None = None,
+                 before_checks: Callable[[], None] | None = None, seed: int = 13):
+        """``partition``: the jobs' (None: the default); ``before_checks``: called when the
+        stream has ended, before the checks (what the node keeps on purpose, warm VMs, is
+        measured and removed there, so that it is not a leak)."""
         self.node, self.say = node, say
-        sizes = job_mix(jobs)
+        self.partition, self.before_checks = partition, before_checks
+        sizes = job_mix(jobs, seed)
         self.plan = [(n, faults[(k // fault_every - 1) % len(faults)]
                       if fault_every and k % fault_every == 0 else None)
                      for k, n in enumerate(sizes, start=1)]
@@ -650,7 +655,7 @@ class Soak:
 
     def submit(self, gpus: int, hold: float, *, held: bool = False) -> int:
         return self.node.jobs.sbatch(JOB_SCRIPT.format(hold=hold), gpus=gpus,
-                                     extra=("--hold",) if held else ())
+                                     extra=("--hold",) if held else (), partition=self.partition)
 
     def wait(self, what: str, ready: Callable[[], object], job: SoakJob) -> object:
         """Poll ``ready`` (0.5 s) while the soak's sampler runs; FaultStuck past the fault
@@ -834,6 +839,8 @@ class Soak:
             self.sampler.stop()
             self.tidy()
         self.wall_s = time.monotonic() - t0
+        if self.before_checks is not None:
+            self.before_checks()
         self.sample_usage("end")
         return self.checks()
 
@@ -972,7 +979,9 @@ class Soak:
             seen = json.loads((self.node.workdir / f"soak-{job.id}.json").read_text())
         except (OSError, ValueError) as exc:
             return f"the batch script's `dgxvm job --json`: {exc}"
-        if seen.get("name") != f"job-{job.id}" or len(seen.get("gpus", ())) != job.gpus:
+        # a job that claimed a warm VM runs in it under the warm VM's name
+        name = rec.get("domain") if rec.get("warm") == "claimed" else f"job-{job.id}"
+        if seen.get("name") != name or len(seen.get("gpus", ())) != job.gpus:
             return f"the batch script saw {seen.get('name')} with GPUs {seen.get('gpus')}"
         if job.fault == "gpu:reset-fail" and job.pci not in rec.get("quarantined", ""):
             return f"record does not name the quarantined {job.pci}: {rec.get('quarantined')!r}"
