@@ -103,6 +103,27 @@ def boot_for(env: Env, partition: str, gpus: int, *, gpu_index: int | None = Non
                 partition=partition)
 
 
+def place_for_claim(host, taken: Occupancy, request: Request, policy,
+                    warm: dict[str, Allocation]):
+    """The job's placement, made as if no warm VM held anything (``taken`` has none of
+    theirs), on the block of a warm VM of its size when one is free of jobs: such a block is as
+    good a place for the job as the one :func:`~slurm_dgxvm.placement.place` would choose (the
+    refill placed the warm VM by the same rules), and there the job is spared its boot. Else
+    what ``place`` chooses. Slurm's GPU indices are only its count here, as at a cold start
+    whose Slurm choice is not an aligned free block."""
+    if request.gpu_index is None:
+        for _name, a in sorted(warm.items(), key=lambda kv: (kv[1].created, kv[0])):
+            if len(a.gpus) != request.count:
+                continue
+            try:
+                p = place(host, taken, replace(request, gpu_index=min(a.gpus)), policy)
+            except DgxvmError:
+                continue
+            if tuple(p.gpus) == tuple(sorted(a.gpus)):
+                return p
+    return place(host, taken, request, policy)
+
+
 def _same_vm(rec: VmRecord, p, image: str, data_disk_gib: int | None) -> bool:
     """Whether the warm VM ``rec`` is what a cold start of placement ``p`` would make."""
     wp = rec.placement
@@ -145,7 +166,7 @@ def _claim_one(env: Env, req, warm: dict[str, Allocation], progress: Progress,
         from .create import quarantine_occupancy
         taken = Occupancy.union([taken, quarantine_occupancy(env.host, quarantined)])
     try:
-        p = place(env.host, taken, req.placement, policy)
+        p = place_for_claim(env.host, taken, req.placement, policy, warm)
     except DgxvmError as exc:
         return Outcome(None, f"no placement: {exc}")
     wanted = set(p.gpu_pcis) | set(p.nvswitches)

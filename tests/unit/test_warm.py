@@ -275,3 +275,37 @@ def test_the_claim_script_parses_in_both_guests_shells_and_brings_its_seed_reade
                               "do command -v $f; done"], capture_output=True, text=True)
     assert defined.stdout.split() == ["pct_decode", "seed_account", "seed_group", "seed_subids",
                                       "share_options"], defined.stderr
+
+
+# -- where a claim places the job ----------------------------------------------------------------
+def test_a_job_is_placed_on_the_block_of_a_warm_vm_of_its_size_when_one_is_free(trees):
+    """Slurm's indices are only a count: a 2-GPU job whose Slurm GPUs (2, 3) form a free aligned
+    block still goes to the 2-GPU warm VM's block (8-9), whose claim spares it the boot; with no
+    warm VM of its size it goes where a cold start puts it."""
+    from slurm_dgxvm.ledger import Allocation
+    from slurm_dgxvm.placement import EMPTY, Occupancy, Policy, Request, place
+    from slurm_dgxvm.topology import SysfsRoot, discover
+    host = discover(SysfsRoot(str(trees["dgx2"])))
+    job = place(host, EMPTY, Request(count=2, gpu_index=0), Policy())
+    taken = Occupancy.union([Allocation.from_placement("job:7", job, owner="job", job_id=7,
+                                                       domain="j7", user="u").occupancy()])
+    warm2 = Allocation.from_placement("domain:warm-1", place(
+        host, taken, Request(count=2, gpu_index=8), Policy()), owner="domain", domain="warm-1")
+    warm4 = Allocation.from_placement("domain:warm-2", place(
+        host, taken, Request(count=4, gpu_index=12), Policy()), owner="domain", domain="warm-2")
+    vms = {"warm-1": warm2, "warm-2": warm4}
+    req = Request(count=2, slurm_gpus=(2, 3))
+    p = warm_mod_place(host, taken, req, vms)
+    assert p.gpus == (8, 9)
+    assert warm_mod_place(host, taken, Request(count=1, slurm_gpus=(2,)), vms).gpus \
+        == place(host, taken, Request(count=1, slurm_gpus=(2,)), Policy()).gpus == (2,)
+    # a warm VM's block a job holds part of (a ledger out of step) is passed over
+    other = Occupancy.union([taken, Allocation.from_placement(
+        "job:8", place(host, taken, Request(count=1, gpu_index=9), Policy()), owner="job",
+        job_id=8, domain="j8", user="u").occupancy()])
+    assert warm_mod_place(host, other, req, vms).gpus == (2, 3)
+
+
+def warm_mod_place(host, taken, req, warm_vms):
+    from slurm_dgxvm.placement import Policy
+    return warm.place_for_claim(host, taken, req, Policy(), warm_vms)
