@@ -353,6 +353,13 @@ class ClaimFailed(VmError):
     template = "vm {name}: not claimed: {reason}"
 
 
+class BootCancelled(VmError):
+    """A warm VM's boot stopped because a job needs its devices (lifecycle.warm): its create
+    undoes what it made, at once, rather than making the job wait for the boot to end."""
+
+    template = "vm {name}: boot cancelled: {reason}"
+
+
 class FaultInjected(DgxvmError):
     """A fault point's ``fail`` action (slurm_dgxvm.failpoints): a test made this step fail."""
 

@@ -35,6 +35,7 @@ USER_KEY = "id_ed25519"
 HOST_KEY = "ssh_host_ed25519_key"
 KNOWN_HOSTS = "known_hosts"
 CONSOLE_LOG = "console.log"
+WARM_CANCEL = "warm.cancel"        # a warm VM still booting is not wanted: a job needs it
 DOMAIN_XML = "domain.xml"
 SHARE_SPEC = "share.json"          # the checked work dir (slurm_dgxvm.shares), root only
 SHARE_WRAPPER = "virtiofsd"        # the script libvirt runs as the share's virtiofsd

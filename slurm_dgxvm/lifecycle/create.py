@@ -44,7 +44,7 @@ from ..names import domain_name
 from ..placement import Occupancy, Placement, Request, place
 from ..records import (CONSOLE_LOG, DATA_DISK, DOMAIN_XML, HOST_KEY, IMAGE_CACHE_SPEC,
                        IMAGE_CACHE_WRAPPER, KNOWN_HOSTS, OS_DISK, RANLOG, SEED, SHARE_SPEC,
-                       SHARE_WRAPPER, USER_KEY, VmRecord)
+                       SHARE_WRAPPER, USER_KEY, WARM_CANCEL, VmRecord)
 from ..shares import policy as share_policy, virtiofsd as share_server
 from ..observe.stages import StageTimer
 from . import vmlock
@@ -405,8 +405,13 @@ class _Creation:
 
     def wait_for_guest(self) -> None:
         self.progress("waiting for the guest")
+        cancel = self.vmdir / WARM_CANCEL
+
+        def cancelled() -> str | None:      # a job's claim found this warm VM in its way
+            return "a job needs its devices" if cancel.exists() else None
         wait_ready(self.dom, name=self.name, timeout_s=self.cfg.libvirt.ready_timeout_s,
-                   console_log=self.vmdir / CONSOLE_LOG, readiness=self.image.readiness)
+                   console_log=self.vmdir / CONSOLE_LOG, readiness=self.image.readiness,
+                   cancelled=cancelled if self.req.warm is not None else None)
 
     def finish(self, timer: StageTimer) -> None:
         """Record "running", with the boot time and the stages' times; a warm VM's user key

@@ -37,13 +37,13 @@ from pathlib import Path
 
 from .. import failpoints, seed as seed_mod
 from ..config import WARM_RECENT_MAX
-from ..errors import ClaimFailed, DgxvmError, DomainNotFound, LockTimeout, is_job_fault
+from ..errors import BootCancelled, ClaimFailed, DgxvmError, DomainNotFound, LockTimeout, is_job_fault
 from ..fsutil import atomic_write
 from ..ledger import Allocation, domain_key, job_key
 from ..names import WARM_PREFIX, is_warm
 from ..observe import opstats
 from ..placement import Occupancy, Request, place
-from ..records import HOST_KEY, OS_DISK, VmRecord
+from ..records import HOST_KEY, OS_DISK, WARM_CANCEL, VmRecord
 from . import vmlock
 from .env import Env, Progress, quiet
 from .identity import group_names, hostname_for
@@ -186,6 +186,8 @@ def _claim_one(env: Env, req, warm: dict[str, Allocation], progress: Progress,
                 and rec.image_version == image.version:
             match = n
     destroyed = tuple(n for n in in_way if n != match)
+    for n in destroyed:                 # one still booting stops now, not when its boot ends
+        cancel_boot(env, n)
     for n in destroyed:
         progress(f"deleting warm VM {n}: it holds devices this job needs")
         _delete_quietly(env, n, None)
@@ -208,6 +210,21 @@ def _claim_one(env: Env, req, warm: dict[str, Allocation], progress: Progress,
         return Outcome(None, f"claim of {match} failed: {exc}", destroyed,
                        time.monotonic() - t0)
     return Outcome(rec, "", destroyed, time.monotonic() - t0)
+
+
+def cancel_boot(env: Env, name: str) -> None:
+    """Ask the boot of warm VM ``name``, if it is still booting, to stop: its create sees the
+    mark while it waits for the guest and undoes itself (BootCancelled), so a job that needs
+    its devices waits for that undo, not for the boot. The mark goes with the VM's directory."""
+    rec = env.vms.load(name)
+    if rec is not None and rec.state != "creating":
+        return
+    vmdir = env.vms.dir(name)
+    try:
+        if vmdir.is_dir():
+            (vmdir / WARM_CANCEL).touch(mode=0o600)
+    except OSError:
+        pass                               # then the delete waits for the boot's end
 
 
 def _delete_quietly(env: Env, name: str, job_id: int | None) -> None:
@@ -486,10 +503,17 @@ def refill(env: Env, partition: str, node_state, progress: Progress = quiet) -> 
                 want = wanted(env, partition)
                 if not want:
                     return booted, ""
-                try:
-                    rec = boot_for(env, partition, want[0], progress=progress)
-                except NoFit as exc:
-                    return booted, f"no free block of {want[0]} GPU(s): {exc}"
+                rec, why = None, ""
+                for n in dict.fromkeys(want):          # the policy's order; a size that does
+                    try:                               # not fit now leaves room for the next
+                        rec = boot_for(env, partition, n, progress=progress)
+                        break
+                    except NoFit as exc:
+                        why = why or f"no free block of {n} GPU(s): {exc}"
+                    except BootCancelled as exc:
+                        return booted, str(exc)
+                if rec is None:
+                    return booted, why
                 booted.append(rec.name)
     except LockTimeout:
         return booted, "another refill is running"

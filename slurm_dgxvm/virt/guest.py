@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import hypervisor
-from ..errors import GuestTimeout
+from ..errors import BootCancelled, GuestTimeout
 
 POLL_S = 0.25
 TAIL_LINES = 15
@@ -58,7 +58,7 @@ def console_tail(path: str | Path, lines: int = TAIL_LINES) -> str:
 
 
 def wait_ready(dom, *, name: str, timeout_s: float, console_log: str | Path,
-               readiness: str = "auto") -> float:
+               readiness: str = "auto", cancelled=None) -> float:
     """Block until the guest agent of ``dom`` answers and, in a guest with cloud-init, its init
     stages are done; return the seconds waited. ``readiness`` is the image profile's: ``auto``
     (cloud-init's stages when the guest has cloud-init), ``agent`` (the agent alone),
@@ -66,11 +66,15 @@ def wait_ready(dom, *, name: str, timeout_s: float, console_log: str | Path,
 
     Raises GuestTimeout (with the console tail) when ``timeout_s`` passes, at once when the VM
     stops meanwhile (it crashed or powered off), and at once with cloud-init's own errors when
-    its init stages report any (the seed was not applied as asked).
+    its init stages report any (the seed was not applied as asked). ``cancelled()``, asked
+    before each poll, returns why the boot is no longer wanted (BootCancelled) or None.
     """
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     while True:
+        why = cancelled() if cancelled is not None else None
+        if why:
+            raise BootCancelled(name=name, reason=why)
         if not hypervisor.is_active(dom):
             raise GuestTimeout(name=name, timeout=time.monotonic() - t0,
                                reason="the VM stopped while booting",

@@ -113,3 +113,20 @@ def test_readiness_cloud_init_in_a_guest_without_it_never_becomes_ready_and_says
         guest.wait_ready(object(), name="vm", timeout_s=0.2, console_log=tmp_path / "c",
                          readiness="cloud-init")
     assert "profile says cloud-init, but the guest has no /usr/bin/cloud-init" in str(e.value)
+
+
+def test_a_boot_no_longer_wanted_stops_waiting_at_once_saying_why(agent, tmp_path, monkeypatch):
+    """A warm VM still booting that a job needs: the wait ends at the next poll, BootCancelled
+    with the reason, and never reads the guest again."""
+    from slurm_dgxvm.errors import BootCancelled
+    a = agent({guest.CLOUD_INIT: b"\x7f", guest.CLOUD_INIT_STATUS: status(init=(None, []))})
+    asked = []
+
+    def cancelled():
+        asked.append(1)
+        return "a job needs its devices" if len(asked) > 3 else None
+    with pytest.raises(BootCancelled, match=r"^vm vm: boot cancelled: a job needs its devices$"):
+        guest.wait_ready(object(), name="vm", timeout_s=30, console_log=tmp_path / "c",
+                         cancelled=cancelled)
+    reads = a.reads
+    assert len(asked) == 4 and reads > 0

@@ -309,3 +309,40 @@ def test_a_job_is_placed_on_the_block_of_a_warm_vm_of_its_size_when_one_is_free(
 def warm_mod_place(host, taken, req, warm_vms):
     from slurm_dgxvm.placement import Policy
     return warm.place_for_claim(host, taken, req, Policy(), warm_vms)
+
+
+def test_a_refill_boots_the_next_size_when_one_does_not_fit_now(policy_env, monkeypatch):
+    """Policy [8, 2] on a busy node: no 8-GPU block is free, so the 2-GPU one is booted rather
+    than nothing; the refill then stops saying why the 8 did not fit."""
+    from slurm_dgxvm.errors import NoFit
+    warm.remember(policy_env, "follow", 2)                      # follow: warm [8] + recent [2]
+    booted = []
+
+    def boot_for(env, partition, gpus, progress=None):
+        if gpus == 8:
+            raise NoFit(count=8, resource="gpus", reason="only 4 GPU(s) free")
+        name = f"warm-{len(booted) + 1}"
+        booted.append(gpus)
+        env.ledger.allocate(mk(f"domain:{name}", gpus=(0, 1)))
+        env.recs[name] = SimpleNamespace(extra={"partition": partition},
+                                         placement=SimpleNamespace(gpus=(0, 1)), state="running")
+        return SimpleNamespace(name=name)
+    monkeypatch.setattr(warm, "boot_for", boot_for)
+    monkeypatch.setattr(warm, "waiting", lambda env: {
+        k.split(":", 1)[1]: a for k, a in env.ledger.read().allocations.items()})
+    names, why = warm.refill(policy_env, "follow", lambda: "IDLE")
+    assert names == ["warm-1"] and booted == [2]
+    assert why.startswith("no free block of 8 GPU(s): ") and "only 4 GPU(s) free" in why
+
+
+def test_a_job_cancels_the_boot_of_a_warm_vm_in_its_way_only_while_it_boots(policy_env):
+    for name, state in (("warm-1", "creating"), ("warm-2", "running")):
+        (policy_env.dir / "vms" / name).mkdir(parents=True)
+        policy_env.recs[name] = SimpleNamespace(state=state)
+    policy_env.vms.dir = lambda name: policy_env.dir / "vms" / name
+    warm.cancel_boot(policy_env, "warm-1")
+    warm.cancel_boot(policy_env, "warm-2")
+    warm.cancel_boot(policy_env, "warm-3")                     # placed, no directory yet
+    assert (policy_env.dir / "vms" / "warm-1" / warm.WARM_CANCEL).exists()
+    assert not (policy_env.dir / "vms" / "warm-2" / warm.WARM_CANCEL).exists()
+    assert not (policy_env.dir / "vms" / "warm-3").exists()
