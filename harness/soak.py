@@ -610,12 +610,14 @@ class Soak:
                  queue: int = 6, sample_every: int = 50, fault_timeout_s: float = 600.0,
                  job_timeout_s: float = 1800.0, clear_after: int | None = None,
                  say: Say = print, partition: str | None = None,
-                 before_checks: Callable[[], None] | None = None, seed: int = 13):
+                 before_checks: Callable[[], None] | None = None, seed: int = 13,
+                 gap: float = 0.0):
         """``partition``: the jobs' (None: the default); ``before_checks``: called when the
         stream has ended, before the checks (what the node keeps on purpose, warm VMs, is
-        measured and removed there, so that it is not a leak)."""
+        measured and removed there, so that it is not a leak); ``gap``: seconds at least
+        between two submissions (0: as fast as the queue allows)."""
         self.node, self.say = node, say
-        self.partition, self.before_checks = partition, before_checks
+        self.partition, self.before_checks, self.gap = partition, before_checks, gap
         sizes = job_mix(jobs, seed)
         self.plan = [(n, faults[(k // fault_every - 1) % len(faults)]
                       if fault_every and k % fault_every == 0 else None)
@@ -807,6 +809,7 @@ class Soak:
         next_sample = self.sample_every
         try:
             k = 0
+            last_submit = -math.inf
             while True:
                 queued = self.queue_states()
                 done = len(self.jobs) - len(queued)
@@ -816,9 +819,11 @@ class Soak:
                 self.clear_quarantines()
                 self.stuck(queued)
                 self.unplanned_drain(queued)
-                if k < len(self.plan) and len(queued) < self.queue:
+                if k < len(self.plan) and len(queued) < self.queue \
+                        and time.monotonic() - last_submit >= self.gap:
                     gpus, kind = self.plan[k]
                     k += 1
+                    last_submit = time.monotonic()
                     if kind:
                         self.fault(gpus, kind)
                     else:

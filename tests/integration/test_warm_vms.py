@@ -93,6 +93,42 @@ def test_a_job_of_another_block_deletes_the_warm_vm_in_its_way(vmenv, env):
     assert_nothing_left(vmenv, [rec.name])
 
 
+def test_a_job_cancels_the_boot_of_a_warm_vm_in_its_way_rather_than_wait_for_it(vmenv, env):
+    """A refill is booting a 2-GPU warm VM when a 4-GPU job's claim finds it in its way: the
+    boot stops at its next poll (BootCancelled) and undoes itself, the warm VM never having
+    become ready; the job goes cold once that undo is done, and nothing of the VM is left."""
+    import subprocess
+    from conftest import DGXVM
+    from slurm_dgxvm.lifecycle import warm
+    work = workdir(vmenv, "warm-e")
+    run_env = {k: v for k, v in os.environ.items()
+               if k not in ("DGXVM_STATE_DIR", "DGXVM_SYSFS_ROOT")}
+    boot = subprocess.Popen([str(DGXVM), "warm", "boot", "--gpu-count", "2"], text=True,
+                            env={**run_env, "DGXVM_CONFIG": str(vmenv.config)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    name = None
+    try:
+        deadline = time.monotonic() + 120
+        while name is None and time.monotonic() < deadline:    # its guest is booting
+            for n in warm.waiting(env):
+                rec = env.vms.load(n)
+                if rec is not None and rec.state == "creating" and vmenv.virsh(
+                        "domstate", n, check=False).stdout.strip() == "running":
+                    name = n
+            time.sleep(0.1)
+        assert name is not None, "the warm boot never reached its guest's boot"
+        out = warm.claim(env, job_request(vmenv, 505, 4, work))
+        assert out.vm is None and out.destroyed == (name,) and "in the way" in out.why, out
+        stdout, stderr = boot.communicate(timeout=120)
+        assert boot.returncode == 6, (stdout, stderr)
+        assert f"vm {name}: boot cancelled: a job needs its devices" in stderr, stderr
+    finally:
+        if boot.poll() is None:
+            boot.kill()
+            boot.wait()
+    assert_nothing_left(vmenv, [name])
+
+
 @pytest.mark.parametrize("point", ["claim:committed", "claim:plugged", "claim:applied"])
 def test_a_claim_that_fails_part_way_deletes_the_vm_and_leaks_nothing(vmenv, env, point):
     from slurm_dgxvm.lifecycle import warm
