@@ -105,12 +105,19 @@ def boot_for(env: Env, partition: str, gpus: int, *, gpu_index: int | None = Non
 
 def place_for_claim(host, taken: Occupancy, request: Request, policy,
                     warm: dict[str, Allocation]):
-    """The job's placement, made as if no warm VM held anything (``taken`` has none of
-    theirs), on the block of a warm VM of its size when one is free of jobs: such a block is as
-    good a place for the job as the one :func:`~slurm_dgxvm.placement.place` would choose (the
-    refill placed the warm VM by the same rules), and there the job is spared its boot. Else
-    what ``place`` chooses. Slurm's GPU indices are only its count here, as at a cold start
-    whose Slurm choice is not an aligned free block."""
+    """The job's placement (``taken``: what jobs hold, none of the warm VMs'), in this order:
+
+    1. on the block of a warm VM of its size that no job holds any of: as good a place for the
+       job as any (the refill placed the warm VM by the same rules), and there the job is
+       spared its boot;
+    2. where :func:`~slurm_dgxvm.placement.place` puts it with the warm VMs' devices counted as
+       taken, on an aligned block only: a job that fits beside them leaves them warm for the
+       jobs they suit (never at the cost of its alignment);
+    3. where ``place`` puts it as if no warm VM held anything: the warm VMs there are in its
+       way (a job never waits for one).
+
+    Slurm's GPU indices are only its count here, as at a cold start whose Slurm choice is not an
+    aligned free block."""
     if request.gpu_index is None:
         for _name, a in sorted(warm.items(), key=lambda kv: (kv[1].created, kv[0])):
             if len(a.gpus) != request.count:
@@ -121,6 +128,12 @@ def place_for_claim(host, taken: Occupancy, request: Request, policy,
                 continue
             if tuple(p.gpus) == tuple(sorted(a.gpus)):
                 return p
+    if warm:
+        beside = Occupancy.union([taken, *(a.occupancy() for a in warm.values())])
+        try:
+            return place(host, beside, request, replace(policy, alignment="strict"))
+        except DgxvmError:
+            pass
     return place(host, taken, request, policy)
 
 

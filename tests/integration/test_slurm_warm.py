@@ -27,8 +27,8 @@ $DGXVM_SSH "id -u; hostname; echo from-the-vm > $PWD/in-vm-$SLURM_JOB_ID; \\
 """
 
 
-def boot_warm(node, gpus: int) -> str:
-    r = node.env.dgxvm("warm", "boot", "--gpu-count", str(gpus))
+def boot_warm(node, gpus: int, *extra: str) -> str:
+    r = node.env.dgxvm("warm", "boot", "--gpu-count", str(gpus), *extra)
     assert r.returncode == 0, r.stderr
     name = r.stdout.split(":")[0]
     listed = node.env.dgxvm("warm", "list", "--json")
@@ -68,14 +68,24 @@ def test_a_job_claims_the_warm_vm_of_its_block_and_runs_in_it_as_its_user(slurm_
     node.cluster.wait_idle(timeout=120, drained_fails=True)
 
 
-def test_a_job_of_a_larger_block_deletes_the_warm_vm_in_its_way_and_starts_cold(slurm_node):
+def test_a_job_with_no_room_beside_the_warm_vms_deletes_one_in_its_way_and_starts_cold(
+        slurm_node):
+    """2-GPU warm VMs on GPUs 0-1 and 8-9 leave no free 8-GPU block: an 8-GPU job deletes the
+    one on its block and runs cold; the other stays warm (a job fitting beside them would have
+    left both)."""
     node = slurm_node
-    name = boot_warm(node, 2)
-    job, row, lines = run_job(node, 4)
-    assert any(f"warm VM {name} deleted: it held devices of this job's block" in ln
-               for ln in lines), lines
-    assert any(f"VM job-{job} ready in" in ln for ln in lines), lines
-    assert decode(row["AdminComment"]).get("warm") is None
+    first = boot_warm(node, 2, "--gpu-index", "0")
+    second = boot_warm(node, 2, "--gpu-index", "8")
+    try:
+        job, row, lines = run_job(node, 8)
+        assert any(f"warm VM {first} deleted: it held devices of this job's block" in ln
+                   for ln in lines), lines
+        assert not any(f"warm VM {second} deleted" in ln for ln in lines), lines
+        assert any(f"VM job-{job} ready in" in ln for ln in lines), lines
+        assert decode(row["AdminComment"]).get("warm") is None
+        assert [v["name"] for v in waiting_vms(node)] == [second]
+    finally:
+        node.env.dgxvm("delete", "--domain", second)
     assert Ledger(node.env.state_dir).read().allocations == {}
     nothing_left(node)
     node.cluster.wait_idle(timeout=120, drained_fails=True)

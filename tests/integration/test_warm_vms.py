@@ -84,7 +84,12 @@ def test_a_job_of_another_block_deletes_the_warm_vm_in_its_way(vmenv, env):
     work = workdir(vmenv, "warm-b")
     rec = warm.boot(env, Request(count=2))
     try:
-        out = warm.claim(env, job_request(vmenv, 503, 4, work))    # GPUs 0-3 include its 0-1
+        # a 1-GPU job fits beside it and leaves it warm; a 16-GPU job has no room but its
+        # block
+        beside = warm.claim(env, job_request(vmenv, 506, 1, work))
+        assert beside.vm is None and beside.destroyed == () and list(warm.waiting(env)) \
+            == [rec.name], beside
+        out = warm.claim(env, job_request(vmenv, 503, 16, work))
         assert out.vm is None and out.destroyed == (rec.name,), out
         assert "in the way" in out.why
     finally:
@@ -94,7 +99,7 @@ def test_a_job_of_another_block_deletes_the_warm_vm_in_its_way(vmenv, env):
 
 
 def test_a_job_cancels_the_boot_of_a_warm_vm_in_its_way_rather_than_wait_for_it(vmenv, env):
-    """A refill is booting a 2-GPU warm VM when a 4-GPU job's claim finds it in its way: the
+    """A refill is booting a 2-GPU warm VM when a 16-GPU job's claim finds it in its way: the
     boot stops at its next poll (BootCancelled) and undoes itself, the warm VM never having
     become ready; the job goes cold once that undo is done, and nothing of the VM is left."""
     import subprocess
@@ -117,7 +122,7 @@ def test_a_job_cancels_the_boot_of_a_warm_vm_in_its_way_rather_than_wait_for_it(
                     name = n
             time.sleep(0.1)
         assert name is not None, "the warm boot never reached its guest's boot"
-        out = warm.claim(env, job_request(vmenv, 505, 4, work))
+        out = warm.claim(env, job_request(vmenv, 505, 16, work))
         assert out.vm is None and out.destroyed == (name,) and "in the way" in out.why, out
         stdout, stderr = boot.communicate(timeout=120)
         assert boot.returncode == 6, (stdout, stderr)

@@ -346,3 +346,22 @@ def test_a_job_cancels_the_boot_of_a_warm_vm_in_its_way_only_while_it_boots(poli
     assert (policy_env.dir / "vms" / "warm-1" / warm.WARM_CANCEL).exists()
     assert not (policy_env.dir / "vms" / "warm-2" / warm.WARM_CANCEL).exists()
     assert not (policy_env.dir / "vms" / "warm-3").exists()
+
+
+def test_a_job_that_fits_beside_the_warm_vms_leaves_them_and_one_that_does_not_goes_through(
+        trees):
+    """A 1-GPU job while a 2-GPU warm VM sits on 0-1 goes to GPU 2, not onto the warm VM; a
+    16-GPU job has nowhere else to go and gets the whole node, warm VM included (in its way)."""
+    from slurm_dgxvm.ledger import Allocation
+    from slurm_dgxvm.placement import EMPTY, Policy, Request, place
+    from slurm_dgxvm.topology import SysfsRoot, discover
+    host = discover(SysfsRoot(str(trees["dgx2"])))
+    w = Allocation.from_placement("domain:warm-1", place(host, EMPTY, Request(count=2),
+                                                         Policy()), owner="domain",
+                                  domain="warm-1")
+    assert w.gpus == (0, 1)
+    assert place(host, EMPTY, Request(count=1), Policy()).gpus == (0,)     # without warm VMs
+    assert warm_mod_place(host, EMPTY, Request(count=1), {"warm-1": w}).gpus != (0,)
+    assert set(warm_mod_place(host, EMPTY, Request(count=1), {"warm-1": w}).gpus) \
+        .isdisjoint(w.gpus)
+    assert warm_mod_place(host, EMPTY, Request(count=16), {"warm-1": w}).gpus == tuple(range(16))
