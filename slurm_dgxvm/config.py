@@ -307,6 +307,8 @@ NUMBER_MAX = 2 ** 53
 
 # The most of a partition's last jobs whose GPU counts its warm policy may follow.
 WARM_RECENT_MAX = 64
+# The largest GPU count a warm policy may name (no machine has more GPUs).
+WARM_GPUS_MAX = 64
 
 # A Slurm partition name as config tables and SLURM_JOB_PARTITION may carry it.
 PARTITION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -523,11 +525,11 @@ def _validate(cfg: Config, path: str) -> None:
         if part.ib not in IB_MODES:
             raise ConfigError(path=path, reason=f"{where}.ib {part.ib!r} is not one of "
                                                 f"{', '.join(IB_MODES)}")
-        bad = [n for n in part.warm if not 1 <= n <= 64]
+        bad = [n for n in part.warm if not 1 <= n <= WARM_GPUS_MAX]
         if bad:
             raise ConfigError(path=path, reason=f"{where}.warm: {bad[0]} is not a GPU count "
-                                                f"(1 to 64): list the GPU counts of the warm VMs "
-                                                f"to keep, e.g. [8]")
+                                                f"(1 to {WARM_GPUS_MAX}): list the GPU counts of "
+                                                f"the warm VMs to keep, e.g. [8]")
         if not 0 <= part.warm_recent <= WARM_RECENT_MAX:
             raise ConfigError(path=path, reason=f"{where}.warm_recent {part.warm_recent} is not "
                                                 f"0 to {WARM_RECENT_MAX}: how many of the "

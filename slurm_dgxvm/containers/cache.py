@@ -470,8 +470,8 @@ class ImageCache:
                 raise ContainerDiskFull(ref=str(ref), reason=f"the disk is full: {said}")
             if fsutil.filesystem_full(work):
                 raise ContainerDiskFull(ref=str(ref), reason=f"the disk is full: {work} has less "
-                                        f"than 1 MiB left after umoci unpack failed (exit "
-                                        f"{result.returncode}): {said}")
+                                        f"than {fsutil.FULL_BELOW_BYTES >> 20} MiB left after "
+                                        f"umoci unpack failed (exit {result.returncode}): {said}")
             raise ContainerImageError(ref=str(ref), reason=f"umoci unpack failed "
                                       f"(exit {result.returncode}): {said}")
         try:

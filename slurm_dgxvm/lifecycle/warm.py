@@ -36,9 +36,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import failpoints, seed as seed_mod
-from ..config import WARM_RECENT_MAX
+from ..config import WARM_GPUS_MAX, WARM_RECENT_MAX
 from ..errors import BootCancelled, ClaimFailed, DgxvmError, DomainNotFound, LockTimeout, is_job_fault
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, atomic_write_json
 from ..ledger import Allocation, domain_key, job_key
 from ..names import WARM_PREFIX, is_warm
 from ..observe import opstats
@@ -63,6 +63,11 @@ class Outcome:
     why: str = ""
     destroyed: tuple[str, ...] = ()
     seconds: float = 0.0
+
+
+def _oldest_first(warm: dict[str, Allocation]) -> list[tuple[str, Allocation]]:
+    """``warm``'s (name, entry) pairs, the longest waiting first (then by name)."""
+    return sorted(warm.items(), key=lambda kv: (kv[1].created, kv[0]))
 
 
 def waiting(env: Env) -> dict[str, Allocation]:
@@ -119,7 +124,7 @@ def place_for_claim(host, taken: Occupancy, request: Request, policy,
     Slurm's GPU indices are only its count here, as at a cold start whose Slurm choice is not an
     aligned free block."""
     if request.gpu_index is None:
-        for _name, a in sorted(warm.items(), key=lambda kv: (kv[1].created, kv[0])):
+        for _name, a in _oldest_first(warm):
             if len(a.gpus) != request.count:
                 continue
             try:
@@ -406,7 +411,7 @@ def _read_recent(path: Path) -> dict[str, list[int]]:
         return {}
     if not isinstance(doc, dict):
         return {}
-    return {k: [n for n in v if type(n) is int and 1 <= n <= 64][:WARM_RECENT_MAX]
+    return {k: [n for n in v if type(n) is int and 1 <= n <= WARM_GPUS_MAX][:WARM_RECENT_MAX]
             for k, v in doc.items() if isinstance(k, str) and isinstance(v, list)}
 
 
@@ -414,9 +419,8 @@ def remember(env: Env, partition: str, gpus: int) -> None:
     """Record that a job of ``partition`` with ``gpus`` GPUs ended on this node (its Epilog),
     newest first, the last :data:`WARM_RECENT_MAX` kept: what ``warm_recent`` follows. Only
     for a partition that follows its jobs, so the file holds nothing else."""
-    import json
     from ..fsutil import locked
-    if not env.cfg.partition(partition).warm_recent or not 1 <= gpus <= 64:
+    if not env.cfg.partition(partition).warm_recent or not 1 <= gpus <= WARM_GPUS_MAX:
         return
     state_dir = Path(env.cfg.host.state_dir)
     with locked(state_dir / RECENT_LOCK, timeout=10, mode=0o600,
@@ -425,7 +429,7 @@ def remember(env: Env, partition: str, gpus: int) -> None:
         doc = _read_recent(state_dir / RECENT)
         doc[partition] = ([gpus] + doc.get(partition, []))[:WARM_RECENT_MAX]
         doc = {k: v for k, v in doc.items() if env.cfg.partition(k).warm_recent}
-        atomic_write(state_dir / RECENT, json.dumps(doc, sort_keys=True) + "\n", mode=0o600)
+        atomic_write_json(state_dir / RECENT, doc, mode=0o600)
 
 
 def recent(env: Env, partition: str) -> list[int]:
@@ -449,7 +453,7 @@ def policy(env: Env, partition: str) -> list[int]:
 def _theirs(env: Env, partition: str) -> list[tuple[str, int]]:
     """(name, GPU count) of the warm VMs waiting or booting for ``partition``, oldest first."""
     out = []
-    for name, _ in sorted(waiting(env).items(), key=lambda kv: (kv[1].created, kv[0])):
+    for name, _ in _oldest_first(waiting(env)):
         rec = env.vms.load(name)
         if rec is not None and rec.extra.get("partition") == partition:
             out.append((name, len(rec.placement.gpus)))
